@@ -1,0 +1,541 @@
+//! The node's settings, parsed once: command-line flag, then `FARM_*` environment variable, then the
+//! optional TOML file (`--config`), then the default. Nothing else in the node reads the environment.
+
+use clap::Parser;
+use farm_proto::duration;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// FFmpeg arguments for one output profile: what goes between the input and the HLS muxer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Profile {
+    /// Codec/filter arguments, e.g. `["-c", "copy"]`.
+    pub args: Vec<String>,
+    /// A transcode costs more than a copy when placing channels (used for capacity accounting).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The built-in profiles: `copy` (default) and `h264-720p` (H.264/AAC transcode).
+pub fn builtin_profiles() -> BTreeMap<String, Profile> {
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let mut m = BTreeMap::new();
+    m.insert(
+        "copy".to_string(),
+        Profile {
+            args: s(&["-map", "0:v:0?", "-map", "0:a:0?", "-c", "copy"]),
+            weight: 1,
+        },
+    );
+    m.insert(
+        "h264-720p".to_string(),
+        Profile {
+            args: s(&[
+                "-map",
+                "0:v:0?",
+                "-map",
+                "0:a:0?",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "veryfast",
+                "-tune",
+                "zerolatency",
+                "-vf",
+                "scale=-2:720",
+                "-b:v",
+                "2500k",
+                "-maxrate",
+                "3000k",
+                "-bufsize",
+                "5000k",
+                "-force_key_frames",
+                "expr:gte(t,n_forced*1)",
+                "-sc_threshold",
+                "0",
+                "-c:a",
+                "aac",
+                "-b:a",
+                "128k",
+                "-ac",
+                "2",
+            ]),
+            weight: 4,
+        },
+    );
+    m
+}
+
+/// Command-line flags. Every flag falls back to its `FARM_*` variable, then to the TOML file.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "farm-node",
+    version,
+    about = "streamfarm worker node: serves live channels as HLS, \
+starting one FFmpeg per channel for the whole farm on the first viewer"
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the long flag names, with '_' for '-';
+    /// plus `[profiles.<name>] args = [...]`). Flags and environment win over the file.
+    #[arg(long, env = "FARM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Redis URL (redis://[user:password@]host:port/db). [default: redis://127.0.0.1:6379/]
+    #[arg(long, env = "FARM_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Key prefix in Redis. [default: farm]
+    #[arg(long, env = "FARM_PREFIX")]
+    pub prefix: Option<String>,
+    /// This node's id, unique in the farm (A-Z a-z 0-9 _ - .). [default: the host name]
+    #[arg(long, env = "FARM_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Address the HTTP server listens on. [default: 127.0.0.1:8080]
+    #[arg(long, env = "FARM_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// URL other nodes and viewers use to reach this node (for redirects). [default: http://<listen>]
+    #[arg(long, env = "FARM_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Folder for HLS output; one sub-folder per running channel. Must belong to this node alone.
+    /// [default: /var/lib/streamfarm/hls]
+    #[arg(long, env = "FARM_HLS_ROOT")]
+    pub hls_root: Option<PathBuf>,
+    /// FFmpeg binary. [default: ffmpeg]
+    #[arg(long, env = "FARM_FFMPEG")]
+    pub ffmpeg: Option<PathBuf>,
+    /// Bearer token for /admin; the admin API is disabled without one.
+    #[arg(long, env = "FARM_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// How long a first playlist request waits for the first segment before 503. [default: 10s]
+    #[arg(long, env = "FARM_START_TIMEOUT", value_parser = duration::parse)]
+    pub start_timeout: Option<Duration>,
+    /// HLS segment duration. [default: 2s]
+    #[arg(long, env = "FARM_HLS_TIME", value_parser = duration::parse)]
+    pub hls_time: Option<Duration>,
+    /// Segments kept in the live playlist (older ones are deleted from disk). [default: 6]
+    #[arg(long, env = "FARM_HLS_LIST_SIZE")]
+    pub hls_list_size: Option<u32>,
+    /// How often viewer access is flushed to Redis in one call. [default: 1s]
+    #[arg(long, env = "FARM_ACCESS_FLUSH", value_parser = duration::parse)]
+    pub access_flush: Option<Duration>,
+    /// Owner lease TTL; a node that cannot renew for 2/3 of it stops its FFmpegs. [default: 10s]
+    #[arg(long, env = "FARM_LEASE_TTL", value_parser = duration::parse)]
+    pub lease_ttl: Option<Duration>,
+    /// Node liveness TTL (`farm:node:<id>:alive`). [default: 10s]
+    #[arg(long, env = "FARM_NODE_TTL", value_parser = duration::parse)]
+    pub node_ttl: Option<Duration>,
+    /// Timeout of every Redis call. [default: 2s]
+    #[arg(long, env = "FARM_REDIS_TIMEOUT", value_parser = duration::parse)]
+    pub redis_timeout: Option<Duration>,
+    /// New starts are refused while HLS_ROOT has less free space than this (e.g. 512M, 2G). [default: 256M]
+    #[arg(long, env = "FARM_MIN_FREE", value_parser = parse_size)]
+    pub min_free: Option<u64>,
+    /// Most channels this node runs at once; the claim script refuses more. 0 = unlimited. [default: 100]
+    #[arg(long, env = "FARM_MAX_STREAMS")]
+    pub max_streams: Option<u32>,
+    /// Grace between SIGTERM and SIGKILL when stopping an FFmpeg. [default: 3s]
+    #[arg(long, env = "FARM_STOP_GRACE", value_parser = duration::parse)]
+    pub stop_grace: Option<Duration>,
+    /// Bound on a graceful shutdown of the whole node. [default: 15s]
+    #[arg(long, env = "FARM_SHUTDOWN_GRACE", value_parser = duration::parse)]
+    pub shutdown_grace: Option<Duration>,
+    /// Upstream read timeout handed to FFmpeg (-rw_timeout). [default: 10s]
+    #[arg(long, env = "FARM_READ_TIMEOUT", value_parser = duration::parse)]
+    pub read_timeout: Option<Duration>,
+    /// First restart delay after a crash; doubles per crash, with jitter. [default: 500ms]
+    #[arg(long, env = "FARM_BACKOFF_BASE", value_parser = duration::parse)]
+    pub backoff_base: Option<Duration>,
+    /// Largest restart delay. [default: 30s]
+    #[arg(long, env = "FARM_BACKOFF_MAX", value_parser = duration::parse)]
+    pub backoff_max: Option<Duration>,
+    /// This many crashes inside --crash-window end a channel in state `failed`. [default: 5]
+    #[arg(long, env = "FARM_MAX_CRASHES")]
+    pub max_crashes: Option<u32>,
+    /// Window for counting crashes. [default: 60s]
+    #[arg(long, env = "FARM_CRASH_WINDOW", value_parser = duration::parse)]
+    pub crash_window: Option<Duration>,
+    /// How long a failed channel answers 503 with its reason before a new request may retry it. [default: 30s]
+    #[arg(long, env = "FARM_FAILED_HOLD", value_parser = duration::parse)]
+    pub failed_hold: Option<Duration>,
+    /// Upstream URL schemes a channel may use (comma list). [default: http,https,rtmp,rtmps,udp,rtp,srt]
+    #[arg(long, env = "FARM_ALLOWED_SCHEMES", value_delimiter = ',')]
+    pub allowed_schemes: Option<Vec<String>>,
+}
+
+/// The file form of [`Args`]: the same settings, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    redis_url: Option<String>,
+    prefix: Option<String>,
+    node_id: Option<String>,
+    listen: Option<SocketAddr>,
+    public_url: Option<String>,
+    hls_root: Option<PathBuf>,
+    ffmpeg: Option<PathBuf>,
+    admin_token: Option<String>,
+    start_timeout: Option<String>,
+    hls_time: Option<String>,
+    hls_list_size: Option<u32>,
+    access_flush: Option<String>,
+    lease_ttl: Option<String>,
+    node_ttl: Option<String>,
+    redis_timeout: Option<String>,
+    min_free: Option<String>,
+    max_streams: Option<u32>,
+    stop_grace: Option<String>,
+    shutdown_grace: Option<String>,
+    read_timeout: Option<String>,
+    backoff_base: Option<String>,
+    backoff_max: Option<String>,
+    max_crashes: Option<u32>,
+    crash_window: Option<String>,
+    failed_hold: Option<String>,
+    allowed_schemes: Option<Vec<String>>,
+    #[serde(default)]
+    profiles: BTreeMap<String, Profile>,
+}
+
+/// The node's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub redis_url: String,
+    pub prefix: String,
+    pub node_id: String,
+    pub listen: SocketAddr,
+    pub public_url: String,
+    pub hls_root: PathBuf,
+    pub ffmpeg: PathBuf,
+    pub admin_token: Option<String>,
+    pub start_timeout: Duration,
+    pub hls_time: Duration,
+    pub hls_list_size: u32,
+    pub access_flush: Duration,
+    pub lease_ttl: Duration,
+    pub node_ttl: Duration,
+    pub redis_timeout: Duration,
+    pub min_free: u64,
+    pub max_streams: u32,
+    pub stop_grace: Duration,
+    pub shutdown_grace: Duration,
+    pub read_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub max_crashes: u32,
+    pub crash_window: Duration,
+    pub failed_hold: Duration,
+    pub allowed_schemes: Vec<String>,
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+/// A setting that cannot be used, with the sentence to show the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Parses `512M`, `2G`, `100k`, `1048576` (bytes; powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("invalid size {s:?}: use e.g. 512M, 2G or bytes")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: use e.g. 512M, 2G or bytes"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+impl Config {
+    /// Resolves flags/env over the optional file over defaults, and checks the result.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
+                })?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?
+            }
+            None => FileConfig::default(),
+        };
+        let dur =
+            |cli: Option<Duration>, f: &Option<String>, name: &str, def: Duration| match (cli, f) {
+                (Some(d), _) => Ok(d),
+                (None, Some(s)) => {
+                    duration::parse(s).map_err(|e| ConfigError(format!("{name}: {e}")))
+                }
+                (None, None) => Ok(def),
+            };
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let node_id = match args.node_id.or(file.node_id) {
+            Some(id) => id,
+            None => hostname(),
+        };
+        farm_proto::validate::node_id(&node_id).map_err(|e| ConfigError(e.to_string()))?;
+        let min_free = match (args.min_free, &file.min_free) {
+            (Some(v), _) => v,
+            (None, Some(s)) => parse_size(s).map_err(|e| ConfigError(format!("min_free: {e}")))?,
+            (None, None) => 256 << 20,
+        };
+        let mut profiles = builtin_profiles();
+        profiles.extend(file.profiles);
+        let cfg = Config {
+            redis_url: args
+                .redis_url
+                .or(file.redis_url)
+                .unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
+            prefix: args.prefix.or(file.prefix).unwrap_or_else(|| "farm".into()),
+            public_url: args
+                .public_url
+                .or(file.public_url)
+                .unwrap_or_else(|| format!("http://{listen}")),
+            node_id,
+            listen,
+            hls_root: args
+                .hls_root
+                .or(file.hls_root)
+                .unwrap_or_else(|| "/var/lib/streamfarm/hls".into()),
+            ffmpeg: args
+                .ffmpeg
+                .or(file.ffmpeg)
+                .unwrap_or_else(|| "ffmpeg".into()),
+            admin_token: args
+                .admin_token
+                .or(file.admin_token)
+                .filter(|t| !t.is_empty()),
+            start_timeout: dur(
+                args.start_timeout,
+                &file.start_timeout,
+                "start_timeout",
+                Duration::from_secs(10),
+            )?,
+            hls_time: dur(
+                args.hls_time,
+                &file.hls_time,
+                "hls_time",
+                Duration::from_secs(2),
+            )?,
+            hls_list_size: args.hls_list_size.or(file.hls_list_size).unwrap_or(6),
+            access_flush: dur(
+                args.access_flush,
+                &file.access_flush,
+                "access_flush",
+                Duration::from_secs(1),
+            )?,
+            lease_ttl: dur(
+                args.lease_ttl,
+                &file.lease_ttl,
+                "lease_ttl",
+                Duration::from_secs(10),
+            )?,
+            node_ttl: dur(
+                args.node_ttl,
+                &file.node_ttl,
+                "node_ttl",
+                Duration::from_secs(10),
+            )?,
+            redis_timeout: dur(
+                args.redis_timeout,
+                &file.redis_timeout,
+                "redis_timeout",
+                Duration::from_secs(2),
+            )?,
+            min_free,
+            max_streams: args.max_streams.or(file.max_streams).unwrap_or(100),
+            stop_grace: dur(
+                args.stop_grace,
+                &file.stop_grace,
+                "stop_grace",
+                Duration::from_secs(3),
+            )?,
+            shutdown_grace: dur(
+                args.shutdown_grace,
+                &file.shutdown_grace,
+                "shutdown_grace",
+                Duration::from_secs(15),
+            )?,
+            read_timeout: dur(
+                args.read_timeout,
+                &file.read_timeout,
+                "read_timeout",
+                Duration::from_secs(10),
+            )?,
+            backoff_base: dur(
+                args.backoff_base,
+                &file.backoff_base,
+                "backoff_base",
+                Duration::from_millis(500),
+            )?,
+            backoff_max: dur(
+                args.backoff_max,
+                &file.backoff_max,
+                "backoff_max",
+                Duration::from_secs(30),
+            )?,
+            max_crashes: args.max_crashes.or(file.max_crashes).unwrap_or(5),
+            crash_window: dur(
+                args.crash_window,
+                &file.crash_window,
+                "crash_window",
+                Duration::from_secs(60),
+            )?,
+            failed_hold: dur(
+                args.failed_hold,
+                &file.failed_hold,
+                "failed_hold",
+                Duration::from_secs(30),
+            )?,
+            allowed_schemes: args
+                .allowed_schemes
+                .or(file.allowed_schemes)
+                .unwrap_or_else(|| {
+                    farm_proto::validate::DEFAULT_ALLOWED_SCHEMES
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect()
+                })
+                .into_iter()
+                .map(|s| s.trim().to_ascii_lowercase())
+                .collect(),
+            profiles,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        if self.hls_time < Duration::from_millis(500) {
+            return bad(format!(
+                "hls_time {:?} is too short (at least 500ms)",
+                self.hls_time
+            ));
+        }
+        if self.hls_list_size < 2 {
+            return bad("hls_list_size must be at least 2".into());
+        }
+        if self.lease_ttl < Duration::from_millis(300) || self.node_ttl < Duration::from_millis(300)
+        {
+            return bad("lease_ttl and node_ttl must be at least 300ms".into());
+        }
+        if self.redis_timeout.is_zero() || self.access_flush.is_zero() {
+            return bad("redis_timeout and access_flush must be above zero".into());
+        }
+        if self.max_crashes == 0 {
+            return bad("max_crashes must be at least 1".into());
+        }
+        if !self.profiles.contains_key("copy") {
+            return bad("the profile 'copy' cannot be removed".into());
+        }
+        for (name, p) in &self.profiles {
+            if p.args.iter().any(|a| a == "-i" || a == "-f") {
+                return bad(format!(
+                    "profile {name:?} may not set -i or -f: the node sets input and output"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Interval of the keepalive loop (heartbeat + lease renewal): a third of the shorter TTL.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.lease_ttl.min(self.node_ttl) / 3
+    }
+
+    /// A node that could not renew its leases for this long stops its FFmpegs (2/3 of the lease TTL).
+    pub fn fence_after(&self) -> Duration {
+        self.lease_ttl * 2 / 3
+    }
+}
+
+fn hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "node".into()
+    } else {
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"from-file\"\nhls_time = \"4s\"\nmin_free = \"1G\"\n[profiles.low]\nargs = [\"-c:v\", \"libx264\"]\nweight = 3\n",
+        )
+        .expect("write");
+        let args = Args::parse_from([
+            "farm-node",
+            "--config",
+            path.to_str().expect("utf8"),
+            "--node-id",
+            "from-flag",
+        ]);
+        let cfg = Config::from_args(args).expect("valid");
+        assert_eq!(cfg.node_id, "from-flag");
+        assert_eq!(cfg.hls_time, Duration::from_secs(4));
+        assert_eq!(cfg.min_free, 1 << 30);
+        assert_eq!(cfg.profiles["low"].weight, 3);
+        assert!(cfg.profiles.contains_key("copy"));
+        assert_eq!(cfg.start_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_sentence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "no_such_setting = 1\n").expect("write");
+        let err = Config::from_args(Args::parse_from([
+            "farm-node",
+            "--config",
+            path.to_str().expect("utf8"),
+        ]))
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("no_such_setting"), "{err}");
+        let err = Config::from_args(Args::parse_from(["farm-node", "--node-id", "a:b"]))
+            .expect_err("bad id");
+        assert!(err.to_string().contains("invalid node id"), "{err}");
+        assert!(Args::try_parse_from(["farm-node", "--hls-time", "soon"]).is_err());
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert!(parse_size("12Q").is_err());
+    }
+}

@@ -1,0 +1,231 @@
+//! How the node runs FFmpeg: the argv (never a shell), the process group, the environment, and how a
+//! leftover of an earlier incarnation is recognised (pid + process start time + marker) and killed.
+//!
+//! Invariants: FFmpeg's environment holds only `PATH` and the marker (no Redis URL, no token); it
+//! reads its input under a protocol whitelist; it is the leader of its own process group, so the
+//! whole group can be signalled; a pid is only ever killed when its start time and marker match.
+
+use crate::config::{Config, Profile};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::process::{Child, Command};
+
+/// The environment variable that marks an FFmpeg as belonging to one channel folder of one node.
+pub const MARKER_VAR: &str = "STREAMFARM_CHANNEL_DIR";
+/// The file in a channel folder that records the running FFmpeg (`pid start_time`).
+pub const OWNER_FILE: &str = ".ffmpeg.pid";
+/// The playlist name FFmpeg writes in each channel folder.
+pub const PLAYLIST: &str = "index.m3u8";
+
+/// Protocols FFmpeg may open for an input. No `file`, `concat`, `subfile`, `data`, `pipe`: an
+/// upstream (or an upstream HLS playlist) cannot make FFmpeg read local files.
+pub const PROTOCOL_WHITELIST: &str = "http,https,tls,tcp,udp,rtp,rtmp,rtmps,srt,crypto,httpproxy";
+
+/// What one FFmpeg run should do.
+pub struct RunSpec<'a> {
+    pub url: &'a str,
+    pub dir: &'a Path,
+    pub profile: &'a Profile,
+    /// First media sequence number: continues after a restart so players never see it go back.
+    pub start_number: u64,
+}
+
+/// The argv (without the program) for one run.
+pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::with_capacity(48);
+    let mut push = |s: &str| a.push(OsString::from(s));
+    for s in [
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "level+warning",
+        "-y",
+    ] {
+        push(s);
+    }
+    push("-protocol_whitelist");
+    push(PROTOCOL_WHITELIST);
+    push("-rw_timeout");
+    push(&cfg.read_timeout.as_micros().to_string());
+    let scheme = run
+        .url
+        .split_once("://")
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .unwrap_or_default();
+    if scheme == "http" || scheme == "https" {
+        for s in [
+            "-reconnect",
+            "1",
+            "-reconnect_streamed",
+            "1",
+            "-reconnect_on_network_error",
+            "1",
+            "-reconnect_delay_max",
+            "2",
+        ] {
+            push(s);
+        }
+    }
+    push("-i");
+    push(run.url);
+    for s in &run.profile.args {
+        push(s);
+    }
+    let hls_time = format!("{:.3}", cfg.hls_time.as_secs_f64());
+    let flags = if run.start_number > 0 {
+        "delete_segments+temp_file+discont_start"
+    } else {
+        "delete_segments+temp_file"
+    };
+    for s in [
+        "-f",
+        "hls",
+        "-hls_time",
+        &hls_time,
+        "-hls_list_size",
+        &cfg.hls_list_size.to_string(),
+        "-hls_delete_threshold",
+        "2",
+        "-hls_flags",
+        flags,
+        "-start_number",
+        &run.start_number.to_string(),
+        "-hls_segment_filename",
+    ] {
+        push(s);
+    }
+    a.push(run.dir.join("seg_%d.ts").into_os_string());
+    a.push(run.dir.join(PLAYLIST).into_os_string());
+    a
+}
+
+/// Spawns FFmpeg as the leader of a new process group, stdin null, stderr piped, environment cleared.
+pub fn spawn(program: &Path, argv: &[OsString], dir: &Path) -> std::io::Result<Child> {
+    let mut cmd = Command::new(program);
+    cmd.args(argv)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env(MARKER_VAR, dir)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    cmd.spawn()
+}
+
+/// Sends a signal to a whole process group (the group id is the leader's pid).
+pub fn signal_group(pid: u32, sig: Signal) -> nix::Result<()> {
+    killpg(Pid::from_raw(pid as i32), sig)
+}
+
+/// The kernel's start time of a process (clock ticks since boot, field 22 of `/proc/<pid>/stat`).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and ')': fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process carries our marker for `dir` in its environment.
+pub fn has_marker(pid: u32, dir: &Path) -> bool {
+    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let mut want = format!("{MARKER_VAR}=").into_bytes();
+    want.extend_from_slice(dir.as_os_str().as_encoded_bytes());
+    env.split(|b| *b == 0).any(|kv| kv == want.as_slice())
+}
+
+/// Kills a leftover FFmpeg of an earlier incarnation, only when pid, start time and marker all
+/// match (a reused pid is never killed). Returns whether it killed something.
+pub fn kill_if_ours(pid: u32, start: u64, dir: &Path) -> bool {
+    if pid <= 1 || start_time(pid) != Some(start) || !has_marker(pid, dir) {
+        return false;
+    }
+    match signal_group(pid, Signal::SIGKILL) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "could not kill leftover ffmpeg group");
+            false
+        }
+    }
+}
+
+/// Records the running FFmpeg in its channel folder, for the next incarnation's sweep.
+pub fn write_owner_file(dir: &Path, pid: u32, start: u64) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{OWNER_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{pid} {start}\n"))?;
+    std::fs::rename(tmp, dir.join(OWNER_FILE))
+}
+
+/// Reads a channel folder's FFmpeg record.
+pub fn read_owner_file(dir: &Path) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(dir.join(OWNER_FILE)).ok()?;
+    let mut it = text.split_whitespace();
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// The folder of one channel under HLS_ROOT.
+pub fn channel_dir(root: &Path, id: &str) -> PathBuf {
+    root.join(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn argv_is_whitelisted_bounded_and_shell_free() {
+        let cfg = Config::from_args(crate::config::Args::parse_from([
+            "farm-node",
+            "--node-id",
+            "n1",
+        ]))
+        .expect("config");
+        let profile = &cfg.profiles["copy"];
+        let dir = Path::new("/tmp/hls/ch1");
+        let argv: Vec<String> = args(
+            &cfg,
+            &RunSpec {
+                url: "http://p/x.ts",
+                dir,
+                profile,
+                start_number: 0,
+            },
+        )
+        .into_iter()
+        .map(|s| s.into_string().expect("utf8"))
+        .collect();
+        let pos = |s: &str| argv.iter().position(|a| a == s).expect(s);
+        assert_eq!(argv[pos("-protocol_whitelist") + 1], PROTOCOL_WHITELIST);
+        assert!(!PROTOCOL_WHITELIST
+            .split(',')
+            .any(|p| p == "file" || p == "concat" || p == "subfile"));
+        assert!(
+            pos("-protocol_whitelist") < pos("-i"),
+            "whitelist must apply to the input"
+        );
+        assert_eq!(argv[pos("-i") + 1], "http://p/x.ts");
+        assert!(argv[pos("-hls_flags") + 1].contains("delete_segments"));
+        assert!(argv[pos("-hls_flags") + 1].contains("temp_file"));
+        assert_eq!(
+            argv.last().map(String::as_str),
+            Some("/tmp/hls/ch1/index.m3u8")
+        );
+        assert!(argv.contains(&"-reconnect".to_string()));
+    }
+
+    #[test]
+    fn start_time_of_self_is_readable_and_marker_absent() {
+        let me = std::process::id();
+        assert!(start_time(me).is_some());
+        assert!(!has_marker(me, Path::new("/nowhere")));
+        assert!(!kill_if_ours(me, 0, Path::new("/nowhere")));
+    }
+}

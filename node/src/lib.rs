@@ -1,0 +1,143 @@
+//! `farm-node`: one worker of the farm. It serves channels as HLS, starting one FFmpeg per channel
+//! for the whole farm on the first viewer (the lease in Redis decides who), supervises it, records
+//! viewer access in memory and flushes it to Redis, and obeys its command stream.
+//!
+//! [`run`] owns the node's life: start-up sweep, the named background tasks (watcher dispatcher,
+//! keepalive, access flusher, command consumer, HTTP server), and a bounded graceful shutdown.
+
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod ffmpeg;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod store;
+pub mod sweep;
+pub mod watcher;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::store::Store;
+use crate::watcher::HlsWatcher;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{error, info, info_span, warn, Instrument};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot use the HLS folder {0}: {1}")]
+    HlsRoot(String, std::io::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot watch files: {0}")]
+    Notify(#[from] notify::Error),
+    #[error("http server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Runs the node on `listener` until `shutdown` completes, then stops every channel, releases
+/// leases and deregisters, within `shutdown_grace`.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.hls_root)
+        .map_err(|e| NodeError::HlsRoot(cfg.hls_root.display().to_string(), e))?;
+    let root = cfg.hls_root.clone();
+    let disk = tokio::task::spawn_blocking(move || sweep::sweep_disk(&root))
+        .await
+        .unwrap_or_default();
+    if disk != sweep::SweepReport::default() {
+        info!(?disk, "start-up sweep of the HLS folder");
+    }
+    let store = Store::new(&cfg.redis_url, &cfg.prefix, cfg.redis_timeout)?;
+    let metrics = Arc::new(Metrics::new());
+    let (watcher, dispatcher) = HlsWatcher::new(4096, metrics.notify_overflows.clone())?;
+    let node = Node::new(cfg.clone(), store, watcher.clone(), metrics);
+    info!(node = %cfg.node_id, incarnation = %node.incarnation, listen = %cfg.listen, "farm-node starting");
+
+    // Named background tasks; each ends on cancellation (the watcher's when the watcher closes).
+    let background = tokio_util::task::TaskTracker::new();
+    background.spawn(dispatcher.run().instrument(info_span!("watcher")));
+    background.spawn(node::access_flush_loop(node.clone()).instrument(info_span!("access_flush")));
+    let n = node.clone();
+    background.spawn(
+        async move {
+            // The Redis half of the sweep must finish before this incarnation renews or takes commands.
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match sweep::sweep_redis(&n.store, &n.cfg.node_id, &n.cfg.hls_root).await {
+                    Ok(r) => {
+                        if r != sweep::SweepReport::default() {
+                            info!(report = ?r, "start-up sweep of redis leftovers");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?delay, "start-up sweep: redis unavailable");
+                        tokio::select! {
+                            _ = n.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            tokio::join!(
+                node::keepalive_loop(n.clone()).instrument(info_span!("keepalive")),
+                commands::command_loop(n.clone()).instrument(info_span!("commands")),
+            );
+        }
+        .instrument(info_span!("startup")),
+    );
+
+    let cancel = node.cancel.clone();
+    let server = axum::serve(listener, http::app(node.clone()))
+        .with_graceful_shutdown(cancel.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await }.instrument(info_span!("http")));
+    tokio::select! {
+        _ = shutdown => info!("shutdown requested"),
+        _ = cancel.cancelled() => {}
+    }
+    cancel.cancel();
+
+    // Channels see the cancellation and stop their FFmpegs; wait for them, bounded.
+    node.tracker.close();
+    if tokio::time::timeout(cfg.shutdown_grace, node.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(grace = ?cfg.shutdown_grace, "channels did not stop within the shutdown grace; killing their FFmpegs");
+        for e in node.entries() {
+            let pid = e.pid.load(std::sync::atomic::Ordering::Acquire) as u32;
+            if pid > 0 {
+                let _ = ffmpeg::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = std::fs::remove_dir_all(&e.dir);
+        }
+    }
+    if let Err(e) = node.store.deregister(&cfg.node_id).await {
+        error!(error = %e, "could not deregister; the node's keys expire or are reaped");
+    }
+    watcher.close();
+    background.close();
+    if tokio::time::timeout(Duration::from_secs(5), background.wait())
+        .await
+        .is_err()
+    {
+        warn!("background tasks did not end within 5s");
+    }
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(NodeError::Http(e)),
+        Err(e) => error!(error = %e, "http task panicked"),
+    }
+    info!("farm-node stopped");
+    Ok(())
+}

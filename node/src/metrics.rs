@@ -1,0 +1,132 @@
+//! The node's Prometheus metrics (prometheus-client; one registry per node, no global recorder, so
+//! several nodes can live in one test process).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Viewer requests by kind (playlist, segment).
+    pub requests: Family<KindLabel, Counter>,
+    /// Bytes of segments this node served itself (0 when nginx serves every byte).
+    pub segment_bytes: Counter,
+    /// Redis round trips awaited inside a viewer request on a running channel (stays 0 by design).
+    pub request_path_redis_calls: Counter,
+    pub ffmpeg_spawns: Counter,
+    pub ffmpeg_crashes: Counter,
+    pub channel_starts: Counter,
+    pub channel_stops: Family<ReasonLabel, Counter>,
+    pub streams_running: Gauge,
+    pub access_flushes: Counter,
+    pub redis_errors: Counter,
+    pub notify_overflows: Counter<u64, AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("farm_node");
+        let m = Self {
+            requests: Family::default(),
+            segment_bytes: Counter::default(),
+            request_path_redis_calls: Counter::default(),
+            ffmpeg_spawns: Counter::default(),
+            ffmpeg_crashes: Counter::default(),
+            channel_starts: Counter::default(),
+            channel_stops: Family::default(),
+            streams_running: Gauge::default(),
+            access_flushes: Counter::default(),
+            redis_errors: Counter::default(),
+            notify_overflows: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Viewer requests by kind", m.requests.clone());
+        registry.register(
+            "segment_bytes",
+            "Segment bytes served by the node itself",
+            m.segment_bytes.clone(),
+        );
+        registry.register(
+            "request_path_redis_calls",
+            "Redis round trips awaited inside viewer requests on running channels",
+            m.request_path_redis_calls.clone(),
+        );
+        registry.register(
+            "ffmpeg_spawns",
+            "FFmpeg processes started",
+            m.ffmpeg_spawns.clone(),
+        );
+        registry.register(
+            "ffmpeg_crashes",
+            "FFmpeg exits and stalls counted as crashes",
+            m.ffmpeg_crashes.clone(),
+        );
+        registry.register(
+            "channel_starts",
+            "Channels claimed and started",
+            m.channel_starts.clone(),
+        );
+        registry.register(
+            "channel_stops",
+            "Channels stopped, by reason",
+            m.channel_stops.clone(),
+        );
+        registry.register(
+            "streams_running",
+            "Channels this node runs",
+            m.streams_running.clone(),
+        );
+        registry.register(
+            "access_flushes",
+            "Access flushes sent to Redis",
+            m.access_flushes.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Failed or timed-out Redis calls",
+            m.redis_errors.clone(),
+        );
+        registry.register(
+            "notify_overflows",
+            "File events dropped by the bounded queue",
+            m.notify_overflows.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn stopped(&self, reason: &str) {
+        self.channel_stops
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,972 @@
+//! The node's shared state and the life of a channel on it.
+//!
+//! A channel is an entry in [`Node::channels`] from the first request until its actor ends. The
+//! entry is inserted before anything else happens, so concurrent first requests find it and wait on
+//! the same [`Phase`] (single flight: one claim, one FFmpeg). The actor ([`run_channel`]) owns the
+//! FFmpeg child and is the only writer of the channel's Redis state; everything else talks to it
+//! through its inbox.
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::ffmpeg;
+use crate::metrics::Metrics;
+use crate::store::{Renewal, Store};
+use crate::watcher::{HlsWatcher, Progress};
+use axum::http::StatusCode;
+use farm_proto::scripts::{owner_value, ClaimResult};
+use farm_proto::types::event;
+use farm_proto::{ChannelSpec, StreamState};
+use nix::sys::signal::Signal;
+use rand::Rng;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// How long a `failed` stream hash stays in Redis for ops to read.
+const FAILED_KEEP: Duration = Duration::from_secs(600);
+/// Lines of FFmpeg's stderr kept for `last_error`.
+const STDERR_LINES: usize = 8;
+
+/// Where a channel is in its life, as request handlers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the catalog and claiming the lease.
+    Claiming,
+    /// FFmpeg runs; no playlist yet.
+    Starting,
+    /// The playlist exists.
+    Ready,
+    /// FFmpeg crashed and is being restarted (the old playlist may still be served).
+    Restarting,
+    /// Crash loop ended; the reason. The entry stays for `failed_hold`.
+    Failed(String),
+    /// Refused before anything ran (unknown channel, owned elsewhere, disk full, ...).
+    Refused(ApiError),
+    /// Stopped; the entry is being removed.
+    Gone,
+}
+
+/// Messages to a channel's actor.
+pub enum Ctl {
+    Stop {
+        reason: String,
+        done: Option<oneshot::Sender<()>>,
+    },
+    Restart,
+    /// Our lease is gone (or Redis is unreachable past the fence time): kill FFmpeg, touch nothing in Redis.
+    Fenced,
+}
+
+pub struct ChannelEntry {
+    pub id: String,
+    pub dir: PathBuf,
+    pub phase: watch::Sender<Phase>,
+    pub inbox: mpsc::Sender<Ctl>,
+    /// 0 until claimed.
+    pub gen: AtomicU64,
+    pub pid: AtomicU64,
+    pub progress: Mutex<Option<watch::Receiver<Progress>>>,
+    pub restarts: AtomicU64,
+    pub started: Instant,
+}
+
+impl ChannelEntry {
+    pub fn gen(&self) -> u64 {
+        self.gen.load(Ordering::Acquire)
+    }
+    pub fn phase(&self) -> Phase {
+        self.phase.borrow().clone()
+    }
+    fn last_segment_ms(&self) -> Option<u64> {
+        let g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().and_then(|rx| rx.borrow().last_segment_ms)
+    }
+}
+
+/// Viewer access since the last flush: one lock and a set insert on the request path, no Redis.
+#[derive(Default)]
+pub struct AccessBuffer {
+    seen: Mutex<HashSet<String>>,
+}
+
+impl AccessBuffer {
+    pub fn record(&self, id: &str) {
+        let mut s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if !s.contains(id) {
+            s.insert(id.to_string());
+        }
+    }
+    fn take(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+pub struct Node {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub watcher: Arc<HlsWatcher>,
+    pub metrics: Arc<Metrics>,
+    pub access: AccessBuffer,
+    pub channels: Mutex<HashMap<String, Arc<ChannelEntry>>>,
+    pub incarnation: String,
+    pub started_ms: u64,
+    pub tracker: TaskTracker,
+    pub cancel: CancellationToken,
+    /// When the keepalive last reached Redis.
+    pub last_redis_ok: Mutex<Instant>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Store,
+        watcher: Arc<HlsWatcher>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let incarnation = format!("{:x}-{:x}", now_ms(), std::process::id());
+        Arc::new(Self {
+            cfg,
+            store,
+            watcher,
+            metrics,
+            access: AccessBuffer::default(),
+            channels: Mutex::new(HashMap::new()),
+            incarnation,
+            started_ms: now_ms(),
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            last_redis_ok: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ChannelEntry>>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn local(&self, id: &str) -> Option<Arc<ChannelEntry>> {
+        self.lock_channels().get(id).cloned()
+    }
+
+    pub fn entries(&self) -> Vec<Arc<ChannelEntry>> {
+        self.lock_channels().values().cloned().collect()
+    }
+
+    /// The channel's entry, starting it when this node does not have it (single flight).
+    pub fn get_or_start(self: &Arc<Self>, id: &str) -> Result<Arc<ChannelEntry>, ApiError> {
+        if self.cancel.is_cancelled() {
+            return Err(ApiError::unavailable("node is shutting down", 2));
+        }
+        let mut map = self.lock_channels();
+        if let Some(e) = map.get(id) {
+            return Ok(e.clone());
+        }
+        let (phase, _) = watch::channel(Phase::Claiming);
+        let (tx, rx) = mpsc::channel(16);
+        let entry = Arc::new(ChannelEntry {
+            id: id.to_string(),
+            dir: ffmpeg::channel_dir(&self.cfg.hls_root, id),
+            phase,
+            inbox: tx,
+            gen: AtomicU64::new(0),
+            pid: AtomicU64::new(0),
+            progress: Mutex::new(None),
+            restarts: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        map.insert(id.to_string(), entry.clone());
+        drop(map);
+        let node = self.clone();
+        let e2 = entry.clone();
+        let span = tracing::info_span!("channel", id = %id);
+        self.tracker.spawn(
+            async move {
+                run_channel(node.clone(), e2.clone(), rx).await;
+                node.remove_entry(&e2);
+            }
+            .instrument(span),
+        );
+        Ok(entry)
+    }
+
+    fn remove_entry(&self, entry: &Arc<ChannelEntry>) {
+        let mut map = self.lock_channels();
+        if map.get(&entry.id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            map.remove(&entry.id);
+        }
+        self.metrics.streams_running.set(
+            map.values()
+                .filter(|e| {
+                    e.gen() > 0 && !matches!(e.phase(), Phase::Failed(_) | Phase::Refused(_))
+                })
+                .count() as i64,
+        );
+    }
+
+    /// Free bytes on HLS_ROOT.
+    pub fn disk_free(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.cfg.hls_root).ok()?;
+        Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    /// Asks a channel to stop and waits until it has (FFmpeg gone, folder removed, lease released).
+    pub async fn stop_channel(
+        &self,
+        id: &str,
+        reason: &str,
+        gen: Option<u64>,
+    ) -> Result<bool, ApiError> {
+        let Some(entry) = self.local(id) else {
+            return Ok(false);
+        };
+        if let Some(g) = gen {
+            if entry.gen() != g {
+                return Ok(false);
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        if entry
+            .inbox
+            .send(Ctl::Stop {
+                reason: reason.to_string(),
+                done: Some(tx),
+            })
+            .await
+            .is_err()
+        {
+            return Ok(false);
+        }
+        // The actor may end for another reason first, dropping the sender: that is also "stopped".
+        let _ = rx.await;
+        Ok(true)
+    }
+
+    async fn event(&self, kind: &str, id: &str, gen: u64, extra: &[(&str, &str)]) {
+        let gen = gen.to_string();
+        let at = now_ms().to_string();
+        let mut f: Vec<(&str, &str)> = vec![
+            ("node", &self.cfg.node_id),
+            ("channel", id),
+            ("gen", &gen),
+            ("at", &at),
+        ];
+        f.extend_from_slice(extra);
+        if let Err(e) = self.store.event(kind, &f).await {
+            self.metrics.redis_errors.inc();
+            warn!(error = %e, event = kind, "could not record event");
+        }
+    }
+}
+
+/// What ended one FFmpeg run.
+enum RunEnd {
+    Crash(String),
+    Stop(String, Option<oneshot::Sender<()>>),
+    Restart,
+    Fenced,
+}
+
+/// The whole life of one channel on this node: preflight, claim, supervise, stop.
+async fn run_channel(node: Arc<Node>, entry: Arc<ChannelEntry>, mut inbox: mpsc::Receiver<Ctl>) {
+    let (spec, gen) = match preflight(&node, &entry).await {
+        Ok(v) => v,
+        Err(e) => {
+            debug!(error = %e, "start refused");
+            entry.phase.send_replace(Phase::Refused(e));
+            return;
+        }
+    };
+    let cfg = node.cfg.clone();
+    let owner = owner_value(&cfg.node_id, gen);
+    entry.gen.store(gen, Ordering::Release);
+    entry.phase.send_replace(Phase::Starting);
+    node.metrics.channel_starts.inc();
+    node.metrics.streams_running.inc();
+    info!(gen, url = %spec.url, profile = %spec.profile, "channel claimed");
+    node.event(event::STARTED, &entry.id, gen, &[]).await;
+
+    let dir = entry.dir.clone();
+    let end = match prepare_dir(&node, &entry) {
+        Ok(progress) => supervise(&node, &entry, &spec, &owner, progress, &mut inbox).await,
+        Err(e) => Outcome::Failed(format!("cannot prepare {}: {e}", dir.display()), None),
+    };
+    node.watcher.unregister(&dir);
+    if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            error!(dir = %dir.display(), error = %e, "could not remove channel folder");
+        }
+    }
+    node.metrics.streams_running.dec();
+    match end {
+        Outcome::Stopped(reason, done) => {
+            entry.phase.send_replace(Phase::Gone);
+            match node
+                .store
+                .release(&entry.id, &cfg.node_id, &owner, None, FAILED_KEEP)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => warn!("lease was no longer ours at release"),
+                Err(e) => {
+                    node.metrics.redis_errors.inc();
+                    error!(error = %e, "could not release lease; it expires by itself");
+                }
+            }
+            node.metrics.stopped(&reason);
+            node.event(event::STOPPED, &entry.id, gen, &[("reason", &reason)])
+                .await;
+            info!(%reason, "channel stopped");
+            if let Some(d) = done {
+                let _ = d.send(());
+            }
+        }
+        Outcome::Fenced => {
+            entry.phase.send_replace(Phase::Gone);
+            node.metrics.stopped("fenced");
+            warn!("channel fenced: lease lost, FFmpeg stopped without touching Redis");
+        }
+        Outcome::Failed(reason, done) => {
+            entry.phase.send_replace(Phase::Failed(format!(
+                "channel {} failed: {reason}",
+                entry.id
+            )));
+            match node
+                .store
+                .release(
+                    &entry.id,
+                    &cfg.node_id,
+                    &owner,
+                    Some((StreamState::Failed.as_str(), &reason)),
+                    FAILED_KEEP,
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => {
+                    node.metrics.redis_errors.inc();
+                    error!(error = %e, "could not release failed channel; the lease expires by itself");
+                }
+            }
+            node.metrics.stopped("failed");
+            node.event(event::FAILED, &entry.id, gen, &[("reason", &reason)])
+                .await;
+            error!(%reason, "channel failed");
+            if let Some(d) = done {
+                let _ = d.send(());
+            }
+            // Viewers get 503 with the reason for a while, instead of a new crash loop per request.
+            let hold = tokio::time::sleep(cfg.failed_hold);
+            tokio::pin!(hold);
+            loop {
+                tokio::select! {
+                    _ = &mut hold => break,
+                    _ = node.cancel.cancelled() => break,
+                    msg = inbox.recv() => match msg {
+                        Some(Ctl::Stop { done, .. }) => { if let Some(d) = done { let _ = d.send(()); } break; }
+                        Some(_) => {}
+                        None => break,
+                    },
+                }
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Stopped(String, Option<oneshot::Sender<()>>),
+    Failed(String, Option<oneshot::Sender<()>>),
+    Fenced,
+}
+
+/// Catalog, checks and claim. Nothing is spawned and nothing is written unless all pass.
+async fn preflight(node: &Node, entry: &ChannelEntry) -> Result<(ChannelSpec, u64), ApiError> {
+    let cfg = &node.cfg;
+    let id = &entry.id;
+    let redis_down = |e: crate::store::StoreError| {
+        node.metrics.redis_errors.inc();
+        ApiError::unavailable(format!("cannot start channel {id}: {e}"), 2)
+    };
+    let spec = node
+        .store
+        .catalog(id)
+        .await
+        .map_err(redis_down)?
+        .ok_or_else(|| {
+            ApiError::not_found(format!("unknown channel {id:?}: it is not in the catalog"))
+        })?;
+    for url in spec.sources() {
+        farm_proto::validate::upstream_url(&url, &cfg.allowed_schemes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("channel {id} cannot start: catalog entry has an {e}"),
+            )
+        })?;
+    }
+    if !cfg.profiles.contains_key(&spec.profile) {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "channel {id} cannot start: unknown profile {:?}",
+                spec.profile
+            ),
+        ));
+    }
+    if let Some(free) = node.disk_free() {
+        if free < cfg.min_free {
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "refusing to start channel {id}: {} MiB free on the HLS folder, below min_free {} MiB",
+                    free >> 20,
+                    cfg.min_free >> 20
+                ),
+            ));
+        }
+    }
+    match node
+        .store
+        .claim(id, &cfg.node_id, cfg.lease_ttl, cfg.max_streams)
+        .await
+        .map_err(redis_down)?
+    {
+        ClaimResult::Claimed { gen } => Ok((spec, gen)),
+        ClaimResult::Owned { node: owner, .. } if owner == cfg.node_id => {
+            Err(ApiError::unavailable(
+                format!("channel {id} is still held by an earlier run on this node; retry shortly"),
+                1,
+            ))
+        }
+        ClaimResult::Owned { node: owner, .. } => match node
+            .store
+            .live_node_url(&owner)
+            .await
+            .map_err(redis_down)?
+        {
+            Some(url) => Err(ApiError::redirect(format!(
+                "{}/live/{id}/index.m3u8",
+                url.trim_end_matches('/')
+            ))),
+            None => Err(ApiError::unavailable(
+                format!(
+                    "channel {id} is held by node {owner}, which is not answering; retry shortly"
+                ),
+                2,
+            )),
+        },
+        ClaimResult::Full { running } => Err(ApiError::unavailable(
+            format!(
+                "node {} is at capacity ({running} channels); channel {id} cannot start here",
+                cfg.node_id
+            ),
+            5,
+        )),
+    }
+}
+
+fn prepare_dir(node: &Node, entry: &ChannelEntry) -> std::io::Result<watch::Receiver<Progress>> {
+    let dir = &entry.dir;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let rx = node
+        .watcher
+        .register(dir)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    *entry.progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx.clone());
+    Ok(rx)
+}
+
+/// Runs FFmpeg until a stop, a fence or the end of a crash loop.
+async fn supervise(
+    node: &Arc<Node>,
+    entry: &Arc<ChannelEntry>,
+    spec: &ChannelSpec,
+    owner: &str,
+    mut progress: watch::Receiver<Progress>,
+    inbox: &mut mpsc::Receiver<Ctl>,
+) -> Outcome {
+    let cfg = node.cfg.clone();
+    let sources = spec.sources();
+    let profile = &cfg.profiles[&spec.profile];
+    let mut crashes: VecDeque<Instant> = VecDeque::new();
+    let mut source_idx = 0usize;
+    let mut restarts = 0u64;
+    let mut last_error = String::new();
+    loop {
+        let url = &sources[source_idx % sources.len()];
+        let start_number = progress.borrow().last_seq.map_or(0, |s| s + 1);
+        node.watcher.reset(&entry.dir);
+        let argv = ffmpeg::args(
+            &cfg,
+            &ffmpeg::RunSpec {
+                url,
+                dir: &entry.dir,
+                profile,
+                start_number,
+            },
+        );
+        let end = match ffmpeg::spawn(&cfg.ffmpeg, &argv, &entry.dir) {
+            Err(e) => RunEnd::Crash(format!("cannot run {}: {e}", cfg.ffmpeg.display())),
+            Ok(child) => {
+                node.metrics.ffmpeg_spawns.inc();
+                run_once(
+                    node,
+                    entry,
+                    owner,
+                    url,
+                    child,
+                    restarts,
+                    &last_error,
+                    &mut progress,
+                    inbox,
+                )
+                .await
+            }
+        };
+        entry.pid.store(0, Ordering::Release);
+        match end {
+            RunEnd::Stop(reason, done) => return Outcome::Stopped(reason, done),
+            RunEnd::Fenced => return Outcome::Fenced,
+            RunEnd::Restart => {
+                restarts += 1;
+                entry.restarts.store(restarts, Ordering::Release);
+                continue;
+            }
+            RunEnd::Crash(reason) => {
+                node.metrics.ffmpeg_crashes.inc();
+                let now = Instant::now();
+                crashes.push_back(now);
+                while crashes
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > cfg.crash_window)
+                {
+                    crashes.pop_front();
+                }
+                warn!(%reason, crashes = crashes.len(), "ffmpeg crashed");
+                if crashes.len() as u32 >= cfg.max_crashes {
+                    return Outcome::Failed(
+                        format!(
+                            "{} crashes within {:?}; last: {reason}",
+                            crashes.len(),
+                            cfg.crash_window
+                        ),
+                        None,
+                    );
+                }
+                restarts += 1;
+                entry.restarts.store(restarts, Ordering::Release);
+                last_error = reason.clone();
+                source_idx += 1;
+                entry.phase.send_if_modified(|p| {
+                    let was = std::mem::replace(p, Phase::Restarting);
+                    was != Phase::Restarting
+                });
+                let backoff = backoff(cfg.backoff_base, cfg.backoff_max, crashes.len() as u32);
+                let wrote = node
+                    .store
+                    .stream_set(
+                        &entry.id,
+                        owner,
+                        &[
+                            ("state", StreamState::Restarting.as_str().into()),
+                            ("restarts", restarts.to_string()),
+                            ("last_error", reason.clone()),
+                            ("pid", String::new()),
+                            ("pid_start", String::new()),
+                        ],
+                    )
+                    .await;
+                if let Ok(false) = wrote {
+                    return Outcome::Fenced;
+                }
+                let gen = entry.gen();
+                let b = format!("{}ms", backoff.as_millis());
+                node.event(
+                    event::RESTARTED,
+                    &entry.id,
+                    gen,
+                    &[("reason", &reason), ("backoff", &b)],
+                )
+                .await;
+                // Back off, still answering stop and fence.
+                let sleep = tokio::time::sleep(backoff);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        _ = node.cancel.cancelled() => return Outcome::Stopped("shutdown".into(), None),
+                        msg = inbox.recv() => match msg {
+                            Some(Ctl::Stop { reason, done }) => return Outcome::Stopped(reason, done),
+                            Some(Ctl::Fenced) => return Outcome::Fenced,
+                            Some(Ctl::Restart) => break,
+                            None => return Outcome::Stopped("shutdown".into(), None),
+                        },
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter: base × 2^(n-1), capped, times a random factor in [0.5, 1.5).
+pub fn backoff(base: Duration, max: Duration, crashes: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << crashes.saturating_sub(1).min(16));
+    let capped = exp.min(max);
+    capped.mul_f64(rand::rng().random_range(0.5..1.5)).min(max)
+}
+
+/// One FFmpeg run: record it, then wait for its exit, a stall, or a message.
+#[allow(clippy::too_many_arguments)]
+async fn run_once(
+    node: &Arc<Node>,
+    entry: &Arc<ChannelEntry>,
+    owner: &str,
+    url: &str,
+    mut child: Child,
+    restarts: u64,
+    last_error: &str,
+    progress: &mut watch::Receiver<Progress>,
+    inbox: &mut mpsc::Receiver<Ctl>,
+) -> RunEnd {
+    let cfg = &node.cfg;
+    let pid = child.id().unwrap_or(0);
+    let pid_start = ffmpeg::start_time(pid).unwrap_or(0);
+    entry.pid.store(pid as u64, Ordering::Release);
+    if let Err(e) = ffmpeg::write_owner_file(&entry.dir, pid, pid_start) {
+        warn!(error = %e, "could not write the ffmpeg record file");
+    }
+    let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    let mut reader = child.stderr.take().map(|stderr| {
+        let tail = tail.clone();
+        let span = tracing::debug_span!("ffmpeg_stderr", pid);
+        // Ends at EOF, when FFmpeg exits; the actor always reaps the child itself.
+        node.tracker.spawn(
+            async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    debug!(target: "ffmpeg", "{line}");
+                    let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    if t.len() == STDERR_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(line);
+                }
+            }
+            .instrument(span),
+        )
+    });
+    let state = if restarts == 0 {
+        StreamState::Starting
+    } else {
+        StreamState::Restarting
+    };
+    match node
+        .store
+        .stream_set(
+            &entry.id,
+            owner,
+            &[
+                ("state", state.as_str().into()),
+                ("pid", pid.to_string()),
+                ("pid_start", pid_start.to_string()),
+                ("source", url.to_string()),
+                ("restarts", restarts.to_string()),
+                ("last_error", last_error.to_string()),
+            ],
+        )
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            terminate(&mut child, pid, cfg.stop_grace).await;
+            return RunEnd::Fenced;
+        }
+        Err(e) => {
+            // The keepalive decides about fencing; a lost write here is repaired by the next one.
+            node.metrics.redis_errors.inc();
+            warn!(error = %e, "could not record ffmpeg pid");
+        }
+    }
+    debug!(pid, %url, "ffmpeg started");
+    let spawned = Instant::now();
+    let first_allowance = cfg.hls_time * 3 + cfg.read_timeout;
+    let mut running_written = false;
+    loop {
+        let (deadline, waiting_for) = {
+            let p = progress.borrow();
+            match p.last_segment {
+                Some(t) => (t + cfg.hls_time * 3, "a new segment"),
+                None => (spawned + first_allowance, "the first segment"),
+            }
+        };
+        tokio::select! {
+            status = child.wait() => {
+                let status = match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                // Let the reader drain what FFmpeg wrote before it exited (bounded).
+                if let Some(r) = reader.as_mut() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+                }
+                let tail = tail_text(&tail);
+                return RunEnd::Crash(format!("ffmpeg {status}{}", if tail.is_empty() { String::new() } else { format!(": {tail}") }));
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                terminate(&mut child, pid, cfg.stop_grace).await;
+                let secs = (Instant::now() - progress.borrow().last_segment.unwrap_or(spawned)).as_secs_f32();
+                return RunEnd::Crash(format!("stalled: no new segment for {secs:.1}s (waiting for {waiting_for})"));
+            }
+            changed = progress.changed() => {
+                if changed.is_err() { continue; }
+                let ready = progress.borrow().playlist_ready;
+                if ready {
+                    entry.phase.send_if_modified(|p| {
+                        let was = std::mem::replace(p, Phase::Ready);
+                        was != Phase::Ready
+                    });
+                    if !running_written {
+                        running_written = true;
+                        let w = node.store.stream_set(
+                            &entry.id, owner,
+                            &[("state", StreamState::Running.as_str().into()), ("last_segment_at", "$now".into())],
+                        ).await;
+                        match w {
+                            Ok(true) => {}
+                            Ok(false) => { terminate(&mut child, pid, cfg.stop_grace).await; return RunEnd::Fenced; }
+                            Err(e) => { node.metrics.redis_errors.inc(); warn!(error = %e, "could not record running state"); }
+                        }
+                        let dir = entry.dir.clone();
+                        let below = progress.borrow().last_seq.unwrap_or(0).saturating_sub(cfg.hls_list_size as u64 + 2);
+                        if restarts > 0 {
+                            remove_segments_below(&dir, below);
+                        }
+                    }
+                }
+            }
+            _ = node.cancel.cancelled() => {
+                terminate(&mut child, pid, cfg.stop_grace).await;
+                return RunEnd::Stop("shutdown".into(), None);
+            }
+            msg = inbox.recv() => match msg {
+                Some(Ctl::Stop { reason, done }) => {
+                    entry.phase.send_replace(Phase::Gone);
+                    let _ = node.store.stream_set(&entry.id, owner, &[("state", StreamState::Stopping.as_str().into())]).await;
+                    terminate(&mut child, pid, cfg.stop_grace).await;
+                    return RunEnd::Stop(reason, done);
+                }
+                Some(Ctl::Restart) => {
+                    terminate(&mut child, pid, cfg.stop_grace).await;
+                    return RunEnd::Restart;
+                }
+                Some(Ctl::Fenced) => {
+                    terminate(&mut child, pid, Duration::ZERO).await;
+                    return RunEnd::Fenced;
+                }
+                None => {
+                    terminate(&mut child, pid, cfg.stop_grace).await;
+                    return RunEnd::Stop("shutdown".into(), None);
+                }
+            },
+        }
+    }
+}
+
+fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+    let t = tail.lock().unwrap_or_else(|p| p.into_inner());
+    t.iter()
+        .rev()
+        .take(3)
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn remove_segments_below(dir: &std::path::Path, below: u64) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if let Some(n) = name.to_str().and_then(crate::watcher::segment_number) {
+            if n < below {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// SIGTERM to the group, wait up to `grace`, SIGKILL, always reap.
+pub async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
+    if pid == 0 {
+        let _ = child.kill().await;
+        return;
+    }
+    if !grace.is_zero() {
+        if let Err(e) = ffmpeg::signal_group(pid, Signal::SIGTERM) {
+            debug!(pid, error = %e, "SIGTERM to ffmpeg group");
+        }
+        if let Ok(res) = tokio::time::timeout(grace, child.wait()).await {
+            if let Err(e) = res {
+                warn!(pid, error = %e, "waiting for ffmpeg");
+            }
+            return;
+        }
+        warn!(pid, ?grace, "ffmpeg ignored SIGTERM; killing its group");
+    }
+    if let Err(e) = ffmpeg::signal_group(pid, Signal::SIGKILL) {
+        debug!(pid, error = %e, "SIGKILL to ffmpeg group");
+    }
+    if let Err(e) = child.wait().await {
+        warn!(pid, error = %e, "waiting for ffmpeg after SIGKILL");
+    }
+}
+
+/// Keepalive: heartbeat, lease renewals and last-segment times in one pipeline per interval.
+/// Fences channels whose lease is gone, and all of them when Redis was unreachable for 2/3 of the lease TTL.
+pub async fn keepalive_loop(node: Arc<Node>) {
+    let cfg = node.cfg.clone();
+    let mut tick = tokio::time::interval(cfg.keepalive_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fenced_all = false;
+    loop {
+        tokio::select! {
+            _ = node.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let entries: Vec<Arc<ChannelEntry>> = node
+            .entries()
+            .into_iter()
+            .filter(|e| {
+                e.gen() > 0
+                    && !matches!(
+                        e.phase(),
+                        Phase::Failed(_) | Phase::Gone | Phase::Refused(_)
+                    )
+            })
+            .collect();
+        let renewals: Vec<Renewal> = entries
+            .iter()
+            .map(|e| Renewal {
+                channel: e.id.clone(),
+                owner: owner_value(&cfg.node_id, e.gen()),
+                last_segment_at: e.last_segment_ms(),
+            })
+            .collect();
+        let running = entries.len().to_string();
+        let fields = [
+            ("public_url", cfg.public_url.clone()),
+            ("addr", cfg.listen.to_string()),
+            ("incarnation", node.incarnation.clone()),
+            ("pid", std::process::id().to_string()),
+            ("started_at", node.started_ms.to_string()),
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("capacity", cfg.max_streams.to_string()),
+            ("running", running),
+            ("disk_free", node.disk_free().unwrap_or(0).to_string()),
+        ];
+        match node
+            .store
+            .keepalive(
+                &cfg.node_id,
+                cfg.node_ttl,
+                &node.incarnation,
+                &fields,
+                cfg.lease_ttl,
+                &renewals,
+            )
+            .await
+        {
+            Ok(held) => {
+                *node.last_redis_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                if fenced_all {
+                    info!("redis reachable again; channels start again on demand");
+                    fenced_all = false;
+                }
+                for (e, ok) in entries.iter().zip(held) {
+                    if !ok {
+                        warn!(channel = %e.id, gen = e.gen(), "lease lost; fencing the channel");
+                        let _ = e.inbox.try_send(Ctl::Fenced);
+                    }
+                }
+            }
+            Err(err) => {
+                node.metrics.redis_errors.inc();
+                let since = node
+                    .last_redis_ok
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed();
+                warn!(error = %err, ?since, "keepalive failed");
+                if since >= cfg.fence_after() && !entries.is_empty() {
+                    error!(
+                        ?since,
+                        "cannot renew leases for 2/3 of the lease TTL; stopping every FFmpeg"
+                    );
+                    fenced_all = true;
+                    for e in &entries {
+                        let _ = e.inbox.try_send(Ctl::Fenced);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Flushes viewer access to Redis once per `access_flush`, for channels this node runs.
+pub async fn access_flush_loop(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(node.cfg.access_flush);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = node.cancel.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let seen = node.access.take();
+        let ids: Vec<String> = seen
+            .into_iter()
+            .filter(|id| {
+                node.local(id).is_some_and(|e| {
+                    e.gen() > 0
+                        && matches!(
+                            e.phase(),
+                            Phase::Ready | Phase::Restarting | Phase::Starting
+                        )
+                })
+            })
+            .collect();
+        if !ids.is_empty() {
+            match node.store.touch(&ids).await {
+                Ok(()) => {
+                    node.metrics.access_flushes.inc();
+                }
+                Err(e) => {
+                    node.metrics.redis_errors.inc();
+                    warn!(error = %e, channels = ids.len(), "access flush failed; keeping it for the next one");
+                    for id in ids {
+                        node.access.record(&id);
+                    }
+                }
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! The node's Redis access: every call it makes, each bounded by `redis_timeout`.
+//!
+//! Keys come only from [`farm_proto::Keys`], scripts only from [`farm_proto::scripts`]. Calls that a
+//! background loop makes in bulk (keepalive, access flush) are one pipeline each; the request path
+//! makes no call here once a channel runs.
+
+use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use farm_proto::scripts::{self, ClaimResult};
+use farm_proto::{ChannelSpec, Keys};
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis call timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("redis unavailable: {0}")]
+    Pool(String),
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected redis reply: {0}")]
+    Protocol(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One owned channel's lease to renew, with the runtime facts that ride along.
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    pub channel: String,
+    pub owner: String,
+    /// Redis-free wall time of the last finished segment (ms since the epoch), if any.
+    pub last_segment_at: Option<u64>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    keys: Keys,
+    timeout: Duration,
+}
+
+impl Store {
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self> {
+        let mut cfg = PoolConfig::from_url(url);
+        let mut pool_cfg = deadpool_redis::PoolConfig::new(16);
+        pool_cfg.timeouts.wait = Some(timeout);
+        pool_cfg.timeouts.create = Some(timeout);
+        pool_cfg.timeouts.recycle = Some(timeout);
+        cfg.pool = Some(pool_cfg);
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        Ok(Self {
+            pool,
+            keys: Keys::new(prefix),
+            timeout,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Runs one Redis interaction on a pooled connection, bounded by the timeout.
+    async fn with<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let work = async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Pool(e.to_string()))?;
+            f(conn).await
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+    }
+
+    /// A pipeline of EVALSHA calls; loads the scripts and retries once when Redis lost them.
+    async fn run_pipe<T: redis::FromRedisValue + Send>(&self, pipe: redis::Pipeline) -> Result<T> {
+        self.with(|mut c| async move {
+            match pipe.query_async::<T>(&mut c).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let mut load = redis::pipe();
+                    for src in scripts::ALL_SOURCES {
+                        load.cmd("SCRIPT").arg("LOAD").arg(*src).ignore();
+                    }
+                    load.query_async::<()>(&mut c).await?;
+                    Ok(pipe.query_async::<T>(&mut c).await?)
+                }
+                other => Ok(other?),
+            }
+        })
+        .await
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.with(|mut c| async move {
+            let _: String = redis::cmd("PING").query_async(&mut c).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The catalog entry of a channel, or `None` when the catalog has no such channel.
+    pub async fn catalog(&self, id: &str) -> Result<Option<ChannelSpec>> {
+        let key = self.keys.channel(id);
+        let h: HashMap<String, String> = self
+            .with(|mut c| async move { Ok(c.hgetall(key).await?) })
+            .await?;
+        Ok(ChannelSpec::from_fields(id, &h))
+    }
+
+    /// The claim script: the lease and a fresh gen, or who holds it, or "full".
+    pub async fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        lease: Duration,
+        capacity: u32,
+    ) -> Result<ClaimResult> {
+        let k = &self.keys;
+        let mut inv = scripts::CLAIM.prepare_invoke();
+        inv.key(k.owner(id))
+            .key(k.gen(id))
+            .key(k.node_streams(node))
+            .key(k.stream(id))
+            .arg(node)
+            .arg(lease.as_millis() as u64)
+            .arg(capacity)
+            .arg(id);
+        let reply: Vec<String> = self
+            .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
+            .await?;
+        ClaimResult::parse(&reply).map_err(StoreError::Protocol)
+    }
+
+    /// A gen-checked write to `farm:stream:<id>`; `false` means we no longer own the channel.
+    pub async fn stream_set(
+        &self,
+        id: &str,
+        owner: &str,
+        fields: &[(&str, String)],
+    ) -> Result<bool> {
+        let k = &self.keys;
+        let mut inv = scripts::STREAM_SET.prepare_invoke();
+        inv.key(k.owner(id)).key(k.stream(id)).arg(owner);
+        for (f, v) in fields {
+            inv.arg(*f).arg(v);
+        }
+        let n: i64 = self
+            .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Releases a lease by compare. `final_state` keeps the stream hash (e.g. `failed` with its
+    /// reason) for `keep`; otherwise the hash is deleted. The access entry goes either way.
+    pub async fn release(
+        &self,
+        id: &str,
+        node: &str,
+        owner: &str,
+        final_state: Option<(&str, &str)>,
+        keep: Duration,
+    ) -> Result<bool> {
+        let k = &self.keys;
+        let (state, reason) = final_state.unwrap_or(("", ""));
+        let mut inv = scripts::RELEASE.prepare_invoke();
+        inv.key(k.owner(id))
+            .key(k.node_streams(node))
+            .key(k.stream(id))
+            .key(k.access())
+            .arg(owner)
+            .arg(id)
+            .arg(state)
+            .arg(reason)
+            .arg(keep.as_millis().max(1) as u64);
+        let n: i64 = self
+            .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// One round trip: the node heartbeat, every lease renewal and each channel's last segment time.
+    /// Returns, per renewal, whether the lease is still ours.
+    pub async fn keepalive(
+        &self,
+        node: &str,
+        node_ttl: Duration,
+        incarnation: &str,
+        node_fields: &[(&str, String)],
+        lease: Duration,
+        renewals: &[Renewal],
+    ) -> Result<Vec<bool>> {
+        let k = &self.keys;
+        let mut pipe = redis::pipe();
+        let hb = pipe
+            .cmd("EVALSHA")
+            .arg(scripts::HEARTBEAT.get_hash())
+            .arg(3)
+            .arg(k.node(node))
+            .arg(k.node_alive(node))
+            .arg(k.nodes())
+            .arg(node)
+            .arg(node_ttl.as_millis() as u64)
+            .arg(incarnation);
+        for (f, v) in node_fields {
+            hb.arg(*f).arg(v);
+        }
+        hb.ignore();
+        for r in renewals {
+            pipe.cmd("EVALSHA")
+                .arg(scripts::RENEW.get_hash())
+                .arg(1)
+                .arg(k.owner(&r.channel))
+                .arg(&r.owner)
+                .arg(lease.as_millis() as u64);
+            if let Some(t) = r.last_segment_at {
+                pipe.cmd("EVALSHA")
+                    .arg(scripts::STREAM_SET.get_hash())
+                    .arg(2)
+                    .arg(k.owner(&r.channel))
+                    .arg(k.stream(&r.channel))
+                    .arg(&r.owner)
+                    .arg("last_segment_at")
+                    .arg(t)
+                    .ignore();
+            }
+        }
+        let out: Vec<i64> = self.run_pipe(pipe).await?;
+        if out.len() != renewals.len() {
+            return Err(StoreError::Protocol(format!(
+                "keepalive: {} replies for {} renewals",
+                out.len(),
+                renewals.len()
+            )));
+        }
+        Ok(out.into_iter().map(|n| n == 1).collect())
+    }
+
+    /// Records viewer access for these channels at Redis time: one call for the whole batch.
+    pub async fn touch(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        let cmd = pipe
+            .cmd("EVALSHA")
+            .arg(scripts::TOUCH.get_hash())
+            .arg(1)
+            .arg(self.keys.access());
+        for id in ids {
+            cmd.arg(id);
+        }
+        cmd.ignore();
+        self.run_pipe::<()>(pipe).await
+    }
+
+    /// Appends an audit event to `farm:events` (capped).
+    pub async fn event(&self, kind: &str, fields: &[(&str, &str)]) -> Result<()> {
+        let key = self.keys.events();
+        let mut items: Vec<(&str, &str)> = vec![("event", kind)];
+        items.extend_from_slice(fields);
+        let items: Vec<(String, String)> = items
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        self.with(|mut c| async move {
+            let _: String = redis::cmd("XADD")
+                .arg(key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(farm_proto::keys::EVENTS_MAXLEN)
+                .arg("*")
+                .arg(&items)
+                .query_async(&mut c)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The node holding a channel's lease, if any.
+    pub async fn owner_of(&self, id: &str) -> Result<Option<String>> {
+        let key = self.keys.owner(id);
+        let v: Option<String> = self
+            .with(|mut c| async move { Ok(c.get(key).await?) })
+            .await?;
+        Ok(v.and_then(|v| scripts::split_owner(&v).map(|(n, _)| n.to_string())))
+    }
+
+    /// The public URL of a node if it is alive, for routing a viewer to the owner.
+    pub async fn live_node_url(&self, node: &str) -> Result<Option<String>> {
+        let (alive, node_key) = (self.keys.node_alive(node), self.keys.node(node));
+        self.with(|mut c| async move {
+            let (exists, url): (bool, Option<String>) = redis::pipe()
+                .exists(alive)
+                .hget(node_key, "public_url")
+                .query_async(&mut c)
+                .await?;
+            Ok(if exists { url } else { None })
+        })
+        .await
+    }
+
+    /// What a previous incarnation of `node` left: its channel set and their stream hashes.
+    pub async fn leftovers(&self, node: &str) -> Result<Vec<(String, HashMap<String, String>)>> {
+        let set = self.keys.node_streams(node);
+        let ids: Vec<String> = self
+            .with(|mut c| async move { Ok(c.smembers(set).await?) })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let key = self.keys.stream(&id);
+            let h: HashMap<String, String> = self
+                .with(|mut c| async move { Ok(c.hgetall(key).await?) })
+                .await?;
+            out.push((id, h));
+        }
+        Ok(out)
+    }
+
+    /// Clears one channel of an old incarnation of `node` (lease and hash only if they still name it).
+    pub async fn release_node_channel(&self, node: &str, id: &str) -> Result<bool> {
+        let k = &self.keys;
+        let mut inv = scripts::RELEASE_NODE.prepare_invoke();
+        inv.key(k.owner(id))
+            .key(k.node_streams(node))
+            .key(k.stream(id))
+            .arg(node)
+            .arg(id);
+        let n: i64 = self
+            .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Removes the node's own keys on a graceful shutdown.
+    pub async fn deregister(&self, node: &str) -> Result<()> {
+        let k = &self.keys;
+        let (n, a, s, all) = (
+            k.node(node),
+            k.node_alive(node),
+            k.node_streams(node),
+            k.nodes(),
+        );
+        let node = node.to_string();
+        self.with(|mut c| async move {
+            redis::pipe()
+                .del(&[n, a, s])
+                .ignore()
+                .zrem(all, node)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A dedicated connection for blocking reads (the command consumer), outside the pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}

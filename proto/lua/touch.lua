@@ -1,0 +1,15 @@
+-- touch.lua: record viewer access for a batch of channels at Redis TIME (one call per flush).
+-- KEYS[1] access farm:access (zset channel -> last access ms)
+-- ARGV channel ids
+-- Returns the Redis time used, in ms. ZADD GT: an access time never moves backwards.
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local args = {}
+for i = 1, #ARGV do
+  args[#args + 1] = now
+  args[#args + 1] = ARGV[i]
+end
+if #args > 0 then
+  redis.call('ZADD', KEYS[1], 'GT', unpack(args))
+end
+return now

@@ -1,0 +1,18 @@
+//! `farm-proto`: the written contract between farm nodes, coordinators, farmctl and operators.
+//!
+//! - [`keys`]: one constructor per Redis key; the schema with redis-cli examples is in `proto/README.md`.
+//! - [`scripts`]: the Lua scripts (`proto/lua/*.lua`) that claim, renew and release leases and make
+//!   gen-checked writes. Times inside them come from Redis `TIME`, never from a node's clock.
+//! - [`types`]: catalog entries, stream states, commands and event names.
+//! - [`validate`]: every id, file name and URL that comes from outside is checked here.
+//! - [`m3u`]: the extended-M3U importer's parser.
+
+pub mod duration;
+pub mod keys;
+pub mod m3u;
+pub mod scripts;
+pub mod types;
+pub mod validate;
+
+pub use keys::Keys;
+pub use types::{ChannelSpec, Command, Op, StreamState};

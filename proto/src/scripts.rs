@@ -1,0 +1,100 @@
+//! The farm's Lua scripts, loaded from `proto/lua/*.lua` at compile time.
+//!
+//! `redis::Script` sends EVALSHA and reloads the script on NOSCRIPT, so a Redis restart or failover
+//! costs one extra round trip, never an error. Each script documents its KEYS and ARGV in its header.
+
+use redis::Script;
+use std::sync::LazyLock;
+
+macro_rules! scripts {
+    ($($name:ident => $file:literal),* $(,)?) => {
+        $(
+            pub static $name: LazyLock<Script> =
+                LazyLock::new(|| Script::new(include_str!(concat!("../lua/", $file))));
+        )*
+        /// The source of every script, for `SCRIPT LOAD` before a pipeline of EVALSHA calls.
+        pub const ALL_SOURCES: &[&str] = &[$(include_str!(concat!("../lua/", $file))),*];
+    };
+}
+
+scripts! {
+    CLAIM => "claim.lua",
+    RENEW => "renew.lua",
+    RELEASE => "release.lua",
+    STREAM_SET => "stream_set.lua",
+    TOUCH => "touch.lua",
+    HEARTBEAT => "heartbeat.lua",
+    RELEASE_NODE => "release_node.lua",
+}
+
+/// What the claim script answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimResult {
+    /// The lease is ours, with this fencing token.
+    Claimed { gen: u64 },
+    /// Someone holds the lease: `<node>:<gen>`.
+    Owned { node: String, gen: u64 },
+    /// The node is at capacity.
+    Full { running: u64 },
+}
+
+impl ClaimResult {
+    /// Parses the script's `{tag, value}` reply.
+    pub fn parse(reply: &[String]) -> Result<Self, String> {
+        match reply {
+            [tag, v] if tag == "ok" => v
+                .parse()
+                .map(|gen| Self::Claimed { gen })
+                .map_err(|_| format!("claim: bad gen {v:?}")),
+            [tag, v] if tag == "owned" => {
+                let (node, gen) =
+                    split_owner(v).ok_or_else(|| format!("claim: bad owner {v:?}"))?;
+                Ok(Self::Owned {
+                    node: node.to_string(),
+                    gen,
+                })
+            }
+            [tag, v] if tag == "full" => Ok(Self::Full {
+                running: v.parse().unwrap_or(0),
+            }),
+            other => Err(format!("claim: unexpected reply {other:?}")),
+        }
+    }
+}
+
+/// The value stored in `farm:owner:<id>`.
+pub fn owner_value(node: &str, gen: u64) -> String {
+    format!("{node}:{gen}")
+}
+
+/// Splits `<node>:<gen>` (node ids never contain `:`).
+pub fn split_owner(v: &str) -> Option<(&str, u64)> {
+    let (node, gen) = v.rsplit_once(':')?;
+    Some((node, gen.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_replies_parse() {
+        let s = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
+        assert_eq!(
+            ClaimResult::parse(&s("ok", "7")),
+            Ok(ClaimResult::Claimed { gen: 7 })
+        );
+        assert_eq!(
+            ClaimResult::parse(&s("owned", "node-a:3")),
+            Ok(ClaimResult::Owned {
+                node: "node-a".into(),
+                gen: 3
+            })
+        );
+        assert_eq!(
+            ClaimResult::parse(&s("full", "4")),
+            Ok(ClaimResult::Full { running: 4 })
+        );
+        assert!(ClaimResult::parse(&s("what", "4")).is_err());
+    }
+}

@@ -1,0 +1,245 @@
+//! The records the farm keeps in Redis and the commands it sends, with their hash/stream field names.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// A catalog entry: `farm:channel:<id>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelSpec {
+    pub id: String,
+    pub name: String,
+    pub url: String,
+    /// Tried in order after the primary URL fails.
+    pub backup_urls: Vec<String>,
+    /// FFmpeg profile: `copy` unless set.
+    pub profile: String,
+    /// IPTV account whose connection limit applies; empty for none.
+    pub provider: String,
+    /// Pinned channels are kept running and never idle-stopped.
+    pub pinned: bool,
+    /// `group-title` from an M3U import.
+    pub group: String,
+}
+
+impl ChannelSpec {
+    /// The fields written to `farm:channel:<id>`. `backup_urls` is a space-separated list
+    /// (URLs never contain whitespace: the validator refuses it).
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("name", self.name.clone()),
+            ("url", self.url.clone()),
+            ("backup_urls", self.backup_urls.join(" ")),
+            ("profile", self.profile.clone()),
+            ("provider", self.provider.clone()),
+            ("pinned", if self.pinned { "1" } else { "0" }.to_string()),
+            ("group", self.group.clone()),
+        ]
+    }
+
+    /// Reads a catalog hash; `None` when the hash is empty (no such channel).
+    pub fn from_fields(id: &str, h: &HashMap<String, String>) -> Option<Self> {
+        let url = h.get("url")?.clone();
+        let get = |k: &str| h.get(k).cloned().unwrap_or_default();
+        let profile = get("profile");
+        Some(Self {
+            id: id.to_string(),
+            name: get("name"),
+            url,
+            backup_urls: get("backup_urls")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+            profile: if profile.is_empty() {
+                "copy".into()
+            } else {
+                profile
+            },
+            provider: get("provider"),
+            pinned: matches!(get("pinned").as_str(), "1" | "true"),
+            group: get("group"),
+        })
+    }
+
+    /// The primary URL followed by the backups.
+    pub fn sources(&self) -> Vec<String> {
+        std::iter::once(self.url.clone())
+            .chain(self.backup_urls.iter().cloned())
+            .collect()
+    }
+}
+
+/// `state` in `farm:stream:<id>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamState {
+    Starting,
+    Running,
+    Restarting,
+    Failed,
+    Stopping,
+}
+
+impl StreamState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Restarting => "restarting",
+            Self::Failed => "failed",
+            Self::Stopping => "stopping",
+        }
+    }
+}
+
+impl fmt::Display for StreamState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a command asks a node to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Stop,
+    Start,
+    Restart,
+    Drain,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Stop => "stop",
+            Op::Start => "start",
+            Op::Restart => "restart",
+            Op::Drain => "drain",
+        }
+    }
+}
+
+impl FromStr for Op {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stop" => Ok(Op::Stop),
+            "start" => Ok(Op::Start),
+            "restart" => Ok(Op::Restart),
+            "drain" => Ok(Op::Drain),
+            other => Err(format!(
+                "unknown op {other:?} (stop, start, restart, drain)"
+            )),
+        }
+    }
+}
+
+/// One entry of `farm:cmd:<node>`: fields `op`, `channel`, `gen`, `reason`, `by`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub op: Op,
+    /// Empty only for node-wide ops (`drain`).
+    pub channel: String,
+    /// The gen the sender saw; a command for another gen is stale and ignored. `None` = whatever runs.
+    pub gen: Option<u64>,
+    pub reason: String,
+    pub by: String,
+}
+
+impl Command {
+    /// Parses a stream entry's fields; the error says what is wrong, for the log and the event.
+    pub fn from_fields(f: &HashMap<String, String>) -> Result<Self, String> {
+        let op: Op = f.get("op").ok_or("command has no 'op' field")?.parse()?;
+        let channel = f.get("channel").cloned().unwrap_or_default();
+        if op != Op::Drain {
+            crate::validate::channel_id(&channel).map_err(|e| e.to_string())?;
+        }
+        let gen = match f.get("gen").map(String::as_str) {
+            None | Some("") => None,
+            Some(g) => Some(
+                g.parse()
+                    .map_err(|_| format!("invalid gen {g:?}: expected a whole number"))?,
+            ),
+        };
+        Ok(Self {
+            op,
+            channel,
+            gen,
+            reason: f.get("reason").cloned().unwrap_or_default(),
+            by: f.get("by").cloned().unwrap_or_default(),
+        })
+    }
+
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("op", self.op.as_str().to_string()),
+            ("channel", self.channel.clone()),
+        ];
+        if let Some(g) = self.gen {
+            v.push(("gen", g.to_string()));
+        }
+        v.push(("reason", self.reason.clone()));
+        v.push(("by", self.by.clone()));
+        v
+    }
+}
+
+/// Kinds of audit events in `farm:events` (field `event`).
+pub mod event {
+    pub const STARTED: &str = "started";
+    pub const STOPPED: &str = "stopped";
+    pub const RESTARTED: &str = "restarted";
+    pub const FAILED: &str = "failed";
+    pub const REAPED: &str = "reaped";
+    pub const FAILOVER: &str = "failover";
+    pub const NODE_DEAD: &str = "node_dead";
+    pub const NODE_UP: &str = "node_up";
+    pub const LEADER_CHANGED: &str = "leader_changed";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn channel_round_trips_through_hash_fields() {
+        let c = ChannelSpec {
+            id: "a".into(),
+            name: "A".into(),
+            url: "http://x/1".into(),
+            backup_urls: vec!["http://y/1".into(), "http://z/1".into()],
+            profile: "copy".into(),
+            provider: "acme".into(),
+            pinned: true,
+            group: "News".into(),
+        };
+        let h: HashMap<String, String> = c
+            .to_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(ChannelSpec::from_fields("a", &h), Some(c));
+        assert_eq!(ChannelSpec::from_fields("a", &HashMap::new()), None);
+    }
+
+    #[test]
+    fn commands_parse_or_say_why() {
+        let c = Command::from_fields(&map(&[("op", "stop"), ("channel", "bbc"), ("gen", "4")]))
+            .expect("valid");
+        assert_eq!(c.op, Op::Stop);
+        assert_eq!(c.gen, Some(4));
+        assert!(Command::from_fields(&map(&[("op", "explode"), ("channel", "a")])).is_err());
+        assert!(Command::from_fields(&map(&[("op", "stop"), ("channel", "../a")])).is_err());
+        assert!(
+            Command::from_fields(&map(&[("op", "stop"), ("channel", "a"), ("gen", "x")])).is_err()
+        );
+        assert!(Command::from_fields(&map(&[("channel", "a")])).is_err());
+    }
+}
