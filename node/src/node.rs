@@ -450,23 +450,20 @@ async fn preflight(node: &Node, entry: &ChannelEntry) -> Result<(ChannelSpec, u6
                 1,
             ))
         }
-        ClaimResult::Owned { node: owner, .. } => match node
-            .store
-            .live_node_url(&owner)
-            .await
-            .map_err(redis_down)?
-        {
-            Some(url) => Err(ApiError::redirect(format!(
-                "{}/live/{id}/index.m3u8",
-                url.trim_end_matches('/')
-            ))),
-            None => Err(ApiError::unavailable(
-                format!(
+        ClaimResult::Owned { node: owner, .. } => {
+            match node.store.live_node_url(&owner).await.map_err(redis_down)? {
+                Some(url) => Err(ApiError::redirect(format!(
+                    "{}/live/{id}/index.m3u8",
+                    url.trim_end_matches('/')
+                ))),
+                None => Err(ApiError::unavailable(
+                    format!(
                     "channel {id} is held by node {owner}, which is not answering; retry shortly"
                 ),
-                2,
-            )),
-        },
+                    2,
+                )),
+            }
+        }
         ClaimResult::Full { running } => Err(ApiError::unavailable(
             format!(
                 "node {} is at capacity ({running} channels); channel {id} cannot start here",
@@ -604,19 +601,15 @@ async fn supervise(
                 )
                 .await;
                 // Back off, still answering stop and fence.
-                let sleep = tokio::time::sleep(backoff);
-                tokio::pin!(sleep);
-                loop {
-                    tokio::select! {
-                        _ = &mut sleep => break,
-                        _ = node.cancel.cancelled() => return Outcome::Stopped("shutdown".into(), None),
-                        msg = inbox.recv() => match msg {
-                            Some(Ctl::Stop { reason, done }) => return Outcome::Stopped(reason, done),
-                            Some(Ctl::Fenced) => return Outcome::Fenced,
-                            Some(Ctl::Restart) => break,
-                            None => return Outcome::Stopped("shutdown".into(), None),
-                        },
-                    }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = node.cancel.cancelled() => return Outcome::Stopped("shutdown".into(), None),
+                    msg = inbox.recv() => match msg {
+                        Some(Ctl::Stop { reason, done }) => return Outcome::Stopped(reason, done),
+                        Some(Ctl::Fenced) => return Outcome::Fenced,
+                        Some(Ctl::Restart) => {}
+                        None => return Outcome::Stopped("shutdown".into(), None),
+                    },
                 }
             }
         }

@@ -58,7 +58,8 @@ pub fn parse(
 
     for (idx, raw) in lines(text).enumerate() {
         let line_no = idx + 1;
-        let line = raw.trim();
+        // a BOM can also sit mid-file where two playlists were concatenated
+        let line = raw.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
         if line.is_empty() {
             continue;
         }
@@ -637,6 +638,10 @@ https://cdn.example/daserste/index.m3u8?token=a,b\r
         let v = ok("#EXTM3U\n# a comment\n#EXTINFO:whatever\n#EXTINF:-1,A\n#EXTVLCOPT:x=y\n#KODIPROP:a=b\n\nhttp://x/a\n#EXTM3U\n");
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].url, "http://x/a");
+        // concatenated playlists: a second BOM and header mid-file
+        let v =
+            ok("#EXTM3U\n#EXTINF:-1,A\nhttp://x/a\n\u{feff}#EXTM3U\n#EXTINF:-1,B\nhttp://x/b\n");
+        assert_eq!(v.len(), 2);
     }
 
     #[test]
