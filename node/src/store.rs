@@ -134,6 +134,7 @@ impl Store {
             .key(k.gen(id))
             .key(k.node_streams(node))
             .key(k.stream(id))
+            .key(k.access())
             .arg(node)
             .arg(lease.as_millis() as u64)
             .arg(capacity)

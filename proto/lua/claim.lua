@@ -3,6 +3,7 @@
 -- KEYS[2] gen        farm:gen:<id>            (counter, fencing token)
 -- KEYS[3] streams    farm:node:<node>:streams (set of channels the node runs)
 -- KEYS[4] stream     farm:stream:<id>         (hash, runtime state)
+-- KEYS[5] access     farm:access              (zset channel -> last access ms)
 -- ARGV[1] node id, ARGV[2] lease ms, ARGV[3] node capacity (0 = unlimited), ARGV[4] channel id
 -- Returns {"ok", gen} | {"owned", "<node>:<gen>"} | {"full", running}
 local cur = redis.call('GET', KEYS[1])
@@ -21,6 +22,8 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. gen, 'PX', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[4])
+-- A start counts as an access: a channel started but never watched goes idle like any other.
+redis.call('ZADD', KEYS[5], 'GT', now, ARGV[4])
 redis.call('DEL', KEYS[4])
 redis.call('HSET', KEYS[4], 'node', ARGV[1], 'gen', gen, 'state', 'starting', 'started_at', now,
   'restarts', 0, 'pid', '', 'pid_start', '', 'source', '', 'last_error', '', 'last_segment_at', '')
