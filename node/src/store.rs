@@ -4,9 +4,10 @@
 //! background loop makes in bulk (keepalive, access flush) are one pipeline each; the request path
 //! makes no call here once a channel runs.
 
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::{Manager, Pool, Runtime};
 use farm_proto::scripts::{self, ClaimResult};
 use farm_proto::{ChannelSpec, Keys};
+use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,29 +36,57 @@ pub struct Renewal {
     pub last_segment_at: Option<u64>,
 }
 
+/// Redis access for one node. deadpool-redis creates and health-checks connections; the store keeps
+/// one multiplexed connection checked out and shares it between all callers (redis-rs pipelines
+/// concurrent calls over it), so a call costs one round trip, not a recycle PING plus the call.
+/// A connection that fails or times out is dropped and the next call gets a fresh one.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    hot: std::sync::Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
     keys: Keys,
     timeout: Duration,
 }
 
 impl Store {
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self> {
-        let mut cfg = PoolConfig::from_url(url);
-        let mut pool_cfg = deadpool_redis::PoolConfig::new(16);
-        pool_cfg.timeouts.wait = Some(timeout);
-        pool_cfg.timeouts.create = Some(timeout);
-        pool_cfg.timeouts.recycle = Some(timeout);
-        cfg.pool = Some(pool_cfg);
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
+        // redis-rs defaults to a 500ms response timeout; the farm's own bound applies instead.
+        let conn_cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let manager = Manager::new_with_config(url, conn_cfg)?;
+        let pool = Pool::builder(manager)
+            .max_size(4)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         Ok(Self {
             pool,
+            hot: Default::default(),
             keys: Keys::new(prefix),
             timeout,
         })
+    }
+
+    fn lock_hot(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.hot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn conn(&self) -> Result<MultiplexedConnection> {
+        if let Some(c) = self.lock_hot().as_ref() {
+            return Ok(c.clone());
+        }
+        let obj = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let c = deadpool_redis::Connection::take(obj);
+        *self.lock_hot() = Some(c.clone());
+        Ok(c)
     }
 
     pub fn keys(&self) -> &Keys {
@@ -67,20 +96,27 @@ impl Store {
     /// Runs one Redis interaction on a pooled connection, bounded by the timeout.
     async fn with<T, F, Fut>(&self, f: F) -> Result<T>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let work = async {
-            let conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Pool(e.to_string()))?;
-            f(conn).await
-        };
-        tokio::time::timeout(self.timeout, work)
+        let work = async { f(self.conn().await?).await };
+        let res = tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
+            .map_err(|_| StoreError::Timeout(self.timeout))
+            .and_then(|r| r);
+        if let Err(e) = &res {
+            let broken = match e {
+                StoreError::Redis(r) => {
+                    r.is_io_error() || r.is_connection_dropped() || r.is_timeout()
+                }
+                StoreError::Timeout(_) | StoreError::Pool(_) => true,
+                StoreError::Protocol(_) => false,
+            };
+            if broken {
+                self.lock_hot().take();
+            }
+        }
+        res
     }
 
     /// A pipeline of EVALSHA calls; loads the scripts and retries once when Redis lost them.
@@ -367,11 +403,6 @@ impl Store {
             Ok(())
         })
         .await
-    }
-
-    /// A dedicated connection for blocking reads (the command consumer), outside the pool.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     pub fn timeout(&self) -> Duration {

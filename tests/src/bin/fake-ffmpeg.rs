@@ -1,8 +1,9 @@
 //! A tiny stand-in for `ffmpeg -f hls`, for supervision and scale tests.
 //!
 //! It understands only what it needs from ffmpeg's command line: the input URL after `-i`,
-//! `-hls_time`, `-hls_list_size`, `-hls_segment_filename`, and the playlist path as the LAST
-//! argument; everything else is ignored. It never opens the input. Its behaviour comes from the
+//! `-hls_time`, `-hls_list_size`, `-hls_delete_threshold`, `-start_number`, `-hls_flags` (only
+//! `discont_start`), `-hls_segment_filename`, and the playlist path as the LAST argument; everything
+//! else is ignored. It never opens the input. Its behaviour comes from the
 //! input URL's query string (the node clears its environment):
 //!
 //! - `mode=normal` (default): writes a segment every `seg_ms` and the playlist after each one.
@@ -15,8 +16,10 @@
 //!
 //! Files are written like ffmpeg's `hls_flags delete_segments+temp_file`: `<segment>.tmp` then
 //! rename, `<playlist>.tmp` then rename; the playlist lists the last `-hls_list_size` segments (0 =
-//! all) and, like ffmpeg's default `hls_delete_threshold` of 1, one segment more stays on disk before
-//! older ones are deleted. Sequence numbers start at 0 (`%d` / `%0Nd` in the pattern).
+//! all) and, like ffmpeg, `-hls_delete_threshold` (default 1) unlisted segments stay on disk before
+//! older ones are deleted. Sequence numbers start at `-start_number` (default 0) and fill `%d` /
+//! `%0Nd` in the pattern; with `discont_start` the first segment is preceded by
+//! `#EXT-X-DISCONTINUITY` while it is listed.
 //! SIGTERM/SIGINT make it exit 0 within ~20 ms.
 
 use std::collections::VecDeque;
@@ -40,6 +43,9 @@ struct Config {
     playlist: PathBuf,
     segment_pattern: String,
     list_size: usize,
+    delete_threshold: usize,
+    start_number: u64,
+    discont_start: bool,
     mode: Mode,
     after: Duration,
     seg_interval: Duration,
@@ -66,7 +72,10 @@ fn main() {
         config.playlist.display()
     );
     if config.mode == Mode::Fail {
-        eprintln!("{}: Server returned 403 Forbidden (access denied)", config.input);
+        eprintln!(
+            "{}: Server returned 403 Forbidden (access denied)",
+            config.input
+        );
         std::process::exit(1);
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -120,7 +129,9 @@ fn run(config: &Config, stop: &AtomicBool) -> i32 {
 }
 
 fn parse_args(args: &[String]) -> Result<Config, String> {
-    let playlist = args.last().ok_or("no arguments; the last one must be the playlist")?;
+    let playlist = args
+        .last()
+        .ok_or("no arguments; the last one must be the playlist")?;
     let value_of = |flag: &str| {
         args.iter()
             .position(|a| a == flag)
@@ -133,9 +144,23 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         None => 2.0,
     };
     let list_size: usize = match value_of("-hls_list_size") {
-        Some(v) => v.parse().map_err(|e| format!("-hls_list_size {v:?}: {e}"))?,
+        Some(v) => v
+            .parse()
+            .map_err(|e| format!("-hls_list_size {v:?}: {e}"))?,
         None => 5,
     };
+    let delete_threshold: usize = match value_of("-hls_delete_threshold") {
+        Some(v) => v
+            .parse()
+            .map_err(|e| format!("-hls_delete_threshold {v:?}: {e}"))?,
+        None => 1,
+    };
+    let start_number: u64 = match value_of("-start_number") {
+        Some(v) => v.parse().map_err(|e| format!("-start_number {v:?}: {e}"))?,
+        None => 0,
+    };
+    let discont_start =
+        value_of("-hls_flags").is_some_and(|f| f.split('+').any(|flag| flag == "discont_start"));
     let playlist = PathBuf::from(playlist);
     let segment_pattern = match value_of("-hls_segment_filename") {
         Some(p) => p,
@@ -179,6 +204,9 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         playlist,
         segment_pattern,
         list_size,
+        delete_threshold,
+        start_number,
+        discont_start,
         mode,
         after: Duration::from_millis(num("after_ms", 1000)?),
         seg_interval: Duration::from_millis(num("seg_ms", default_seg_ms)?.max(1)),
@@ -229,7 +257,7 @@ impl<'a> HlsWriter<'a> {
         }
         HlsWriter {
             config,
-            seq: 0,
+            seq: config.start_number,
             on_disk: VecDeque::new(),
             payload,
         }
@@ -253,8 +281,9 @@ impl<'a> HlsWriter<'a> {
         };
         let first_listed = self.on_disk.len() - listed;
         self.write_playlist(first_listed)?;
-        // Keep one unlisted segment on disk, like ffmpeg's hls_delete_threshold=1.
-        while self.config.list_size > 0 && self.on_disk.len() > self.config.list_size + 1 {
+        // Keep `hls_delete_threshold` unlisted segments on disk, like ffmpeg.
+        let keep = self.config.list_size + self.config.delete_threshold;
+        while self.config.list_size > 0 && self.on_disk.len() > keep {
             if let Some((_, old)) = self.on_disk.pop_front() {
                 let _ = std::fs::remove_file(&old);
             }
@@ -269,7 +298,10 @@ impl<'a> HlsWriter<'a> {
         let mut text = format!(
             "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:{target}\n#EXT-X-MEDIA-SEQUENCE:{first_seq}\n"
         );
-        for (_, path) in self.on_disk.iter().skip(first_listed) {
+        for (seq, path) in self.on_disk.iter().skip(first_listed) {
+            if self.config.discont_start && *seq == self.config.start_number {
+                text.push_str("#EXT-X-DISCONTINUITY\n");
+            }
             let name = path
                 .file_name()
                 .map_or(String::new(), |n| n.to_string_lossy().into_owned());

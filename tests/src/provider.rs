@@ -1,0 +1,483 @@
+//! [`FakeProvider`]: a fake IPTV provider serving an endless live MPEG-TS on every path.
+//!
+//! Each request streams [`crate::media::source_ts`] in a loop at real-time pace (an initial ~1 s burst,
+//! then file size / duration bytes per second, times the speed factor). Each loop adds the file's
+//! timestamp span + one frame to every PCR/PTS/DTS (mod 2^33) and continuity counters are renumbered,
+//! so the stream looks like one continuous live channel to ffmpeg.
+//!
+//! The server runs on its own thread and tokio runtime: a test that blocks its own thread (running
+//! ffprobe, a blocking wait) cannot starve it. Modes can be switched at any time, globally or per
+//! path; a stream in flight re-reads its mode before every chunk (see [`Mode`]).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use crate::media::{self, SourceInfo};
+use crate::ts;
+
+/// Bytes per chunk written to a client: 50 TS packets.
+const CHUNK: usize = ts::PACKET * 50;
+
+/// How the provider answers, globally or for one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// 200 and an endless real-time stream.
+    #[default]
+    Normal,
+    /// 403 for new requests; streams in flight are cut.
+    Forbidden,
+    /// 404 for new requests; streams in flight are cut.
+    NotFound,
+    /// 200, then the connection is closed abruptly (no terminating chunk) after ~1 s of data,
+    /// counted from the start for new requests and from the switch for streams in flight.
+    Drop,
+    /// 200 (headers sent) but no more data; the connection stays open. A stream in flight stops
+    /// sending and resumes at real-time pace (no catch-up burst) when the mode changes back.
+    Stall,
+}
+
+#[derive(Default)]
+struct PathCounters {
+    current: u64,
+    total: u64,
+}
+
+struct Shared {
+    global: Mutex<Mode>,
+    per_path: Mutex<HashMap<String, Mode>>,
+    counters: Mutex<HashMap<String, PathCounters>>,
+    current: AtomicU64,
+    total: AtomicU64,
+    bytes_sent: AtomicU64,
+    /// Bumped on every mode change so stalled streams wake up.
+    changed: watch::Sender<u64>,
+    media: &'static SourceInfo,
+    speed: f64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the maps inconsistent: keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn mode_for(&self, path: &str) -> Mode {
+        if let Some(m) = lock(&self.per_path).get(path) {
+            return *m;
+        }
+        *lock(&self.global)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// The running fake provider. Dropping it (or [`FakeProvider::shutdown`]) stops the server and cuts
+/// every stream.
+pub struct FakeProvider {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeProvider {
+    /// Starts a provider at real-time pace on 127.0.0.1 (port chosen by the OS).
+    pub async fn start() -> FakeProvider {
+        Self::start_with_speed(1.0).await
+    }
+
+    /// Starts a provider whose pace is `speed` × real time (e.g. 4.0 to read a 10 s loop in 2.5 s).
+    pub async fn start_with_speed(speed: f64) -> FakeProvider {
+        // Loading (and maybe generating) the media blocks: keep it off the async thread.
+        let media = tokio::task::spawn_blocking(media::source_info)
+            .await
+            .expect("load test media");
+        Self::start_inner(media, speed)
+    }
+
+    /// Sync twin of [`FakeProvider::start_with_speed`] for non-async tests.
+    pub fn start_blocking(speed: f64) -> FakeProvider {
+        Self::start_inner(media::source_info(), speed)
+    }
+
+    fn start_inner(media: &'static SourceInfo, speed: f64) -> FakeProvider {
+        assert!(speed > 0.0, "speed must be positive, got {speed}");
+        // Binding port 0 here (not free_port) means no race with other processes.
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind fake provider");
+        listener
+            .set_nonblocking(true)
+            .expect("set fake provider listener non-blocking");
+        let addr = listener.local_addr().expect("fake provider local addr");
+        let shared = Arc::new(Shared {
+            global: Mutex::new(Mode::Normal),
+            per_path: Mutex::new(HashMap::new()),
+            counters: Mutex::new(HashMap::new()),
+            current: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            changed: watch::channel(0).0,
+            media,
+            speed,
+        });
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let app = Router::new().fallback(serve).with_state(shared.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("fake-provider-{}", addr.port()))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("fake provider: cannot build runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("fake provider: listener: {e}");
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        r = axum::serve(listener, app) => {
+                            if let Err(e) = r {
+                                eprintln!("fake provider: server error: {e}");
+                            }
+                        }
+                        _ = stop_rx => {}
+                    }
+                });
+                // Dropping the runtime cancels every connection task, closing all streams.
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .expect("spawn fake provider thread");
+        FakeProvider {
+            addr,
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Full URL of `path`, e.g. `url("/live/ch1.ts")` → `http://127.0.0.1:P/live/ch1.ts`.
+    /// A missing leading `/` is added. A query string may be included; it does not affect the path key.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, normalize(path))
+    }
+
+    /// Pace multiplier it was started with.
+    pub fn speed(&self) -> f64 {
+        self.shared.speed
+    }
+
+    /// Sets the mode of every path that has no per-path mode.
+    pub fn set_mode(&self, mode: Mode) {
+        *lock(&self.shared.global) = mode;
+        self.shared.bump();
+    }
+
+    /// Sets the mode of one path (without query string); it wins over the global mode.
+    pub fn set_path_mode(&self, path: &str, mode: Mode) {
+        lock(&self.shared.per_path).insert(normalize_key(path), mode);
+        self.shared.bump();
+    }
+
+    /// Removes a per-path mode: the path follows the global mode again.
+    pub fn clear_path_mode(&self, path: &str) {
+        lock(&self.shared.per_path).remove(&normalize_key(path));
+        self.shared.bump();
+    }
+
+    /// The mode a new request for `path` would get.
+    pub fn mode_for(&self, path: &str) -> Mode {
+        self.shared.mode_for(&normalize_key(path))
+    }
+
+    /// Streams being sent right now (decremented when the body is dropped, i.e. the client went away
+    /// and the server noticed, or the stream was cut).
+    pub fn current_connections(&self) -> u64 {
+        self.shared.current.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered so far, any status.
+    pub fn total_connections(&self) -> u64 {
+        self.shared.total.load(Ordering::SeqCst)
+    }
+
+    /// [`FakeProvider::current_connections`] for one path.
+    pub fn current_connections_for(&self, path: &str) -> u64 {
+        lock(&self.shared.counters)
+            .get(&normalize_key(path))
+            .map_or(0, |c| c.current)
+    }
+
+    /// [`FakeProvider::total_connections`] for one path.
+    pub fn total_connections_for(&self, path: &str) -> u64 {
+        lock(&self.shared.counters)
+            .get(&normalize_key(path))
+            .map_or(0, |c| c.total)
+    }
+
+    /// Body bytes sent so far over all streams.
+    pub fn bytes_sent(&self) -> u64 {
+        self.shared.bytes_sent.load(Ordering::SeqCst)
+    }
+
+    /// Stops the server and cuts every stream; waits for its thread. Idempotent.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for FakeProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeProvider")
+            .field("addr", &self.addr)
+            .field("speed", &self.shared.speed)
+            .field("current_connections", &self.current_connections())
+            .field("total_connections", &self.total_connections())
+            .finish()
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn normalize(path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    }
+}
+
+/// The key used for per-path modes and counters: the path without query string.
+fn normalize_key(path: &str) -> String {
+    let p = path.split_once('?').map_or(path, |(p, _)| p);
+    normalize(p)
+}
+
+async fn serve(State(shared): State<Arc<Shared>>, uri: Uri) -> Response {
+    let path = uri.path().to_string();
+    shared.total.fetch_add(1, Ordering::SeqCst);
+    lock(&shared.counters)
+        .entry(path.clone())
+        .or_default()
+        .total += 1;
+    let mode = shared.mode_for(&path);
+    match mode {
+        Mode::Forbidden => return (StatusCode::FORBIDDEN, "403 Forbidden\n").into_response(),
+        Mode::NotFound => return (StatusCode::NOT_FOUND, "404 Not Found\n").into_response(),
+        Mode::Normal | Mode::Drop | Mode::Stall => {}
+    }
+    let guard = ConnGuard::new(shared.clone(), path.clone());
+    let stream = LiveStream::new(shared, path, guard, mode);
+    let body = Body::from_stream(futures::stream::unfold(stream, |mut s| async move {
+        s.next_chunk().await.map(|item| (item, s))
+    }));
+    (
+        [
+            (header::CONTENT_TYPE, "video/mp2t"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Counts a stream in flight; dropped with the response body.
+struct ConnGuard {
+    shared: Arc<Shared>,
+    path: String,
+}
+
+impl ConnGuard {
+    fn new(shared: Arc<Shared>, path: String) -> ConnGuard {
+        shared.current.fetch_add(1, Ordering::SeqCst);
+        lock(&shared.counters)
+            .entry(path.clone())
+            .or_default()
+            .current += 1;
+        ConnGuard { shared, path }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shared.current.fetch_sub(1, Ordering::SeqCst);
+        if let Some(c) = lock(&self.shared.counters).get_mut(&self.path) {
+            c.current = c.current.saturating_sub(1);
+        }
+    }
+}
+
+/// One client's endless stream: position in the file, loop count, pacing clock.
+struct LiveStream {
+    shared: Arc<Shared>,
+    path: String,
+    _guard: ConnGuard,
+    changed: watch::Receiver<u64>,
+    loop_index: u64,
+    pos: usize,
+    sent: u64,
+    /// Pacing: bytes allowed at `t0`, then `rate` more per second.
+    credit_base: f64,
+    t0: Instant,
+    rate: f64,
+    /// Close once `sent` reaches this (Drop mode).
+    drop_at: Option<u64>,
+    cc: ts::ContinuityFixer,
+    finished: bool,
+}
+
+impl LiveStream {
+    fn new(shared: Arc<Shared>, path: String, guard: ConnGuard, mode: Mode) -> LiveStream {
+        let media = shared.media;
+        let burst = media.bytes_per_second;
+        let rate = media.bytes_per_second * shared.speed;
+        let changed = shared.changed.subscribe();
+        let mut s = LiveStream {
+            shared,
+            path,
+            _guard: guard,
+            changed,
+            loop_index: 0,
+            pos: 0,
+            sent: 0,
+            credit_base: burst,
+            t0: Instant::now(),
+            rate,
+            drop_at: None,
+            cc: ts::ContinuityFixer::default(),
+            finished: false,
+        };
+        if mode == Mode::Drop {
+            s.drop_at = Some(s.one_second());
+        }
+        s
+    }
+
+    fn one_second(&self) -> u64 {
+        self.shared.media.bytes_per_second as u64
+    }
+
+    /// The next body chunk: `None` ends the body cleanly, `Some(Err)` aborts the connection.
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            // Mark the current version seen before reading the mode, so a change that lands after the
+            // read wakes `changed()` below.
+            self.changed.borrow_and_update();
+            match self.shared.mode_for(&self.path) {
+                Mode::Normal => self.drop_at = None,
+                Mode::Drop => {
+                    let at = *self.drop_at.get_or_insert(self.sent + self.one_second());
+                    if self.sent >= at {
+                        return self.abort("dropped by fake provider (Mode::Drop)");
+                    }
+                }
+                Mode::Forbidden | Mode::NotFound => {
+                    return self.abort("cut by fake provider (mode changed)");
+                }
+                Mode::Stall => {
+                    if self.changed.changed().await.is_err() {
+                        self.finished = true;
+                        return None;
+                    }
+                    // Resume at real-time pace from now, without a catch-up burst.
+                    self.credit_base = self.sent as f64;
+                    self.t0 = Instant::now();
+                    continue;
+                }
+            }
+            break;
+        }
+        // Pace: wait until the budget allows the next chunk.
+        let allowed = self.credit_base + self.rate * self.t0.elapsed().as_secs_f64();
+        let need = self.sent as f64 + CHUNK as f64 - allowed;
+        if need > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(need / self.rate)).await;
+        }
+        let mut chunk = self.take(CHUNK);
+        if let Some(at) = self.drop_at {
+            let left = usize::try_from(at.saturating_sub(self.sent)).unwrap_or(usize::MAX);
+            chunk.truncate(left.max(ts::PACKET));
+        }
+        self.sent += chunk.len() as u64;
+        self.shared
+            .bytes_sent
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        Some(Ok(Bytes::from(chunk)))
+    }
+
+    fn abort(&mut self, why: &str) -> Option<Result<Bytes, std::io::Error>> {
+        self.finished = true;
+        Some(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            why.to_string(),
+        )))
+    }
+
+    /// Copies up to `n` bytes (whole packets) from the looped file, rewriting timestamps and CCs.
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        let media = self.shared.media;
+        let file = &media.bytes;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.pos >= file.len() {
+                self.pos = 0;
+                self.loop_index += 1;
+            }
+            let end = (self.pos + ts::PACKET).min(file.len());
+            let start = out.len();
+            out.extend_from_slice(&file[self.pos..end]);
+            self.pos = end;
+            let offset = (u128::from(self.loop_index) * u128::from(media.loop_offset_90k)
+                % u128::from(ts::TS_WRAP)) as u64;
+            let p = &mut out[start..];
+            ts::shift_packet(p, offset);
+            self.cc.fix(p);
+        }
+        out
+    }
+}

@@ -1,0 +1,310 @@
+//! [`RedisServer`]: a real `redis-server` per test, on a free port, in its own temp dir.
+//!
+//! Invariants: the server never outlives the fixture (SIGKILL + wait on drop); its log is printed to
+//! stderr when the test panics; `restart()` keeps the port and the dir, so URLs held by the code under
+//! test stay valid across an outage. No persistence (`--save ""`, no AOF) unless a test asks for it.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
+
+use crate::ports::free_port;
+use crate::procs::tail;
+use crate::signal;
+
+/// How long [`RedisServer::start`] and [`RedisServer::restart`] wait for PING to answer.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `redis-server` owned by one test.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port and waits until it answers PING.
+    pub fn start() -> RedisServer {
+        Self::start_with_args(&[])
+    }
+
+    /// Like [`RedisServer::start`], with extra command-line config appended, e.g.
+    /// `&["--maxmemory-policy", "noeviction", "--notify-keyspace-events", "Ex"]`.
+    pub fn start_with_args(extra_args: &[&str]) -> RedisServer {
+        let dir = tempfile::Builder::new()
+            .prefix("farm-redis-")
+            .tempdir()
+            .expect("create temp dir for redis-server");
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        // free_port() is racy: if another process grabs the port first, redis exits; try another one.
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            match spawn_and_wait(port, dir.path(), &extra_args) {
+                Ok(child) => {
+                    return RedisServer {
+                        child: Some(child),
+                        port,
+                        dir,
+                        extra_args,
+                    }
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("redis-server did not start: {last_err}");
+    }
+
+    /// The TCP port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>/`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Its working dir (`--dir`), a temp dir removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Path of its log file.
+    pub fn log_path(&self) -> PathBuf {
+        log_path(self.dir.path())
+    }
+
+    /// Contents of its log file so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Pid of the running server; panics if it was killed and not restarted.
+    pub fn pid(&self) -> i32 {
+        let child = self
+            .child
+            .as_ref()
+            .expect("redis-server is not running (killed?)");
+        i32::try_from(child.id()).expect("pid fits in i32")
+    }
+
+    /// A new multiplexed connection (connect and response timeouts 5 s, longer than the redis crate's
+    /// defaults so a loaded CI machine does not time out). Panics if it cannot connect.
+    pub async fn conn(&self) -> MultiplexedConnection {
+        self.try_conn()
+            .await
+            .unwrap_or_else(|e| panic!("connect to redis-server at {}: {e}", self.url()))
+    }
+
+    /// Like [`RedisServer::conn`] but returns the error (for tests of Redis outages).
+    pub async fn try_conn(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// SIGSTOP: the server stops answering but keeps its sockets open (a hung Redis).
+    pub fn pause(&self) {
+        signal::stop(self.pid()).expect("SIGSTOP redis-server");
+    }
+
+    /// SIGCONT after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        signal::cont(self.pid()).expect("SIGCONT redis-server");
+    }
+
+    /// SIGKILL and reap: the server is gone, connections are reset, data is lost.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and dir (after [`RedisServer::kill9`]; kills it first
+    /// if it is still running). Waits until PING answers; panics if it cannot bind the port again.
+    pub fn restart(&mut self) {
+        self.kill9();
+        // The port may briefly be unavailable (e.g. a client still connecting); retry for a while.
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match spawn_and_wait(self.port, self.dir.path(), &self.extra_args) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return;
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    panic!("redis-server restart on port {} failed: {e}", self.port)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// `INFO commandstats` as command → number of calls, e.g. `"evalsha" → 12`, `"client|setname" → 1`.
+    /// The `INFO` call itself is counted by Redis too.
+    pub async fn command_calls(&self) -> HashMap<String, u64> {
+        let mut conn = self.conn().await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO commandstats");
+        parse_commandstats(&info)
+    }
+
+    /// `connected_clients` from `INFO clients` (includes the connection used to ask).
+    pub async fn connected_clients(&self) -> u64 {
+        let mut conn = self.conn().await;
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO clients");
+        info_field(&info, "connected_clients")
+            .and_then(|v| v.parse().ok())
+            .expect("connected_clients in INFO clients")
+    }
+}
+
+impl std::fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("port", &self.port)
+            .field("pid", &self.child.as_ref().map(Child::id))
+            .field("dir", &self.dir.path())
+            .finish()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- redis-server :{} log tail ({}) ---\n{}\n--- end ---",
+                self.port,
+                self.log_path().display(),
+                tail(&self.log(), 40)
+            );
+        }
+    }
+}
+
+/// Parses `INFO commandstats` output (`cmdstat_get:calls=3,usec=...`) into command → calls.
+pub fn parse_commandstats(info: &str) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for line in info.lines() {
+        let Some(rest) = line.trim().strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let Some((name, stats)) = rest.split_once(':') else {
+            continue;
+        };
+        let calls = stats
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .and_then(|v| v.parse().ok());
+        if let Some(calls) = calls {
+            out.insert(name.to_string(), calls);
+        }
+    }
+    out
+}
+
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+    })
+}
+
+/// Sends an inline PING over a fresh TCP connection; true if `+PONG` comes back within 500 ms.
+fn ping(port: u16) -> bool {
+    let addr = (Ipv4Addr::LOCALHOST, port).into();
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got.starts_with(b"+PONG")
+}
+
+fn log_path(dir: &Path) -> PathBuf {
+    dir.join("redis.log")
+}
+
+/// Spawns redis-server with the harness's fixed config and waits until it answers PING.
+fn spawn_and_wait(port: u16, dir: &Path, extra_args: &[String]) -> Result<Child, String> {
+    let log = log_path(dir);
+    let mut child = Command::new("redis-server")
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--bind")
+        .arg("127.0.0.1")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--save")
+        .arg("")
+        .arg("--appendonly")
+        .arg("no")
+        .arg("--logfile")
+        .arg(&log)
+        .arg("--daemonize")
+        .arg("no")
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn redis-server (is it installed?): {e}"))?;
+    let read_log = || tail(&std::fs::read_to_string(&log).unwrap_or_default(), 20);
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if ping(port) {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "redis-server on port {port} exited with {status}; log:\n{}",
+                read_log()
+            ));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "redis-server on port {port} did not answer PING within {START_TIMEOUT:?}; log:\n{}",
+                read_log()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

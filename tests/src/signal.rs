@@ -1,0 +1,36 @@
+//! Sending signals to processes, without `unsafe` (the workspace denies it).
+
+use rustix::process::{kill_process, Pid, Signal};
+
+pub use rustix::process::Signal as Sig;
+
+/// Sends `sig` to `pid`. Errors (ESRCH: no such process, EPERM) are returned, not panicked on.
+pub fn send(pid: i32, sig: Signal) -> std::io::Result<()> {
+    let pid = Pid::from_raw(pid).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("invalid pid {pid}"),
+        )
+    })?;
+    kill_process(pid, sig).map_err(std::io::Error::from)
+}
+
+/// SIGTERM.
+pub fn term(pid: i32) -> std::io::Result<()> {
+    send(pid, Signal::TERM)
+}
+
+/// SIGKILL.
+pub fn kill9(pid: i32) -> std::io::Result<()> {
+    send(pid, Signal::KILL)
+}
+
+/// SIGSTOP.
+pub fn stop(pid: i32) -> std::io::Result<()> {
+    send(pid, Signal::STOP)
+}
+
+/// SIGCONT.
+pub fn cont(pid: i32) -> std::io::Result<()> {
+    send(pid, Signal::CONT)
+}

@@ -1,0 +1,150 @@
+//! Fixtures shared by the end-to-end test binaries: one Redis, an optional fake provider, and
+//! farm-node processes on temp folders, plus small HTTP and Redis helpers.
+#![allow(dead_code)]
+
+use farm_tests::node::{farmctl, NodeOpts, NodeProcess};
+use farm_tests::procs;
+use farm_tests::redis::RedisServer;
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// Settings that keep end-to-end tests quick: 1 s segments, short TTLs, fast backoff.
+pub const FAST: &[&str] = &[
+    "--hls-time",
+    "1s",
+    "--lease-ttl",
+    "3s",
+    "--node-ttl",
+    "3s",
+    "--access-flush",
+    "500ms",
+    "--backoff-base",
+    "200ms",
+    "--backoff-max",
+    "2s",
+    "--stop-grace",
+    "2s",
+];
+
+pub fn node(redis: &RedisServer, id: &str, root: &Path, fake: bool, extra: &[&str]) -> NodeProcess {
+    let mut opts = NodeOpts::new(id, redis.url(), root.join(id))
+        .args(FAST.iter().copied())
+        .args(extra.iter().copied());
+    if fake {
+        opts = opts.with_fake_ffmpeg();
+    }
+    NodeProcess::spawn(opts)
+}
+
+/// Adds a channel with farmctl and checks that it worked.
+pub fn add_channel(redis: &RedisServer, id: &str, url: &str, extra: &[&str]) {
+    let mut args = vec!["channel", "add", id, url];
+    args.extend_from_slice(extra);
+    let out = farmctl(&redis.url(), &args);
+    assert!(
+        out.status.success(),
+        "farmctl channel add failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+pub async fn get(url: &str) -> Resp {
+    let r = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Live (non-zombie) processes whose command line mentions this folder: the node's FFmpegs.
+pub fn ffmpegs_under(root: &Path) -> Vec<i32> {
+    let needle = root.to_string_lossy().to_string();
+    procs::processes_with_cmdline_containing(&needle)
+        .into_iter()
+        .filter(|(_, cmd)| {
+            // The program name, not the node (whose own arguments mention the folder too).
+            let prog = cmd.split_whitespace().next().unwrap_or("");
+            Path::new(prog)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("ffmpeg"))
+        })
+        .map(|(pid, _)| pid)
+        .filter(|pid| !procs::is_zombie(*pid) && procs::pid_alive(*pid))
+        .collect()
+}
+
+pub async fn hgetall(redis: &RedisServer, key: &str) -> HashMap<String, String> {
+    let mut c = redis.conn().await;
+    c.hgetall(key).await.expect("HGETALL")
+}
+
+pub async fn exists(redis: &RedisServer, key: &str) -> bool {
+    let mut c = redis.conn().await;
+    c.exists(key).await.expect("EXISTS")
+}
+
+pub async fn zscore(redis: &RedisServer, key: &str, member: &str) -> Option<f64> {
+    let mut c = redis.conn().await;
+    c.zscore(key, member).await.expect("ZSCORE")
+}
+
+/// A counter from the node's /metrics (prometheus text), 0 when absent.
+pub async fn metric(node: &NodeProcess, name: &str) -> f64 {
+    let text = get(&format!("{}/metrics", node.base_url())).await.text();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Every key in the (test's own) Redis, sorted. Only for assertions in tests.
+pub async fn all_keys(redis: &RedisServer) -> Vec<String> {
+    let mut c = redis.conn().await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut c)
+        .await
+        .expect("KEYS");
+    keys.sort();
+    keys
+}

@@ -1,0 +1,204 @@
+//! Node life: graceful SIGTERM leaves nothing; after SIGKILL the next start sweeps the leftover
+//! FFmpeg (pid + start time + marker) and never a reused pid; the disk guard refuses starts.
+
+mod common;
+
+use common::*;
+use farm_tests::provider::FakeProvider;
+use farm_tests::redis::RedisServer;
+use farm_tests::wait::eventually;
+use redis::AsyncCommands;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregisters() {
+    let redis = RedisServer::start();
+    let provider = FakeProvider::start().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(&redis, "a", &provider.url("/a.ts"), &[]);
+    add_channel(&redis, "b", &provider.url("/b.ts"), &[]);
+    let mut node = node(&redis, "n1", root.path(), false, &[]);
+    for id in ["a", "b"] {
+        assert_eq!(
+            get(&format!("{}/live/{id}/index.m3u8", node.base_url()))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(ffmpegs_under(root.path()).len(), 2);
+    assert!(exists(&redis, "farm:node:n1:alive").await);
+
+    let t0 = Instant::now();
+    node.sigterm();
+    let status = node
+        .wait_exit(Duration::from_secs(20))
+        .expect("node exits within 20s");
+    println!("graceful shutdown took {:?}", t0.elapsed());
+    assert!(status.success(), "{status:?}");
+    assert!(ffmpegs_under(root.path()).is_empty(), "no ffmpeg left");
+    let left: Vec<_> = std::fs::read_dir(root.path().join("n1"))
+        .expect("root")
+        .collect();
+    assert!(left.is_empty(), "no channel folder left: {left:?}");
+    for key in [
+        "farm:owner:a",
+        "farm:owner:b",
+        "farm:stream:a",
+        "farm:stream:b",
+        "farm:node:n1",
+        "farm:node:n1:alive",
+        "farm:node:n1:streams",
+    ] {
+        assert!(!exists(&redis, key).await, "{key} removed");
+    }
+    let mut c = redis.conn().await;
+    let nodes: Vec<String> = c.zrange("farm:nodes", 0, -1).await.expect("ZRANGE");
+    assert!(nodes.is_empty(), "deregistered: {nodes:?}");
+    assert_eq!(
+        provider.current_connections(),
+        0,
+        "upstream connections closed"
+    );
+    let stopped: Vec<String> = all_keys(&redis).await;
+    println!("keys after shutdown: {stopped:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_the_next_start_kills_the_leftover_ffmpeg_and_removes_its_folder() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(
+        &redis,
+        "c1",
+        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
+        &[],
+    );
+    let mut first = node(&redis, "n1", root.path(), true, &[]);
+    assert_eq!(
+        get(&format!("{}/live/c1/index.m3u8", first.base_url()))
+            .await
+            .status,
+        200
+    );
+    let pid: i32 = hgetall(&redis, "farm:stream:c1").await["pid"]
+        .parse()
+        .expect("pid");
+    first.kill9();
+    assert!(
+        ffmpegs_under(root.path()).contains(&pid),
+        "the ffmpeg outlives a SIGKILLed node (own process group); the sweep must catch it"
+    );
+
+    let t0 = Instant::now();
+    let second = node(&redis, "n1", root.path(), true, &[]);
+    eventually(
+        "leftover ffmpeg killed",
+        Duration::from_secs(10),
+        || async { (!ffmpegs_under(root.path()).contains(&pid)).then_some(()) },
+    )
+    .await;
+    println!("leftover swept {:?} after the restart", t0.elapsed());
+    assert!(
+        !root.path().join("n1/c1").exists(),
+        "leftover folder removed"
+    );
+    eventually("old lease released", Duration::from_secs(10), || async {
+        (!exists(&redis, "farm:owner:c1").await).then_some(())
+    })
+    .await;
+    // The channel starts again cleanly on the new incarnation.
+    assert_eq!(
+        get(&format!("{}/live/c1/index.m3u8", second.base_url()))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(ffmpegs_under(root.path()).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pid_record_pointing_at_an_unrelated_process_leaves_it_alone() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let hls = root.path().join("n1");
+    // An unrelated live process, recorded as if it were our FFmpeg: once with its true start time
+    // (but no marker), once with a wrong start time (a reused pid).
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .expect("sleep");
+    let pid = bystander.id() as i32;
+    let start = farm_tests::procs::process_start_time(pid).expect("start time");
+    for (ch, st) in [("x1", start), ("x2", start + 12345)] {
+        std::fs::create_dir_all(hls.join(ch)).expect("mkdir");
+        std::fs::write(hls.join(ch).join(".ffmpeg.pid"), format!("{pid} {st}\n")).expect("record");
+    }
+    {
+        let mut c = redis.conn().await;
+        let _: () = redis::pipe()
+            .sadd("farm:node:n1:streams", "x3")
+            .hset_multiple(
+                "farm:stream:x3",
+                &[
+                    ("node", "n1"),
+                    ("pid", &pid.to_string()),
+                    ("pid_start", &start.to_string()),
+                ],
+            )
+            .query_async(&mut c)
+            .await
+            .expect("seed");
+    }
+    let node = node(&redis, "n1", root.path(), true, &[]);
+    eventually(
+        "sweep done (redis leftovers released)",
+        Duration::from_secs(10),
+        || async { (!exists(&redis, "farm:stream:x3").await).then_some(()) },
+    )
+    .await;
+    assert!(
+        !hls.join("x1").exists() && !hls.join("x2").exists(),
+        "leftover folders removed"
+    );
+    assert!(
+        farm_tests::procs::pid_alive(pid) && !farm_tests::procs::is_zombie(pid),
+        "the bystander lives"
+    );
+    assert!(
+        bystander.try_wait().expect("try_wait").is_none(),
+        "the bystander was not killed"
+    );
+    assert!(node.log().contains("farm-node starting"));
+    bystander.kill().expect("kill bystander");
+    bystander.wait().expect("reap bystander");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_min_free_a_start_is_refused_with_a_clear_error_and_nothing_runs() {
+    let redis = RedisServer::start();
+    let provider = FakeProvider::start().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(&redis, "big", &provider.url("/big.ts"), &[]);
+    let node = node(
+        &redis,
+        "n1",
+        root.path(),
+        false,
+        &["--min-free", "1000000T"],
+    );
+    let r = get(&format!("{}/live/big/index.m3u8", node.base_url())).await;
+    println!("{} {}", r.status, r.text().trim());
+    assert_eq!(r.status, 507);
+    assert!(r.text().contains("min_free"), "{}", r.text());
+    assert!(ffmpegs_under(root.path()).is_empty());
+    assert_eq!(
+        provider.total_connections(),
+        0,
+        "nothing read from upstream"
+    );
+    assert!(!exists(&redis, "farm:owner:big").await, "no lease taken");
+    assert!(!exists(&redis, "farm:stream:big").await);
+    assert!(!root.path().join("n1/big").exists());
+    assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 0.0);
+}
