@@ -34,3 +34,14 @@ pub fn stop(pid: i32) -> std::io::Result<()> {
 pub fn cont(pid: i32) -> std::io::Result<()> {
     send(pid, Signal::CONT)
 }
+
+/// Sends `sig` to every process of the process group `pgid` (as a terminal's Ctrl-C does).
+pub fn send_group(pgid: i32, sig: Signal) -> std::io::Result<()> {
+    let pid = Pid::from_raw(pgid).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("invalid process group {pgid}"),
+        )
+    })?;
+    rustix::process::kill_process_group(pid, sig).map_err(std::io::Error::from)
+}

@@ -1,0 +1,84 @@
+//! The README's run command (`deploy/local/run`): it starts redis, a node and a live demo source,
+//! prints a playback URL that plays, and Ctrl-C leaves no process behind.
+
+mod common;
+
+use common::get;
+use farm_tests::hls::HlsClient;
+use farm_tests::ports::free_port;
+use farm_tests::procs;
+use farm_tests::wait::eventually;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_command_serves_the_demo_channel_and_ctrl_c_stops_everything() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/run");
+    let (port, redis_port, source_port) = (free_port(), free_port(), free_port());
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .env("FARM_BIN_DIR", farm_tests::bins::bin_dir())
+        .env("STATE_DIR", state.path())
+        .env("PORT", port.to_string())
+        .env("REDIS_PORT", redis_port.to_string())
+        .env("SOURCE_PORT", source_port.to_string())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .spawn()
+        .expect("run deploy/local/run");
+    let stdout = child.stdout.take().expect("stdout");
+    // Keep reading to the end, so the launcher never writes into a closed pipe.
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("run: {line}");
+            if let Some(u) = line.strip_prefix("playback: ") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(u.trim().to_string());
+                }
+            }
+        }
+    });
+    let url = tokio::time::timeout(Duration::from_secs(120), rx)
+        .await
+        .expect("the run command prints a playback URL within 120 s")
+        .expect("a playback line");
+    assert_eq!(url, format!("http://127.0.0.1:{port}/live/demo/index.m3u8"));
+
+    // The first request starts the channel; a live UDP source may need a retry while it probes.
+    eventually("the demo channel plays", Duration::from_secs(40), || async {
+        (get(&url).await.status == 200).then_some(())
+    })
+    .await;
+    let report = HlsClient::new(&url)
+        .pull(Duration::from_secs(4), Duration::from_secs(30))
+        .await
+        .expect("pull");
+    assert!(report.segments >= 2 && report.gaps == 0, "{report:?}");
+
+    // Ctrl-C to the launcher's process group, as a terminal sends it.
+    farm_tests::signal::send_group(child.id() as i32, farm_tests::signal::Sig::INT).expect("SIGINT");
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    println!("launcher exited: {status:?}");
+    reader.join().expect("reader");
+    let needles = [
+        state.path().to_string_lossy().to_string(),
+        format!("udp://127.0.0.1:{source_port}"),
+        format!("--port {redis_port}"),
+    ];
+    eventually("no process of the launcher left", Duration::from_secs(15), || async {
+        let left: Vec<_> = needles
+            .iter()
+            .flat_map(|n| procs::processes_with_cmdline_containing(n))
+            .collect();
+        left.is_empty().then_some(())
+    })
+    .await;
+}
