@@ -238,3 +238,58 @@ async fn redis_time(redis: &RedisServer) -> (u64, (u64, u64)) {
     let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.expect("TIME");
     (s * 1000 + us / 1000, (s, us))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_profile_serves_h264_aac_at_720p_and_the_node_publishes_its_liveness() {
+    let redis = RedisServer::start();
+    let provider = FakeProvider::start().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(
+        &redis,
+        "hd",
+        &provider.url("/hd.ts"),
+        &["--profile", "h264-720p"],
+    );
+    let node = node(
+        &redis,
+        "n1",
+        root.path(),
+        false,
+        &["--start-timeout", "20s"],
+    );
+    let r = get(&format!("{}/live/hd/index.m3u8", node.base_url())).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let pl = MediaPlaylist::parse(&r.text()).expect("playlist");
+    let seg = root.path().join("n1/hd").join(&pl.segments[0].uri);
+    let out = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name,height",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(&seg)
+        .output()
+        .expect("ffprobe");
+    let probe = String::from_utf8_lossy(&out.stdout).to_string();
+    println!("transcoded segment: {probe:?}");
+    assert!(probe.lines().any(|l| l.starts_with("h264,720")), "{probe}");
+    assert!(probe.lines().any(|l| l.starts_with("aac")), "{probe}");
+
+    // Liveness: node hash, alive key with a TTL, heartbeat score, its channel set.
+    let mut c = redis.conn().await;
+    use redis::AsyncCommands;
+    let ttl: i64 = c.pttl("farm:node:n1:alive").await.expect("PTTL");
+    assert!(
+        ttl > 0 && ttl <= 3000,
+        "alive key has a PX TTL of at most node_ttl: {ttl}"
+    );
+    let info = hgetall(&redis, "farm:node:n1").await;
+    assert_eq!(info["public_url"], node.base_url());
+    assert!(info["disk_free"].parse::<u64>().expect("disk_free") > 0);
+    assert!(zscore(&redis, "farm:nodes", "n1").await.is_some());
+    let set: Vec<String> = c.smembers("farm:node:n1:streams").await.expect("SMEMBERS");
+    assert_eq!(set, vec!["hd".to_string()]);
+}
