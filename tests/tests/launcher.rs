@@ -53,9 +53,11 @@ async fn run_command_serves_the_demo_channel_and_ctrl_c_stops_everything() {
     assert_eq!(url, format!("http://127.0.0.1:{port}/live/demo/index.m3u8"));
 
     // The first request starts the channel; a live UDP source may need a retry while it probes.
-    eventually("the demo channel plays", Duration::from_secs(40), || async {
-        (get(&url).await.status == 200).then_some(())
-    })
+    eventually(
+        "the demo channel plays",
+        Duration::from_secs(40),
+        || async { (get(&url).await.status == 200).then_some(()) },
+    )
     .await;
     let report = HlsClient::new(&url)
         .pull(Duration::from_secs(4), Duration::from_secs(30))
@@ -64,8 +66,12 @@ async fn run_command_serves_the_demo_channel_and_ctrl_c_stops_everything() {
     assert!(report.segments >= 2 && report.gaps == 0, "{report:?}");
 
     // Ctrl-C to the launcher's process group, as a terminal sends it.
-    farm_tests::signal::send_group(child.id() as i32, farm_tests::signal::Sig::INT).expect("SIGINT");
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    farm_tests::signal::send_group(child.id() as i32, farm_tests::signal::Sig::INT)
+        .expect("SIGINT");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
     println!("launcher exited: {status:?}");
     reader.join().expect("reader");
     let needles = [
@@ -73,12 +79,16 @@ async fn run_command_serves_the_demo_channel_and_ctrl_c_stops_everything() {
         format!("udp://127.0.0.1:{source_port}"),
         format!("--port {redis_port}"),
     ];
-    eventually("no process of the launcher left", Duration::from_secs(15), || async {
-        let left: Vec<_> = needles
-            .iter()
-            .flat_map(|n| procs::processes_with_cmdline_containing(n))
-            .collect();
-        left.is_empty().then_some(())
-    })
+    eventually(
+        "no process of the launcher left",
+        Duration::from_secs(15),
+        || async {
+            let left: Vec<_> = needles
+                .iter()
+                .flat_map(|n| procs::processes_with_cmdline_containing(n))
+                .collect();
+            left.is_empty().then_some(())
+        },
+    )
     .await;
 }
