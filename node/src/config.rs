@@ -165,6 +165,18 @@ pub struct Args {
     /// Upstream URL schemes a channel may use (comma list). [default: http,https,rtmp,rtmps,udp,rtp,srt]
     #[arg(long, env = "FARM_ALLOWED_SCHEMES", value_delimiter = ',')]
     pub allowed_schemes: Option<Vec<String>>,
+    /// Secret for signed playback URLs (at least 16 bytes). When set, playback is
+    /// `/live/<token>/<id>/<file>` and a request without a valid token gets 403.
+    #[arg(long, env = "FARM_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+    /// Behind nginx: answer requests for channels another node owns with
+    /// `X-Accel-Redirect: <prefix>/<owner host:port>/live/...` instead of a 307 (e.g. /_farm_owner).
+    #[arg(long, env = "FARM_ACCEL_REDIRECT")]
+    pub accel_redirect: Option<String>,
+    /// Zero-cost access mode: a unix datagram socket where nginx sends its access log (syslog);
+    /// every logged playback URI counts as a viewer access.
+    #[arg(long, env = "FARM_ACCESS_SOCKET")]
+    pub access_socket: Option<PathBuf>,
 }
 
 /// The file form of [`Args`]: the same settings, all optional.
@@ -197,6 +209,9 @@ struct FileConfig {
     crash_window: Option<String>,
     failed_hold: Option<String>,
     allowed_schemes: Option<Vec<String>>,
+    token_secret: Option<String>,
+    accel_redirect: Option<String>,
+    access_socket: Option<PathBuf>,
     #[serde(default)]
     profiles: BTreeMap<String, Profile>,
 }
@@ -230,6 +245,9 @@ pub struct Config {
     pub crash_window: Duration,
     pub failed_hold: Duration,
     pub allowed_schemes: Vec<String>,
+    pub token_secret: Option<String>,
+    pub accel_redirect: Option<String>,
+    pub access_socket: Option<PathBuf>,
     pub profiles: BTreeMap<String, Profile>,
 }
 
@@ -418,6 +436,16 @@ impl Config {
                 .into_iter()
                 .map(|s| s.trim().to_ascii_lowercase())
                 .collect(),
+            token_secret: args
+                .token_secret
+                .or(file.token_secret)
+                .filter(|t| !t.is_empty()),
+            accel_redirect: args
+                .accel_redirect
+                .or(file.accel_redirect)
+                .map(|p| p.trim_end_matches('/').to_string())
+                .filter(|p| !p.is_empty()),
+            access_socket: args.access_socket.or(file.access_socket),
             profiles,
         };
         cfg.check()?;
@@ -444,6 +472,18 @@ impl Config {
         }
         if self.max_crashes == 0 {
             return bad("max_crashes must be at least 1".into());
+        }
+        if self.token_secret.as_ref().is_some_and(|t| t.len() < 16) {
+            return bad("token_secret must be at least 16 bytes".into());
+        }
+        if self
+            .accel_redirect
+            .as_ref()
+            .is_some_and(|p| !p.starts_with('/'))
+        {
+            return bad(
+                "accel_redirect must be a path starting with '/', e.g. /_farm_owner".into(),
+            );
         }
         if !self.profiles.contains_key("copy") {
             return bad("the profile 'copy' cannot be removed".into());

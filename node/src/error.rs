@@ -11,6 +11,11 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// For 307 redirects to the owner node.
     pub location: Option<String>,
+    /// The owner node's base URL, when another node runs the channel: the HTTP layer turns this
+    /// into a redirect (or an X-Accel-Redirect) that keeps the viewer's original path.
+    pub owner: Option<String>,
+    /// For X-Accel-Redirect to nginx's internal owner location.
+    pub accel: Option<String>,
 }
 
 impl ApiError {
@@ -20,6 +25,8 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             location: None,
+            owner: None,
+            accel: None,
         }
     }
     pub fn bad_request(m: impl Into<String>) -> Self {
@@ -34,9 +41,10 @@ impl ApiError {
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, m)
         }
     }
-    pub fn redirect(url: String) -> Self {
+    /// Another node runs the channel; `base` is its public URL.
+    pub fn owned_by(base: String) -> Self {
         Self {
-            location: Some(url),
+            owner: Some(base),
             ..Self::new(StatusCode::TEMPORARY_REDIRECT, "served by its owner node")
         }
     }
@@ -66,6 +74,9 @@ impl IntoResponse for ApiError {
         }
         if let Some(loc) = self.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
             h.insert(header::LOCATION, loc);
+        }
+        if let Some(acc) = self.accel.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            h.insert("x-accel-redirect", acc);
         }
         resp
     }

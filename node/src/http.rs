@@ -5,22 +5,26 @@
 //! flushed by a background task. Only a first request (start) or a request for a channel this node
 //! does not run (routing) talks to Redis.
 
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::KindLabel;
 use crate::node::{Node, Phase};
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use farm_proto::validate::{self, HlsFile};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 pub fn app(node: Arc<Node>) -> Router {
     Router::new()
-        .route("/live/{id}/{file}", get(live_file).options(preflight))
+        .route("/live/{a}/{b}", get(live_plain).options(preflight))
+        .route("/live/{a}/{b}/{c}", get(live_signed).options(preflight))
+        .route("/auth", get(auth))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/admin/streams", get(admin_streams))
@@ -77,58 +81,172 @@ fn file_response(kind: HlsFile, body: Vec<u8>) -> Response {
     r
 }
 
-/// Parses and checks `<id>/<file>`; the errors are the viewer's 400s.
-pub fn parse_live_path(id: &str, file: &str) -> Result<HlsFile, ApiError> {
-    validate::channel_id(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    validate::hls_file(file).map_err(|e| ApiError::bad_request(e.to_string()))
+/// A playback request that passed validation and, when signed URLs are on, the token check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Playback {
+    pub id: String,
+    pub file: String,
+    pub kind: HlsFile,
 }
 
-async fn live_file(
+/// Checks the path elements after `/live/`: `<id>/<file>`, or `<token>/<id>/<file>` when signed
+/// URLs are on. The one place that decides what a playback path may name (requests, `/auth`,
+/// and the access socket all come through here).
+pub fn authorize(cfg: &Config, parts: &[&str], client: &str) -> Result<Playback, ApiError> {
+    let check = |id: &str, file: &str| -> Result<Playback, ApiError> {
+        validate::channel_id(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let kind = validate::hls_file(file).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(Playback {
+            id: id.to_string(),
+            file: file.to_string(),
+            kind,
+        })
+    };
+    match (&cfg.token_secret, parts) {
+        (None, [id, file]) => check(id, file),
+        (None, [_, _, _]) => Err(ApiError::not_found(
+            "no such path: signed playback URLs are off",
+        )),
+        (Some(_), [_, _]) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "playback token required",
+        )),
+        (Some(secret), [token, id, file]) => {
+            let p = check(id, file)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            farm_proto::token::verify(secret.as_bytes(), token, id, now, client)
+                .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.to_string()))?;
+            Ok(p)
+        }
+        _ => Err(ApiError::not_found("no such path")),
+    }
+}
+
+/// The viewer's address: the peer, or nginx's `X-Real-IP` when the peer is a local proxy.
+fn client_addr(peer: Option<SocketAddr>, headers: &HeaderMap) -> String {
+    let real = headers
+        .get("x-real-ip")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    match (peer, real) {
+        (Some(p), Some(r)) if p.ip().is_loopback() && !r.is_empty() => r.to_string(),
+        (Some(p), _) => p.ip().to_string(),
+        (None, Some(r)) => r.to_string(),
+        (None, None) => String::new(),
+    }
+}
+
+/// The peer address when the server runs with connect info (absent in `oneshot` tests).
+pub struct Peer(Option<SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}
+
+async fn live_plain(
     State(node): State<Arc<Node>>,
-    Path((id, file)): Path<(String, String)>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    Path((a, b)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let kind = parse_live_path(&id, &file)?;
+    let client = client_addr(peer.0, &headers);
+    let p = authorize(&node.cfg, &[&a, &b], &client)?;
+    live_file(&node, p, &uri).await
+}
+
+async fn live_signed(
+    State(node): State<Arc<Node>>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+    Path((a, b, c)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let client = client_addr(peer.0, &headers);
+    let p = authorize(&node.cfg, &[&a, &b, &c], &client)?;
+    live_file(&node, p, &uri).await
+}
+
+async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response, ApiError> {
     let label = KindLabel {
-        kind: match kind {
+        kind: match p.kind {
             HlsFile::Playlist => "playlist",
             HlsFile::Segment => "segment",
         }
         .into(),
     };
     node.metrics.requests.get_or_create(&label).inc();
-    match kind {
+    let id = &p.id;
+    match p.kind {
         HlsFile::Playlist => {
-            let entry = node.get_or_start(&id)?;
-            let body = wait_playable(&node, &entry, &file).await?;
-            node.access.record(&id);
-            Ok(file_response(kind, body))
+            let entry = node.get_or_start(id).map_err(|e| to_owner(node, e, uri))?;
+            let body = wait_playable(node, &entry, &p.file)
+                .await
+                .map_err(|e| to_owner(node, e, uri))?;
+            node.access.record(id);
+            Ok(file_response(p.kind, body))
         }
         HlsFile::Segment => {
-            let Some(entry) = node.local(&id).filter(|e| e.gen() > 0) else {
-                return Err(route_elsewhere(&node, &id, &file).await);
+            let Some(entry) = node.local(id).filter(|e| e.gen() > 0) else {
+                return Err(to_owner(node, route_elsewhere(node, id).await, uri));
             };
-            match tokio::fs::read(entry.dir.join(&file)).await {
+            match tokio::fs::read(entry.dir.join(&p.file)).await {
                 Ok(body) => {
-                    node.access.record(&id);
+                    node.access.record(id);
                     node.metrics.segment_bytes.inc_by(body.len() as u64);
-                    Ok(file_response(kind, body))
+                    Ok(file_response(p.kind, body))
                 }
                 Err(_) => Err(ApiError::not_found(format!(
-                    "segment {file} of channel {id} is not available"
+                    "segment {} of channel {id} is not available",
+                    p.file
                 ))),
             }
         }
     }
 }
 
-/// A request for a channel this node does not run: send the viewer to the owner, or 404.
-async fn route_elsewhere(node: &Node, id: &str, file: &str) -> ApiError {
+/// Turns "owned by <base URL>" into a redirect to the same path on the owner, or, behind nginx,
+/// an `X-Accel-Redirect` to its internal owner location.
+fn to_owner(node: &Node, mut e: ApiError, uri: &Uri) -> ApiError {
+    let Some(base) = e.owner.take() else { return e };
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    match &node.cfg.accel_redirect {
+        Some(prefix) => {
+            let hostport = base
+                .split_once("://")
+                .map_or(base.as_str(), |(_, rest)| rest)
+                .split('/')
+                .next()
+                .unwrap_or("");
+            e.status = StatusCode::OK;
+            e.message = String::new();
+            e.accel = Some(format!("{prefix}/{hostport}{path}"));
+        }
+        None => e.location = Some(format!("{}{path}", base.trim_end_matches('/'))),
+    }
+    e
+}
+
+/// A segment request for a channel this node does not run: the owner, or 404.
+async fn route_elsewhere(node: &Node, id: &str) -> ApiError {
     match node.store.owner_of(id).await {
         Ok(Some(owner)) if owner != node.cfg.node_id => {
             match node.store.live_node_url(&owner).await {
-                Ok(Some(url)) => {
-                    ApiError::redirect(format!("{}/live/{id}/{file}", url.trim_end_matches('/')))
-                }
+                Ok(Some(url)) => ApiError::owned_by(url),
                 _ => {
                     ApiError::not_found(format!("channel {id} is not running on a reachable node"))
                 }
@@ -139,6 +257,37 @@ async fn route_elsewhere(node: &Node, id: &str, file: &str) -> ApiError {
         )),
         Err(e) => ApiError::unavailable(format!("cannot locate channel {id}: {e}"), 2),
     }
+}
+
+/// nginx `auth_request`: 204 when the viewer's URI (`X-Original-URI`) may be served, recording the
+/// access in memory; 403 otherwise. Never starts anything and never waits on Redis.
+async fn auth(State(node): State<Arc<Node>>, peer: Peer, headers: HeaderMap) -> Response {
+    let client = client_addr(peer.0, &headers);
+    let uri = headers
+        .get("x-original-uri")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match authorize_uri(&node.cfg, uri, &client) {
+        Ok(p) => {
+            node.access.record(&p.id);
+            node.metrics.auth_allowed.inc();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => {
+            node.metrics.auth_denied.inc();
+            (StatusCode::FORBIDDEN, format!("{}\n", e.message)).into_response()
+        }
+    }
+}
+
+/// [`authorize`] for a whole URI (`/live/...`, query ignored), as nginx reports it.
+pub fn authorize_uri(cfg: &Config, uri: &str, client: &str) -> Result<Playback, ApiError> {
+    let path = uri.split(['?', '#']).next().unwrap_or("");
+    let rest = path
+        .strip_prefix("/live/")
+        .ok_or_else(|| ApiError::not_found("not a playback path"))?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    authorize(cfg, &parts, client)
 }
 
 /// Waits (on phase changes, not by polling) until the playlist can be served, up to `start_timeout`.

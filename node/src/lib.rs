@@ -5,6 +5,7 @@
 //! [`run`] owns the node's life: start-up sweep, the named background tasks (watcher dispatcher,
 //! keepalive, access flusher, command consumer, HTTP server), and a bounded graceful shutdown.
 
+pub mod access_log;
 pub mod commands;
 pub mod config;
 pub mod error;
@@ -35,6 +36,8 @@ pub enum NodeError {
     Store(#[from] store::StoreError),
     #[error("cannot watch files: {0}")]
     Notify(#[from] notify::Error),
+    #[error("cannot bind the access socket {0}: {1}")]
+    AccessSocket(String, std::io::Error),
     #[error("http server failed: {0}")]
     Http(std::io::Error),
 }
@@ -97,9 +100,16 @@ pub async fn run(
         .instrument(info_span!("startup")),
     );
 
+    if let Some(path) = &cfg.access_socket {
+        let sock = access_log::bind(path)
+            .map_err(|e| NodeError::AccessSocket(path.display().to_string(), e))?;
+        background.spawn(access_log::run(node.clone(), sock).instrument(info_span!("access_log")));
+    }
+
     let cancel = node.cancel.clone();
-    let server = axum::serve(listener, http::app(node.clone()))
-        .with_graceful_shutdown(cancel.clone().cancelled_owned());
+    let app = http::app(node.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await }.instrument(info_span!("http")));
     tokio::select! {
         _ = shutdown => info!("shutdown requested"),

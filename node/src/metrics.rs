@@ -35,6 +35,10 @@ pub struct Metrics {
     pub access_flushes: Counter,
     pub redis_errors: Counter,
     pub notify_overflows: Counter<u64, AtomicU64>,
+    pub auth_allowed: Counter,
+    pub auth_denied: Counter,
+    /// Access-log lines read from nginx (zero-cost mode), counted or refused.
+    pub access_log_lines: Counter,
 }
 
 impl Metrics {
@@ -52,6 +56,9 @@ impl Metrics {
             access_flushes: Counter::default(),
             redis_errors: Counter::default(),
             notify_overflows: Counter::default(),
+            auth_allowed: Counter::default(),
+            auth_denied: Counter::default(),
+            access_log_lines: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Viewer requests by kind", m.requests.clone());
@@ -104,6 +111,21 @@ impl Metrics {
             "notify_overflows",
             "File events dropped by the bounded queue",
             m.notify_overflows.clone(),
+        );
+        registry.register(
+            "auth_allowed",
+            "nginx auth_request checks allowed",
+            m.auth_allowed.clone(),
+        );
+        registry.register(
+            "auth_denied",
+            "nginx auth_request checks denied",
+            m.auth_denied.clone(),
+        );
+        registry.register(
+            "access_log_lines",
+            "nginx access-log lines read (zero-cost mode)",
+            m.access_log_lines.clone(),
         );
         Self { registry, ..m }
     }

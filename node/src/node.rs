@@ -452,10 +452,7 @@ async fn preflight(node: &Node, entry: &ChannelEntry) -> Result<(ChannelSpec, u6
         }
         ClaimResult::Owned { node: owner, .. } => {
             match node.store.live_node_url(&owner).await.map_err(redis_down)? {
-                Some(url) => Err(ApiError::redirect(format!(
-                    "{}/live/{id}/index.m3u8",
-                    url.trim_end_matches('/')
-                ))),
+                Some(url) => Err(ApiError::owned_by(url)),
                 None => Err(ApiError::unavailable(
                     format!(
                     "channel {id} is held by node {owner}, which is not answering; retry shortly"

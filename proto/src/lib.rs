@@ -11,6 +11,7 @@ pub mod duration;
 pub mod keys;
 pub mod m3u;
 pub mod scripts;
+pub mod token;
 pub mod types;
 pub mod validate;
 

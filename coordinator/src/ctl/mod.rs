@@ -16,6 +16,7 @@ mod ctx;
 mod error;
 mod import;
 mod output;
+mod token;
 
 pub use channel::{AddArgs, ChannelCmd, IdArgs, ListArgs, ShowArgs};
 pub use ctx::Ctx;
@@ -99,15 +100,21 @@ pub enum Command {
     Channel(ChannelCmd),
     /// Import every channel of an extended M3U playlist, all or nothing.
     Import(ImportArgs),
+    /// Mint a signed playback token (for nodes running with --token-secret).
+    Token(token::TokenArgs),
 }
 
 /// Runs one farmctl command; its regular output goes to `out`, failures come back as
 /// [`CtlError`] (see [`CtlError::report`] and [`CtlError::exit_code`]).
 pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
+    if let Command::Token(args) = cli.command {
+        return token::run(args, out);
+    }
     let mut ctx = Ctx::new(cli.global)?;
     match cli.command {
         Command::Channel(cmd) => channel::run(&mut ctx, cmd, out).await,
         Command::Import(args) => import::run(&mut ctx, args, out).await,
+        Command::Token(_) => Ok(()),
     }
 }
 

@@ -1,0 +1,270 @@
+//! The node's side of the nginx front: signed playback URLs, the `auth_request` endpoint, routing
+//! to the owner (307, or X-Accel-Redirect behind nginx) and the zero-cost access socket.
+
+mod common;
+
+use common::*;
+use farm_tests::node::farmctl;
+use farm_tests::redis::RedisServer;
+use farm_tests::wait::eventually;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const SECRET: &str = "test-secret-0123456789";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// The token with its last hex digit changed: well formed, wrongly signed.
+fn flip_last(t: &str) -> String {
+    let (head, last) = t.split_at(t.len() - 1);
+    format!("{head}{}", if last == "0" { "1" } else { "0" })
+}
+
+async fn auth(node: &farm_tests::node::NodeProcess, uri: &str) -> u16 {
+    client()
+        .get(format!("{}/auth", node.base_url()))
+        .header("X-Original-URI", uri)
+        .send()
+        .await
+        .expect("GET /auth")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    for id in ["c1", "c2"] {
+        add_channel(
+            &redis,
+            id,
+            &format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500"),
+            &[],
+        );
+    }
+    let node = node(&redis, "n1", root.path(), true, &["--token-secret", SECRET]);
+    let base = node.base_url();
+
+    // farmctl mints the token the node accepts.
+    let out = farmctl(
+        &redis.url(),
+        &["token", "c1", "--ttl", "10m", "--token-secret", SECRET],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let bad = [
+        (format!("{base}/live/c1/index.m3u8"), "token required"),
+        (
+            format!("{base}/live/{}/c1/index.m3u8", flip_last(&token)),
+            "not valid",
+        ),
+        (format!("{base}/live/{token}/c2/index.m3u8"), "not valid"),
+        (
+            format!(
+                "{base}/live/{}/c1/index.m3u8",
+                farm_proto::token::mint(SECRET.as_bytes(), "c1", now() - 5, None).expect("mint")
+            ),
+            "expired",
+        ),
+        (
+            format!(
+                "{base}/live/{}/c1/index.m3u8",
+                farm_proto::token::mint(SECRET.as_bytes(), "c1", now() + 600, Some("10.9.9.9"))
+                    .expect("mint")
+            ),
+            "not valid",
+        ),
+        (format!("{base}/live/garbage/c1/index.m3u8"), "malformed"),
+    ];
+    for (url, why) in &bad {
+        let r = get(url).await;
+        assert_eq!(r.status, 403, "{url}: {}", r.text());
+        assert!(r.text().contains(why), "{url}: {}", r.text());
+    }
+    assert!(
+        !exists(&redis, "farm:owner:c1").await && !exists(&redis, "farm:owner:c2").await,
+        "nothing started"
+    );
+    assert!(
+        zscore(&redis, "farm:access", "c1").await.is_none(),
+        "no access recorded"
+    );
+
+    // The good token plays, and relative segment URIs inherit it.
+    let r = get(&format!("{base}/live/{token}/c1/index.m3u8")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let pl = farm_tests::hls::MediaPlaylist::parse(&r.text()).expect("playlist");
+    let seg = get(&format!("{base}/live/{token}/c1/{}", pl.segments[0].uri)).await;
+    assert_eq!(seg.status, 200);
+    // A client-bound token works for that client (the test connects from 127.0.0.1).
+    let bound = farm_proto::token::mint(SECRET.as_bytes(), "c1", now() + 600, Some("127.0.0.1"))
+        .expect("mint");
+    assert_eq!(
+        get(&format!("{base}/live/{bound}/c1/index.m3u8"))
+            .await
+            .status,
+        200
+    );
+
+    // auth_request: 204 for a good URI, 403 otherwise; a refused check records nothing.
+    assert_eq!(
+        auth(&node, &format!("/live/{token}/c1/index.m3u8")).await,
+        204
+    );
+    assert_eq!(auth(&node, "/live/c1/index.m3u8").await, 403);
+    assert_eq!(
+        auth(&node, &format!("/live/{token}/c2/index.m3u8")).await,
+        403
+    );
+    assert_eq!(
+        auth(&node, &format!("/live/{token}/c1/../../etc/passwd")).await,
+        403
+    );
+    assert_eq!(auth(&node, "/etc/passwd").await, 403);
+    assert!(
+        !exists(&redis, "farm:owner:c2").await,
+        "auth never starts a channel"
+    );
+    assert!(zscore(&redis, "farm:access", "c2").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_request_checks_alone_keep_the_access_time_moving() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(
+        &redis,
+        "c1",
+        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
+        &[],
+    );
+    let node = node(&redis, "n1", root.path(), true, &[]);
+    assert_eq!(
+        get(&format!("{}/live/c1/index.m3u8", node.base_url()))
+            .await
+            .status,
+        200
+    );
+    let first = zscore(&redis, "farm:access", "c1").await.expect("access");
+    // nginx serves the bytes; the node only sees auth subrequests.
+    let later = eventually(
+        "auth checks advance farm:access",
+        Duration::from_secs(10),
+        || async {
+            assert_eq!(auth(&node, "/live/c1/seg_1.ts").await, 204);
+            zscore(&redis, "farm:access", "c1")
+                .await
+                .filter(|s| *s > first + 1000.0)
+        },
+    )
+    .await;
+    println!(
+        "access advanced by {} ms through auth checks alone",
+        later - first
+    );
+    assert_eq!(
+        metric(&node, "farm_node_segment_bytes_total").await,
+        0.0,
+        "the node served no segment bytes"
+    );
+    assert!(metric(&node, "farm_node_auth_allowed_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_owner_redirects_to_the_owner_or_hands_nginx_an_accel_redirect() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(
+        &redis,
+        "c1",
+        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
+        &[],
+    );
+    let owner = node(&redis, "n1", root.path(), true, &[]);
+    let plain = node(&redis, "n2", root.path(), true, &[]);
+    let behind = node(
+        &redis,
+        "n3",
+        root.path(),
+        true,
+        &["--accel-redirect", "/_farm_owner"],
+    );
+    assert_eq!(
+        get(&format!("{}/live/c1/index.m3u8", owner.base_url()))
+            .await
+            .status,
+        200
+    );
+
+    for path in ["/live/c1/index.m3u8", "/live/c1/seg_0.ts"] {
+        let r = get(&format!("{}{path}", plain.base_url())).await;
+        assert_eq!(r.status, 307, "{path}: {}", r.text());
+        assert_eq!(r.header("location"), format!("{}{path}", owner.base_url()));
+        let r = get(&format!("{}{path}", behind.base_url())).await;
+        assert_eq!(
+            r.header("x-accel-redirect"),
+            format!("/_farm_owner/{}{path}", owner.addr()),
+            "{path}"
+        );
+    }
+    assert_eq!(ffmpegs_under(root.path()).len(), 1, "no second FFmpeg");
+    assert_eq!(metric(&plain, "farm_node_ffmpeg_spawns_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_datagrams_count_as_viewer_access() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let sock = root.path().join("access.sock");
+    add_channel(
+        &redis,
+        "c1",
+        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
+        &[],
+    );
+    let node = node(
+        &redis,
+        "n1",
+        root.path(),
+        true,
+        &["--access-socket", sock.to_str().expect("utf8")],
+    );
+    assert_eq!(
+        get(&format!("{}/live/c1/index.m3u8", node.base_url()))
+            .await
+            .status,
+        200
+    );
+    let first = zscore(&redis, "farm:access", "c1").await.expect("access");
+    let tx = std::os::unix::net::UnixDatagram::unbound().expect("socket");
+    let later = eventually(
+        "access advances from log lines",
+        Duration::from_secs(10),
+        || async {
+            // What nginx sends with `syslog:server=unix:...,nohostname,tag=farm` and '$remote_addr $request_uri'.
+            tx.send_to(
+                b"<190>Nov 22 04:38:05 farm: 127.0.0.1 /live/c1/seg_3.ts",
+                &sock,
+            )
+            .expect("send");
+            tx.send_to(b"<190>Nov 22 04:38:05 farm: 127.0.0.1 /live/../x", &sock)
+                .expect("send");
+            zscore(&redis, "farm:access", "c1")
+                .await
+                .filter(|s| *s > first + 1000.0)
+        },
+    )
+    .await;
+    println!("access advanced by {} ms from log datagrams", later - first);
+    assert!(metric(&node, "farm_node_access_log_lines_total").await >= 1.0);
+}
