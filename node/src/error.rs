@@ -16,6 +16,9 @@ pub struct ApiError {
     pub owner: Option<String>,
     /// For X-Accel-Redirect to nginx's internal owner location.
     pub accel: Option<String>,
+    /// `owner` is not the owner but a node with room (this one is full): the forward carries a hop
+    /// count so two full nodes never bounce a viewer between them.
+    pub forwarded: bool,
 }
 
 impl ApiError {
@@ -27,6 +30,7 @@ impl ApiError {
             location: None,
             owner: None,
             accel: None,
+            forwarded: false,
         }
     }
     pub fn bad_request(m: impl Into<String>) -> Self {
@@ -41,6 +45,14 @@ impl ApiError {
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, m)
         }
     }
+    /// This node is full; `base` (a live node with room) should start the channel.
+    pub fn forwarded(base: String) -> Self {
+        Self {
+            forwarded: true,
+            ..Self::owned_by(base)
+        }
+    }
+
     /// Another node runs the channel; `base` is its public URL.
     pub fn owned_by(base: String) -> Self {
         Self {

@@ -223,7 +223,19 @@ async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response,
 /// an `X-Accel-Redirect` to its internal owner location.
 fn to_owner(node: &Node, mut e: ApiError, uri: &Uri) -> ApiError {
     let Some(base) = e.owner.take() else { return e };
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut path = uri.path().to_string();
+    if e.forwarded {
+        let hops = hops(uri);
+        if hops >= MAX_HOPS {
+            return ApiError::unavailable(
+                "the farm is full: no node with room took the channel",
+                10,
+            );
+        }
+        path = format!("{path}?farm_hop={}", hops + 1);
+    } else if let Some(q) = uri.query() {
+        path = format!("{path}?{q}");
+    }
     match &node.cfg.accel_redirect {
         Some(prefix) => {
             let hostport = base
@@ -239,6 +251,18 @@ fn to_owner(node: &Node, mut e: ApiError, uri: &Uri) -> ApiError {
         None => e.location = Some(format!("{}{path}", base.trim_end_matches('/'))),
     }
     e
+}
+
+/// Forwards to a node with room happen at most this often for one request.
+const MAX_HOPS: u32 = 2;
+
+fn hops(uri: &Uri) -> u32 {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("farm_hop="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A segment request for a channel this node does not run: the owner, or 404.

@@ -76,6 +76,8 @@ pub struct ChannelEntry {
     pub progress: Mutex<Option<watch::Receiver<Progress>>>,
     pub restarts: AtomicU64,
     pub started: Instant,
+    /// The channel's provider account, once claimed (its holding is renewed with the lease).
+    pub provider: std::sync::OnceLock<Option<String>>,
 }
 
 impl ChannelEntry {
@@ -187,6 +189,7 @@ impl Node {
             progress: Mutex::new(None),
             restarts: AtomicU64::new(0),
             started: Instant::now(),
+            provider: std::sync::OnceLock::new(),
         });
         map.insert(id.to_string(), entry.clone());
         drop(map);
@@ -292,6 +295,8 @@ async fn run_channel(node: Arc<Node>, entry: Arc<ChannelEntry>, mut inbox: mpsc:
     };
     let cfg = node.cfg.clone();
     let owner = owner_value(&cfg.node_id, gen);
+    let provider = (!spec.provider.is_empty()).then(|| spec.provider.clone());
+    let _ = entry.provider.set(provider.clone());
     entry.gen.store(gen, Ordering::Release);
     entry.phase.send_replace(Phase::Starting);
     node.metrics.channel_starts.inc();
@@ -316,7 +321,14 @@ async fn run_channel(node: Arc<Node>, entry: Arc<ChannelEntry>, mut inbox: mpsc:
             entry.phase.send_replace(Phase::Gone);
             match node
                 .store
-                .release(&entry.id, &cfg.node_id, &owner, None, FAILED_KEEP)
+                .release(
+                    &entry.id,
+                    &cfg.node_id,
+                    &owner,
+                    provider.as_deref(),
+                    None,
+                    FAILED_KEEP,
+                )
                 .await
             {
                 Ok(true) => {}
@@ -350,6 +362,7 @@ async fn run_channel(node: Arc<Node>, entry: Arc<ChannelEntry>, mut inbox: mpsc:
                     &entry.id,
                     &cfg.node_id,
                     &owner,
+                    provider.as_deref(),
                     Some((StreamState::Failed.as_str(), &reason)),
                     FAILED_KEEP,
                 )
@@ -416,6 +429,15 @@ async fn preflight(node: &Node, entry: &ChannelEntry) -> Result<(ChannelSpec, u6
             )
         })?;
     }
+    if !spec.provider.is_empty() && farm_proto::validate::channel_id(&spec.provider).is_err() {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "channel {id} cannot start: catalog names an invalid provider {:?}",
+                spec.provider
+            ),
+        ));
+    }
     if !cfg.profiles.contains_key(&spec.profile) {
         return Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -439,7 +461,13 @@ async fn preflight(node: &Node, entry: &ChannelEntry) -> Result<(ChannelSpec, u6
     }
     match node
         .store
-        .claim(id, &cfg.node_id, cfg.lease_ttl, cfg.max_streams)
+        .claim(
+            id,
+            &cfg.node_id,
+            cfg.lease_ttl,
+            cfg.max_streams,
+            (!spec.provider.is_empty()).then_some(spec.provider.as_str()),
+        )
         .await
         .map_err(redis_down)?
     {
@@ -461,12 +489,23 @@ async fn preflight(node: &Node, entry: &ChannelEntry) -> Result<(ChannelSpec, u6
                 )),
             }
         }
-        ClaimResult::Full { running } => Err(ApiError::unavailable(
+        ClaimResult::Full { running } => match node.store.roomiest_node(&cfg.node_id).await.map_err(redis_down)? {
+            // Another node has room: the viewer goes there and that node starts the channel.
+            Some((_, url)) => Err(ApiError::forwarded(url)),
+            None => Err(ApiError::unavailable(
+                format!(
+                    "the farm is full: node {} runs {running} channels and no live node has room for channel {id}",
+                    cfg.node_id
+                ),
+                10,
+            )),
+        },
+        ClaimResult::ProviderFull { max } => Err(ApiError::unavailable(
             format!(
-                "node {} is at capacity ({running} channels); channel {id} cannot start here",
-                cfg.node_id
+                "provider {} is at its limit of {max} concurrent connections; channel {id} cannot start now",
+                spec.provider
             ),
-            5,
+            10,
         )),
     }
 }
@@ -856,6 +895,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             .map(|e| Renewal {
                 channel: e.id.clone(),
                 owner: owner_value(&cfg.node_id, e.gen()),
+                provider: e.provider.get().cloned().flatten(),
                 last_segment_at: e.last_segment_ms(),
             })
             .collect();

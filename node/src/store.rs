@@ -32,6 +32,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Renewal {
     pub channel: String,
     pub owner: String,
+    /// The channel's provider, whose connection holding is renewed with the lease.
+    pub provider: Option<String>,
     /// Redis-free wall time of the last finished segment (ms since the epoch), if any.
     pub last_segment_at: Option<u64>,
 }
@@ -163,18 +165,23 @@ impl Store {
         node: &str,
         lease: Duration,
         capacity: u32,
+        provider: Option<&str>,
     ) -> Result<ClaimResult> {
         let k = &self.keys;
+        let p = provider.unwrap_or("");
         let mut inv = scripts::CLAIM.prepare_invoke();
         inv.key(k.owner(id))
             .key(k.gen(id))
             .key(k.node_streams(node))
             .key(k.stream(id))
             .key(k.access())
+            .key(k.provider(p))
+            .key(k.provider_conns(p))
             .arg(node)
             .arg(lease.as_millis() as u64)
             .arg(capacity)
-            .arg(id);
+            .arg(id)
+            .arg(p);
         let reply: Vec<String> = self
             .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
             .await?;
@@ -207,6 +214,7 @@ impl Store {
         id: &str,
         node: &str,
         owner: &str,
+        provider: Option<&str>,
         final_state: Option<(&str, &str)>,
         keep: Duration,
     ) -> Result<bool> {
@@ -216,8 +224,11 @@ impl Store {
         inv.key(k.owner(id))
             .key(k.node_streams(node))
             .key(k.stream(id))
-            .key(k.access())
-            .arg(owner)
+            .key(k.access());
+        if let Some(p) = provider {
+            inv.key(k.provider_conns(p));
+        }
+        inv.arg(owner)
             .arg(id)
             .arg(state)
             .arg(reason)
@@ -256,12 +267,18 @@ impl Store {
         }
         hb.ignore();
         for r in renewals {
-            pipe.cmd("EVALSHA")
-                .arg(scripts::RENEW.get_hash())
-                .arg(1)
-                .arg(k.owner(&r.channel))
+            let renew = pipe.cmd("EVALSHA").arg(scripts::RENEW.get_hash());
+            match &r.provider {
+                Some(p) => renew
+                    .arg(2)
+                    .arg(k.owner(&r.channel))
+                    .arg(k.provider_conns(p)),
+                None => renew.arg(1).arg(k.owner(&r.channel)),
+            };
+            renew
                 .arg(&r.owner)
-                .arg(lease.as_millis() as u64);
+                .arg(lease.as_millis() as u64)
+                .arg(&r.channel);
             if let Some(t) = r.last_segment_at {
                 pipe.cmd("EVALSHA")
                     .arg(scripts::STREAM_SET.get_hash())
@@ -348,6 +365,48 @@ impl Store {
             Ok(if exists { url } else { None })
         })
         .await
+    }
+
+    /// The live node (other than `except`) with the most free capacity, as (id, public URL).
+    pub async fn roomiest_node(&self, except: &str) -> Result<Option<(String, String)>> {
+        let all = self.keys.nodes();
+        let ids: Vec<String> = self
+            .with(|mut c| async move { Ok(c.zrange(all, 0, -1).await?) })
+            .await?;
+        let ids: Vec<String> = ids.into_iter().filter(|n| n != except).collect();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for n in &ids {
+            pipe.exists(self.keys.node_alive(n));
+            pipe.cmd("HMGET")
+                .arg(self.keys.node(n))
+                .arg("capacity")
+                .arg("running")
+                .arg("public_url");
+        }
+        let replies: Vec<redis::Value> = self
+            .with(|mut c| async move { Ok(pipe.query_async(&mut c).await?) })
+            .await?;
+        let mut best: Option<(i64, String, String)> = None;
+        for (n, pair) in ids.iter().zip(replies.chunks(2)) {
+            let alive: bool = redis::from_redis_value(pair[0].clone()).unwrap_or(false);
+            let (cap, running, url): (Option<i64>, Option<i64>, Option<String>) =
+                redis::from_redis_value(pair[1].clone()).unwrap_or((None, None, None));
+            let (Some(cap), Some(url)) = (cap, url) else {
+                continue;
+            };
+            let free = if cap == 0 {
+                i64::MAX
+            } else {
+                cap - running.unwrap_or(0)
+            };
+            if alive && free > 0 && best.as_ref().is_none_or(|b| free > b.0) {
+                best = Some((free, n.clone(), url));
+            }
+        }
+        Ok(best.map(|(_, n, u)| (n, u)))
     }
 
     /// What a previous incarnation of `node` left: its channel set and their stream hashes.

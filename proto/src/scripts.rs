@@ -36,6 +36,8 @@ pub enum ClaimResult {
     Owned { node: String, gen: u64 },
     /// The node is at capacity.
     Full { running: u64 },
+    /// The channel's provider account is at its connection limit.
+    ProviderFull { max: u64 },
 }
 
 impl ClaimResult {
@@ -56,6 +58,9 @@ impl ClaimResult {
             }
             [tag, v] if tag == "full" => Ok(Self::Full {
                 running: v.parse().unwrap_or(0),
+            }),
+            [tag, v] if tag == "provider_full" => Ok(Self::ProviderFull {
+                max: v.parse().unwrap_or(0),
             }),
             other => Err(format!("claim: unexpected reply {other:?}")),
         }

@@ -1,0 +1,285 @@
+//! Several nodes on one Redis behave as one server: any node answers for any channel, one FFmpeg
+//! per channel in the farm, capacity-aware forwarding, provider connection limits as leases.
+
+mod common;
+
+use common::*;
+use farm_tests::node::NodeProcess;
+use farm_tests::provider::FakeProvider;
+use farm_tests::redis::RedisServer;
+use farm_tests::wait::eventually;
+use redis::AsyncCommands;
+use std::time::{Duration, Instant};
+
+fn following() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+fn nodes(
+    redis: &RedisServer,
+    root: &std::path::Path,
+    n: usize,
+    fake: bool,
+    extra: &[&str],
+) -> Vec<NodeProcess> {
+    (1..=n)
+        .map(|i| node(redis, &format!("n{i}"), root, fake, extra))
+        .collect()
+}
+
+async fn running_on(redis: &RedisServer, node: &str) -> usize {
+    let mut c = redis.conn().await;
+    let s: Vec<String> = c
+        .smembers(format!("farm:node:{node}:streams"))
+        .await
+        .expect("SMEMBERS");
+    s.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
+    let redis = RedisServer::start();
+    let provider = FakeProvider::start().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(&redis, "big", &provider.url("/big.ts"), &[]);
+    let ns = nodes(&redis, root.path(), 3, false, &[]);
+    let urls: Vec<String> = ns
+        .iter()
+        .map(|n| format!("{}/live/big/index.m3u8", n.base_url()))
+        .collect();
+    let c = following();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let (c, url) = (c.clone(), urls[i % 3].clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c.get(&url).send().await.expect("GET");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.expect("join");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(".ts"), "a playlist with a segment: {body}");
+    }
+    println!("50 viewers over 3 nodes served in {:?}", t0.elapsed());
+    assert_eq!(
+        ffmpegs_under(root.path()).len(),
+        1,
+        "one FFmpeg in the farm"
+    );
+    assert_eq!(
+        provider.total_connections_for("/big.ts"),
+        1,
+        "one upstream connection"
+    );
+    let spawns: f64 = {
+        let mut s = 0.0;
+        for n in &ns {
+            s += metric(n, "farm_node_ffmpeg_spawns_total").await;
+        }
+        s
+    };
+    assert_eq!(spawns, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_channels_round_robin_over_three_equal_nodes_are_balanced() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    for i in 0..30 {
+        add_channel(
+            &redis,
+            &format!("c{i}"),
+            &format!("http://127.0.0.1:9/c{i}.ts?mode=normal&seg_ms=500"),
+            &[],
+        );
+    }
+    let ns = nodes(&redis, root.path(), 3, true, &["--max-streams", "12"]);
+    let c = following();
+    for i in 0..30 {
+        let r = c
+            .get(format!("{}/live/c{i}/index.m3u8", ns[i % 3].base_url()))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status().as_u16(), 200, "c{i}");
+    }
+    let mut counts = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        counts.push(running_on(&redis, n).await);
+    }
+    println!("running per node: {counts:?}");
+    assert_eq!(counts.iter().sum::<usize>(), 30);
+    let (min, max) = (
+        counts.iter().min().copied().unwrap_or(0),
+        counts.iter().max().copied().unwrap_or(0),
+    );
+    assert!(max - min <= 1, "{counts:?}");
+    assert_eq!(ffmpegs_under(root.path()).len(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_at_its_limit_refuses_new_channels_and_a_dead_nodes_holding_expires() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut c = redis.conn().await;
+    let _: () = c
+        .hset("farm:provider:acme", "max_connections", 2)
+        .await
+        .expect("HSET");
+    for i in 0..5 {
+        add_channel(
+            &redis,
+            &format!("p{i}"),
+            &format!("http://127.0.0.1:9/p{i}.ts?mode=normal&seg_ms=500"),
+            &["--provider", "acme"],
+        );
+    }
+    let mut ns = nodes(&redis, root.path(), 3, true, &[]);
+    let http = following();
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let (http, url) = (
+            http.clone(),
+            format!("{}/live/p{i}/index.m3u8", ns[i % 3].base_url()),
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = http.get(&url).send().await.expect("GET");
+            (i, r.status().as_u16(), r.text().await.unwrap_or_default())
+        }));
+    }
+    let mut ok = Vec::new();
+    for t in tasks {
+        let (i, status, body) = t.await.expect("join");
+        match status {
+            200 => ok.push(i),
+            503 => assert!(
+                body.contains("provider acme") && body.contains("limit of 2"),
+                "{body}"
+            ),
+            other => panic!("p{i}: unexpected {other}: {body}"),
+        }
+    }
+    println!("running: {ok:?}");
+    assert_eq!(ok.len(), 2, "exactly the provider's limit runs");
+    assert_eq!(
+        ffmpegs_under(root.path()).len(),
+        2,
+        "nothing spawned for the refused ones"
+    );
+    let holding: u64 = c.zcard("farm:provider:acme:conns").await.expect("ZCARD");
+    assert_eq!(holding, 2);
+
+    // kill -9 the node of one running channel: its holding is a lease and frees by itself.
+    let victim_ch = format!("p{}", ok[0]);
+    let owner: String = c
+        .get(format!("farm:owner:{victim_ch}"))
+        .await
+        .expect("owner");
+    let victim = ns
+        .iter()
+        .position(|n| owner.starts_with(&format!("{}:", n.node_id())))
+        .expect("owner node");
+    let killed_at = Instant::now();
+    ns[victim].kill9();
+    let survivor = ns
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i != victim)
+        .map(|(_, n)| n.base_url())
+        .expect("a live node");
+    let waiting: Vec<usize> = (0..5).filter(|i| !ok.contains(i)).collect();
+    let url = format!("{survivor}/live/p{}/index.m3u8", waiting[0]);
+    eventually(
+        "a waiting channel of the provider starts",
+        Duration::from_secs(15),
+        || async {
+            let r = following().get(&url).send().await.ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        },
+    )
+    .await;
+    println!("the dead node's provider holding freed; a waiting channel started {:?} after kill -9 (lease ttl 3 s)", killed_at.elapsed());
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(3) + Duration::from_secs(3),
+        "within the lease TTL (+ slack)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    for i in 1..=3 {
+        add_channel(
+            &redis,
+            &format!("c{i}"),
+            &format!("http://127.0.0.1:9/c{i}.ts?mode=normal&seg_ms=500"),
+            &[],
+        );
+    }
+    let ns = nodes(&redis, root.path(), 2, true, &["--max-streams", "1"]);
+    let n1 = ns[0].base_url();
+    let http = following();
+    assert_eq!(
+        http.get(format!("{n1}/live/c1/index.m3u8"))
+            .send()
+            .await
+            .expect("GET")
+            .status()
+            .as_u16(),
+        200
+    );
+    // n1 is full: c2 is forwarded to n2, which starts it.
+    let r = client()
+        .get(format!("{n1}/live/c2/index.m3u8"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 307);
+    assert!(r.headers()["location"]
+        .to_str()
+        .expect("location")
+        .starts_with(&ns[1].base_url()));
+    let r = http
+        .get(format!("{n1}/live/c2/index.m3u8"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(running_on(&redis, "n2").await, 1);
+    // Both full: a clear 503, nothing spawned.
+    eventually(
+        "n2's heartbeat shows it full",
+        Duration::from_secs(5),
+        || async {
+            (hgetall(&redis, "farm:node:n2")
+                .await
+                .get("running")
+                .map(String::as_str)
+                == Some("1"))
+            .then_some(())
+        },
+    )
+    .await;
+    let r = http
+        .get(format!("{n1}/live/c3/index.m3u8"))
+        .send()
+        .await
+        .expect("GET");
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap_or_default();
+    println!("{status} {}", body.trim());
+    assert_eq!(status, 503);
+    assert!(body.contains("farm is full"), "{body}");
+    assert_eq!(
+        ffmpegs_under(root.path()).len(),
+        2,
+        "nothing spawned for c3"
+    );
+    assert!(!exists(&redis, "farm:owner:c3").await);
+}
