@@ -173,6 +173,12 @@ pub struct Args {
     /// `X-Accel-Redirect: <prefix>/<owner host:port>/live/...` instead of a 307 (e.g. /_farm_owner).
     #[arg(long, env = "FARM_ACCEL_REDIRECT")]
     pub accel_redirect: Option<String>,
+    /// Memory for copies of hot playlists and segments (e.g. 256M; 0 serves every file from disk). [default: 256M]
+    #[arg(long, env = "FARM_SEGMENT_CACHE", value_parser = parse_size)]
+    pub segment_cache: Option<u64>,
+    /// FFmpeg input probing: how much of a new upstream it analyses before the first segment. [default: 1s]
+    #[arg(long, env = "FARM_PROBE_DURATION", value_parser = duration::parse)]
+    pub probe_duration: Option<Duration>,
     /// Zero-cost access mode: a unix datagram socket where nginx sends its access log (syslog);
     /// every logged playback URI counts as a viewer access.
     #[arg(long, env = "FARM_ACCESS_SOCKET")]
@@ -212,6 +218,8 @@ struct FileConfig {
     token_secret: Option<String>,
     accel_redirect: Option<String>,
     access_socket: Option<PathBuf>,
+    segment_cache: Option<String>,
+    probe_duration: Option<String>,
     #[serde(default)]
     profiles: BTreeMap<String, Profile>,
 }
@@ -248,6 +256,8 @@ pub struct Config {
     pub token_secret: Option<String>,
     pub accel_redirect: Option<String>,
     pub access_socket: Option<PathBuf>,
+    pub segment_cache: u64,
+    pub probe_duration: Duration,
     pub profiles: BTreeMap<String, Profile>,
 }
 
@@ -446,6 +456,19 @@ impl Config {
                 .map(|p| p.trim_end_matches('/').to_string())
                 .filter(|p| !p.is_empty()),
             access_socket: args.access_socket.or(file.access_socket),
+            segment_cache: match (args.segment_cache, &file.segment_cache) {
+                (Some(v), _) => v,
+                (None, Some(s)) => {
+                    parse_size(s).map_err(|e| ConfigError(format!("segment_cache: {e}")))?
+                }
+                (None, None) => 256 << 20,
+            },
+            probe_duration: dur(
+                args.probe_duration,
+                &file.probe_duration,
+                "probe_duration",
+                Duration::from_secs(1),
+            )?,
             profiles,
         };
         cfg.check()?;

@@ -69,12 +69,20 @@ pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
             push(s);
         }
     }
+    // Probe one `probe_duration` of input instead of FFmpeg's default 5 s: the first segment of a
+    // live channel comes that much sooner.
+    push("-analyzeduration");
+    push(&cfg.probe_duration.as_micros().to_string());
+    push("-probesize");
+    push("4000000");
     push("-i");
     push(run.url);
     for s in &run.profile.args {
         push(s);
     }
     let hls_time = format!("{:.3}", cfg.hls_time.as_secs_f64());
+    // A short first segment (cut at the first key frame after it) makes the first playlist sooner.
+    let hls_init_time = format!("{:.3}", (cfg.hls_time.as_secs_f64() / 2.0).max(0.5));
     let flags = if run.start_number > 0 {
         "delete_segments+temp_file+discont_start"
     } else {
@@ -85,6 +93,8 @@ pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
         "hls",
         "-hls_time",
         &hls_time,
+        "-hls_init_time",
+        &hls_init_time,
         "-hls_list_size",
         &cfg.hls_list_size.to_string(),
         "-hls_delete_threshold",

@@ -63,7 +63,7 @@ async fn preflight() -> Response {
     r
 }
 
-fn file_response(kind: HlsFile, body: Vec<u8>) -> Response {
+fn file_response(kind: HlsFile, body: bytes::Bytes) -> Response {
     let mut r = Response::new(Body::from(body));
     let h = r.headers_mut();
     h.insert(
@@ -204,7 +204,19 @@ async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response,
             let Some(entry) = node.local(id).filter(|e| e.gen() > 0) else {
                 return Err(to_owner(node, route_elsewhere(node, id).await, uri));
             };
-            match tokio::fs::read(entry.dir.join(&p.file)).await {
+            let seq = crate::watcher::segment_number(&p.file);
+            let read = match seq {
+                Some(seq) => {
+                    entry
+                        .hot
+                        .segment(&entry.dir.join(&p.file), seq, entry.progress().last_seq)
+                        .await
+                }
+                None => tokio::fs::read(entry.dir.join(&p.file))
+                    .await
+                    .map(bytes::Bytes::from),
+            };
+            match read {
                 Ok(body) => {
                     node.access.record(id);
                     node.metrics.segment_bytes.inc_by(body.len() as u64);
@@ -319,7 +331,7 @@ async fn wait_playable(
     node: &Node,
     entry: &crate::node::ChannelEntry,
     file: &str,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<bytes::Bytes, ApiError> {
     let id = &entry.id;
     let path = entry.dir.join(file);
     let mut rx = entry.phase.subscribe();
@@ -328,7 +340,8 @@ async fn wait_playable(
         let phase = rx.borrow_and_update().clone();
         match phase {
             Phase::Ready | Phase::Restarting => {
-                if let Ok(b) = tokio::fs::read(&path).await {
+                let version = entry.progress().playlist_version;
+                if let Ok(b) = entry.hot.playlist(&path, version).await {
                     return Ok(b);
                 }
             }

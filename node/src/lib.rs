@@ -10,6 +10,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod ffmpeg;
+pub mod hot;
 pub mod http;
 pub mod metrics;
 pub mod node;

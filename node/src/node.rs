@@ -78,6 +78,8 @@ pub struct ChannelEntry {
     pub started: Instant,
     /// The channel's provider account, once claimed (its holding is renewed with the lease).
     pub provider: std::sync::OnceLock<Option<String>>,
+    /// In-memory copies of the playlist and the newest segments.
+    pub hot: crate::hot::HotFiles,
 }
 
 impl ChannelEntry {
@@ -87,6 +89,12 @@ impl ChannelEntry {
     pub fn phase(&self) -> Phase {
         self.phase.borrow().clone()
     }
+    /// The watcher's view of the folder (playlist version, newest segment).
+    pub fn progress(&self) -> Progress {
+        let g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().map(|rx| rx.borrow().clone()).unwrap_or_default()
+    }
+
     fn last_segment_ms(&self) -> Option<u64> {
         let g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         g.as_ref().and_then(|rx| rx.borrow().last_segment_ms)
@@ -124,6 +132,8 @@ pub struct Node {
     pub cancel: CancellationToken,
     /// When the keepalive last reached Redis.
     pub last_redis_ok: Mutex<Instant>,
+    /// Byte budget of all in-memory playlist and segment copies.
+    pub hot_budget: Arc<crate::hot::Budget>,
 }
 
 fn now_ms() -> u64 {
@@ -141,6 +151,7 @@ impl Node {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let incarnation = format!("{:x}-{:x}", now_ms(), std::process::id());
+        let hot_budget = crate::hot::Budget::new(cfg.segment_cache);
         Arc::new(Self {
             cfg,
             store,
@@ -153,6 +164,7 @@ impl Node {
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             last_redis_ok: Mutex::new(Instant::now()),
+            hot_budget,
         })
     }
 
@@ -190,6 +202,10 @@ impl Node {
             restarts: AtomicU64::new(0),
             started: Instant::now(),
             provider: std::sync::OnceLock::new(),
+            hot: crate::hot::HotFiles::new(
+                self.hot_budget.clone(),
+                self.cfg.hls_list_size as u64 + 2,
+            ),
         });
         map.insert(id.to_string(), entry.clone());
         drop(map);

@@ -31,6 +31,8 @@ pub struct Progress {
     pub last_segment_ms: Option<u64>,
     /// Finished segments seen.
     pub segments: u64,
+    /// Bumped on every playlist rewrite: the in-memory copy of the playlist is valid while this stays.
+    pub playlist_version: u64,
 }
 
 type Registry = Mutex<HashMap<PathBuf, watch::Sender<Progress>>>;
@@ -180,7 +182,10 @@ fn now_ms() -> u64 {
 
 fn apply(tx: &watch::Sender<Progress>, name: &str) {
     if name == crate::ffmpeg::PLAYLIST {
-        tx.send_if_modified(|p| !std::mem::replace(&mut p.playlist_ready, true));
+        tx.send_modify(|p| {
+            p.playlist_ready = true;
+            p.playlist_version += 1;
+        });
     } else if let Some(n) = segment_number(name) {
         tx.send_if_modified(|p| {
             if p.last_seq.is_some_and(|l| n <= l) && p.last_segment.is_some() {
