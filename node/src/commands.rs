@@ -5,7 +5,7 @@
 //! FFmpeg is gone and the lease released. A command for another gen is stale and only acked.
 //! A malformed command is logged and acked, so it cannot wedge the stream.
 
-use crate::node::{Ctl, Node};
+use crate::node::{ClaimMode, Ctl, Node};
 use farm_proto::keys::CMD_GROUP;
 use farm_proto::{Command, Op};
 use redis::streams::{StreamReadOptions, StreamReadReply};
@@ -13,6 +13,7 @@ use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 use tracing::{info, warn};
 
 const BLOCK_MS: usize = 1000;
@@ -142,10 +143,42 @@ async fn apply(node: &Arc<Node>, entry_id: &str, fields: &HashMap<String, String
                 info!(channel = %cmd.channel, gen = ?cmd.gen, "restart command ignored: not running here with that gen (stale)")
             }
         },
+        Op::Start if !cmd.from.is_empty() => {
+            let Some(gen) = cmd.gen else {
+                warn!(channel = %cmd.channel, "handover without the old gen; ignored");
+                return;
+            };
+            let mode = ClaimMode::Handover {
+                from: cmd.from.clone(),
+                gen,
+                seq: cmd.seq.unwrap_or(0),
+            };
+            match node.get_or_start_with(&cmd.channel, mode) {
+                Ok(_) => {
+                    info!(channel = %cmd.channel, from = %cmd.from, "taking the channel over (drain)")
+                }
+                Err(e) => warn!(channel = %cmd.channel, error = %e, "handover refused"),
+            }
+        }
         Op::Start => match node.get_or_start(&cmd.channel) {
             Ok(_) => info!(channel = %cmd.channel, by = %cmd.by, "start requested by command"),
             Err(e) => warn!(channel = %cmd.channel, error = %e, "start command refused"),
         },
-        Op::Drain => warn!("drain is not supported by this node version; ignored"),
+        Op::Drain => {
+            if !node
+                .draining
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                info!(by = %cmd.by, "drain requested");
+                node.tracker.spawn(
+                    crate::node::drain(node.clone()).instrument(tracing::info_span!("drain")),
+                );
+            }
+        }
+        Op::Undrain => {
+            node.draining
+                .store(false, std::sync::atomic::Ordering::Release);
+            info!(by = %cmd.by, "undrained: taking new channels again");
+        }
     }
 }

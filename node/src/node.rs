@@ -54,6 +54,16 @@ pub enum Phase {
     Gone,
 }
 
+/// How a channel's lease is taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimMode {
+    /// A first request or a start command: claim a free lease.
+    Fresh,
+    /// Take the channel over from a draining node that holds it with this gen; continue the media
+    /// sequence at `seq` so players see a discontinuity, not a reset.
+    Handover { from: String, gen: u64, seq: u64 },
+}
+
 /// Messages to a channel's actor.
 pub enum Ctl {
     Stop {
@@ -80,6 +90,9 @@ pub struct ChannelEntry {
     pub provider: std::sync::OnceLock<Option<String>>,
     /// In-memory copies of the playlist and the newest segments.
     pub hot: crate::hot::HotFiles,
+    /// Being handed to another node (drain): its lease moved on purpose, so a failed renewal is
+    /// expected and must not fence the FFmpeg before the new owner runs.
+    pub handing_over: std::sync::atomic::AtomicBool,
 }
 
 impl ChannelEntry {
@@ -134,6 +147,8 @@ pub struct Node {
     pub last_redis_ok: Mutex<Instant>,
     /// Byte budget of all in-memory playlist and segment copies.
     pub hot_budget: Arc<crate::hot::Budget>,
+    /// Set by a `drain` command: no new channels; the running ones are handed to other nodes.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -165,6 +180,7 @@ impl Node {
             cancel: CancellationToken::new(),
             last_redis_ok: Mutex::new(Instant::now()),
             hot_budget,
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -182,6 +198,15 @@ impl Node {
 
     /// The channel's entry, starting it when this node does not have it (single flight).
     pub fn get_or_start(self: &Arc<Self>, id: &str) -> Result<Arc<ChannelEntry>, ApiError> {
+        self.get_or_start_with(id, ClaimMode::Fresh)
+    }
+
+    /// [`Node::get_or_start`] with an explicit way to take the lease.
+    pub fn get_or_start_with(
+        self: &Arc<Self>,
+        id: &str,
+        mode: ClaimMode,
+    ) -> Result<Arc<ChannelEntry>, ApiError> {
         if self.cancel.is_cancelled() {
             return Err(ApiError::unavailable("node is shutting down", 2));
         }
@@ -206,6 +231,7 @@ impl Node {
                 self.hot_budget.clone(),
                 self.cfg.hls_list_size as u64 + 2,
             ),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
         });
         map.insert(id.to_string(), entry.clone());
         drop(map);
@@ -214,7 +240,7 @@ impl Node {
         let span = tracing::info_span!("channel", id = %id);
         self.tracker.spawn(
             async move {
-                run_channel(node.clone(), e2.clone(), rx).await;
+                run_channel(node.clone(), e2.clone(), rx, mode).await;
                 node.remove_entry(&e2);
             }
             .instrument(span),
@@ -300,8 +326,13 @@ enum RunEnd {
 }
 
 /// The whole life of one channel on this node: preflight, claim, supervise, stop.
-async fn run_channel(node: Arc<Node>, entry: Arc<ChannelEntry>, mut inbox: mpsc::Receiver<Ctl>) {
-    let (spec, gen) = match preflight(&node, &entry).await {
+async fn run_channel(
+    node: Arc<Node>,
+    entry: Arc<ChannelEntry>,
+    mut inbox: mpsc::Receiver<Ctl>,
+    mode: ClaimMode,
+) {
+    let (spec, gen) = match preflight(&node, &entry, &mode).await {
         Ok(v) => v,
         Err(e) => {
             debug!(error = %e, "start refused");
@@ -322,7 +353,16 @@ async fn run_channel(node: Arc<Node>, entry: Arc<ChannelEntry>, mut inbox: mpsc:
 
     let dir = entry.dir.clone();
     let end = match prepare_dir(&node, &entry) {
-        Ok(progress) => supervise(&node, &entry, &spec, &owner, progress, &mut inbox).await,
+        Ok(progress) => {
+            let first_seq = match &mode {
+                ClaimMode::Handover { seq, .. } => *seq,
+                ClaimMode::Fresh => 0,
+            };
+            supervise(
+                &node, &entry, &spec, &owner, progress, first_seq, &mut inbox,
+            )
+            .await
+        }
         Err(e) => Outcome::Failed(format!("cannot prepare {}: {e}", dir.display()), None),
     };
     node.watcher.unregister(&dir);
@@ -348,6 +388,7 @@ async fn run_channel(node: Arc<Node>, entry: Arc<ChannelEntry>, mut inbox: mpsc:
                 .await
             {
                 Ok(true) => {}
+                Ok(false) if entry.handing_over.load(Ordering::Acquire) => {}
                 Ok(false) => warn!("lease was no longer ours at release"),
                 Err(e) => {
                     node.metrics.redis_errors.inc();
@@ -422,7 +463,11 @@ enum Outcome {
 }
 
 /// Catalog, checks and claim. Nothing is spawned and nothing is written unless all pass.
-async fn preflight(node: &Node, entry: &ChannelEntry) -> Result<(ChannelSpec, u64), ApiError> {
+async fn preflight(
+    node: &Node,
+    entry: &ChannelEntry,
+    mode: &ClaimMode,
+) -> Result<(ChannelSpec, u64), ApiError> {
     let cfg = &node.cfg;
     let id = &entry.id;
     let redis_down = |e: crate::store::StoreError| {
@@ -474,6 +519,45 @@ async fn preflight(node: &Node, entry: &ChannelEntry) -> Result<(ChannelSpec, u6
                 ),
             ));
         }
+    }
+    if let ClaimMode::Handover { from, gen, .. } = mode {
+        return match node
+            .store
+            .handover(id, from, *gen, &cfg.node_id, cfg.lease_ttl, cfg.max_streams)
+            .await
+            .map_err(redis_down)?
+        {
+            ClaimResult::Claimed { gen } => Ok((spec, gen)),
+            other => Err(ApiError::unavailable(
+                format!("channel {id} cannot be taken over from {from}: {other:?}"),
+                1,
+            )),
+        };
+    }
+    if node.draining.load(Ordering::Acquire) {
+        // A draining node takes no new channels: the viewer goes to the owner, or a node with room.
+        if let Some(owner) = node.store.owner_of(id).await.map_err(redis_down)? {
+            if owner != cfg.node_id {
+                if let Some(url) = node.store.live_node_url(&owner).await.map_err(redis_down)? {
+                    return Err(ApiError::owned_by(url));
+                }
+            }
+        }
+        return match node
+            .store
+            .roomiest_node(&cfg.node_id)
+            .await
+            .map_err(redis_down)?
+        {
+            Some((_, url)) => Err(ApiError::forwarded(url)),
+            None => Err(ApiError::unavailable(
+                format!(
+                    "node {} is draining and no other node has room for channel {id}",
+                    cfg.node_id
+                ),
+                10,
+            )),
+        };
     }
     match node
         .store
@@ -547,6 +631,7 @@ async fn supervise(
     spec: &ChannelSpec,
     owner: &str,
     mut progress: watch::Receiver<Progress>,
+    first_seq: u64,
     inbox: &mut mpsc::Receiver<Ctl>,
 ) -> Outcome {
     let cfg = node.cfg.clone();
@@ -558,7 +643,7 @@ async fn supervise(
     let mut last_error = String::new();
     loop {
         let url = &sources[source_idx % sources.len()];
-        let start_number = progress.borrow().last_seq.map_or(0, |s| s + 1);
+        let start_number = progress.borrow().last_seq.map_or(first_seq, |s| s + 1);
         node.watcher.reset(&entry.dir);
         let argv = ffmpeg::args(
             &cfg,
@@ -906,6 +991,13 @@ pub async fn keepalive_loop(node: Arc<Node>) {
                     )
             })
             .collect();
+        let draining = node.draining.load(Ordering::Acquire);
+        let drained = draining && entries.is_empty();
+        // A channel being handed over no longer holds its lease: neither renewed nor fenced.
+        let entries: Vec<Arc<ChannelEntry>> = entries
+            .into_iter()
+            .filter(|e| !e.handing_over.load(Ordering::Acquire))
+            .collect();
         let renewals: Vec<Renewal> = entries
             .iter()
             .map(|e| Renewal {
@@ -926,6 +1018,8 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             ("capacity", cfg.max_streams.to_string()),
             ("running", running),
             ("disk_free", node.disk_free().unwrap_or(0).to_string()),
+            ("draining", if draining { "1" } else { "0" }.to_string()),
+            ("drained", if drained { "1" } else { "0" }.to_string()),
         ];
         match node
             .store
@@ -1015,4 +1109,84 @@ pub async fn access_flush_loop(node: Arc<Node>) {
             return;
         }
     }
+}
+
+/// Drain: hand every channel of this node to the live node with the most room, make before break:
+/// the new owner takes the lease (handover script) and starts; this node keeps serving until the
+/// new owner runs, then stops its FFmpeg. Channels nobody can take stay here, loudly.
+pub async fn drain(node: Arc<Node>) {
+    let cfg = node.cfg.clone();
+    node.draining.store(true, Ordering::Release);
+    info!("draining: no new channels; handing the running ones to other nodes");
+    let entries: Vec<Arc<ChannelEntry>> = node
+        .entries()
+        .into_iter()
+        .filter(|e| {
+            e.gen() > 0
+                && matches!(
+                    e.phase(),
+                    Phase::Ready | Phase::Starting | Phase::Restarting
+                )
+        })
+        .collect();
+    for e in entries {
+        if node.cancel.is_cancelled() || !node.draining.load(Ordering::Acquire) {
+            return;
+        }
+        let target = match node.store.roomiest_node(&cfg.node_id).await {
+            Ok(Some((t, _))) => t,
+            Ok(None) => {
+                error!(channel = %e.id, "drain: no live node has room; the channel stays here");
+                continue;
+            }
+            Err(err) => {
+                error!(channel = %e.id, error = %err, "drain: cannot pick a node");
+                continue;
+            }
+        };
+        let gen = e.gen();
+        e.handing_over.store(true, Ordering::Release);
+        let cmd = farm_proto::Command {
+            op: farm_proto::Op::Start,
+            channel: e.id.clone(),
+            gen: Some(gen),
+            reason: "drain".into(),
+            by: cfg.node_id.clone(),
+            from: cfg.node_id.clone(),
+            seq: e.progress().last_seq.map(|s| s + 1),
+        };
+        if let Err(err) = node.store.send_command(&target, &cmd).await {
+            error!(channel = %e.id, error = %err, "drain: cannot send the handover");
+            e.handing_over.store(false, Ordering::Release);
+            continue;
+        }
+        // Wait (bounded) until the new owner runs it; viewers are still served here meanwhile.
+        let deadline = Instant::now() + cfg.start_timeout + cfg.lease_ttl;
+        let mut moved = false;
+        while Instant::now() < deadline && !node.cancel.is_cancelled() {
+            if let Ok(Some((owner, state))) = node.store.stream_owner_state(&e.id).await {
+                if owner == target && state == StreamState::Running.as_str() {
+                    moved = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !moved {
+            warn!(channel = %e.id, %target, "drain: the new owner did not report running in time; stopping here anyway");
+        }
+        let (tx, rx) = oneshot::channel();
+        if e.inbox
+            .send(Ctl::Stop {
+                reason: "drained".into(),
+                done: Some(tx),
+            })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        info!(channel = %e.id, %target, moved, "drain: channel handed over");
+    }
+    info!("drained");
 }

@@ -367,6 +367,74 @@ impl Store {
         .await
     }
 
+    /// The handover script: moves the lease from `from` (holding `gen`) to `to`.
+    pub async fn handover(
+        &self,
+        id: &str,
+        from: &str,
+        gen: u64,
+        to: &str,
+        lease: Duration,
+        capacity: u32,
+    ) -> Result<ClaimResult> {
+        let k = &self.keys;
+        let mut inv = scripts::HANDOVER.prepare_invoke();
+        inv.key(k.owner(id))
+            .key(k.gen(id))
+            .key(k.node_streams(from))
+            .key(k.node_streams(to))
+            .key(k.stream(id))
+            .arg(scripts::owner_value(from, gen))
+            .arg(to)
+            .arg(lease.as_millis() as u64)
+            .arg(id)
+            .arg(capacity);
+        let reply: Vec<String> = self
+            .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
+            .await?;
+        match reply.as_slice() {
+            [tag, g] if tag == "ok" => g
+                .parse()
+                .map(|gen| ClaimResult::Claimed { gen })
+                .map_err(|_| StoreError::Protocol(format!("handover: bad gen {g:?}"))),
+            [tag, running] if tag == "full" => Ok(ClaimResult::Full {
+                running: running.parse().unwrap_or(0),
+            }),
+            other => Err(StoreError::Protocol(format!("handover refused: {other:?}"))),
+        }
+    }
+
+    /// Appends a command to a node's command stream.
+    pub async fn send_command(&self, node: &str, cmd: &farm_proto::Command) -> Result<()> {
+        let key = self.keys.cmd(node);
+        let fields: Vec<(String, String)> = cmd
+            .to_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        self.with(|mut c| async move {
+            let _: String = c.xadd(key, "*", &fields).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// `node` and `state` of a channel's stream hash.
+    pub async fn stream_owner_state(&self, id: &str) -> Result<Option<(String, String)>> {
+        let key = self.keys.stream(id);
+        let (node, state): (Option<String>, Option<String>) = self
+            .with(|mut c| async move {
+                Ok(redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("node")
+                    .arg("state")
+                    .query_async(&mut c)
+                    .await?)
+            })
+            .await?;
+        Ok(node.zip(state))
+    }
+
     /// The live node (other than `except`) with the most free capacity, as (id, public URL).
     pub async fn roomiest_node(&self, except: &str) -> Result<Option<(String, String)>> {
         let all = self.keys.nodes();
@@ -384,7 +452,8 @@ impl Store {
                 .arg(self.keys.node(n))
                 .arg("capacity")
                 .arg("running")
-                .arg("public_url");
+                .arg("public_url")
+                .arg("draining");
         }
         let replies: Vec<redis::Value> = self
             .with(|mut c| async move { Ok(pipe.query_async(&mut c).await?) })
@@ -392,8 +461,15 @@ impl Store {
         let mut best: Option<(i64, String, String)> = None;
         for (n, pair) in ids.iter().zip(replies.chunks(2)) {
             let alive: bool = redis::from_redis_value(pair[0].clone()).unwrap_or(false);
-            let (cap, running, url): (Option<i64>, Option<i64>, Option<String>) =
-                redis::from_redis_value(pair[1].clone()).unwrap_or((None, None, None));
+            let (cap, running, url, draining): (
+                Option<i64>,
+                Option<i64>,
+                Option<String>,
+                Option<String>,
+            ) = redis::from_redis_value(pair[1].clone()).unwrap_or((None, None, None, None));
+            if draining.as_deref() == Some("1") {
+                continue;
+            }
             let (Some(cap), Some(url)) = (cap, url) else {
                 continue;
             };

@@ -25,6 +25,7 @@ scripts! {
     TOUCH => "touch.lua",
     HEARTBEAT => "heartbeat.lua",
     RELEASE_NODE => "release_node.lua",
+    HANDOVER => "handover.lua",
 }
 
 /// What the claim script answered.

@@ -107,6 +107,7 @@ pub enum Op {
     Start,
     Restart,
     Drain,
+    Undrain,
 }
 
 impl Op {
@@ -116,6 +117,7 @@ impl Op {
             Op::Start => "start",
             Op::Restart => "restart",
             Op::Drain => "drain",
+            Op::Undrain => "undrain",
         }
     }
 }
@@ -128,8 +130,9 @@ impl FromStr for Op {
             "start" => Ok(Op::Start),
             "restart" => Ok(Op::Restart),
             "drain" => Ok(Op::Drain),
+            "undrain" => Ok(Op::Undrain),
             other => Err(format!(
-                "unknown op {other:?} (stop, start, restart, drain)"
+                "unknown op {other:?} (stop, start, restart, drain, undrain)"
             )),
         }
     }
@@ -145,6 +148,10 @@ pub struct Command {
     pub gen: Option<u64>,
     pub reason: String,
     pub by: String,
+    /// For a `start` that takes a channel over from a draining node: that node (with `gen` its gen).
+    pub from: String,
+    /// For a handover: the media sequence number the new owner continues at.
+    pub seq: Option<u64>,
 }
 
 impl Command {
@@ -152,7 +159,7 @@ impl Command {
     pub fn from_fields(f: &HashMap<String, String>) -> Result<Self, String> {
         let op: Op = f.get("op").ok_or("command has no 'op' field")?.parse()?;
         let channel = f.get("channel").cloned().unwrap_or_default();
-        if op != Op::Drain {
+        if !matches!(op, Op::Drain | Op::Undrain) {
             crate::validate::channel_id(&channel).map_err(|e| e.to_string())?;
         }
         let gen = match f.get("gen").map(String::as_str) {
@@ -168,6 +175,14 @@ impl Command {
             gen,
             reason: f.get("reason").cloned().unwrap_or_default(),
             by: f.get("by").cloned().unwrap_or_default(),
+            from: f.get("from").cloned().unwrap_or_default(),
+            seq: match f.get("seq").map(String::as_str) {
+                None | Some("") => None,
+                Some(s) => Some(
+                    s.parse()
+                        .map_err(|_| format!("invalid seq {s:?}: expected a whole number"))?,
+                ),
+            },
         })
     }
 
@@ -181,6 +196,12 @@ impl Command {
         }
         v.push(("reason", self.reason.clone()));
         v.push(("by", self.by.clone()));
+        if !self.from.is_empty() {
+            v.push(("from", self.from.clone()));
+        }
+        if let Some(s) = self.seq {
+            v.push(("seq", s.to_string()));
+        }
         v
     }
 }

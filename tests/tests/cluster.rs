@@ -283,3 +283,92 @@ async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
     );
     assert!(!exists(&redis, "farm:owner:c3").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty() {
+    use farm_tests::hls::HlsClient;
+    let redis = RedisServer::start();
+    let provider = FakeProvider::start().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    let ids: Vec<String> = (0..5).map(|i| format!("d{i}")).collect();
+    for id in &ids {
+        add_channel(&redis, id, &provider.url(&format!("/{id}.ts")), &[]);
+    }
+    let ns = nodes(&redis, root.path(), 3, false, &[]);
+    let n1 = ns[0].base_url();
+    for id in &ids {
+        let r = get(&format!("{n1}/live/{id}/index.m3u8")).await;
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
+    }
+    assert_eq!(running_on(&redis, "n1").await, 5);
+
+    // Viewers keep watching through n1 while it drains.
+    let mut viewers = Vec::new();
+    for id in &ids {
+        let url = format!("{n1}/live/{id}/index.m3u8");
+        viewers.push(tokio::spawn(async move {
+            HlsClient::new(&url)
+                .pull(Duration::from_secs(14), Duration::from_secs(60))
+                .await
+        }));
+    }
+    eventually("viewers are pulling", Duration::from_secs(10), || async {
+        (metric(&ns[0], "farm_node_requests_total{kind=\"segment\"}").await >= 5.0).then_some(())
+    })
+    .await;
+    let mut c = redis.conn().await;
+    let t0 = Instant::now();
+    let _: String = c
+        .xadd("farm:cmd:n1", "*", &[("op", "drain"), ("by", "test")])
+        .await
+        .expect("XADD drain");
+    eventually("n1 drained", Duration::from_secs(60), || async {
+        let h = hgetall(&redis, "farm:node:n1").await;
+        (h.get("drained").map(String::as_str) == Some("1") && running_on(&redis, "n1").await == 0)
+            .then_some(())
+    })
+    .await;
+    println!("drain of 5 watched channels took {:?}", t0.elapsed());
+    for id in &ids {
+        let owner: String = c.get(format!("farm:owner:{id}")).await.expect("owner");
+        assert!(!owner.starts_with("n1:"), "{id} runs elsewhere: {owner}");
+    }
+    assert!(
+        ffmpegs_under(&root.path().join("n1")).is_empty(),
+        "the drained node runs nothing"
+    );
+    assert_eq!(
+        ffmpegs_under(root.path()).len(),
+        5,
+        "one FFmpeg per channel after the drain"
+    );
+    let mut worst = Duration::ZERO;
+    for (id, v) in ids.iter().zip(viewers) {
+        let report = v.await.expect("join").expect("pull");
+        println!("{id}: {report:?}");
+        assert!(
+            report.media_seconds >= 14.0,
+            "{id} kept playing: {report:?}"
+        );
+        worst = worst.max(report.max_wall_gap_between_new_segments);
+    }
+    println!(
+        "longest gap a viewer saw during the drain: {worst:?} (hls_time 1 s; goal 2 × hls_time)"
+    );
+    assert!(
+        worst <= Duration::from_millis(2500),
+        "gap {worst:?} above 2 × hls_time (+ 0.5 s)"
+    );
+    // A drained node takes no new channel: it sends the viewer elsewhere.
+    add_channel(&redis, "late", &provider.url("/late.ts"), &[]);
+    let r = client()
+        .get(format!("{n1}/live/late/index.m3u8"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 307);
+    assert!(!r.headers()["location"]
+        .to_str()
+        .expect("loc")
+        .starts_with(&n1));
+}
