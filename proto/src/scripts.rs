@@ -26,6 +26,14 @@ scripts! {
     HEARTBEAT => "heartbeat.lua",
     RELEASE_NODE => "release_node.lua",
     HANDOVER => "handover.lua",
+    LEADER => "leader.lua",
+    LEADER_RELEASE => "leader_release.lua",
+    IDLE_STOP => "idle_stop.lua",
+    REAP_CHANNEL => "reap_channel.lua",
+    REAP_NODE => "reap_node.lua",
+    RECONCILE => "reconcile.lua",
+    COMMAND => "command.lua",
+    PIN => "pin.lua",
 }
 
 /// What the claim script answered.

@@ -9,6 +9,7 @@
 //! No fixture synchronises with `sleep`: waits poll a condition with a deadline ([`wait::eventually`]).
 
 pub mod bins;
+pub mod coordinator;
 pub mod hls;
 pub mod media;
 pub mod node;

@@ -116,6 +116,21 @@ impl Ctx {
         self.bounded(what, cmd.query_async(&mut conn)).await
     }
 
+    /// Runs one Lua script (EVALSHA, loading it on NOSCRIPT).
+    pub async fn script<T: FromRedisValue>(
+        &mut self,
+        what: &'static str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, CtlError> {
+        let mut conn = self.conn().await?.clone();
+        self.bounded(what, inv.invoke_async(&mut conn)).await
+    }
+
+    /// The bound on every Redis call (`--redis-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Runs a pipeline (or a MULTI/EXEC transaction when it is `atomic()`).
     pub async fn query_pipe<T: FromRedisValue>(
         &mut self,

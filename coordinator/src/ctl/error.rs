@@ -47,6 +47,16 @@ pub enum CtlError {
     Conflict { what: &'static str },
     #[error("cannot write the output: {0}")]
     Output(#[from] io::Error),
+    #[error("channel {0:?} is not running (no node holds its lease), nothing to stop")]
+    NotRunning(String),
+    #[error("node {0:?} is not alive (no heartbeat within its TTL)")]
+    NodeNotAlive(String),
+    #[error("no live node has room to start channel {0:?}")]
+    NoLiveNode(String),
+    #[error("{what} after {}", farm_proto::duration::format(*.after))]
+    WaitTimeout { what: String, after: Duration },
+    #[error("channel {id:?} failed: {reason}")]
+    ChannelFailed { id: String, reason: String },
 }
 
 fn plural(n: usize) -> &'static str {
@@ -88,12 +98,17 @@ impl CtlError {
             | CtlError::NotFound(_)
             | CtlError::Exists(_)
             | CtlError::Playlist { .. }
-            | CtlError::ReadFile { .. } => EXIT_INPUT,
+            | CtlError::ReadFile { .. }
+            | CtlError::NotRunning(_)
+            | CtlError::NodeNotAlive(_) => EXIT_INPUT,
             CtlError::Connect { .. }
             | CtlError::Timeout { .. }
             | CtlError::Redis { .. }
             | CtlError::Conflict { .. }
-            | CtlError::Output(_) => EXIT_RUNTIME,
+            | CtlError::Output(_)
+            | CtlError::NoLiveNode(_)
+            | CtlError::WaitTimeout { .. }
+            | CtlError::ChannelFailed { .. } => EXIT_RUNTIME,
         }
     }
 

@@ -14,14 +14,21 @@ pub mod catalog;
 mod channel;
 mod ctx;
 mod error;
+mod events;
+mod farm;
 mod import;
+mod ops;
 mod output;
+mod status;
 mod token;
 
 pub use channel::{AddArgs, ChannelCmd, IdArgs, ListArgs, ShowArgs};
 pub use ctx::Ctx;
 pub use error::{CtlError, EXIT_INPUT, EXIT_RUNTIME};
+pub use events::EventsArgs;
 pub use import::ImportArgs;
+pub use ops::{PinArgs, StartArgs, StopArgs};
+pub use status::StatusArgs;
 
 use clap::{Args, Parser, Subcommand};
 use farm_proto::validate::DEFAULT_ALLOWED_SCHEMES;
@@ -85,7 +92,7 @@ impl GlobalArgs {
     }
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = farm_proto::duration::parse(s)?;
     if d.is_zero() {
         return Err("the timeout must be longer than 0".into());
@@ -102,6 +109,18 @@ pub enum Command {
     Import(ImportArgs),
     /// Mint a signed playback token (for nodes running with --token-secret).
     Token(token::TokenArgs),
+    /// Show the leader, the nodes and the running channels.
+    Status(StatusArgs),
+    /// Stop a running channel (a stop command with its owner's gen, reason "ops").
+    Stop(StopArgs),
+    /// Start a catalog channel on a node, without waiting for a viewer.
+    Start(StartArgs),
+    /// Keep a channel running even when nobody watches (it is never idle-stopped).
+    Pin(PinArgs),
+    /// Let a pinned channel be idle-stopped again.
+    Unpin(PinArgs),
+    /// Print the audit trail (farm:events), oldest first; --follow keeps printing.
+    Events(EventsArgs),
 }
 
 /// Runs one farmctl command; its regular output goes to `out`, failures come back as
@@ -115,6 +134,12 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
         Command::Channel(cmd) => channel::run(&mut ctx, cmd, out).await,
         Command::Import(args) => import::run(&mut ctx, args, out).await,
         Command::Token(_) => Ok(()),
+        Command::Status(args) => status::run(&mut ctx, args, out).await,
+        Command::Stop(args) => ops::stop(&mut ctx, args, out).await,
+        Command::Start(args) => ops::start(&mut ctx, args, out).await,
+        Command::Pin(args) => ops::pin(&mut ctx, args, true, out).await,
+        Command::Unpin(args) => ops::pin(&mut ctx, args, false, out).await,
+        Command::Events(args) => events::run(&mut ctx, args, out).await,
     }
 }
 
@@ -221,6 +246,13 @@ mod tests {
             &["farmctl", "channel", "rm", "a/b"],
             &["farmctl", "channel", "show", ""],
             &["farmctl", "import", "/nonexistent/list.m3u"],
+            &["farmctl", "stop", "../etc"],
+            &["farmctl", "start", "a b"],
+            &["farmctl", "start", "ok", "--node", "n:1"],
+            &["farmctl", "pin", "x/y"],
+            &["farmctl", "unpin", ""],
+            &["farmctl", "events", "--channel", "no/pe"],
+            &["farmctl", "events", "--node", "bad node"],
         ] {
             let mut cli = Cli::try_parse_from(argv).expect("parses");
             cli.global = global.clone();
@@ -228,6 +260,37 @@ mod tests {
             let err = run(cli, &mut out).await.expect_err("refused");
             assert_eq!(err.exit_code(), EXIT_INPUT, "{argv:?}: {err}");
             assert!(out.is_empty());
+        }
+    }
+
+    #[test]
+    fn ops_commands_parse() {
+        let cli = Cli::try_parse_from(["farmctl", "stop", "bbc1", "--wait", "--timeout", "5s"])
+            .expect("parses");
+        let Command::Stop(a) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert!(a.wait);
+        assert_eq!(a.timeout, Duration::from_secs(5));
+        let cli =
+            Cli::try_parse_from(["farmctl", "start", "bbc1", "--node", "n2"]).expect("parses");
+        let Command::Start(a) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert_eq!(a.node.as_deref(), Some("n2"));
+        let cli = Cli::try_parse_from(["farmctl", "events", "-f", "--count", "5"]).expect("parses");
+        let Command::Events(a) = cli.command else {
+            panic!("wrong command: {:?}", cli.command);
+        };
+        assert!(a.follow);
+        assert_eq!(a.count, 5);
+        for bad in [
+            &["farmctl", "events", "--count", "0"][..],
+            &["farmctl", "stop"],
+            &["farmctl", "stop", "a", "--timeout", "0s"],
+            &["farmctl", "status", "--bogus"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
     }
 

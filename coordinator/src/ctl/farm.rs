@@ -1,0 +1,98 @@
+//! The runtime reads farmctl's ops commands share: Redis time, the nodes with their hashes, and who
+//! owns a channel. Read-only; the writes are in the command modules.
+
+use super::ctx::Ctx;
+use super::error::CtlError;
+use crate::store::time_ms;
+use crate::view::NodeView;
+use farm_proto::scripts::split_owner;
+use std::collections::HashMap;
+
+/// A node with everything its hash says.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub view: NodeView,
+    pub hash: HashMap<String, String>,
+}
+
+/// Redis `TIME` in ms (the farm's clock; this machine's may differ).
+pub async fn now_ms(ctx: &mut Ctx) -> Result<u64, CtlError> {
+    let t: (String, String) = ctx.query("TIME", &redis::cmd("TIME")).await?;
+    time_ms(&t).ok_or_else(|| CtlError::Usage(format!("Redis answered TIME with {t:?}")))
+}
+
+/// Every member of `farm:nodes`, sorted by id, with liveness and hash.
+pub async fn nodes(ctx: &mut Ctx) -> Result<Vec<NodeInfo>, CtlError> {
+    let members: Vec<(String, f64)> = ctx
+        .query(
+            "ZRANGE nodes",
+            redis::cmd("ZRANGE")
+                .arg(ctx.keys().nodes())
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES"),
+        )
+        .await?;
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut p = redis::pipe();
+    for (id, _) in &members {
+        p.exists(ctx.keys().node_alive(id))
+            .hgetall(ctx.keys().node(id))
+            .scard(ctx.keys().node_streams(id));
+    }
+    let replies: Vec<redis::Value> = ctx.query_pipe("node hashes", &p).await?;
+    let mut out: Vec<NodeInfo> = members
+        .iter()
+        .zip(replies.chunks(3))
+        .map(|((id, score), pair)| {
+            let alive: bool = pair
+                .first()
+                .and_then(|v| redis::from_redis_value(v.clone()).ok())
+                .unwrap_or(false);
+            let hash: HashMap<String, String> = pair
+                .get(1)
+                .and_then(|v| redis::from_redis_value(v.clone()).ok())
+                .unwrap_or_default();
+            let mut view = NodeView::new(id, *score, alive, &hash);
+            // The heartbeat's count lags by up to a keepalive; the set is current.
+            let listed: u64 = pair
+                .get(2)
+                .and_then(|v| redis::from_redis_value(v.clone()).ok())
+                .unwrap_or(0);
+            view.running = view.running.max(listed);
+            NodeInfo { view, hash }
+        })
+        .collect();
+    out.sort_by(|a, b| a.view.id.cmp(&b.view.id));
+    Ok(out)
+}
+
+/// `(node, gen)` holding the channel's lease, if any.
+pub async fn owner(ctx: &mut Ctx, id: &str) -> Result<Option<(String, u64)>, CtlError> {
+    let v: Option<String> = ctx
+        .query("GET owner", redis::cmd("GET").arg(ctx.keys().owner(id)))
+        .await?;
+    Ok(v.as_deref()
+        .and_then(split_owner)
+        .map(|(n, g)| (n.to_string(), g)))
+}
+
+/// Appends a command to a node's stream (capped like the coordinator's).
+pub async fn send_command(
+    ctx: &mut Ctx,
+    node: &str,
+    fields: &[(&str, String)],
+) -> Result<String, CtlError> {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(ctx.keys().cmd(node))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(crate::tick::CMD_MAXLEN)
+        .arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(v);
+    }
+    ctx.query("XADD command", &cmd).await
+}

@@ -1,0 +1,269 @@
+//! `farmctl status`: the leader, the nodes and the channels with runtime state, as tables or JSON.
+//!
+//! Channels come from the catalog index, `farm:access` and the nodes' stream sets (no KEYS); a
+//! channel is listed when it has a stream hash, an owner or an access entry (`--all`: every catalog
+//! channel).
+
+use super::ctx::Ctx;
+use super::error::CtlError;
+use super::farm;
+use super::output::{fmt_ago, fmt_bytes, or_dash, safe, table};
+use clap::Args;
+use farm_proto::scripts::split_owner;
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+
+const CHUNK: usize = 1000;
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Also list catalog channels that are not running.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    now_ms: u64,
+    leader: Option<Leader>,
+    nodes: Vec<NodeRow>,
+    channels: Vec<ChannelRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct Leader {
+    coordinator: String,
+    epoch: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeRow {
+    id: String,
+    address: String,
+    alive: bool,
+    running: u64,
+    capacity: u64,
+    disk_free: Option<u64>,
+    version: String,
+    heartbeat_ms_ago: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChannelRow {
+    id: String,
+    state: String,
+    node: Option<String>,
+    gen: Option<u64>,
+    pid: Option<u64>,
+    last_access_ms_ago: Option<u64>,
+    restarts: u64,
+    last_error: String,
+    pinned: bool,
+}
+
+pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(), CtlError> {
+    let now = farm::now_ms(ctx).await?;
+    let leader: Option<String> = ctx
+        .query("GET leader", redis::cmd("GET").arg(ctx.keys().leader()))
+        .await?;
+    let leader = leader
+        .as_deref()
+        .and_then(split_owner)
+        .map(|(c, e)| Leader {
+            coordinator: c.to_string(),
+            epoch: e,
+        });
+    let nodes = farm::nodes(ctx).await?;
+    let node_rows: Vec<NodeRow> = nodes
+        .iter()
+        .map(|n| {
+            let h = &n.hash;
+            let get = |f: &str| h.get(f).cloned().unwrap_or_default();
+            let address = Some(get("public_url"))
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| get("addr"));
+            NodeRow {
+                id: n.view.id.clone(),
+                address,
+                alive: n.view.alive,
+                running: n.view.running,
+                capacity: n.view.capacity,
+                disk_free: h.get("disk_free").and_then(|v| v.parse().ok()),
+                version: get("version"),
+                heartbeat_ms_ago: (n.view.heartbeat_ms > 0)
+                    .then(|| now.saturating_sub(n.view.heartbeat_ms)),
+            }
+        })
+        .collect();
+
+    // Channel ids: catalog, access entries, node sets.
+    let k = ctx.keys().clone();
+    let catalog: Vec<String> = ctx
+        .query(
+            "SMEMBERS channels",
+            redis::cmd("SMEMBERS").arg(k.channels()),
+        )
+        .await?;
+    let access: Vec<(String, f64)> = ctx
+        .query(
+            "ZRANGE access",
+            redis::cmd("ZRANGE")
+                .arg(k.access())
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES"),
+        )
+        .await?;
+    let access: HashMap<String, u64> = access
+        .into_iter()
+        .map(|(id, s)| (id, s.max(0.0) as u64))
+        .collect();
+    let mut ids: BTreeSet<String> = catalog.iter().cloned().collect();
+    ids.extend(access.keys().cloned());
+    for n in &nodes {
+        let members: Vec<String> = ctx
+            .query(
+                "SMEMBERS node streams",
+                redis::cmd("SMEMBERS").arg(k.node_streams(&n.view.id)),
+            )
+            .await?;
+        ids.extend(members);
+    }
+    let ids: Vec<String> = ids.into_iter().collect();
+    let mut channels = Vec::new();
+    for chunk in ids.chunks(CHUNK) {
+        let mut p = redis::pipe();
+        for id in chunk {
+            p.hgetall(k.stream(id))
+                .get(k.owner(id))
+                .hget(k.channel(id), "pinned");
+        }
+        let replies: Vec<redis::Value> = ctx.query_pipe("stream hashes", &p).await?;
+        for (id, r) in chunk.iter().zip(replies.chunks(3)) {
+            let conv = |i: usize| r.get(i).cloned().unwrap_or(redis::Value::Nil);
+            let stream: HashMap<String, String> =
+                redis::from_redis_value(conv(0)).unwrap_or_default();
+            let owner: Option<String> = redis::from_redis_value(conv(1)).unwrap_or(None);
+            let pinned: Option<String> = redis::from_redis_value(conv(2)).unwrap_or(None);
+            let last = access.get(id).copied();
+            if stream.is_empty() && owner.is_none() && last.is_none() && !a.all {
+                continue;
+            }
+            let owner = owner.as_deref().and_then(split_owner);
+            let get = |f: &str| stream.get(f).cloned().unwrap_or_default();
+            let state = if !stream.is_empty() {
+                get("state")
+            } else if owner.is_some() {
+                "claimed".into()
+            } else {
+                "stopped".into()
+            };
+            channels.push(ChannelRow {
+                id: id.clone(),
+                state,
+                node: owner
+                    .map(|(n, _)| n.to_string())
+                    .or_else(|| Some(get("node")).filter(|s| !s.is_empty())),
+                gen: owner.map(|(_, g)| g).or_else(|| get("gen").parse().ok()),
+                pid: get("pid").parse().ok(),
+                last_access_ms_ago: last.map(|t| now.saturating_sub(t)),
+                restarts: get("restarts").parse().unwrap_or(0),
+                last_error: get("last_error"),
+                pinned: matches!(pinned.as_deref(), Some("1" | "true")),
+            });
+        }
+    }
+
+    let status = Status {
+        now_ms: now,
+        leader,
+        nodes: node_rows,
+        channels,
+    };
+    if a.json {
+        serde_json::to_writer_pretty(&mut *out, &status).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    match &status.leader {
+        Some(l) => writeln!(out, "leader: {} (epoch {})", safe(&l.coordinator), l.epoch)?,
+        None => writeln!(out, "leader: none (no coordinator leads)")?,
+    }
+    writeln!(out)?;
+    writeln!(out, "nodes: {}", status.nodes.len())?;
+    let rows: Vec<Vec<String>> = status
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                safe(&n.id).into_owned(),
+                safe(or_dash(&n.address)).into_owned(),
+                if n.alive { "yes" } else { "NO" }.to_string(),
+                if n.capacity == 0 {
+                    format!("{}/unlimited", n.running)
+                } else {
+                    format!("{}/{}", n.running, n.capacity)
+                },
+                n.disk_free.map_or("-".into(), fmt_bytes),
+                safe(or_dash(&n.version)).into_owned(),
+                n.heartbeat_ms_ago
+                    .map_or("-".into(), |ms| format!("{} ago", fmt_ago(ms))),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "ID",
+            "ADDRESS",
+            "ALIVE",
+            "RUNNING",
+            "DISK FREE",
+            "VERSION",
+            "HEARTBEAT",
+        ],
+        &rows,
+    )?;
+    writeln!(out)?;
+    writeln!(out, "channels: {}", status.channels.len())?;
+    let rows: Vec<Vec<String>> = status
+        .channels
+        .iter()
+        .map(|c| {
+            vec![
+                safe(&c.id).into_owned(),
+                safe(or_dash(&c.state)).into_owned(),
+                c.node
+                    .as_deref()
+                    .map_or("-".into(), |n| safe(n).into_owned()),
+                c.gen.map_or("-".into(), |g| g.to_string()),
+                c.pid.map_or("-".into(), |p| p.to_string()),
+                c.last_access_ms_ago
+                    .map_or("-".into(), |ms| format!("{} ago", fmt_ago(ms))),
+                c.restarts.to_string(),
+                if c.pinned { "yes" } else { "no" }.to_string(),
+                safe(or_dash(&c.last_error)).chars().take(80).collect(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "ID",
+            "STATE",
+            "NODE",
+            "GEN",
+            "PID",
+            "LAST ACCESS",
+            "RESTARTS",
+            "PINNED",
+            "LAST ERROR",
+        ],
+        &rows,
+    )?;
+    Ok(())
+}

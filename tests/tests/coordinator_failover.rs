@@ -1,0 +1,227 @@
+//! Failover end to end: kill -9 of the node that owns watched channels (real FFmpeg, fake IPTV
+//! provider, two nodes, one coordinator; node and lease TTL 3 s, tick 1 s).
+//!
+//! Within node_ttl + tick the channels run on the other node: one that a player keeps pulling (via
+//! the surviving node's URL) and one that was watched recently but has no request in flight (only
+//! the coordinator's `start` can bring that one back). The player keeps playing after a bounded gap,
+//! and nothing of the dead node remains in Redis.
+
+use farm_tests::coordinator::{
+    events, farmctl_ok, node_args, owner, CoordinatorOpts, CoordinatorProcess,
+};
+use farm_tests::hls::HlsClient;
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::provider::FakeProvider;
+use farm_tests::redis::RedisServer;
+use farm_tests::wait::eventually;
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const NODE_TTL: Duration = Duration::from_secs(3);
+const TICK: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_moves_watched_channels_off_a_killed_node() {
+    let redis = RedisServer::start();
+    let provider = FakeProvider::start().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    farmctl_ok(
+        &url,
+        &["channel", "add", "news", &provider.url("/live/news.ts")],
+    );
+    farmctl_ok(
+        &url,
+        &["channel", "add", "sports", &provider.url("/live/sports.ts")],
+    );
+    let mut n1 =
+        NodeProcess::spawn(NodeOpts::new("n1", &url, root.path().join("n1")).args(node_args("3s")));
+    let n2 =
+        NodeProcess::spawn(NodeOpts::new("n2", &url, root.path().join("n2")).args(node_args("3s")));
+    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
+        "--idle-timeout",
+        "30s",
+        "--tick",
+        "1s",
+        "--node-ttl",
+        "3s",
+        "--lease-ttl",
+        "3s",
+        "--leader-ttl",
+        "3s",
+    ]));
+    let mut c = redis.conn().await;
+
+    // Both channels start on n1 (their first request goes there).
+    for ch in ["news", "sports"] {
+        let (status, body) = HlsClient::new(&format!("{}/live/{ch}/index.m3u8", n1.base_url()))
+            .get_playlist()
+            .await
+            .expect("first playlist");
+        assert_eq!(status, 200, "{ch}: {body}");
+        assert_eq!(
+            owner(&mut c, "farm", ch).await.map(|o| o.0).as_deref(),
+            Some("n1")
+        );
+    }
+    // A player watches news through n2 (redirected to the owner, n1).
+    let mut player = HlsClient::new(&format!("{}/live/news/index.m3u8", n2.base_url()));
+    let pull = tokio::spawn(async move {
+        player
+            .pull(Duration::from_secs(30), Duration::from_secs(90))
+            .await
+    });
+    eventually(
+        "the player to get a few segments from n1",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                let h: HashMap<String, String> = c.hgetall("farm:stream:news").await.ok()?;
+                let started: u64 = h.get("started_at")?.parse().ok()?;
+                let last: u64 = h.get("last_segment_at")?.parse().ok()?;
+                (last >= started + 6000).then_some(())
+            }
+        },
+    )
+    .await;
+
+    n1.kill9();
+    let killed = Instant::now();
+    // A second viewer polls through n2 until it is served again (the player below is the first).
+    let probe_url = format!("{}/live/news/index.m3u8", n2.base_url());
+    let served_again = tokio::spawn(async move {
+        let probe = HlsClient::new(&probe_url);
+        loop {
+            if let Ok((200, body)) = probe.get_playlist().await {
+                if body.contains("#EXTINF") {
+                    return killed.elapsed();
+                }
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                return killed.elapsed();
+            }
+            tokio::time::sleep(farm_tests::wait::POLL_INTERVAL).await;
+        }
+    });
+    // Polled with a deadline, noting when each channel moved.
+    let mut moved = HashMap::new();
+    while moved.len() < 2 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "channels not owned by n2 20s after the kill: moved so far {moved:?}"
+        );
+        for ch in ["news", "sports"] {
+            if !moved.contains_key(ch)
+                && owner(&mut c, "farm", ch).await.map(|o| o.0).as_deref() == Some("n2")
+            {
+                moved.insert(ch, killed.elapsed());
+            }
+        }
+        tokio::time::sleep(farm_tests::wait::POLL_INTERVAL).await;
+    }
+    eventually("sports to run on n2", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            let state: Option<String> = c.hget("farm:stream:sports", "state").await.ok()?;
+            (state.as_deref() == Some("running")).then_some(())
+        }
+    })
+    .await;
+    let running = killed.elapsed();
+    println!(
+        "after kill -9 of n1: news owned by n2 after {:?}, sports after {:?} (node_ttl + tick = {:?}); sports running (playlist ready) after {running:?}",
+        moved["news"],
+        moved["sports"],
+        NODE_TTL + TICK
+    );
+    // sports has no viewer: only the coordinator's failover start can have moved it.
+    assert!(
+        moved["sports"] <= NODE_TTL + TICK + Duration::from_secs(2),
+        "sports moved after {:?}",
+        moved["sports"]
+    );
+
+    let served_again = served_again.await.expect("probe task");
+    println!("news served again through n2 {served_again:?} after the kill");
+    assert!(
+        served_again <= NODE_TTL + TICK + Duration::from_secs(10),
+        "{served_again:?}"
+    );
+    let report = pull
+        .await
+        .expect("player task")
+        .expect("the player kept playing");
+    println!(
+        "player across the failover: longest wait between new segments {:?}; {report:?}",
+        report.max_wall_gap_between_new_segments
+    );
+    assert!(
+        report.max_wall_gap_between_new_segments <= NODE_TTL + TICK + Duration::from_secs(10),
+        "{report:?}"
+    );
+
+    // Nothing of the dead node remains in Redis.
+    for key in [
+        "farm:node:n1",
+        "farm:node:n1:alive",
+        "farm:node:n1:streams",
+        "farm:cmd:n1",
+    ] {
+        let e: bool = c.exists(key).await.expect("EXISTS");
+        assert!(!e, "{key} survived the reap");
+    }
+    let member: Option<f64> = c.zscore("farm:nodes", "n1").await.expect("ZSCORE");
+    assert_eq!(member, None);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("farm:*")
+        .query_async(&mut c)
+        .await
+        .expect("KEYS");
+    for key in &keys {
+        if key.starts_with("farm:owner:") {
+            let v: String = c.get(key).await.expect("GET");
+            assert!(!v.starts_with("n1:"), "{key} = {v}");
+        }
+        if key.starts_with("farm:stream:") {
+            let n: Option<String> = c.hget(key, "node").await.expect("HGET");
+            assert_ne!(n.as_deref(), Some("n1"), "{key} still names n1");
+        }
+        assert!(!key.contains("n1"), "{key} is left from the dead node");
+    }
+    let ev = events(&mut c, "farm").await;
+    for e in &ev {
+        println!(
+            "event {} {:<14} node={} channel={} gen={} reason={}",
+            e.id,
+            e.kind(),
+            e.get("node"),
+            e.get("channel"),
+            e.get("gen"),
+            e.get("reason")
+        );
+    }
+    let dead: Vec<_> = ev.iter().filter(|e| e.kind() == "node_dead").collect();
+    assert_eq!(dead.len(), 1, "{ev:?}");
+    assert_eq!(dead[0].get("node"), "n1");
+    let failover: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind() == "failover" && e.get("channel") == "sports")
+        .collect();
+    assert_eq!(failover.len(), 1, "{ev:?}");
+    assert_eq!(
+        (failover[0].get("from"), failover[0].get("node")),
+        ("n1", "n2")
+    );
+    assert!(
+        co.metric("farm_coordinator_reaps_total{reason=\"node_dead\"}") >= 3.0,
+        "{}",
+        co.metrics()
+    );
+    let orphans = farm_tests::node::kill_processes_under(&root.path().join("n1"));
+    println!(
+        "FFmpegs of the killed node still running (the node's next start would sweep them): {}",
+        orphans.len()
+    );
+}

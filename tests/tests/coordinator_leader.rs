@@ -1,0 +1,169 @@
+//! Leadership end to end: three farm-coordinators (leader TTL 3 s) over two nodes with the fake
+//! FFmpeg. kill -9 of the leader: another leads within the leader TTL, idle cleanup goes on under
+//! the new leader, and the events show no channel stopped twice. A graceful stop hands over at once.
+
+use farm_tests::coordinator::{
+    events, fake_source, farmctl_ok, leader, node_args, owner, CoordinatorOpts, CoordinatorProcess,
+};
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::redis::RedisServer;
+use farm_tests::wait::eventually;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const LEADER_TTL: Duration = Duration::from_secs(3);
+
+fn coordinator(redis: &RedisServer, id: &str) -> CoordinatorProcess {
+    CoordinatorProcess::spawn(CoordinatorOpts::new(id, redis.url()).args([
+        "--idle-timeout",
+        "3s",
+        "--tick",
+        "500ms",
+        "--node-ttl",
+        "3s",
+        "--lease-ttl",
+        "3s",
+        "--leader-ttl",
+        "3s",
+    ]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stops_twice() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    let channels = ["a1", "a2", "b1", "b2", "b3"];
+    for ch in channels {
+        farmctl_ok(&url, &["channel", "add", ch, &fake_source(ch, 500)]);
+    }
+    let _nodes: Vec<NodeProcess> = ["n1", "n2"]
+        .iter()
+        .map(|id| {
+            NodeProcess::spawn(
+                NodeOpts::new(*id, &url, root.path().join(id))
+                    .with_fake_ffmpeg()
+                    .args(node_args("3s")),
+            )
+        })
+        .collect();
+    let mut coords: HashMap<String, CoordinatorProcess> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|id| (id.to_string(), coordinator(&redis, id)))
+        .collect();
+    let mut c = redis.conn().await;
+    let first = eventually("a leader", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move { leader(&mut c, "farm").await }
+    })
+    .await;
+    eventually(
+        "exactly one coordinator to report is_leader",
+        Duration::from_secs(5),
+        || async {
+            let leading: Vec<&String> = coords
+                .iter()
+                .filter(|(_, p)| p.metric("farm_coordinator_is_leader") == 1.0)
+                .map(|(id, _)| id)
+                .collect();
+            (leading == [&first]).then_some(())
+        },
+    )
+    .await;
+
+    // The first leader stops a1, a2 (started, never watched).
+    for ch in ["a1", "a2"] {
+        farmctl_ok(&url, &["start", ch, "--wait"]);
+    }
+    for ch in ["a1", "a2"] {
+        eventually(
+            &format!("{ch} to be stopped by the first leader"),
+            Duration::from_secs(15),
+            || {
+                let mut c = c.clone();
+                async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) }
+            },
+        )
+        .await;
+    }
+
+    // b1..b3 start, then the leader dies before they are idle.
+    for ch in ["b1", "b2", "b3"] {
+        farmctl_ok(&url, &["start", ch, "--wait"]);
+    }
+    coords.get_mut(&first).expect("leader process").kill9();
+    let killed = Instant::now();
+    let second = eventually("another leader", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        let first = first.clone();
+        async move { leader(&mut c, "farm").await.filter(|l| *l != first) }
+    })
+    .await;
+    let took = killed.elapsed();
+    println!("leader {first} killed; {second} leads {took:?} later (leader TTL {LEADER_TTL:?})");
+    assert!(
+        took <= LEADER_TTL + Duration::from_millis(500),
+        "new leader after {took:?}"
+    );
+
+    for ch in ["b1", "b2", "b3"] {
+        eventually(
+            &format!("{ch} to be stopped by the new leader"),
+            Duration::from_secs(15),
+            || {
+                let mut c = c.clone();
+                async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) }
+            },
+        )
+        .await;
+    }
+    let new_leader = coords.get(&second).expect("new leader process");
+    assert!(new_leader.metric("farm_coordinator_idle_stops_total") >= 1.0);
+    assert_eq!(new_leader.metric("farm_coordinator_is_leader"), 1.0);
+
+    let ev = events(&mut c, "farm").await;
+    let mut stops: HashMap<(String, String), usize> = HashMap::new();
+    for e in ev.iter().filter(|e| e.kind() == "stopped") {
+        assert_eq!(e.get("reason"), "idle", "{e:?}");
+        *stops
+            .entry((e.get("channel").to_string(), e.get("gen").to_string()))
+            .or_default() += 1;
+    }
+    for ch in channels {
+        let n: usize = stops
+            .iter()
+            .filter(|((c, _), _)| c == ch)
+            .map(|(_, n)| *n)
+            .sum();
+        assert_eq!(n, 1, "channel {ch} stopped {n} times: {stops:?}");
+    }
+    let changes: Vec<_> = ev.iter().filter(|e| e.kind() == "leader_changed").collect();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(changes[1].get("coordinator"), second);
+    assert_eq!(changes[1].get("previous"), format!("{first}:1"));
+    assert!(
+        ev.iter().all(|e| e.kind() != "node_dead"),
+        "a leadership change reaped a node"
+    );
+
+    // A graceful stop releases the lease: the last one takes over without waiting for the TTL.
+    coords.get(&second).expect("leader").sigterm();
+    let stopped = Instant::now();
+    let third = eventually("the third leader", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        let second = second.clone();
+        async move { leader(&mut c, "farm").await.filter(|l| *l != second) }
+    })
+    .await;
+    println!(
+        "{second} stopped gracefully; {third} leads {:?} later",
+        stopped.elapsed()
+    );
+    assert!(stopped.elapsed() < LEADER_TTL, "{:?}", stopped.elapsed());
+    let status = coords
+        .get_mut(&second)
+        .expect("process")
+        .wait_exit(Duration::from_secs(10))
+        .expect("graceful exit");
+    assert!(status.success(), "{status}");
+}

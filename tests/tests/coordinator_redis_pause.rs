@@ -1,0 +1,256 @@
+//! Redis outages end to end (SIGSTOP of redis-server): two nodes with the fake FFmpeg, one
+//! coordinator; node and lease TTL 4 s, tick 500 ms.
+//!
+//! - Shorter than the lease TTL: nothing is stopped, restarted or reaped; the coordinator notices
+//!   the stall and holds its reaps.
+//! - Longer than the lease TTL: the nodes fence their FFmpegs, the coordinator reaps no node, and
+//!   once Redis returns the farm serves again by itself while the fenced leftovers are reconciled.
+
+use farm_tests::coordinator::{
+    events, fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts,
+    CoordinatorProcess, FarmEvent,
+};
+use farm_tests::hls::HlsClient;
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::redis::RedisServer;
+use farm_tests::wait::eventually;
+use redis::AsyncCommands;
+use std::path::Path;
+use std::time::Duration;
+
+struct Farm {
+    redis: RedisServer,
+    n1: NodeProcess,
+    n2: NodeProcess,
+    co: CoordinatorProcess,
+    _root: tempfile::TempDir,
+}
+
+fn farm() -> Farm {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    farmctl_ok(
+        &url,
+        &["channel", "add", "watched", &fake_source("watched", 500)],
+    );
+    farmctl_ok(
+        &url,
+        &[
+            "channel",
+            "add",
+            "kept",
+            &fake_source("kept", 500),
+            "--pinned",
+        ],
+    );
+    let node = |id: &str, root: &Path| {
+        NodeProcess::spawn(
+            NodeOpts::new(id, &url, root.join(id))
+                .with_fake_ffmpeg()
+                .args(node_args("4s")),
+        )
+    };
+    let n1 = node("n1", root.path());
+    let n2 = node("n2", root.path());
+    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
+        "--idle-timeout",
+        "10s",
+        "--tick",
+        "500ms",
+        "--node-ttl",
+        "4s",
+        "--lease-ttl",
+        "4s",
+        "--leader-ttl",
+        "4s",
+    ]));
+    Farm {
+        redis,
+        n1,
+        n2,
+        co,
+        _root: root,
+    }
+}
+
+/// Waits until the coordinator has run `n` more ticks as leader.
+async fn ticks(co: &CoordinatorProcess, n: f64) {
+    let start = co.metric("farm_coordinator_ticks_total");
+    eventually(
+        &format!("{n} more coordinator ticks"),
+        Duration::from_secs(30),
+        || async { (co.metric("farm_coordinator_ticks_total") >= start + n).then_some(()) },
+    )
+    .await;
+}
+
+fn after<'a>(ev: &'a [FarmEvent], mark: &str) -> Vec<&'a FarmEvent> {
+    ev.iter().filter(|e| e.id.as_str() > mark).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_redis_paused_shorter_than_the_lease_stops_and_reaps_nothing() {
+    let f = farm();
+    let url = f.redis.url();
+    let mut c = f.redis.conn().await;
+    farmctl_ok(&url, &["start", "kept", "--node", "n2", "--wait"]);
+    let mut player = HlsClient::new(&format!("{}/live/watched/index.m3u8", f.n1.base_url()));
+    player
+        .pull(Duration::from_secs(2), Duration::from_secs(20))
+        .await
+        .expect("watched plays");
+    eventually(
+        "the coordinator to lead",
+        Duration::from_secs(10),
+        || async { (f.co.metric("farm_coordinator_is_leader") == 1.0).then_some(()) },
+    )
+    .await;
+    let before_watched = owner(&mut c, "farm", "watched")
+        .await
+        .expect("watched runs");
+    let before_kept = owner(&mut c, "farm", "kept").await.expect("kept runs");
+    let pids = (
+        ffmpegs_for(f.n1.hls_root(), "watched"),
+        ffmpegs_for(f.n2.hls_root(), "kept"),
+    );
+    let mark = events(&mut c, "farm")
+        .await
+        .last()
+        .map(|e| e.id.clone())
+        .unwrap_or_default();
+
+    // The player keeps watching across the pause.
+    let pull = tokio::spawn(async move {
+        player
+            .pull(Duration::from_secs(12), Duration::from_secs(40))
+            .await
+    });
+    f.redis.pause();
+    // The outage itself (fault injection, not synchronisation).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    f.redis.resume();
+    // Long enough for any wrong decision to show: node_ttl + a few ticks.
+    ticks(&f.co, 12.0).await;
+    let report = pull
+        .await
+        .expect("player task")
+        .expect("the player kept playing");
+    println!("player across a 1.5 s Redis pause: {report:?}");
+    assert_eq!(
+        report.sequence_resets, 0,
+        "watched was restarted: {report:?}"
+    );
+
+    assert_eq!(owner(&mut c, "farm", "watched").await, Some(before_watched));
+    assert_eq!(owner(&mut c, "farm", "kept").await, Some(before_kept));
+    assert_eq!(
+        (
+            ffmpegs_for(f.n1.hls_root(), "watched"),
+            ffmpegs_for(f.n2.hls_root(), "kept")
+        ),
+        pids,
+        "an FFmpeg was replaced"
+    );
+    let ev = events(&mut c, "farm").await;
+    let since = after(&ev, &mark);
+    assert!(
+        since.iter().all(|e| !matches!(
+            e.kind(),
+            "stopped" | "started" | "reaped" | "node_dead" | "failover" | "failed" | "restarted"
+        )),
+        "something happened during a short Redis pause: {since:?}"
+    );
+    let held =
+        f.co.metric("farm_coordinator_reaps_refused_total{reason=\"redis_disturbed\"}");
+    println!("ticks that held their reaps after the stall: {held}");
+    assert!(
+        held >= 1.0,
+        "the coordinator did not notice the stall:\n{}",
+        f.co.metrics()
+    );
+    let _ = &f.n2;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_farm_recovers() {
+    let f = farm();
+    let url = f.redis.url();
+    let mut c = f.redis.conn().await;
+    farmctl_ok(&url, &["start", "kept", "--node", "n2", "--wait"]);
+    let mut player = HlsClient::new(&format!("{}/live/watched/index.m3u8", f.n1.base_url()));
+    player
+        .pull(Duration::from_secs(2), Duration::from_secs(20))
+        .await
+        .expect("watched plays");
+    let (_, gen_before) = owner(&mut c, "farm", "watched")
+        .await
+        .expect("watched runs");
+    let mark = events(&mut c, "farm")
+        .await
+        .last()
+        .map(|e| e.id.clone())
+        .unwrap_or_default();
+
+    f.redis.pause();
+    // The nodes fence their FFmpegs after 2/3 of the lease TTL without Redis.
+    eventually(
+        "the nodes to fence their FFmpegs",
+        Duration::from_secs(15),
+        || async {
+            (ffmpegs_for(f.n1.hls_root(), "watched").is_empty()
+                && ffmpegs_for(f.n2.hls_root(), "kept").is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+    // Hold the outage past the lease TTL (fault injection, not synchronisation).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    f.redis.resume();
+
+    // The viewer gets the channel back by itself.
+    let report = player
+        .pull(Duration::from_secs(4), Duration::from_secs(40))
+        .await
+        .expect("watched plays again after the outage");
+    println!("player after a long Redis pause: {report:?}");
+    let (_, gen_after) = owner(&mut c, "farm", "watched")
+        .await
+        .expect("watched runs again");
+    assert!(gen_after > gen_before);
+    // The fenced, unwatched channel's leftovers are reconciled once the coordinator has settled.
+    eventually(
+        "kept's stale stream hash to be reaped",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                let e: bool = c.exists("farm:stream:kept").await.ok()?;
+                let member: bool = c.sismember("farm:node:n2:streams", "kept").await.ok()?;
+                (!e && !member).then_some(())
+            }
+        },
+    )
+    .await;
+    let ev = events(&mut c, "farm").await;
+    let since = after(&ev, &mark);
+    assert!(
+        since.iter().all(|e| e.kind() != "node_dead"),
+        "a Redis outage reaped a node: {since:?}"
+    );
+    let reaped: Vec<_> = since
+        .iter()
+        .filter(|e| e.kind() == "reaped" && e.get("channel") == "kept")
+        .collect();
+    assert!(
+        reaped.iter().any(|e| e.get("reason") == "no_lease"),
+        "{since:?}"
+    );
+    for n in ["n1", "n2"] {
+        let alive: bool = c
+            .exists(format!("farm:node:{n}:alive"))
+            .await
+            .expect("EXISTS");
+        assert!(alive, "{n} is not alive after the outage");
+    }
+}

@@ -1,0 +1,171 @@
+//! A frozen owner: SIGSTOP of a node and its FFmpeg (a frozen host) for 2 x the lease TTL, with the
+//! fake FFmpeg; node and lease TTL 3 s, tick 500 ms.
+//!
+//! The coordinator declares the node dead and moves its recently watched channel to the other node.
+//! After SIGCONT the old node finds its lease gone and kills its FFmpeg within about one renew
+//! interval, and none of its writes land (its gen is refused). Sampled every 50 ms during the
+//! freeze, at most one FFmpeg for the channel is running (a stopped one does not count); after the
+//! wake, the old one's overlap is bounded by one renew interval.
+
+use farm_tests::coordinator::{
+    events, fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts,
+    CoordinatorProcess,
+};
+use farm_tests::hls::HlsClient;
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::procs;
+use farm_tests::redis::RedisServer;
+use farm_tests::signal;
+use farm_tests::wait::eventually;
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const LEASE: Duration = Duration::from_secs(3);
+
+/// FFmpegs of the channel on either node that can run (not stopped, not zombies).
+fn running(roots: &[&std::path::Path]) -> Vec<i32> {
+    roots
+        .iter()
+        .flat_map(|r| ffmpegs_for(r, "ch"))
+        .filter(|pid| procs::stat(*pid).is_some_and(|s| s.state != 'T' && s.state != 't'))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_moves_a_channel_off_a_frozen_node_and_the_node_fences_on_wake() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 500)]);
+    let n1 = NodeProcess::spawn(
+        NodeOpts::new("n1", &url, root.path().join("n1"))
+            .with_fake_ffmpeg()
+            .args(node_args("3s")),
+    );
+    let n2 = NodeProcess::spawn(
+        NodeOpts::new("n2", &url, root.path().join("n2"))
+            .with_fake_ffmpeg()
+            .args(node_args("3s")),
+    );
+    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
+        "--idle-timeout",
+        "30s",
+        "--tick",
+        "500ms",
+        "--node-ttl",
+        "3s",
+        "--lease-ttl",
+        "3s",
+        "--leader-ttl",
+        "3s",
+    ]));
+    let mut c = redis.conn().await;
+    let (status, body) = HlsClient::new(&format!("{}/live/ch/index.m3u8", n1.base_url()))
+        .get_playlist()
+        .await
+        .expect("first playlist");
+    assert_eq!(status, 200, "{body}");
+    let (_, old_gen) = owner(&mut c, "farm", "ch").await.expect("ch runs on n1");
+    let old = ffmpegs_for(n1.hls_root(), "ch");
+    assert_eq!(old.len(), 1, "{old:?}");
+    let old = old[0];
+    let roots = [n1.hls_root(), n2.hls_root()];
+
+    // Freeze the host: the node and its FFmpeg.
+    n1.sigstop();
+    signal::stop(old).expect("SIGSTOP ffmpeg");
+    let frozen = Instant::now();
+    let mut samples = 0u32;
+    let mut doubles = 0u32;
+    let mut moved_after = None;
+    // 2 x the lease TTL, sampling (the freeze is the fault; the samples are the measurement).
+    while frozen.elapsed() < LEASE * 2 {
+        samples += 1;
+        if running(&roots).len() > 1 {
+            doubles += 1;
+        }
+        if moved_after.is_none()
+            && owner(&mut c, "farm", "ch").await.map(|o| o.0).as_deref() == Some("n2")
+        {
+            moved_after = Some(frozen.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let moved_after = moved_after.expect("ch moved to n2 while n1 was frozen");
+    assert_eq!(
+        doubles, 0,
+        "two FFmpegs ran for the channel while n1 was frozen"
+    );
+    let frozen_samples = samples;
+    let (_, new_gen) = owner(&mut c, "farm", "ch").await.expect("ch runs on n2");
+    assert!(new_gen > old_gen);
+    let ev = events(&mut c, "farm").await;
+    assert!(
+        ev.iter()
+            .any(|e| e.kind() == "node_dead" && e.get("node") == "n1"),
+        "{ev:?}"
+    );
+    let stream_before: HashMap<String, String> =
+        c.hgetall("farm:stream:ch").await.expect("HGETALL");
+    assert_eq!(stream_before.get("node").map(String::as_str), Some("n2"));
+
+    // Wake the host (node first, as a resumed VM's scheduler would run either).
+    n1.sigcont();
+    signal::cont(old).expect("SIGCONT ffmpeg");
+    let woke = Instant::now();
+    while procs::pid_alive(old) {
+        samples += 1;
+        if running(&roots).len() > 1 {
+            doubles += 1;
+        }
+        assert!(
+            woke.elapsed() < Duration::from_secs(10),
+            "n1's FFmpeg still runs 10s after the wake"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone_after = woke.elapsed();
+    println!(
+        "frozen n1: ch owned by n2 {moved_after:?} into the freeze ({frozen_samples} samples, never two running FFmpegs); \
+after SIGCONT n1's FFmpeg was gone in {gone_after:?} (renew interval {:?}), {doubles} of {} samples in that window saw two running",
+        LEASE / 3,
+        samples - frozen_samples
+    );
+    // A woken FFmpeg runs until its node's first keepalive finds the lease gone: that overlap is
+    // bounded by one renew interval (the node cannot act before the host schedules it).
+    assert!(
+        gone_after <= LEASE / 3 + Duration::from_millis(500),
+        "{gone_after:?}"
+    );
+
+    // n1 is back (alive again) and none of its writes landed: the hash and lease are n2's.
+    eventually("n1 to heartbeat again", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let alive: bool = c.exists("farm:node:n1:alive").await.ok()?;
+            alive.then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        owner(&mut c, "farm", "ch").await,
+        Some(("n2".to_string(), new_gen))
+    );
+    let stream_after: HashMap<String, String> = c.hgetall("farm:stream:ch").await.expect("HGETALL");
+    assert_eq!(stream_after.get("node"), stream_before.get("node"));
+    assert_eq!(stream_after.get("gen"), Some(&new_gen.to_string()));
+    let n1_set: Vec<String> = c.smembers("farm:node:n1:streams").await.expect("SMEMBERS");
+    assert!(n1_set.is_empty(), "{n1_set:?}");
+    assert_eq!(ffmpegs_for(n2.hls_root(), "ch").len(), 1);
+    let ev = events(&mut c, "farm").await;
+    let late: Vec<_> = ev
+        .iter()
+        // Written by n1 itself (the coordinator's events carry `by`).
+        .filter(|e| e.get("by").is_empty() && e.get("node") == "n1" && e.kind() != "started")
+        .collect();
+    assert!(
+        late.is_empty(),
+        "n1 wrote events for its fenced gen: {late:?}"
+    );
+}
