@@ -44,17 +44,13 @@ async fn consume(node: &Arc<Node>) -> Result<(), redis::RedisError> {
         redis::RedisError::from((redis::ErrorKind::Io, "timeout", e.to_string()))
     };
     // A dedicated connection: a blocking read must not hold up the pool's multiplexed calls.
-    let client = redis::Client::open(cfg.redis_url.as_str())?;
-    // Its response timeout must cover BLOCK (redis-rs defaults to 500ms).
-    let conn_cfg = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(t))
-        .set_response_timeout(Some(t + Duration::from_millis(BLOCK_MS as u64)));
-    let mut conn = tokio::time::timeout(
-        t,
-        client.get_multiplexed_async_connection_with_config(&conn_cfg),
-    )
-    .await
-    .map_err(timed)??;
+    // Its response timeout must cover BLOCK (redis-rs defaults to 500ms). For a Sentinel set,
+    // a new connection goes to the current primary.
+    let connect = node
+        .store
+        .target()
+        .connect(t + Duration::from_millis(BLOCK_MS as u64));
+    let mut conn = tokio::time::timeout(t, connect).await.map_err(timed)??;
     let created: Result<(), redis::RedisError> =
         tokio::time::timeout(t, conn.xgroup_create_mkstream(&key, CMD_GROUP, "0"))
             .await

@@ -86,7 +86,8 @@ pub struct Args {
     /// plus `[profiles.<name>] args = [...]`). Flags and environment win over the file.
     #[arg(long, env = "FARM_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Redis URL (redis://[user:password@]host:port/db). [default: redis://127.0.0.1:6379/]
+    /// Redis URL: redis://[user:password@]host:port/db, or a Sentinel set as
+    /// redis+sentinel://[user:password@]host1:port1,host2:port2/<master>[/db]. [default: redis://127.0.0.1:6379/]
     #[arg(long, env = "FARM_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Key prefix in Redis. [default: farm]
@@ -471,6 +472,7 @@ impl Config {
             )?,
             profiles,
         };
+        farm_proto::redis_url::parse(&cfg.redis_url).map_err(ConfigError)?;
         cfg.check()?;
         Ok(cfg)
     }

@@ -42,9 +42,18 @@ pub struct Renewal {
 /// one multiplexed connection checked out and shares it between all callers (redis-rs pipelines
 /// concurrent calls over it), so a call costs one round trip, not a recycle PING plus the call.
 /// A connection that fails or times out is dropped and the next call gets a fresh one.
+/// Connections come from a plain pool or, for a Sentinel URL, from one that asks the sentinels
+/// for the current primary on every new connection.
+#[derive(Clone)]
+enum Pools {
+    Direct(Pool),
+    Sentinel(deadpool_redis::sentinel::Pool),
+}
+
 #[derive(Clone)]
 pub struct Store {
-    pool: Pool,
+    pool: Pools,
+    target: farm_proto::redis_url::Target,
     hot: std::sync::Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
     keys: Keys,
     timeout: Duration,
@@ -56,17 +65,60 @@ impl Store {
         let conn_cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
-        let manager = Manager::new_with_config(url, conn_cfg)?;
-        let pool = Pool::builder(manager)
-            .max_size(4)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let target = farm_proto::redis_url::parse(url).map_err(StoreError::Pool)?;
+        let build_err = |e: deadpool_redis::BuildError| StoreError::Pool(e.to_string());
+        let pool = match &target {
+            farm_proto::redis_url::Target::Direct { url } => {
+                let manager = Manager::new_with_config(url.as_str(), conn_cfg)?;
+                Pools::Direct(
+                    Pool::builder(manager)
+                        .max_size(4)
+                        .runtime(Runtime::Tokio1)
+                        .wait_timeout(Some(timeout))
+                        .create_timeout(Some(timeout))
+                        .recycle_timeout(Some(timeout))
+                        .build()
+                        .map_err(build_err)?,
+                )
+            }
+            farm_proto::redis_url::Target::Sentinel {
+                sentinels,
+                master,
+                username,
+                password,
+                db,
+            } => {
+                use deadpool_redis::sentinel as ds;
+                let info = ds::SentinelNodeConnectionInfo {
+                    tls_mode: None,
+                    redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
+                        db: *db,
+                        username: username.clone(),
+                        password: password.clone(),
+                        protocol: Default::default(),
+                    }),
+                };
+                let manager = ds::Manager::new(
+                    sentinels.clone(),
+                    master.clone(),
+                    Some(info),
+                    ds::SentinelServerType::Master,
+                )?;
+                Pools::Sentinel(
+                    ds::Pool::builder(manager)
+                        .max_size(4)
+                        .runtime(Runtime::Tokio1)
+                        .wait_timeout(Some(timeout))
+                        .create_timeout(Some(timeout))
+                        .recycle_timeout(Some(timeout))
+                        .build()
+                        .map_err(build_err)?,
+                )
+            }
+        };
         Ok(Self {
             pool,
+            target,
             hot: Default::default(),
             keys: Keys::new(prefix),
             timeout,
@@ -81,12 +133,13 @@ impl Store {
         if let Some(c) = self.lock_hot().as_ref() {
             return Ok(c.clone());
         }
-        let obj = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let c = deadpool_redis::Connection::take(obj);
+        let pool_err = |e: deadpool_redis::PoolError| StoreError::Pool(e.to_string());
+        let c = match &self.pool {
+            Pools::Direct(p) => deadpool_redis::Connection::take(p.get().await.map_err(pool_err)?),
+            Pools::Sentinel(p) => {
+                deadpool_redis::sentinel::Connection::take(p.get().await.map_err(pool_err)?)
+            }
+        };
         *self.lock_hot() = Some(c.clone());
         Ok(c)
     }
@@ -538,6 +591,11 @@ impl Store {
             Ok(())
         })
         .await
+    }
+
+    /// Where Redis is (plain or Sentinel), for connections outside the pool.
+    pub fn target(&self) -> &farm_proto::redis_url::Target {
+        &self.target
     }
 
     pub fn timeout(&self) -> Duration {

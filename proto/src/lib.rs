@@ -10,6 +10,7 @@
 pub mod duration;
 pub mod keys;
 pub mod m3u;
+pub mod redis_url;
 pub mod scripts;
 pub mod token;
 pub mod types;
