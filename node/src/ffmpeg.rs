@@ -112,9 +112,31 @@ pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
     a
 }
 
-/// Spawns FFmpeg as the leader of a new process group, stdin null, stderr piped, environment cleared.
-pub fn spawn(program: &Path, argv: &[OsString], dir: &Path) -> std::io::Result<Child> {
-    let mut cmd = Command::new(program);
+/// `setpriv` from util-linux, when installed: it sets a parent-death signal and execs FFmpeg (same
+/// pid), so FFmpeg dies with the node even on SIGKILL. The start-up sweep stays the second line.
+pub fn pdeathsig_wrapper() -> Option<PathBuf> {
+    ["/usr/bin/setpriv", "/bin/setpriv"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Spawns FFmpeg as the leader of a new process group, stdin null, stderr piped, environment
+/// cleared; through `wrapper` (setpriv) when given.
+pub fn spawn(
+    program: &Path,
+    argv: &[OsString],
+    dir: &Path,
+    wrapper: Option<&Path>,
+) -> std::io::Result<Child> {
+    let mut cmd = match wrapper {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
     cmd.args(argv)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")

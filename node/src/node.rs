@@ -149,6 +149,8 @@ pub struct Node {
     pub hot_budget: Arc<crate::hot::Budget>,
     /// Set by a `drain` command: no new channels; the running ones are handed to other nodes.
     pub draining: std::sync::atomic::AtomicBool,
+    /// setpriv, to give every FFmpeg a parent-death signal.
+    pub pdeathsig: Option<PathBuf>,
 }
 
 fn now_ms() -> u64 {
@@ -181,6 +183,7 @@ impl Node {
             last_redis_ok: Mutex::new(Instant::now()),
             hot_budget,
             draining: std::sync::atomic::AtomicBool::new(false),
+            pdeathsig: ffmpeg::pdeathsig_wrapper(),
         })
     }
 
@@ -654,7 +657,7 @@ async fn supervise(
                 start_number,
             },
         );
-        let end = match ffmpeg::spawn(&cfg.ffmpeg, &argv, &entry.dir) {
+        let end = match ffmpeg::spawn(&cfg.ffmpeg, &argv, &entry.dir, node.pdeathsig.as_deref()) {
             Err(e) => RunEnd::Crash(format!("cannot run {}: {e}", cfg.ffmpeg.display())),
             Ok(child) => {
                 node.metrics.ffmpeg_spawns.inc();
@@ -998,6 +1001,23 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             .into_iter()
             .filter(|e| !e.handing_over.load(Ordering::Acquire))
             .collect();
+        // Woken after a freeze (SIGSTOP, a stalled VM) past the fence time: our leases may belong to
+        // others by now. Stop the FFmpegs before anything else, without waiting for Redis to say so.
+        let since = node
+            .last_redis_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if since >= cfg.fence_after() && !fenced_all && !entries.is_empty() {
+            error!(
+                ?since,
+                "no lease renewal for 2/3 of the lease TTL; stopping every FFmpeg"
+            );
+            fenced_all = true;
+            for e in &entries {
+                let _ = e.inbox.try_send(Ctl::Fenced);
+            }
+        }
         let renewals: Vec<Renewal> = entries
             .iter()
             .map(|e| Renewal {
