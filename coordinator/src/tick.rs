@@ -38,6 +38,8 @@ pub struct TickState {
     node_cursors: HashMap<String, u64>,
     /// The leader value the last leading tick ran under: a new term starts with a clean state.
     term: Option<String>,
+    /// Pinned channel -> when a start for it may be sent again.
+    pin_starts: HashMap<String, Instant>,
 }
 
 /// What one tick did (for logs, tests and the benchmark).
@@ -58,6 +60,8 @@ pub struct TickReport {
     pub nodes_reaped: usize,
     pub channels_reaped: usize,
     pub rehomed: usize,
+    /// Pinned channels that ran nowhere and were started.
+    pub pinned_started: usize,
     /// Stale stream hashes and set entries removed.
     pub reconciled: usize,
     /// A script found that another coordinator leads now.
@@ -127,7 +131,10 @@ pub async fn tick(sh: &Shared, st: &mut TickState) -> Result<TickReport> {
         if !reap_dead(sh, st, &held, now_ms, &nodes, &mut budget, &mut report, &mut ev).await? {
             return Ok(false);
         }
-        reconcile(sh, st, &held, &nodes, &mut budget, &mut report, &mut ev).await
+        if !reconcile(sh, st, &held, &nodes, &mut budget, &mut report, &mut ev).await? {
+            return Ok(false);
+        }
+        keep_pinned(sh, st, &held, now_ms, &nodes, &mut report, &mut ev).await
     }
     .await;
     // Whatever was done is recorded, also when a later step failed.
@@ -682,6 +689,77 @@ async fn reconcile(
                 .field("channel", id)
                 .field("reason", reason)
                 .field("removed", removed),
+        );
+    }
+    Ok(true)
+}
+
+/// Pinned channels run somewhere at all times: one that no node owns (never started, fenced,
+/// failed, its re-home lost) gets a `start` on the live node with the most room, at most once per
+/// lease TTL + node TTL. `farm:pinned` is small; nothing else is scanned.
+async fn keep_pinned(
+    sh: &Shared,
+    st: &mut TickState,
+    held: &str,
+    now_ms: u64,
+    nodes: &[NodeView],
+    report: &mut TickReport,
+    ev: &mut Vec<Event>,
+) -> Result<bool> {
+    let k = &sh.keys;
+    let pinned: Vec<String> = sh
+        .store
+        .query("SMEMBERS pinned", redis::cmd("SMEMBERS").arg(k.pinned()))
+        .await?;
+    if pinned.is_empty() {
+        return Ok(true);
+    }
+    let mut p = redis::pipe();
+    for id in &pinned {
+        p.exists(k.owner(id));
+    }
+    let owned: Vec<bool> = sh.store.pipe("EXISTS owners", &p).await?;
+    let now = Instant::now();
+    let backoff = sh.cfg.lease_ttl + sh.cfg.node_ttl;
+    st.pin_starts.retain(|_, until| *until > now);
+    let mut live: Vec<NodeView> = nodes.iter().filter(|n| n.alive).cloned().collect();
+    let (by, maxlen, leader_key) = (sh.cfg.by(), CMD_MAXLEN.to_string(), k.leader());
+    for (id, owned) in pinned.iter().zip(owned) {
+        if owned || st.pin_starts.contains_key(id) {
+            continue;
+        }
+        let Some(target) = pick_target(&live, &[]).map(|t| t.id.clone()) else {
+            warn!(channel = %id, "pinned channel runs nowhere and no live node has room");
+            continue;
+        };
+        let mut inv = scripts::COMMAND.prepare_invoke();
+        inv.key(&leader_key)
+            .key(k.cmd(&target))
+            .arg(held)
+            .arg(&maxlen)
+            .arg("op")
+            .arg("start")
+            .arg("channel")
+            .arg(id)
+            .arg("reason")
+            .arg("pinned")
+            .arg("by")
+            .arg(&by);
+        let sent: Option<String> = sh.store.script("command.lua", inv).await?;
+        if sent.is_none() {
+            return Ok(false);
+        }
+        st.pin_starts.insert(id.clone(), now + backoff);
+        if let Some(t) = live.iter_mut().find(|n| n.id == target) {
+            t.running += 1;
+        }
+        report.pinned_started += 1;
+        info!(channel = %id, node = %target, "pinned channel ran nowhere: start sent");
+        ev.push(
+            Event::new(event::FAILOVER, now_ms)
+                .field("node", &target)
+                .field("channel", id)
+                .field("reason", "pinned"),
         );
     }
     Ok(true)

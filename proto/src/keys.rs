@@ -37,6 +37,11 @@ impl Keys {
     pub fn channels(&self) -> String {
         format!("{}:channels", self.prefix)
     }
+    /// `farm:pinned` set: the pinned channels (kept running by the coordinator), maintained with the
+    /// catalog's `pinned` field.
+    pub fn pinned(&self) -> String {
+        format!("{}:pinned", self.prefix)
+    }
     /// `farm:provider:<name>` hash: `max_connections`.
     pub fn provider(&self, name: &str) -> String {
         format!("{}:provider:{name}", self.prefix)

@@ -69,6 +69,14 @@ pub async fn write(ctx: &mut Ctx, specs: &[ChannelSpec], replace: bool) -> Resul
             .arg(&set_key)
             .arg(specs.iter().map(|s| s.id.as_str()).collect::<Vec<_>>())
             .ignore();
+        // The pinned index follows the catalog's `pinned` field.
+        let pinned_key = ctx.keys().pinned();
+        for spec in specs.iter() {
+            tx.cmd(if spec.pinned { "SADD" } else { "SREM" })
+                .arg(&pinned_key)
+                .arg(&spec.id)
+                .ignore();
+        }
         // None: EXEC was refused because a watched key changed; nothing was written.
         let done: Option<redis::Value> = ctx.query_pipe("MULTI/EXEC", &tx).await?;
         if done.is_some() {
@@ -89,7 +97,11 @@ pub async fn remove(ctx: &mut Ctx, id: &str) -> Result<(), CtlError> {
         .arg(ctx.keys().channel(id))
         .cmd("SREM")
         .arg(ctx.keys().channels())
-        .arg(id);
+        .arg(id)
+        .cmd("SREM")
+        .arg(ctx.keys().pinned())
+        .arg(id)
+        .ignore();
     let (deleted, unindexed): (i64, i64) = ctx.query_pipe("MULTI/EXEC", &tx).await?;
     if deleted == 0 && unindexed == 0 {
         return Err(CtlError::NotFound(id.to_string()));

@@ -206,7 +206,9 @@ pub async fn pin(
     validate::channel_id(&a.id)?;
     let mut inv = scripts::PIN.prepare_invoke();
     inv.key(ctx.keys().channel(&a.id))
-        .arg(if pinned { "1" } else { "0" });
+        .key(ctx.keys().pinned())
+        .arg(if pinned { "1" } else { "0" })
+        .arg(&a.id);
     let written: i64 = ctx.script("pin.lua", inv).await?;
     if written == 0 {
         return Err(CtlError::NotFound(a.id));
