@@ -9,7 +9,7 @@
 
 use farm_proto::scripts;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline};
+use redis::{FromRedisValue, Pipeline};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -38,7 +38,8 @@ struct Health {
 }
 
 pub struct Store {
-    client: Client,
+    /// A plain URL or a Sentinel set: a new connection goes to the current primary.
+    target: farm_proto::redis_url::Target,
     timeout: Duration,
     stall_threshold: Duration,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
@@ -48,7 +49,9 @@ pub struct Store {
 impl Store {
     pub fn new(url: &str, timeout: Duration, stall_threshold: Duration) -> Result<Self> {
         Ok(Self {
-            client: Client::open(url).map_err(StoreError::Url)?,
+            target: farm_proto::redis_url::parse(url).map_err(|m| {
+                StoreError::Url(redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "invalid Redis URL", m)))
+            })?,
             timeout,
             stall_threshold,
             conn: tokio::sync::Mutex::new(None),
@@ -96,12 +99,9 @@ impl Store {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
         let c = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
+            .target
+            .connect(self.timeout)
             .await
             .map_err(|source| StoreError::Redis {
                 what: "connect",

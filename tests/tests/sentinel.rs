@@ -157,6 +157,21 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
             )
         })
         .collect();
+    // A coordinator through the same sentinels: idle stops must work after the failover too.
+    let _coordinator = farm_tests::coordinator::CoordinatorProcess::spawn(
+        farm_tests::coordinator::CoordinatorOpts::new("c1", url.clone()).args([
+            "--idle-timeout",
+            "4s",
+            "--tick",
+            "500ms",
+            "--node-ttl",
+            "10s",
+            "--lease-ttl",
+            "10s",
+            "--leader-ttl",
+            "6s",
+        ]),
+    );
     for (i, id) in ids.iter().enumerate() {
         let r = get(&format!("{}/live/{id}/index.m3u8", nodes[i % 2].base_url())).await;
         assert_eq!(r.status, 200, "{id}: {}", r.text());
@@ -254,6 +269,33 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
             "{id} still owned"
         );
     }
+    // Keep s1 watched; nobody watches s2 and s3 any more: idle cleanup works on the new primary.
+    let watcher_url = format!("{}/live/s1/index.m3u8", nodes[0].base_url());
+    let keep = tokio::spawn(async move {
+        HlsClient::new(&watcher_url)
+            .pull(Duration::from_secs(60), Duration::from_secs(60))
+            .await
+    });
+    let viewers_left = Instant::now();
+    eventually(
+        "s2 and s3 idle-stopped after the failover",
+        Duration::from_secs(40),
+        || async {
+            let mut conn = replica.conn().await;
+            let a: bool = conn.exists("farm:owner:s2").await.ok()?;
+            let b: bool = conn.exists("farm:owner:s3").await.ok()?;
+            (!a && !b).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "idle channels stopped {:?} after their viewers left (after the failover)",
+        viewers_left.elapsed()
+    );
+    assert!(
+        c.exists::<_, bool>("farm:owner:s1").await.expect("EXISTS"),
+        "the watched one runs on"
+    );
     // Commands work against the new primary: stop s1 on its node.
     let owner: String = c.get("farm:owner:s1").await.expect("owner");
     let (node, gen) = owner.split_once(':').expect("node:gen");
@@ -274,4 +316,5 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
         },
     )
     .await;
+    keep.abort();
 }

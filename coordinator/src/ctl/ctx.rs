@@ -8,14 +8,15 @@ use super::error::CtlError;
 use super::GlobalArgs;
 use farm_proto::Keys;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline};
+use redis::{FromRedisValue, Pipeline};
 use std::future::Future;
 use std::time::Duration;
 
 pub struct Ctx {
     keys: Keys,
     allowed_schemes: Vec<String>,
-    client: Client,
+    /// A plain URL or a Sentinel set.
+    target: farm_proto::redis_url::Target,
     /// The URL with any password masked, for messages.
     shown_url: String,
     timeout: Duration,
@@ -26,7 +27,7 @@ impl Ctx {
     /// Checks the global options; opens nothing.
     pub fn new(global: GlobalArgs) -> Result<Self, CtlError> {
         let shown_url = mask_password(&global.redis_url);
-        let client = Client::open(global.redis_url.as_str())
+        let target = farm_proto::redis_url::parse(&global.redis_url)
             .map_err(|e| CtlError::Usage(format!("invalid --redis-url {shown_url:?}: {e}")))?;
         check_prefix(&global.prefix)?;
         let allowed_schemes: Vec<String> = global
@@ -43,7 +44,7 @@ impl Ctx {
         Ok(Self {
             keys: Keys::new(global.prefix),
             allowed_schemes,
-            client,
+            target,
             shown_url,
             timeout: global.redis_timeout,
             conn: None,
@@ -60,14 +61,9 @@ impl Ctx {
 
     async fn conn(&mut self) -> Result<&mut MultiplexedConnection, CtlError> {
         if self.conn.is_none() {
-            // The crate's own timeouts are off: tokio's timeout below is the one bound, so every
-            // timeout surfaces as CtlError::Timeout with the same wording.
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(None)
-                .set_response_timeout(None);
-            let connect = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config);
+            // tokio's timeout below is the bound that fires (the connection's own is set a second
+            // later), so every timeout surfaces as CtlError::Timeout with the same wording.
+            let connect = self.target.connect(self.timeout + Duration::from_secs(1));
             let conn = match tokio::time::timeout(self.timeout, connect).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(source)) => {
