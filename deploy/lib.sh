@@ -8,6 +8,8 @@ ensure_packages() {
   { command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1; } || missing+=(ffmpeg)
   { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # systemd-analyze: the tests verify the shipped units with it.
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "streamfarm: installing ${missing[*]} with apt-get" >&2
     local sudo=""
@@ -20,4 +22,31 @@ ensure_packages() {
     echo "streamfarm: cargo is not installed; install a Rust toolchain (1.85 or newer) first" >&2
     return 1
   fi
+}
+
+# nginx_bin: the nginx binary (Debian installs it in /usr/sbin, not always on a user's PATH).
+nginx_bin() {
+  command -v nginx 2>/dev/null || echo /usr/sbin/nginx
+}
+
+# wait_until SECONDS COMMAND...: runs COMMAND (quietly) every 0.1 s until it succeeds; returns 1 if it
+# still fails after SECONDS.
+wait_until() {
+  local tries=$(( $1 * 10 )) i
+  shift
+  for ((i = 0; i < tries; i++)); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  "$@" >/dev/null 2>&1
+}
+
+# start_demo_source PORT LOG: starts the demo channel's live source in the background (real-time test
+# pattern with a tone, H.264/AAC in MPEG-TS over UDP to 127.0.0.1:PORT, 1 s GOP); $! is its pid.
+start_demo_source() {
+  ffmpeg -hide_banner -nostdin -loglevel error -re \
+    -f lavfi -i "testsrc2=size=1280x720:rate=25" -f lavfi -i "sine=frequency=440:sample_rate=48000" \
+    -c:v libx264 -preset ultrafast -tune zerolatency -g 25 -keyint_min 25 -sc_threshold 0 -b:v 2000k \
+    -c:a aac -b:a 128k -f mpegts "udp://127.0.0.1:$1?pkt_size=1316" \
+    2>"$2" &
 }

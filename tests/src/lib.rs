@@ -12,6 +12,7 @@ pub mod bins;
 pub mod coordinator;
 pub mod hls;
 pub mod media;
+pub mod nginx;
 pub mod node;
 pub mod ports;
 pub mod procs;
