@@ -50,7 +50,11 @@ impl Store {
     pub fn new(url: &str, timeout: Duration, stall_threshold: Duration) -> Result<Self> {
         Ok(Self {
             target: farm_proto::redis_url::parse(url).map_err(|m| {
-                StoreError::Url(redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "invalid Redis URL", m)))
+                StoreError::Url(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "invalid Redis URL",
+                    m,
+                )))
             })?,
             timeout,
             stall_threshold,
