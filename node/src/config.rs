@@ -180,6 +180,10 @@ pub struct Args {
     /// FFmpeg input probing: how much of a new upstream it analyses before the first segment. [default: 1s]
     #[arg(long, env = "FARM_PROBE_DURATION", value_parser = duration::parse)]
     pub probe_duration: Option<Duration>,
+    /// Peers whose `X-Real-IP` header is believed as the viewer's address (for client-bound
+    /// tokens): IPs or CIDRs, comma list. [default: 127.0.0.0/8,::1]
+    #[arg(long, env = "FARM_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
     /// Zero-cost access mode: a unix datagram socket where nginx sends its access log (syslog);
     /// every logged playback URI counts as a viewer access.
     #[arg(long, env = "FARM_ACCESS_SOCKET")]
@@ -221,6 +225,7 @@ struct FileConfig {
     access_socket: Option<PathBuf>,
     segment_cache: Option<String>,
     probe_duration: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
     profiles: BTreeMap<String, Profile>,
 }
@@ -259,7 +264,47 @@ pub struct Config {
     pub access_socket: Option<PathBuf>,
     pub segment_cache: u64,
     pub probe_duration: Duration,
+    pub trusted_proxies: Vec<IpNet>,
     pub profiles: BTreeMap<String, Profile>,
+}
+
+/// An IP network (`10.0.0.0/8`, `192.168.1.7`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid trusted proxy {s:?}: use an IP or a CIDR like 10.0.0.0/8");
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A setting that cannot be used, with the sentence to show the operator.
@@ -470,6 +515,13 @@ impl Config {
                 "probe_duration",
                 Duration::from_secs(1),
             )?,
+            trusted_proxies: args
+                .trusted_proxies
+                .or(file.trusted_proxies)
+                .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1".into()])
+                .iter()
+                .map(|s| IpNet::parse(s.trim()).map_err(ConfigError))
+                .collect::<Result<_, _>>()?,
             profiles,
         };
         farm_proto::redis_url::parse(&cfg.redis_url).map_err(ConfigError)?;
@@ -601,6 +653,16 @@ mod tests {
         assert!(err.to_string().contains("invalid node id"), "{err}");
         assert!(Args::try_parse_from(["farm-node", "--hls-time", "soon"]).is_err());
         assert_eq!(parse_size("512M"), Ok(512 << 20));
+        let net = IpNet::parse("10.1.0.0/16").expect("cidr");
+        assert!(net.contains("10.1.200.3".parse().expect("ip")));
+        assert!(!net.contains("10.2.0.1".parse().expect("ip")));
+        assert!(IpNet::parse("0.0.0.0/0")
+            .expect("all")
+            .contains("8.8.8.8".parse().expect("ip")));
+        assert!(IpNet::parse("::1")
+            .expect("v6")
+            .contains("::1".parse().expect("ip")));
+        assert!(IpNet::parse("10.0.0.0/33").is_err() && IpNet::parse("nope").is_err());
         assert!(parse_size("12Q").is_err());
     }
 }

@@ -125,14 +125,15 @@ pub fn authorize(cfg: &Config, parts: &[&str], client: &str) -> Result<Playback,
     }
 }
 
-/// The viewer's address: the peer, or nginx's `X-Real-IP` when the peer is a local proxy.
-fn client_addr(peer: Option<SocketAddr>, headers: &HeaderMap) -> String {
+/// The viewer's address: the peer, or `X-Real-IP` when the peer is a trusted proxy (nginx).
+fn client_addr(cfg: &Config, peer: Option<SocketAddr>, headers: &HeaderMap) -> String {
     let real = headers
         .get("x-real-ip")
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
+    let trusted = |p: &SocketAddr| cfg.trusted_proxies.iter().any(|n| n.contains(p.ip()));
     match (peer, real) {
-        (Some(p), Some(r)) if p.ip().is_loopback() && !r.is_empty() => r.to_string(),
+        (Some(p), Some(r)) if trusted(&p) && !r.is_empty() => r.to_string(),
         (Some(p), _) => p.ip().to_string(),
         (None, Some(r)) => r.to_string(),
         (None, None) => String::new(),
@@ -164,7 +165,7 @@ async fn live_plain(
     uri: Uri,
     Path((a, b)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let client = client_addr(peer.0, &headers);
+    let client = client_addr(&node.cfg, peer.0, &headers);
     let p = authorize(&node.cfg, &[&a, &b], &client)?;
     live_file(&node, p, &uri).await
 }
@@ -176,7 +177,7 @@ async fn live_signed(
     uri: Uri,
     Path((a, b, c)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let client = client_addr(peer.0, &headers);
+    let client = client_addr(&node.cfg, peer.0, &headers);
     let p = authorize(&node.cfg, &[&a, &b, &c], &client)?;
     live_file(&node, p, &uri).await
 }
@@ -298,7 +299,7 @@ async fn route_elsewhere(node: &Node, id: &str) -> ApiError {
 /// nginx `auth_request`: 204 when the viewer's URI (`X-Original-URI`) may be served, recording the
 /// access in memory; 403 otherwise. Never starts anything and never waits on Redis.
 async fn auth(State(node): State<Arc<Node>>, peer: Peer, headers: HeaderMap) -> Response {
-    let client = client_addr(peer.0, &headers);
+    let client = client_addr(&node.cfg, peer.0, &headers);
     let uri = headers
         .get("x-original-uri")
         .and_then(|v| v.to_str().ok())

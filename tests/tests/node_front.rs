@@ -268,3 +268,53 @@ async fn access_log_datagrams_count_as_viewer_access() {
     println!("access advanced by {} ms from log datagrams", later - first);
     assert!(metric(&node, "farm_node_access_log_lines_total").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_real_ip_counts_only_from_trusted_proxies() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(
+        &redis,
+        "c1",
+        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
+        &[],
+    );
+    // n1 trusts loopback (the default); n2 trusts only 10.0.0.0/8, so this test's own requests
+    // (from 127.0.0.1) cannot claim another viewer address.
+    let n1 = node(&redis, "n1", root.path(), true, &["--token-secret", SECRET]);
+    let n2 = node(
+        &redis,
+        "n2",
+        root.path(),
+        true,
+        &["--token-secret", SECRET, "--trusted-proxies", "10.0.0.0/8"],
+    );
+    let viewer = "10.9.9.9";
+    let token =
+        farm_proto::token::mint(SECRET.as_bytes(), "c1", now() + 600, Some(viewer)).expect("mint");
+    let uri = format!("/live/{token}/c1/index.m3u8");
+    let check = |base: String| {
+        let uri = uri.clone();
+        async move {
+            client()
+                .get(format!("{base}/auth"))
+                .header("X-Original-URI", uri)
+                .header("X-Real-IP", viewer)
+                .send()
+                .await
+                .expect("GET /auth")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        check(n1.base_url()).await,
+        204,
+        "a trusted proxy vouches for the viewer's address"
+    );
+    assert_eq!(
+        check(n2.base_url()).await,
+        403,
+        "an untrusted peer's X-Real-IP is ignored"
+    );
+}
