@@ -25,6 +25,7 @@ async fn run_command_serves_the_demo_channel_and_ctrl_c_stops_everything() {
         .env("PORT", port.to_string())
         .env("REDIS_PORT", redis_port.to_string())
         .env("SOURCE_PORT", source_port.to_string())
+        .env("NODE_PORT", free_port().to_string())
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
