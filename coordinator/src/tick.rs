@@ -533,6 +533,7 @@ async fn reap_dead(
             .key(k.nodes())
             .key(k.node_streams(&node.id))
             .key(k.cmd(&node.id))
+            .key(k.node_load(&node.id))
             .arg(held)
             .arg(&node.id)
             .arg(hb_cutoff);

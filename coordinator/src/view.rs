@@ -31,7 +31,12 @@ impl NodeView {
             },
             alive,
             capacity: num("capacity"),
-            running: num("running"),
+            // Capacity is in weight units (a transcode counts its profile's weight): use the
+            // node's load when it reports one, its channel count otherwise.
+            running: hash
+                .get("load")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| num("running")),
             draining: matches!(hash.get("draining").map(String::as_str), Some("1" | "true")),
         }
     }

@@ -136,7 +136,8 @@ pub struct Args {
     /// New starts are refused while HLS_ROOT has less free space than this (e.g. 512M, 2G). [default: 256M]
     #[arg(long, env = "FARM_MIN_FREE", value_parser = parse_size)]
     pub min_free: Option<u64>,
-    /// Most channels this node runs at once; the claim script refuses more. 0 = unlimited. [default: 100]
+    /// Capacity in weight units: a copy counts 1, a transcode its profile's weight (h264-720p: 4);
+    /// the claim script refuses past it. 0 = unlimited. [default: 100]
     #[arg(long, env = "FARM_MAX_STREAMS")]
     pub max_streams: Option<u32>,
     /// Grace between SIGTERM and SIGKILL when stopping an FFmpeg. [default: 3s]

@@ -90,6 +90,8 @@ pub struct ChannelEntry {
     pub provider: std::sync::OnceLock<Option<String>>,
     /// In-memory copies of the playlist and the newest segments.
     pub hot: crate::hot::HotFiles,
+    /// Capacity weight of the channel's profile (set at claim).
+    pub weight: std::sync::atomic::AtomicU32,
     /// Being handed to another node (drain): its lease moved on purpose, so a failed renewal is
     /// expected and must not fence the FFmpeg before the new owner runs.
     pub handing_over: std::sync::atomic::AtomicBool,
@@ -235,6 +237,7 @@ impl Node {
                 self.cfg.hls_list_size as u64 + 2,
             ),
             handing_over: std::sync::atomic::AtomicBool::new(false),
+            weight: std::sync::atomic::AtomicU32::new(1),
         });
         map.insert(id.to_string(), entry.clone());
         drop(map);
@@ -523,10 +526,20 @@ async fn preflight(
             ));
         }
     }
+    let weight = cfg.profiles[&spec.profile].weight.max(1);
+    entry.weight.store(weight, Ordering::Release);
     if let ClaimMode::Handover { from, gen, .. } = mode {
         return match node
             .store
-            .handover(id, from, *gen, &cfg.node_id, cfg.lease_ttl, cfg.max_streams)
+            .handover(
+                id,
+                from,
+                *gen,
+                &cfg.node_id,
+                cfg.lease_ttl,
+                cfg.max_streams,
+                weight,
+            )
             .await
             .map_err(redis_down)?
         {
@@ -570,6 +583,7 @@ async fn preflight(
             cfg.lease_ttl,
             cfg.max_streams,
             (!spec.provider.is_empty()).then_some(spec.provider.as_str()),
+            weight,
         )
         .await
         .map_err(redis_down)?
@@ -597,8 +611,8 @@ async fn preflight(
             Some((_, url)) => Err(ApiError::forwarded(url)),
             None => Err(ApiError::unavailable(
                 format!(
-                    "the farm is full: node {} runs {running} channels and no live node has room for channel {id}",
-                    cfg.node_id
+                    "the farm is full: node {} is at capacity ({running} of {} weight units) and no live node has room for channel {id}",
+                    cfg.node_id, cfg.max_streams
                 ),
                 10,
             )),
@@ -1028,6 +1042,10 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             })
             .collect();
         let running = entries.len().to_string();
+        let load: u32 = entries
+            .iter()
+            .map(|e| e.weight.load(Ordering::Acquire))
+            .sum();
         let fields = [
             ("public_url", cfg.public_url.clone()),
             ("addr", cfg.listen.to_string()),
@@ -1037,6 +1055,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             ("version", env!("CARGO_PKG_VERSION").to_string()),
             ("capacity", cfg.max_streams.to_string()),
             ("running", running),
+            ("load", load.to_string()),
             ("disk_free", node.disk_free().unwrap_or(0).to_string()),
             ("draining", if draining { "1" } else { "0" }.to_string()),
             ("drained", if drained { "1" } else { "0" }.to_string()),

@@ -219,6 +219,7 @@ impl Store {
         lease: Duration,
         capacity: u32,
         provider: Option<&str>,
+        weight: u32,
     ) -> Result<ClaimResult> {
         let k = &self.keys;
         let p = provider.unwrap_or("");
@@ -230,11 +231,13 @@ impl Store {
             .key(k.access())
             .key(k.provider(p))
             .key(k.provider_conns(p))
+            .key(k.node_load(node))
             .arg(node)
             .arg(lease.as_millis() as u64)
             .arg(capacity)
             .arg(id)
-            .arg(p);
+            .arg(p)
+            .arg(weight);
         let reply: Vec<String> = self
             .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
             .await?;
@@ -277,7 +280,8 @@ impl Store {
         inv.key(k.owner(id))
             .key(k.node_streams(node))
             .key(k.stream(id))
-            .key(k.access());
+            .key(k.access())
+            .key(k.node_load(node));
         if let Some(p) = provider {
             inv.key(k.provider_conns(p));
         }
@@ -429,6 +433,7 @@ impl Store {
         to: &str,
         lease: Duration,
         capacity: u32,
+        weight: u32,
     ) -> Result<ClaimResult> {
         let k = &self.keys;
         let mut inv = scripts::HANDOVER.prepare_invoke();
@@ -437,11 +442,14 @@ impl Store {
             .key(k.node_streams(from))
             .key(k.node_streams(to))
             .key(k.stream(id))
+            .key(k.node_load(from))
+            .key(k.node_load(to))
             .arg(scripts::owner_value(from, gen))
             .arg(to)
             .arg(lease.as_millis() as u64)
             .arg(id)
-            .arg(capacity);
+            .arg(capacity)
+            .arg(weight);
         let reply: Vec<String> = self
             .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
             .await?;
@@ -506,7 +514,8 @@ impl Store {
                 .arg("capacity")
                 .arg("running")
                 .arg("public_url")
-                .arg("draining");
+                .arg("draining")
+                .arg("load");
         }
         let replies: Vec<redis::Value> = self
             .with(|mut c| async move { Ok(pipe.query_async(&mut c).await?) })
@@ -514,12 +523,15 @@ impl Store {
         let mut best: Option<(i64, String, String)> = None;
         for (n, pair) in ids.iter().zip(replies.chunks(2)) {
             let alive: bool = redis::from_redis_value(pair[0].clone()).unwrap_or(false);
-            let (cap, running, url, draining): (
+            let (cap, running, url, draining, load): (
                 Option<i64>,
                 Option<i64>,
                 Option<String>,
                 Option<String>,
-            ) = redis::from_redis_value(pair[1].clone()).unwrap_or((None, None, None, None));
+                Option<i64>,
+            ) = redis::from_redis_value(pair[1].clone()).unwrap_or((None, None, None, None, None));
+            // Capacity is in weight units: a transcode counts its profile's weight.
+            let running = load.or(running);
             if draining.as_deref() == Some("1") {
                 continue;
             }
@@ -562,6 +574,7 @@ impl Store {
         inv.key(k.owner(id))
             .key(k.node_streams(node))
             .key(k.stream(id))
+            .key(k.node_load(node))
             .arg(node)
             .arg(id);
         let n: i64 = self
@@ -573,16 +586,17 @@ impl Store {
     /// Removes the node's own keys on a graceful shutdown.
     pub async fn deregister(&self, node: &str) -> Result<()> {
         let k = &self.keys;
-        let (n, a, s, all) = (
+        let (n, a, s, l, all) = (
             k.node(node),
             k.node_alive(node),
             k.node_streams(node),
+            k.node_load(node),
             k.nodes(),
         );
         let node = node.to_string();
         self.with(|mut c| async move {
             redis::pipe()
-                .del(&[n, a, s])
+                .del(&[n, a, s, l])
                 .ignore()
                 .zrem(all, node)
                 .ignore()

@@ -6,18 +6,24 @@
 -- KEYS[5] access     farm:access                   (zset channel -> last access ms)
 -- KEYS[6] provider   farm:provider:<name>          (hash: max_connections; unused without a provider)
 -- KEYS[7] conns      farm:provider:<name>:conns    (zset channel -> holding expiry ms)
+-- KEYS[8] load       farm:node:<node>:load         (hash channel -> weight)
 -- ARGV[1] node id, ARGV[2] lease ms, ARGV[3] node capacity (0 = unlimited), ARGV[4] channel id,
--- ARGV[5] provider name ("" = none)
+-- ARGV[5] provider name ("" = none), ARGV[6] the channel's weight (a copy 1, a transcode more)
 -- Returns {"ok", gen} | {"owned", "<node>:<gen>"} | {"full", running} | {"provider_full", max}
 local cur = redis.call('GET', KEYS[1])
 if cur then
   return {'owned', cur}
 end
 local cap = tonumber(ARGV[3])
+local weight = tonumber(ARGV[6]) or 1
 if cap > 0 then
-  local running = redis.call('SCARD', KEYS[3])
-  if running >= cap then
-    return {'full', tostring(running)}
+  -- The set is the truth; the load hash only supplies weights (a stale entry never counts).
+  local load = 0
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    load = load + (tonumber(redis.call('HGET', KEYS[8], m)) or 1)
+  end
+  if load + weight > cap then
+    return {'full', tostring(load)}
   end
 end
 local t = redis.call('TIME')
@@ -37,6 +43,7 @@ end
 local gen = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. gen, 'PX', lease)
 redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[8], ARGV[4], weight)
 -- A start counts as an access: a channel started but never watched goes idle like any other.
 redis.call('ZADD', KEYS[5], 'GT', now, ARGV[4])
 redis.call('DEL', KEYS[4])

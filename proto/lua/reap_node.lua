@@ -5,6 +5,7 @@
 -- KEYS[4] nodes   farm:nodes                (zset node -> last heartbeat ms)
 -- KEYS[5] streams farm:node:<node>:streams
 -- KEYS[6] cmd     farm:cmd:<node>           (its command stream, deleted with its consumer group)
+-- KEYS[7] load    farm:node:<node>:load     (channel weights)
 -- ARGV[1] leader value, ARGV[2] node id, ARGV[3] cutoff ms: the last heartbeat must be older than this
 -- Returns 'reaped', 'alive' (alive key back or a newer heartbeat), 'busy' (channels still listed), 'notleader'.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -20,6 +21,6 @@ end
 if redis.call('SCARD', KEYS[5]) > 0 then
   return 'busy'
 end
-redis.call('DEL', KEYS[2], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[2], KEYS[5], KEYS[6], KEYS[7])
 redis.call('ZREM', KEYS[4], ARGV[2])
 return 'reaped'

@@ -3,18 +3,20 @@
 -- KEYS[2] streams farm:node:<node>:streams
 -- KEYS[3] stream  farm:stream:<id>
 -- KEYS[4] access  farm:access
--- KEYS[5] conns   farm:provider:<name>:conns (optional: only when the channel has a provider)
+-- KEYS[5] load    farm:node:<node>:load
+-- KEYS[6] conns   farm:provider:<name>:conns (optional: only when the channel has a provider)
 -- ARGV[1] expected "<node>:<gen>", ARGV[2] channel id,
 -- ARGV[3] final state ("" deletes the stream hash), ARGV[4] last_error, ARGV[5] ms to keep the final hash
 -- Returns 1 when released, 0 when the lease was not ours (then only our own set entry is removed).
 redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[5], ARGV[2])
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[2])
-if KEYS[5] then
-  redis.call('ZREM', KEYS[5], ARGV[2])
+if KEYS[6] then
+  redis.call('ZREM', KEYS[6], ARGV[2])
 end
 if ARGV[3] == '' then
   redis.call('DEL', KEYS[3])

@@ -2,9 +2,11 @@
 -- KEYS[1] owner   farm:owner:<id>
 -- KEYS[2] streams farm:node:<node>:streams
 -- KEYS[3] stream  farm:stream:<id>
+-- KEYS[4] load    farm:node:<node>:load
 -- ARGV[1] node id, ARGV[2] channel id
 -- Only touches the lease and hash when they still name that node. Returns 1 when a lease was released.
 redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[4], ARGV[2])
 local released = 0
 local cur = redis.call('GET', KEYS[1])
 if cur and string.sub(cur, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ':' then

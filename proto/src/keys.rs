@@ -82,6 +82,11 @@ impl Keys {
     pub fn node_streams(&self, node: &str) -> String {
         format!("{}:node:{node}:streams", self.prefix)
     }
+    /// `farm:node:<node>:load` hash: channel -> weight (a copy 1, a transcode its profile's weight),
+    /// for the channels in the node's set; the claim script sums it over the set's members only.
+    pub fn node_load(&self, node: &str) -> String {
+        format!("{}:node:{node}:load", self.prefix)
+    }
     /// `farm:cmd:<node>` stream: commands to one node, read through the consumer group [`CMD_GROUP`].
     pub fn cmd(&self, node: &str) -> String {
         format!("{}:cmd:{node}", self.prefix)

@@ -372,3 +372,65 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
         .expect("loc")
         .starts_with(&n1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transcode_counts_its_weight_against_capacity() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(
+        &redis,
+        "hd",
+        "http://127.0.0.1:9/hd.ts?mode=normal&seg_ms=500",
+        &["--profile", "h264-720p"],
+    );
+    for i in 1..=3 {
+        add_channel(
+            &redis,
+            &format!("c{i}"),
+            &format!("http://127.0.0.1:9/c{i}.ts?mode=normal&seg_ms=500"),
+            &[],
+        );
+    }
+    // Capacity 6: the transcode (weight 4) and two copies fit; a third copy does not.
+    let n = node(&redis, "n1", root.path(), true, &["--max-streams", "6"]);
+    for id in ["hd", "c1", "c2"] {
+        let r = get(&format!("{}/live/{id}/index.m3u8", n.base_url())).await;
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
+    }
+    let r = get(&format!("{}/live/c3/index.m3u8", n.base_url())).await;
+    println!("{} {}", r.status, r.text().trim());
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("farm is full"), "{}", r.text());
+    eventually(
+        "the heartbeat reports the weighted load",
+        Duration::from_secs(5),
+        || async {
+            (hgetall(&redis, "farm:node:n1")
+                .await
+                .get("load")
+                .map(String::as_str)
+                == Some("6"))
+            .then_some(())
+        },
+    )
+    .await;
+    // Stopping the transcode frees its whole weight.
+    let mut c = redis.conn().await;
+    let gen: String = c.get("farm:gen:hd").await.expect("gen");
+    let _: String = c
+        .xadd(
+            "farm:cmd:n1",
+            "*",
+            &[("op", "stop"), ("channel", "hd"), ("gen", &gen)],
+        )
+        .await
+        .expect("XADD");
+    eventually("hd stopped", Duration::from_secs(10), || async {
+        (!exists(&redis, "farm:owner:hd").await).then_some(())
+    })
+    .await;
+    let w: Option<String> = c.hget("farm:node:n1:load", "hd").await.expect("HGET");
+    assert_eq!(w, None, "its weight entry is gone with it");
+    let r = get(&format!("{}/live/c3/index.m3u8", n.base_url())).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
