@@ -42,6 +42,15 @@ pub struct Renewal {
 /// one multiplexed connection checked out and shares it between all callers (redis-rs pipelines
 /// concurrent calls over it), so a call costs one round trip, not a recycle PING plus the call.
 /// A connection that fails or times out is dropped and the next call gets a fresh one.
+/// `capacity`, `running`, `public_url`, `draining`, `load` of a node hash (HMGET).
+type NodeFields = (
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
 /// Connections come from a plain pool or, for a Sentinel URL, from one that asks the sentinels
 /// for the current primary on every new connection.
 #[derive(Clone)]
@@ -425,6 +434,7 @@ impl Store {
     }
 
     /// The handover script: moves the lease from `from` (holding `gen`) to `to`.
+    #[allow(clippy::too_many_arguments)] // one per script argument; a struct would only rename them
     pub async fn handover(
         &self,
         id: &str,
@@ -523,13 +533,8 @@ impl Store {
         let mut best: Option<(i64, String, String)> = None;
         for (n, pair) in ids.iter().zip(replies.chunks(2)) {
             let alive: bool = redis::from_redis_value(pair[0].clone()).unwrap_or(false);
-            let (cap, running, url, draining, load): (
-                Option<i64>,
-                Option<i64>,
-                Option<String>,
-                Option<String>,
-                Option<i64>,
-            ) = redis::from_redis_value(pair[1].clone()).unwrap_or((None, None, None, None, None));
+            let (cap, running, url, draining, load): NodeFields =
+                redis::from_redis_value(pair[1].clone()).unwrap_or_default();
             // Capacity is in weight units: a transcode counts its profile's weight.
             let running = load.or(running);
             if draining.as_deref() == Some("1") {

@@ -77,7 +77,12 @@ pub fn verify(
     else {
         return Err(TokenError::Malformed);
     };
-    if exp.is_empty() || exp.len() > 12 || !exp.bytes().all(|b| b.is_ascii_digit()) {
+    // Canonical decimal only (no leading zero): one token has exactly one spelling.
+    if exp.is_empty()
+        || exp.len() > 12
+        || (exp.len() > 1 && exp.starts_with('0'))
+        || !exp.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(TokenError::Malformed);
     }
     let expiry: u64 = exp.parse().map_err(|_| TokenError::Malformed)?;
@@ -86,7 +91,12 @@ pub fn verify(
         "c" => 'c',
         _ => return Err(TokenError::Malformed),
     };
-    if sig.len() != SIG_BYTES * 2 {
+    // Lowercase hex only: one token has exactly one spelling (no 'A' for 'a').
+    if sig.len() != SIG_BYTES * 2
+        || !sig
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(TokenError::Malformed);
     }
     let mut bytes = [0u8; SIG_BYTES];
