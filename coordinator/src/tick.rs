@@ -354,8 +354,6 @@ async fn reap_dead(
     }
     let watched_since = now_ms.saturating_sub(cfg.idle_timeout.as_millis() as u64);
     let mut live: Vec<NodeView> = nodes.iter().filter(|n| n.alive).cloned().collect();
-    let by = cfg.by();
-    let maxlen = CMD_MAXLEN.to_string();
     let leader_key = k.leader();
     for node in dead {
         if *budget == 0 {
@@ -484,21 +482,7 @@ async fn reap_dead(
                     );
                     continue;
                 };
-                let mut inv = scripts::COMMAND.prepare_invoke();
-                inv.key(&leader_key)
-                    .key(k.cmd(&target))
-                    .arg(held)
-                    .arg(&maxlen)
-                    .arg("op")
-                    .arg("start")
-                    .arg("channel")
-                    .arg(plan.id)
-                    .arg("reason")
-                    .arg("failover")
-                    .arg("by")
-                    .arg(&by);
-                let sent: Option<String> = sh.store.script("command.lua", inv).await?;
-                if sent.is_none() {
+                if !send_start(sh, held, &target, plan.id, "failover").await? {
                     return Ok(false);
                 }
                 if let Some(t) = live.iter_mut().find(|n| n.id == target) {
@@ -724,7 +708,6 @@ async fn keep_pinned(
     let backoff = sh.cfg.lease_ttl + sh.cfg.node_ttl;
     st.pin_starts.retain(|_, until| *until > now);
     let mut live: Vec<NodeView> = nodes.iter().filter(|n| n.alive).cloned().collect();
-    let (by, maxlen, leader_key) = (sh.cfg.by(), CMD_MAXLEN.to_string(), k.leader());
     for (id, owned) in pinned.iter().zip(owned) {
         if owned || st.pin_starts.contains_key(id) {
             continue;
@@ -733,21 +716,7 @@ async fn keep_pinned(
             warn!(channel = %id, "pinned channel runs nowhere and no live node has room");
             continue;
         };
-        let mut inv = scripts::COMMAND.prepare_invoke();
-        inv.key(&leader_key)
-            .key(k.cmd(&target))
-            .arg(held)
-            .arg(&maxlen)
-            .arg("op")
-            .arg("start")
-            .arg("channel")
-            .arg(id)
-            .arg("reason")
-            .arg("pinned")
-            .arg("by")
-            .arg(&by);
-        let sent: Option<String> = sh.store.script("command.lua", inv).await?;
-        if sent.is_none() {
+        if !send_start(sh, held, &target, id, "pinned").await? {
             return Ok(false);
         }
         st.pin_starts.insert(id.clone(), now + backoff);
@@ -764,4 +733,31 @@ async fn keep_pinned(
         );
     }
     Ok(true)
+}
+
+/// A leader-fenced `start` command for `channel` on `target`'s command stream. `false` when this
+/// coordinator no longer leads (nothing was written).
+async fn send_start(
+    sh: &Shared,
+    held: &str,
+    target: &str,
+    channel: &str,
+    reason: &str,
+) -> Result<bool> {
+    let k = &sh.keys;
+    let mut inv = scripts::COMMAND.prepare_invoke();
+    inv.key(k.leader())
+        .key(k.cmd(target))
+        .arg(held)
+        .arg(CMD_MAXLEN.to_string())
+        .arg("op")
+        .arg("start")
+        .arg("channel")
+        .arg(channel)
+        .arg("reason")
+        .arg(reason)
+        .arg("by")
+        .arg(sh.cfg.by());
+    let sent: Option<String> = sh.store.script("command.lua", inv).await?;
+    Ok(sent.is_some())
 }
