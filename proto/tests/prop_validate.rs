@@ -18,11 +18,7 @@ fn config(cases: u32) -> ProptestConfig {
 
 /// The reference model of `[A-Za-z0-9_-]`, spelled out byte by byte.
 fn id_byte(b: u8) -> bool {
-    (b'A'..=b'Z').contains(&b)
-        || (b'a'..=b'z').contains(&b)
-        || (b'0'..=b'9').contains(&b)
-        || b == b'_'
-        || b == b'-'
+    matches!(b, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-')
 }
 
 /// `^[A-Za-z0-9_-]{1,64}$` without a regex: length in bytes, then every byte.
