@@ -428,6 +428,7 @@ async fn reap_dead(
                         &k.stream(id),
                         &k.access(),
                         &conns,
+                        &k.node_load(&node.id),
                     ],
                     &[
                         held,
@@ -641,7 +642,13 @@ async fn reconcile(
         eval(
             &mut p,
             &scripts::RECONCILE,
-            &[&leader_key, &k.owner(id), &k.node_streams(n), &k.stream(id)],
+            &[
+                &leader_key,
+                &k.owner(id),
+                &k.node_streams(n),
+                &k.stream(id),
+                &k.node_load(n),
+            ],
             &[held, n, id],
         );
     }

@@ -388,7 +388,9 @@ async fn healthz(State(node): State<Arc<Node>>) -> Response {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .elapsed();
-    let redis_ok = since < node.cfg.fence_after();
+    // Ready once the first heartbeat landed (until then claims are refused) and Redis answers.
+    let redis_ok =
+        since < node.cfg.fence_after() && node.ready.load(std::sync::atomic::Ordering::Acquire);
     let body = serde_json::json!({
         "node": node.cfg.node_id,
         "incarnation": node.incarnation,

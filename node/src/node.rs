@@ -153,6 +153,8 @@ pub struct Node {
     pub draining: std::sync::atomic::AtomicBool,
     /// setpriv, to give every FFmpeg a parent-death signal.
     pub pdeathsig: Option<PathBuf>,
+    /// The first heartbeat reached Redis (until then the claim script refuses this node).
+    pub ready: std::sync::atomic::AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -186,6 +188,7 @@ impl Node {
             hot_budget,
             draining: std::sync::atomic::AtomicBool::new(false),
             pdeathsig: ffmpeg::pdeathsig_wrapper(),
+            ready: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -405,6 +408,8 @@ async fn run_channel(
             node.event(event::STOPPED, &entry.id, gen, &[("reason", &reason)])
                 .await;
             info!(%reason, "channel stopped");
+            // Gone from the map before the stop is acknowledged: a start right after it begins anew.
+            node.remove_entry(&entry);
             if let Some(d) = done {
                 let _ = d.send(());
             }
@@ -495,6 +500,31 @@ async fn preflight(
                 format!("channel {id} cannot start: catalog entry has an {e}"),
             )
         })?;
+    }
+    // An upstream must never be the farm's own Redis (or a sentinel): FFmpeg would talk to it.
+    let redis_addrs = node.store.target().addresses();
+    for url in spec.sources() {
+        let default_port = match url
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("https") => 443,
+            Some("rtmp") => 1935,
+            Some("rtmps") => 443,
+            _ => 80,
+        };
+        if let Some(hp) = farm_proto::redis_url::host_port(&url, default_port) {
+            if redis_addrs.contains(&hp) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "channel {id} cannot start: its upstream {}:{} is the farm's Redis",
+                        hp.0, hp.1
+                    ),
+                ));
+            }
+        }
     }
     if !spec.provider.is_empty() && farm_proto::validate::channel_id(&spec.provider).is_err() {
         return Err(ApiError::new(
@@ -617,6 +647,10 @@ async fn preflight(
                 10,
             )),
         },
+        ClaimResult::Recovering => Err(ApiError::unavailable(
+            format!("channel {id} cannot start this moment: the farm is recovering from a Redis restart; retry"),
+            1,
+        )),
         ClaimResult::ProviderFull { max } => Err(ApiError::unavailable(
             format!(
                 "provider {} is at its limit of {max} concurrent connections; channel {id} cannot start now",
@@ -992,10 +1026,39 @@ pub async fn keepalive_loop(node: Arc<Node>) {
     let mut tick = tokio::time::interval(cfg.keepalive_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut fenced_all = false;
+    let mut beat_before = false;
+    // Stops every FFmpeg this node runs, touching nothing in Redis (their leases may be others' now).
+    let fence_all = |why: &str| {
+        let claimed: Vec<Arc<ChannelEntry>> = node
+            .entries()
+            .into_iter()
+            .filter(|e| e.gen() > 0 && !e.handing_over.load(Ordering::Acquire))
+            .collect();
+        if !claimed.is_empty() {
+            error!(
+                reason = why,
+                channels = claimed.len(),
+                "fencing: stopping every FFmpeg"
+            );
+        }
+        for e in &claimed {
+            let _ = e.inbox.try_send(Ctl::Fenced);
+        }
+    };
+    let fence_deadline = |node: &Node| {
+        let last = *node.last_redis_ok.lock().unwrap_or_else(|p| p.into_inner());
+        tokio::time::Instant::from_std(last + cfg.fence_after())
+    };
     loop {
+        // The fence time is a deadline of its own, not something noticed at the next tick.
         tokio::select! {
             _ = node.cancel.cancelled() => return,
             _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(fence_deadline(&node)), if !fenced_all => {
+                fence_all("no lease renewal for 2/3 of the lease TTL");
+                fenced_all = true;
+                continue;
+            }
         }
         let entries: Vec<Arc<ChannelEntry>> = node
             .entries()
@@ -1060,20 +1123,39 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             ("draining", if draining { "1" } else { "0" }.to_string()),
             ("drained", if drained { "1" } else { "0" }.to_string()),
         ];
-        match node
-            .store
-            .keepalive(
-                &cfg.node_id,
-                cfg.node_ttl,
-                &node.incarnation,
-                &fields,
-                cfg.lease_ttl,
-                &renewals,
-            )
-            .await
-        {
-            Ok(held) => {
-                *node.last_redis_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        // A renewal counts from when it was sent; a call that hangs past the fence time fences
+        // while it hangs (redis_timeout may be longer than what is left of the lease).
+        let sent_at = Instant::now();
+        let call = node.store.keepalive(
+            &cfg.node_id,
+            cfg.node_ttl,
+            &node.incarnation,
+            &fields,
+            cfg.lease_ttl,
+            &renewals,
+            beat_before,
+        );
+        tokio::pin!(call);
+        let result = loop {
+            tokio::select! {
+                r = &mut call => break r,
+                _ = tokio::time::sleep_until(fence_deadline(&node)), if !fenced_all => {
+                    fence_all("no lease renewal for 2/3 of the lease TTL (a renewal is still pending)");
+                    fenced_all = true;
+                }
+            }
+        };
+        match result {
+            Ok(ka) => {
+                *node.last_redis_ok.lock().unwrap_or_else(|p| p.into_inner()) = sent_at;
+                beat_before = true;
+                node.ready.store(true, Ordering::Release);
+                if ka.lost {
+                    fence_all(
+                        "redis lost this node's keys (restarted empty, or the node was reaped)",
+                    );
+                }
+                let held = ka.held;
                 if fenced_all {
                     info!("redis reachable again; channels start again on demand");
                     fenced_all = false;
@@ -1087,6 +1169,8 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             }
             Err(err) => {
                 node.metrics.redis_errors.inc();
+                // Try again soon rather than a whole interval later: a blip must not eat the lease.
+                tick.reset_after(cfg.keepalive_interval().min(Duration::from_millis(250)));
                 let since = node
                     .last_redis_ok
                     .lock()

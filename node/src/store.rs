@@ -42,6 +42,15 @@ pub struct Renewal {
 /// one multiplexed connection checked out and shares it between all callers (redis-rs pipelines
 /// concurrent calls over it), so a call costs one round trip, not a recycle PING plus the call.
 /// A connection that fails or times out is dropped and the next call gets a fresh one.
+/// What one keepalive round trip found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Per renewal: whether the lease is still ours.
+    pub held: Vec<bool>,
+    /// The node's alive key had vanished although it heartbeated before: Redis lost its keys.
+    pub lost: bool,
+}
+
 /// `capacity`, `running`, `public_url`, `draining`, `load` of a node hash (HMGET).
 type NodeFields = (
     Option<i64>,
@@ -241,6 +250,8 @@ impl Store {
             .key(k.provider(p))
             .key(k.provider_conns(p))
             .key(k.node_load(node))
+            .key(k.recovering())
+            .key(k.node_alive(node))
             .arg(node)
             .arg(lease.as_millis() as u64)
             .arg(capacity)
@@ -315,23 +326,27 @@ impl Store {
         node_fields: &[(&str, String)],
         lease: Duration,
         renewals: &[Renewal],
-    ) -> Result<Vec<bool>> {
+        beat_before: bool,
+    ) -> Result<Keepalive> {
         let k = &self.keys;
         let mut pipe = redis::pipe();
         let hb = pipe
             .cmd("EVALSHA")
             .arg(scripts::HEARTBEAT.get_hash())
-            .arg(3)
+            .arg(4)
             .arg(k.node(node))
             .arg(k.node_alive(node))
             .arg(k.nodes())
+            .arg(k.recovering())
             .arg(node)
             .arg(node_ttl.as_millis() as u64)
-            .arg(incarnation);
+            .arg(incarnation)
+            .arg(if beat_before { "1" } else { "0" })
+            .arg(if renewals.is_empty() { "0" } else { "1" })
+            .arg(lease.as_millis() as u64);
         for (f, v) in node_fields {
             hb.arg(*f).arg(v);
         }
-        hb.ignore();
         for r in renewals {
             let renew = pipe.cmd("EVALSHA").arg(scripts::RENEW.get_hash());
             match &r.provider {
@@ -357,15 +372,28 @@ impl Store {
                     .ignore();
             }
         }
-        let out: Vec<i64> = self.run_pipe(pipe).await?;
-        if out.len() != renewals.len() {
+        let out: Vec<redis::Value> = self.run_pipe(pipe).await?;
+        let Some((beat, renewed)) = out.split_first() else {
+            return Err(StoreError::Protocol("keepalive: no heartbeat reply".into()));
+        };
+        if renewed.len() != renewals.len() {
             return Err(StoreError::Protocol(format!(
                 "keepalive: {} replies for {} renewals",
-                out.len(),
+                renewed.len(),
                 renewals.len()
             )));
         }
-        Ok(out.into_iter().map(|n| n == 1).collect())
+        let bad = |e: redis::ParsingError| StoreError::Protocol(format!("keepalive: {e}"));
+        let (_, lost): (i64, i64) = redis::from_redis_value(beat.clone()).map_err(bad)?;
+        let held = renewed
+            .iter()
+            .map(|v| redis::from_redis_value::<i64>(v.clone()).map(|n| n == 1))
+            .collect::<std::result::Result<Vec<bool>, _>>()
+            .map_err(bad)?;
+        Ok(Keepalive {
+            held,
+            lost: lost == 1,
+        })
     }
 
     /// Records viewer access for these channels at Redis time: one call for the whole batch.
@@ -586,6 +614,16 @@ impl Store {
             .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
             .await?;
         Ok(n == 1)
+    }
+
+    /// Drops the node's channel weights (at start, before it runs anything).
+    pub async fn clear_load(&self, node: &str) -> Result<()> {
+        let key = self.keys.node_load(node);
+        self.with(|mut c| async move {
+            let _: () = c.del(key).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Removes the node's own keys on a graceful shutdown.

@@ -74,6 +74,8 @@ pub async fn sweep_redis(
             report.leases_released += 1;
         }
     }
+    // Weights of channels an earlier incarnation ran; this one runs nothing yet.
+    store.clear_load(node).await?;
     Ok(report)
 }
 

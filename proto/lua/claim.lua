@@ -7,12 +7,18 @@
 -- KEYS[6] provider   farm:provider:<name>          (hash: max_connections; unused without a provider)
 -- KEYS[7] conns      farm:provider:<name>:conns    (zset channel -> holding expiry ms)
 -- KEYS[8] load       farm:node:<node>:load         (hash channel -> weight)
+-- KEYS[9] recovering farm:recovering               (no claims while it exists)
+-- KEYS[10] alive     farm:node:<node>:alive        (the claimer must be alive as Redis sees it)
 -- ARGV[1] node id, ARGV[2] lease ms, ARGV[3] node capacity (0 = unlimited), ARGV[4] channel id,
 -- ARGV[5] provider name ("" = none), ARGV[6] the channel's weight (a copy 1, a transcode more)
 -- Returns {"ok", gen} | {"owned", "<node>:<gen>"} | {"full", running} | {"provider_full", max}
+--       | {"recovering", ""} (Redis lost keys moments ago; retry shortly)
 local cur = redis.call('GET', KEYS[1])
 if cur then
   return {'owned', cur}
+end
+if redis.call('EXISTS', KEYS[9]) == 1 or redis.call('EXISTS', KEYS[10]) == 0 then
+  return {'recovering', ''}
 end
 local cap = tonumber(ARGV[3])
 local weight = tonumber(ARGV[6]) or 1

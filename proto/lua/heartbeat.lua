@@ -1,13 +1,25 @@
--- heartbeat.lua: a node says it is alive.
--- KEYS[1] node  farm:node:<node>        (hash, the node's description)
--- KEYS[2] alive farm:node:<node>:alive  (string, PX ttl; gone = dead)
--- KEYS[3] nodes farm:nodes              (zset node -> last heartbeat ms)
--- ARGV[1] node id, ARGV[2] ttl ms, ARGV[3] incarnation, then field, value pairs for the node hash
--- Returns the Redis time in ms.
+-- heartbeat.lua: a node says it is alive, and learns whether Redis lost its keys.
+-- KEYS[1] node       farm:node:<node>        (hash, the node's description)
+-- KEYS[2] alive      farm:node:<node>:alive  (string, PX ttl; gone = dead)
+-- KEYS[3] nodes      farm:nodes              (zset node -> last heartbeat ms)
+-- KEYS[4] recovering farm:recovering         (string, PX: no claims while it exists)
+-- ARGV[1] node id, ARGV[2] ttl ms, ARGV[3] incarnation, ARGV[4] "1" when this incarnation has
+-- heartbeated before, ARGV[5] "1" when it runs channels, ARGV[6] lease ms, then field, value pairs
+-- Returns {now ms, lost}: lost = 1 when the node's alive key had vanished although it heartbeated
+-- before (Redis restarted empty or lost writes; or the node was reaped). With channels running, it
+-- then opens a recovery window of one lease TTL in which nobody may claim, so that every old owner
+-- notices and fences before another node takes its channels.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local lost = 0
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then
+  lost = 1
+  if ARGV[5] == '1' then
+    redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[6], 'NX')
+  end
+end
 local args = {}
-for i = 4, #ARGV do
+for i = 7, #ARGV do
   args[#args + 1] = ARGV[i]
 end
 args[#args + 1] = 'heartbeat_at'
@@ -15,4 +27,4 @@ args[#args + 1] = now
 redis.call('HSET', KEYS[1], unpack(args))
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[3], now, ARGV[1])
-return now
+return {now, lost}

@@ -6,6 +6,7 @@
 -- KEYS[5] stream  farm:stream:<id>
 -- KEYS[6] access  farm:access
 -- KEYS[7] conns   farm:provider:<name>:conns (the channel's provider holdings; unused without one)
+-- KEYS[8] load    farm:node:<node>:load     (channel weights)
 -- ARGV[1] leader value, ARGV[2] node id, ARGV[3] channel id,
 -- ARGV[4] "1" to keep the access entry (the channel is re-homed), ARGV[5] "1" when KEYS[7] is a provider key
 -- The lease and hash go only while they still name the node; access and provider holdings only while
@@ -18,6 +19,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   return 'alive'
 end
 redis.call('SREM', KEYS[4], ARGV[3])
+redis.call('HDEL', KEYS[8], ARGV[3])
 local cur = redis.call('GET', KEYS[3])
 local mine = cur and string.sub(cur, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ':'
 if mine then

@@ -3,6 +3,7 @@
 -- KEYS[2] owner   farm:owner:<id>
 -- KEYS[3] streams farm:node:<node>:streams
 -- KEYS[4] stream  farm:stream:<id>
+-- KEYS[5] load    farm:node:<node>:load (the weight goes with the set entry)
 -- ARGV[1] leader value, ARGV[2] node id, ARGV[3] channel id
 -- Nothing happens while <node> holds the lease. Otherwise the node's set entry goes and, when nobody
 -- holds the lease, the stream hash too if it names <node> and is not a kept final state (those have a
@@ -19,6 +20,7 @@ local out = ''
 if redis.call('SREM', KEYS[3], ARGV[3]) == 1 then
   out = out .. 'u'
 end
+redis.call('HDEL', KEYS[5], ARGV[3])
 if not cur and redis.call('HGET', KEYS[4], 'node') == ARGV[2] and redis.call('PTTL', KEYS[4]) == -1 then
   redis.call('DEL', KEYS[4])
   out = out .. 's'

@@ -91,6 +91,11 @@ impl Keys {
     pub fn cmd(&self, node: &str) -> String {
         format!("{}:cmd:{node}", self.prefix)
     }
+    /// `farm:recovering` string with a PX TTL: set when a node finds that Redis lost its keys; no
+    /// channel is claimed while it exists (every old owner fences first).
+    pub fn recovering(&self) -> String {
+        format!("{}:recovering", self.prefix)
+    }
     /// `farm:events` capped stream: the audit trail.
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)

@@ -90,6 +90,17 @@ pub fn redact(url: &str) -> String {
 }
 
 impl Target {
+    /// The `(host, port)` of every server this target names (the Redis, or each sentinel).
+    pub fn addresses(&self) -> Vec<(String, u16)> {
+        let urls: Vec<&str> = match self {
+            Target::Direct { url } => vec![url.as_str()],
+            Target::Sentinel { sentinels, .. } => sentinels.iter().map(String::as_str).collect(),
+        };
+        urls.into_iter()
+            .filter_map(|u| host_port(u, 6379))
+            .collect()
+    }
+
     /// The connection settings of the primary a Sentinel set names.
     pub fn node_info(&self) -> Option<SentinelNodeConnectionInfo> {
         let Target::Sentinel {
@@ -138,6 +149,33 @@ impl Target {
             }
         }
     }
+}
+
+/// Host (lowercase, without brackets; `localhost` as 127.0.0.1) and port of a URL's authority.
+pub fn host_port(url: &str, default_port: u16) -> Option<(String, u16)> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let hostport = authority.rsplit('@').next()?;
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, tail) = v6.split_once(']')?;
+        (h.to_string(), tail.strip_prefix(':').map(str::to_string))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.to_string())),
+            None => (hostport.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default_port,
+    };
+    let host = host.to_ascii_lowercase();
+    let host = if host == "localhost" {
+        "127.0.0.1".to_string()
+    } else {
+        host
+    };
+    Some((host, port))
 }
 
 #[cfg(test)]

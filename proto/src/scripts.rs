@@ -47,6 +47,8 @@ pub enum ClaimResult {
     Full { running: u64 },
     /// The channel's provider account is at its connection limit.
     ProviderFull { max: u64 },
+    /// Redis lost keys moments ago (or this node has not heartbeated yet): retry shortly.
+    Recovering,
 }
 
 impl ClaimResult {
@@ -71,6 +73,7 @@ impl ClaimResult {
             [tag, v] if tag == "provider_full" => Ok(Self::ProviderFull {
                 max: v.parse().unwrap_or(0),
             }),
+            [tag, _] if tag == "recovering" => Ok(Self::Recovering),
             other => Err(format!("claim: unexpected reply {other:?}")),
         }
     }

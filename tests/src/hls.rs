@@ -105,14 +105,19 @@ impl MediaPlaylist {
         let target_duration = target_duration.ok_or("missing #EXT-X-TARGETDURATION")?;
         let segments = entries
             .into_iter()
-            .zip(media_sequence..)
-            .map(|((uri, duration, discontinuity), sequence)| Segment {
-                uri,
-                duration,
-                sequence,
-                discontinuity,
+            .enumerate()
+            .map(|(i, (uri, duration, discontinuity))| {
+                let sequence = media_sequence
+                    .checked_add(i as u64)
+                    .ok_or("#EXT-X-MEDIA-SEQUENCE overflows with the listed segments")?;
+                Ok(Segment {
+                    uri,
+                    duration,
+                    sequence,
+                    discontinuity,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(MediaPlaylist {
             version,
             target_duration,

@@ -11,7 +11,9 @@
 pub mod bins;
 pub mod coordinator;
 pub mod hls;
+pub mod invariants;
 pub mod media;
+pub mod netproxy;
 pub mod nginx;
 pub mod node;
 pub mod ports;

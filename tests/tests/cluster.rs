@@ -84,6 +84,10 @@ async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
         s
     };
     assert_eq!(spawns, 1.0);
+    let nodes: Vec<&NodeProcess> = ns.iter().collect();
+    let report = farm_tests::invariants::check_nodes(&redis, &nodes, Duration::from_secs(7)).await;
+    println!("fifty first requests: {}", report.figure());
+    report.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,6 +375,10 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
         .to_str()
         .expect("loc")
         .starts_with(&n1));
+    let nodes: Vec<&NodeProcess> = ns.iter().collect();
+    let report = farm_tests::invariants::check_nodes(&redis, &nodes, Duration::from_secs(7)).await;
+    println!("drain: {}", report.figure());
+    report.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -219,6 +219,14 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
         "{}",
         co.metrics()
     );
+    let report = farm_tests::invariants::check_nodes(
+        &redis,
+        &[&n1, &n2],
+        farm_tests::invariants::settle_time(NODE_TTL, TICK),
+    )
+    .await;
+    println!("failover: {}", report.figure());
+    report.assert_clean();
     let orphans = farm_tests::node::kill_processes_under(&root.path().join("n1"));
     println!(
         "FFmpegs of the killed node still running (the node's next start would sweep them): {}",

@@ -166,4 +166,13 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
         .wait_exit(Duration::from_secs(10))
         .expect("graceful exit");
     assert!(status.success(), "{status}");
+    let nodes: Vec<&NodeProcess> = _nodes.iter().collect();
+    let report = farm_tests::invariants::check_nodes(
+        &redis,
+        &nodes,
+        farm_tests::invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500)),
+    )
+    .await;
+    println!("leader changes: {}", report.figure());
+    report.assert_clean();
 }

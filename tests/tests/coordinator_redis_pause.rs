@@ -169,7 +169,14 @@ async fn coordinator_redis_paused_shorter_than_the_lease_stops_and_reaps_nothing
         "the coordinator did not notice the stall:\n{}",
         f.co.metrics()
     );
-    let _ = &f.n2;
+    let report = farm_tests::invariants::check_nodes(
+        &f.redis,
+        &[&f.n1, &f.n2],
+        farm_tests::invariants::settle_time(Duration::from_secs(4), Duration::from_millis(500)),
+    )
+    .await;
+    println!("short redis pause: {}", report.figure());
+    report.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,4 +264,12 @@ async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_fa
             .expect("EXISTS");
         assert!(alive, "{n} is not alive after the outage");
     }
+    let report = farm_tests::invariants::check_nodes(
+        &f.redis,
+        &[&f.n1, &f.n2],
+        farm_tests::invariants::settle_time(Duration::from_secs(4), Duration::from_millis(500)),
+    )
+    .await;
+    println!("long redis pause: {}", report.figure());
+    report.assert_clean();
 }

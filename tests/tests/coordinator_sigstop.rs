@@ -168,4 +168,12 @@ after SIGCONT n1's FFmpeg was gone in {gone_after:?} (renew interval {:?}), {dou
         late.is_empty(),
         "n1 wrote events for its fenced gen: {late:?}"
     );
+    let report = farm_tests::invariants::check_nodes(
+        &redis,
+        &[&n1, &n2],
+        farm_tests::invariants::settle_time(LEASE, Duration::from_millis(500)),
+    )
+    .await;
+    println!("frozen node: {}", report.figure());
+    report.assert_clean();
 }

@@ -1,0 +1,335 @@
+//! Redis restarts (promise 8 and 1): `kill -9` of redis-server and a new one on the same port, two
+//! nodes with the fake FFmpeg and one coordinator; lease and node TTL 3 s, tick 500 ms.
+//!
+//! - With AOF (`appendfsync always`) nothing is lost: the restart is an outage shorter than the lease
+//!   TTL and must cost nothing (same gen, same FFmpeg, no stop, no restart).
+//! - Without persistence every key is gone: leases, gens, node registrations, command streams and
+//!   groups, the leader, the scripts. The catalog comes back at once (as from a replica or a backup:
+//!   the test DUMPs it before and RESTOREs it right after), the leases do not. The farm must rebuild
+//!   itself: nodes register again, the command streams work again, a viewer gets the channel back,
+//!   no channel ever runs twice (sampled every 50 ms), and the checker finds nothing left.
+
+use farm_tests::coordinator::{
+    events, fake_source, farmctl_ok, ffmpegs_for, leader, node_args, owner, CoordinatorOpts,
+    CoordinatorProcess,
+};
+use farm_tests::hls::HlsClient;
+use farm_tests::invariants::{self, settle_time, FarmNode};
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::redis::RedisServer;
+use farm_tests::wait::eventually;
+use redis::AsyncCommands;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const NODE_TTL: Duration = Duration::from_secs(3);
+const TICK: Duration = Duration::from_millis(500);
+
+struct Farm {
+    redis: RedisServer,
+    n1: NodeProcess,
+    n2: NodeProcess,
+    co: CoordinatorProcess,
+    _root: tempfile::TempDir,
+}
+
+fn farm(redis: RedisServer) -> Farm {
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    for ch in ["watched", "spare"] {
+        farmctl_ok(&url, &["channel", "add", ch, &fake_source(ch, 500)]);
+    }
+    let node = |id: &str, root: &Path| {
+        NodeProcess::spawn(
+            NodeOpts::new(id, &url, root.join(id))
+                .with_fake_ffmpeg()
+                .args(node_args("3s")),
+        )
+    };
+    let n1 = node("n1", root.path());
+    let n2 = node("n2", root.path());
+    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
+        "--idle-timeout",
+        "30s",
+        "--tick",
+        "500ms",
+        "--node-ttl",
+        "3s",
+        "--lease-ttl",
+        "3s",
+        "--leader-ttl",
+        "3s",
+    ]));
+    Farm {
+        redis,
+        n1,
+        n2,
+        co,
+        _root: root,
+    }
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("http client")
+}
+
+async fn status(http: &reqwest::Client, url: &str) -> u16 {
+    match http.get(url).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_redis_restart_with_aof_costs_nothing() {
+    let f = farm(RedisServer::start_with_args(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]));
+    let mut c = f.redis.conn().await;
+    let mut player = HlsClient::new(&format!("{}/live/watched/index.m3u8", f.n1.base_url()));
+    player
+        .pull(Duration::from_secs(2), Duration::from_secs(20))
+        .await
+        .expect("watched plays");
+    eventually("a leader", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move { leader(&mut c, "farm").await }
+    })
+    .await;
+    let before = owner(&mut c, "farm", "watched")
+        .await
+        .expect("watched runs");
+    let pids = ffmpegs_for(f.n1.hls_root(), "watched");
+    assert_eq!(pids.len(), 1);
+    let mark = events(&mut c, "farm")
+        .await
+        .last()
+        .map(|e| e.id.clone())
+        .unwrap_or_default();
+    drop(c);
+
+    let pull = tokio::spawn(async move {
+        player
+            .pull(Duration::from_secs(10), Duration::from_secs(40))
+            .await
+    });
+    let mut redis = f.redis;
+    let t0 = Instant::now();
+    redis.restart();
+    let down = t0.elapsed();
+    let report = pull
+        .await
+        .expect("player task")
+        .expect("the player kept playing across the restart");
+    let mut c = redis.conn().await;
+    println!("Redis restart with AOF: down {down:?}; player across it: {report:?}");
+    assert_eq!(report.sequence_resets, 0, "{report:?}");
+    assert_eq!(owner(&mut c, "farm", "watched").await, Some(before));
+    assert_eq!(
+        ffmpegs_for(f.n1.hls_root(), "watched"),
+        pids,
+        "FFmpeg replaced"
+    );
+    let ev = events(&mut c, "farm").await;
+    let since: Vec<_> = ev.iter().filter(|e| e.id > mark).collect();
+    assert!(
+        since.iter().all(|e| !matches!(
+            e.kind(),
+            "stopped" | "started" | "reaped" | "node_dead" | "failover" | "failed" | "restarted"
+        )),
+        "a short Redis restart cost something: {since:?}"
+    );
+    let report = invariants::check(
+        &redis,
+        &[FarmNode::of(&f.n1), FarmNode::of(&f.n2)],
+        settle_time(NODE_TTL, TICK),
+    )
+    .await;
+    println!("redis restart (AOF): {}", report.figure());
+    report.assert_clean();
+    let _ = &f.co;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_running_a_channel_twice(
+) {
+    let f = farm(RedisServer::start());
+    let mut c = f.redis.conn().await;
+    let http = no_redirects();
+    assert_eq!(
+        status(
+            &http,
+            &format!("{}/live/watched/index.m3u8", f.n1.base_url())
+        )
+        .await,
+        200
+    );
+    eventually("a leader", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move { leader(&mut c, "farm").await }
+    })
+    .await;
+    // The catalog as a replica or a backup would hold it.
+    let mut catalog: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("farm:channel*")
+        .query_async(&mut c)
+        .await
+        .expect("KEYS");
+    keys.push("farm:pinned".into());
+    for k in keys {
+        let dump: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(&k)
+            .query_async(&mut c)
+            .await
+            .expect("DUMP");
+        if let Some(d) = dump {
+            catalog.push((k, d));
+        }
+    }
+    drop(c);
+
+    let mut redis = f.redis;
+    let t0 = Instant::now();
+    redis.restart();
+    let mut c = redis.conn().await;
+    let mut p = redis::pipe();
+    for (k, d) in &catalog {
+        p.cmd("RESTORE").arg(k).arg(0).arg(d.as_slice()).ignore();
+    }
+    let () = p.query_async(&mut c).await.expect("RESTORE catalog");
+    let restored = t0.elapsed();
+
+    // A viewer asks n2 every 50 ms while FFmpegs are sampled: n1's FFmpeg keeps running until n1
+    // learns that its lease is gone; n2 must not start a second one meanwhile.
+    let roots = [FarmNode::of(&f.n1).hls_root, FarmNode::of(&f.n2).hls_root];
+    let url2 = format!("{}/live/watched/index.m3u8", f.n2.base_url());
+    let viewer = tokio::spawn({
+        let http = http.clone();
+        async move {
+            let mut statuses: BTreeMap<u16, u32> = BTreeMap::new();
+            while t0.elapsed() < Duration::from_secs(20) {
+                let s = status(&http, &url2).await;
+                *statuses.entry(s).or_default() += 1;
+                if s == 200 || s == 307 {
+                    return (Some((t0.elapsed(), s)), statuses);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (None, statuses)
+        }
+    });
+    let (mut samples, mut doubles, mut n1_fenced, mut rejoined, mut new_leader) =
+        (0u32, 0u32, None, None, None);
+    let mut double_seen: Vec<String> = Vec::new();
+    while t0.elapsed() < Duration::from_secs(20) {
+        samples += 1;
+        let (p1, p2) = (
+            ffmpegs_for(&roots[0], "watched"),
+            ffmpegs_for(&roots[1], "watched"),
+        );
+        let (on1, on2) = (p1.len(), p2.len());
+        let t = t0.elapsed();
+        if on1 + on2 > 1 {
+            doubles += 1;
+            if double_seen.len() < 3 {
+                double_seen.push(format!("at {t:?}: n1 {p1:?}, n2 {p2:?}"));
+            }
+        }
+        if n1_fenced.is_none() && on1 == 0 {
+            n1_fenced = Some(t);
+        }
+        if rejoined.is_none() {
+            let a: bool = c.exists("farm:node:n1:alive").await.unwrap_or(false);
+            let b: bool = c.exists("farm:node:n2:alive").await.unwrap_or(false);
+            if a && b {
+                rejoined = Some(t);
+            }
+        }
+        if new_leader.is_none() && leader(&mut c, "farm").await.is_some() {
+            new_leader = Some(t);
+        }
+        if viewer.is_finished() && n1_fenced.is_some() && rejoined.is_some() && t > NODE_TTL * 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (served_again, statuses) = viewer.await.expect("viewer task");
+    println!(
+        "Redis restart without persistence: catalog restored {restored:?} after the kill; nodes registered again after {rejoined:?}; \
+leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; viewer on n2 served again after {served_again:?} ({statuses:?}); \
+{doubles} of {samples} samples (every 50 ms) saw two FFmpegs: overlap {:.2}s {double_seen:?}",
+        doubles as f64 * 0.05
+    );
+
+    // The command streams and their groups were lost too: a stop must still reach the owner.
+    let (node, gen) = eventually("watched to run somewhere", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            let o = owner(&mut c, "farm", "watched").await?;
+            let state: Option<String> = c.hget("farm:stream:watched", "state").await.ok()?;
+            (state.as_deref() == Some("running")).then_some(o)
+        }
+    })
+    .await;
+    let sent = Instant::now();
+    let _: String = redis::cmd("XADD")
+        .arg(format!("farm:cmd:{node}"))
+        .arg("*")
+        .arg("op")
+        .arg("stop")
+        .arg("channel")
+        .arg("watched")
+        .arg("gen")
+        .arg(gen)
+        .arg("reason")
+        .arg("test")
+        .query_async(&mut c)
+        .await
+        .expect("XADD stop");
+    eventually(
+        "the stop sent after the restart to take effect",
+        Duration::from_secs(15),
+        || {
+            let mut c = c.clone();
+            async move {
+                owner(&mut c, "farm", "watched")
+                    .await
+                    .is_none()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    println!(
+        "stop command on the recreated stream farm:cmd:{node} done in {:?}",
+        sent.elapsed()
+    );
+    farmctl_ok(&redis.url(), &["start", "spare", "--wait"]);
+
+    let report = invariants::check(
+        &redis,
+        &[FarmNode::of(&f.n1), FarmNode::of(&f.n2)],
+        settle_time(NODE_TTL, TICK),
+    )
+    .await;
+    println!("redis restart (no persistence): {}", report.figure());
+    report.assert_clean();
+    assert!(
+        served_again.is_some(),
+        "the viewer never got the channel back"
+    );
+    assert_eq!(
+        doubles, 0,
+        "two FFmpegs ran for one channel after the Redis restart"
+    );
+    let _ = &f.co;
+}

@@ -1,0 +1,652 @@
+//! Hostile upstreams with real FFmpeg (promise 10): a catalog URL written behind farmctl's back, or
+//! an upstream HLS playlist (served by a test HTTP server the channel points at) whose segments,
+//! keys, init sections or variants name `file:` URLs, `concat:`, `subfile,`, `crypto:file:`, a bare
+//! local path, or Redis on 127.0.0.1.
+//!
+//! - Local files: the canary (a real MPEG-TS, so a read would also show up as a working channel)
+//!   is never read: its access time, set to the past first so that even a `relatime` mount
+//!   records a read, does not move; the check is shown to be able to fail by reading the canary
+//!   once at the end. The channels end `failed`, serving nothing.
+//! - Redis: neither the farm's Redis nor another one on 127.0.0.1 hears from FFmpeg: no connection
+//!   that comes and goes (`total_connections_received` against the clients still connected: the
+//!   node keeps its pooled connections), no `GET` rejected for its arity (an HTTP request line),
+//!   no cross-protocol warning in Redis's log (an HTTP `Host:` header). These two tests fail today:
+//!   nothing stops an `http` URL from naming 127.0.0.1 and any port.
+
+mod common;
+
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::IntoResponse;
+use common::*;
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::redis::RedisServer;
+use farm_tests::wait::eventually;
+use redis::aio::MultiplexedConnection;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// An upstream HTTP server whose playlists are what a test says; it counts every request by path.
+struct Upstream {
+    addr: std::net::SocketAddr,
+    hits: Arc<Mutex<HashMap<String, u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct UpstreamState {
+    /// path → playlist text; `{seq}` is replaced by the seconds since the server started, so a
+    /// live playlist lists new (hostile) segments on every reload.
+    playlists: Arc<HashMap<String, String>>,
+    hits: Arc<Mutex<HashMap<String, u64>>>,
+    started: Instant,
+}
+
+async fn serve(State(st): State<UpstreamState>, uri: Uri) -> impl IntoResponse {
+    let path = uri.path().to_string();
+    *st.hits
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(path.clone())
+        .or_default() += 1;
+    match st.playlists.get(&path) {
+        Some(text) => (
+            StatusCode::OK,
+            [("content-type", "application/vnd.apple.mpegurl")],
+            text.replace("{seq}", &st.started.elapsed().as_secs().to_string()),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+impl Upstream {
+    async fn start(playlists: HashMap<String, String>) -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let hits: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        let app = axum::Router::new()
+            .fallback(serve)
+            .with_state(UpstreamState {
+                playlists: Arc::new(playlists),
+                hits: hits.clone(),
+                started: Instant::now(),
+            });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream { addr, hits, task }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn hits(&self, path: &str) -> u64 {
+        self.hits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A live media playlist of three segments at `uris` (the sequence moves every second).
+fn media_playlist(head: &str, uri: &str) -> String {
+    let mut s = format!(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:{{seq}}\n{head}"
+    );
+    for _ in 0..3 {
+        s.push_str(&format!("#EXTINF:1.000,\n{uri}\n"));
+    }
+    s
+}
+
+/// A canary: a real MPEG-TS (so FFmpeg could make a channel of it) and a playlist naming it, in a
+/// folder directly in /tmp, their access times set two days back.
+struct Canary {
+    ts: PathBuf,
+    m3u8: PathBuf,
+    atimes: Vec<SystemTime>,
+    _dir: tempfile::TempDir,
+}
+
+impl Canary {
+    fn plant() -> Canary {
+        let dir = tempfile::Builder::new()
+            .prefix("farm-canary-dir-")
+            .tempdir_in("/tmp")
+            .expect("canary dir");
+        let ts = dir.path().join("canary.ts");
+        let m3u8 = dir.path().join("canary.m3u8");
+        std::fs::copy(farm_tests::media::source_ts(), &ts).expect("copy test media");
+        std::fs::write(
+            &m3u8,
+            format!(
+                "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile://{}\n#EXT-X-ENDLIST\n",
+                ts.display()
+            ),
+        )
+        .expect("write canary playlist");
+        let past = SystemTime::now() - Duration::from_secs(2 * 86_400);
+        for f in [&ts, &m3u8] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .and_then(|h| h.set_times(std::fs::FileTimes::new().set_accessed(past)))
+                .unwrap_or_else(|e| panic!("set atime of {}: {e}", f.display()));
+        }
+        let atimes = vec![atime(&ts), atime(&m3u8)];
+        Canary {
+            ts,
+            m3u8,
+            atimes,
+            _dir: dir,
+        }
+    }
+
+    fn read_since_planted(&self) -> Vec<PathBuf> {
+        [&self.ts, &self.m3u8]
+            .into_iter()
+            .zip(&self.atimes)
+            .filter(|(f, t)| atime(f) != **t)
+            .map(|(f, _)| f.clone())
+            .collect()
+    }
+}
+
+fn atime(f: &Path) -> SystemTime {
+    std::fs::metadata(f)
+        .and_then(|m| m.accessed())
+        .unwrap_or_else(|e| panic!("stat {}: {e}", f.display()))
+}
+
+/// Writes a catalog entry with redis-cli's power: no farmctl, no validation on the way in.
+async fn put_channel(redis: &RedisServer, id: &str, url: &str, backups: &str) {
+    let mut c = redis.conn().await;
+    let _: () = redis::pipe()
+        .hset(format!("farm:channel:{id}"), "url", url)
+        .hset(format!("farm:channel:{id}"), "backup_urls", backups)
+        .sadd("farm:channels", id)
+        .query_async(&mut c)
+        .await
+        .expect("seed catalog");
+}
+
+/// A node with real FFmpeg that gives up on a channel fast: two crashes end it in `failed`.
+fn hostile_node(redis: &RedisServer, root: &Path) -> NodeProcess {
+    let opts = NodeOpts::new("n1", redis.url(), root.join("n1"))
+        .args(FAST.iter().copied())
+        .args([
+            "--read-timeout",
+            "2s",
+            "--start-timeout",
+            "3s",
+            "--max-crashes",
+            "2",
+            "--failed-hold",
+            "120s",
+        ])
+        // FFmpeg's own messages go to the node log (target "ffmpeg").
+        .env("RUST_LOG", "info,farm_node=debug,ffmpeg=debug");
+    NodeProcess::spawn(opts)
+}
+
+async fn state(redis: &RedisServer, id: &str) -> String {
+    hgetall(redis, &format!("farm:stream:{id}"))
+        .await
+        .get("state")
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Asks for each channel's playlist (it must not be served), then waits until each one's stream
+/// state is `failed`.
+async fn start_and_wait_failed(redis: &RedisServer, node: &NodeProcess, ids: &[&str]) {
+    let requests = ids.iter().map(|id| {
+        let url = format!("{}/live/{id}/index.m3u8", node.base_url());
+        async move { (id.to_string(), get(&url).await) }
+    });
+    for (id, r) in futures::future::join_all(requests).await {
+        println!("{id}: first request -> {} {}", r.status, r.text().trim());
+        assert_ne!(r.status, 200, "{id} served a playlist: {}", r.text());
+    }
+    for id in ids {
+        eventually(
+            &format!("channel {id} to end failed"),
+            Duration::from_secs(120),
+            || async { (state(redis, id).await == "failed").then_some(()) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_catalog_urls_and_upstream_playlists_never_make_ffmpeg_read_a_local_file() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let canary = Canary::plant();
+    let ts = canary.ts.display().to_string();
+    let m3u8 = canary.m3u8.display().to_string();
+
+    // Upstream playlists that point FFmpeg at the canary in every way an HLS playlist can.
+    let cases: Vec<(&str, String)> = vec![
+        ("seg_file", media_playlist("", &format!("file://{ts}"))),
+        ("seg_file_short", media_playlist("", &format!("file:{ts}"))),
+        ("seg_path", media_playlist("", &ts)),
+        (
+            "seg_concat",
+            media_playlist("", &format!("concat:{ts}|{ts}")),
+        ),
+        (
+            "seg_subfile",
+            media_playlist("", &format!("subfile,,start,0,end,18800,,:{ts}")),
+        ),
+        (
+            "seg_crypto",
+            media_playlist("", &format!("crypto:file://{ts}")),
+        ),
+        (
+            "key_file",
+            media_playlist(
+                &format!("#EXT-X-KEY:METHOD=AES-128,URI=\"file://{ts}\"\n"),
+                "seg.ts",
+            ),
+        ),
+        (
+            "map_file",
+            media_playlist(&format!("#EXT-X-MAP:URI=\"file://{ts}\"\n"), "seg.ts"),
+        ),
+        (
+            "variant_file",
+            format!("#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\nfile://{m3u8}\n"),
+        ),
+        (
+            "variant_path",
+            format!("#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\n{m3u8}\n"),
+        ),
+    ];
+    let upstream = Upstream::start(
+        cases
+            .iter()
+            .map(|(id, text)| (format!("/{id}.m3u8"), text.clone()))
+            .collect(),
+    )
+    .await;
+    for (id, _) in &cases {
+        put_channel(&redis, id, &upstream.url(&format!("/{id}.m3u8")), "").await;
+    }
+    // Catalog URLs that name the canary directly, as primary or as backup: refused before FFmpeg.
+    let direct = [
+        ("cat_file", format!("file://{ts}"), String::new()),
+        ("cat_path", ts.clone(), String::new()),
+        ("cat_concat", format!("concat:{ts}|{ts}"), String::new()),
+        (
+            "cat_subfile",
+            format!("subfile,,start,0,end,18800,,:{ts}"),
+            String::new(),
+        ),
+        (
+            "cat_backup",
+            upstream.url("/seg_file.m3u8"),
+            format!("file://{ts}"),
+        ),
+    ];
+    for (id, url, backups) in &direct {
+        put_channel(&redis, id, url, backups).await;
+    }
+
+    let node = hostile_node(&redis, root.path());
+    for (id, _, _) in &direct {
+        let r = get(&format!("{}/live/{id}/index.m3u8", node.base_url())).await;
+        assert_eq!(r.status, 502, "{id}: {}", r.text());
+        assert!(
+            r.text().contains("invalid upstream URL"),
+            "{id}: {}",
+            r.text()
+        );
+    }
+    assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 0.0);
+
+    let ids: Vec<&str> = cases.iter().map(|(id, _)| *id).collect();
+    start_and_wait_failed(&redis, &node, &ids).await;
+
+    // FFmpeg did load each hostile playlist, so it met every hostile reference...
+    for id in &ids {
+        let hits = upstream.hits(&format!("/{id}.m3u8"));
+        assert!(hits >= 1, "{id}: FFmpeg never fetched its playlist");
+    }
+    // ...resolved a bare path against the playlist's URL (an HTTP request, not a file read)...
+    println!(
+        "bare paths fetched over HTTP: segment {} times, variant {} times",
+        upstream.hits(&ts),
+        upstream.hits(&m3u8)
+    );
+    // ...and was refused the others by its protocol whitelist.
+    let log = node.log();
+    let refusals = log.matches("not on whitelist").count();
+    println!(
+        "FFmpeg refusals in the node log: {refusals} 'not on whitelist', {} 'Failed to open segment'",
+        log.matches("Failed to open segment").count()
+    );
+    assert!(
+        refusals > 0,
+        "no whitelist refusal logged: is FFmpeg's stderr in the node log?"
+    );
+
+    let read = canary.read_since_planted();
+    assert!(read.is_empty(), "FFmpeg read the canary: {read:?}");
+    for id in &ids {
+        let h = hgetall(&redis, &format!("farm:stream:{id}")).await;
+        println!(
+            "{id}: {}",
+            h.get("last_error").map(String::as_str).unwrap_or("")
+        );
+        let r = get(&format!("{}/live/{id}/index.m3u8", node.base_url())).await;
+        assert_eq!(r.status, 503, "{id}: {}", r.text());
+    }
+    assert!(
+        ffmpegs_under(node.hls_root()).is_empty(),
+        "every FFmpeg ended"
+    );
+
+    // Control: the access-time check can fail. A read moves the canary's access time.
+    let _ = std::fs::read(&canary.ts).expect("read canary");
+    assert_eq!(
+        canary.read_since_planted(),
+        vec![canary.ts.clone()],
+        "a read must move the canary's access time, or the check above proves nothing"
+    );
+}
+
+/// `INFO` fields of a Redis.
+async fn info(c: &mut MultiplexedConnection, section: &str) -> HashMap<String, String> {
+    let text: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(c)
+        .await
+        .expect("INFO");
+    text.lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn num(m: &HashMap<String, String>, k: &str) -> u64 {
+    m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Ids of the clients connected now.
+async fn client_ids(c: &mut MultiplexedConnection) -> Vec<u64> {
+    let text: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(c)
+        .await
+        .expect("CLIENT LIST");
+    text.lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()?
+                .strip_prefix("id=")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// What a Redis saw of FFmpeg since [`RedisWatch::start`]: connections that came and went (the
+/// node keeps its pooled connections open, so a connection opened since and closed again is not
+/// the node's), GET calls rejected for their arity (the request line `GET /path HTTP/1.1`; the
+/// farm never sends such a GET) and Redis's own cross-protocol warning (`Host:` header).
+struct RedisWatch<'a> {
+    redis: &'a RedisServer,
+    conn: MultiplexedConnection,
+    connections: u64,
+    max_id: u64,
+    rejected_get: u64,
+    log_len: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Contact {
+    connections_that_came_and_went: u64,
+    rejected_gets: u64,
+    cross_protocol_warnings: usize,
+}
+
+impl<'a> RedisWatch<'a> {
+    async fn start(redis: &'a RedisServer) -> RedisWatch<'a> {
+        let mut conn = redis.conn().await;
+        let connections = num(
+            &info(&mut conn, "stats").await,
+            "total_connections_received",
+        );
+        let max_id = client_ids(&mut conn).await.into_iter().max().unwrap_or(0);
+        let rejected_get = Self::rejected_get(&mut conn).await;
+        RedisWatch {
+            redis,
+            conn,
+            connections,
+            max_id,
+            rejected_get,
+            log_len: redis.log().len(),
+        }
+    }
+
+    async fn rejected_get(c: &mut MultiplexedConnection) -> u64 {
+        info(c, "commandstats")
+            .await
+            .get("cmdstat_get")
+            .and_then(|v| {
+                v.split(',')
+                    .find_map(|kv| kv.strip_prefix("rejected_calls="))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn contact(&self) -> Contact {
+        let mut conn = self.conn.clone();
+        let connections = num(
+            &info(&mut conn, "stats").await,
+            "total_connections_received",
+        );
+        let new_alive = client_ids(&mut conn)
+            .await
+            .into_iter()
+            .filter(|id| *id > self.max_id)
+            .count() as u64;
+        let rejected = Self::rejected_get(&mut conn).await;
+        Contact {
+            connections_that_came_and_went: (connections - self.connections)
+                .saturating_sub(new_alive),
+            rejected_gets: rejected - self.rejected_get,
+            cross_protocol_warnings: self.redis.log()[self.log_len..]
+                .matches("SECURITY ATTACK")
+                .count(),
+        }
+    }
+}
+
+const NO_CONTACT: Contact = Contact {
+    connections_that_came_and_went: 0,
+    rejected_gets: 0,
+    cross_protocol_warnings: 0,
+};
+
+/// Asks for each channel's playlist (never served), then waits until each one is refused before
+/// FFmpeg or has ended `failed`.
+/// `conn` is opened by the caller before its Redis watch starts, so polling adds no connection.
+async fn start_and_wait_ended(
+    conn: &redis::aio::MultiplexedConnection,
+    node: &NodeProcess,
+    ids: &[&str],
+) {
+    let requests = ids.iter().map(|id| {
+        let url = format!("{}/live/{id}/index.m3u8", node.base_url());
+        async move { (id.to_string(), get(&url).await) }
+    });
+    for (id, r) in futures::future::join_all(requests).await {
+        println!("{id}: first request -> {} {}", r.status, r.text().trim());
+        assert_ne!(r.status, 200, "{id} served a playlist");
+    }
+    for id in ids {
+        eventually(
+            &format!("channel {id} to be refused or end failed"),
+            Duration::from_secs(120),
+            || {
+                let mut conn = conn.clone();
+                async move {
+                    let s: Option<String> =
+                        redis::AsyncCommands::hget(&mut conn, format!("farm:stream:{id}"), "state")
+                            .await
+                            .ok()?;
+                    let s = s.unwrap_or_default();
+                    (s == "failed" || s.is_empty()).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    eventually("every FFmpeg to end", Duration::from_secs(30), || async {
+        ffmpegs_under(node.hls_root()).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_urls_pointing_at_the_farm_redis_never_reach_it() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = redis.port();
+    let channels = [
+        ("r_ip", format!("http://127.0.0.1:{port}/"), String::new()),
+        (
+            "r_name",
+            format!("http://localhost:{port}/live.ts"),
+            String::new(),
+        ),
+        (
+            "r_https",
+            format!("https://127.0.0.1:{port}/"),
+            String::new(),
+        ),
+        (
+            "r_rtmp",
+            format!("rtmp://127.0.0.1:{port}/live/x"),
+            String::new(),
+        ),
+        (
+            "r_backup",
+            "http://127.0.0.1:9/nothing.ts".to_string(),
+            format!("http://127.0.0.1:{port}/"),
+        ),
+    ];
+    for (id, url, backups) in &channels {
+        put_channel(&redis, id, url, backups).await;
+    }
+    let node = hostile_node(&redis, root.path());
+    let conn = redis.conn().await;
+    let watch = RedisWatch::start(&redis).await;
+    let ids: Vec<&str> = channels.iter().map(|(id, _, _)| *id).collect();
+    start_and_wait_ended(&conn, &node, &ids).await;
+    let spawns = metric(&node, "farm_node_ffmpeg_spawns_total").await;
+    let contact = watch.contact().await;
+    println!("FFmpeg spawns: {spawns}; the farm Redis saw of FFmpeg: {contact:?}");
+    assert_eq!(
+        contact,
+        NO_CONTACT,
+        "a catalog URL made FFmpeg talk to the farm's Redis; its log:\n{}",
+        &redis.log()[watch.log_len..]
+    );
+
+    // Control: a connection that comes and goes is seen.
+    drop(redis.conn().await);
+    let seen = eventually(
+        "the control connection to be counted",
+        Duration::from_secs(5),
+        || async {
+            let c = watch.contact().await;
+            (c.connections_that_came_and_went > contact.connections_that_came_and_went).then_some(c)
+        },
+    )
+    .await;
+    println!("after one control connection: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open (issue 7): URLs inside an upstream HLS playlist reach local services; needs a network rule or a filtering proxy for FFmpeg"]
+async fn upstream_playlists_cannot_point_ffmpeg_at_redis_on_localhost() {
+    let redis = RedisServer::start();
+    // A Redis on 127.0.0.1 that the farm does not use.
+    let decoy = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (farm_port, decoy_port) = (redis.port(), decoy.port());
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "seg_farm_redis",
+            media_playlist("", &format!("http://127.0.0.1:{farm_port}/seg.ts")),
+        ),
+        (
+            "key_farm_redis",
+            media_playlist(
+                &format!("#EXT-X-KEY:METHOD=AES-128,URI=\"http://127.0.0.1:{farm_port}/key\"\n"),
+                "seg.ts",
+            ),
+        ),
+        (
+            "variant_farm_redis",
+            format!(
+                "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\nhttp://127.0.0.1:{farm_port}/v.m3u8\n"
+            ),
+        ),
+        (
+            "seg_decoy_redis",
+            media_playlist("", &format!("http://127.0.0.1:{decoy_port}/seg.ts")),
+        ),
+        (
+            "seg_decoy_tcp",
+            media_playlist("", &format!("tcp://127.0.0.1:{decoy_port}")),
+        ),
+    ];
+    let upstream = Upstream::start(
+        cases
+            .iter()
+            .map(|(id, text)| (format!("/{id}.m3u8"), text.clone()))
+            .collect(),
+    )
+    .await;
+    for (id, _) in &cases {
+        put_channel(&redis, id, &upstream.url(&format!("/{id}.m3u8")), "").await;
+    }
+    let node = hostile_node(&redis, root.path());
+    let conn = redis.conn().await;
+    let farm = RedisWatch::start(&redis).await;
+    let other = RedisWatch::start(&decoy).await;
+    let ids: Vec<&str> = cases.iter().map(|(id, _)| *id).collect();
+    start_and_wait_ended(&conn, &node, &ids).await;
+    for id in &ids {
+        assert!(
+            upstream.hits(&format!("/{id}.m3u8")) >= 1,
+            "{id}: playlist never fetched"
+        );
+    }
+    let (farm_contact, other_contact) = (farm.contact().await, other.contact().await);
+    println!("the farm Redis saw of FFmpeg: {farm_contact:?}; the other Redis: {other_contact:?}");
+    assert_eq!(
+        (farm_contact, other_contact),
+        (NO_CONTACT, NO_CONTACT),
+        "an upstream playlist made FFmpeg talk to a Redis on 127.0.0.1"
+    );
+}

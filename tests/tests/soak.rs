@@ -1,0 +1,438 @@
+//! The soak (promises 1, 4, 5 and 9 together): 3 nodes, 2 coordinators, 200 fake-FFmpeg channels,
+//! synthetic viewers that come and go, and random `kill -9` + restart of nodes and coordinators.
+//!
+//! Every 100 ms a sampler counts the FFmpegs of every channel over the three nodes' roots: no channel
+//! may ever run twice. When the chaos ends (everything restarted), the invariant checker must find
+//! nothing within `2 × node_ttl + tick`.
+//!
+//! Lease and node TTL 3 s, tick 500 ms, idle timeout 5 s. Viewers: each channel flips between
+//! watched (5–15 s, a playlist request about every second through a random node, redirects
+//! followed) and unwatched (3–12 s). Faults: every 2–5 s, kill -9 of a random node (at most one down
+//! at a time, restarted after 2–6 s, same id and HLS root) or of a random coordinator (restarted
+//! after 1–4 s).
+//!
+//! CI runs `soak_short` (`FARM_SOAK_SECS`, default 45 s of chaos). The long one, 5 minutes:
+//! `FARM_SOAK_SECS=300 cargo test -p farm-tests --test soak -- --ignored --nocapture`
+//! (`FARM_SOAK_SEED=<n>` replays a run's random choices; the seed is printed).
+
+use farm_tests::coordinator::{events, farmctl_ok, node_args, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::invariants::{self, settle_time, FarmNode};
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::redis::RedisServer;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CHANNELS: usize = 200;
+const NODE_TTL: Duration = Duration::from_secs(3);
+const TICK: Duration = Duration::from_millis(500);
+/// Viewer requests in flight at most (a start can take seconds; the rest waits its turn).
+const INFLIGHT: usize = 48;
+
+/// xorshift64*: reproducible random choices from a printed seed.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// What the chaos thread did.
+#[derive(Debug, Default)]
+struct ChaosReport {
+    node_kills: u32,
+    coordinator_kills: u32,
+    restarts: u32,
+    log: Vec<String>,
+}
+
+enum Target {
+    Node(usize),
+    Coordinator(usize),
+}
+
+/// Kills and restarts nodes and coordinators until `until`, then restarts whatever is down.
+fn chaos(
+    until: Instant,
+    nodes: &mut [NodeProcess],
+    coords: &mut [CoordinatorProcess],
+    bases: &Mutex<Vec<Option<String>>>,
+    mut rng: Rng,
+) -> ChaosReport {
+    let t0 = Instant::now();
+    let mut report = ChaosReport::default();
+    let mut pending: Vec<(Instant, Target)> = Vec::new();
+    let mut next_fault = Instant::now() + rng.ms(2000, 5000);
+    let restart = |t: &Target,
+                   nodes: &mut [NodeProcess],
+                   coords: &mut [CoordinatorProcess],
+                   report: &mut ChaosReport| {
+        match *t {
+            Target::Node(i) => {
+                let fresh = NodeProcess::spawn(nodes[i].opts().clone());
+                lock(bases)[i] = Some(fresh.base_url());
+                // The new one first: the harness sweeps a root only when its last node goes.
+                let _old = std::mem::replace(&mut nodes[i], fresh);
+                report.log.push(format!(
+                    "{:>6.1}s restart node {}",
+                    t0.elapsed().as_secs_f64(),
+                    nodes[i].node_id()
+                ));
+            }
+            Target::Coordinator(i) => {
+                let fresh = CoordinatorProcess::spawn(coords[i].opts().clone());
+                let _old = std::mem::replace(&mut coords[i], fresh);
+                report.log.push(format!(
+                    "{:>6.1}s restart coordinator {}",
+                    t0.elapsed().as_secs_f64(),
+                    coords[i].id()
+                ));
+            }
+        }
+        report.restarts += 1;
+    };
+    while Instant::now() < until {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(at, _)| *at <= now);
+        pending = later;
+        for (_, t) in &due {
+            restart(t, nodes, coords, &mut report);
+        }
+        if now >= next_fault {
+            let node_down = pending.iter().any(|(_, t)| matches!(t, Target::Node(_)));
+            if !node_down && rng.below(2) == 0 {
+                let i = rng.below(nodes.len() as u64) as usize;
+                nodes[i].kill9();
+                lock(bases)[i] = None;
+                report.node_kills += 1;
+                report.log.push(format!(
+                    "{:>6.1}s kill -9 node {}",
+                    t0.elapsed().as_secs_f64(),
+                    nodes[i].node_id()
+                ));
+                pending.push((now + rng.ms(2000, 6000), Target::Node(i)));
+            } else {
+                let up: Vec<usize> = (0..coords.len())
+                    .filter(|i| {
+                        !pending
+                            .iter()
+                            .any(|(_, t)| matches!(t, Target::Coordinator(j) if j == i))
+                    })
+                    .collect();
+                if !up.is_empty() {
+                    let i = up[rng.below(up.len() as u64) as usize];
+                    coords[i].kill9();
+                    report.coordinator_kills += 1;
+                    report.log.push(format!(
+                        "{:>6.1}s kill -9 coordinator {}",
+                        t0.elapsed().as_secs_f64(),
+                        coords[i].id()
+                    ));
+                    pending.push((now + rng.ms(1000, 4000), Target::Coordinator(i)));
+                }
+            }
+            next_fault = now + rng.ms(2000, 5000);
+        }
+        // Fault pacing, not synchronisation.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (_, t) in &pending {
+        restart(t, nodes, coords, &mut report);
+    }
+    report
+}
+
+#[derive(Debug, Default)]
+struct Sampled {
+    samples: u64,
+    double_samples: u64,
+    max_per_channel: usize,
+    first_doubles: Vec<String>,
+}
+
+/// Every 100 ms: the largest number of runnable FFmpegs of one channel over the farm.
+fn sampler(nodes: Vec<FarmNode>, stop: Arc<AtomicBool>, t0: Instant) -> Sampled {
+    let mut s = Sampled::default();
+    while !stop.load(Ordering::Acquire) {
+        let mut per: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in invariants::farm_ffmpegs(&nodes)
+            .into_iter()
+            .filter(|p| !p.stopped)
+        {
+            per.entry(p.channel)
+                .or_default()
+                .push(format!("{}:{}", p.node, p.pid));
+        }
+        s.samples += 1;
+        let worst = per.values().map(Vec::len).max().unwrap_or(0);
+        s.max_per_channel = s.max_per_channel.max(worst);
+        if worst > 1 {
+            s.double_samples += 1;
+            if s.first_doubles.len() < 5 {
+                for (ch, who) in per.iter().filter(|(_, w)| w.len() > 1) {
+                    s.first_doubles
+                        .push(format!("{:.1}s {ch}: {who:?}", t0.elapsed().as_secs_f64()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s
+}
+
+#[derive(Default)]
+struct ViewerStats {
+    requests: AtomicU64,
+    skipped: AtomicU64,
+    statuses: Mutex<BTreeMap<u16, u64>>,
+}
+
+/// Viewers come and go until `steady` is set, then the ones watching keep watching (and the others
+/// stay away) until `stop`.
+async fn viewers(
+    steady: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    bases: Arc<Mutex<Vec<Option<String>>>>,
+    mut rng: Rng,
+    stats: Arc<ViewerStats>,
+) {
+    struct Session {
+        watched: bool,
+        flip_at: Instant,
+        next_request: Instant,
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(12))
+        .build()
+        .expect("http client");
+    let now = Instant::now();
+    let mut sessions: Vec<Session> = (0..CHANNELS)
+        .map(|_| Session {
+            watched: rng.below(2) == 0,
+            flip_at: now + rng.ms(0, 10_000),
+            next_request: now + rng.ms(0, 1000),
+        })
+        .collect();
+    let inflight = Arc::new(tokio::sync::Semaphore::new(INFLIGHT));
+    let mut requests = tokio::task::JoinSet::new();
+    while !stop.load(Ordering::Acquire) {
+        let now = Instant::now();
+        let flips = !steady.load(Ordering::Acquire);
+        for (i, s) in sessions.iter_mut().enumerate() {
+            if flips && now >= s.flip_at {
+                s.watched = !s.watched;
+                s.flip_at = now
+                    + if s.watched {
+                        rng.ms(5000, 15_000)
+                    } else {
+                        rng.ms(3000, 12_000)
+                    };
+                s.next_request = now;
+            }
+            if !s.watched || now < s.next_request {
+                continue;
+            }
+            s.next_request = now + rng.ms(800, 1200);
+            let live: Vec<String> = lock(&bases).iter().flatten().cloned().collect();
+            if live.is_empty() {
+                continue;
+            }
+            let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                stats.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let url = format!(
+                "{}/live/s{i}/index.m3u8",
+                live[rng.below(live.len() as u64) as usize]
+            );
+            let (http, stats) = (http.clone(), stats.clone());
+            requests.spawn(async move {
+                let status = match http.get(&url).send().await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                };
+                stats.requests.fetch_add(1, Ordering::Relaxed);
+                *lock(&stats.statuses).entry(status).or_default() += 1;
+                drop(permit);
+            });
+        }
+        while requests.try_join_next().is_some() {}
+        // A viewer's pacing.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while requests.join_next().await.is_some() {}
+}
+
+async fn soak(chaos_for: Duration) {
+    let seed = env_u64("FARM_SOAK_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1
+    });
+    println!("soak: {CHANNELS} channels, 3 nodes, 2 coordinators, {chaos_for:?} of chaos, FARM_SOAK_SEED={seed}");
+    let mut rng = Rng(seed);
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    let mut m3u = String::from("#EXTM3U\n");
+    for i in 0..CHANNELS {
+        m3u.push_str(&format!(
+            "#EXTINF:-1 tvg-id=\"s{i}\",Soak {i}\nhttp://127.0.0.1:9/s{i}.ts?mode=normal&seg_ms=1000\n"
+        ));
+    }
+    let m3u_path = root.path().join("soak.m3u");
+    std::fs::write(&m3u_path, m3u).expect("write m3u");
+    farmctl_ok(&url, &["import", &m3u_path.to_string_lossy()]);
+    let mut nodes: Vec<NodeProcess> = (1..=3)
+        .map(|i| {
+            let id = format!("n{i}");
+            NodeProcess::spawn(
+                NodeOpts::new(&id, &url, root.path().join(&id))
+                    .with_fake_ffmpeg()
+                    .args(node_args("3s"))
+                    .args(["--max-streams", "150", "--start-timeout", "8s"]),
+            )
+        })
+        .collect();
+    let mut coords: Vec<CoordinatorProcess> = (1..=2)
+        .map(|i| {
+            CoordinatorProcess::spawn(CoordinatorOpts::new(format!("c{i}"), &url).args([
+                "--idle-timeout",
+                "5s",
+                "--tick",
+                "500ms",
+                "--node-ttl",
+                "3s",
+                "--lease-ttl",
+                "3s",
+                "--leader-ttl",
+                "3s",
+            ]))
+        })
+        .collect();
+    let farm: Vec<FarmNode> = nodes
+        .iter()
+        .map(|n| FarmNode::dead(n.node_id(), n.hls_root()))
+        .collect();
+    let bases = Arc::new(Mutex::new(
+        nodes.iter().map(|n| Some(n.base_url())).collect::<Vec<_>>(),
+    ));
+
+    let t0 = Instant::now();
+    let until = t0 + chaos_for;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sample = {
+        let (farm, stop) = (farm.clone(), stop.clone());
+        std::thread::spawn(move || sampler(farm, stop, t0))
+    };
+    let stats = Arc::new(ViewerStats::default());
+    let (steady, viewers_stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let watchers = tokio::spawn(viewers(
+        steady.clone(),
+        viewers_stop.clone(),
+        bases.clone(),
+        rng.clone(),
+        stats.clone(),
+    ));
+    rng.next();
+    let chaos_rng = Rng(rng.next() | 1);
+    let (mut nodes, coords, chaos_report) = tokio::task::spawn_blocking({
+        let bases = bases.clone();
+        move || {
+            let r = chaos(until, &mut nodes, &mut coords, &bases, chaos_rng);
+            (nodes, coords, r)
+        }
+    })
+    .await
+    .expect("chaos thread");
+    let chaos_end = Instant::now();
+
+    // Everything runs again: the farm must settle with nothing left and nothing doubled, while the
+    // viewers who watch go on watching (and the coordinator stops what nobody watches).
+    steady.store(true, Ordering::Release);
+    let alive: Vec<FarmNode> = nodes.iter().map(FarmNode::of).collect();
+    let report = invariants::check(&redis, &alive, settle_time(NODE_TTL, TICK)).await;
+    viewers_stop.store(true, Ordering::Release);
+    watchers.await.expect("viewers");
+    stop.store(true, Ordering::Release);
+    let sampled = sample.join().expect("sampler thread");
+    let mut c = redis.conn().await;
+    let ev = events(&mut c, "farm").await;
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &ev {
+        *kinds.entry(e.kind().to_string()).or_default() += 1;
+    }
+    for line in &chaos_report.log {
+        println!("chaos {line}");
+    }
+    println!(
+        "soak ({:?} of chaos, seed {seed}): {} node kills, {} coordinator kills, {} restarts; viewers {} requests {:?} ({} skipped while {INFLIGHT} were in flight); \
+events {kinds:?}; FFmpegs sampled every 100 ms: {} samples, max {} per channel, {} samples with a channel running twice {:?}; \
+settled {:?} after the chaos: {}",
+        chaos_for,
+        chaos_report.node_kills,
+        chaos_report.coordinator_kills,
+        chaos_report.restarts,
+        stats.requests.load(Ordering::Relaxed),
+        lock(&stats.statuses),
+        stats.skipped.load(Ordering::Relaxed),
+        sampled.samples,
+        sampled.max_per_channel,
+        sampled.double_samples,
+        sampled.first_doubles,
+        chaos_end.elapsed(),
+        report.figure()
+    );
+    assert_eq!(
+        sampled.double_samples, 0,
+        "a channel ran twice: {:?}",
+        sampled.first_doubles
+    );
+    report.assert_clean();
+    let served = lock(&stats.statuses).get(&200).copied().unwrap_or(0);
+    assert!(served > 0, "no viewer was ever served");
+    for n in &mut nodes {
+        assert!(n.running(), "node {} died by itself", n.node_id());
+    }
+    drop(coords);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_short() {
+    soak(Duration::from_secs(env_u64("FARM_SOAK_SECS").unwrap_or(45))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "5 minutes: FARM_SOAK_SECS=300 cargo test -p farm-tests --test soak -- --ignored --nocapture"]
+async fn soak_long() {
+    soak(Duration::from_secs(
+        env_u64("FARM_SOAK_SECS").unwrap_or(300),
+    ))
+    .await;
+}
