@@ -19,6 +19,12 @@ use tracing::{info, warn};
 const BLOCK_MS: usize = 1000;
 
 pub async fn command_loop(node: Arc<Node>) {
+    // Commands wait for the first heartbeat: until then the claim script refuses this node.
+    let mut ready = node.ready.subscribe();
+    tokio::select! {
+        _ = node.cancel.cancelled() => return,
+        _ = ready.wait_for(|r| *r) => {}
+    }
     let mut delay = Duration::from_millis(200);
     while !node.cancel.is_cancelled() {
         match consume(&node).await {

@@ -389,8 +389,7 @@ async fn healthz(State(node): State<Arc<Node>>) -> Response {
         .unwrap_or_else(|p| p.into_inner())
         .elapsed();
     // Ready once the first heartbeat landed (until then claims are refused) and Redis answers.
-    let redis_ok =
-        since < node.cfg.fence_after() && node.ready.load(std::sync::atomic::Ordering::Acquire);
+    let redis_ok = since < node.cfg.fence_after() && *node.ready.borrow();
     let body = serde_json::json!({
         "node": node.cfg.node_id,
         "incarnation": node.incarnation,

@@ -154,7 +154,7 @@ pub struct Node {
     /// setpriv, to give every FFmpeg a parent-death signal.
     pub pdeathsig: Option<PathBuf>,
     /// The first heartbeat reached Redis (until then the claim script refuses this node).
-    pub ready: std::sync::atomic::AtomicBool,
+    pub ready: watch::Sender<bool>,
 }
 
 fn now_ms() -> u64 {
@@ -188,7 +188,7 @@ impl Node {
             hot_budget,
             draining: std::sync::atomic::AtomicBool::new(false),
             pdeathsig: ffmpeg::pdeathsig_wrapper(),
-            ready: std::sync::atomic::AtomicBool::new(false),
+            ready: watch::channel(false).0,
         })
     }
 
@@ -1149,7 +1149,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             Ok(ka) => {
                 *node.last_redis_ok.lock().unwrap_or_else(|p| p.into_inner()) = sent_at;
                 beat_before = true;
-                node.ready.store(true, Ordering::Release);
+                node.ready.send_if_modified(|r| !std::mem::replace(r, true));
                 if ka.lost {
                     fence_all(
                         "redis lost this node's keys (restarted empty, or the node was reaped)",

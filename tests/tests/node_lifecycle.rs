@@ -123,7 +123,12 @@ async fn after_sigkill_the_next_start_kills_the_leftover_ffmpeg_and_removes_its_
     let pid = leftover.id() as i32;
     let start = farm_tests::procs::process_start_time(pid).expect("start time");
     std::fs::write(dir.join(".ffmpeg.pid"), format!("{pid} {start}\n")).expect("record");
-    assert!(ffmpegs_under(root.path()).contains(&pid));
+    eventually(
+        "the planted leftover runs",
+        Duration::from_secs(5),
+        || async { ffmpegs_under(root.path()).contains(&pid).then_some(()) },
+    )
+    .await;
 
     let t0 = Instant::now();
     let second = node(&redis, "n1", root.path(), true, &[]);
