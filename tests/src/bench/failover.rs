@@ -1,0 +1,335 @@
+//! Failover: `kill -9` of the node that owns a watched channel → the first new segment served by
+//! another node.
+//!
+//! Two farm-nodes (real FFmpeg, hls_time 1 s, node and lease TTL 3 s), one farm-coordinator (tick
+//! 1 s), the fake provider's real-time MPEG-TS. Each trial kills the current owner of a channel that
+//! was just watched, in one of two ways of noticing the failover:
+//!
+//! - `coordinator` (the figures): nobody asks the other node for the channel; the benchmark watches
+//!   `farm:owner:<id>` (every 50 ms) until the coordinator's failover start has made the other node
+//!   the owner, then fetches the playlist and its newest segment from that node. This is the path
+//!   the anchor `node_ttl + tick` describes (detection), plus the new FFmpeg's first segment.
+//! - `viewer` (a detail): like a player that lost its node, the benchmark asks the other node for
+//!   the playlist every 100 ms (a 307 to the dead owner, or any error, means "not yet"), which lets
+//!   that node start the channel itself once the dead owner's lease has expired.
+//!
+//! The time is taken when the other node has served the playlist and the newest segment in it. The
+//! killed node is then started again (same id and folder; its start-up sweep removes the FFmpeg it
+//! left behind) and the next trial kills the other one.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::report::{num, percentile, Figure, Goal, PhaseOutput};
+use super::{add_channel, coordinator_bin, get, Settings};
+use crate::coordinator::{events, leader, owner, CoordinatorOpts, CoordinatorProcess};
+use crate::hls::MediaPlaylist;
+use crate::node::{NodeOpts, NodeProcess};
+use crate::provider::FakeProvider;
+use crate::redis::RedisServer;
+
+const NODE_TTL_S: f64 = 3.0;
+const TICK_S: f64 = 1.0;
+const CHANNEL: &str = "fo";
+/// Bound of one trial.
+const TRIAL_LIMIT: Duration = Duration::from_secs(40);
+
+fn node_args() -> Vec<&'static str> {
+    vec![
+        "--hls-time",
+        "1s",
+        "--lease-ttl",
+        "3s",
+        "--node-ttl",
+        "3s",
+        "--access-flush",
+        "500ms",
+        "--backoff-base",
+        "200ms",
+        "--backoff-max",
+        "2s",
+        "--stop-grace",
+        "2s",
+        "--start-timeout",
+        "15s",
+    ]
+}
+
+pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
+    let goal = Goal::AtMost(NODE_TTL_S + TICK_S + 2.0);
+    let mut out = PhaseOutput::default();
+    if coordinator_bin().is_none() {
+        let why =
+            "farm-coordinator is not built in this checkout (issue 3): not measured".to_string();
+        out.fig(Figure::missing("failover_s_p50", "s", goal, why.clone()));
+        out.fig(Figure::missing("failover_s_p99", "s", goal, why));
+        return Ok(out);
+    }
+    let redis = RedisServer::start();
+    let provider = FakeProvider::start().await;
+    let root = tempfile::Builder::new()
+        .prefix("farm-bench-failover-")
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let url = redis.url();
+    add_channel(&url, CHANNEL, &provider.url("/live/fo.ts"))?;
+    let opts: Vec<NodeOpts> = ["n1", "n2"]
+        .iter()
+        .map(|id| NodeOpts::new(*id, url.clone(), root.path().join(id)).args(node_args()))
+        .collect();
+    let mut nodes: Vec<NodeProcess> = Vec::new();
+    for o in &opts {
+        let o = o.clone();
+        nodes.push(
+            tokio::task::spawn_blocking(move || NodeProcess::spawn(o))
+                .await
+                .map_err(|e| format!("start node: {e}"))?,
+        );
+    }
+    let co_url = url.clone();
+    let co = tokio::task::spawn_blocking(move || {
+        CoordinatorProcess::spawn(CoordinatorOpts::new("c1", co_url).args([
+            "--idle-timeout",
+            "60s",
+            "--tick",
+            "1s",
+            "--node-ttl",
+            "3s",
+            "--lease-ttl",
+            "3s",
+            "--leader-ttl",
+            "3s",
+        ]))
+    })
+    .await
+    .map_err(|e| format!("start farm-coordinator: {e}"))?;
+    let mut c = redis.conn().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leader(&mut c, "farm").await.is_none() {
+        if Instant::now() > deadline {
+            return Err("the coordinator did not become leader within 20 s".into());
+        }
+        super::pause(Duration::from_millis(100)).await;
+    }
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .map_err(|e| format!("http client: {e}"))?;
+
+    // The channel starts on n1.
+    let (st, body) = get(
+        &client,
+        &format!("{}/live/{CHANNEL}/index.m3u8", nodes[0].base_url()),
+    )
+    .await?;
+    if st != 200 {
+        return Err(format!(
+            "first start on n1: {st}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+
+    let mut times = Vec::new();
+    let mut viewer_times = Vec::new();
+    let mut trials = Vec::new();
+    let viewer_trials = s.failover_trials.div_ceil(2);
+    for trial in 0..s.failover_trials + viewer_trials {
+        let mode = if trial < s.failover_trials {
+            Mode::Coordinator
+        } else {
+            Mode::Viewer
+        };
+        let (owner_id, _) = owner(&mut c, "farm", CHANNEL)
+            .await
+            .ok_or("the channel has no owner before the kill")?;
+        let victim = nodes
+            .iter()
+            .position(|n| n.node_id() == owner_id)
+            .ok_or_else(|| format!("owner {owner_id} is not one of the bench's nodes"))?;
+        let survivor = 1 - victim;
+        // Watched, and a few segments into its run, on a farm where both nodes are alive.
+        settle(&client, &mut c, &nodes, victim, survivor).await?;
+        let events_before = events(&mut c, "farm").await.len();
+
+        nodes[victim].kill9();
+        let t0 = Instant::now();
+        let base = nodes[survivor].base_url();
+        let served = match mode {
+            Mode::Coordinator => {
+                let survivor_id = nodes[survivor].node_id().to_string();
+                owned_by(&mut c, &survivor_id, t0).await?;
+                first_segment_from(&client, &base, t0).await
+            }
+            Mode::Viewer => first_segment_from(&client, &base, t0).await,
+        };
+        let took = t0.elapsed().as_secs_f64();
+        let ev = events(&mut c, "farm").await;
+        let by_coordinator = ev[events_before.min(ev.len())..]
+            .iter()
+            .any(|e| e.kind() == "failover" && e.get("channel") == CHANNEL);
+        let statuses = served?;
+        match mode {
+            Mode::Coordinator => times.push(took),
+            Mode::Viewer => viewer_times.push(took),
+        }
+        trials.push(json!({
+            "trial": trial,
+            "mode": mode.name(),
+            "killed": nodes[victim].node_id(),
+            "served_by": nodes[survivor].node_id(),
+            "seconds": took,
+            "coordinator_failover_event_by_then": by_coordinator,
+            "statuses_while_waiting": statuses,
+        }));
+        // The killed node comes back (new incarnation, same folder).
+        let o = opts[victim].clone();
+        nodes[victim] = tokio::task::spawn_blocking(move || NodeProcess::spawn(o))
+            .await
+            .map_err(|e| format!("restart node: {e}"))?;
+    }
+    drop(co);
+    drop(nodes);
+    drop(provider);
+
+    out.set(
+        "failover",
+        json!({
+            "node_ttl_s": NODE_TTL_S,
+            "tick_s": TICK_S,
+            "hls_time_s": 1.0,
+            "trials": trials,
+        }),
+    );
+    let anchor = NODE_TTL_S + TICK_S;
+    for (name, p) in [("failover_s_p50", 50.0), ("failover_s_p99", 99.0)] {
+        let mut f = Figure::new(name, "s", goal).detail(format!(
+            "kill -9 of the owner -> coordinator failover -> newest segment served by the other node, {} trials; anchor node_ttl + tick = {} s (real ffmpeg, hls_time 1 s); a viewer retrying on the other node gets it after p50 {} s (lease expiry, {} trials)",
+            times.len(),
+            num(anchor),
+            num(percentile(&viewer_times, 50.0).unwrap_or(f64::NAN)),
+            viewer_times.len()
+        ));
+        if let Some(v) = percentile(&times, p) {
+            f = f.value(v);
+        }
+        out.fig(f);
+    }
+    Ok(out)
+}
+
+/// How a trial notices the failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Coordinator,
+    Viewer,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Coordinator => "coordinator",
+            Mode::Viewer => "viewer",
+        }
+    }
+}
+
+/// Waits (polling Redis every 50 ms) until `node` owns the channel.
+async fn owned_by(
+    c: &mut redis::aio::MultiplexedConnection,
+    node: &str,
+    t0: Instant,
+) -> Result<(), String> {
+    loop {
+        if owner(c, "farm", CHANNEL)
+            .await
+            .is_some_and(|(n, _)| n == node)
+        {
+            return Ok(());
+        }
+        if t0.elapsed() > TRIAL_LIMIT {
+            return Err(format!(
+                "{node} did not own the channel within {TRIAL_LIMIT:?} after the kill (no coordinator failover)"
+            ));
+        }
+        super::pause(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the channel runs on `owner` with a couple of segments, a viewer's access is recorded,
+/// and `other` is alive.
+async fn settle(
+    client: &reqwest::Client,
+    c: &mut redis::aio::MultiplexedConnection,
+    nodes: &[NodeProcess],
+    owner: usize,
+    other: usize,
+) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, body) = get(
+            client,
+            &format!("{}/live/{CHANNEL}/index.m3u8", nodes[owner].base_url()),
+        )
+        .await?;
+        let segments = (st == 200)
+            .then(|| MediaPlaylist::parse(&String::from_utf8_lossy(&body)).ok())
+            .flatten()
+            .map_or(0, |p| p.segments.len());
+        let alive: bool = redis::cmd("EXISTS")
+            .arg(format!("farm:node:{}:alive", nodes[other].node_id()))
+            .query_async(c)
+            .await
+            .map_err(|e| format!("EXISTS: {e}"))?;
+        if segments >= 3 && alive {
+            // The access flush (500 ms) carries this request to Redis.
+            super::pause(Duration::from_millis(700)).await;
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "before a kill: channel on {} lists {segments} segments (status {st}), {} alive: {alive}",
+                nodes[owner].node_id(),
+                nodes[other].node_id()
+            ));
+        }
+        super::pause(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls `base` for the playlist every 100 ms until it serves it and its newest segment; returns the
+/// statuses seen while waiting.
+async fn first_segment_from(
+    client: &reqwest::Client,
+    base: &str,
+    t0: Instant,
+) -> Result<std::collections::BTreeMap<String, u64>, String> {
+    let mut seen = std::collections::BTreeMap::new();
+    loop {
+        if t0.elapsed() > TRIAL_LIMIT {
+            return Err(format!(
+                "{base} served no segment within {TRIAL_LIMIT:?} after the kill; statuses {seen:?}"
+            ));
+        }
+        let r = get(client, &format!("{base}/live/{CHANNEL}/index.m3u8")).await;
+        let key = match &r {
+            Ok((st, _)) => st.to_string(),
+            Err(_) => "error".to_string(),
+        };
+        *seen.entry(key).or_insert(0u64) += 1;
+        if let Ok((200, body)) = r {
+            if let Some(seg) = MediaPlaylist::parse(&String::from_utf8_lossy(&body))
+                .ok()
+                .and_then(|p| p.segments.last().cloned())
+            {
+                if let Ok((200, _)) =
+                    get(client, &format!("{base}/live/{CHANNEL}/{}", seg.uri)).await
+                {
+                    return Ok(seen);
+                }
+            }
+        }
+        super::pause(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,269 @@
+//! The nginx instances of the throughput comparisons: the shipped front (`deploy/nginx/farm.conf.template`
+//! rendered by `deploy/nginx/render`) with `auth_request` to the node, and the same rendered config
+//! with only `auth_request` switched off ("plain nginx": sendfile from the HLS root, `open_file_cache
+//! off`). Both run `worker_processes auto`, so nginx, like the node, may use every core.
+//!
+//! Without the shipped template (an older checkout), a minimal config with the same properties is
+//! written instead, and the report says so.
+//!
+//! Invariants: each instance runs in the foreground in its own process group and its own temp dir;
+//! drop sends SIGTERM, waits, SIGKILLs the group and reaps the master.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::nginx::{nginx_bin, render_cmd, template_path, NginxOpts};
+use crate::node::http_status;
+use crate::ports::free_port;
+use crate::procs::tail;
+use crate::signal;
+
+/// Which front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `auth_request` to the node's `/auth` for every playlist and segment request.
+    Auth,
+    /// The same config without the subrequest.
+    Plain,
+}
+
+/// Where a config came from, for the report.
+pub fn config_source() -> &'static str {
+    if template_path().is_file() {
+        "deploy/nginx/farm.conf.template (workers auto)"
+    } else {
+        "farm-bench's built-in minimal config (no shipped template in this checkout)"
+    }
+}
+
+/// A running nginx.
+pub struct BenchNginx {
+    child: Option<Child>,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl BenchNginx {
+    /// Starts nginx in front of `node` sending files from `root`.
+    pub fn start(variant: Variant, node: SocketAddr, root: &Path) -> Result<BenchNginx, String> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new()
+                .prefix("farm-bench-nginx-")
+                .tempdir()
+                .map_err(|e| format!("temp dir for nginx: {e}"))?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let text = config(variant, node, root, addr, dir.path())?;
+            let conf = dir.path().join("nginx.conf");
+            std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
+            match spawn(dir.path(), &conf, addr) {
+                Ok(child) => {
+                    return Ok(BenchNginx {
+                        child: Some(child),
+                        addr,
+                        dir,
+                    })
+                }
+                Err(e) if e.contains("ddress already in use") => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The master's pid (its workers are its children).
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .unwrap_or(0)
+    }
+
+    /// Its error log so far.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs/error.log")).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let Ok(pid) = i32::try_from(child.id()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        };
+        let _ = signal::term(pid);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = signal::send_group(pid, signal::Sig::KILL);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for BenchNginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The config text for `variant`.
+fn config(
+    variant: Variant,
+    node: SocketAddr,
+    root: &Path,
+    listen: SocketAddr,
+    run_dir: &Path,
+) -> Result<String, String> {
+    if !template_path().is_file() {
+        return Ok(minimal_config(variant, node, root, listen, run_dir));
+    }
+    let opts = NginxOpts::new().node(node).root(root);
+    let out = render_cmd(&opts, listen, run_dir)
+        .arg("--workers")
+        .arg("auto")
+        .output()
+        .map_err(|e| format!("run deploy/nginx/render: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "deploy/nginx/render failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match variant {
+        Variant::Auth => Ok(text),
+        Variant::Plain => {
+            const AUTH: &str = "auth_request /_farm_auth;";
+            if !text.contains(AUTH) {
+                return Err(format!(
+                    "the rendered template has no `{AUTH}` line to switch off for the plain anchor"
+                ));
+            }
+            Ok(text.replace(AUTH, "auth_request off;"))
+        }
+    }
+}
+
+/// A stand-in for the shipped front with the properties the comparisons rely on.
+fn minimal_config(
+    variant: Variant,
+    node: SocketAddr,
+    root: &Path,
+    listen: SocketAddr,
+    run_dir: &Path,
+) -> String {
+    let run = run_dir.display();
+    let root = root.display();
+    let auth = match variant {
+        Variant::Auth => "auth_request /_farm_auth;",
+        Variant::Plain => "",
+    };
+    let user = if rustix::process::geteuid().is_root() {
+        "user root;"
+    } else {
+        ""
+    };
+    let _ = std::fs::create_dir_all(run_dir.join("logs"));
+    let _ = std::fs::create_dir_all(run_dir.join("tmp"));
+    format!(
+        r#"{user}
+worker_processes auto;
+pid {run}/nginx.pid;
+error_log {run}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    server_tokens off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 65s;
+    open_file_cache off;
+    client_body_temp_path {run}/tmp/body;
+    proxy_temp_path {run}/tmp/proxy;
+    fastcgi_temp_path {run}/tmp/fastcgi;
+    uwsgi_temp_path {run}/tmp/uwsgi;
+    scgi_temp_path {run}/tmp/scgi;
+    types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; }}
+    access_log {run}/logs/access.log;
+    upstream farm_nodes {{ server {node}; keepalive 32; }}
+    server {{
+        listen {listen};
+        location ~ "^/live/(?<farm_id>[A-Za-z0-9_-]{{1,64}})/(?<farm_file>[A-Za-z0-9_-]{{1,64}}\.(m3u8|ts))$" {{
+            {auth}
+            root /;
+            try_files {root}/$farm_id/$farm_file =404;
+        }}
+        location = /_farm_auth {{
+            internal;
+            proxy_pass http://farm_nodes/auth;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+        }}
+        location / {{ return 404; }}
+    }}
+}}
+"#
+    )
+}
+
+fn spawn(dir: &Path, conf: &PathBuf, addr: SocketAddr) -> Result<Child, String> {
+    let mut child = Command::new(nginx_bin())
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("logs/error.log"))
+        .arg("-c")
+        .arg(conf)
+        .arg("-g")
+        .arg("daemon off;")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("spawn nginx (is it installed?): {e}"))?;
+    let log = || {
+        tail(
+            &std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default(),
+            20,
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if http_status(addr, "/farm-bench-ready").is_some() {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("nginx on {addr} exited with {status}: {}", log()));
+        }
+        if Instant::now() >= deadline {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = signal::send_group(pid, signal::Sig::KILL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "nginx on {addr} did not answer within 10s: {}",
+                log()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

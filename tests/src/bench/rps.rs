@@ -1,0 +1,485 @@
+//! Throughput of the viewer path, node vs nginx, and what a viewer request costs in Redis.
+//!
+//! One farm-node (fake FFmpeg writing a ~500 KB segment every 2 s into a live channel), two nginx
+//! fronts over the same HLS root ([`super::nginx`]: `auth_request` to the node, and the same config
+//! without it), the same 64-connection load generator for everything. Three comparisons, each in
+//! ABBA rounds (A first in even rounds, B first in odd ones), every round on the newest segment:
+//!
+//! - `segment_rps_ratio`: node serving the segment / nginx sendfile of the same file;
+//! - `playlist_rps_ratio`: node serving the live playlist / nginx (`open_file_cache off`);
+//! - `auth_segment_rps_ratio`: nginx with `auth_request` to the node / plain nginx, same segment.
+//!
+//! While an A side runs (every A request reaches the node: a file, or the `/auth` subrequest), a Redis
+//! `MONITOR` counts the commands clients send ([`super::sys::Monitor`]) and the node's
+//! `farm_node_request_path_redis_calls_total` is read before and after.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::load::{self, LoadResult, LoadSpec};
+use super::nginx::{self as bnginx, BenchNginx, Variant};
+use super::report::{num, Figure, Goal, PhaseOutput};
+use super::sys::{self, Monitor};
+use super::{get, http, metric_sum, node_metrics, Settings, ADMIN_TOKEN};
+use crate::hls::MediaPlaylist;
+use crate::node::{NodeOpts, NodeProcess};
+use crate::redis::RedisServer;
+
+const CHANNEL: &str = "live";
+/// Fake FFmpeg's segment size: 500,000 bytes rounded up to whole TS packets.
+const SEGMENT_BYTES: u64 = 500_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cmp {
+    Segment,
+    Playlist,
+    AuthSegment,
+}
+
+impl Cmp {
+    fn name(self) -> &'static str {
+        match self {
+            Cmp::Segment => "segment",
+            Cmp::Playlist => "playlist",
+            Cmp::AuthSegment => "auth_segment",
+        }
+    }
+}
+
+/// Totals of one side of a comparison over its rounds.
+#[derive(Debug, Default, Clone)]
+struct Side {
+    requests: u64,
+    errors: u64,
+    secs: f64,
+    /// Responses including the warm-up (what the Redis window saw).
+    all_responses: u64,
+    rounds_rps: Vec<f64>,
+    /// CPU seconds of the server processes during the rounds.
+    server_cpu: f64,
+    /// The node's CPU: part of the server's on the A sides; on the B sides, what nginx reading files
+    /// from the node's folder costs the node (its file watcher's wake-ups).
+    node_cpu: f64,
+    /// CPU seconds of this process (the load generator) during the rounds.
+    client_cpu: f64,
+    last_error: Option<String>,
+    statuses: BTreeMap<u16, u64>,
+}
+
+impl Side {
+    fn add(&mut self, r: &LoadResult, all: u64, cpu: Cpu) {
+        self.requests += r.requests;
+        self.errors += r.errors;
+        self.secs += r.window.as_secs_f64();
+        self.all_responses += all;
+        self.rounds_rps.push(r.rps());
+        self.server_cpu += cpu.server;
+        self.node_cpu += cpu.node;
+        self.client_cpu += cpu.client;
+        if r.last_error.is_some() {
+            self.last_error = r.last_error.clone();
+        }
+        for (k, v) in &r.statuses {
+            *self.statuses.entry(*k).or_default() += v;
+        }
+    }
+
+    fn rps(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.requests as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    fn cpu_us_per_request(&self) -> f64 {
+        self.per_request(self.server_cpu)
+    }
+
+    /// Microseconds of `cpu` seconds per counted request (warm-up responses included).
+    fn per_request(&self, cpu: f64) -> f64 {
+        if self.all_responses > 0 {
+            cpu * 1e6 / self.all_responses as f64
+        } else {
+            f64::NAN
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": self.secs,
+            "rps": self.rps(),
+            "rounds_rps": self.rounds_rps,
+            "server_cpu_us_per_request": self.cpu_us_per_request(),
+            "node_cpu_us_per_request": self.per_request(self.node_cpu),
+            "client_cpu_us_per_request": self.per_request(self.client_cpu),
+            "statuses": self.statuses,
+            "last_error": self.last_error,
+        })
+    }
+}
+
+pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
+    let redis = RedisServer::start();
+    let root = tempfile::Builder::new()
+        .prefix("farm-bench-rps-")
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let node_root = root.path().join("n1");
+    let chan_dir = node_root.join(CHANNEL);
+    super::add_channel(
+        &redis.url(),
+        CHANNEL,
+        &format!("http://127.0.0.1:9/{CHANNEL}.ts?mode=normal&bytes={SEGMENT_BYTES}"),
+    )?;
+    let node = NodeProcess::spawn(
+        NodeOpts::new("bench-n1", redis.url(), &node_root)
+            .with_fake_ffmpeg()
+            .args(["--admin-token", ADMIN_TOKEN]),
+    );
+    let base = node.base_url();
+    let client = http();
+    let (status, body) = get(&client, &format!("{base}/live/{CHANNEL}/index.m3u8")).await?;
+    if status != 200 {
+        return Err(format!(
+            "first playlist request: {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    // A couple of segments on disk, so the newest one stays listed for a whole round pair.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while newest_segment(&chan_dir).map(|p| p.2).unwrap_or(0) < 2 {
+        if tokio::time::Instant::now() > deadline {
+            return Err("the channel did not list 2 segments within 20 s".into());
+        }
+        super::pause(std::time::Duration::from_millis(100)).await;
+    }
+    let node_addr = node.addr();
+    // Every target serves the right bytes before anything is measured.
+    let (seg, seg_size, _) = newest_segment(&chan_dir)?;
+    check_target(&client, "node", node_addr, &seg, seg_size).await?;
+    // Without nginx (not installed, or a template the benchmark cannot use) the node-only
+    // figures are still measured; the ratios say why they are missing.
+    let fronts = start_fronts(node_addr, &node_root, &client, &seg, seg_size).await;
+    let node_pid = node.pid();
+    let auth_pids = fronts
+        .as_ref()
+        .map(|(a, _)| server_pids(a))
+        .unwrap_or_default();
+    let plain_pids = fronts
+        .as_ref()
+        .map(|(_, p)| server_pids(p))
+        .unwrap_or_default();
+    let auth_addr = fronts.as_ref().ok().map(|(a, _)| a.addr());
+    let plain_addr = fronts.as_ref().ok().map(|(_, p)| p.addr());
+    let metrics_before = node_metrics(&client, &base).await?;
+    let rp_before = metric_sum(&metrics_before, "farm_node_request_path_redis_calls_total");
+    let stats_before = redis.command_calls().await;
+
+    let mut sides: BTreeMap<(&'static str, char), Side> = BTreeMap::new();
+    let mut redis_cmds: BTreeMap<String, u64> = BTreeMap::new();
+    let mut segment_sizes = Vec::new();
+    for round in 0..s.rounds {
+        for cmp in [Cmp::Segment, Cmp::Playlist, Cmp::AuthSegment] {
+            let (seg, size, _) = newest_segment(&chan_dir)?;
+            segment_sizes.push(size);
+            let seg_path = format!("/live/{CHANNEL}/{seg}");
+            let pl_path = format!("/live/{CHANNEL}/index.m3u8");
+            // (target address, path, pids whose CPU is the server's); None: no nginx.
+            let a = match cmp {
+                Cmp::Segment => Some((node_addr, seg_path.clone(), vec![node_pid])),
+                Cmp::Playlist => Some((node_addr, pl_path.clone(), vec![node_pid])),
+                Cmp::AuthSegment => auth_addr.map(|addr| {
+                    let mut p = auth_pids.clone();
+                    p.push(node_pid);
+                    (addr, seg_path.clone(), p)
+                }),
+            };
+            let b = match cmp {
+                Cmp::Segment | Cmp::AuthSegment => {
+                    plain_addr.map(|addr| (addr, seg_path.clone(), plain_pids.clone()))
+                }
+                Cmp::Playlist => plain_addr.map(|addr| (addr, pl_path.clone(), plain_pids.clone())),
+            };
+            let order = if round % 2 == 0 {
+                ['A', 'B']
+            } else {
+                ['B', 'A']
+            };
+            for side in order {
+                let Some((addr, path, pids)) = (if side == 'A' { &a } else { &b }) else {
+                    continue;
+                };
+                let spec = LoadSpec {
+                    addr: *addr,
+                    path: path.clone(),
+                    connections: s.connections,
+                    warmup: s.warmup,
+                    duration: s.round,
+                    expect_status: 200,
+                };
+                let monitor = if side == 'A' {
+                    Some(Monitor::start(redis.port())?)
+                } else {
+                    None
+                };
+                let cpu0 = Cpu::read(pids, node_pid);
+                let r = load::run(&spec).await;
+                let cpu = Cpu::read(pids, node_pid).minus(&cpu0);
+                let all = r.statuses.values().sum::<u64>() + r.warmup_responses;
+                if let Some(m) = monitor {
+                    for (k, v) in m.stop() {
+                        *redis_cmds.entry(k).or_default() += v;
+                    }
+                }
+                sides
+                    .entry((cmp.name(), side))
+                    .or_default()
+                    .add(&r, all, cpu);
+            }
+        }
+    }
+    let stats_after = redis.command_calls().await;
+    let metrics_after = node_metrics(&client, &base).await?;
+    let rp_after = metric_sum(&metrics_after, "farm_node_request_path_redis_calls_total");
+
+    let mut out = PhaseOutput::default();
+    let shape = format!(
+        "{} conns, {} ABBA rounds x {:.1} s per side",
+        s.connections,
+        s.rounds,
+        s.round.as_secs_f64()
+    );
+    for (cmp, fig_name, goal, what_a, what_b) in [
+        (
+            Cmp::Segment,
+            "segment_rps_ratio",
+            Goal::AtLeast(1.0),
+            "node",
+            "nginx sendfile",
+        ),
+        (
+            Cmp::Playlist,
+            "playlist_rps_ratio",
+            Goal::AtLeast(0.5),
+            "node",
+            "nginx open_file_cache off",
+        ),
+        (
+            Cmp::AuthSegment,
+            "auth_segment_rps_ratio",
+            Goal::AtLeast(0.7),
+            "nginx+auth_request",
+            "plain nginx",
+        ),
+    ] {
+        let a = sides.get(&(cmp.name(), 'A')).cloned().unwrap_or_default();
+        let b = sides.get(&(cmp.name(), 'B')).cloned().unwrap_or_default();
+        out.set(
+            cmp.name(),
+            json!({ "a": a.json(), "b": b.json(), "a_is": what_a, "b_is": what_b }),
+        );
+        let node_share = if cmp == Cmp::AuthSegment {
+            format!(", node's /auth {} us of it", num(a.per_request(a.node_cpu)))
+        } else {
+            String::new()
+        };
+        let node_meanwhile = if fronts.is_ok() {
+            format!(
+                "; the node meanwhile {} us per nginx request",
+                num(b.per_request(b.node_cpu))
+            )
+        } else {
+            String::new()
+        };
+        let mut f = Figure::new(fig_name, "ratio", goal).detail(format!(
+            "{what_a} {} rps ({} us server CPU/req{node_share}) vs {what_b} {} rps ({} us{node_meanwhile}); load generator {} / {} us/req; {shape}",
+            num(a.rps()),
+            num(a.cpu_us_per_request()),
+            num(b.rps()),
+            num(b.cpu_us_per_request()),
+            num(a.per_request(a.client_cpu)),
+            num(b.per_request(b.client_cpu)),
+        ));
+        if let Err(e) = &fronts {
+            f = f.note(format!("no nginx to compare with: {e}"));
+        } else if a.errors + b.errors > 0 || a.requests == 0 || b.requests == 0 {
+            f = f.note(format!(
+                "errors A {} B {} (last: {:?} / {:?})",
+                a.errors, b.errors, a.last_error, b.last_error
+            ));
+        }
+        if b.rps() > 0.0 && a.requests > 0 {
+            f = f.value(a.rps() / b.rps());
+        }
+        out.fig(f);
+    }
+
+    // Redis commands per 1,000 viewer requests (every A request reached the node).
+    let a_responses: u64 = sides
+        .iter()
+        .filter(|((_, side), _)| *side == 'A')
+        .map(|(_, v)| v.all_responses)
+        .sum();
+    let cmds: u64 = redis_cmds.values().sum();
+    let stat_delta: BTreeMap<String, u64> = stats_after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.saturating_sub(*stats_before.get(k).unwrap_or(&0)),
+            )
+        })
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    out.set(
+        "redis",
+        json!({
+            "viewer_requests_monitored": a_responses,
+            "client_commands": redis_cmds,
+            "commandstats_delta_whole_phase_including_lua_and_bench": stat_delta,
+        }),
+    );
+    let mut f = Figure::new("redis_cmds_per_1k_requests", "", Goal::AtMost(5.0)).detail(format!(
+        "{cmds} commands sent by clients (MONITOR, script-internal ones excluded) during {a_responses} viewer requests to the node, {}",
+        redis_cmds
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    if a_responses > 0 {
+        f = f.value(cmds as f64 * 1000.0 / a_responses as f64);
+    }
+    out.fig(f);
+
+    let rp = match (rp_before, rp_after) {
+        (Some(b), Some(a)) => Figure::new("request_path_redis_rtt", "", Goal::AtMost(0.0))
+            .value(a - b)
+            .detail(format!(
+                "farm_node_request_path_redis_calls_total delta over {a_responses} viewer requests (total since start {a})"
+            )),
+        _ => Figure::missing(
+            "request_path_redis_rtt",
+            "",
+            Goal::AtMost(0.0),
+            "the node exports no farm_node_request_path_redis_calls_total".into(),
+        ),
+    };
+    out.fig(rp);
+    out.set(
+        "setup",
+        json!({
+            "nginx_config": bnginx::config_source(),
+            "segment_bytes": segment_sizes,
+            "node_rss_kb_after": sys::rss_kb(node_pid),
+        }),
+    );
+    drop(fronts);
+    drop(node);
+    Ok(out)
+}
+
+/// One GET of the segment and the playlist from `addr`: both 200, the segment complete.
+async fn check_target(
+    client: &reqwest::Client,
+    who: &str,
+    addr: SocketAddr,
+    seg: &str,
+    seg_size: u64,
+) -> Result<(), String> {
+    for path in [
+        format!("/live/{CHANNEL}/{seg}"),
+        format!("/live/{CHANNEL}/index.m3u8"),
+    ] {
+        let (st, b) = get(client, &format!("http://{addr}{path}")).await?;
+        let want_len = path.ends_with(".ts").then_some(seg_size);
+        if st != 200 || want_len.is_some_and(|l| l != b.len() as u64) {
+            return Err(format!(
+                "{who} GET {path}: {st}, {} bytes (want {want_len:?})",
+                b.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The two nginx fronts (auth, plain), checked.
+async fn start_fronts(
+    node: SocketAddr,
+    root: &Path,
+    client: &reqwest::Client,
+    seg: &str,
+    seg_size: u64,
+) -> Result<(BenchNginx, BenchNginx), String> {
+    let mut started = Vec::new();
+    for variant in [Variant::Auth, Variant::Plain] {
+        let root = root.to_path_buf();
+        let n = tokio::task::spawn_blocking(move || BenchNginx::start(variant, node, &root))
+            .await
+            .map_err(|e| format!("start nginx: {e}"))??;
+        let who = format!("nginx ({variant:?})");
+        if let Err(e) = check_target(client, &who, n.addr(), seg, seg_size).await {
+            return Err(format!("{e}; nginx error log: {}", n.error_log().trim()));
+        }
+        started.push(n);
+    }
+    let plain = started.pop().ok_or("no plain nginx")?;
+    let auth = started.pop().ok_or("no auth nginx")?;
+    Ok((auth, plain))
+}
+
+/// Newest segment listed in the channel's playlist on disk: `(file name, size, segments listed)`.
+fn newest_segment(dir: &Path) -> Result<(String, u64, usize), String> {
+    let pl_path: PathBuf = dir.join("index.m3u8");
+    let text = std::fs::read_to_string(&pl_path)
+        .map_err(|e| format!("read {}: {e}", pl_path.display()))?;
+    let pl = MediaPlaylist::parse(&text)?;
+    let last = pl
+        .segments
+        .last()
+        .ok_or_else(|| format!("{} lists no segment", pl_path.display()))?;
+    let size = std::fs::metadata(dir.join(&last.uri))
+        .map_err(|e| format!("stat {}: {e}", last.uri))?
+        .len();
+    Ok((last.uri.clone(), size, pl.segments.len()))
+}
+
+/// nginx master and workers.
+fn server_pids(n: &BenchNginx) -> Vec<i32> {
+    let mut v = vec![n.pid()];
+    v.extend(crate::procs::children_of(n.pid()));
+    v
+}
+
+/// CPU seconds so far of the server processes, the node among them, and this process.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    server: f64,
+    node: f64,
+    client: f64,
+}
+
+impl Cpu {
+    fn read(pids: &[i32], node_pid: i32) -> Cpu {
+        let of = |p: i32| sys::cpu_seconds(p).unwrap_or(0.0);
+        Cpu {
+            server: pids.iter().map(|p| of(*p)).sum(),
+            node: of(node_pid),
+            client: of(std::process::id() as i32),
+        }
+    }
+
+    fn minus(&self, o: &Cpu) -> Cpu {
+        Cpu {
+            server: self.server - o.server,
+            node: self.node - o.node,
+            client: self.client - o.client,
+        }
+    }
+}

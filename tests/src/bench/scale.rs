@@ -1,0 +1,362 @@
+//! What a supervised stream costs the node: CPU (the node's own, not FFmpeg's) and RSS, with 200
+//! fake-FFmpeg streams and one player-like viewer per stream.
+//!
+//! The node runs with its defaults (hls_time 2 s, list size 6, access flush 1 s, TTLs 10 s) and no
+//! stream limit. First its idle baseline (no stream) is measured over the same window as the loaded
+//! state; then 200 channels are started through their first playlist request, each gets a viewer
+//! that reloads the playlist every 2 s and downloads every new segment (100 KB), and after a settle
+//! time the node's utime+stime (`/proc/<pid>/stat`) is read over the window; `VmRSS` is read once
+//! the viewers have watched for 20 s (a whole playlist window of new segments per channel), and
+//! sampled every second meanwhile (`rss_series_kb` in the report: flat when memory is bounded).
+//!
+//! `node_cpu_per_stream_pct` is the node's whole CPU over the window divided by the streams (serving
+//! the viewers included, the idle baseline not subtracted); `node_rss_per_stream_kb` is the RSS
+//! growth from the idle baseline divided by the streams. A second, shorter run with
+//! `--segment-cache 0` (when the node has that flag) separates the memory of the node's in-memory
+//! copies of hot segments from what supervising a stream costs.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::report::{num, Figure, Goal, PhaseOutput};
+use super::sys::{cpu_seconds, rss_kb, threads};
+use super::{add_channels, get, http, Settings};
+use crate::hls::MediaPlaylist;
+use crate::node::{NodeOpts, NodeProcess};
+use crate::redis::RedisServer;
+
+const SEGMENT_BYTES: u64 = 100_000;
+
+/// One node with `n` streams and viewers.
+struct Run {
+    streams: usize,
+    window_s: f64,
+    idle_cpu_s: f64,
+    idle_window_s: f64,
+    busy_cpu_s: f64,
+    idle_rss_kb: u64,
+    busy_rss_kb: u64,
+    threads: Option<u64>,
+    /// RSS every second of the window: flat when memory is bounded, rising when it is not.
+    rss_series_kb: Vec<u64>,
+    ffmpeg_children: usize,
+    viewer_rps: f64,
+    viewer_errors: u64,
+    start_all_s: f64,
+    /// How long the viewers had been watching when RSS was read.
+    viewing_s: f64,
+}
+
+impl Run {
+    fn cpu_pct_per_stream(&self) -> f64 {
+        self.busy_cpu_s / self.window_s * 100.0 / self.streams as f64
+    }
+
+    fn rss_kb_per_stream(&self) -> f64 {
+        (self.busy_rss_kb as f64 - self.idle_rss_kb as f64) / self.streams as f64
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "streams": self.streams,
+            "window_s": self.window_s,
+            "idle_cpu_s": self.idle_cpu_s,
+            "idle_window_s": self.idle_window_s,
+            "busy_cpu_s": self.busy_cpu_s,
+            "idle_rss_kb": self.idle_rss_kb,
+            "busy_rss_kb": self.busy_rss_kb,
+            "node_threads": self.threads,
+            "rss_series_kb": self.rss_series_kb,
+            "node_children_ffmpeg": self.ffmpeg_children,
+            "viewer_requests_per_s": self.viewer_rps,
+            "viewer_errors": self.viewer_errors,
+            "start_all_s": self.start_all_s,
+            "viewing_s_at_rss": self.viewing_s,
+            "segment_bytes": SEGMENT_BYTES,
+            "cpu_pct_per_stream": self.cpu_pct_per_stream(),
+            "rss_kb_per_stream": self.rss_kb_per_stream(),
+        })
+    }
+}
+
+pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
+    let n = s.streams;
+    // RSS is read after 20 s of viewing: by then every channel has gone through a whole playlist
+    // window of new segments (8 x 2 s), so caches that keep a window of them are full.
+    let main = measure(
+        n,
+        &[],
+        s.scale_window,
+        s.scale_window.min(Duration::from_secs(10)),
+        Duration::from_secs(20),
+    )
+    .await?;
+    // The same without the node's in-memory copies of hot files: what supervision alone costs.
+    let no_cache = if node_has_flag("--segment-cache") {
+        Some(
+            measure(
+                n,
+                &["--segment-cache", "0"],
+                Duration::from_secs(4),
+                Duration::from_secs(1),
+                Duration::from_secs(8),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let mut out = PhaseOutput::default();
+    out.set("defaults", main.json());
+    if let Some(r) = &no_cache {
+        out.set("segment_cache_0", r.json());
+    }
+    let secs = main.window_s;
+    let mut cpu = Figure::new("node_cpu_per_stream_pct", "%", Goal::AtMost(0.05))
+        .value(main.cpu_pct_per_stream())
+        .detail(format!(
+            "node CPU {} s over {} s with {n} streams and {n} viewers ({} req/s) = {}% of a core; idle baseline {}% of a core",
+            num(main.busy_cpu_s),
+            num(secs),
+            num(main.viewer_rps),
+            num(main.busy_cpu_s / secs * 100.0),
+            num(main.idle_cpu_s / main.idle_window_s * 100.0),
+        ));
+    if main.viewer_errors > 0 || main.ffmpeg_children < n {
+        cpu = cpu.note(format!(
+            "{} viewer errors; {} ffmpeg children of {n} streams",
+            main.viewer_errors, main.ffmpeg_children
+        ));
+    }
+    out.fig(cpu);
+    let cache_note = no_cache.as_ref().map_or(String::new(), |r| {
+        format!(
+            "; with --segment-cache 0: {} KB per stream: the rest is the node's in-memory copies of the watched channels' newest {} KB segments (bounded node-wide by --segment-cache)",
+            num(r.rss_kb_per_stream()),
+            SEGMENT_BYTES / 1000
+        )
+    });
+    out.fig(
+        Figure::new("node_rss_per_stream_kb", "KB", Goal::AtMost(200.0))
+            .value(main.rss_kb_per_stream())
+            .detail(format!(
+                "RSS {} KB after {} s of viewing {n} streams vs {} KB idle, node defaults{cache_note}",
+                main.busy_rss_kb, main.viewing_s.round(), main.idle_rss_kb
+            )),
+    );
+    Ok(out)
+}
+
+/// Whether `farm-node --help` lists `flag`.
+fn node_has_flag(flag: &str) -> bool {
+    std::process::Command::new(crate::bins::bin_path("farm-node"))
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false)
+}
+
+async fn measure(
+    n: usize,
+    extra: &[&str],
+    window: Duration,
+    idle_window: Duration,
+    min_viewing: Duration,
+) -> Result<Run, String> {
+    let redis = RedisServer::start();
+    let root = tempfile::Builder::new()
+        .prefix("farm-bench-scale-")
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let node_root = root.path().join("n1");
+    let channels: Vec<(String, String)> = (0..n)
+        .map(|i| {
+            (
+                format!("s{i}"),
+                format!("http://127.0.0.1:9/s{i}.ts?mode=normal&bytes={SEGMENT_BYTES}"),
+            )
+        })
+        .collect();
+    let url = redis.url();
+    let list = channels.clone();
+    tokio::task::spawn_blocking(move || add_channels(&url, &list))
+        .await
+        .map_err(|e| format!("add channels: {e}"))??;
+    let node = NodeProcess::spawn(
+        NodeOpts::new("bench-n1", redis.url(), &node_root)
+            .with_fake_ffmpeg()
+            .args(["--max-streams", "0", "--start-timeout", "30s"])
+            .args(extra.iter().copied()),
+    );
+    let pid = node.pid();
+    let base = node.base_url();
+    let client = http();
+
+    // Idle baseline.
+    super::pause(Duration::from_secs(2)).await;
+    let (idle_cpu, idle_window) = cpu_over(pid, idle_window).await?;
+    let idle_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
+
+    // Start every channel through its first request, 50 at a time.
+    let t = Instant::now();
+    let mut failed = Vec::new();
+    for chunk in channels.chunks(50) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (id, _) in chunk {
+            let url = format!("{base}/live/{id}/index.m3u8");
+            let client = client.clone();
+            let id = id.clone();
+            tasks.spawn(async move { (id, get(&client, &url).await) });
+        }
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok((_, Ok((200, _)))) => {}
+                Ok((id, Ok((st, body)))) => failed.push(format!(
+                    "{id}: {st} {}",
+                    String::from_utf8_lossy(&body).trim()
+                )),
+                Ok((id, Err(e))) => failed.push(format!("{id}: {e}")),
+                Err(e) => failed.push(format!("start task: {e}")),
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(format!(
+            "{} of {n} channels did not start: {}",
+            failed.len(),
+            failed
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    let start_all_s = t.elapsed().as_secs_f64();
+
+    // One viewer per stream.
+    let stop = Arc::new(AtomicBool::new(false));
+    let viewer_requests = Arc::new(AtomicU64::new(0));
+    let viewer_errors = Arc::new(AtomicU64::new(0));
+    let mut viewers = tokio::task::JoinSet::new();
+    let viewing_since = Instant::now();
+    for (i, (id, _)) in channels.iter().enumerate() {
+        let v = Viewer {
+            client: client.clone(),
+            base: format!("{base}/live/{id}"),
+            stop: stop.clone(),
+            requests: viewer_requests.clone(),
+            errors: viewer_errors.clone(),
+            // Spread over one reload interval.
+            offset: Duration::from_millis((i as u64 * 2000) / n.max(1) as u64),
+        };
+        viewers.spawn(v.run());
+    }
+    // A full playlist window of segments goes by before the window starts.
+    super::pause(Duration::from_secs(4)).await;
+    let req0 = viewer_requests.load(Ordering::Relaxed);
+    let c0 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
+    let t0 = Instant::now();
+    let mut rss_series_kb = Vec::new();
+    while t0.elapsed() < window {
+        super::pause((window - t0.elapsed()).min(Duration::from_secs(1))).await;
+        rss_series_kb.extend(rss_kb(pid));
+    }
+    let busy_cpu = cpu_seconds(pid).ok_or("node CPU time unreadable")? - c0;
+    let busy_window = t0.elapsed();
+    let req1 = viewer_requests.load(Ordering::Relaxed);
+    while viewing_since.elapsed() < min_viewing {
+        super::pause((min_viewing - viewing_since.elapsed()).min(Duration::from_secs(1))).await;
+        rss_series_kb.extend(rss_kb(pid));
+    }
+    let busy_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
+    let viewing_s = viewing_since.elapsed().as_secs_f64();
+    let node_threads = threads(pid);
+    let ffmpegs = crate::procs::children_of(pid).len();
+    stop.store(true, Ordering::Relaxed);
+    while viewers.join_next().await.is_some() {}
+    drop(node);
+    let window_s = busy_window.as_secs_f64();
+    Ok(Run {
+        streams: n,
+        window_s,
+        idle_cpu_s: idle_cpu,
+        idle_window_s: idle_window.as_secs_f64(),
+        busy_cpu_s: busy_cpu,
+        idle_rss_kb: idle_rss,
+        busy_rss_kb: busy_rss,
+        threads: node_threads,
+        rss_series_kb,
+        ffmpeg_children: ffmpegs,
+        viewer_rps: (req1 - req0) as f64 / window_s,
+        viewer_errors: viewer_errors.load(Ordering::Relaxed),
+        start_all_s,
+        viewing_s,
+    })
+}
+
+/// CPU seconds `pid` used over `window` (and the exact window).
+async fn cpu_over(pid: i32, window: Duration) -> Result<(f64, Duration), String> {
+    let c0 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
+    let t0 = Instant::now();
+    super::pause(window).await;
+    let c1 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
+    Ok((c1 - c0, t0.elapsed()))
+}
+
+/// A player: reloads the playlist every 2 s and downloads each new segment once.
+struct Viewer {
+    client: reqwest::Client,
+    base: String,
+    stop: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    offset: Duration,
+}
+
+impl Viewer {
+    async fn run(self) {
+        super::pause(self.offset).await;
+        let mut interval = tokio::time::interval(Duration::from_secs(2));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_seq: Option<u64> = None;
+        while !self.stop.load(Ordering::Relaxed) {
+            interval.tick().await;
+            let pl = match self.fetch("index.m3u8").await {
+                Some(body) => MediaPlaylist::parse(&String::from_utf8_lossy(&body)).ok(),
+                None => None,
+            };
+            let Some(pl) = pl else {
+                continue;
+            };
+            for seg in &pl.segments {
+                if next_seq.is_some_and(|n| seg.sequence < n) {
+                    continue;
+                }
+                // A new viewer starts at the live edge.
+                if next_seq.is_none() && Some(seg.sequence) != pl.last_sequence() {
+                    continue;
+                }
+                if self.fetch(&seg.uri).await.is_none() {
+                    break;
+                }
+                next_seq = Some(seg.sequence + 1);
+            }
+        }
+    }
+
+    async fn fetch(&self, file: &str) -> Option<Vec<u8>> {
+        let r = get(&self.client, &format!("{}/{file}", self.base)).await;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok((200, body)) => Some(body),
+            _ => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
