@@ -104,8 +104,9 @@ pub struct Settings {
     pub ttfp_trials: usize,
     /// Supervised streams of the scale phase.
     pub streams: usize,
-    /// CPU measurement window of the scale phase.
+    /// CPU measurement window of the scale phase (loaded), and of the idle baseline.
     pub scale_window: Duration,
+    pub scale_idle_window: Duration,
     /// Failover trials.
     pub failover_trials: usize,
     /// Steady coordinator ticks averaged per farm size.
@@ -126,6 +127,7 @@ impl Settings {
                 ttfp_trials: 3,
                 streams: 200,
                 scale_window: Duration::from_secs(8),
+                scale_idle_window: Duration::from_secs(3),
                 failover_trials: 3,
                 steady_ticks: 20,
                 phase_limit: Duration::from_secs(120),
@@ -140,6 +142,7 @@ impl Settings {
                 ttfp_trials: 10,
                 streams: 200,
                 scale_window: Duration::from_secs(30),
+                scale_idle_window: Duration::from_secs(10),
                 failover_trials: 10,
                 steady_ticks: 50,
                 phase_limit: Duration::from_secs(360),

@@ -90,7 +90,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         n,
         &[],
         s.scale_window,
-        s.scale_window.min(Duration::from_secs(10)),
+        s.scale_idle_window,
         Duration::from_secs(20),
     )
     .await?;
