@@ -1086,14 +1086,8 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             .unwrap_or_else(|p| p.into_inner())
             .elapsed();
         if since >= cfg.fence_after() && !fenced_all && !entries.is_empty() {
-            error!(
-                ?since,
-                "no lease renewal for 2/3 of the lease TTL; stopping every FFmpeg"
-            );
+            fence_all("no lease renewal for 2/3 of the lease TTL (woken after a freeze)");
             fenced_all = true;
-            for e in &entries {
-                let _ = e.inbox.try_send(Ctl::Fenced);
-            }
         }
         let renewals: Vec<Renewal> = entries
             .iter()
@@ -1178,14 +1172,8 @@ pub async fn keepalive_loop(node: Arc<Node>) {
                     .elapsed();
                 warn!(error = %err, ?since, "keepalive failed");
                 if since >= cfg.fence_after() && !entries.is_empty() {
-                    error!(
-                        ?since,
-                        "cannot renew leases for 2/3 of the lease TTL; stopping every FFmpeg"
-                    );
+                    fence_all("cannot renew leases for 2/3 of the lease TTL");
                     fenced_all = true;
-                    for e in &entries {
-                        let _ = e.inbox.try_send(Ctl::Fenced);
-                    }
                 }
             }
         }
