@@ -189,6 +189,19 @@ pub struct Args {
     /// every logged playback URI counts as a viewer access.
     #[arg(long, env = "FARM_ACCESS_SOCKET")]
     pub access_socket: Option<PathBuf>,
+    /// Internal networks (loopback, private, link-local) FFmpeg may reach when an upstream sends
+    /// it there (playlist URIs, redirects): IPs or CIDRs, comma list. A `host:port` the catalog
+    /// names is always allowed; the farm's own Redis and ports never. [default: none]
+    #[arg(long, env = "FARM_EGRESS_ALLOW", value_delimiter = ',')]
+    pub egress_allow: Option<Vec<String>>,
+    /// Networks FFmpeg never reaches, even when the catalog names them: IPs or CIDRs, comma list.
+    /// [default: none]
+    #[arg(long, env = "FARM_EGRESS_DENY", value_delimiter = ',')]
+    pub egress_deny: Option<Vec<String>>,
+    /// The FFmpeg network sandbox (Landlock, Linux 6.7+): `auto` uses it where the kernel has it,
+    /// `require` refuses to start without it, `off` never uses it. [default: auto]
+    #[arg(long, env = "FARM_FFMPEG_SANDBOX")]
+    pub ffmpeg_sandbox: Option<String>,
 }
 
 /// The file form of [`Args`]: the same settings, all optional.
@@ -227,6 +240,9 @@ struct FileConfig {
     segment_cache: Option<String>,
     probe_duration: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    egress_allow: Option<Vec<String>>,
+    egress_deny: Option<Vec<String>>,
+    ffmpeg_sandbox: Option<String>,
     #[serde(default)]
     profiles: BTreeMap<String, Profile>,
 }
@@ -266,6 +282,9 @@ pub struct Config {
     pub segment_cache: u64,
     pub probe_duration: Duration,
     pub trusted_proxies: Vec<IpNet>,
+    pub egress_allow: Vec<IpNet>,
+    pub egress_deny: Vec<IpNet>,
+    pub ffmpeg_sandbox: crate::sandbox::Mode,
     pub profiles: BTreeMap<String, Profile>,
 }
 
@@ -276,9 +295,20 @@ pub struct IpNet {
     prefix: u8,
 }
 
+/// An operator's network setting: `what` names it in the error.
+fn nets(what: &str, s: &str) -> Result<IpNet, ConfigError> {
+    IpNet::parse(s.trim()).map_err(|e| ConfigError(format!("invalid {what} {e}")))
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 impl IpNet {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid trusted proxy {s:?}: use an IP or a CIDR like 10.0.0.0/8");
+        let bad = || format!("{s:?}: use an IP or a CIDR like 10.0.0.0/8");
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
             None => (s, None),
@@ -521,8 +551,29 @@ impl Config {
                 .or(file.trusted_proxies)
                 .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1".into()])
                 .iter()
-                .map(|s| IpNet::parse(s.trim()).map_err(ConfigError))
+                .map(|s| nets("trusted proxy", s))
                 .collect::<Result<_, _>>()?,
+            egress_allow: args
+                .egress_allow
+                .or(file.egress_allow)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| nets("--egress-allow network", s))
+                .collect::<Result<_, _>>()?,
+            egress_deny: args
+                .egress_deny
+                .or(file.egress_deny)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| nets("--egress-deny network", s))
+                .collect::<Result<_, _>>()?,
+            ffmpeg_sandbox: args
+                .ffmpeg_sandbox
+                .or(file.ffmpeg_sandbox)
+                .as_deref()
+                .unwrap_or("auto")
+                .parse()
+                .map_err(ConfigError)?,
             profiles,
         };
         farm_proto::redis_url::parse(&cfg.redis_url).map_err(ConfigError)?;

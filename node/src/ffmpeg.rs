@@ -3,9 +3,12 @@
 //!
 //! Invariants: FFmpeg's environment holds only `PATH` and the marker (no Redis URL, no token); it
 //! reads its input under a protocol whitelist; it is the leader of its own process group, so the
-//! whole group can be signalled; a pid is only ever killed when its start time and marker match.
+//! whole group can be signalled; a pid is only ever killed when its start time and marker match;
+//! it reads `http`/`https` only through its channel's egress gateway (`-http_proxy`) and, in the
+//! network sandbox, can open TCP connections to nothing else.
 
 use crate::config::{Config, Profile};
+use crate::sandbox::{Keeper, Sandbox};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -31,6 +34,19 @@ pub struct RunSpec<'a> {
     pub profile: &'a Profile,
     /// First media sequence number: continues after a restart so players never see it go back.
     pub start_number: u64,
+    /// The channel's egress gateway (`http://127.0.0.1:<port>`), for `http`/`https` inputs.
+    pub http_proxy: Option<&'a str>,
+}
+
+/// The TCP ports FFmpeg may connect to for `url`: its gateway's for `http`/`https`, the upstream's
+/// own for RTMP and plain TCP, none for UDP-based inputs.
+pub fn tcp_ports(url: &str, gateway: Option<u16>) -> Vec<u16> {
+    if crate::egress::proxied(&crate::egress::scheme(url)) {
+        return gateway.into_iter().collect();
+    }
+    crate::egress::endpoint(url)
+        .map(|(_, port)| vec![port])
+        .unwrap_or_default()
 }
 
 /// The argv (without the program) for one run.
@@ -50,12 +66,13 @@ pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
     push(PROTOCOL_WHITELIST);
     push("-rw_timeout");
     push(&cfg.read_timeout.as_micros().to_string());
-    let scheme = run
-        .url
-        .split_once("://")
-        .map(|(s, _)| s.to_ascii_lowercase())
-        .unwrap_or_default();
-    if scheme == "http" || scheme == "https" {
+    if crate::egress::proxied(&crate::egress::scheme(run.url)) {
+        if let Some(proxy) = run.http_proxy {
+            // Every http/https request, nested playlists, keys and redirects included, goes to
+            // the gateway (the HLS demuxer passes `http_proxy` on to what it opens).
+            push("-http_proxy");
+            push(proxy);
+        }
         for s in [
             "-reconnect",
             "1",
@@ -122,13 +139,16 @@ pub fn pdeathsig_wrapper() -> Option<PathBuf> {
 }
 
 /// Spawns FFmpeg as the leader of a new process group, stdin null, stderr piped, environment
-/// cleared; through `wrapper` (setpriv) when given.
+/// cleared; through `wrapper` (setpriv) when given; in `sandbox`, able to connect to `tcp_ports`
+/// only. Keep the [`Keeper`] until the child is reaped.
 pub fn spawn(
     program: &Path,
     argv: &[OsString],
     dir: &Path,
     wrapper: Option<&Path>,
-) -> std::io::Result<Child> {
+    sandbox: &Sandbox,
+    tcp_ports: &[u16],
+) -> std::io::Result<(Child, Option<Keeper>)> {
     let mut cmd = match wrapper {
         Some(w) => {
             let mut c = Command::new(w);
@@ -147,7 +167,7 @@ pub fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
-    cmd.spawn()
+    sandbox.spawn(tcp_ports, move || cmd.spawn())
 }
 
 /// Sends a signal to a whole process group (the group id is the leader's pid).
@@ -229,6 +249,7 @@ mod tests {
                 dir,
                 profile,
                 start_number: 0,
+                http_proxy: Some("http://127.0.0.1:4000"),
             },
         )
         .into_iter()
@@ -251,6 +272,17 @@ mod tests {
             Some("/tmp/hls/ch1/index.m3u8")
         );
         assert!(argv.contains(&"-reconnect".to_string()));
+        assert_eq!(argv[pos("-http_proxy") + 1], "http://127.0.0.1:4000");
+        assert!(pos("-http_proxy") < pos("-i"));
+    }
+
+    #[test]
+    fn tcp_ports_follow_the_scheme() {
+        assert_eq!(tcp_ports("https://p/x.m3u8", Some(4000)), vec![4000]);
+        assert_eq!(tcp_ports("http://p:81/x.ts", Some(4000)), vec![4000]);
+        assert_eq!(tcp_ports("rtmp://p/live/x", Some(4000)), vec![1935]);
+        assert_eq!(tcp_ports("rtmps://p:8443/live/x", None), vec![8443]);
+        assert!(tcp_ports("udp://@239.0.0.1:1234", Some(4000)).is_empty());
     }
 
     #[test]

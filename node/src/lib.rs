@@ -8,12 +8,14 @@
 pub mod access_log;
 pub mod commands;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod ffmpeg;
 pub mod hot;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod sandbox;
 pub mod store;
 pub mod sweep;
 pub mod watcher;
@@ -39,6 +41,8 @@ pub enum NodeError {
     Notify(#[from] notify::Error),
     #[error("cannot bind the access socket {0}: {1}")]
     AccessSocket(String, std::io::Error),
+    #[error("{0}")]
+    Sandbox(String),
     #[error("http server failed: {0}")]
     Http(std::io::Error),
 }
@@ -63,8 +67,29 @@ pub async fn run(
     let store = Store::new(&cfg.redis_url, &cfg.prefix, cfg.redis_timeout)?;
     let metrics = Arc::new(Metrics::new());
     let (watcher, dispatcher) = HlsWatcher::new(4096, metrics.notify_overflows.clone())?;
-    let node = Node::new(cfg.clone(), store, watcher.clone(), metrics);
-    info!(node = %cfg.node_id, incarnation = %node.incarnation, listen = %cfg.listen, "farm-node starting");
+    let sandbox = sandbox::Sandbox::probe(cfg.ffmpeg_sandbox).map_err(NodeError::Sandbox)?;
+    metrics.ffmpeg_sandbox.set(i64::from(sandbox.enforced()));
+    // The farm's own endpoints: FFmpeg never reaches them, whatever a catalog or upstream says.
+    let mut own: Vec<(String, String, u16)> = store
+        .target()
+        .addresses()
+        .into_iter()
+        .map(|(h, p)| ("Redis".to_string(), h, p))
+        .collect();
+    let http = listener.local_addr().unwrap_or(cfg.listen);
+    own.push(("node listener".into(), http.ip().to_string(), http.port()));
+    let egress = Arc::new(
+        egress::Policy::new(&own, cfg.egress_allow.clone(), cfg.egress_deny.clone()).await,
+    );
+    let node = Node::new(
+        cfg.clone(),
+        store,
+        watcher.clone(),
+        metrics,
+        egress,
+        sandbox,
+    );
+    info!(node = %cfg.node_id, incarnation = %node.incarnation, listen = %cfg.listen, ffmpeg_sandbox = sandbox.enforced(), "farm-node starting");
 
     // Named background tasks; each ends on cancellation (the watcher's when the watcher closes).
     let background = tokio_util::task::TaskTracker::new();

@@ -39,6 +39,11 @@ pub struct Metrics {
     pub auth_denied: Counter,
     /// Access-log lines read from nginx (zero-cost mode), counted or refused.
     pub access_log_lines: Counter,
+    /// Connections FFmpeg's egress gateways refused, and opened.
+    pub egress_refused: Counter,
+    pub egress_connections: Counter,
+    /// 1 when every FFmpeg runs in the Landlock network sandbox.
+    pub ffmpeg_sandbox: Gauge,
 }
 
 impl Metrics {
@@ -59,6 +64,9 @@ impl Metrics {
             auth_allowed: Counter::default(),
             auth_denied: Counter::default(),
             access_log_lines: Counter::default(),
+            egress_refused: Counter::default(),
+            egress_connections: Counter::default(),
+            ffmpeg_sandbox: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Viewer requests by kind", m.requests.clone());
@@ -126,6 +134,21 @@ impl Metrics {
             "access_log_lines",
             "nginx access-log lines read (zero-cost mode)",
             m.access_log_lines.clone(),
+        );
+        registry.register(
+            "egress_refused",
+            "Connections FFmpeg asked its egress gateway for and was refused",
+            m.egress_refused.clone(),
+        );
+        registry.register(
+            "egress_connections",
+            "Upstream connections made by the egress gateways",
+            m.egress_connections.clone(),
+        );
+        registry.register(
+            "ffmpeg_sandbox",
+            "1 when FFmpeg runs in the Landlock network sandbox",
+            m.ffmpeg_sandbox.clone(),
         );
         Self { registry, ..m }
     }

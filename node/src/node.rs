@@ -155,6 +155,10 @@ pub struct Node {
     pub pdeathsig: Option<PathBuf>,
     /// The first heartbeat reached Redis (until then the claim script refuses this node).
     pub ready: watch::Sender<bool>,
+    /// Where FFmpeg may connect (every channel's gateway asks it).
+    pub egress: Arc<crate::egress::Policy>,
+    /// The network sandbox every FFmpeg is spawned in.
+    pub sandbox: crate::sandbox::Sandbox,
 }
 
 fn now_ms() -> u64 {
@@ -170,6 +174,8 @@ impl Node {
         store: Store,
         watcher: Arc<HlsWatcher>,
         metrics: Arc<Metrics>,
+        egress: Arc<crate::egress::Policy>,
+        sandbox: crate::sandbox::Sandbox,
     ) -> Arc<Self> {
         let incarnation = format!("{:x}-{:x}", now_ms(), std::process::id());
         let hot_budget = crate::hot::Budget::new(cfg.segment_cache);
@@ -189,6 +195,8 @@ impl Node {
             draining: std::sync::atomic::AtomicBool::new(false),
             pdeathsig: ffmpeg::pdeathsig_wrapper(),
             ready: watch::channel(false).0,
+            egress,
+            sandbox,
         })
     }
 
@@ -501,29 +509,14 @@ async fn preflight(
             )
         })?;
     }
-    // An upstream must never be the farm's own Redis (or a sentinel): FFmpeg would talk to it.
-    let redis_addrs = node.store.target().addresses();
+    // An upstream must never be the farm itself (Redis, a sentinel, this node) nor a denied
+    // network: decided on resolved addresses, so no spelling of 127.0.0.1 gets through.
     for url in spec.sources() {
-        let default_port = match url
-            .split_once("://")
-            .map(|(s, _)| s.to_ascii_lowercase())
-            .as_deref()
-        {
-            Some("https") => 443,
-            Some("rtmp") => 1935,
-            Some("rtmps") => 443,
-            _ => 80,
-        };
-        if let Some(hp) = farm_proto::redis_url::host_port(&url, default_port) {
-            if redis_addrs.contains(&hp) {
-                return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "channel {id} cannot start: its upstream {}:{} is the farm's Redis",
-                        hp.0, hp.1
-                    ),
-                ));
-            }
+        if let Err(e) = node.egress.check_source(&url, cfg.read_timeout).await {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("channel {id} cannot start: {e}"),
+            ));
         }
     }
     if !spec.provider.is_empty() && farm_proto::validate::channel_id(&spec.provider).is_err() {
@@ -692,6 +685,28 @@ async fn supervise(
     let mut source_idx = 0usize;
     let mut restarts = 0u64;
     let mut last_error = String::new();
+    // One egress gateway for the channel's life: every http/https request FFmpeg makes goes
+    // through it, and is refused where the policy says so.
+    let gateway = if sources
+        .iter()
+        .any(|u| crate::egress::proxied(&crate::egress::scheme(u)))
+    {
+        match crate::egress::Gateway::open(
+            &entry.id,
+            node.egress.clone(),
+            &sources,
+            cfg.read_timeout,
+            node.metrics.clone(),
+        )
+        .await
+        {
+            Ok(g) => Some(g),
+            Err(e) => return Outcome::Failed(format!("cannot open the egress gateway: {e}"), None),
+        }
+    } else {
+        None
+    };
+    let proxy = gateway.as_ref().map(|g| g.proxy_url());
     loop {
         let url = &sources[source_idx % sources.len()];
         let start_number = progress.borrow().last_seq.map_or(first_seq, |s| s + 1);
@@ -703,11 +718,20 @@ async fn supervise(
                 dir: &entry.dir,
                 profile,
                 start_number,
+                http_proxy: proxy.as_deref(),
             },
         );
-        let end = match ffmpeg::spawn(&cfg.ffmpeg, &argv, &entry.dir, node.pdeathsig.as_deref()) {
+        let ports = ffmpeg::tcp_ports(url, gateway.as_ref().map(|g| g.port()));
+        let end = match ffmpeg::spawn(
+            &cfg.ffmpeg,
+            &argv,
+            &entry.dir,
+            node.pdeathsig.as_deref(),
+            &node.sandbox,
+            &ports,
+        ) {
             Err(e) => RunEnd::Crash(format!("cannot run {}: {e}", cfg.ffmpeg.display())),
-            Ok(child) => {
+            Ok((child, _keeper)) => {
                 node.metrics.ffmpeg_spawns.inc();
                 run_once(
                     node,
@@ -733,6 +757,11 @@ async fn supervise(
                 continue;
             }
             RunEnd::Crash(reason) => {
+                // The gateway knows why better than FFmpeg's "403 Forbidden".
+                let reason = match gateway.as_ref().and_then(|g| g.take_refusal()) {
+                    Some(why) => format!("{reason} ({why})"),
+                    None => reason,
+                };
                 node.metrics.ffmpeg_crashes.inc();
                 let now = Instant::now();
                 crashes.push_back(now);
