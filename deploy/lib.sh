@@ -8,6 +8,8 @@ ensure_packages() {
   { command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1; } || missing+=(ffmpeg)
   { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # The HTTPS upstream test makes its certificate with the openssl CLI.
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # systemd-analyze: the tests verify the shipped units with it.
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   if [ ${#missing[@]} -gt 0 ]; then

@@ -1,7 +1,8 @@
 //! Hostile upstreams with real FFmpeg (promise 10): a catalog URL written behind farmctl's back, or
 //! an upstream HLS playlist (served by a test HTTP server the channel points at) whose segments,
 //! keys, init sections or variants name `file:` URLs, `concat:`, `subfile,`, `crypto:file:`, a bare
-//! local path, or Redis on 127.0.0.1.
+//! local path, or a Redis on this host: `http`, `https`, `httpproxy` or `tcp` to 127.0.0.1,
+//! 127.0.0.2, `[::1]`, 0.0.0.0 or `localhost`, or a segment of the upstream that redirects there.
 //!
 //! - Local files: the canary (a real MPEG-TS, so a read would also show up as a working channel)
 //!   is never read: its access time, set to the past first so that even a `relatime` mount
@@ -10,8 +11,9 @@
 //! - Redis: neither the farm's Redis nor another one on 127.0.0.1 hears from FFmpeg: no connection
 //!   that comes and goes (`total_connections_received` against the clients still connected: the
 //!   node keeps its pooled connections), no `GET` rejected for its arity (an HTTP request line),
-//!   no cross-protocol warning in Redis's log (an HTTP `Host:` header). These two tests fail today:
-//!   nothing stops an `http` URL from naming 127.0.0.1 and any port.
+//!   no cross-protocol warning in Redis's log (an HTTP `Host:` header). The upstream-playlist test
+//!   holds only with the node's egress gateway and FFmpeg's network sandbox: without them nothing
+//!   stops a URL inside an upstream playlist from naming 127.0.0.1 and any port.
 
 mod common;
 
@@ -40,6 +42,8 @@ struct UpstreamState {
     /// path → playlist text; `{seq}` is replaced by the seconds since the server started, so a
     /// live playlist lists new (hostile) segments on every reload.
     playlists: Arc<HashMap<String, String>>,
+    /// path → where a `302 Found` sends the client (`Location`).
+    redirects: Arc<HashMap<String, String>>,
     hits: Arc<Mutex<HashMap<String, u64>>>,
     started: Instant,
 }
@@ -51,6 +55,9 @@ async fn serve(State(st): State<UpstreamState>, uri: Uri) -> impl IntoResponse {
         .unwrap_or_else(|e| e.into_inner())
         .entry(path.clone())
         .or_default() += 1;
+    if let Some(location) = st.redirects.get(&path) {
+        return (StatusCode::FOUND, [("location", location.clone())]).into_response();
+    }
     match st.playlists.get(&path) {
         Some(text) => (
             StatusCode::OK,
@@ -64,6 +71,14 @@ async fn serve(State(st): State<UpstreamState>, uri: Uri) -> impl IntoResponse {
 
 impl Upstream {
     async fn start(playlists: HashMap<String, String>) -> Upstream {
+        Self::start_with_redirects(playlists, HashMap::new()).await
+    }
+
+    /// Like [`Upstream::start`]; each path of `redirects` answers `302 Found` to its `Location`.
+    async fn start_with_redirects(
+        playlists: HashMap<String, String>,
+        redirects: HashMap<String, String>,
+    ) -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -73,6 +88,7 @@ impl Upstream {
             .fallback(serve)
             .with_state(UpstreamState {
                 playlists: Arc::new(playlists),
+                redirects: Arc::new(redirects),
                 hits: hits.clone(),
                 started: Instant::now(),
             });
@@ -186,6 +202,10 @@ async fn put_channel(redis: &RedisServer, id: &str, url: &str, backups: &str) {
 
 /// A node with real FFmpeg that gives up on a channel fast: two crashes end it in `failed`.
 fn hostile_node(redis: &RedisServer, root: &Path) -> NodeProcess {
+    hostile_node_with(redis, root, &[])
+}
+
+fn hostile_node_with(redis: &RedisServer, root: &Path, extra: &[&str]) -> NodeProcess {
     let opts = NodeOpts::new("n1", redis.url(), root.join("n1"))
         .args(FAST.iter().copied())
         .args([
@@ -198,6 +218,7 @@ fn hostile_node(redis: &RedisServer, root: &Path) -> NodeProcess {
             "--failed-hold",
             "120s",
         ])
+        .args(extra.iter().copied())
         // FFmpeg's own messages go to the node log (target "ffmpeg").
         .env("RUST_LOG", "info,farm_node=debug,ffmpeg=debug");
     NodeProcess::spawn(opts)
@@ -585,46 +606,97 @@ async fn catalog_urls_pointing_at_the_farm_redis_never_reach_it() {
     println!("after one control connection: {seen:?}");
 }
 
+/// True if a TCP connection to `ip:port` is accepted (made before any [`RedisWatch`] starts).
+fn reachable(ip: std::net::IpAddr, port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(1)).is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open (issue 7): URLs inside an upstream HLS playlist reach local services; needs a network rule or a filtering proxy for FFmpeg"]
 async fn upstream_playlists_cannot_point_ffmpeg_at_redis_on_localhost() {
-    let redis = RedisServer::start();
+    // The harness binds a Redis to 127.0.0.1 only; these two also listen on 127.0.0.2 and ::1, so
+    // that those spellings reach a Redis when nothing stops them (`-`: Redis skips an address the
+    // host lacks, and the test then leaves that spelling out, saying so).
+    let binds = ["--bind", "127.0.0.1", "-127.0.0.2", "-::1"];
+    let redis = RedisServer::start_with_args(&binds);
     // A Redis on 127.0.0.1 that the farm does not use.
-    let decoy = RedisServer::start();
+    let decoy = RedisServer::start_with_args(&binds);
     let root = tempfile::tempdir().expect("tempdir");
     let (farm_port, decoy_port) = (redis.port(), decoy.port());
-    let cases: Vec<(&str, String)> = vec![
+    let loopback2: std::net::IpAddr = [127, 0, 0, 2].into();
+    let ipv6: std::net::IpAddr = std::net::Ipv6Addr::LOCALHOST.into();
+    let on_loopback2 = reachable(loopback2, farm_port) && reachable(loopback2, decoy_port);
+    let on_ipv6 = reachable(ipv6, farm_port) && reachable(ipv6, decoy_port);
+    println!("the Redis servers listen on 127.0.0.2: {on_loopback2}, on [::1]: {on_ipv6}");
+    let mut cases: Vec<(String, String)> = vec![
         (
-            "seg_farm_redis",
+            "seg_farm_redis".into(),
             media_playlist("", &format!("http://127.0.0.1:{farm_port}/seg.ts")),
         ),
         (
-            "key_farm_redis",
+            "key_farm_redis".into(),
             media_playlist(
                 &format!("#EXT-X-KEY:METHOD=AES-128,URI=\"http://127.0.0.1:{farm_port}/key\"\n"),
                 "seg.ts",
             ),
         ),
         (
-            "variant_farm_redis",
+            "variant_farm_redis".into(),
             format!(
                 "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\nhttp://127.0.0.1:{farm_port}/v.m3u8\n"
             ),
         ),
         (
-            "seg_decoy_redis",
+            "seg_decoy_redis".into(),
             media_playlist("", &format!("http://127.0.0.1:{decoy_port}/seg.ts")),
         ),
         (
-            "seg_decoy_tcp",
+            "seg_decoy_tcp".into(),
             media_playlist("", &format!("tcp://127.0.0.1:{decoy_port}")),
         ),
     ];
-    let upstream = Upstream::start(
+    // The same Redis in other spellings, once for each Redis.
+    let mut redirects = HashMap::new();
+    for (who, port) in [("farm", farm_port), ("decoy", decoy_port)] {
+        let mut seg = |spelling: &str, uri: String| {
+            cases.push((format!("seg_{who}_{spelling}"), media_playlist("", &uri)));
+        };
+        // TLS: FFmpeg opens the TCP connection and sends a ClientHello.
+        seg("https", format!("https://127.0.0.1:{port}/seg.ts"));
+        // FFmpeg's HLS demuxer opens any protocol whose name starts with "http": `httpproxy`
+        // opens a raw TCP connection to that host and port and sends `CONNECT`. Debian's FFmpeg
+        // refuses a segment URL without a media extension (`allowed_segment_extensions`), so the
+        // bare `/` is refused there before any connection; `/seg.ts` is not.
+        seg("httpproxy", format!("httpproxy://127.0.0.1:{port}/"));
+        seg(
+            "httpproxy_ts",
+            format!("httpproxy://127.0.0.1:{port}/seg.ts"),
+        );
+        if on_loopback2 {
+            seg("loopback2", format!("http://127.0.0.2:{port}/seg.ts"));
+        } else {
+            println!("127.0.0.2 left out: the Redis servers could not listen there");
+        }
+        if on_ipv6 {
+            seg("ipv6", format!("http://[::1]:{port}/seg.ts"));
+        } else {
+            println!("[::1] left out: this host has no IPv6 loopback for the Redis servers");
+        }
+        // Connecting to 0.0.0.0 reaches the host itself.
+        seg("any", format!("http://0.0.0.0:{port}/seg.ts"));
+        seg("localhost", format!("http://localhost:{port}/seg.ts"));
+        // A segment on the upstream itself (relative URI) that answers 302 to the Redis.
+        seg("redirect", format!("redirect_{who}.ts"));
+        redirects.insert(
+            format!("/redirect_{who}.ts"),
+            format!("http://127.0.0.1:{port}/x.ts"),
+        );
+    }
+    let upstream = Upstream::start_with_redirects(
         cases
             .iter()
             .map(|(id, text)| (format!("/{id}.m3u8"), text.clone()))
             .collect(),
+        redirects.clone(),
     )
     .await;
     for (id, _) in &cases {
@@ -634,12 +706,53 @@ async fn upstream_playlists_cannot_point_ffmpeg_at_redis_on_localhost() {
     let conn = redis.conn().await;
     let farm = RedisWatch::start(&redis).await;
     let other = RedisWatch::start(&decoy).await;
-    let ids: Vec<&str> = cases.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<&str> = cases.iter().map(|(id, _)| id.as_str()).collect();
     start_and_wait_ended(&conn, &node, &ids).await;
+
+    // Why each channel ended, for an operator reading a failure (on the connection opened before
+    // the watch, so this adds no connection to the farm Redis).
+    let mut c = conn.clone();
+    for id in &ids {
+        let h: HashMap<String, String> =
+            redis::AsyncCommands::hgetall(&mut c, format!("farm:stream:{id}"))
+                .await
+                .expect("HGETALL stream");
+        println!(
+            "{id}: playlist fetched {} times; state {:?}; last_error: {}",
+            upstream.hits(&format!("/{id}.m3u8")),
+            h.get("state").map(String::as_str).unwrap_or(""),
+            h.get("last_error").map(String::as_str).unwrap_or("")
+        );
+    }
+    // `abs`: a node without these metrics sums no values, -0.
+    println!(
+        "node egress gateway: {} connections, {} refused; FFmpeg sandboxed: {}",
+        metric(&node, "farm_node_egress_connections_total")
+            .await
+            .abs(),
+        metric(&node, "farm_node_egress_refused_total").await.abs(),
+        metric(&node, "farm_node_ffmpeg_sandbox").await.abs()
+    );
+    let mut redirect_paths: Vec<&String> = redirects.keys().collect();
+    redirect_paths.sort();
+    for path in &redirect_paths {
+        println!(
+            "{path} (302 to {}): asked {} times",
+            redirects[*path],
+            upstream.hits(path)
+        );
+    }
+
     for id in &ids {
         assert!(
             upstream.hits(&format!("/{id}.m3u8")) >= 1,
             "{id}: playlist never fetched"
+        );
+    }
+    for path in &redirect_paths {
+        assert!(
+            upstream.hits(path) >= 1,
+            "FFmpeg never asked the upstream for {path}, so it never met the redirect"
         );
     }
     let (farm_contact, other_contact) = (farm.contact().await, other.contact().await);
@@ -647,6 +760,38 @@ async fn upstream_playlists_cannot_point_ffmpeg_at_redis_on_localhost() {
     assert_eq!(
         (farm_contact, other_contact),
         (NO_CONTACT, NO_CONTACT),
-        "an upstream playlist made FFmpeg talk to a Redis on 127.0.0.1"
+        "an upstream playlist made FFmpeg talk to a Redis on this host; farm Redis log since:\n{}\nother Redis log since:\n{}",
+        &redis.log()[farm.log_len..],
+        &decoy.log()[other.log_len..]
+    );
+}
+
+/// The control for the test above: what the network sandbox adds. With `--ffmpeg-sandbox off` the
+/// gateway still decides every `http`/`https` request, but an `httpproxy:` URI inside a playlist is
+/// FFmpeg's own TCP connection, and it reaches a Redis on 127.0.0.1. So the test above holds
+/// because of the sandbox, and its Redis watch sees such contact when it happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_sandbox_an_httpproxy_uri_in_a_playlist_reaches_redis() {
+    let redis = RedisServer::start();
+    let decoy = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = decoy.port();
+    let id = "seg_decoy_httpproxy";
+    let upstream = Upstream::start(HashMap::from([(
+        format!("/{id}.m3u8"),
+        media_playlist("", &format!("httpproxy://127.0.0.1:{port}/seg.ts")),
+    )]))
+    .await;
+    put_channel(&redis, id, &upstream.url(&format!("/{id}.m3u8")), "").await;
+    let node = hostile_node_with(&redis, root.path(), &["--ffmpeg-sandbox", "off"]);
+    let conn = redis.conn().await;
+    let watch = RedisWatch::start(&decoy).await;
+    start_and_wait_ended(&conn, &node, &[id]).await;
+    assert_eq!(metric(&node, "farm_node_ffmpeg_sandbox").await, 0.0);
+    let contact = watch.contact().await;
+    println!("without the sandbox, the other Redis saw of FFmpeg: {contact:?}");
+    assert!(
+        contact.connections_that_came_and_went > 0,
+        "an httpproxy: URI without the sandbox was expected to reach the Redis (FFmpeg changed?): {contact:?}"
     );
 }
