@@ -26,6 +26,9 @@ use tracing::{debug, warn, Instrument};
 
 /// The longest request head FFmpeg may send the gateway.
 const MAX_HEAD: usize = 16 * 1024;
+/// Connections open through one gateway at most: an FFmpeg fetches one file at a time per
+/// playlist, so more means a playlist fanning out (many variants), which gets 503s instead.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Schemes whose destination the policy decides (TCP-based). `udp`, `rtp` and `srt` are received
 /// or sent over UDP, which no Redis or HTTP service on the farm answers.
@@ -296,6 +299,12 @@ impl Gateway {
                 loop {
                     tokio::select! {
                         accepted = listener.accept() => match accepted {
+                            Ok((mut stream, _)) if conns.len() >= MAX_CONNECTIONS => {
+                                conns.spawn(async move {
+                                    let why = format!("over {MAX_CONNECTIONS} connections at once");
+                                    answer(&mut stream, "503 Service Unavailable", &why).await;
+                                });
+                            }
                             Ok((stream, _)) => {
                                 conns.spawn(serve(stream, c.clone()));
                             }
@@ -695,5 +704,18 @@ mod tests {
             .is_some_and(|r| r.contains("internal address")));
         let bad = ask(gw.port(), "GET /x HTTP/1.1\r\n\r\n".into()).await;
         assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+
+        // Connections that hold without a request fill the gateway; the next one gets a 503.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(
+                TcpStream::connect(("127.0.0.1", gw.port()))
+                    .await
+                    .expect("connect"),
+            );
+        }
+        let full = ask(gw.port(), "CONNECT example.com:443 HTTP/1.1\r\n\r\n".into()).await;
+        assert!(full.starts_with("HTTP/1.1 503"), "{full}");
+        drop(held);
     }
 }
