@@ -5,7 +5,9 @@
 //! 2 s (the node's default).
 //!
 //! A warm-up start through the node (not counted) also captures the node's exact FFmpeg argv from
-//! `/proc/<pid>/cmdline`; the anchor runs that argv itself (input URL and output folder swapped), in
+//! `/proc/<pid>/cmdline`; the anchor runs that argv itself (input URL and output folder swapped, and
+//! without `-http_proxy`: raw FFmpeg reads the provider directly, so the node's figure includes its
+//! egress gateway), in
 //! a new process group with a cleared environment like the node does, and is timed from spawn until
 //! `index.m3u8` appears (FFmpeg writes it when the first segment is complete; the node answers when
 //! the playlist lists one). A third run uses FFmpeg's default probing (a plain `-c copy` HLS argv) to
@@ -208,7 +210,8 @@ fn cmdline(pid: i32) -> Result<Vec<OsString>, String> {
     Ok(args)
 }
 
-/// The node's argv with another input URL and output folder.
+/// The node's argv with another input URL and output folder, reading the input directly (the
+/// node's `-http_proxy` is its channel's egress gateway).
 fn swap(
     argv: &[OsString],
     from_dir: &Path,
@@ -220,8 +223,16 @@ fn swap(
     let mut out = Vec::with_capacity(argv.len());
     let mut next_is_input = false;
     let mut swapped_input = false;
+    let mut skip_next = false;
     for a in argv {
         let s = a.to_string_lossy();
+        if std::mem::take(&mut skip_next) {
+            continue;
+        }
+        if s == "-http_proxy" {
+            skip_next = true;
+            continue;
+        }
         if next_is_input {
             out.push(OsString::from(url));
             next_is_input = false;
@@ -339,6 +350,8 @@ mod tests {
             "ffmpeg",
             "-probesize",
             "500000",
+            "-http_proxy",
+            "http://127.0.0.1:4000",
             "-i",
             "http://p/warm.ts",
             "-f",
@@ -365,6 +378,9 @@ mod tests {
         assert_eq!(out[2], "500000");
         assert_eq!(out[8], "/r/raw/s1/seg_%d.ts");
         assert_eq!(out[9], "/r/raw/s1/index.m3u8");
+        assert!(!out
+            .iter()
+            .any(|a| a.contains("http_proxy") || a.contains(":4000")));
         assert!(swap(&argv[..3], Path::new("/r"), Path::new("/x"), "u").is_err());
     }
 }
