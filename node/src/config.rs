@@ -295,9 +295,11 @@ pub struct IpNet {
     prefix: u8,
 }
 
-/// An operator's network setting: `what` names it in the error.
-fn nets(what: &str, s: &str) -> Result<IpNet, ConfigError> {
-    IpNet::parse(s.trim()).map_err(|e| ConfigError(format!("invalid {what} {e}")))
+/// An operator's list of networks: `what` names a bad one in the error.
+fn nets(what: &str, list: Vec<String>) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .map(|s| IpNet::parse(s.trim()).map_err(|e| ConfigError(format!("invalid {what} {e}"))))
+        .collect()
 }
 
 impl std::fmt::Display for IpNet {
@@ -546,27 +548,20 @@ impl Config {
                 "probe_duration",
                 Duration::from_secs(1),
             )?,
-            trusted_proxies: args
-                .trusted_proxies
-                .or(file.trusted_proxies)
-                .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1".into()])
-                .iter()
-                .map(|s| nets("trusted proxy", s))
-                .collect::<Result<_, _>>()?,
-            egress_allow: args
-                .egress_allow
-                .or(file.egress_allow)
-                .unwrap_or_default()
-                .iter()
-                .map(|s| nets("--egress-allow network", s))
-                .collect::<Result<_, _>>()?,
-            egress_deny: args
-                .egress_deny
-                .or(file.egress_deny)
-                .unwrap_or_default()
-                .iter()
-                .map(|s| nets("--egress-deny network", s))
-                .collect::<Result<_, _>>()?,
+            trusted_proxies: nets(
+                "trusted proxy",
+                args.trusted_proxies
+                    .or(file.trusted_proxies)
+                    .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1".into()]),
+            )?,
+            egress_allow: nets(
+                "--egress-allow network",
+                args.egress_allow.or(file.egress_allow).unwrap_or_default(),
+            )?,
+            egress_deny: nets(
+                "--egress-deny network",
+                args.egress_deny.or(file.egress_deny).unwrap_or_default(),
+            )?,
             ffmpeg_sandbox: args
                 .ffmpeg_sandbox
                 .or(file.ffmpeg_sandbox)
@@ -716,5 +711,34 @@ mod tests {
             .contains("::1".parse().expect("ip")));
         assert!(IpNet::parse("10.0.0.0/33").is_err() && IpNet::parse("nope").is_err());
         assert!(parse_size("12Q").is_err());
+        for (flag, value, says) in [
+            (
+                "--egress-allow",
+                "10.0.0.0/8,nope",
+                "invalid --egress-allow network \"nope\"",
+            ),
+            (
+                "--egress-deny",
+                "10.0.0.0/40",
+                "invalid --egress-deny network",
+            ),
+            ("--trusted-proxies", "x", "invalid trusted proxy"),
+            ("--ffmpeg-sandbox", "maybe", "auto, require or off"),
+        ] {
+            let err =
+                Config::from_args(Args::parse_from(["farm-node", flag, value])).expect_err(flag);
+            assert!(err.to_string().contains(says), "{flag} {value}: {err}");
+        }
+        let ok = Config::from_args(Args::parse_from([
+            "farm-node",
+            "--egress-allow",
+            "192.168.0.0/16, 10.9.9.9",
+            "--ffmpeg-sandbox",
+            "require",
+        ]))
+        .expect("good egress settings");
+        assert_eq!(ok.egress_allow.len(), 2);
+        assert!(ok.egress_deny.is_empty());
+        assert_eq!(ok.ffmpeg_sandbox, crate::sandbox::Mode::Require);
     }
 }

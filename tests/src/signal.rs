@@ -45,3 +45,12 @@ pub fn send_group(pgid: i32, sig: Signal) -> std::io::Result<()> {
     })?;
     rustix::process::kill_process_group(pid, sig).map_err(std::io::Error::from)
 }
+
+/// SIGKILLs the process group `child` leads, then reaps it: a fixture's `Drop`.
+pub fn kill_group_and_reap(child: &mut std::process::Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = send_group(pid, Signal::KILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

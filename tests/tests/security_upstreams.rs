@@ -724,15 +724,7 @@ async fn upstream_playlists_cannot_point_ffmpeg_at_redis_on_localhost() {
             h.get("last_error").map(String::as_str).unwrap_or("")
         );
     }
-    // `abs`: a node without these metrics sums no values, -0.
-    println!(
-        "node egress gateway: {} connections, {} refused; FFmpeg sandboxed: {}",
-        metric(&node, "farm_node_egress_connections_total")
-            .await
-            .abs(),
-        metric(&node, "farm_node_egress_refused_total").await.abs(),
-        metric(&node, "farm_node_ffmpeg_sandbox").await.abs()
-    );
+    print_egress(&node).await;
     let mut redirect_paths: Vec<&String> = redirects.keys().collect();
     redirect_paths.sort();
     for path in &redirect_paths {

@@ -126,10 +126,7 @@ impl LiveHls {
 
 impl Drop for LiveHls {
     fn drop(&mut self) {
-        let pid = i32::try_from(self.child.id()).expect("pid fits in i32");
-        let _ = signal::send_group(pid, signal::Sig::KILL);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        signal::kill_group_and_reap(&mut self.child);
         if std::thread::panicking() {
             eprintln!(
                 "--- live HLS source ffmpeg log tail ---\n{}\n--- end ---",
@@ -259,9 +256,7 @@ http {{
                 return Err(format!("nginx exited with {status}:\n{}", error_log()));
             }
             if Instant::now() >= deadline {
-                let pid = i32::try_from(child.id()).expect("pid fits in i32");
-                let _ = signal::send_group(pid, signal::Sig::KILL);
-                let _ = child.wait();
+                signal::kill_group_and_reap(&mut child);
                 return Err(format!("nginx did not answer on {addr}:\n{}", error_log()));
             }
             // A fixture's start-up poll, like the harness's own nginx fixture.
@@ -304,10 +299,7 @@ http {{
 
 impl Drop for TlsNginx {
     fn drop(&mut self) {
-        let pid = i32::try_from(self.child.id()).expect("pid fits in i32");
-        let _ = signal::send_group(pid, signal::Sig::KILL);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        signal::kill_group_and_reap(&mut self.child);
         if std::thread::panicking() {
             eprintln!(
                 "--- nginx (TLS) {} error log tail ---\n{}\n--- end ---",
@@ -453,16 +445,8 @@ async fn https_upstream_plays(absolute_segment_urls: bool) {
         "{stream:?}"
     );
 
-    // How FFmpeg reached nginx: through the node's egress gateway (CONNECT) or directly (a node
-    // without one has no such metrics: 0; `abs`: the sum of no values is -0).
-    println!(
-        "node egress gateway: {} connections, {} refused; FFmpeg sandboxed: {}",
-        metric(&node, "farm_node_egress_connections_total")
-            .await
-            .abs(),
-        metric(&node, "farm_node_egress_refused_total").await.abs(),
-        metric(&node, "farm_node_ffmpeg_sandbox").await.abs()
-    );
+    // How FFmpeg reached nginx: through the node's egress gateway (CONNECT).
+    print_egress(&node).await;
 
     // FFmpeg (user agent Lavf) fetched the playlist and the segments from this nginx over TLS.
     let hits = nginx.hits();

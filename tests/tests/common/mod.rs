@@ -137,6 +137,16 @@ pub async fn metric(node: &NodeProcess, name: &str) -> f64 {
         .sum()
 }
 
+/// Prints what a node's egress gateways did and whether its FFmpegs run sandboxed.
+pub async fn print_egress(node: &NodeProcess) {
+    println!(
+        "node egress gateway: {} connections, {} refused; FFmpeg sandboxed: {}",
+        metric(node, "farm_node_egress_connections_total").await,
+        metric(node, "farm_node_egress_refused_total").await,
+        metric(node, "farm_node_ffmpeg_sandbox").await
+    );
+}
+
 /// Every key in the (test's own) Redis, sorted. Only for assertions in tests.
 pub async fn all_keys(redis: &RedisServer) -> Vec<String> {
     let mut c = redis.conn().await;
