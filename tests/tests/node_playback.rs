@@ -197,8 +197,9 @@ async fn a_thousand_viewer_requests_cost_a_few_flush_pipelines_and_no_request_pa
     ];
     let total: u64 = top_level.iter().map(|k| delta(k)).sum();
     // Background traffic only: an access flush per 500 ms, a keepalive pipeline (3 scripts) per
-    // second and a blocking command read per second; none of it scales with the requests.
-    let budget = 6 * (elapsed.as_secs() + 2);
+    // 500 ms (lease TTL 3 s / 6) and a blocking command read per second; none of it scales with
+    // the requests.
+    let budget = 9 * (elapsed.as_secs() + 2);
     println!(
         "{ok} requests in {elapsed:?}: {total} redis commands from the node (evalsha {}, ping {}), budget {budget}",
         delta("evalsha"),
