@@ -125,6 +125,17 @@ pub fn is_internal(ip: IpAddr) -> bool {
     }
 }
 
+/// Why a destination is not connected to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The policy refuses every address of it.
+    #[error("{0}")]
+    Refused(String),
+    /// The name does not resolve (now): nothing to decide.
+    #[error("{0}")]
+    Unresolved(String),
+}
+
 /// Who may be reached. Built once at start-up.
 #[derive(Debug, Default)]
 pub struct Policy {
@@ -203,20 +214,22 @@ impl Policy {
     }
 
     /// Resolves `host:port` and keeps the addresses the policy allows, in resolver order; the
-    /// error names why the first one was refused (or that the name does not resolve).
+    /// error names why the first one was refused, or that the name does not resolve.
     pub async fn resolve(
         &self,
         host: &str,
         port: u16,
         vouched: bool,
         timeout: Duration,
-    ) -> Result<Vec<SocketAddr>, String> {
+    ) -> Result<Vec<SocketAddr>, Refusal> {
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => tokio::time::timeout(timeout, tokio::net::lookup_host((host, port)))
                 .await
-                .map_err(|_| format!("resolving {host} took longer than {timeout:?}"))?
-                .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                .map_err(|_| {
+                    Refusal::Unresolved(format!("resolving {host} took longer than {timeout:?}"))
+                })?
+                .map_err(|e| Refusal::Unresolved(format!("cannot resolve {host}: {e}")))?
                 .collect(),
         };
         let mut first_refusal = None;
@@ -230,7 +243,10 @@ impl Policy {
             }
         }
         if ok.is_empty() {
-            return Err(first_refusal.unwrap_or_else(|| format!("{host} has no address")));
+            return Err(match first_refusal {
+                Some(why) => Refusal::Refused(why),
+                None => Refusal::Unresolved(format!("{host} has no address")),
+            });
         }
         Ok(ok)
     }
@@ -243,9 +259,8 @@ impl Policy {
             return Ok(());
         };
         match self.resolve(&host, port, true, timeout).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.starts_with("cannot resolve") || e.starts_with("resolving") => Ok(()),
-            Err(e) => Err(format!("its upstream {host}:{port}: {e}")),
+            Ok(_) | Err(Refusal::Unresolved(_)) => Ok(()),
+            Err(Refusal::Refused(why)) => Err(format!("its upstream {host}:{port}: {why}")),
         }
     }
 }
@@ -468,7 +483,11 @@ async fn serve(mut client: TcpStream, ctx: Arc<GatewayCtx>) {
         .await
     {
         Ok(a) => a,
-        Err(e) => {
+        Err(Refusal::Unresolved(e)) => {
+            answer(&mut client, "502 Bad Gateway", &e).await;
+            return;
+        }
+        Err(Refusal::Refused(e)) => {
             let why = format!("egress to {}:{} refused: {e}", head.host, head.port);
             warn!(channel = %ctx.channel, "{why}");
             ctx.metrics.egress_refused.inc();
@@ -704,6 +723,14 @@ mod tests {
             .is_some_and(|r| r.contains("internal address")));
         let bad = ask(gw.port(), "GET /x HTTP/1.1\r\n\r\n".into()).await;
         assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+        // A name that does not resolve is a gateway error, not a refusal.
+        let nx = ask(
+            gw.port(),
+            "GET http://no-such-host.invalid/x HTTP/1.1\r\n\r\n".into(),
+        )
+        .await;
+        assert!(nx.starts_with("HTTP/1.1 502"), "{nx}");
+        assert_eq!(metrics.egress_refused.get(), 4);
 
         // Connections that hold without a request fill the gateway; the next one gets a 503.
         let mut held = Vec::new();
