@@ -455,23 +455,44 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 }
 
 fn spawn_and_wait(rendered: &Rendered, addr: SocketAddr) -> Result<Child, String> {
-    let mut child = rendered
-        .nginx_cmd(&["-g", "daemon off;"])
+    let dir = rendered.dir.path();
+    start_and_wait(
+        dir,
+        &rendered.conf,
+        &dir.join("logs/error.log"),
+        addr,
+        "/farm-tests-ready",
+    )
+}
+
+/// Starts nginx in the foreground (`daemon off`) with prefix `dir`, config `conf` and its errors in
+/// `error_log`, as the leader of its own process group, and waits until it answers `ready_path` on
+/// `addr` (any status: a worker accepts requests). The error carries the error log's tail.
+pub fn start_and_wait(
+    dir: &Path,
+    conf: &Path,
+    error_log: &Path,
+    addr: SocketAddr,
+    ready_path: &str,
+) -> Result<Child, String> {
+    let mut child = Command::new(nginx_bin())
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(error_log)
+        .arg("-c")
+        .arg(conf)
+        .args(["-g", "daemon off;"])
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
         .map_err(|e| format!("spawn nginx (is it installed?): {e}"))?;
-    let read_log = || {
-        tail(
-            &std::fs::read_to_string(rendered.run_dir().join("logs/error.log")).unwrap_or_default(),
-            30,
-        )
-    };
+    let read_log = || tail(&std::fs::read_to_string(error_log).unwrap_or_default(), 30);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        // Any answer (the config's 404 for this path) means the workers accept requests.
-        if http_status(addr, "/farm-tests-ready").is_some() {
+        if http_status(addr, ready_path).is_some() {
             return Ok(child);
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -481,14 +502,13 @@ fn spawn_and_wait(rendered: &Rendered, addr: SocketAddr) -> Result<Child, String
             ));
         }
         if Instant::now() >= deadline {
-            let pid = i32::try_from(child.id()).expect("pid fits in i32");
-            let _ = signal::send_group(pid, signal::Sig::KILL);
-            let _ = child.wait();
+            signal::kill_group_and_reap(&mut child);
             return Err(format!(
                 "nginx on {addr} did not answer within {START_TIMEOUT:?}; error log:\n{}",
                 read_log()
             ));
         }
+        // A start-up poll with a deadline: nginx says nothing when its workers are ready.
         std::thread::sleep(Duration::from_millis(20));
     }
 }

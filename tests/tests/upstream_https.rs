@@ -12,7 +12,6 @@ mod common;
 
 use common::*;
 use farm_tests::hls::{ffprobe_codecs, HlsClient, MediaPlaylist};
-use farm_tests::node::http_status;
 use farm_tests::ports::free_port;
 use farm_tests::procs::tail;
 use farm_tests::redis::RedisServer;
@@ -226,42 +225,15 @@ http {{
         );
         let conf_path = run.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
-        let mut child = Command::new(farm_tests::nginx::nginx_bin())
-            .arg("-p")
-            .arg(run.path())
-            .arg("-e")
-            .arg(run.path().join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("spawn nginx (is it installed?): {e}"))?;
-        let error_log = || {
-            tail(
-                &std::fs::read_to_string(run.path().join("error.log")).unwrap_or_default(),
-                30,
-            )
-        };
-        let deadline = Instant::now() + farm_tests::nginx::START_TIMEOUT;
-        loop {
-            // Any answer means the worker accepts requests: plain HTTP to a TLS port gets a 400.
-            if http_status(addr, "/farm-tests-ready").is_some() {
-                return Ok(TlsNginx { child, addr, run });
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("nginx exited with {status}:\n{}", error_log()));
-            }
-            if Instant::now() >= deadline {
-                signal::kill_group_and_reap(&mut child);
-                return Err(format!("nginx did not answer on {addr}:\n{}", error_log()));
-            }
-            // A fixture's start-up poll, like the harness's own nginx fixture.
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = farm_tests::nginx::start_and_wait(
+            run.path(),
+            &conf_path,
+            &run.path().join("error.log"),
+            addr,
+            "/farm-tests-ready",
+        )?;
+        // Any answer means the worker accepts requests: plain HTTP to a TLS port gets a 400.
+        Ok(TlsNginx { child, addr, run })
     }
 
     fn port(&self) -> u16 {

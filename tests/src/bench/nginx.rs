@@ -10,15 +10,12 @@
 //! drop sends SIGTERM, waits, SIGKILLs the group and reaps the master.
 
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::nginx::{nginx_bin, render_cmd, template_path, NginxOpts};
-use crate::node::http_status;
+use crate::nginx::{render_cmd, template_path, NginxOpts};
 use crate::ports::free_port;
-use crate::procs::tail;
 use crate::signal;
 
 /// Which front.
@@ -223,47 +220,12 @@ http {{
     )
 }
 
-fn spawn(dir: &Path, conf: &PathBuf, addr: SocketAddr) -> Result<Child, String> {
-    let mut child = Command::new(nginx_bin())
-        .arg("-p")
-        .arg(dir)
-        .arg("-e")
-        .arg(dir.join("logs/error.log"))
-        .arg("-c")
-        .arg(conf)
-        .arg("-g")
-        .arg("daemon off;")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("spawn nginx (is it installed?): {e}"))?;
-    let log = || {
-        tail(
-            &std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default(),
-            20,
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if http_status(addr, "/farm-bench-ready").is_some() {
-            return Ok(child);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("nginx on {addr} exited with {status}: {}", log()));
-        }
-        if Instant::now() >= deadline {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = signal::send_group(pid, signal::Sig::KILL);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "nginx on {addr} did not answer within 10s: {}",
-                log()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn spawn(dir: &Path, conf: &Path, addr: SocketAddr) -> Result<Child, String> {
+    crate::nginx::start_and_wait(
+        dir,
+        conf,
+        &dir.join("logs/error.log"),
+        addr,
+        "/farm-bench-ready",
+    )
 }
