@@ -221,20 +221,30 @@ viewer on n2 served after {served:?} ({statuses:?}); {doubles} of {samples} samp
 /// the same FFmpeg, no event, nothing left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
-    // n1 renewed its lease in the last half second.
+    // n1's keepalive (heartbeat and renewals in one pipeline, every 500 ms) ran at Redis at least
+    // a second after this call: sent after it, so it did not sit in the faulty link's queue. Its
+    // lease was renewed by it.
     async fn renewed(c: &redis::aio::MultiplexedConnection, when: &str) {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut c.clone())
+            .await
+            .expect("TIME");
+        let since_ms = secs * 1000 + micros / 1000;
+        let t = Instant::now();
         eventually(
             &format!("n1 to renew {when}"),
             Duration::from_secs(5),
             || {
                 let mut c = c.clone();
                 async move {
+                    let beat: Option<f64> = c.zscore("farm:nodes", "n1").await.ok()?;
                     let pttl: i64 = c.pttl("farm:owner:ch").await.ok()?;
-                    (pttl > 2500).then_some(())
+                    (beat? as u64 >= since_ms + 1000 && pttl > 2500).then_some(())
                 }
             },
         )
         .await;
+        println!("n1 renewed {when} in {:?}", t.elapsed());
     }
     let redis = RedisServer::start();
     let proxy = TcpProxy::start(redis.port());
