@@ -287,14 +287,16 @@ async fn connection(
     let mut reset_watch = mode.clone();
     // Whichever half ends first ends the connection; dropping the halves closes both sockets
     // (with an RST: linger 0), which is what a reset or a dead peer looks like.
-    let graceful = tokio::select! {
-        _ = read_half(cr, up_tx, mode.clone(), &stats.bytes_up) => true,
-        _ = read_half(sr, down_tx, mode.clone(), &stats.bytes_down) => true,
-        _ = write_half(up_rx, sw, mode.clone()) => true,
-        _ = write_half(down_rx, cw, mode.clone()) => true,
-        _ = until_reset(&mut reset_watch) => false,
+    tokio::select! {
+        _ = read_half(cr, up_tx, mode.clone(), &stats.bytes_up) => {}
+        _ = read_half(sr, down_tx, mode.clone(), &stats.bytes_down) => {}
+        _ = write_half(up_rx, sw, mode.clone()) => {}
+        _ = write_half(down_rx, cw, mode.clone()) => {}
+        _ = until_reset(&mut reset_watch) => {}
     };
-    if !graceful {
+    // Whichever branch noticed it first (a half stops too when the mode turns to Reset), a
+    // connection that ends in Reset mode was reset.
+    if *mode.borrow() == NetMode::Reset {
         stats.resets.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -444,7 +446,16 @@ mod tests {
             round_trip(&mut again, b"back").expect("pass again"),
             b"back"
         );
-        let st = proxy.stats();
+        // The proxy counts a reset as its connection task ends, which may be just after the
+        // client saw it: poll the counters with a deadline.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let st = loop {
+            let st = proxy.stats();
+            if (st.resets >= 2 && st.accepted >= 3) || Instant::now() >= deadline {
+                break st;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert!(st.resets >= 2, "{st:?}");
         assert!(st.accepted >= 3, "{st:?}");
     }
