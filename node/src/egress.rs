@@ -15,6 +15,7 @@
 
 use crate::config::IpNet;
 use crate::metrics::Metrics;
+use farm_proto::redis_url::{host_port, split_host_port};
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -57,32 +58,8 @@ pub fn scheme(url: &str) -> String {
 /// `host` (lowercase, IPv6 without brackets) and port of a URL's authority, the scheme's default
 /// port when none is written. `None` for schemes the policy does not decide.
 pub fn endpoint(url: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let default = tcp_default_port(&scheme.to_ascii_lowercase())?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let hostport = authority.rsplit('@').next()?;
-    split_host_port(hostport, default)
-}
-
-/// Splits `host[:port]` / `[v6][:port]`.
-fn split_host_port(hostport: &str, default: u16) -> Option<(String, u16)> {
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, tail) = v6.split_once(']')?;
-        (h, tail.strip_prefix(':'))
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        }
-    };
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None => default,
-    };
-    if host.is_empty() || port == 0 {
-        return None;
-    }
-    Some((host.to_ascii_lowercase(), port))
+    let default = tcp_default_port(&scheme(url))?;
+    host_port(url, default)
 }
 
 /// A port on some addresses that belongs to the farm itself.

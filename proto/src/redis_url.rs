@@ -151,31 +151,34 @@ impl Target {
     }
 }
 
-/// Host (lowercase, without brackets; `localhost` as 127.0.0.1) and port of a URL's authority.
+/// Host (lowercase, IPv6 without brackets) and port of a URL's authority, `default_port` when none
+/// is written. `None` without a host, or with a port that is not 1–65535.
 pub fn host_port(url: &str, default_port: u16) -> Option<(String, u16)> {
     let rest = url.split_once("://")?.1;
     let authority = rest.split(['/', '?', '#']).next()?;
-    let hostport = authority.rsplit('@').next()?;
+    split_host_port(authority.rsplit('@').next()?, default_port)
+}
+
+/// Splits `host[:port]` or `[v6][:port]` (a URL authority without credentials, a `CONNECT`
+/// target) like [`host_port`].
+pub fn split_host_port(hostport: &str, default_port: u16) -> Option<(String, u16)> {
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
         let (h, tail) = v6.split_once(']')?;
-        (h.to_string(), tail.strip_prefix(':').map(str::to_string))
+        (h, tail.strip_prefix(':'))
     } else {
         match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p.to_string())),
-            None => (hostport.to_string(), None),
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
         }
     };
     let port = match port {
         Some(p) => p.parse().ok()?,
         None => default_port,
     };
-    let host = host.to_ascii_lowercase();
-    let host = if host == "localhost" {
-        "127.0.0.1".to_string()
-    } else {
-        host
-    };
-    Some((host, port))
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host.to_ascii_lowercase(), port))
 }
 
 #[cfg(test)]
@@ -215,5 +218,22 @@ mod tests {
             .expect("ok")
             .node_info()
             .is_some());
+    }
+
+    #[test]
+    fn authorities() {
+        assert_eq!(
+            host_port("redis://u:pw@Redis.Example/", 6379),
+            Some(("redis.example".into(), 6379))
+        );
+        assert_eq!(
+            split_host_port("[::1]:26379", 0),
+            Some(("::1".into(), 26379))
+        );
+        assert_eq!(split_host_port("h", 80), Some(("h".into(), 80)));
+        for bad in ["", ":80", "h:0", "h:99999", "[::1", "h:x"] {
+            assert_eq!(split_host_port(bad, 80), None, "{bad}");
+        }
+        assert_eq!(split_host_port("h", 0), None, "no port and no default");
     }
 }
