@@ -334,11 +334,12 @@ impl Store {
         let hb = pipe
             .cmd("EVALSHA")
             .arg(scripts::HEARTBEAT.get_hash())
-            .arg(4)
+            .arg(5)
             .arg(k.node(node))
             .arg(k.node_alive(node))
             .arg(k.nodes())
             .arg(k.recovering())
+            .arg(k.since())
             .arg(node)
             .arg(node_ttl.as_millis() as u64)
             .arg(incarnation)

@@ -3,21 +3,26 @@
 -- KEYS[2] alive      farm:node:<node>:alive  (string, PX ttl; gone = dead)
 -- KEYS[3] nodes      farm:nodes              (zset node -> last heartbeat ms)
 -- KEYS[4] recovering farm:recovering         (string, PX: no claims while it exists)
+-- KEYS[5] since      farm:since              (string, no TTL: Redis time of the first heartbeat
+--                                             this data set saw; gone = Redis lost every key)
 -- ARGV[1] node id, ARGV[2] ttl ms, ARGV[3] incarnation, ARGV[4] "1" when this incarnation has
 -- heartbeated before, ARGV[5] "1" when it runs channels, ARGV[6] lease ms, then field, value pairs
 -- Returns {now ms, lost}: lost = 1 when the node's alive key had vanished although it heartbeated
--- before (Redis restarted empty or lost writes; or the node was reaped). With channels running, it
--- then opens a recovery window of one lease TTL in which nobody may claim, so that every old owner
--- notices and fences before another node takes its channels.
+-- before (Redis restarted empty or lost writes; or the node was reaped). It then opens a recovery
+-- window of one lease TTL in which nobody may claim, so that every old owner notices and fences
+-- before another node takes its channels: when this node runs channels, and also when farm:since is
+-- gone, because then every node's leases went with it, and the first node to notice may be one
+-- that runs nothing while another still runs FFmpegs it no longer holds a lease for.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local lost = 0
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then
   lost = 1
-  if ARGV[5] == '1' then
+  if ARGV[5] == '1' or redis.call('EXISTS', KEYS[5]) == 0 then
     redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[6], 'NX')
   end
 end
+redis.call('SET', KEYS[5], now, 'NX')
 local args = {}
 for i = 7, #ARGV do
   args[#args + 1] = ARGV[i]

@@ -96,6 +96,12 @@ impl Keys {
     pub fn recovering(&self) -> String {
         format!("{}:recovering", self.prefix)
     }
+    /// `farm:since` string, no TTL: Redis time (ms) of the first node heartbeat this data set saw.
+    /// A node that heartbeated before and finds it gone knows Redis lost every key (restarted
+    /// empty), not just its own (reaped), and opens the recovery window even if it runs nothing.
+    pub fn since(&self) -> String {
+        format!("{}:since", self.prefix)
+    }
     /// `farm:events` capped stream: the audit trail.
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)

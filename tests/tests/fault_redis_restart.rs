@@ -197,6 +197,10 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     }
     drop(c);
 
+    // n1, the owner, is frozen across the restart so that n2, which runs nothing, is the first to
+    // find Redis empty: the order in which an owner learns last, and the one that once let n2 claim
+    // while n1's FFmpeg still ran (n2's heartbeat opened no recovery window because it ran nothing).
+    f.n1.sigstop();
     let mut redis = f.redis;
     let t0 = Instant::now();
     redis.restart();
@@ -207,6 +211,46 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     }
     let () = p.query_async(&mut c).await.expect("RESTORE catalog");
     let restored = t0.elapsed();
+    eventually(
+        "n2 to heartbeat into the empty Redis",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            async move {
+                let alive: bool = c.exists("farm:node:n2:alive").await.ok()?;
+                alive.then_some(())
+            }
+        },
+    )
+    .await;
+    let window: i64 = redis::cmd("PTTL")
+        .arg("farm:recovering")
+        .query_async(&mut c)
+        .await
+        .expect("PTTL");
+    let first = status(
+        &http,
+        &format!("{}/live/watched/index.m3u8", f.n2.base_url()),
+    )
+    .await;
+    let claimed: Option<String> = c.get("farm:owner:watched").await.expect("GET owner");
+    f.n1.sigcont();
+    println!(
+        "n2 heartbeated first after {:?}: recovery window {window} ms left, a viewer on n2 got {first}, owner {claimed:?}",
+        t0.elapsed()
+    );
+    assert!(
+        window > 0,
+        "n2 found Redis empty but opened no recovery window (PTTL farm:recovering = {window})"
+    );
+    assert_eq!(
+        first, 503,
+        "n2 must not serve watched while n1 may still run it"
+    );
+    assert_eq!(
+        claimed, None,
+        "n2 claimed watched while n1's FFmpeg still ran"
+    );
 
     // A viewer asks n2 every 50 ms while FFmpegs are sampled: n1's FFmpeg keeps running until n1
     // learns that its lease is gone; n2 must not start a second one meanwhile.
