@@ -228,11 +228,8 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
         .query_async(&mut c)
         .await
         .expect("PTTL");
-    let first = status(
-        &http,
-        &format!("{}/live/watched/index.m3u8", f.n2.base_url()),
-    )
-    .await;
+    let url2 = format!("{}/live/watched/index.m3u8", f.n2.base_url());
+    let first = status(&http, &url2).await;
     let claimed: Option<String> = c.get("farm:owner:watched").await.expect("GET owner");
     f.n1.sigcont();
     println!(
@@ -255,7 +252,6 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     // A viewer asks n2 every 50 ms while FFmpegs are sampled: n1's FFmpeg keeps running until n1
     // learns that its lease is gone; n2 must not start a second one meanwhile.
     let roots = [FarmNode::of(&f.n1).hls_root, FarmNode::of(&f.n2).hls_root];
-    let url2 = format!("{}/live/watched/index.m3u8", f.n2.base_url());
     let viewer = tokio::spawn({
         let http = http.clone();
         async move {
