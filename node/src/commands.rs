@@ -153,7 +153,6 @@ async fn apply(node: &Arc<Node>, entry_id: &str, fields: &HashMap<String, String
             let mode = ClaimMode::Handover {
                 from: cmd.from.clone(),
                 gen,
-                seq: cmd.seq.unwrap_or(0),
             };
             match node.get_or_start_with(&cmd.channel, mode) {
                 Ok(_) => {

@@ -636,6 +636,19 @@ impl Config {
     pub fn fence_after(&self) -> Duration {
         self.lease_ttl * 2 / 3
     }
+
+    /// How long a new segment waits for its timeline to be recorded in Redis before it is
+    /// published anyway (half a segment: a Redis outage delays viewers by at most that).
+    pub fn publish_wait(&self) -> Duration {
+        (self.hls_time / 2).min(self.redis_timeout)
+    }
+
+    /// How long after its last record a channel's playlist is still served while nobody publishes
+    /// (its owner died, froze or hands it over): until the failover had time to happen and the new
+    /// owner to start. After that, a viewer waits for a new start like on a cold one.
+    pub fn hold_max(&self) -> Duration {
+        self.node_ttl + self.lease_ttl + self.start_timeout
+    }
 }
 
 fn hostname() -> String {

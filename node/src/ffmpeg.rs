@@ -20,8 +20,6 @@ use tokio::process::{Child, Command};
 pub const MARKER_VAR: &str = "STREAMFARM_CHANNEL_DIR";
 /// The file in a channel folder that records the running FFmpeg (`pid start_time`).
 pub const OWNER_FILE: &str = ".ffmpeg.pid";
-/// The playlist name FFmpeg writes in each channel folder.
-pub const PLAYLIST: &str = "index.m3u8";
 
 /// Protocols FFmpeg may open for an input. No `file`, `concat`, `subfile`, `data`, `pipe`: an
 /// upstream (or an upstream HLS playlist) cannot make FFmpeg read local files.
@@ -34,6 +32,8 @@ pub struct RunSpec<'a> {
     pub profile: &'a Profile,
     /// First media sequence number: continues after a restart so players never see it go back.
     pub start_number: u64,
+    /// The owner's gen, in every segment's file name.
+    pub gen: u64,
     /// The channel's egress gateway (`http://127.0.0.1:<port>`), for `http`/`https` inputs.
     pub http_proxy: Option<&'a str>,
 }
@@ -100,11 +100,8 @@ pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
     let hls_time = format!("{:.3}", cfg.hls_time.as_secs_f64());
     // A short first segment (cut at the first key frame after it) makes the first playlist sooner.
     let hls_init_time = format!("{:.3}", (cfg.hls_time.as_secs_f64() / 2.0).max(0.5));
-    let flags = if run.start_number > 0 {
-        "delete_segments+temp_file+discont_start"
-    } else {
-        "delete_segments+temp_file"
-    };
+    // FFmpeg's own playlist is only read by the node, which publishes the channel's playlist and
+    // deletes segments as they leave it (crate::playlist); FFmpeg marks and deletes nothing.
     for s in [
         "-f",
         "hls",
@@ -114,18 +111,24 @@ pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
         &hls_init_time,
         "-hls_list_size",
         &cfg.hls_list_size.to_string(),
-        "-hls_delete_threshold",
-        "2",
         "-hls_flags",
-        flags,
+        "temp_file",
         "-start_number",
         &run.start_number.to_string(),
         "-hls_segment_filename",
     ] {
         push(s);
     }
-    a.push(run.dir.join("seg_%d.ts").into_os_string());
-    a.push(run.dir.join(PLAYLIST).into_os_string());
+    a.push(
+        run.dir
+            .join(crate::playlist::segment_pattern(run.gen))
+            .into_os_string(),
+    );
+    a.push(
+        run.dir
+            .join(crate::playlist::FFMPEG_PLAYLIST)
+            .into_os_string(),
+    );
     a
 }
 
@@ -249,6 +252,7 @@ mod tests {
                 dir,
                 profile,
                 start_number: 0,
+                gen: 3,
                 http_proxy: Some("http://127.0.0.1:4000"),
             },
         )
@@ -265,11 +269,15 @@ mod tests {
             "whitelist must apply to the input"
         );
         assert_eq!(argv[pos("-i") + 1], "http://p/x.ts");
-        assert!(argv[pos("-hls_flags") + 1].contains("delete_segments"));
-        assert!(argv[pos("-hls_flags") + 1].contains("temp_file"));
+        assert_eq!(argv[pos("-hls_flags") + 1], "temp_file");
+        assert_eq!(
+            argv[argv.len() - 2].as_str(),
+            "/tmp/hls/ch1/seg_3_%d.ts",
+            "the gen names every segment file"
+        );
         assert_eq!(
             argv.last().map(String::as_str),
-            Some("/tmp/hls/ch1/index.m3u8")
+            Some("/tmp/hls/ch1/.ffmpeg.m3u8")
         );
         assert!(argv.contains(&"-reconnect".to_string()));
         assert_eq!(argv[pos("-http_proxy") + 1], "http://127.0.0.1:4000");

@@ -1,8 +1,7 @@
-//! In-memory copies of what viewers ask for most: each channel's current playlist and its newest
-//! segments. Segments are immutable once renamed into place, so a copy never goes stale; the
-//! playlist copy is valid while the watcher's `playlist_version` stays the same. Copies are filled
-//! on the first request, dropped as segments leave the window, and bounded by one node-wide budget
-//! (past it, files are served from disk uncached).
+//! In-memory copies of what viewers ask for most: each channel's newest segments (the playlist is
+//! composed in memory by [`crate::playlist`]). Segments are immutable once renamed into place, so a
+//! copy never goes stale. Copies are filled on the first request, dropped as segments leave the
+//! window, and bounded by one node-wide budget (past it, files are served from disk uncached).
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -47,7 +46,6 @@ pub struct HotFiles {
     budget: Arc<Budget>,
     /// Segments older than the newest minus this are dropped.
     window: u64,
-    playlist: Mutex<Option<(u64, Bytes)>>,
     segments: Mutex<BTreeMap<u64, Bytes>>,
 }
 
@@ -56,26 +54,8 @@ impl HotFiles {
         Self {
             budget,
             window,
-            playlist: Mutex::new(None),
             segments: Mutex::new(BTreeMap::new()),
         }
-    }
-
-    /// The playlist as of `version` (from the watcher), read from disk only when it changed.
-    pub async fn playlist(&self, path: &Path, version: u64) -> std::io::Result<Bytes> {
-        if let Some((v, b)) = self
-            .playlist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            if *v == version {
-                return Ok(b.clone());
-            }
-        }
-        let b = Bytes::from(tokio::fs::read(path).await?);
-        *self.playlist.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, b.clone()));
-        Ok(b)
     }
 
     /// Segment `seq` (file `path`); `newest` is the newest finished segment, for the window.
@@ -153,21 +133,5 @@ mod tests {
         );
         drop(hot);
         assert_eq!(budget.used(), 0);
-        // The playlist copy follows the version.
-        let pl = dir.path().join("index.m3u8");
-        std::fs::write(&pl, "v1").expect("write");
-        let hot = HotFiles::new(budget, 3);
-        assert_eq!(&hot.playlist(&pl, 1).await.expect("read")[..], b"v1");
-        std::fs::write(&pl, "v2").expect("write");
-        assert_eq!(
-            &hot.playlist(&pl, 1).await.expect("read")[..],
-            b"v1",
-            "same version: the copy"
-        );
-        assert_eq!(
-            &hot.playlist(&pl, 2).await.expect("read")[..],
-            b"v2",
-            "new version: re-read"
-        );
     }
 }

@@ -166,7 +166,9 @@ async fn live_plain(
     Path((a, b)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let client = client_addr(&node.cfg, peer.0, &headers);
-    let p = authorize(&node.cfg, &[&a, &b], &client)?;
+    let p = authorize(&node.cfg, &[&a, &b], &client).inspect_err(|_| {
+        node.metrics.playback_refused.inc();
+    })?;
     live_file(&node, p, &uri).await
 }
 
@@ -178,7 +180,9 @@ async fn live_signed(
     Path((a, b, c)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let client = client_addr(&node.cfg, peer.0, &headers);
-    let p = authorize(&node.cfg, &[&a, &b, &c], &client)?;
+    let p = authorize(&node.cfg, &[&a, &b, &c], &client).inspect_err(|_| {
+        node.metrics.playback_refused.inc();
+    })?;
     live_file(&node, p, &uri).await
 }
 
@@ -194,10 +198,14 @@ async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response,
     let id = &p.id;
     match p.kind {
         HlsFile::Playlist => {
-            let entry = node.get_or_start(id).map_err(|e| to_owner(node, e, uri))?;
-            let body = wait_playable(node, &entry, &p.file)
-                .await
-                .map_err(|e| to_owner(node, e, uri))?;
+            if p.file != crate::playlist::PLAYLIST {
+                return Err(ApiError::not_found(format!(
+                    "no playlist {:?}: a channel's playlist is {}",
+                    p.file,
+                    crate::playlist::PLAYLIST
+                )));
+            }
+            let body = playlist(node, id, uri).await?;
             node.access.record(id);
             Ok(file_response(p.kind, body))
         }
@@ -229,6 +237,51 @@ async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response,
                 ))),
             }
         }
+    }
+}
+
+/// A channel's playlist, wherever it runs: this node's own (waiting for the first segment of a
+/// start), or the one its owner recorded in Redis (also while a failover or a drain moves it: the
+/// last window, held, which players wait on), or a start here when nobody runs it.
+async fn playlist(node: &Arc<Node>, id: &str, uri: &Uri) -> Result<bytes::Bytes, ApiError> {
+    if let Some(entry) = node.local(id) {
+        if let Some(answer) = local_playlist(node, &entry).await {
+            return answer.map_err(|e| to_owner(node, e, uri));
+        }
+    }
+    let view = node
+        .remote_view(id)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("cannot locate channel {id}: {e}"), 2))?;
+    if let Some(owner) = view.owner.as_deref().filter(|o| *o != node.cfg.node_id) {
+        if let (Some(pl), Some(age)) = (&view.playlist, view.age_ms) {
+            if age <= node.cfg.hold_max().as_millis() as u64 {
+                node.metrics.remote_playlists.inc();
+                return Ok(pl.clone());
+            }
+        }
+        // Its owner has published nothing yet (it is starting): the owner answers when it has.
+        return Err(to_owner(node, owner_route(node, id, owner).await, uri));
+    }
+    let entry = node.get_or_start(id).map_err(|e| to_owner(node, e, uri))?;
+    match local_playlist(node, &entry).await {
+        Some(answer) => answer.map_err(|e| to_owner(node, e, uri)),
+        None => Err(ApiError::unavailable(
+            format!("channel {id} is stopping; retry"),
+            1,
+        )),
+    }
+}
+
+/// Where to send a viewer of a channel `owner` runs.
+async fn owner_route(node: &Node, id: &str, owner: &str) -> ApiError {
+    match node.store.live_node_url(owner).await {
+        Ok(Some(url)) => ApiError::owned_by(url),
+        Ok(None) => ApiError::unavailable(
+            format!("channel {id} is held by node {owner}, which is not answering; retry shortly"),
+            2,
+        ),
+        Err(e) => ApiError::unavailable(format!("cannot locate channel {id}: {e}"), 2),
     }
 }
 
@@ -327,56 +380,50 @@ pub fn authorize_uri(cfg: &Config, uri: &str, client: &str) -> Result<Playback, 
     authorize(cfg, &parts, client)
 }
 
-/// Waits (on phase changes, not by polling) until the playlist can be served, up to `start_timeout`.
-async fn wait_playable(
+/// This node's playlist of a channel it runs or starts: the published one, or while it starts
+/// after a failover or a drain the earlier owner's (held), else it waits (on phase changes, not by
+/// polling) for the first segment, up to `start_timeout`. `None` when the channel is going away
+/// here (stopped, or handed over): another node's answer is the right one.
+async fn local_playlist(
     node: &Node,
     entry: &crate::node::ChannelEntry,
-    file: &str,
-) -> Result<bytes::Bytes, ApiError> {
+) -> Option<Result<bytes::Bytes, ApiError>> {
     let id = &entry.id;
-    let path = entry.dir.join(file);
     let mut rx = entry.phase.subscribe();
     let deadline = tokio::time::Instant::now() + node.cfg.start_timeout;
     loop {
         let phase = rx.borrow_and_update().clone();
         match phase {
-            Phase::Ready | Phase::Restarting => {
-                let version = entry.progress().playlist_version;
-                if let Ok(b) = entry.hot.playlist(&path, version).await {
-                    return Ok(b);
+            Phase::Ready | Phase::Restarting | Phase::Claiming | Phase::Starting => {
+                let published = entry.published();
+                if !published.is_empty() {
+                    return Some(Ok(published));
+                }
+                if let Some(held) = entry.held() {
+                    node.metrics.remote_playlists.inc();
+                    return Some(Ok(held));
                 }
             }
             Phase::Failed(reason) => {
-                return Err(ApiError::unavailable(
+                return Some(Err(ApiError::unavailable(
                     reason,
                     node.cfg.failed_hold.as_secs().max(1),
-                ))
+                )))
             }
-            Phase::Refused(e) => return Err(e),
-            Phase::Gone => {
-                return Err(ApiError::unavailable(
-                    format!("channel {id} is stopping; retry"),
-                    1,
-                ))
-            }
-            Phase::Claiming | Phase::Starting => {}
+            Phase::Refused(e) => return Some(Err(e)),
+            Phase::Gone => return None,
         }
         match tokio::time::timeout_at(deadline, rx.changed()).await {
             Err(_) => {
-                return Err(ApiError::unavailable(
+                return Some(Err(ApiError::unavailable(
                     format!(
                         "channel {id} is starting: no segment yet after {}",
                         farm_proto::duration::format(node.cfg.start_timeout)
                     ),
                     2,
-                ))
+                )))
             }
-            Ok(Err(_)) => {
-                return Err(ApiError::unavailable(
-                    format!("channel {id} stopped; retry"),
-                    1,
-                ))
-            }
+            Ok(Err(_)) => return None,
             Ok(Ok(())) => {}
         }
     }

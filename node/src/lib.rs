@@ -15,6 +15,7 @@ pub mod hot;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod playlist;
 pub mod sandbox;
 pub mod store;
 pub mod sweep;

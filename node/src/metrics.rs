@@ -44,6 +44,14 @@ pub struct Metrics {
     pub egress_connections: Counter,
     /// 1 when every FFmpeg runs in the Landlock network sandbox.
     pub ffmpeg_sandbox: Gauge,
+    /// Published segments longer (rounded) than their channel's target duration.
+    pub segments_over_target: Counter,
+    /// Segments published without their timeline recorded in Redis first (Redis slow or away).
+    pub publish_unrecorded: Counter,
+    /// Playlists answered from Redis for channels another node runs (or ran: held during a failover).
+    pub remote_playlists: Counter,
+    /// Viewer requests refused before anything else (bad path, token missing or wrong).
+    pub playback_refused: Counter,
 }
 
 impl Metrics {
@@ -67,6 +75,10 @@ impl Metrics {
             egress_refused: Counter::default(),
             egress_connections: Counter::default(),
             ffmpeg_sandbox: Gauge::default(),
+            segments_over_target: Counter::default(),
+            publish_unrecorded: Counter::default(),
+            remote_playlists: Counter::default(),
+            playback_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Viewer requests by kind", m.requests.clone());
@@ -149,6 +161,26 @@ impl Metrics {
             "ffmpeg_sandbox",
             "1 when FFmpeg runs in the Landlock network sandbox",
             m.ffmpeg_sandbox.clone(),
+        );
+        registry.register(
+            "segments_over_target",
+            "Published segments longer, rounded, than their channel's target duration",
+            m.segments_over_target.clone(),
+        );
+        registry.register(
+            "publish_unrecorded",
+            "Segments published before their timeline could be recorded in Redis",
+            m.publish_unrecorded.clone(),
+        );
+        registry.register(
+            "remote_playlists",
+            "Playlists answered from Redis for channels another node runs or ran",
+            m.remote_playlists.clone(),
+        );
+        registry.register(
+            "playback_refused",
+            "Viewer requests refused for their path or token",
+            m.playback_refused.clone(),
         );
         Self { registry, ..m }
     }

@@ -59,9 +59,9 @@ pub enum Phase {
 pub enum ClaimMode {
     /// A first request or a start command: claim a free lease.
     Fresh,
-    /// Take the channel over from a draining node that holds it with this gen; continue the media
-    /// sequence at `seq` so players see a discontinuity, not a reset.
-    Handover { from: String, gen: u64, seq: u64 },
+    /// Take the channel over from a draining node that holds it with this gen (the timeline it
+    /// recorded is continued, as after a failover).
+    Handover { from: String, gen: u64 },
 }
 
 /// Messages to a channel's actor.
@@ -93,8 +93,17 @@ pub struct ChannelEntry {
     /// Capacity weight of the channel's profile (set at claim).
     pub weight: std::sync::atomic::AtomicU32,
     /// Being handed to another node (drain): its lease moved on purpose, so a failed renewal is
-    /// expected and must not fence the FFmpeg before the new owner runs.
+    /// expected and must not fence the FFmpeg before the new owner runs. Nothing more is published.
     pub handing_over: std::sync::atomic::AtomicBool,
+    /// Set when the channel is fenced: its FFmpeg was killed and must not be restarted.
+    pub fenced: std::sync::atomic::AtomicBool,
+    /// The channel's timeline on this node (from the claim on).
+    pub timeline: Mutex<Option<crate::playlist::Timeline>>,
+    /// What viewers get: the playlist as last published (recorded in Redis first).
+    pub published: Mutex<bytes::Bytes>,
+    /// The playlist an earlier owner (or run) recorded, served while this node starts the channel
+    /// after a failover or a drain, so players wait on a playlist instead of an error.
+    pub held: Mutex<Option<bytes::Bytes>>,
 }
 
 impl ChannelEntry {
@@ -110,6 +119,41 @@ impl ChannelEntry {
         g.as_ref().map(|rx| rx.borrow().clone()).unwrap_or_default()
     }
 
+    /// Fences the channel at once: its FFmpeg group gets SIGKILL here, not when the actor gets to
+    /// its message (it may be waiting on Redis), and the actor ends without touching Redis.
+    pub fn fence(&self) {
+        self.fenced.store(true, Ordering::Release);
+        let pid = self.pid.load(Ordering::Acquire) as u32;
+        if pid > 0 {
+            if let Err(e) = ffmpeg::signal_group(pid, Signal::SIGKILL) {
+                debug!(pid, error = %e, "SIGKILL to a fenced ffmpeg group");
+            }
+        }
+        let _ = self.inbox.try_send(Ctl::Fenced);
+    }
+
+    /// The published playlist (empty before the first segment).
+    pub fn published(&self) -> bytes::Bytes {
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The earlier owner's playlist, while this node starts the channel.
+    pub fn held(&self) -> Option<bytes::Bytes> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether a segment file is published (or just left the window).
+    pub fn lists(&self, file: &str) -> bool {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|t| t.lists(file))
+    }
+
     fn last_segment_ms(&self) -> Option<u64> {
         let g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         g.as_ref().and_then(|rx| rx.borrow().last_segment_ms)
@@ -117,17 +161,33 @@ impl ChannelEntry {
 }
 
 /// Viewer access since the last flush: one lock and a set insert on the request path, no Redis.
+/// Any channel a viewer asked this node for counts, wherever it runs (the flush stamps only
+/// channels that have an owner). Bounded: past [`ACCESS_MAX`] distinct channels in one interval,
+/// more are dropped (and counted).
 #[derive(Default)]
 pub struct AccessBuffer {
     seen: Mutex<HashSet<String>>,
+    dropped: std::sync::atomic::AtomicU64,
 }
+
+/// Distinct channels one access flush carries at most.
+pub const ACCESS_MAX: usize = 50_000;
 
 impl AccessBuffer {
     pub fn record(&self, id: &str) {
         let mut s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if !s.contains(id) {
+            if s.len() >= ACCESS_MAX {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             s.insert(id.to_string());
         }
+    }
+
+    /// Accesses dropped because the buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
     fn take(&self) -> HashSet<String> {
         std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
@@ -159,7 +219,15 @@ pub struct Node {
     pub egress: Arc<crate::egress::Policy>,
     /// The network sandbox every FFmpeg is spawned in.
     pub sandbox: crate::sandbox::Sandbox,
+    /// What Redis said about channels other nodes run, for [`REMOTE_FRESH`]: bounds the Redis
+    /// calls viewer requests for those channels make.
+    remote: Mutex<HashMap<String, (Instant, Arc<crate::store::RemoteView>)>>,
 }
+
+/// How long a [`Node::remote_view`] answer is reused.
+pub const REMOTE_FRESH: Duration = Duration::from_millis(100);
+/// Channels remembered by [`Node::remote_view`] at most.
+const REMOTE_MAX: usize = 10_000;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -197,7 +265,35 @@ impl Node {
             ready: watch::channel(false).0,
             egress,
             sandbox,
+            remote: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// What Redis says of a channel this node does not run (its owner, its recorded playlist),
+    /// reused for [`REMOTE_FRESH`]. A viewer request awaits it: counted as a request-path call.
+    pub async fn remote_view(
+        &self,
+        id: &str,
+    ) -> Result<Arc<crate::store::RemoteView>, crate::store::StoreError> {
+        let lock = || self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, v)) = lock().get(id) {
+            if at.elapsed() < REMOTE_FRESH {
+                return Ok(v.clone());
+            }
+        }
+        self.metrics.request_path_redis_calls.inc();
+        let view = Arc::new(self.store.timeline(id).await.inspect_err(|_| {
+            self.metrics.redis_errors.inc();
+        })?);
+        let mut m = lock();
+        if m.len() >= REMOTE_MAX {
+            m.retain(|_, (at, _)| at.elapsed() < REMOTE_FRESH);
+            if m.len() >= REMOTE_MAX {
+                m.clear();
+            }
+        }
+        m.insert(id.to_string(), (Instant::now(), view.clone()));
+        Ok(view)
     }
 
     fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ChannelEntry>>> {
@@ -249,6 +345,10 @@ impl Node {
             ),
             handing_over: std::sync::atomic::AtomicBool::new(false),
             weight: std::sync::atomic::AtomicU32::new(1),
+            fenced: std::sync::atomic::AtomicBool::new(false),
+            timeline: Mutex::new(None),
+            published: Mutex::new(bytes::Bytes::new()),
+            held: Mutex::new(None),
         });
         map.insert(id.to_string(), entry.clone());
         drop(map);
@@ -349,7 +449,7 @@ async fn run_channel(
     mut inbox: mpsc::Receiver<Ctl>,
     mode: ClaimMode,
 ) {
-    let (spec, gen) = match preflight(&node, &entry, &mode).await {
+    let (spec, gen, recorded) = match preflight(&node, &entry, &mode).await {
         Ok(v) => v,
         Err(e) => {
             debug!(error = %e, "start refused");
@@ -371,12 +471,8 @@ async fn run_channel(
     let dir = entry.dir.clone();
     let end = match prepare_dir(&node, &entry) {
         Ok(progress) => {
-            let first_seq = match &mode {
-                ClaimMode::Handover { seq, .. } => *seq,
-                ClaimMode::Fresh => 0,
-            };
             supervise(
-                &node, &entry, &spec, &owner, progress, first_seq, &mut inbox,
+                &node, &entry, &spec, &owner, progress, &recorded, &mut inbox,
             )
             .await
         }
@@ -481,8 +577,37 @@ enum Outcome {
     Fenced,
 }
 
-/// Catalog, checks and claim. Nothing is spawned and nothing is written unless all pass.
+/// Claim, then the recorded timeline.
 async fn preflight(
+    node: &Node,
+    entry: &ChannelEntry,
+    mode: &ClaimMode,
+) -> Result<(ChannelSpec, u64, crate::playlist::Recorded), ApiError> {
+    let (spec, gen) = claim(node, entry, mode).await?;
+    // What an earlier owner published: the new timeline continues it, and its last playlist is
+    // what viewers get while this node starts (a failover or a drain, not a cold start).
+    let recorded = match node.store.timeline(&entry.id).await {
+        Ok(view) => {
+            if let (Some(pl), Some(age)) = (view.playlist, view.age_ms) {
+                if age <= node.cfg.hold_max().as_millis() as u64 {
+                    *entry.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(pl);
+                }
+            }
+            view.recorded
+        }
+        Err(e) => {
+            // Without it the channel starts a new timeline: players see a discontinuity, and the
+            // media sequence may repeat numbers an earlier owner used (URIs still differ by gen).
+            node.metrics.redis_errors.inc();
+            warn!(error = %e, "cannot read the recorded timeline; starting a new one");
+            crate::playlist::Recorded::default()
+        }
+    };
+    Ok((spec, gen, recorded))
+}
+
+/// Catalog, checks and claim. Nothing is spawned and nothing is written unless all pass.
+async fn claim(
     node: &Node,
     entry: &ChannelEntry,
     mode: &ClaimMode,
@@ -551,7 +676,7 @@ async fn preflight(
     }
     let weight = cfg.profiles[&spec.profile].weight.max(1);
     entry.weight.store(weight, Ordering::Release);
-    if let ClaimMode::Handover { from, gen, .. } = mode {
+    if let ClaimMode::Handover { from, gen } = mode {
         return match node
             .store
             .handover(
@@ -675,10 +800,19 @@ async fn supervise(
     spec: &ChannelSpec,
     owner: &str,
     mut progress: watch::Receiver<Progress>,
-    first_seq: u64,
+    recorded: &crate::playlist::Recorded,
     inbox: &mut mpsc::Receiver<Ctl>,
 ) -> Outcome {
     let cfg = node.cfg.clone();
+    // Continue what an earlier owner recorded, skipping what it may have published unrecorded.
+    let mut margin = if recorded.last.is_some() {
+        crate::playlist::takeover_margin(cfg.fence_after(), cfg.hls_time)
+    } else {
+        0
+    };
+    *entry.timeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(
+        crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded),
+    );
     let sources = spec.sources();
     let profile = &cfg.profiles[&spec.profile];
     let mut crashes: VecDeque<Instant> = VecDeque::new();
@@ -708,8 +842,18 @@ async fn supervise(
     };
     let proxy = gateway.as_ref().map(|g| g.proxy_url());
     loop {
+        if entry.fenced.load(Ordering::Acquire) {
+            return Outcome::Fenced;
+        }
         let url = &sources[source_idx % sources.len()];
-        let start_number = progress.borrow().last_seq.map_or(first_seq, |s| s + 1);
+        let start_number = {
+            let mut tl = entry.timeline.lock().unwrap_or_else(|p| p.into_inner());
+            let tl = tl.get_or_insert_with(|| {
+                crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded)
+            });
+            tl.begin_run();
+            tl.next_start(progress.borrow().last_seq, std::mem::take(&mut margin))
+        };
         node.watcher.reset(&entry.dir);
         let argv = ffmpeg::args(
             &cfg,
@@ -718,6 +862,7 @@ async fn supervise(
                 dir: &entry.dir,
                 profile,
                 start_number,
+                gen: entry.gen(),
                 http_proxy: proxy.as_deref(),
             },
         );
@@ -740,6 +885,7 @@ async fn supervise(
                     url,
                     child,
                     restarts,
+                    start_number,
                     &last_error,
                     &mut progress,
                     inbox,
@@ -748,6 +894,9 @@ async fn supervise(
             }
         };
         entry.pid.store(0, Ordering::Release);
+        if entry.fenced.load(Ordering::Acquire) {
+            return Outcome::Fenced;
+        }
         match end {
             RunEnd::Stop(reason, done) => return Outcome::Stopped(reason, done),
             RunEnd::Fenced => return Outcome::Fenced,
@@ -849,6 +998,7 @@ async fn run_once(
     url: &str,
     mut child: Child,
     restarts: u64,
+    start_number: u64,
     last_error: &str,
     progress: &mut watch::Receiver<Progress>,
     inbox: &mut mpsc::Receiver<Ctl>,
@@ -857,6 +1007,11 @@ async fn run_once(
     let pid = child.id().unwrap_or(0);
     let pid_start = ffmpeg::start_time(pid).unwrap_or(0);
     entry.pid.store(pid as u64, Ordering::Release);
+    if entry.fenced.load(Ordering::Acquire) {
+        // Fenced between the spawn and now: fence() saw no pid to kill.
+        terminate(&mut child, pid, Duration::ZERO).await;
+        return RunEnd::Fenced;
+    }
     if let Err(e) = ffmpeg::write_owner_file(&entry.dir, pid, pid_start) {
         warn!(error = %e, "could not write the ffmpeg record file");
     }
@@ -916,6 +1071,8 @@ async fn run_once(
     let spawned = Instant::now();
     let first_allowance = cfg.hls_time * 3 + cfg.read_timeout;
     let mut running_written = false;
+    // FFmpeg's playlist as of the previous run: only a new rename publishes.
+    let mut seen_playlist = progress.borrow().ffmpeg_playlist;
     loop {
         let (deadline, waiting_for) = {
             let p = progress.borrow();
@@ -944,8 +1101,22 @@ async fn run_once(
             }
             changed = progress.changed() => {
                 if changed.is_err() { continue; }
-                let ready = progress.borrow().playlist_ready;
-                if ready {
+                let version = progress.borrow().ffmpeg_playlist;
+                // A channel being handed over publishes nothing more: the new owner continues
+                // after what it recorded.
+                if version == seen_playlist || entry.handing_over.load(Ordering::Acquire) {
+                    continue;
+                }
+                seen_playlist = version;
+                let published = match publish(node, entry, owner).await {
+                    Publish::Nothing => false,
+                    Publish::Done => true,
+                    Publish::Fenced => {
+                        terminate(&mut child, pid, Duration::ZERO).await;
+                        return RunEnd::Fenced;
+                    }
+                };
+                if published {
                     entry.phase.send_if_modified(|p| {
                         let was = std::mem::replace(p, Phase::Ready);
                         was != Phase::Ready
@@ -961,10 +1132,9 @@ async fn run_once(
                             Ok(false) => { terminate(&mut child, pid, cfg.stop_grace).await; return RunEnd::Fenced; }
                             Err(e) => { node.metrics.redis_errors.inc(); warn!(error = %e, "could not record running state"); }
                         }
-                        let dir = entry.dir.clone();
-                        let below = progress.borrow().last_seq.unwrap_or(0).saturating_sub(cfg.hls_list_size as u64 + 2);
                         if restarts > 0 {
-                            remove_segments_below(&dir, below);
+                            // Files an earlier run wrote but never got published.
+                            remove_unlisted_below(entry, start_number);
                         }
                     }
                 }
@@ -1008,18 +1178,100 @@ fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
         .join(" | ")
 }
 
-fn remove_segments_below(dir: &std::path::Path, below: u64) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
+fn remove_unlisted_below(entry: &ChannelEntry, below: u64) {
+    let Ok(rd) = std::fs::read_dir(&entry.dir) else {
         return;
     };
     for e in rd.flatten() {
         let name = e.file_name();
-        if let Some(n) = name.to_str().and_then(crate::watcher::segment_number) {
-            if n < below {
-                let _ = std::fs::remove_file(e.path());
+        let Some(name) = name.to_str() else { continue };
+        if crate::watcher::segment_number(name).is_some_and(|n| n < below) && !entry.lists(name) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// How long a channel's timeline record stays in Redis after its last write: a channel started
+/// again within it continues its media sequence and target duration.
+const TIMELINE_KEEP: Duration = Duration::from_secs(3600);
+
+/// What one look at FFmpeg's playlist did.
+enum Publish {
+    Nothing,
+    Done,
+    /// Redis says the lease is not ours: nothing was published.
+    Fenced,
+}
+
+/// Reads FFmpeg's playlist and publishes the new segments: recorded in Redis first (gen-checked,
+/// so the recorded playlist is never behind what a viewer got and a stale owner publishes
+/// nothing), then served, then the files that left the window are deleted. When Redis does not
+/// answer within `publish_wait` the segments are published anyway: an outage must not stop
+/// viewers (the takeover margin covers what a new owner cannot know).
+async fn publish(node: &Node, entry: &ChannelEntry, owner: &str) -> Publish {
+    let path = entry.dir.join(crate::playlist::FFMPEG_PLAYLIST);
+    let text = match tokio::fs::read_to_string(&path).await {
+        Ok(t) => t,
+        Err(e) => {
+            debug!(error = %e, "cannot read ffmpeg's playlist");
+            return Publish::Nothing;
+        }
+    };
+    let listed = crate::playlist::parse_ffmpeg(&text);
+    let (ingested, playlist, recorded) = {
+        let mut g = entry.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tl) = g.as_mut() else {
+            return Publish::Nothing;
+        };
+        let ingested = tl.ingest(&listed, crate::playlist::now_ms());
+        if ingested.added == 0 {
+            return Publish::Nothing;
+        }
+        (ingested, tl.text(), tl.recorded())
+    };
+    if ingested.over_target > 0 {
+        node.metrics
+            .segments_over_target
+            .inc_by(ingested.over_target as u64);
+        warn!(
+            segments = ingested.over_target,
+            "segment longer than the channel's target duration (a source GOP longer than the first segment showed)"
+        );
+    }
+    let wait = node.cfg.publish_wait();
+    let record = node.store.record_timeline(
+        &entry.id,
+        owner,
+        entry.gen(),
+        &recorded,
+        &playlist,
+        TIMELINE_KEEP,
+    );
+    match tokio::time::timeout(wait, record).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            warn!("lease lost: not publishing; fencing the channel");
+            return Publish::Fenced;
+        }
+        Ok(Err(e)) => {
+            node.metrics.redis_errors.inc();
+            node.metrics.publish_unrecorded.inc();
+            warn!(error = %e, "cannot record the timeline; publishing anyway");
+        }
+        Err(_) => {
+            node.metrics.publish_unrecorded.inc();
+            warn!(?wait, "timeline not recorded in time; publishing anyway");
+        }
+    }
+    *entry.published.lock().unwrap_or_else(|p| p.into_inner()) = playlist;
+    for f in ingested.delete {
+        if let Err(e) = std::fs::remove_file(entry.dir.join(&f)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(file = %f, error = %e, "cannot delete a segment that left the playlist");
             }
         }
     }
+    Publish::Done
 }
 
 /// SIGTERM to the group, wait up to `grace`, SIGKILL, always reap.
@@ -1071,7 +1323,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             );
         }
         for e in &claimed {
-            let _ = e.inbox.try_send(Ctl::Fenced);
+            e.fence();
         }
     };
     let fence_deadline = |node: &Node| {
@@ -1186,7 +1438,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
                 for (e, ok) in entries.iter().zip(held) {
                     if !ok {
                         warn!(channel = %e.id, gen = e.gen(), "lease lost; fencing the channel");
-                        let _ = e.inbox.try_send(Ctl::Fenced);
+                        e.fence();
                     }
                 }
             }
@@ -1218,19 +1470,7 @@ pub async fn access_flush_loop(node: Arc<Node>) {
             _ = node.cancel.cancelled() => true,
             _ = tick.tick() => false,
         };
-        let seen = node.access.take();
-        let ids: Vec<String> = seen
-            .into_iter()
-            .filter(|id| {
-                node.local(id).is_some_and(|e| {
-                    e.gen() > 0
-                        && matches!(
-                            e.phase(),
-                            Phase::Ready | Phase::Restarting | Phase::Starting
-                        )
-                })
-            })
-            .collect();
+        let ids: Vec<String> = node.access.take().into_iter().collect();
         if !ids.is_empty() {
             match node.store.touch(&ids).await {
                 Ok(()) => {
@@ -1293,7 +1533,7 @@ pub async fn drain(node: Arc<Node>) {
             reason: "drain".into(),
             by: cfg.node_id.clone(),
             from: cfg.node_id.clone(),
-            seq: e.progress().last_seq.map(|s| s + 1),
+            seq: None,
         };
         if let Err(err) = node.store.send_command(&target, &cmd).await {
             error!(channel = %e.id, error = %err, "drain: cannot send the handover");

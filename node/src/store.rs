@@ -60,6 +60,31 @@ type NodeFields = (
     Option<i64>,
 );
 
+/// Channels one `touch.lua` call stamps at most.
+const TOUCH_BATCH: usize = 500;
+
+/// `target`, `last`, `disc`, `at`, `playlist` of a timeline hash (HMGET).
+type TimelineFields = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<Vec<u8>>,
+);
+
+/// A channel as Redis describes it to a node that does not run it.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteView {
+    /// The node holding the lease.
+    pub owner: Option<String>,
+    /// The recorded timeline (what a new owner continues).
+    pub recorded: crate::playlist::Recorded,
+    /// The last published playlist, unless the channel stopped.
+    pub playlist: Option<bytes::Bytes>,
+    /// How long ago it was recorded, ms.
+    pub age_ms: Option<u64>,
+}
+
 /// Connections come from a plain pool or, for a Sentinel URL, from one that asks the sentinels
 /// for the current primary on every new connection.
 #[derive(Clone)]
@@ -301,7 +326,8 @@ impl Store {
             .key(k.node_streams(node))
             .key(k.stream(id))
             .key(k.access())
-            .key(k.node_load(node));
+            .key(k.node_load(node))
+            .key(k.timeline(id));
         if let Some(p) = provider {
             inv.key(k.provider_conns(p));
         }
@@ -403,17 +429,85 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
+        // Bounded work per script call: at most TOUCH_BATCH channels each, all in one pipeline.
         let mut pipe = redis::pipe();
-        let cmd = pipe
-            .cmd("EVALSHA")
-            .arg(scripts::TOUCH.get_hash())
-            .arg(1)
-            .arg(self.keys.access());
-        for id in ids {
-            cmd.arg(id);
+        for chunk in ids.chunks(TOUCH_BATCH) {
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(scripts::TOUCH.get_hash())
+                .arg(chunk.len() + 1)
+                .arg(self.keys.access());
+            for id in chunk {
+                cmd.arg(self.keys.owner(id));
+            }
+            for id in chunk {
+                cmd.arg(id);
+            }
+            cmd.ignore();
         }
-        cmd.ignore();
         self.run_pipe::<()>(pipe).await
+    }
+
+    /// Records the channel's published timeline (gen-checked); `false` means the lease is not ours.
+    pub async fn record_timeline(
+        &self,
+        id: &str,
+        owner: &str,
+        gen: u64,
+        rec: &crate::playlist::Recorded,
+        playlist: &[u8],
+        keep: Duration,
+    ) -> Result<bool> {
+        let k = &self.keys;
+        let mut inv = scripts::TIMELINE.prepare_invoke();
+        inv.key(k.owner(id))
+            .key(k.timeline(id))
+            .arg(owner)
+            .arg(gen)
+            .arg(rec.target)
+            .arg(rec.last.map_or(String::new(), |l| l.to_string()))
+            .arg(rec.disc)
+            .arg(playlist)
+            .arg(keep.as_millis().max(1) as u64);
+        let n: i64 = self
+            .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// What Redis recorded of a channel's timeline, its playlist and how old that is (ms, by Redis
+    /// time), and the channel's current owner node.
+    pub async fn timeline(&self, id: &str) -> Result<RemoteView> {
+        let (owner_key, tl) = (self.keys.owner(id), self.keys.timeline(id));
+        let (owner, fields, time): (Option<String>, TimelineFields, (u64, u64)) = self
+            .with(|mut c| async move {
+                Ok(redis::pipe()
+                    .get(owner_key)
+                    .cmd("HMGET")
+                    .arg(tl)
+                    .arg("target")
+                    .arg("last")
+                    .arg("disc")
+                    .arg("at")
+                    .arg("playlist")
+                    .cmd("TIME")
+                    .query_async(&mut c)
+                    .await?)
+            })
+            .await?;
+        let (target, last, disc, at, playlist) = fields;
+        let now = time.0 * 1000 + time.1 / 1000;
+        let num = |v: &Option<String>| v.as_deref().and_then(|s| s.parse::<u64>().ok());
+        Ok(RemoteView {
+            owner: owner.and_then(|v| scripts::split_owner(&v).map(|(n, _)| n.to_string())),
+            recorded: crate::playlist::Recorded {
+                target: num(&target).unwrap_or(0),
+                last: num(&last),
+                disc: num(&disc).unwrap_or(0),
+            },
+            playlist: playlist.filter(|p| !p.is_empty()).map(bytes::Bytes::from),
+            age_ms: num(&at).map(|at| now.saturating_sub(at)),
+        })
     }
 
     /// Appends an audit event to `farm:events` (capped).

@@ -1,9 +1,9 @@
 //! Watches channel folders with `notify` and turns FFmpeg's renames into per-channel progress.
 //!
-//! FFmpeg (with `temp_file`) writes `seg_N.ts.tmp` / `index.m3u8.tmp` and renames them when complete,
-//! so a rename onto `index.m3u8` means "the playlist exists and lists a finished segment" and a rename
-//! onto `seg_N.ts` means "segment N is complete". Start waiters and stall detection wait on these
-//! events; nothing polls the disk.
+//! FFmpeg (with `temp_file`) writes `seg_<gen>_<n>.ts.tmp` and its own playlist's `.tmp` and renames
+//! them when complete, so a rename onto a segment name means "segment n is complete" and a rename onto
+//! FFmpeg's playlist means "FFmpeg listed a new segment": the channel actor then publishes it (see
+//! [`crate::playlist`]). Publishing and stall detection wait on these events; nothing polls the disk.
 //!
 //! The notify callback only `try_send`s into a bounded channel; on overflow the event is counted and
 //! the dispatcher rescans every watched folder once, so a burst can delay progress but never lose it.
@@ -21,8 +21,8 @@ use tokio::sync::{mpsc, watch};
 /// What FFmpeg has produced in one channel folder so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// `index.m3u8` exists (it only ever appears listing a finished segment).
-    pub playlist_ready: bool,
+    /// Bumped on every rename onto FFmpeg's own playlist (it lists a new finished segment).
+    pub ffmpeg_playlist: u64,
     /// Highest finished segment number seen.
     pub last_seq: Option<u64>,
     /// When it finished (monotonic), for stall detection.
@@ -31,8 +31,6 @@ pub struct Progress {
     pub last_segment_ms: Option<u64>,
     /// Finished segments seen.
     pub segments: u64,
-    /// Bumped on every playlist rewrite: the in-memory copy of the playlist is valid while this stays.
-    pub playlist_version: u64,
 }
 
 type Registry = Mutex<HashMap<PathBuf, watch::Sender<Progress>>>;
@@ -43,9 +41,9 @@ pub struct HlsWatcher {
     registry: Arc<Registry>,
 }
 
-/// Parses `seg_<n>.ts`.
+/// The media sequence number of a segment file (`seg_<gen>_<n>.ts`).
 pub fn segment_number(name: &str) -> Option<u64> {
-    name.strip_prefix("seg_")?.strip_suffix(".ts")?.parse().ok()
+    crate::playlist::parse_segment_file(name).map(|(_, n)| n)
 }
 
 impl HlsWatcher {
@@ -103,7 +101,6 @@ impl HlsWatcher {
     pub fn reset(&self, dir: &Path) {
         if let Some(tx) = self.lock_registry().get(dir) {
             tx.send_modify(|p| {
-                p.playlist_ready = false;
                 p.last_segment = None;
             });
         }
@@ -181,10 +178,9 @@ fn now_ms() -> u64 {
 }
 
 fn apply(tx: &watch::Sender<Progress>, name: &str) {
-    if name == crate::ffmpeg::PLAYLIST {
+    if name == crate::playlist::FFMPEG_PLAYLIST {
         tx.send_modify(|p| {
-            p.playlist_ready = true;
-            p.playlist_version += 1;
+            p.ffmpeg_playlist += 1;
         });
     } else if let Some(n) = segment_number(name) {
         tx.send_if_modified(|p| {
@@ -208,7 +204,8 @@ fn rescan(dir: &Path, tx: &watch::Sender<Progress>) {
     let mut names: Vec<String> = rd
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
-    names.sort_by_key(|n| segment_number(n));
+    // Segments first, in order, then FFmpeg's playlist that lists them.
+    names.sort_by_key(|n| (n == crate::playlist::FFMPEG_PLAYLIST, segment_number(n)));
     for n in names {
         apply(tx, &n);
     }
@@ -220,8 +217,8 @@ mod tests {
 
     #[test]
     fn segment_names() {
-        assert_eq!(segment_number("seg_12.ts"), Some(12));
-        assert_eq!(segment_number("seg_12.ts.tmp"), None);
+        assert_eq!(segment_number("seg_3_12.ts"), Some(12));
+        assert_eq!(segment_number("seg_3_12.ts.tmp"), None);
         assert_eq!(segment_number("index.m3u8"), None);
     }
 
@@ -233,13 +230,13 @@ mod tests {
         let (w, d) = HlsWatcher::new(64, Counter::default()).expect("watcher");
         let task = tokio::spawn(d.run());
         let mut rx = w.register(&dir).expect("register");
-        std::fs::write(dir.join("seg_0.ts.tmp"), b"x").expect("write");
-        std::fs::rename(dir.join("seg_0.ts.tmp"), dir.join("seg_0.ts")).expect("rename");
-        std::fs::write(dir.join("index.m3u8.tmp"), b"#EXTM3U").expect("write");
-        std::fs::rename(dir.join("index.m3u8.tmp"), dir.join("index.m3u8")).expect("rename");
+        std::fs::write(dir.join("seg_1_0.ts.tmp"), b"x").expect("write");
+        std::fs::rename(dir.join("seg_1_0.ts.tmp"), dir.join("seg_1_0.ts")).expect("rename");
+        std::fs::write(dir.join(".ffmpeg.m3u8.tmp"), b"#EXTM3U").expect("write");
+        std::fs::rename(dir.join(".ffmpeg.m3u8.tmp"), dir.join(".ffmpeg.m3u8")).expect("rename");
         let p = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            rx.wait_for(|p| p.playlist_ready && p.last_seq == Some(0)),
+            rx.wait_for(|p| p.ffmpeg_playlist > 0 && p.last_seq == Some(0)),
         )
         .await
         .expect("progress within 5s")

@@ -4,7 +4,9 @@
 -- KEYS[3] stream  farm:stream:<id>
 -- KEYS[4] access  farm:access
 -- KEYS[5] load    farm:node:<node>:load
--- KEYS[6] conns   farm:provider:<name>:conns (optional: only when the channel has a provider)
+-- KEYS[6] timeline farm:timeline:<id> (its playlist is dropped: a stopped channel's window is never
+--                 served as a held playlist; target, last and disc stay for the next start)
+-- KEYS[7] conns   farm:provider:<name>:conns (optional: only when the channel has a provider)
 -- ARGV[1] expected "<node>:<gen>", ARGV[2] channel id,
 -- ARGV[3] final state ("" deletes the stream hash), ARGV[4] last_error, ARGV[5] ms to keep the final hash
 -- Returns 1 when released, 0 when the lease was not ours (then only our own set entry is removed).
@@ -15,8 +17,9 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[2])
-if KEYS[6] then
-  redis.call('ZREM', KEYS[6], ARGV[2])
+redis.call('HDEL', KEYS[6], 'playlist')
+if KEYS[7] then
+  redis.call('ZREM', KEYS[7], ARGV[2])
 end
 if ARGV[3] == '' then
   redis.call('DEL', KEYS[3])

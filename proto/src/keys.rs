@@ -62,6 +62,12 @@ impl Keys {
     pub fn stream(&self, id: &str) -> String {
         format!("{}:stream:{id}", self.prefix)
     }
+    /// `farm:timeline:<id>` hash with a TTL: the channel's published HLS timeline (`target`, `last`,
+    /// `disc`, `gen`, `at`, `playlist`), recorded by the owner before it publishes a segment, so a new
+    /// owner continues it and any node can answer the current playlist.
+    pub fn timeline(&self, id: &str) -> String {
+        format!("{}:timeline:{id}", self.prefix)
+    }
     /// `farm:access` zset: channel -> last viewer access (ms, Redis time).
     pub fn access(&self) -> String {
         format!("{}:access", self.prefix)

@@ -34,6 +34,7 @@ scripts! {
     RECONCILE => "reconcile.lua",
     COMMAND => "command.lua",
     PIN => "pin.lua",
+    TIMELINE => "timeline.lua",
 }
 
 /// What the claim script answered.

@@ -545,6 +545,7 @@ fn every_command_the_scripts_call_is_granted_and_no_farm_user_gets_a_dangerous_o
         "touch.lua",
         "heartbeat.lua",
         "release_node.lua",
+        "timeline.lua",
     ];
     let dir = repo().join("proto/lua");
     let mut all = BTreeSet::new();

@@ -192,7 +192,16 @@ viewer on n2 served after {served:?} ({statuses:?}); {doubles} of {samples} samp
         .send()
         .await
         .expect("request to n1 for ch");
-    assert_eq!(r.status().as_u16(), 307, "n1 routes ch to its owner n2");
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "n1 answers ch's playlist as its owner n2 recorded it"
+    );
+    assert_eq!(
+        owner(&mut c, "farm", "ch").await.map(|o| o.0).as_deref(),
+        Some("n2"),
+        "the request did not move ch"
+    );
     println!(
         "after the heal: n1 registered again in {rejoined:?} and serves; proxy {:?}",
         proxy.stats()

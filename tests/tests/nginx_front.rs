@@ -47,7 +47,7 @@ async fn nginx_sends_hls_files_from_disk_with_the_right_headers_and_passes_the_n
     .await;
     assert!(farm_tests::hls::MediaPlaylist::parse(&first.text()).is_ok());
 
-    // Now on disk: nginx sends it itself.
+    // Playlists always come from the node (never a stale file on disk); segments from disk.
     let r = get(&playlist_url).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("content-type"), "application/vnd.apple.mpegurl");
@@ -83,20 +83,20 @@ async fn nginx_sends_hls_files_from_disk_with_the_right_headers_and_passes_the_n
         .map(|e| (e.path.clone(), e.via.clone()))
         .collect();
     println!("nginx access log for c1: {vias:?}");
-    assert_eq!(
-        vias.first().map(|v| v.1.as_str()),
-        Some("node"),
-        "the first playlist comes from the node"
-    );
-    assert!(
-        vias.iter().skip(1).all(|(_, via)| via == "disk"),
-        "every later request is sent from disk: {vias:?}"
-    );
-    // Every request was still checked with the node (auth_request), which sent no segment byte.
+    for (path, via) in &vias {
+        let want = if path.ends_with(".m3u8") {
+            "node"
+        } else {
+            "disk"
+        };
+        assert_eq!(via, want, "{path}: {vias:?}");
+    }
+    // Every segment request was still checked with the node (auth_request), which sent no
+    // segment byte.
     let allowed = metric(&node, "farm_node_auth_allowed_total").await;
     let seg_bytes = metric(&node, "farm_node_segment_bytes_total").await;
     println!("node: auth allowed {allowed}, segment bytes served by the node {seg_bytes}");
-    assert!(allowed >= 4.0, "auth subrequests: {allowed}");
+    assert!(allowed >= 2.0, "auth subrequests: {allowed}");
     assert_eq!(seg_bytes, 0.0);
 
     // CORS preflight, and only GET/HEAD.

@@ -250,7 +250,12 @@ async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing(
     };
     let p0 = probe(access(&redis, "probe").await.unwrap_or(0)).await;
     let c1_before = access(&redis, "c1").await.expect("c1 access");
-    let denied_before = metric(&node, "farm_node_auth_denied_total").await;
+    // Segments are checked by the auth subrequest, playlists by the node answering them.
+    let denied_now = || async {
+        metric(&node, "farm_node_auth_denied_total").await
+            + metric(&node, "farm_node_playback_refused_total").await
+    };
+    let denied_before = denied_now().await;
 
     let t = token("c1");
     let flipped = {
@@ -284,7 +289,7 @@ async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing(
         sent += 1;
         assert_eq!(r.status, 403, "no token: {}", r.text());
     }
-    let denied = metric(&node, "farm_node_auth_denied_total").await - denied_before;
+    let denied = denied_now().await - denied_before;
     println!("{sent} requests with bad or missing tokens through nginx: all 403; the node denied {denied}");
     assert_eq!(denied, f64::from(sent), "each was checked by the node");
 

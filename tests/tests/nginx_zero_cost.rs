@@ -69,15 +69,16 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
     let (_, gen) = owner(&mut c, "farm", "watched")
         .await
         .expect("watched runs");
-    let node_requests = || async {
-        metric(&node, "farm_node_requests_total{kind=\"playlist\"}").await
-            + metric(&node, "farm_node_requests_total{kind=\"segment\"}").await
-    };
-    let requests_at_start = node_requests().await;
+    let node_segment_requests =
+        || async { metric(&node, "farm_node_requests_total{kind=\"segment\"}").await };
+    let node_playlist_requests =
+        || async { metric(&node, "farm_node_requests_total{kind=\"playlist\"}").await };
+    let requests_at_start = node_segment_requests().await;
+    let playlists_at_start = node_playlist_requests().await;
 
     let mut viewer = HlsClient::new(&url("watched"));
     let mut last_access = access(&redis, "watched").await.expect("access entry");
-    let (mut segments, mut bytes) = (0, 0);
+    let (mut segments, mut bytes, mut playlist_loads) = (0, 0, 0);
     let began = Instant::now();
     for round in 1..=4 {
         let r = viewer
@@ -91,6 +92,7 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
         );
         segments += r.segments;
         bytes += r.bytes;
+        playlist_loads += r.playlist_loads;
         let a = eventually("farm:access to advance", Duration::from_secs(5), || async {
             access(&redis, "watched").await.filter(|a| *a > last_access)
         })
@@ -111,10 +113,12 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
     let left = Instant::now();
     let watched_for = began.elapsed();
 
-    // No subrequest and no request reached the node: nginx did everything.
+    // No subrequest and no segment request reached the node: nginx sent every byte. Playlists
+    // are the node's (from memory): one answer per playlist load, nothing more.
     let auth_calls = metric(&node, "farm_node_auth_allowed_total").await
         + metric(&node, "farm_node_auth_denied_total").await;
-    let extra_requests = node_requests().await - requests_at_start;
+    let extra_requests = node_segment_requests().await - requests_at_start;
+    let playlist_requests = node_playlist_requests().await - playlists_at_start;
     let node_bytes = metric(&node, "farm_node_segment_bytes_total").await;
     let lines = metric(&node, "farm_node_access_log_lines_total").await;
     let served = nginx
@@ -124,10 +128,12 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
         .count();
     println!(
         "{watched_for:?} watched: {segments} segments ({bytes} bytes) and {served} requests sent by nginx from disk; \
-         node: {lines} access-log lines, {auth_calls} auth calls, {extra_requests} requests, {node_bytes} segment bytes"
+         node: {lines} access-log lines, {auth_calls} auth calls, {extra_requests} segment requests, \
+         {playlist_requests} playlist requests ({playlist_loads} loads), {node_bytes} segment bytes"
     );
     assert_eq!(auth_calls, 0.0);
     assert_eq!(extra_requests, 0.0);
+    assert_eq!(playlist_requests, playlist_loads as f64);
     assert_eq!(node_bytes, 0.0);
     assert!(
         lines >= served as f64 * 0.9,

@@ -199,14 +199,21 @@ async fn a_non_owner_redirects_to_the_owner_or_hands_nginx_an_accel_redirect() {
         true,
         &["--accel-redirect", "/_farm_owner"],
     );
-    assert_eq!(
-        get(&format!("{}/live/c1/index.m3u8", owner.base_url()))
-            .await
-            .status,
-        200
-    );
+    let first = get(&format!("{}/live/c1/index.m3u8", owner.base_url())).await;
+    assert_eq!(first.status, 200);
+    let playlist = farm_tests::hls::MediaPlaylist::parse(&first.text()).expect("playlist");
+    let seg = playlist.segments[0].uri.clone();
 
-    for path in ["/live/c1/index.m3u8", "/live/c1/seg_0.ts"] {
+    // Any node answers the playlist itself, from what the owner recorded in Redis.
+    for n in [&plain, &behind] {
+        let r = get(&format!("{}/live/c1/index.m3u8", n.base_url())).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let theirs = farm_tests::hls::MediaPlaylist::parse(&r.text()).expect("playlist");
+        assert_eq!(theirs.segments[0].uri, seg, "the owner's playlist");
+        assert!(r.header("location").is_empty() && r.header("x-accel-redirect").is_empty());
+    }
+    // Segments come from the owner's disk.
+    for path in [format!("/live/c1/{seg}")] {
         let r = get(&format!("{}{path}", plain.base_url())).await;
         assert_eq!(r.status, 307, "{path}: {}", r.text());
         assert_eq!(r.header("location"), format!("{}{path}", owner.base_url()));

@@ -151,14 +151,18 @@ async fn after_sigkill_the_next_start_kills_the_leftover_ffmpeg_and_removes_its_
         (!exists(&redis, "farm:owner:c1").await).then_some(())
     })
     .await;
-    // The channel starts again cleanly on the new incarnation.
+    // The channel starts again cleanly on the new incarnation (while it starts, viewers get the
+    // window the killed incarnation recorded, held).
     assert_eq!(
         get(&format!("{}/live/c1/index.m3u8", second.base_url()))
             .await
             .status,
         200
     );
-    assert_eq!(ffmpegs_under(root.path()).len(), 1);
+    eventually("one new ffmpeg", Duration::from_secs(10), || async {
+        (ffmpegs_under(root.path()).len() == 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,9 +109,10 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
     assert_eq!(stream["restarts"], "0");
     assert!(!stream["last_segment_at"].is_empty());
     assert_eq!(provider.total_connections_for("/live/news.ts"), 1);
+    // The first request looked the channel up once (nobody ran it); 20 s of viewing added nothing.
     assert_eq!(
         metric(&node, "farm_node_request_path_redis_calls_total").await,
-        0.0
+        1.0
     );
 }
 
@@ -170,6 +171,7 @@ async fn a_thousand_viewer_requests_cost_a_few_flush_pipelines_and_no_request_pa
     assert_eq!(first.status, 200, "{}", first.text());
 
     let before = redis.command_calls().await;
+    let rp_before = metric(&node, "farm_node_request_path_redis_calls_total").await;
     let t0 = Instant::now();
     let mut ok = 0;
     let c = client();
@@ -197,9 +199,9 @@ async fn a_thousand_viewer_requests_cost_a_few_flush_pipelines_and_no_request_pa
     ];
     let total: u64 = top_level.iter().map(|k| delta(k)).sum();
     // Background traffic only: an access flush per 500 ms, a keepalive pipeline (3 scripts) per
-    // 500 ms (lease TTL 3 s / 6) and a blocking command read per second; none of it scales with
-    // the requests.
-    let budget = 9 * (elapsed.as_secs() + 2);
+    // 500 ms (lease TTL 3 s / 6), a timeline record per segment (500 ms) and a blocking command
+    // read per second; none of it scales with the requests.
+    let budget = 11 * (elapsed.as_secs() + 2);
     println!(
         "{ok} requests in {elapsed:?}: {total} redis commands from the node (evalsha {}, ping {}), budget {budget}",
         delta("evalsha"),
@@ -211,7 +213,8 @@ async fn a_thousand_viewer_requests_cost_a_few_flush_pipelines_and_no_request_pa
     );
     assert_eq!(
         metric(&node, "farm_node_request_path_redis_calls_total").await,
-        0.0
+        rp_before,
+        "no Redis call inside a request for a channel this node runs"
     );
     let flushes = metric(&node, "farm_node_access_flushes_total").await;
     println!("access flushes so far: {flushes}");

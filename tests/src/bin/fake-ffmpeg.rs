@@ -2,7 +2,8 @@
 //!
 //! It understands only what it needs from ffmpeg's command line: the input URL after `-i`,
 //! `-hls_time`, `-hls_list_size`, `-hls_delete_threshold`, `-start_number`, `-hls_flags` (only
-//! `discont_start`), `-hls_segment_filename`, and the playlist path as the LAST argument; everything
+//! `discont_start` and `delete_segments`), `-hls_segment_filename`, and the playlist path as the LAST
+//! argument; everything
 //! else is ignored. It never opens the input. Its behaviour comes from the
 //! input URL's query string (the node clears its environment):
 //!
@@ -14,10 +15,10 @@
 //! - `after_ms=N` (default 1000), `seg_ms=N` (default `-hls_time` seconds, which defaults to 2),
 //!   `bytes=N` (segment size, default 20000, rounded up to whole 188-byte TS null packets).
 //!
-//! Files are written like ffmpeg's `hls_flags delete_segments+temp_file`: `<segment>.tmp` then
-//! rename, `<playlist>.tmp` then rename; the playlist lists the last `-hls_list_size` segments (0 =
-//! all) and, like ffmpeg, `-hls_delete_threshold` (default 1) unlisted segments stay on disk before
-//! older ones are deleted. Sequence numbers start at `-start_number` (default 0) and fill `%d` /
+//! Files are written like ffmpeg's `hls_flags temp_file`: `<segment>.tmp` then rename,
+//! `<playlist>.tmp` then rename; the playlist lists the last `-hls_list_size` segments (0 = all) and,
+//! with `delete_segments`, like ffmpeg, `-hls_delete_threshold` (default 1) unlisted segments stay on
+//! disk before older ones are deleted. Sequence numbers start at `-start_number` (default 0) and fill `%d` /
 //! `%0Nd` in the pattern; with `discont_start` the first segment is preceded by
 //! `#EXT-X-DISCONTINUITY` while it is listed.
 //! SIGTERM/SIGINT make it exit 0 within ~20 ms.
@@ -44,6 +45,7 @@ struct Config {
     segment_pattern: String,
     list_size: usize,
     delete_threshold: usize,
+    delete_segments: bool,
     start_number: u64,
     discont_start: bool,
     mode: Mode,
@@ -159,8 +161,10 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         Some(v) => v.parse().map_err(|e| format!("-start_number {v:?}: {e}"))?,
         None => 0,
     };
-    let discont_start =
-        value_of("-hls_flags").is_some_and(|f| f.split('+').any(|flag| flag == "discont_start"));
+    let flag =
+        |name: &str| value_of("-hls_flags").is_some_and(|f| f.split('+').any(|flag| flag == name));
+    let discont_start = flag("discont_start");
+    let delete_segments = flag("delete_segments");
     let playlist = PathBuf::from(playlist);
     let segment_pattern = match value_of("-hls_segment_filename") {
         Some(p) => p,
@@ -205,6 +209,7 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         segment_pattern,
         list_size,
         delete_threshold,
+        delete_segments,
         start_number,
         discont_start,
         mode,
@@ -285,7 +290,9 @@ impl<'a> HlsWriter<'a> {
         let keep = self.config.list_size + self.config.delete_threshold;
         while self.config.list_size > 0 && self.on_disk.len() > keep {
             if let Some((_, old)) = self.on_disk.pop_front() {
-                let _ = std::fs::remove_file(&old);
+                if self.config.delete_segments {
+                    let _ = std::fs::remove_file(&old);
+                }
             }
         }
         Ok(())

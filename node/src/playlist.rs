@@ -1,0 +1,501 @@
+//! A channel's live playlist, composed by the node from what FFmpeg writes.
+//!
+//! FFmpeg writes segments and its own playlist ([`FFMPEG_PLAYLIST`], never served); the node keeps
+//! the channel's [`Timeline`] and composes the playlist viewers get. That is how a channel keeps
+//! RFC 8216's promises for its whole life, across FFmpeg restarts, drains and failovers:
+//!
+//! - `EXT-X-TARGETDURATION` is chosen once, from the first segment, and never changes (a new owner
+//!   takes it over from Redis); FFmpeg's own playlist says 1 while it lists only the short first
+//!   segment and 2 afterwards.
+//! - Media sequence numbers only grow: a restarted FFmpeg continues after the last published
+//!   segment, a new owner after the last one recorded in Redis plus a margin
+//!   ([`takeover_margin`]) for what an unreachable owner may have published unrecorded.
+//! - Every break in the timeline (a new FFmpeg run) is an `EXT-X-DISCONTINUITY`, and
+//!   `EXT-X-DISCONTINUITY-SEQUENCE` counts the ones that slid out of the window.
+//! - Every segment carries `EXT-X-PROGRAM-DATE-TIME`, so a player can place a new owner's segments
+//!   on its timeline after a gap.
+//! - A segment's file name carries the owner's gen and its media sequence number
+//!   ([`segment_file`]), so a URI never names two different segments, whichever node wrote it.
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// FFmpeg's own playlist in a channel folder: read by the node, never served (not a valid
+/// playback file name).
+pub const FFMPEG_PLAYLIST: &str = ".ffmpeg.m3u8";
+/// The playlist viewers ask for.
+pub const PLAYLIST: &str = "index.m3u8";
+/// Largest target duration the node accepts for a channel, seconds.
+const MAX_TARGET: u64 = 60;
+
+/// `seg_<gen>_<msn>.ts`: the file (and URI) of one segment.
+pub fn segment_file(gen: u64, seq: u64) -> String {
+    format!("seg_{gen}_{seq}.ts")
+}
+
+/// The FFmpeg `-hls_segment_filename` pattern for an owner's gen.
+pub fn segment_pattern(gen: u64) -> String {
+    format!("seg_{gen}_%d.ts")
+}
+
+/// Parses `seg_<gen>_<msn>.ts` into `(gen, msn)`.
+pub fn parse_segment_file(name: &str) -> Option<(u64, u64)> {
+    let (gen, seq) = name
+        .strip_prefix("seg_")?
+        .strip_suffix(".ts")?
+        .split_once('_')?;
+    let num = |s: &str| {
+        (!s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    Some((num(gen)?, num(seq)?))
+}
+
+/// How many media sequence numbers a new owner skips after the last one recorded in Redis: an
+/// owner publishes only after recording, except when Redis does not answer within the publish
+/// wait; it can publish that way until it is fenced (`fence_after` after its last renewal), at
+/// most one segment per `hls_time / 2` (the shortest segment FFmpeg cuts).
+pub fn takeover_margin(fence_after: Duration, hls_time: Duration) -> u64 {
+    let shortest = (hls_time.as_secs_f64() / 2.0).max(0.25);
+    (fence_after.as_secs_f64() / shortest).ceil() as u64 + 1
+}
+
+/// One segment FFmpeg lists in its playlist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FfmpegSegment {
+    pub seq: u64,
+    pub duration: f64,
+    pub file: String,
+}
+
+/// The segments FFmpeg's playlist lists, oldest first (only `#EXTINF` + URI pairs whose URI is a
+/// segment file of ours; everything else is ignored).
+pub fn parse_ffmpeg(text: &str) -> Vec<FfmpegSegment> {
+    let mut out = Vec::new();
+    let mut duration: Option<f64> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("#EXTINF:") {
+            duration = v
+                .split(',')
+                .next()
+                .and_then(|d| d.trim().parse::<f64>().ok())
+                .filter(|d| d.is_finite() && *d >= 0.0);
+        } else if !line.is_empty() && !line.starts_with('#') {
+            let file = line.rsplit('/').next().unwrap_or(line);
+            if let (Some(d), Some((_, seq))) = (duration.take(), parse_segment_file(file)) {
+                out.push(FfmpegSegment {
+                    seq,
+                    duration: d,
+                    file: file.to_string(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// What a channel's timeline looked like when an earlier owner (or an earlier life) last recorded
+/// it in Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Target duration, seconds (0: none chosen yet).
+    pub target: u64,
+    /// Media sequence number of the newest published segment.
+    pub last: Option<u64>,
+    /// Discontinuity number of the newest published segment.
+    pub disc: u64,
+}
+
+/// One published segment.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    seq: u64,
+    duration: f64,
+    file: String,
+    discontinuity: bool,
+    /// Wall time of the segment's first sample, ms since the epoch.
+    pdt_ms: u64,
+}
+
+/// What [`Timeline::ingest`] changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Ingested {
+    /// Segments newly published.
+    pub added: usize,
+    /// Segment files that left the window far enough ago to be deleted now.
+    pub delete: Vec<String>,
+    /// Segments whose duration, rounded, is longer than the target duration.
+    pub over_target: usize,
+}
+
+/// A channel's published window and everything needed to continue it.
+#[derive(Debug)]
+pub struct Timeline {
+    hls_time: f64,
+    window_len: usize,
+    keep_after: usize,
+    target: u64,
+    window: VecDeque<Entry>,
+    /// Files that left the window, deleted once `keep_after` more have left.
+    retired: VecDeque<String>,
+    /// `EXT-X-DISCONTINUITY-SEQUENCE`: the discontinuity number before the window's first entry.
+    disc_seq: u64,
+    /// The next published segment starts a new run (a restart, or a new owner).
+    pending_break: bool,
+    last: Option<u64>,
+    last_disc: u64,
+    /// Wall-clock end of the newest published segment, ms (PDTs never go back).
+    last_end_ms: u64,
+    version: u64,
+    text: Bytes,
+}
+
+impl Timeline {
+    /// A timeline for a channel's life on this node: `prev` is what Redis recorded (a new owner
+    /// continues it), `window_len` is `hls_list_size`.
+    pub fn new(hls_time: Duration, window_len: usize, prev: &Recorded) -> Self {
+        Self {
+            hls_time: hls_time.as_secs_f64(),
+            window_len: window_len.max(1),
+            keep_after: 2,
+            target: prev.target.min(MAX_TARGET),
+            window: VecDeque::new(),
+            retired: VecDeque::new(),
+            disc_seq: prev.disc,
+            pending_break: prev.last.is_some(),
+            last: prev.last,
+            last_disc: prev.disc,
+            last_end_ms: 0,
+            version: 0,
+            text: Bytes::new(),
+        }
+    }
+
+    /// A new FFmpeg run begins: its first published segment is a discontinuity.
+    pub fn begin_run(&mut self) {
+        if self.last.is_some() {
+            self.pending_break = true;
+        }
+    }
+
+    /// The media sequence number a new FFmpeg run starts at: after everything published and
+    /// everything FFmpeg wrote (`written`), plus `margin` (see [`takeover_margin`]).
+    pub fn next_start(&self, written: Option<u64>, margin: u64) -> u64 {
+        let after = self.last.max(written).map_or(0, |l| l + 1);
+        after + margin
+    }
+
+    /// Publishes the segments of FFmpeg's playlist that are newer than the newest published one.
+    /// `now_ms` is the wall time the playlist was seen (the newest segment just ended).
+    pub fn ingest(&mut self, listed: &[FfmpegSegment], now_ms: u64) -> Ingested {
+        let mut out = Ingested::default();
+        let new: Vec<&FfmpegSegment> = listed
+            .iter()
+            .filter(|s| self.last.is_none_or(|l| s.seq > l))
+            .collect();
+        if new.is_empty() {
+            return out;
+        }
+        if self.target == 0 {
+            self.target = choose_target(self.hls_time, new[0].duration);
+        }
+        // The newest segment ended about now; earlier new ones back to back before it.
+        let total_ms: u64 = new.iter().map(|s| ms(s.duration)).sum();
+        let mut start = now_ms.saturating_sub(total_ms);
+        for s in new {
+            let discontinuity = std::mem::replace(&mut self.pending_break, false);
+            // Within a run segments follow each other; after a break, the wall clock decides,
+            // but never before the previous end.
+            if !discontinuity && self.last_end_ms > 0 {
+                start = self.last_end_ms;
+            }
+            start = start.max(self.last_end_ms);
+            if discontinuity {
+                self.last_disc += 1;
+            }
+            if (s.duration + 0.5).floor() as u64 > self.target {
+                out.over_target += 1;
+            }
+            self.window.push_back(Entry {
+                seq: s.seq,
+                duration: s.duration,
+                file: s.file.clone(),
+                discontinuity,
+                pdt_ms: start,
+            });
+            self.last = Some(s.seq);
+            self.last_end_ms = start + ms(s.duration);
+            start = self.last_end_ms;
+            out.added += 1;
+        }
+        while self.window.len() > self.window_len {
+            if let Some(old) = self.window.pop_front() {
+                if old.discontinuity {
+                    self.disc_seq += 1;
+                }
+                self.retired.push_back(old.file);
+            }
+        }
+        while self.retired.len() > self.keep_after {
+            if let Some(f) = self.retired.pop_front() {
+                out.delete.push(f);
+            }
+        }
+        self.version += 1;
+        self.text = Bytes::from(self.compose());
+        out
+    }
+
+    fn compose(&self) -> String {
+        let first = self.window.front().map_or(0, |e| e.seq);
+        let mut t = String::with_capacity(128 + self.window.len() * 96);
+        let _ = write!(
+            t,
+            "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:{}\n#EXT-X-MEDIA-SEQUENCE:{first}\n#EXT-X-DISCONTINUITY-SEQUENCE:{}\n",
+            self.target, self.disc_seq
+        );
+        for e in &self.window {
+            if e.discontinuity {
+                t.push_str("#EXT-X-DISCONTINUITY\n");
+            }
+            let pdt = UNIX_EPOCH + Duration::from_millis(e.pdt_ms);
+            let _ = write!(
+                t,
+                "#EXT-X-PROGRAM-DATE-TIME:{}\n#EXTINF:{:.3},\n{}\n",
+                humantime::format_rfc3339_millis(pdt),
+                e.duration,
+                e.file
+            );
+        }
+        t
+    }
+
+    /// The published playlist (empty before the first segment).
+    pub fn text(&self) -> Bytes {
+        self.text.clone()
+    }
+
+    /// Bumped on every publish.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// What to record in Redis for a new owner or a held playlist.
+    pub fn recorded(&self) -> Recorded {
+        Recorded {
+            target: self.target,
+            last: self.last,
+            disc: self.last_disc,
+        }
+    }
+
+    /// Whether `file` is published or recently was (its bytes may still be asked for).
+    pub fn lists(&self, file: &str) -> bool {
+        self.window.iter().any(|e| e.file == file) || self.retired.iter().any(|f| f == file)
+    }
+
+    /// Media sequence number of the newest published segment.
+    pub fn last(&self) -> Option<u64> {
+        self.last
+    }
+}
+
+fn ms(secs: f64) -> u64 {
+    (secs * 1000.0).round() as u64
+}
+
+/// The target duration for a channel's life, from its first segment. FFmpeg cuts a segment at the
+/// first key frame after `hls_time` (the first one after `hls_time / 2`), so the first segment is
+/// about one GOP long when the GOP is longer than that; later segments are then the smallest
+/// multiple of it reaching `hls_time`. RFC 8216 wants every `EXTINF`, rounded to the nearest
+/// integer, at most the target.
+pub fn choose_target(hls_time: f64, first: f64) -> u64 {
+    let round = |x: f64| (x + 0.5).floor().max(1.0) as u64;
+    let mut t = round(hls_time);
+    if first > 0.05 {
+        let per = (hls_time / first - 1e-6).ceil().max(1.0);
+        t = t.max(round(first * per));
+    }
+    t.min(MAX_TARGET)
+}
+
+/// Wall time now, ms since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(gen: u64, seq: u64, d: f64) -> FfmpegSegment {
+        FfmpegSegment {
+            seq,
+            duration: d,
+            file: segment_file(gen, seq),
+        }
+    }
+
+    fn lines(t: &Timeline) -> Vec<String> {
+        String::from_utf8(t.text().to_vec())
+            .expect("utf8")
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn tag(t: &Timeline, name: &str) -> String {
+        lines(t)
+            .into_iter()
+            .find_map(|l| l.strip_prefix(name).map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn segment_file_names_round_trip_and_refuse_others() {
+        assert_eq!(segment_file(7, 106), "seg_7_106.ts");
+        assert_eq!(parse_segment_file("seg_7_106.ts"), Some((7, 106)));
+        for bad in [
+            "seg_7.ts",
+            "seg__1.ts",
+            "seg_7_1.ts.tmp",
+            "seg_a_1.ts",
+            "seg_1_+2.ts",
+            "index.m3u8",
+            "seg_1_99999999999999999999999.ts",
+        ] {
+            assert_eq!(parse_segment_file(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ffmpeg_playlists_parse_into_our_segments_only() {
+        let text = "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:4\n#EXTINF:1.001000,\nseg_3_4.ts\n#EXT-X-DISCONTINUITY\n#EXTINF:2.000000,\n/abs/dir/seg_3_5.ts\n#EXTINF:nan,\nseg_3_6.ts\n#EXTINF:2.0,\nother.ts\n";
+        let s = parse_ffmpeg(text);
+        assert_eq!(s, vec![seg(3, 4, 1.001), seg(3, 5, 2.0)]);
+    }
+
+    #[test]
+    fn the_target_duration_is_chosen_once_and_bounds_every_extinf() {
+        assert_eq!(choose_target(2.0, 1.0), 2, "1 s GOP: 2 s segments");
+        assert_eq!(choose_target(2.0, 1.04), 2);
+        assert_eq!(choose_target(2.0, 4.0), 4, "4 s GOP: 4 s segments");
+        assert_eq!(choose_target(2.0, 1.92), 4, "1.92 s GOP: 3.84 s segments");
+        assert_eq!(choose_target(2.0, 0.5), 2);
+        assert_eq!(choose_target(1.0, 0.5), 1);
+        assert_eq!(choose_target(2.0, 500.0), MAX_TARGET);
+
+        let mut t = Timeline::new(Duration::from_secs(2), 3, &Recorded::default());
+        t.ingest(&[seg(1, 0, 1.0)], 10_000);
+        assert_eq!(tag(&t, "#EXT-X-TARGETDURATION:"), "2");
+        let r = t.ingest(&[seg(1, 0, 1.0), seg(1, 1, 2.0), seg(1, 2, 2.6)], 14_600);
+        assert_eq!(
+            r.over_target, 1,
+            "2.6 s rounds to 3 > 2: counted, not hidden"
+        );
+        assert_eq!(tag(&t, "#EXT-X-TARGETDURATION:"), "2", "never changes");
+    }
+
+    #[test]
+    fn window_slides_deletes_late_and_numbers_only_grow() {
+        let mut t = Timeline::new(Duration::from_secs(2), 3, &Recorded::default());
+        let mut listed = Vec::new();
+        let mut deleted = Vec::new();
+        for i in 0..8u64 {
+            listed.push(seg(1, i, 2.0));
+            let r = t.ingest(&listed, 1_000_000 + i * 2000);
+            assert_eq!(r.added, 1);
+            deleted.extend(r.delete);
+        }
+        assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "5");
+        assert!(t.lists("seg_1_7.ts") && t.lists("seg_1_3.ts") && !t.lists("seg_1_2.ts"));
+        assert_eq!(deleted, vec!["seg_1_0.ts", "seg_1_1.ts", "seg_1_2.ts"]);
+        // Seen again: nothing new.
+        assert_eq!(t.ingest(&listed, 1_100_000).added, 0);
+    }
+
+    #[test]
+    fn a_restart_is_a_discontinuity_counted_when_it_slides_out() {
+        let mut t = Timeline::new(Duration::from_secs(2), 3, &Recorded::default());
+        t.ingest(&[seg(1, 0, 2.0), seg(1, 1, 2.0)], 10_000);
+        assert_eq!(t.next_start(Some(2), 0), 3, "after what FFmpeg wrote");
+        t.begin_run();
+        t.ingest(&[seg(1, 3, 1.0)], 20_000);
+        let l = lines(&t);
+        let pos = l.iter().position(|x| x == "seg_1_3.ts").expect("listed");
+        assert_eq!(l[pos - 3], "#EXT-X-DISCONTINUITY");
+        assert_eq!(tag(&t, "#EXT-X-DISCONTINUITY-SEQUENCE:"), "0");
+        t.ingest(&[seg(1, 3, 1.0), seg(1, 4, 2.0), seg(1, 5, 2.0)], 24_000);
+        // 3 is first now: the tag is still listed, the sequence unchanged.
+        assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "3");
+        assert_eq!(tag(&t, "#EXT-X-DISCONTINUITY-SEQUENCE:"), "0");
+        t.ingest(&[seg(1, 4, 2.0), seg(1, 5, 2.0), seg(1, 6, 2.0)], 26_000);
+        assert_eq!(tag(&t, "#EXT-X-DISCONTINUITY-SEQUENCE:"), "1");
+        assert_eq!(t.recorded().disc, 1);
+    }
+
+    #[test]
+    fn a_new_owner_continues_the_recorded_timeline() {
+        let prev = Recorded {
+            target: 3,
+            last: Some(41),
+            disc: 2,
+        };
+        let mut t = Timeline::new(Duration::from_secs(2), 6, &prev);
+        let start = t.next_start(None, 5);
+        assert_eq!(start, 47);
+        t.ingest(&[seg(9, start, 1.0)], 50_000);
+        assert_eq!(
+            tag(&t, "#EXT-X-TARGETDURATION:"),
+            "3",
+            "the recorded target"
+        );
+        assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "47");
+        assert_eq!(tag(&t, "#EXT-X-DISCONTINUITY-SEQUENCE:"), "2");
+        assert!(lines(&t).contains(&"#EXT-X-DISCONTINUITY".to_string()));
+        assert_eq!(t.recorded().disc, 3);
+    }
+
+    #[test]
+    fn program_date_times_are_continuous_within_a_run_and_never_go_back() {
+        let mut t = Timeline::new(Duration::from_secs(2), 6, &Recorded::default());
+        t.ingest(&[seg(1, 0, 2.0), seg(1, 1, 2.0)], 1_700_000_004_000);
+        t.begin_run();
+        // A restarted FFmpeg reading a burst: its first segment "ended" before the last one did.
+        t.ingest(&[seg(1, 2, 2.0)], 1_700_000_005_000);
+        let pdts: Vec<String> = lines(&t)
+            .into_iter()
+            .filter_map(|l| {
+                l.strip_prefix("#EXT-X-PROGRAM-DATE-TIME:")
+                    .map(str::to_string)
+            })
+            .collect();
+        assert_eq!(
+            pdts,
+            vec![
+                "2023-11-14T22:13:20.000Z",
+                "2023-11-14T22:13:22.000Z",
+                "2023-11-14T22:13:24.000Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_takeover_margin_covers_unrecorded_publishing_until_the_fence() {
+        // 2/3 of a 10 s lease, 1 s shortest segment: 7 segments, plus one.
+        assert_eq!(
+            takeover_margin(Duration::from_millis(6667), Duration::from_secs(2)),
+            8
+        );
+        assert_eq!(
+            takeover_margin(Duration::from_secs(2), Duration::from_secs(1)),
+            5
+        );
+    }
+}
