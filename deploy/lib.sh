@@ -43,12 +43,48 @@ wait_until() {
   "$@" >/dev/null 2>&1
 }
 
-# start_demo_source PORT LOG: starts the demo channel's live source in the background (real-time test
-# pattern with a tone, H.264/AAC in MPEG-TS over UDP to 127.0.0.1:PORT, 1 s GOP); $! is its pid.
-start_demo_source() {
-  ffmpeg -hide_banner -nostdin -loglevel error -re \
-    -f lavfi -i "testsrc2=size=1280x720:rate=25" -f lavfi -i "sine=frequency=440:sample_rate=48000" \
-    -c:v libx264 -preset ultrafast -tune zerolatency -g 25 -keyint_min 25 -sc_threshold 0 -b:v 2000k \
-    -c:a aac -b:a 128k -f mpegts "udp://127.0.0.1:$1?pkt_size=1316" \
-    2>"$2" &
+# demo_source_argv PORT: sets DEMO_SOURCE_ARGV to the command of the demo channel's live source
+# (real-time test pattern with a tone, H.264/AAC in MPEG-TS over UDP to 127.0.0.1:PORT, 1 s GOP).
+demo_source_argv() {
+  DEMO_SOURCE_ARGV=(ffmpeg -hide_banner -nostdin -loglevel error -re
+    -f lavfi -i "testsrc2=size=1280x720:rate=25" -f lavfi -i "sine=frequency=440:sample_rate=48000"
+    -c:v libx264 -preset ultrafast -tune zerolatency -g 25 -keyint_min 25 -sc_threshold 0 -b:v 2000k
+    -c:a aac -b:a 128k -f mpegts "udp://127.0.0.1:$1?pkt_size=1316")
+}
+
+# proc_gone PID: true when PID has exited (no /proc entry, or a zombie waiting for its parent).
+proc_gone() {
+  local stat
+  { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 0
+  stat=${stat##*) }
+  [[ $stat == [ZX]* ]]
+}
+
+# kill_channel_ffmpegs HLS_ROOT: SIGKILLs the FFmpegs of channel folders under HLS_ROOT that are still
+# running, and waits (at most 2 s) until they are gone; sets KILLED_FFMPEGS to how many. An FFmpeg is
+# identified as farm-node's start-up sweep does it: its environment names its channel folder
+# (STREAMFARM_CHANNEL_DIR=HLS_ROOT/<channel>), which a reused pid never carries. Each FFmpeg leads its
+# own process group; the whole group is killed. For a node killed with -9 its FFmpegs are usually
+# gone already (parent-death signal); this is the second line, run before the folders (and with them
+# the owner files the node's own sweep would use) are removed.
+kill_channel_ffmpegs() {
+  local root=$1 re files f pid i
+  local -a pids=()
+  KILLED_FFMPEGS=0
+  re=$(printf '%s' "$root" | sed 's/[][\.*^$+?(){}|]/\\&/g')
+  files=$(grep -lszE "^STREAMFARM_CHANNEL_DIR=$re/[A-Za-z0-9_-]{1,64}\$" /proc/[0-9]*/environ) || true
+  for f in $files; do
+    pid=${f#/proc/}
+    pid=${pid%/environ}
+    [ "$pid" != "$$" ] || continue
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || continue
+    pids+=("$pid")
+  done
+  KILLED_FFMPEGS=${#pids[@]}
+  for pid in "${pids[@]}"; do
+    for ((i = 0; i < 200; i++)); do
+      proc_gone "$pid" && break
+      sleep 0.01
+    done
+  done
 }

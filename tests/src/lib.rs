@@ -13,6 +13,7 @@ pub mod bins;
 pub mod coordinator;
 pub mod hls;
 pub mod invariants;
+pub mod launch;
 pub mod media;
 pub mod netproxy;
 pub mod nginx;

@@ -1,6 +1,8 @@
 //! The shipped systemd units (`deploy/systemd/*.service`): `systemd-analyze verify` accepts them
 //! with ExecStart pointing at the real built binaries, they carry the promised process, restart and
-//! hardening settings, and the example environment files only set variables the binaries read.
+//! hardening settings, the node's unit clears its HLS folder's channel folders after every stop and
+//! before every start (the cleanup command is run here against temp folders), and the example
+//! environment files only set variables the binaries read.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,16 +17,22 @@ fn systemd_dir() -> PathBuf {
     farm_tests::nginx::repo_root().join("deploy/systemd")
 }
 
-/// Copies the unit into `dir` with ExecStart pointing at the binary of this build.
+/// Where the units expect the HLS cleanup script (`deploy/systemd/farm-hls-clear`).
+const CLEAR: &str = "/usr/local/bin/farm-hls-clear";
+
+/// Copies the unit into `dir` with ExecStart pointing at the binary of this build, and the cleanup
+/// script at the shipped one.
 fn render_unit(dir: &Path, unit: &str, bin: &str) -> PathBuf {
     let text = std::fs::read_to_string(systemd_dir().join(unit)).expect("read unit");
     let exec = format!("ExecStart=/usr/local/bin/{bin}");
     assert!(text.contains(&exec), "{unit} runs /usr/local/bin/{bin}");
     let real = farm_tests::bins::bin_path(bin);
     let path = dir.join(unit);
+    let clear = systemd_dir().join("farm-hls-clear");
     std::fs::write(
         &path,
-        text.replace(&exec, &format!("ExecStart={}", real.display())),
+        text.replace(&exec, &format!("ExecStart={}", real.display()))
+            .replace(CLEAR, &clear.display().to_string()),
     )
     .expect("write unit");
     path
@@ -231,4 +239,146 @@ fn the_example_env_files_set_only_variables_the_binaries_read() {
             assert_eq!(vars["FARM_ACCEL_REDIRECT"], "/_farm_owner");
         }
     }
+}
+
+/// Runs the unit's cleanup command (the shipped script in place of [`CLEAR`]) with `FARM_HLS_ROOT`
+/// set to `root` (`None`: unset) in `cwd`; returns whether it succeeded and what it printed.
+fn run_clear(command: &str, root: Option<&str>, cwd: &Path) -> (bool, String) {
+    assert_eq!(
+        command, CLEAR,
+        "the unit runs the cleanup script with no arguments"
+    );
+    let mut cmd = Command::new(systemd_dir().join("farm-hls-clear"));
+    cmd.current_dir(cwd)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    if let Some(root) = root {
+        cmd.env("FARM_HLS_ROOT", root);
+    }
+    let out = cmd.output().expect("run farm-hls-clear");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("FARM_HLS_ROOT={root:?}: {}", text.trim());
+    (out.status.success(), text)
+}
+
+/// Every file and folder under `dir`, relative, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            out.push(
+                p.strip_prefix(dir)
+                    .expect("under dir")
+                    .display()
+                    .to_string(),
+            );
+            if p.is_dir() && !p.is_symlink() {
+                todo.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_node_unit_removes_channel_folders_after_every_stop_and_before_every_start() {
+    let d = directives("farm-node.service");
+    let get = |key: &str| -> Vec<&str> {
+        d.iter()
+            .filter(|(s, k, _)| s == "Service" && k == key)
+            .map(|(_, _, v)| v.as_str())
+            .collect()
+    };
+    // After every stop (a crash or kill -9 included: systemd kills the rest of the cgroup first)
+    // and before every start.
+    assert_eq!(get("ExecStopPost"), [CLEAR]);
+    assert_eq!(get("ExecStartPre"), [CLEAR]);
+    // The folder it clears is the one the node writes: the node's default, set in the unit, and the
+    // only folder the unit lets the node (and the script) write.
+    assert_eq!(
+        get("Environment"),
+        ["FARM_HLS_ROOT=/var/lib/streamfarm/hls"]
+    );
+    assert_eq!(get("ReadWritePaths"), ["/var/lib/streamfarm/hls"]);
+    let script = systemd_dir().join("farm-hls-clear");
+    let mode = std::fs::metadata(&script)
+        .expect("the script ships")
+        .permissions();
+    assert!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o111 != 0,
+        "farm-hls-clear is executable"
+    );
+
+    // A node's folder after a kill -9: channel folders (segments, playlist, the FFmpeg owner file),
+    // plus things that are not channel folders and must stay.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("hls");
+    let outside = tmp.path().join("outside");
+    for dir in [
+        "demo",
+        "news-2_HD",
+        "lost+found",
+        ".hidden",
+        &"x".repeat(65),
+    ] {
+        std::fs::create_dir_all(root.join(dir)).expect("mkdir");
+    }
+    for file in [
+        "demo/index.m3u8",
+        "demo/seg_41.ts",
+        "demo/.ffmpeg.pid",
+        "news-2_HD/seg_7.ts",
+        "lost+found/keep",
+        ".hidden/keep",
+        "notes",
+    ] {
+        std::fs::write(root.join(file), "x").expect("write");
+    }
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::fs::write(outside.join("keep"), "x").expect("write");
+    std::os::unix::fs::symlink(&outside, root.join("linked")).expect("symlink");
+    let cmd = get("ExecStopPost")[0];
+    let (ok, said) = run_clear(cmd, Some(&root.display().to_string()), tmp.path());
+    assert!(ok, "{said}");
+    assert!(said.contains("removed 3 channel folder(s)"), "{said}");
+    assert!(root.is_dir(), "the HLS folder itself stays");
+    assert_eq!(
+        tree(&root),
+        [
+            ".hidden",
+            ".hidden/keep",
+            "lost+found",
+            "lost+found/keep",
+            "notes",
+            &"x".repeat(65)
+        ],
+        "channel folders (and the symlink) gone, the rest untouched"
+    );
+    assert_eq!(
+        tree(&outside),
+        ["keep"],
+        "a symlink's target is not followed"
+    );
+
+    // Empty, unset or relative: nothing is removed anywhere (not in the working directory either),
+    // and the unit still starts. A missing folder is nothing to do.
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir_all(cwd.join("hls/demo")).expect("mkdir");
+    std::fs::create_dir_all(cwd.join("demo")).expect("mkdir");
+    for root in [Some(""), None, Some("hls"), Some("./hls")] {
+        let (ok, said) = run_clear(cmd, root, &cwd);
+        assert!(ok && said.contains("nothing removed"), "{root:?}: {said}");
+        assert_eq!(tree(&cwd), ["demo", "hls", "hls/demo"], "{root:?}");
+    }
+    let missing = tmp.path().join("missing").display().to_string();
+    let (ok, said) = run_clear(cmd, Some(&missing), &cwd);
+    assert!(ok && said.contains("does not exist"), "{said}");
+    assert!(!tmp.path().join("missing").exists());
 }

@@ -78,7 +78,7 @@ async fn run_command_serves_the_demo_channel_and_ctrl_c_stops_everything() {
     let needles = [
         state.path().to_string_lossy().to_string(),
         format!("udp://127.0.0.1:{source_port}"),
-        format!("--port {redis_port}"),
+        format!("127.0.0.1:{redis_port}"), // redis-server retitles itself "redis-server 127.0.0.1:<port>"
     ];
     eventually(
         "no process of the launcher left",
@@ -92,4 +92,78 @@ async fn run_command_serves_the_demo_channel_and_ctrl_c_stops_everything() {
         },
     )
     .await;
+}
+
+/// `deploy/local/run &` from a script, then SIGTERM: the launcher was started with SIGINT ignored
+/// (as every background job of a non-interactive shell is), yet SIGTERM stops everything it
+/// started, FFmpegs included (checked in /proc), in order, redis-server last, and it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_command_in_the_background_stops_everything_on_sigterm_redis_last() {
+    use farm_tests::launch::{assert_orderly_stop, Launched};
+
+    let state = tempfile::tempdir().expect("tempdir");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/run");
+    let (port, redis_port, source_port, node_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    let env = [
+        (
+            "FARM_BIN_DIR",
+            farm_tests::bins::bin_dir().display().to_string(),
+        ),
+        ("PORT", port.to_string()),
+        ("REDIS_PORT", redis_port.to_string()),
+        ("SOURCE_PORT", source_port.to_string()),
+        ("NODE_PORT", node_port.to_string()),
+        ("FARM_HLS_TIME", "1s".to_string()),
+    ];
+    let run = Launched::in_background(&script, &[], &env, state.path());
+    assert!(
+        run.ignores_sigint(),
+        "started as `run &` from a script, the launcher has SIGINT ignored"
+    );
+    let (_, line) = run
+        .stdout_line("a playback URL", Duration::from_secs(120), |l| {
+            l.starts_with("playback: ")
+        })
+        .await;
+    let url = line.trim_start_matches("playback: ").trim().to_string();
+    assert_eq!(url, format!("http://127.0.0.1:{port}/live/demo/index.m3u8"));
+    eventually(
+        "the demo channel plays",
+        Duration::from_secs(40),
+        || async { (get(&url).await.status == 200).then_some(()) },
+    )
+    .await;
+    let report = HlsClient::new(&url)
+        .pull(Duration::from_secs(2), Duration::from_secs(30))
+        .await
+        .expect("pull");
+    assert!(report.segments >= 2, "{report:?}");
+
+    let tracked = run.farm_processes();
+    println!("tracked: {tracked:?}");
+    assert!(
+        tracked.iter().any(|t| t.name == "node1/ffmpeg"),
+        "the demo's FFmpeg runs before the stop: {tracked:?}"
+    );
+    let (run, report) = tokio::task::spawn_blocking(move || {
+        let mut run = run;
+        let report = run.sigterm_and_watch(Duration::from_secs(60));
+        (run, report)
+    })
+    .await
+    .expect("join");
+    println!("launcher exit status {:?}", report.exit_status);
+    assert_orderly_stop(&report, state.path());
+    assert!(
+        report.gone.iter().any(|(t, _)| t.name == "launcher/bash"),
+        "deploy/local/cluster, run's child, was tracked and stopped: {report:?}"
+    );
+    drop(run);
+    for p in [port, redis_port, node_port] {
+        assert!(
+            std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, p)).is_ok(),
+            "port {p} is still taken"
+        );
+    }
 }
