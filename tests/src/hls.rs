@@ -13,7 +13,7 @@
 //! the longest wall-clock wait between new segments). Its reload sleeps are a player's pacing, not
 //! test synchronisation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -325,7 +325,8 @@ pub struct Violation {
     pub line: Option<usize>,
     /// What was fetched (the playlist or segment URL, as the observer gave it).
     pub url: String,
-    /// Time since the checker saw its first fetch.
+    /// When the fetch was made: since the checker's first fetch, or on the clock of the caller
+    /// that gave it.
     pub at: Duration,
     pub message: String,
 }
@@ -374,7 +375,7 @@ const MAX_VIOLATIONS: usize = 200;
 /// ([`PlaylistChecker::observe_segment`]). It reports, naming the fetch and the line:
 /// - a playlist that does not parse, a tag given twice, a playlist-wide tag after a segment, a
 ///   decimal `#EXTINF` under a version below 3, an `#EXT-X-ENDLIST` (the farm's playlists are live);
-/// - `#EXT-X-TARGETDURATION` different from the first fetch's (players fix it at the first load);
+/// - `#EXT-X-TARGETDURATION` different from the previous fetch's (players keep the first one);
 /// - an `#EXTINF` that, rounded to the nearest integer, exceeds the target duration (4.3.3.1);
 /// - `#EXT-X-MEDIA-SEQUENCE` lower than at the previous fetch;
 /// - one media sequence number listed with two URIs, two durations or two program date-times, or
@@ -386,7 +387,8 @@ const MAX_VIOLATIONS: usize = 200;
 /// - a segment URI served with different bytes at two fetches.
 ///
 /// URIs are compared as written in the playlist, so fetches of one channel through different
-/// nodes or nginx share one history.
+/// nodes or nginx share one history. A segment that disagrees with its history is reported once
+/// per rule, a target duration once per change.
 #[derive(Debug, Clone)]
 pub struct PlaylistChecker {
     started: Option<Instant>,
@@ -397,6 +399,9 @@ pub struct PlaylistChecker {
     by_sequence: BTreeMap<u64, SeenSegment>,
     sequence_by_uri: HashMap<String, (u64, u64)>,
     bodies: HashMap<String, SeenBody>,
+    /// (sequence number, rule) already reported: a segment that disagrees with its history does so
+    /// at every fetch that lists it, once is enough.
+    reported: HashSet<(u64, &'static str)>,
     violations: Vec<Violation>,
     total_violations: u64,
     /// Text of the first playlist with a violation, and of the fetch before it.
@@ -421,6 +426,7 @@ impl PlaylistChecker {
             by_sequence: BTreeMap::new(),
             sequence_by_uri: HashMap::new(),
             bodies: HashMap::new(),
+            reported: HashSet::new(),
             violations: Vec::new(),
             total_violations: 0,
             first_bad: None,
@@ -448,10 +454,21 @@ impl PlaylistChecker {
         self.total_violations
     }
 
+    /// Time since the first observation.
+    fn elapsed(&mut self) -> Duration {
+        let now = Instant::now();
+        now - *self.started.get_or_insert(now)
+    }
+
     /// Checks one playlist body fetched (with a 200) from `url`; returns the violations it shows.
     pub fn observe_playlist(&mut self, url: &str, text: &str) -> Vec<Violation> {
-        let now = Instant::now();
-        let started = *self.started.get_or_insert(now);
+        let at = self.elapsed();
+        self.observe_playlist_at(url, text, at)
+    }
+
+    /// Like [`PlaylistChecker::observe_playlist`] for a fetch made at `at` on the caller's clock
+    /// (e.g. a browser's, since the player started).
+    pub fn observe_playlist_at(&mut self, url: &str, text: &str, at: Duration) -> Vec<Violation> {
         self.fetches += 1;
         let fetch = self.fetches;
         let mut found = Vec::new();
@@ -460,7 +477,7 @@ impl PlaylistChecker {
                 fetch,
                 line,
                 url: url.to_string(),
-                at: now - started,
+                at,
                 message,
             });
         };
@@ -492,15 +509,17 @@ impl PlaylistChecker {
             );
         }
         match self.target {
-            None => self.target = Some((p.target_duration, fetch)),
-            Some((t, first)) if t != p.target_duration => v(
+            Some((t, since)) if t != p.target_duration => v(
                 Some(p.target_duration_line),
                 format!(
-                    "#EXT-X-TARGETDURATION:{} but it was {t} since fetch {first}; it must not change (RFC 8216 6.2.1, players keep the first)",
+                    "#EXT-X-TARGETDURATION:{} but it was {t} since fetch {since}; it must not change (RFC 8216 6.2.1, players keep the first)",
                     p.target_duration
                 ),
             ),
-            Some(_) => {}
+            _ => {}
+        }
+        if self.target.is_none_or(|(t, _)| t != p.target_duration) {
+            self.target = Some((p.target_duration, fetch));
         }
         if let Some((last, at)) = self.last_media_sequence {
             if p.media_sequence < last {
@@ -536,9 +555,16 @@ impl PlaylistChecker {
         v: &mut impl FnMut(Option<usize>, String),
     ) {
         let n = seg.sequence;
+        let reported = &mut self.reported;
+        let mut once = |rule: &'static str, line: usize, message: String| {
+            if reported.insert((n, rule)) {
+                v(Some(line), message);
+            }
+        };
         match self.sequence_by_uri.get(&seg.uri) {
-            Some(&(other, at)) if other != n => v(
-                Some(seg.line),
+            Some(&(other, at)) if other != n => once(
+                "uri",
+                seg.line,
                 format!(
                     "URI {} listed as sequence {n}, but it was sequence {other} at fetch {at}: a URI names one segment for ever",
                     seg.uri
@@ -551,8 +577,9 @@ impl PlaylistChecker {
         }
         if let Some(old) = self.by_sequence.get(&n) {
             if old.uri != seg.uri {
-                v(
-                    Some(seg.line),
+                once(
+                    "sequence",
+                    seg.line,
                     format!(
                         "sequence {n} is {} but it was {} at fetch {}",
                         seg.uri, old.uri, old.fetch
@@ -560,8 +587,9 @@ impl PlaylistChecker {
                 );
             }
             if (old.duration - seg.duration).abs() > 1e-6 {
-                v(
-                    Some(seg.extinf_line),
+                once(
+                    "duration",
+                    seg.extinf_line,
                     format!(
                         "sequence {n} has #EXTINF:{} but had {} at fetch {} (a listed segment must not change)",
                         seg.duration, old.duration, old.fetch
@@ -569,8 +597,9 @@ impl PlaylistChecker {
                 );
             }
             if old.discontinuity_number != seg.discontinuity_number {
-                v(
-                    Some(seg.line),
+                once(
+                    "discontinuity",
+                    seg.line,
                     format!(
                         "sequence {n} is in discontinuity {} but was in {} at fetch {} (RFC 8216 6.2.2: a removed #EXT-X-DISCONTINUITY must increment #EXT-X-DISCONTINUITY-SEQUENCE)",
                         seg.discontinuity_number, old.discontinuity_number, old.fetch
@@ -579,8 +608,9 @@ impl PlaylistChecker {
             }
             if let (Some(a), Some(b)) = (old.program_date_time, seg.program_date_time) {
                 if a != b {
-                    v(
-                        Some(seg.extinf_line),
+                    once(
+                        "date-time",
+                        seg.extinf_line,
                         format!(
                             "sequence {n} has #EXT-X-PROGRAM-DATE-TIME {b} ms but had {a} ms at fetch {}",
                             old.fetch
@@ -593,8 +623,9 @@ impl PlaylistChecker {
         // A new sequence number: its discontinuity number must fit between its neighbours'.
         if let Some((&m, lower)) = self.by_sequence.range(..n).next_back() {
             if lower.discontinuity_number > seg.discontinuity_number {
-                v(
-                    Some(seg.line),
+                once(
+                    "discontinuity order",
+                    seg.line,
                     format!(
                         "sequence {n} is in discontinuity {}, below sequence {m}'s {} (fetch {}): discontinuity numbers never decrease",
                         seg.discontinuity_number, lower.discontinuity_number, lower.fetch
@@ -604,8 +635,9 @@ impl PlaylistChecker {
         }
         if let Some((&m, higher)) = self.by_sequence.range(n + 1..).next() {
             if higher.discontinuity_number < seg.discontinuity_number {
-                v(
-                    Some(seg.line),
+                once(
+                    "discontinuity order",
+                    seg.line,
                     format!(
                         "sequence {n} is in discontinuity {}, above sequence {m}'s {} (fetch {}): discontinuity numbers never decrease",
                         seg.discontinuity_number, higher.discontinuity_number, higher.fetch
@@ -628,20 +660,20 @@ impl PlaylistChecker {
     /// Checks one segment body fetched from `url`; `uri` is the segment's URI as written in the
     /// playlist. Returns the violation if the same URI was served with other bytes before.
     pub fn observe_segment(&mut self, uri: &str, url: &str, body: &[u8]) -> Option<Violation> {
-        self.observe_segment_digest(uri, url, body.len() as u64, digest(body))
+        let at = self.elapsed();
+        self.observe_segment_digest(uri, url, body.len() as u64, digest(body), at)
     }
 
     /// Like [`PlaylistChecker::observe_segment`] with the body's length and [`digest`] (from a
-    /// browser, which sends no bodies).
+    /// browser, which sends no bodies), fetched at `at` on the caller's clock.
     pub fn observe_segment_digest(
         &mut self,
         uri: &str,
         url: &str,
         len: u64,
         digest: u32,
+        at: Duration,
     ) -> Option<Violation> {
-        let now = Instant::now();
-        let started = *self.started.get_or_insert(now);
         self.segment_fetches += 1;
         let seen = SeenBody {
             len,
@@ -656,7 +688,7 @@ impl PlaylistChecker {
             fetch: self.fetches,
             line: None,
             url: url.to_string(),
-            at: now - started,
+            at,
             message: format!(
                 "segment {uri} served with other bytes ({len} bytes, digest {digest:08x}) than after fetch {} ({} bytes, digest {:08x}): a URI names one segment for ever",
                 old.fetch, old.len, old.digest
@@ -1584,6 +1616,23 @@ mod tests {
         assert!(v[0].starts_with("fetch 2 (+"), "{v:?}");
         assert!(
             v[0].contains("line 3: #EXT-X-TARGETDURATION:2 but it was 1 since fetch 1"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn reports_a_change_once_and_a_disagreeing_segment_once_per_rule() {
+        let v = check(&[
+            live(1, 0, 0, &[("seg_0.ts", 1.0, false)]),
+            live(2, 0, 0, &[("seg_0.ts", 1.0, true)]),
+            live(2, 0, 0, &[("seg_0.ts", 1.0, true)]),
+            live(1, 0, 0, &[("seg_0.ts", 1.0, true)]),
+        ]);
+        assert_eq!(v[1].len(), 2, "{v:?}");
+        assert!(v[2].is_empty(), "{v:?}");
+        assert_eq!(v[3].len(), 1, "{v:?}");
+        assert!(
+            v[3][0].contains("#EXT-X-TARGETDURATION:1 but it was 2 since fetch 2"),
             "{v:?}"
         );
     }

@@ -412,7 +412,7 @@ impl PlayerReport {
                     }
                     if let Some(text) = &level.text {
                         let url = level.url.as_deref().unwrap_or(stream_url);
-                        checker.observe_playlist(url, text);
+                        checker.observe_playlist_at(url, text, at);
                     }
                 }
                 PlayerEvent::FragLoaded(frag) => {
@@ -433,7 +433,7 @@ impl PlayerReport {
                         (&frag.uri, frag.bytes, frag.digest)
                     {
                         let url = frag.url.as_deref().unwrap_or(uri);
-                        checker.observe_segment_digest(uri, url, bytes, digest);
+                        checker.observe_segment_digest(uri, url, bytes, digest, at);
                     }
                     r.frags_loaded.push((at, frag.clone()));
                 }
@@ -1089,5 +1089,193 @@ impl Drop for BrowserPlayer {
         if std::thread::panicking() {
             eprintln!("{}\n{}", self.report(), self.log_tail());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const T0: f64 = 1_000_000.0;
+
+    /// Events as the page would send them, numbered in order.
+    fn stamp(events: Vec<serde_json::Value>) -> Vec<Stamped> {
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut v)| {
+                v["seq"] = json!(i);
+                Stamped::parse(v)
+            })
+            .collect()
+    }
+
+    fn sample(t_ms: f64, ct: f64, paused: bool) -> serde_json::Value {
+        json!({"kind": "sample", "t": T0 + t_ms, "current_time": ct, "ready_state": 4,
+               "paused": paused, "ended": false, "seeking": false, "buffered": [[0.0, ct + 3.0]],
+               "frames": (ct * 25.0) as u64, "decoded": (ct * 25.0) as u64, "dropped": 0,
+               "latency": 3.0})
+    }
+
+    fn first_frame(t_ms: f64) -> serde_json::Value {
+        json!({"kind": "first_frame", "t": T0 + t_ms, "media_time": 0.0, "current_time": 0.0})
+    }
+
+    fn report(events: Vec<serde_json::Value>) -> PlayerReport {
+        PlayerReport::from_events("http://s/live/ch/index.m3u8", T0, &stamp(events), &[])
+    }
+
+    #[test]
+    fn steady_playback_has_no_freeze_and_counts_media_played() {
+        let mut ev = vec![first_frame(500.0)];
+        for i in 0..50 {
+            ev.push(sample(600.0 + 200.0 * i as f64, 0.2 * i as f64, false));
+        }
+        let r = report(ev);
+        assert_eq!(r.first_frame, Some(Duration::from_millis(500)));
+        assert!((r.played - 9.8).abs() < 1e-6, "{r}");
+        assert!(r.freezes.is_empty(), "{r}");
+        assert!(r.problems(Duration::from_secs(1)).is_empty(), "{r}");
+        assert_eq!(r.samples, 50);
+    }
+
+    #[test]
+    fn a_stuck_current_time_is_a_freeze_unless_paused() {
+        let mut ev = vec![first_frame(0.0)];
+        // Plays 0..=1.0 s, stands at 1.0 for five samples, plays on; then paused for 2 s (not a
+        // freeze), then stuck again until the end (an ongoing freeze).
+        let cts = [
+            0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.2, 1.4,
+        ];
+        let mut t = 0.0;
+        for ct in cts {
+            t += 200.0;
+            ev.push(sample(t, ct, false));
+        }
+        for _ in 0..10 {
+            t += 200.0;
+            ev.push(sample(t, 1.4, true));
+        }
+        t += 200.0;
+        ev.push(sample(t, 1.6, false));
+        for _ in 0..6 {
+            t += 200.0;
+            ev.push(sample(t, 1.6, false));
+        }
+        let r = report(ev);
+        assert_eq!(r.freezes.len(), 2, "{r:#?}");
+        let f = &r.freezes[0];
+        assert_eq!(f.start, Duration::from_millis(1200));
+        assert_eq!(f.length, Duration::from_millis(1200));
+        assert_eq!(f.media_time, 1.0);
+        assert!(!f.ongoing);
+        let g = &r.freezes[1];
+        assert!(g.ongoing);
+        assert_eq!(g.length, Duration::from_millis(1200));
+        assert_eq!(
+            r.longest_freeze().map(|f| f.length),
+            Some(Duration::from_millis(1200))
+        );
+        assert_eq!(r.problems(Duration::from_secs(1)).len(), 2, "{r}");
+        assert!(r.problems(Duration::from_secs(2)).is_empty(), "{r}");
+    }
+
+    #[test]
+    fn jumps_out_of_order_fragments_and_reloads_are_reported() {
+        let frag = |t: f64, sn: i64| {
+            json!({"kind": "frag_loaded", "t": T0 + t, "sn": sn, "cc": 0, "start": sn as f64,
+                   "duration": 1.0, "uri": format!("seg_{sn}.ts"), "url": "u"})
+        };
+        let ev = vec![
+            frag(100.0, 5),
+            frag(200.0, 6),
+            first_frame(300.0),
+            sample(400.0, 10.0, false),
+            sample(600.0, 9.0, false),  // back: media shown again
+            sample(800.0, 12.0, false), // skipped 3 s in 0.2 s
+            frag(900.0, 4),
+            frag(1000.0, 6),
+        ];
+        let r = report(ev);
+        assert_eq!(r.backward_jumps.len(), 1, "{r}");
+        assert_eq!(r.forward_jumps.len(), 1, "{r}");
+        assert_eq!(
+            r.frags_out_of_order,
+            vec![OutOfOrder {
+                at: Duration::from_millis(900),
+                sn: 4,
+                highest_before: 6
+            }]
+        );
+        assert_eq!(r.frags_reloaded, vec![(Duration::from_secs(1), 6)]);
+        let problems = r.problems(Duration::from_secs(1)).join("\n");
+        assert!(problems.contains("went back 10.00 -> 9.00"), "{problems}");
+        assert!(problems.contains("jumped 9.00 -> 12.00"), "{problems}");
+        assert!(
+            problems.contains("fragment sn 4 loaded after sn 6"),
+            "{problems}"
+        );
+    }
+
+    #[test]
+    fn errors_rebuffers_and_playlists_are_classified() {
+        let level = |t: f64, td: u64| {
+            json!({"kind": "level_loaded", "t": T0 + t, "url": "http://s/live/ch/index.m3u8",
+                   "target_duration": td, "start_sn": 0, "end_sn": 0, "live": true,
+                   "text": format!("#EXTM3U\n#EXT-X-TARGETDURATION:{td}\n#EXTINF:1,\nseg_0.ts\n")})
+        };
+        let ev = vec![
+            json!({"kind": "page", "t": T0 + 50.0, "user_agent": "Mozilla HeadlessChrome/1.0",
+                   "hls_version": "1.7.4", "hls_supported": true, "mse_h264_aac": true,
+                   "visibility": "visible", "src": "x"}),
+            json!({"kind": "video", "t": T0 + 60.0, "name": "waiting", "current_time": 0.0, "ready_state": 0}),
+            level(100.0, 1),
+            level(1100.0, 2),
+            first_frame(1200.0),
+            json!({"kind": "video", "t": T0 + 1300.0, "name": "waiting", "current_time": 1.0, "ready_state": 2}),
+            json!({"kind": "hls_error", "t": T0 + 1400.0, "type": "mediaError",
+                   "details": "bufferStalledError", "fatal": false}),
+            json!({"kind": "hls_error", "t": T0 + 1500.0, "type": "networkError",
+                   "details": "levelLoadError", "fatal": true, "code": 503, "url": "u"}),
+            json!({"kind": "frag_loaded", "t": T0 + 1600.0, "sn": 0, "uri": "seg_0.ts", "url": "u",
+                   "bytes": 3, "digest": 1}),
+            json!({"kind": "frag_loaded", "t": T0 + 1700.0, "sn": 0, "uri": "seg_0.ts", "url": "u",
+                   "bytes": 3, "digest": 2}),
+            json!({"kind": "something_new", "t": T0 + 1800.0}),
+        ];
+        let r = report(ev);
+        assert_eq!(r.page_ready, Some(Duration::from_millis(50)));
+        assert_eq!(r.hls_version.as_deref(), Some("1.7.4"));
+        assert_eq!(r.rebuffers, vec![Duration::from_millis(1300)], "{r}");
+        assert_eq!(r.errors.len(), 1);
+        assert_eq!(r.fatal_errors.len(), 1);
+        assert_eq!(r.fatal_errors[0].1.code, Some(503));
+        assert_eq!(r.target_durations, BTreeSet::from([1, 2]));
+        assert_eq!(
+            (r.playlists_loaded, r.playlists_checked, r.segments_checked),
+            (2, 2, 2)
+        );
+        let v: Vec<String> = r
+            .playlist_violations
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(
+            v[0].contains("#EXT-X-TARGETDURATION:2 but it was 1"),
+            "{v:?}"
+        );
+        assert!(v[1].contains("seg_0.ts served with other bytes"), "{v:?}");
+        assert_eq!(r.unknown_events.len(), 1, "{r}");
+        let shown = r.to_string();
+        assert!(
+            shown.contains("hls.js 1.7.4 in HeadlessChrome/1.0"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("FATAL networkError levelLoadError (HTTP 503) u"),
+            "{shown}"
+        );
     }
 }
