@@ -18,6 +18,7 @@ pub mod media;
 pub mod netproxy;
 pub mod nginx;
 pub mod node;
+pub mod player;
 pub mod ports;
 pub mod procs;
 pub mod provider;
