@@ -88,6 +88,9 @@ async fn run_command_serves_the_demo_channel_and_ctrl_c_stops_everything() {
                 .iter()
                 .flat_map(|n| procs::processes_with_cmdline_containing(n))
                 .collect();
+            if !left.is_empty() {
+                println!("still running: {left:?}");
+            }
             left.is_empty().then_some(())
         },
     )
