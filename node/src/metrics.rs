@@ -44,6 +44,11 @@ pub struct Metrics {
     pub egress_connections: Counter,
     /// 1 when every FFmpeg runs in the Landlock network sandbox.
     pub ffmpeg_sandbox: Gauge,
+    /// Guard processes that died and were replaced.
+    pub guard_restarts: Counter,
+    /// Fences by the guard (the deadline passed), and FFmpegs it killed.
+    pub guard_fences: Counter,
+    pub guard_kills: Counter,
 }
 
 impl Metrics {
@@ -67,6 +72,9 @@ impl Metrics {
             egress_refused: Counter::default(),
             egress_connections: Counter::default(),
             ffmpeg_sandbox: Gauge::default(),
+            guard_restarts: Counter::default(),
+            guard_fences: Counter::default(),
+            guard_kills: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Viewer requests by kind", m.requests.clone());
@@ -149,6 +157,21 @@ impl Metrics {
             "ffmpeg_sandbox",
             "1 when FFmpeg runs in the Landlock network sandbox",
             m.ffmpeg_sandbox.clone(),
+        );
+        registry.register(
+            "guard_restarts",
+            "Guard processes that died and were replaced",
+            m.guard_restarts.clone(),
+        );
+        registry.register(
+            "guard_fences",
+            "Fences by the guard: no lease renewal reached it for 2/3 of the lease TTL",
+            m.guard_fences.clone(),
+        );
+        registry.register(
+            "guard_kills",
+            "FFmpegs killed by the guard",
+            m.guard_kills.clone(),
         );
         Self { registry, ..m }
     }
