@@ -117,7 +117,14 @@ pub async fn run(
         guard_task
             .run(guard_cancel.clone(), move || {
                 // Their gateways died with the guard: stop them (a viewer starts them again).
-                for e in n.entries() {
+                let running = |e: &node::ChannelEntry| {
+                    e.gen() > 0
+                        && matches!(
+                            e.phase(),
+                            node::Phase::Starting | node::Phase::Ready | node::Phase::Restarting
+                        )
+                };
+                for e in n.entries().iter().filter(|e| running(e)) {
                     let _ = e.inbox.try_send(node::Ctl::Stop {
                         reason: "guard_lost".into(),
                         done: None,

@@ -701,3 +701,89 @@ CPU {:.0} ms over {secs:.1} s relaying {mb:.1} MB ({:.2} Mbit/s per stream) = {p
     assert!(per_stream_kib < 512.0, "{per_stream_kib} KiB per stream");
     assert!(pct < 2.0, "{pct}% of a core per stream");
 }
+
+/// The guard's own life: killed, it is replaced and the node's channels stop (their gateways died
+/// with it) and start again on demand; when the node dies, its guard kills what it tracks and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_guard_is_replaced_and_a_killed_node_takes_its_guard_along() {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    farmctl_ok(
+        &redis.url(),
+        &[
+            "channel",
+            "add",
+            "ch",
+            &farm_tests::coordinator::fake_source("ch", 500),
+        ],
+    );
+    let mut n1 = NodeProcess::spawn(
+        NodeOpts::new("n1", redis.url(), root.path().join("n1"))
+            .with_fake_ffmpeg()
+            .args(node_args("3s")),
+    );
+    let playlist = format!("{}/live/ch/index.m3u8", n1.base_url());
+    let get = |url: String| async move {
+        HlsClient::new(&url)
+            .get_playlist()
+            .await
+            .expect("playlist")
+            .0
+    };
+    assert_eq!(get(playlist.clone()).await, 200);
+    let ffmpeg = ffmpegs_for(n1.hls_root(), "ch");
+    assert_eq!(ffmpeg.len(), 1);
+    let old_guard = guard_of(&n1);
+
+    farm_tests::signal::kill9(old_guard).expect("kill the guard");
+    let killed = Instant::now();
+    eventually("the channel to stop", Duration::from_secs(10), || async {
+        ffmpegs_for(n1.hls_root(), "ch").is_empty().then_some(())
+    })
+    .await;
+    let stopped_after = killed.elapsed();
+    let new_guard = eventually("a new guard", Duration::from_secs(10), || async {
+        let g: Vec<i32> = procs::children_of(n1.pid())
+            .into_iter()
+            .filter(|p| *p != old_guard && procs::pid_alive(*p))
+            .filter(|p| procs::cmdline(*p).is_some_and(|c| c.ends_with("__guard")))
+            .collect();
+        (g.len() == 1).then(|| g[0])
+    })
+    .await;
+    let replaced_after = killed.elapsed();
+    let mut c = redis.conn().await;
+    let ev = farm_tests::coordinator::events(&mut c, "farm").await;
+    assert!(
+        ev.iter()
+            .any(|e| e.kind() == "stopped" && e.get("reason") == "guard_lost"),
+        "{ev:?}"
+    );
+    // Started again by the next viewer, through the new guard.
+    assert_eq!(get(playlist.clone()).await, 200);
+    assert_eq!(ffmpegs_for(n1.hls_root(), "ch").len(), 1);
+    assert_eq!(metric(&n1, "farm_node_guard_restarts_total").await, 1.0);
+    println!(
+        "guard kill -9: the channel's FFmpeg stopped after {stopped_after:?}, a new guard ran after {replaced_after:?}; the next viewer started it again"
+    );
+    let report = invariants::check_nodes(&redis, &[&n1], settle_time(LEASE, TICK)).await;
+    report.assert_clean();
+
+    // The node dies: its guard kills the FFmpeg it tracks and exits at once.
+    let ffmpeg = ffmpegs_for(n1.hls_root(), "ch");
+    n1.kill9();
+    let t = Instant::now();
+    eventually(
+        "the guard to exit with its node",
+        Duration::from_secs(5),
+        || async {
+            (!procs::pid_alive(new_guard) && ffmpeg.iter().all(|p| !procs::pid_alive(*p)))
+                .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "node kill -9: its guard and FFmpeg gone after {:?}",
+        t.elapsed()
+    );
+}
