@@ -262,6 +262,7 @@ impl Guard {
         let until = tokio::time::Instant::now() + ANSWER_TIMEOUT;
         let mut incarnation = self.incarnation.subscribe();
         loop {
+            let before = *incarnation.borrow_and_update();
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             let shared = Arc::new(GatewayShared::default());
@@ -283,9 +284,9 @@ impl Guard {
             });
             if !sent {
                 forget();
-                incarnation.borrow_and_update();
-                match tokio::time::timeout_at(until, incarnation.changed()).await {
-                    Ok(Ok(())) => continue,
+                // A guard connected since `before` is asked at once.
+                match tokio::time::timeout_at(until, incarnation.wait_for(|n| *n != before)).await {
+                    Ok(Ok(_)) => continue,
                     _ => return Err("no guard process to open it (being restarted)".into()),
                 }
             }
