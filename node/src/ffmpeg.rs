@@ -141,9 +141,13 @@ pub fn pdeathsig_wrapper() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// FFmpeg's nice value: the node and its guard (renewals, the fence) get the CPU first on a
+/// machine FFmpegs keep busy.
+pub const NICE: i32 = 5;
+
 /// Spawns FFmpeg as the leader of a new process group, stdin null, stderr piped, environment
-/// cleared; through `wrapper` (setpriv) when given; in `sandbox`, able to connect to `tcp_ports`
-/// only. Keep the [`Keeper`] until the child is reaped.
+/// cleared, at [`NICE`]; through `wrapper` (setpriv) when given; in `sandbox`, able to connect to
+/// `tcp_ports` only. Keep the [`Keeper`] until the child is reaped.
 pub fn spawn(
     program: &Path,
     argv: &[OsString],
@@ -170,7 +174,17 @@ pub fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
-    sandbox.spawn(tcp_ports, move || cmd.spawn())
+    let (child, keeper) = sandbox.spawn(tcp_ports, move || cmd.spawn())?;
+    // Set before FFmpeg starts its threads (they inherit it); a failure costs only the priority.
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(i32::try_from(p).ok()?))
+    {
+        if let Err(e) = rustix::process::setpriority_process(Some(pid), NICE) {
+            tracing::debug!(error = %e, "cannot lower ffmpeg's priority");
+        }
+    }
+    Ok((child, keeper))
 }
 
 /// Sends a signal to a whole process group (the group id is the leader's pid).

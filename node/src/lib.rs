@@ -2,8 +2,9 @@
 //! for the whole farm on the first viewer (the lease in Redis decides who), supervises it, records
 //! viewer access in memory and flushes it to Redis, and obeys its command stream.
 //!
-//! [`run`] owns the node's life: start-up sweep, the named background tasks (watcher dispatcher,
-//! keepalive, access flusher, command consumer, HTTP server), and a bounded graceful shutdown.
+//! [`run`] owns the node's life: start-up sweep, the guard process (see [`guard`]), the named
+//! background tasks (watcher dispatcher, keepalive, access flusher, command consumer, guard
+//! supervisor, HTTP server), and a bounded graceful shutdown.
 
 pub mod access_log;
 pub mod commands;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod egress;
 pub mod error;
 pub mod ffmpeg;
+pub mod guard;
 pub mod hot;
 pub mod http;
 pub mod metrics;
@@ -44,6 +46,8 @@ pub enum NodeError {
     AccessSocket(String, std::io::Error),
     #[error("{0}")]
     Sandbox(String),
+    #[error("{0}")]
+    Guard(String),
     #[error("http server failed: {0}")]
     Http(std::io::Error),
 }
@@ -82,6 +86,15 @@ pub async fn run(
     let egress = Arc::new(
         egress::Policy::new(&own, cfg.egress_allow.clone(), cfg.egress_deny.clone()).await,
     );
+    // The fence outside this process, and the egress gateways with it.
+    let (guard, guard_task) = guard::Guard::start(
+        std::process::id(),
+        cfg.hls_root.clone(),
+        egress.spec(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(NodeError::Guard)?;
     let node = Node::new(
         cfg.clone(),
         store,
@@ -89,6 +102,7 @@ pub async fn run(
         metrics,
         egress,
         sandbox,
+        guard,
     );
     info!(node = %cfg.node_id, incarnation = %node.incarnation, listen = %cfg.listen, ffmpeg_sandbox = sandbox.enforced(), "farm-node starting");
 
@@ -96,6 +110,30 @@ pub async fn run(
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(dispatcher.run().instrument(info_span!("watcher")));
     background.spawn(node::access_flush_loop(node.clone()).instrument(info_span!("access_flush")));
+    // The guard outlives the channels (it must fence them until they are stopped): its own token,
+    // cancelled after they are.
+    let guard_cancel = tokio_util::sync::CancellationToken::new();
+    let n = node.clone();
+    background.spawn(
+        guard_task
+            .run(guard_cancel.clone(), move || {
+                // Their gateways died with the guard: stop them (a viewer starts them again).
+                let running = |e: &node::ChannelEntry| {
+                    e.gen() > 0
+                        && matches!(
+                            e.phase(),
+                            node::Phase::Starting | node::Phase::Ready | node::Phase::Restarting
+                        )
+                };
+                for e in n.entries().iter().filter(|e| running(e)) {
+                    let _ = e.inbox.try_send(node::Ctl::Stop {
+                        reason: "guard_lost".into(),
+                        done: None,
+                    });
+                }
+            })
+            .instrument(info_span!("guard")),
+    );
     let n = node.clone();
     background.spawn(
         async move {
@@ -159,6 +197,7 @@ pub async fn run(
             let _ = std::fs::remove_dir_all(&e.dir);
         }
     }
+    guard_cancel.cancel();
     if let Err(e) = node.store.deregister(&cfg.node_id).await {
         error!(error = %e, "could not deregister; the node's keys expire or are reaped");
     }

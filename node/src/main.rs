@@ -1,10 +1,15 @@
-//! The `farm-node` binary: parse settings, set up logging, run until SIGTERM or Ctrl-C.
+//! The `farm-node` binary: parse settings, set up logging, run until SIGTERM or Ctrl-C. Run as
+//! `farm-node __guard` by the node itself, it is the node's guard process.
 
 use clap::Parser;
 use farm_node::config::{Args, Config};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // The node's guard is this binary too (see `farm_node::guard`); it takes no flags.
+    if farm_node::guard::is_guard_invocation() {
+        return farm_node::guard::main();
+    }
     let cfg = match Config::from_args(Args::parse()) {
         Ok(c) => c,
         Err(e) => {

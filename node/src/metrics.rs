@@ -52,6 +52,11 @@ pub struct Metrics {
     pub remote_playlists: Counter,
     /// Viewer requests refused before anything else (bad path, token missing or wrong).
     pub playback_refused: Counter,
+    /// Guard processes that died and were replaced.
+    pub guard_restarts: Counter,
+    /// Fences by the guard (the deadline passed), and FFmpegs it killed.
+    pub guard_fences: Counter,
+    pub guard_kills: Counter,
 }
 
 impl Metrics {
@@ -79,6 +84,9 @@ impl Metrics {
             publish_unrecorded: Counter::default(),
             remote_playlists: Counter::default(),
             playback_refused: Counter::default(),
+            guard_restarts: Counter::default(),
+            guard_fences: Counter::default(),
+            guard_kills: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Viewer requests by kind", m.requests.clone());
@@ -181,6 +189,21 @@ impl Metrics {
             "playback_refused",
             "Viewer requests refused for their path or token",
             m.playback_refused.clone(),
+        );
+        registry.register(
+            "guard_restarts",
+            "Guard processes that died and were replaced",
+            m.guard_restarts.clone(),
+        );
+        registry.register(
+            "guard_fences",
+            "Fences by the guard: no lease renewal reached it for 2/3 of the lease TTL",
+            m.guard_fences.clone(),
+        );
+        registry.register(
+            "guard_kills",
+            "FFmpegs killed by the guard",
+            m.guard_kills.clone(),
         );
         Self { registry, ..m }
     }

@@ -222,6 +222,8 @@ pub struct Node {
     /// What Redis said about channels other nodes run, for [`REMOTE_FRESH`]: bounds the Redis
     /// calls viewer requests for those channels make.
     remote: Mutex<HashMap<String, (Instant, Arc<crate::store::RemoteView>)>>,
+    /// The fence outside this process; it runs every channel's egress gateway.
+    pub guard: Arc<crate::guard::Guard>,
 }
 
 /// How long a [`Node::remote_view`] answer is reused.
@@ -244,6 +246,7 @@ impl Node {
         metrics: Arc<Metrics>,
         egress: Arc<crate::egress::Policy>,
         sandbox: crate::sandbox::Sandbox,
+        guard: Arc<crate::guard::Guard>,
     ) -> Arc<Self> {
         let incarnation = format!("{:x}-{:x}", now_ms(), std::process::id());
         let hot_budget = crate::hot::Budget::new(cfg.segment_cache);
@@ -266,6 +269,7 @@ impl Node {
             egress,
             sandbox,
             remote: Mutex::new(HashMap::new()),
+            guard,
         })
     }
 
@@ -825,14 +829,10 @@ async fn supervise(
         .iter()
         .any(|u| crate::egress::proxied(&crate::egress::scheme(u)))
     {
-        match crate::egress::Gateway::open(
-            &entry.id,
-            node.egress.clone(),
-            &sources,
-            cfg.read_timeout,
-            node.metrics.clone(),
-        )
-        .await
+        match node
+            .guard
+            .open_gateway(&entry.id, &sources, cfg.read_timeout)
+            .await
         {
             Ok(g) => Some(g),
             Err(e) => return Outcome::Failed(format!("cannot open the egress gateway: {e}"), None),
@@ -877,6 +877,8 @@ async fn supervise(
         ) {
             Err(e) => RunEnd::Crash(format!("cannot run {}: {e}", cfg.ffmpeg.display())),
             Ok((child, _keeper)) => {
+                // The guard kills it at the fence, also while this process cannot run.
+                let _tracked = node.guard.track(&child, &entry.id);
                 node.metrics.ffmpeg_spawns.inc();
                 run_once(
                     node,
@@ -1423,6 +1425,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
         match result {
             Ok(ka) => {
                 *node.last_redis_ok.lock().unwrap_or_else(|p| p.into_inner()) = sent_at;
+                node.guard.renewed(sent_at, cfg.fence_after());
                 beat_before = true;
                 node.ready.send_if_modified(|r| !std::mem::replace(r, true));
                 if ka.lost {

@@ -1,11 +1,14 @@
-//! A frozen owner: SIGSTOP of a node and its FFmpeg (a frozen host) for 2 x the lease TTL, with the
-//! fake FFmpeg; node and lease TTL 3 s, tick 500 ms.
+//! A frozen owner: SIGSTOP of a node and its FFmpeg for 2 x the lease TTL, with the fake FFmpeg;
+//! node and lease TTL 3 s, tick 500 ms. The node's guard process is not stopped (a whole frozen host,
+//! guard included, is `fault_freeze`'s cgroup test).
 //!
-//! The coordinator declares the node dead and moves its recently watched channel to the other node.
-//! After SIGCONT the old node finds its lease gone and kills its FFmpeg within about one renew
-//! interval, and none of its writes land (its gen is refused). Sampled every 50 ms during the
-//! freeze, at most one FFmpeg for the channel is running (a stopped one does not count); after the
-//! wake, the old one's overlap is bounded by one renew interval.
+//! What it proves: the guard fences the node although neither the node nor its FFmpeg can run: at
+//! the fence time (the last renewal + ⅔ TTL) it SIGKILLs the stopped FFmpeg (a stopped process dies
+//! of SIGKILL; it stays a zombie until the frozen node reaps it), before the coordinator declares
+//! the node dead and moves its recently watched channel to the other node. Sampled every 50 ms,
+//! every live FFmpeg of the channel counts, stopped or running (only zombies do not): there are
+//! never two. After SIGCONT the old node runs nothing of the channel, none of its writes land (its
+//! gen is refused), and it rejoins cleanly.
 
 use farm_tests::coordinator::{
     events, fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts,
@@ -23,13 +26,15 @@ use std::time::{Duration, Instant};
 
 const LEASE: Duration = Duration::from_secs(3);
 
-/// FFmpegs of the channel on either node that can run (not stopped, not zombies).
-fn running(roots: &[&std::path::Path]) -> Vec<i32> {
-    roots
+/// Live FFmpegs of the channel on either node, stopped ones included (zombies are not live), and
+/// how many of them are stopped.
+fn live(roots: &[&std::path::Path]) -> (usize, usize) {
+    let pids: Vec<i32> = roots.iter().flat_map(|r| ffmpegs_for(r, "ch")).collect();
+    let stopped = pids
         .iter()
-        .flat_map(|r| ffmpegs_for(r, "ch"))
-        .filter(|pid| procs::stat(*pid).is_some_and(|s| s.state != 'T' && s.state != 't'))
-        .collect()
+        .filter(|pid| procs::stat(**pid).is_some_and(|s| s.state == 'T' || s.state == 't'))
+        .count();
+    (pids.len(), stopped)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,18 +77,30 @@ async fn coordinator_moves_a_channel_off_a_frozen_node_and_the_node_fences_on_wa
     let old = old[0];
     let roots = [n1.hls_root(), n2.hls_root()];
 
-    // Freeze the host: the node and its FFmpeg.
+    // Freeze the node and its FFmpeg (not the guard).
     n1.sigstop();
     signal::stop(old).expect("SIGSTOP ffmpeg");
     let frozen = Instant::now();
+    // The guard's deadline is the last renewal it got + ⅔ TTL, at the latest this lease's end - ⅓ TTL.
+    let pttl: i64 = c.pttl("farm:owner:ch").await.expect("PTTL");
+    let fence_by = Duration::from_millis(pttl.max(0) as u64).saturating_sub(LEASE / 3);
     let mut samples = 0u32;
     let mut doubles = 0u32;
+    let mut stopped_samples = 0u32;
     let mut moved_after = None;
+    let mut killed_after = None;
     // 2 x the lease TTL, sampling (the freeze is the fault; the samples are the measurement).
     while frozen.elapsed() < LEASE * 2 {
         samples += 1;
-        if running(&roots).len() > 1 {
+        let (n, stopped) = live(&roots);
+        if n > 1 {
             doubles += 1;
+        }
+        if stopped > 0 {
+            stopped_samples += 1;
+        }
+        if killed_after.is_none() && !procs::pid_alive(old) {
+            killed_after = Some(frozen.elapsed());
         }
         if moved_after.is_none()
             && owner(&mut c, "farm", "ch").await.map(|o| o.0).as_deref() == Some("n2")
@@ -93,11 +110,16 @@ async fn coordinator_moves_a_channel_off_a_frozen_node_and_the_node_fences_on_wa
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let moved_after = moved_after.expect("ch moved to n2 while n1 was frozen");
+    let killed_after = killed_after.expect("the guard killed n1's stopped FFmpeg");
     assert_eq!(
         doubles, 0,
-        "two FFmpegs ran for the channel while n1 was frozen"
+        "two live FFmpegs (stopped or running) for the channel while n1 was frozen"
     );
-    let frozen_samples = samples;
+    assert!(
+        killed_after <= fence_by + Duration::from_millis(200),
+        "n1's stopped FFmpeg killed {killed_after:?} into the freeze, fence by {fence_by:?}"
+    );
+    assert!(killed_after < moved_after);
     let (_, new_gen) = owner(&mut c, "farm", "ch").await.expect("ch runs on n2");
     assert!(new_gen > old_gen);
     let ev = events(&mut c, "farm").await;
@@ -110,35 +132,14 @@ async fn coordinator_moves_a_channel_off_a_frozen_node_and_the_node_fences_on_wa
         c.hgetall("farm:stream:ch").await.expect("HGETALL");
     assert_eq!(stream_before.get("node").map(String::as_str), Some("n2"));
 
-    // Wake the host (node first, as a resumed VM's scheduler would run either).
-    n1.sigcont();
-    signal::cont(old).expect("SIGCONT ffmpeg");
-    let woke = Instant::now();
-    while procs::pid_alive(old) {
-        samples += 1;
-        if running(&roots).len() > 1 {
-            doubles += 1;
-        }
-        assert!(
-            woke.elapsed() < Duration::from_secs(10),
-            "n1's FFmpeg still runs 10s after the wake"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let gone_after = woke.elapsed();
     println!(
-        "frozen n1: ch owned by n2 {moved_after:?} into the freeze ({frozen_samples} samples, never two running FFmpegs); \
-after SIGCONT n1's FFmpeg was gone in {gone_after:?} (renew interval {:?}), {doubles} of {} samples in that window saw two running",
-        LEASE / 3,
-        samples - frozen_samples
-    );
-    // A woken FFmpeg runs until its node's first keepalive finds the lease gone: that overlap is
-    // bounded by one renew interval (the node cannot act before the host schedules it).
-    assert!(
-        gone_after <= LEASE / 3 + Duration::from_millis(500),
-        "{gone_after:?}"
+        "frozen n1 and its FFmpeg: the guard killed the stopped FFmpeg {killed_after:?} into the freeze (fence by {fence_by:?}), \
+ch owned by n2 {moved_after:?} into it; {samples} samples, {stopped_samples} with a stopped FFmpeg, {doubles} with two live FFmpegs"
     );
 
+    // Wake the node. Its FFmpeg is a zombie it now reaps: nothing to wake there.
+    n1.sigcont();
+    let _ = signal::cont(old);
     // n1 is back (alive again) and none of its writes landed: the hash and lease are n2's.
     eventually("n1 to heartbeat again", Duration::from_secs(10), || {
         let mut c = c.clone();
@@ -158,6 +159,7 @@ after SIGCONT n1's FFmpeg was gone in {gone_after:?} (renew interval {:?}), {dou
     let n1_set: Vec<String> = c.smembers("farm:node:n1:streams").await.expect("SMEMBERS");
     assert!(n1_set.is_empty(), "{n1_set:?}");
     assert_eq!(ffmpegs_for(n2.hls_root(), "ch").len(), 1);
+    assert!(ffmpegs_for(n1.hls_root(), "ch").is_empty());
     let ev = events(&mut c, "farm").await;
     let late: Vec<_> = ev
         .iter()

@@ -1,0 +1,668 @@
+//! The guard process (`farm-node __guard`): its control loop, its fence and its gateways.
+//!
+//! One task owns everything: it reads the node's messages (from a thread that reads stdin), keeps
+//! the deadline, and fences when the deadline passes. The fence kills every FFmpeg the node
+//! announced (start time checked) and every marked FFmpeg child of the node it finds in `/proc`,
+//! then drops every gateway connection; until a later deadline arrives gateways answer 503, relay
+//! nothing, and an FFmpeg announced meanwhile is killed at once. At EOF on stdin (the node is gone)
+//! it kills what it tracks and exits. SIGTERM and SIGINT are ignored: the guard ends with its node.
+
+use super::fence::{self, monotonic_ns, FenceClock, Step};
+use super::procs;
+use super::proto::{decode, encode, Frame, FromGuard, LineSplitter, ToGuard, MAX_LINE};
+use crate::egress::{EventSink, Gateway, GatewayConfig, GatewayEvent, Policy};
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+/// Bounds on what the node may ask for (it is trusted, but a bug must not grow the guard forever).
+const MAX_GATEWAYS: usize = 100_000;
+const MAX_TRACKED: usize = 100_000;
+/// Events (not replies) queued for a node that does not read (frozen): beyond, they are dropped.
+const EVENT_QUEUE: usize = 1024;
+
+/// The guard's entry point (from `main`, before any argument parsing).
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("farm-node guard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let span = tracing::info_span!("guard", pid = std::process::id());
+    rt.block_on(tracing::Instrument::instrument(
+        async {
+            // Registered and never read: the default action (exit) is replaced for good.
+            use tokio::signal::unix::{signal, SignalKind};
+            let _ignored = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            );
+            let (tx, rx) = mpsc::channel(256);
+            if let Err(e) = std::thread::Builder::new()
+                .name("guard-stdin".into())
+                .spawn(move || read_stdin(tx))
+            {
+                error!(error = %e, "cannot start the stdin reader");
+                return ExitCode::FAILURE;
+            }
+            let (out, replies, events) = Outbox::new();
+            let writer = tokio::spawn(write_stdout(replies, events, out.dropped.clone()));
+            let code = run(rx, out).await;
+            writer.abort();
+            code
+        },
+        span,
+    ))
+}
+
+/// Reads the node's lines until EOF; ends the channel (EOF for the control loop) then.
+fn read_stdin(tx: mpsc::Sender<Frame>) {
+    let mut stdin = std::io::stdin().lock();
+    let mut split = LineSplitter::new(MAX_LINE);
+    let mut buf = [0u8; 8192];
+    let mut frames = Vec::new();
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                split.push(&buf[..n], &mut frames);
+                for f in frames.drain(..) {
+                    if tx.blocking_send(f).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                error!(error = %e, "reading the control pipe failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Lines to the node: replies in order and never dropped; events dropped while the node does not
+/// read (a frozen node), counted.
+#[derive(Clone)]
+struct Outbox {
+    replies: mpsc::UnboundedSender<String>,
+    events: mpsc::Sender<String>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Outbox {
+    fn new() -> (
+        Outbox,
+        mpsc::UnboundedReceiver<String>,
+        mpsc::Receiver<String>,
+    ) {
+        let (rtx, rrx) = mpsc::unbounded_channel();
+        let (etx, erx) = mpsc::channel(EVENT_QUEUE);
+        (
+            Outbox {
+                replies: rtx,
+                events: etx,
+                dropped: Arc::default(),
+            },
+            rrx,
+            erx,
+        )
+    }
+
+    fn reply(&self, m: &FromGuard) {
+        let _ = self.replies.send(encode(m));
+    }
+
+    fn event(&self, m: &FromGuard) {
+        if self.events.try_send(encode(m)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn write_stdout(
+    mut replies: mpsc::UnboundedReceiver<String>,
+    mut events: mpsc::Receiver<String>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut out = tokio::io::stdout();
+    let mut reported = 0;
+    loop {
+        let line = tokio::select! {
+            biased;
+            Some(r) = replies.recv() => r,
+            Some(e) = events.recv() => e,
+            else => return,
+        };
+        if out.write_all(line.as_bytes()).await.is_err() || out.flush().await.is_err() {
+            return;
+        }
+        let d = dropped.load(Ordering::Relaxed);
+        if d != reported {
+            warn!(
+                dropped = d - reported,
+                "events dropped while the node did not read its guard"
+            );
+            reported = d;
+        }
+    }
+}
+
+struct State {
+    node_pid: Option<u32>,
+    hls_root: std::path::PathBuf,
+    policy: Option<Arc<Policy>>,
+    clock: Arc<FenceClock>,
+    /// The deadline the last fence was for (`Some(0)`: none yet, closed).
+    fenced_for: Option<u64>,
+    /// pid → (start time, channel).
+    ffmpegs: HashMap<u32, (u64, String)>,
+    gateways: HashMap<u64, Gateway>,
+    out: Outbox,
+}
+
+/// The control loop: ends at EOF on the control pipe, or on a bad `init`.
+async fn run(mut rx: mpsc::Receiver<Frame>, out: Outbox) -> ExitCode {
+    let mut st = State {
+        node_pid: None,
+        hls_root: std::path::PathBuf::new(),
+        policy: None,
+        clock: Arc::new(FenceClock::closed()),
+        fenced_for: Some(0),
+        ffmpegs: HashMap::new(),
+        gateways: HashMap::new(),
+        out,
+    };
+    loop {
+        // The clock first: a guard thawed past its deadline fences before it reads anything.
+        let wait = match fence::step(monotonic_ns(), st.clock.deadline_ns(), st.fenced_for) {
+            Step::Fence => {
+                st.fence();
+                continue;
+            }
+            Step::Sleep(d) => d,
+            Step::Wait => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            frame = rx.recv() => match frame {
+                None => {
+                    st.node_gone();
+                    return ExitCode::SUCCESS;
+                }
+                Some(Frame::TooLong) => warn!("a control line over {MAX_LINE} bytes was skipped"),
+                Some(Frame::Line(line)) => match decode::<ToGuard>(&line) {
+                    Ok(msg) => {
+                        if let Err(e) = st.handle(msg).await {
+                            error!("{e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                    Err(e) => warn!("{e}"),
+                },
+            },
+        }
+    }
+}
+
+impl State {
+    /// Acts on one message; an error ends the guard (only a bad `init` does).
+    async fn handle(&mut self, msg: ToGuard) -> Result<(), String> {
+        match msg {
+            ToGuard::Init {
+                node_pid,
+                hls_root,
+                policy,
+            } => {
+                if self.node_pid.is_some() {
+                    warn!("a second init was ignored");
+                    return Ok(());
+                }
+                if node_pid <= 1 || hls_root.as_os_str().is_empty() {
+                    return Err(format!(
+                        "init names node pid {node_pid} and HLS root {}",
+                        hls_root.display()
+                    ));
+                }
+                self.hls_root = hls_root;
+                let policy = Policy::from_spec(&policy)
+                    .map_err(|e| format!("init has a bad policy: {e}"))?;
+                self.node_pid = Some(node_pid);
+                self.policy = Some(Arc::new(policy));
+                info!(node_pid, "guarding the node");
+                self.out.reply(&FromGuard::Ready {
+                    pid: std::process::id(),
+                });
+            }
+            ToGuard::Deadline { mono_ns } => {
+                if !self.clock.extend(mono_ns) {
+                    debug!(
+                        mono_ns,
+                        "a deadline not later than the current one was ignored"
+                    );
+                } else if self.fenced_for.is_some_and(|f| f != 0) && self.clock.is_open() {
+                    info!("renewed again: gateways open");
+                }
+            }
+            ToGuard::Spawned {
+                pid,
+                start,
+                channel,
+            } => {
+                if pid <= 1 {
+                    warn!(pid, "an ffmpeg with a bad pid was ignored");
+                } else if !self.clock.is_open() {
+                    // The fence is closed: nothing may run, whatever the node thinks.
+                    let killed = procs::kill_group_verified(pid, start);
+                    error!(pid, %channel, killed, "ffmpeg spawned while the fence is closed: killed");
+                    self.out.reply(&FromGuard::Killed {
+                        pid,
+                        channel,
+                        why: "spawned while the fence was closed (no recent lease renewal)".into(),
+                    });
+                } else if self.ffmpegs.len() >= MAX_TRACKED {
+                    warn!(
+                        pid,
+                        "too many ffmpegs tracked; this one is left to the /proc scan"
+                    );
+                } else {
+                    self.ffmpegs.insert(pid, (start, channel));
+                }
+            }
+            ToGuard::Reaped { pid } => {
+                self.ffmpegs.remove(&pid);
+            }
+            ToGuard::Open {
+                id,
+                channel,
+                vouched,
+                timeout_ms,
+                max_connections,
+            } => {
+                let reply = match self
+                    .open(id, channel, vouched, timeout_ms, max_connections)
+                    .await
+                {
+                    Ok(port) => FromGuard::Opened { id, port },
+                    Err(error) => FromGuard::OpenFailed { id, error },
+                };
+                self.out.reply(&reply);
+            }
+            ToGuard::Close { id } => {
+                self.gateways.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn open(
+        &mut self,
+        id: u64,
+        channel: String,
+        vouched: Vec<(String, u16)>,
+        timeout_ms: u64,
+        max_connections: usize,
+    ) -> Result<u16, String> {
+        let policy = self
+            .policy
+            .clone()
+            .ok_or("the guard has not been initialised")?;
+        farm_proto::validate::channel_id(&channel).map_err(|e| e.to_string())?;
+        if self.gateways.contains_key(&id) {
+            return Err(format!("gateway {id} is already open"));
+        }
+        if self.gateways.len() >= MAX_GATEWAYS {
+            return Err(format!("over {MAX_GATEWAYS} gateways open"));
+        }
+        if !(1..=600_000).contains(&timeout_ms) || max_connections == 0 {
+            return Err(format!(
+                "bad gateway settings: timeout {timeout_ms} ms, {max_connections} connections"
+            ));
+        }
+        let out = self.out.clone();
+        let events: EventSink = Arc::new(move |e| match e {
+            GatewayEvent::Connected => out.event(&FromGuard::Connected { id }),
+            // In order with the replies: the node reads it before it reaps the FFmpeg it refused.
+            GatewayEvent::Refused(why) => out.reply(&FromGuard::Refused { id, why }),
+        });
+        let cfg = GatewayConfig {
+            channel,
+            policy,
+            vouched: vouched.into_iter().collect::<HashSet<_>>(),
+            timeout: Duration::from_millis(timeout_ms),
+            max_connections: max_connections.min(4096),
+        };
+        let gw = Gateway::open(cfg, events, self.clock.clone())
+            .await
+            .map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))?;
+        let port = gw.port();
+        self.gateways.insert(id, gw);
+        Ok(port)
+    }
+
+    /// The deadline passed: every FFmpeg of the node dies, every upstream connection closes.
+    fn fence(&mut self) {
+        let deadline = self.clock.deadline_ns();
+        self.fenced_for = Some(deadline);
+        let late_ms = monotonic_ns().saturating_sub(deadline) / 1_000_000;
+        let mut killed = 0u32;
+        for (pid, (start, channel)) in &self.ffmpegs {
+            if procs::kill_group_verified(*pid, *start) {
+                killed += 1;
+                warn!(pid, %channel, "fence: killed ffmpeg");
+            }
+        }
+        // The second line: an FFmpeg spawned just before the node froze, not announced yet.
+        if let Some(node) = self.node_pid {
+            for (pid, start) in procs::ffmpeg_children_of(node, &self.hls_root) {
+                if !self.ffmpegs.contains_key(&pid) && procs::kill_group_verified(pid, start) {
+                    killed += 1;
+                    warn!(pid, "fence: killed an ffmpeg the node had not announced");
+                }
+            }
+        }
+        self.clock.fence();
+        if killed > 0 || !self.gateways.is_empty() {
+            error!(
+                killed,
+                late_ms,
+                gateways = self.gateways.len(),
+                "fence: no lease renewal for 2/3 of the lease TTL; ffmpegs killed, upstream connections closed"
+            );
+        } else {
+            info!(
+                late_ms,
+                "fence: no lease renewal for 2/3 of the lease TTL (nothing running)"
+            );
+        }
+        self.out.reply(&FromGuard::Fenced { killed, late_ms });
+    }
+
+    /// EOF: the node is gone. Nothing it started may outlive it.
+    fn node_gone(&mut self) {
+        let mut killed = 0;
+        for (pid, (start, _)) in &self.ffmpegs {
+            if procs::kill_group_verified(*pid, *start) {
+                killed += 1;
+            }
+        }
+        if killed > 0 {
+            warn!(killed, "the node is gone: killed its ffmpegs");
+        }
+        self.gateways.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffmpeg::MARKER_VAR;
+    use crate::guard::proto::encode;
+    use std::os::unix::process::CommandExt;
+
+    /// A guard's control loop in this process, driven through its channels.
+    struct Harness {
+        tx: Option<mpsc::Sender<Frame>>,
+        replies: mpsc::UnboundedReceiver<String>,
+        _events: mpsc::Receiver<String>,
+        task: tokio::task::JoinHandle<ExitCode>,
+    }
+
+    impl Harness {
+        fn start() -> Harness {
+            let (tx, rx) = mpsc::channel(16);
+            let (out, replies, events) = Outbox::new();
+            Harness {
+                tx: Some(tx),
+                replies,
+                _events: events,
+                task: tokio::spawn(run(rx, out)),
+            }
+        }
+
+        async fn line(&self, raw: &[u8]) {
+            let tx = self.tx.as_ref().expect("open");
+            tx.send(Frame::Line(raw.to_vec())).await.expect("send");
+        }
+
+        async fn send(&self, m: &ToGuard) {
+            self.line(encode(m).trim_end().as_bytes()).await;
+        }
+
+        async fn reply(&mut self) -> FromGuard {
+            let line = tokio::time::timeout(Duration::from_secs(5), self.replies.recv())
+                .await
+                .expect("a reply within 5 s")
+                .expect("guard alive");
+            decode(line.trim_end().as_bytes()).expect("a reply")
+        }
+
+        async fn eof(mut self) -> ExitCode {
+            self.tx = None;
+            tokio::time::timeout(Duration::from_secs(5), self.task)
+                .await
+                .expect("exits at EOF")
+                .expect("no panic")
+        }
+    }
+
+    fn init() -> ToGuard {
+        ToGuard::Init {
+            node_pid: std::process::id(),
+            hls_root: "/nowhere/guard-test".into(),
+            policy: crate::egress::PolicySpec::default(),
+        }
+    }
+
+    fn open(id: u64) -> ToGuard {
+        ToGuard::Open {
+            id,
+            channel: "ch".into(),
+            vouched: vec![("127.0.0.1".into(), 9)],
+            timeout_ms: 1000,
+            max_connections: 4,
+        }
+    }
+
+    /// A stand-in FFmpeg: a marked process-group leader, child of this process.
+    fn fake_ffmpeg(marked: bool) -> (std::process::Child, u32, u64) {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30").process_group(0);
+        if marked {
+            cmd.env(MARKER_VAR, "/nowhere/guard-test/ch");
+        }
+        let c = cmd.spawn().expect("sleep");
+        let pid = c.id();
+        let start = procs::stat(pid).expect("stat").start;
+        (c, pid, start)
+    }
+
+    async fn gateway_answer(port: u16) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        s.write_all(b"GET http://127.0.0.1:9/x HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_reported_and_skipped_without_panic() {
+        let mut g = Harness::start();
+        for raw in [
+            &b"not json"[..],
+            b"{}",
+            b"\xff",
+            br#"{"op":"deadline","mono_ns":"soon"}"#,
+            br#"{"op":"spawned","pid":-3,"start":1,"channel":"c"}"#,
+        ] {
+            g.line(raw).await;
+        }
+        g.tx.as_ref()
+            .expect("open")
+            .send(Frame::TooLong)
+            .await
+            .expect("send");
+        // Before init nothing can be opened; answered, not ignored.
+        g.send(&open(1)).await;
+        assert!(
+            matches!(g.reply().await, FromGuard::OpenFailed { id: 1, error } if error.contains("initialised"))
+        );
+        g.send(&init()).await;
+        assert!(matches!(g.reply().await, FromGuard::Ready { .. }));
+        g.send(&init()).await; // ignored
+        g.send(&ToGuard::Spawned {
+            pid: 1,
+            start: 0,
+            channel: "ch".into(),
+        })
+        .await;
+        for bad in [
+            ToGuard::Open {
+                id: 2,
+                channel: "../etc".into(),
+                vouched: vec![],
+                timeout_ms: 1000,
+                max_connections: 4,
+            },
+            ToGuard::Open {
+                id: 3,
+                channel: "ch".into(),
+                vouched: vec![],
+                timeout_ms: 0,
+                max_connections: 4,
+            },
+        ] {
+            g.send(&bad).await;
+            assert!(matches!(g.reply().await, FromGuard::OpenFailed { .. }));
+        }
+        g.send(&open(4)).await;
+        assert!(matches!(g.reply().await, FromGuard::Opened { id: 4, .. }));
+        g.send(&open(4)).await;
+        assert!(matches!(
+            g.reply().await,
+            FromGuard::OpenFailed { id: 4, .. }
+        ));
+        g.send(&ToGuard::Close { id: 99 }).await;
+        g.send(&ToGuard::Reaped { pid: 12345 }).await;
+        assert_eq!(g.eof().await, ExitCode::SUCCESS);
+
+        // A bad policy in init ends the guard with an error.
+        let g = Harness::start();
+        g.send(&ToGuard::Init {
+            node_pid: std::process::id(),
+            hls_root: "/nowhere/guard-test".into(),
+            policy: crate::egress::PolicySpec {
+                allow: vec!["nonsense".into()],
+                ..Default::default()
+            },
+        })
+        .await;
+        let code = tokio::time::timeout(Duration::from_secs(5), g.task)
+            .await
+            .expect("ends")
+            .expect("no panic");
+        assert_eq!(code, ExitCode::from(2));
+    }
+
+    #[tokio::test]
+    async fn at_the_deadline_ffmpegs_die_and_gateways_close_until_the_next_renewal() {
+        let mut g = Harness::start();
+        g.send(&init()).await;
+        assert!(matches!(g.reply().await, FromGuard::Ready { .. }));
+        g.send(&open(1)).await;
+        let FromGuard::Opened { port, .. } = g.reply().await else {
+            panic!("not opened")
+        };
+        // No deadline yet: the gateway is closed.
+        assert!(gateway_answer(port).await.contains("503"));
+
+        let armed_at = monotonic_ns();
+        g.send(&ToGuard::Deadline {
+            mono_ns: armed_at + 400_000_000,
+        })
+        .await;
+        let (mut announced, pid, start) = fake_ffmpeg(true);
+        let (mut unannounced, _, _) = fake_ffmpeg(true);
+        let (mut unmarked, pid3, _) = fake_ffmpeg(false);
+        g.send(&ToGuard::Spawned {
+            pid,
+            start,
+            channel: "ch".into(),
+        })
+        .await;
+        // Open now: the policy decides (port 9 on loopback is vouched for, nothing listens: 502).
+        assert!(gateway_answer(port).await.contains("502"));
+
+        let FromGuard::Fenced { killed, .. } = g.reply().await else {
+            panic!("no fence")
+        };
+        let fenced_after = Duration::from_nanos(monotonic_ns() - armed_at);
+        assert_eq!(killed, 2, "the announced and the unannounced marked child");
+        assert!(
+            (Duration::from_millis(400)..Duration::from_millis(1500)).contains(&fenced_after),
+            "{fenced_after:?}"
+        );
+        assert!(!announced.wait().expect("wait").success());
+        assert!(!unannounced.wait().expect("wait").success());
+        assert!(
+            procs::stat(pid3).is_some_and(|s| s.state != 'Z'),
+            "unmarked child left alone"
+        );
+        assert!(gateway_answer(port).await.contains("fenced"));
+
+        // Spawned while fenced: killed at once.
+        let (mut late, pid, start) = fake_ffmpeg(true);
+        g.send(&ToGuard::Spawned {
+            pid,
+            start,
+            channel: "ch".into(),
+        })
+        .await;
+        assert!(matches!(g.reply().await, FromGuard::Killed { pid: p, .. } if p == pid));
+        assert!(!late.wait().expect("wait").success());
+
+        // Renewed: open again, and nothing more is fenced until that deadline passes.
+        g.send(&ToGuard::Deadline {
+            mono_ns: monotonic_ns() + 60_000_000_000,
+        })
+        .await;
+        crate::guard::tests_wait(|| true).await;
+        let (mut again, pid, start) = fake_ffmpeg(true);
+        g.send(&ToGuard::Spawned {
+            pid,
+            start,
+            channel: "ch".into(),
+        })
+        .await;
+        assert!(gateway_answer(port).await.contains("502"));
+        // EOF: the node is gone; what it started goes with it.
+        assert_eq!(g.eof().await, ExitCode::SUCCESS);
+        assert!(!again.wait().expect("wait").success());
+        let _ = unmarked.kill();
+        let _ = unmarked.wait();
+    }
+}
