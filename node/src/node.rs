@@ -71,8 +71,27 @@ pub enum Ctl {
         done: Option<oneshot::Sender<()>>,
     },
     Restart,
+    /// Drain: stop FFmpeg (its upstream connection and local resources are the new owner's to
+    /// take) but keep serving what is published until a `Stop`.
+    Pause {
+        done: oneshot::Sender<()>,
+    },
     /// Our lease is gone (or Redis is unreachable past the fence time): kill FFmpeg, touch nothing in Redis.
     Fenced,
+}
+
+/// A channel's playlist as this node serves it.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    /// The text (empty before the first segment).
+    pub text: bytes::Bytes,
+    /// The same without blocking reload (as recorded in Redis), for when this node will not hold
+    /// a reload (it hands the channel over).
+    pub plain: bytes::Bytes,
+    /// Media sequence number of its newest segment.
+    pub last: Option<u64>,
+    /// Its target duration, seconds.
+    pub target: u64,
 }
 
 pub struct ChannelEntry {
@@ -100,7 +119,7 @@ pub struct ChannelEntry {
     /// The channel's timeline on this node (from the claim on).
     pub timeline: Mutex<Option<crate::playlist::Timeline>>,
     /// What viewers get: the playlist as last published (recorded in Redis first).
-    pub published: Mutex<bytes::Bytes>,
+    pub published: watch::Sender<Published>,
     /// The playlist an earlier owner (or run) recorded, served while this node starts the channel
     /// after a failover or a drain, so players wait on a playlist instead of an error.
     pub held: Mutex<Option<bytes::Bytes>>,
@@ -133,11 +152,8 @@ impl ChannelEntry {
     }
 
     /// The published playlist (empty before the first segment).
-    pub fn published(&self) -> bytes::Bytes {
-        self.published
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn published(&self) -> Published {
+        self.published.borrow().clone()
     }
 
     /// The earlier owner's playlist, while this node starts the channel.
@@ -351,7 +367,7 @@ impl Node {
             weight: std::sync::atomic::AtomicU32::new(1),
             fenced: std::sync::atomic::AtomicBool::new(false),
             timeline: Mutex::new(None),
-            published: Mutex::new(bytes::Bytes::new()),
+            published: watch::channel(Published::default()).0,
             held: Mutex::new(None),
         });
         map.insert(id.to_string(), entry.clone());
@@ -443,6 +459,7 @@ enum RunEnd {
     Crash(String),
     Stop(String, Option<oneshot::Sender<()>>),
     Restart,
+    Paused(oneshot::Sender<()>),
     Fenced,
 }
 
@@ -808,12 +825,7 @@ async fn supervise(
     inbox: &mut mpsc::Receiver<Ctl>,
 ) -> Outcome {
     let cfg = node.cfg.clone();
-    // Continue what an earlier owner recorded, skipping what it may have published unrecorded.
-    let mut margin = if recorded.last.is_some() {
-        crate::playlist::takeover_margin(cfg.fence_after(), cfg.hls_time)
-    } else {
-        0
-    };
+    // Continue what an earlier owner recorded (or start a new timeline).
     *entry.timeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(
         crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded),
     );
@@ -852,7 +864,7 @@ async fn supervise(
                 crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded)
             });
             tl.begin_run();
-            tl.next_start(progress.borrow().last_seq, std::mem::take(&mut margin))
+            tl.next_start(progress.borrow().last_seq)
         };
         node.watcher.reset(&entry.dir);
         let argv = ffmpeg::args(
@@ -906,6 +918,10 @@ async fn supervise(
                 restarts += 1;
                 entry.restarts.store(restarts, Ordering::Release);
                 continue;
+            }
+            RunEnd::Paused(done) => {
+                let _ = done.send(());
+                return paused(node, inbox).await;
             }
             RunEnd::Crash(reason) => {
                 // The gateway knows why better than FFmpeg's "403 Forbidden".
@@ -976,10 +992,31 @@ async fn supervise(
                         Some(Ctl::Stop { reason, done }) => return Outcome::Stopped(reason, done),
                         Some(Ctl::Fenced) => return Outcome::Fenced,
                         Some(Ctl::Restart) => {}
+                        Some(Ctl::Pause { done }) => {
+                            let _ = done.send(());
+                            return paused(node, inbox).await;
+                        }
                         None => return Outcome::Stopped("shutdown".into(), None),
                     },
                 }
             }
+        }
+    }
+}
+
+/// A paused channel (drain): no FFmpeg; its published playlist and files are still served until a
+/// stop (the new owner runs) or a fence.
+async fn paused(node: &Node, inbox: &mut mpsc::Receiver<Ctl>) -> Outcome {
+    loop {
+        tokio::select! {
+            _ = node.cancel.cancelled() => return Outcome::Stopped("shutdown".into(), None),
+            msg = inbox.recv() => match msg {
+                Some(Ctl::Stop { reason, done }) => return Outcome::Stopped(reason, done),
+                Some(Ctl::Fenced) => return Outcome::Fenced,
+                Some(Ctl::Pause { done }) => { let _ = done.send(()); }
+                Some(Ctl::Restart) => {}
+                None => return Outcome::Stopped("shutdown".into(), None),
+            },
         }
     }
 }
@@ -1156,6 +1193,10 @@ async fn run_once(
                     terminate(&mut child, pid, cfg.stop_grace).await;
                     return RunEnd::Restart;
                 }
+                Some(Ctl::Pause { done }) => {
+                    terminate(&mut child, pid, cfg.stop_grace).await;
+                    return RunEnd::Paused(done);
+                }
                 Some(Ctl::Fenced) => {
                     terminate(&mut child, pid, Duration::ZERO).await;
                     return RunEnd::Fenced;
@@ -1220,7 +1261,7 @@ async fn publish(node: &Node, entry: &ChannelEntry, owner: &str) -> Publish {
         }
     };
     let listed = crate::playlist::parse_ffmpeg(&text);
-    let (ingested, playlist, recorded) = {
+    let (ingested, playlist, recorded, served) = {
         let mut g = entry.timeline.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tl) = g.as_mut() else {
             return Publish::Nothing;
@@ -1229,7 +1270,13 @@ async fn publish(node: &Node, entry: &ChannelEntry, owner: &str) -> Publish {
         if ingested.added == 0 {
             return Publish::Nothing;
         }
-        (ingested, tl.text(), tl.recorded())
+        let served = Published {
+            text: tl.served(),
+            plain: tl.text(),
+            last: tl.last(),
+            target: tl.target(),
+        };
+        (ingested, tl.text(), tl.recorded(), served)
     };
     if ingested.over_target > 0 {
         node.metrics
@@ -1265,7 +1312,7 @@ async fn publish(node: &Node, entry: &ChannelEntry, owner: &str) -> Publish {
             warn!(?wait, "timeline not recorded in time; publishing anyway");
         }
     }
-    *entry.published.lock().unwrap_or_else(|p| p.into_inner()) = playlist;
+    entry.published.send_replace(served);
     for f in ingested.delete {
         if let Err(e) = std::fs::remove_file(entry.dir.join(&f)) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -1494,9 +1541,12 @@ pub async fn access_flush_loop(node: Arc<Node>) {
     }
 }
 
-/// Drain: hand every channel of this node to the live node with the most room, make before break:
-/// the new owner takes the lease (handover script) and starts; this node keeps serving until the
-/// new owner runs, then stops its FFmpeg. Channels nobody can take stay here, loudly.
+/// Drain: hand every channel of this node to the live node with the most room. Its FFmpeg stops
+/// first (break before make: the upstream connection, a provider's connection slot and a UDP port
+/// can only be held once), while this node keeps serving the published window, which viewers play
+/// from their buffer; the new owner takes the lease (handover script), continues the timeline and
+/// publishes its first segment; then this node lets the channel go. Channels nobody can take stay
+/// here, loudly.
 pub async fn drain(node: Arc<Node>) {
     let cfg = node.cfg.clone();
     node.draining.store(true, Ordering::Release);
@@ -1528,6 +1578,10 @@ pub async fn drain(node: Arc<Node>) {
             }
         };
         let gen = e.gen();
+        let (tx, rx) = oneshot::channel();
+        if e.inbox.send(Ctl::Pause { done: tx }).await.is_err() || rx.await.is_err() {
+            continue; // the channel ended meanwhile
+        }
         e.handing_over.store(true, Ordering::Release);
         let cmd = farm_proto::Command {
             op: farm_proto::Op::Start,
@@ -1539,8 +1593,9 @@ pub async fn drain(node: Arc<Node>) {
             seq: None,
         };
         if let Err(err) = node.store.send_command(&target, &cmd).await {
-            error!(channel = %e.id, error = %err, "drain: cannot send the handover");
+            error!(channel = %e.id, error = %err, "drain: cannot send the handover; stopping the channel here (its next viewer starts it elsewhere)");
             e.handing_over.store(false, Ordering::Release);
+            let _ = node.stop_channel(&e.id, "drained", Some(gen)).await;
             continue;
         }
         // Wait (bounded) until the new owner runs it; viewers are still served here meanwhile.

@@ -28,7 +28,7 @@ async fn fault_ffmpeg_crash_loop_ends_failed_with_the_reason_and_leaves_nothing(
             "channel",
             "add",
             "bad",
-            "http://127.0.0.1:9/bad.ts?mode=crash&after_ms=300&seg_ms=100",
+            "http://127.0.0.1:9/bad.ts?mode=crash&after_ms=500&seg_ms=100",
         ],
     );
     let node = |id: &str| {

@@ -129,8 +129,16 @@ async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_sto
     );
     assert!(!r.header("retry-after").is_empty());
 
-    let h = hgetall(&redis, "farm:stream:gone").await;
-    assert_eq!(h["state"], "failed");
+    // Viewers learn of the failure the moment it happens; the stream hash follows.
+    let h = eventually(
+        "the stream hash says failed",
+        Duration::from_secs(5),
+        || async {
+            let h = hgetall(&redis, "farm:stream:gone").await;
+            (h.get("state").map(String::as_str) == Some("failed")).then_some(h)
+        },
+    )
+    .await;
     assert!(h["last_error"].contains("403"), "{h:?}");
     assert!(!exists(&redis, "farm:owner:gone").await, "lease released");
     assert_eq!(
