@@ -720,7 +720,11 @@ http://x/dup
             "g".repeat(257)
         ));
         assert_eq!(lines_of(&e), vec![2, 4], "{e:?}");
-        assert!(e[0].message.contains("name: it is 1048576 bytes long"), "{}", e[0]);
+        assert!(
+            e[0].message.contains("name: it is 1048576 bytes long"),
+            "{}",
+            e[0]
+        );
         assert!(e[1].message.contains("group"), "{}", e[1]);
         assert!(e.iter().all(|x| x.message.len() < 200));
     }

@@ -388,11 +388,17 @@ mod tests {
                 "http://h/timeshift/***/***/120/2024-01-01:10-00/5.ts",
             ),
             // not the convention: shape kept
-            ("http://h/hls/stream/index.m3u8", "http://h/hls/stream/index.m3u8"),
+            (
+                "http://h/hls/stream/index.m3u8",
+                "http://h/hls/stream/index.m3u8",
+            ),
             ("http://h/live/x.ts", "http://h/live/x.ts"),
             ("http://h/live/u/p/", "http://h/live/u/p/"),
             ("http://h/x#frag", "http://h/x#***"),
-            ("udp://239.0.0.1:1234?pkt_size=1316", "udp://239.0.0.1:1234?pkt_size=***"),
+            (
+                "udp://239.0.0.1:1234?pkt_size=1316",
+                "udp://239.0.0.1:1234?pkt_size=***",
+            ),
             ("http://h?a=1", "http://h?a=***"),
             ("", ""),
             ("no url at all", "no url at all"),
@@ -480,8 +486,8 @@ mod tests {
     #[test]
     fn never_panics_and_never_returns_a_userinfo() {
         let pieces = [
-            "http://", "u:p@", "@", "/", "live/", "a/", "1", "?", "&", "=", "#", ":", "%", "%4", "é",
-            "://", " ", "'", "x",
+            "http://", "u:p@", "@", "/", "live/", "a/", "1", "?", "&", "=", "#", ":", "%", "%4",
+            "é", "://", " ", "'", "x",
         ];
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..5000 {

@@ -102,12 +102,8 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
 
     // Channel ids: catalog, access entries, node sets.
     let k = ctx.keys().clone();
-    let catalog: Vec<String> = ctx
-        .query(
-            "SMEMBERS channels",
-            redis::cmd("SMEMBERS").arg(k.channels()),
-        )
-        .await?;
+    // SSCAN in chunks: the catalog may hold 100k ids, and Redis is shared.
+    let catalog: Vec<String> = super::catalog::ids(ctx).await?;
     let access: Vec<(String, f64)> = ctx
         .query(
             "ZRANGE access",
@@ -172,7 +168,8 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
                 pid: get("pid").parse().ok(),
                 last_access_ms_ago: last.map(|t| now.saturating_sub(t)),
                 restarts: get("restarts").parse().unwrap_or(0),
-                last_error: get("last_error"),
+                // Nodes store it redacted; redacted again here for older or hand-written data.
+                last_error: farm_proto::redact::text(&get("last_error")),
                 pinned: matches!(pinned.as_deref(), Some("1" | "true")),
             });
         }
