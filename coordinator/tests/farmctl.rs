@@ -648,7 +648,7 @@ fn an_import_that_fails_while_staging_leaves_the_catalog_as_it_was() {
     redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
-        .arg(used + 400_000)
+        .arg(used + 2_000_000)
         .query::<()>(&mut r.conn())
         .expect("CONFIG SET");
     let file = write_file(dir.path(), "big.m3u", &generated_m3u(20_000, "a.example"));
@@ -795,20 +795,43 @@ fn odd_data_in_redis_never_breaks_the_list_and_big_names_are_refused() {
     assert_exit(&farmctl(&r.url, &["channel", "show", "huge"]), 0);
     assert_exit(&farmctl(&r.url, &["status"]), 0);
 
-    // writing one is refused with a sentence, and nothing changes
+    // writing one is refused with a sentence, and nothing changes (an argument is at most
+    // 128 KiB, so the 1 MB name comes through an import)
     let o = farmctl(
         &r.url,
-        &["channel", "add", "n1", "http://h.example/2", "--name", &big],
+        &[
+            "channel",
+            "add",
+            "n1",
+            "http://h.example/2",
+            "--name",
+            &big[..100_000],
+        ],
     );
     assert_exit(&o, 2);
     assert_one_sentence(&o);
     assert!(
-        stderr(&o).contains("invalid name: it is 1048576 bytes long, at most 256 are allowed"),
+        stderr(&o).contains("invalid name: it is 100000 bytes long, at most 256 are allowed"),
         "{}",
         stderr(&o)
     );
     assert!(stderr(&o).len() < 300);
     assert!(hash(&r, "farm:channel:n1").is_empty());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write_file(
+        dir.path(),
+        "big-name.m3u",
+        &format!("#EXTM3U\n#EXTINF:-1 tvg-id=\"n2\",{big}\nhttp://h.example/3\n"),
+    );
+    let o = farmctl(&r.url, &["import", &file]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains(":2: the channel's invalid name: it is 1048576 bytes long"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).len() < 400);
+    assert!(hash(&r, "farm:channel:n2").is_empty());
 }
 
 #[test]

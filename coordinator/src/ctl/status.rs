@@ -138,9 +138,17 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
                 .get(k.owner(id))
                 .hget(k.channel(id), "pinned");
         }
-        let replies: Vec<redis::Value> = ctx.query_pipe("stream hashes", &p).await?;
+        // A key of the wrong type (a hand edit) reads as missing instead of failing the status.
+        p.ignore_errors();
+        let replies: Vec<redis::RedisResult<redis::Value>> =
+            ctx.query_pipe("stream hashes", &p).await?;
         for (id, r) in chunk.iter().zip(replies.chunks(3)) {
-            let conv = |i: usize| r.get(i).cloned().unwrap_or(redis::Value::Nil);
+            let conv = |i: usize| {
+                r.get(i)
+                    .and_then(|v| v.as_ref().ok())
+                    .cloned()
+                    .unwrap_or(redis::Value::Nil)
+            };
             let stream: HashMap<String, String> =
                 redis::from_redis_value(conv(0)).unwrap_or_default();
             let owner: Option<String> = redis::from_redis_value(conv(1)).unwrap_or(None);
