@@ -225,6 +225,7 @@ pub async fn import(
         return Err(e);
     }
     writeln!(progress, "committed import {gen}")?;
+    progress.flush()?;
     apply(ctx, chunk, progress, false).await?;
     Ok(Imported {
         channels: specs.len(),
@@ -238,6 +239,8 @@ fn report(progress: &mut dyn Write, what: &str, done: usize, total: usize, chunk
     let step = (total / 10).max(chunk).max(1);
     if done == total || done / step != (done - chunk.min(done)) / step {
         let _ = writeln!(progress, "{what} {done}/{total}");
+        // Shown as it happens, not when farmctl ends (its stdout is buffered).
+        let _ = progress.flush();
     }
 }
 
@@ -420,6 +423,7 @@ async fn apply(
         if announce && !announced && applied == 0 && len > 0 {
             announced = true;
             let _ = writeln!(progress, "applying import {gen}: {len} channels left");
+            let _ = progress.flush();
         }
         let mut tx = redis::pipe();
         tx.atomic();
