@@ -486,7 +486,7 @@ async fn run_channel(
     entry.phase.send_replace(Phase::Starting);
     node.metrics.channel_starts.inc();
     node.metrics.streams_running.inc();
-    info!(gen, url = %spec.url, profile = %spec.profile, "channel claimed");
+    info!(gen, url = %farm_proto::redact::Redacted(&spec.url), profile = %spec.profile, "channel claimed");
     node.event(event::STARTED, &entry.id, gen, &[]).await;
 
     let dir = entry.dir.clone();
@@ -545,8 +545,10 @@ async fn run_channel(
             warn!("channel fenced: lease lost, FFmpeg stopped without touching Redis");
         }
         Outcome::Failed(reason, done) => {
+            // Viewers get a generic reason, never FFmpeg's text (the reason is in the stream
+            // hash, the event and the log, redacted).
             entry.phase.send_replace(Phase::Failed(format!(
-                "channel {} failed: {reason}",
+                "channel {} is failing upstream; retry later",
                 entry.id
             )));
             match node
@@ -654,6 +656,23 @@ async fn claim(
                 format!("channel {id} cannot start: catalog entry has an {e}"),
             )
         })?;
+    }
+    // FFmpeg reads every scheme but http without the gateway (https through CONNECT, whose TLS
+    // the gateway cannot rewrite): credentials in such a URL would be in FFmpeg's argv, which
+    // every local user can read. udp/rtp have no credentials (their query holds FFmpeg options).
+    for url in spec.sources() {
+        let scheme = crate::egress::scheme(&url);
+        if !matches!(scheme.as_str(), "http" | "udp" | "rtp")
+            && farm_proto::redact::has_credentials(&url)
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "channel {id} cannot start: its upstream URL {} carries credentials (userinfo, a token in the query or /live/<user>/<pass>/) that FFmpeg would show in its command line; only http:// URLs may carry them (the egress gateway adds them)",
+                    farm_proto::redact::url(&url)
+                ),
+            ));
+        }
     }
     // An upstream must never be the farm itself (Redis, a sentinel, this node) nor a denied
     // network: decided on resolved addresses, so no spelling of 127.0.0.1 gets through.
@@ -830,6 +849,24 @@ async fn supervise(
         crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded),
     );
     let sources = spec.sources();
+    // FFmpeg's argv gets http URLs without their credentials; the gateway puts them back.
+    let nonce = format!("{:016x}", rand::random::<u64>());
+    let (masked, secrets): (Vec<String>, Vec<farm_proto::redact::OriginSecrets>) = {
+        let mut secrets = Vec::new();
+        let masked = sources
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                if crate::egress::scheme(u) != "http" {
+                    return u.clone();
+                }
+                let m = farm_proto::redact::mask(u, &format!("{nonce}{i}"), 80);
+                secrets.extend(m.secrets);
+                m.url
+            })
+            .collect();
+        (masked, secrets)
+    };
     let profile = &cfg.profiles[&spec.profile];
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     let mut source_idx = 0usize;
@@ -843,7 +880,7 @@ async fn supervise(
     {
         match node
             .guard
-            .open_gateway(&entry.id, &sources, cfg.read_timeout)
+            .open_gateway(&entry.id, &sources, cfg.read_timeout, &secrets)
             .await
         {
             Ok(g) => Some(g),
@@ -858,6 +895,7 @@ async fn supervise(
             return Outcome::Fenced;
         }
         let url = &sources[source_idx % sources.len()];
+        let argv_url = &masked[source_idx % masked.len()];
         let start_number = {
             let mut tl = entry.timeline.lock().unwrap_or_else(|p| p.into_inner());
             let tl = tl.get_or_insert_with(|| {
@@ -870,7 +908,7 @@ async fn supervise(
         let argv = ffmpeg::args(
             &cfg,
             &ffmpeg::RunSpec {
-                url,
+                url: argv_url,
                 dir: &entry.dir,
                 profile,
                 start_number,
@@ -1063,6 +1101,8 @@ async fn run_once(
             async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    // FFmpeg quotes URLs in its errors: redacted before it is logged or kept.
+                    let line = farm_proto::redact::text(&line);
                     debug!(target: "ffmpeg", "{line}");
                     let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
                     if t.len() == STDERR_LINES {
@@ -1088,7 +1128,7 @@ async fn run_once(
                 ("state", state.as_str().into()),
                 ("pid", pid.to_string()),
                 ("pid_start", pid_start.to_string()),
-                ("source", url.to_string()),
+                ("source", farm_proto::redact::url(url)),
                 ("restarts", restarts.to_string()),
                 ("last_error", last_error.to_string()),
             ],
@@ -1106,7 +1146,7 @@ async fn run_once(
             warn!(error = %e, "could not record ffmpeg pid");
         }
     }
-    debug!(pid, %url, "ffmpeg started");
+    debug!(pid, url = %farm_proto::redact::Redacted(url), "ffmpeg started");
     let spawned = Instant::now();
     let first_allowance = cfg.hls_time * 3 + cfg.read_timeout;
     let mut running_written = false;
