@@ -19,6 +19,8 @@ pub struct Metrics {
     /// Wall time of one leader tick (idle cleanup, reaping, reconciliation), seconds.
     pub tick_duration: Histogram,
     pub ticks: Counter,
+    /// Wrong-typed keys met (an operator's mistake): replaced by the leader, or reported.
+    pub data_errors: Counter,
     /// Stop commands sent for idle channels.
     pub idle_stops: Counter,
     /// Keys or nodes reaped, by reason (node_dead, no_lease, not_owner, stale_access).
@@ -44,6 +46,7 @@ impl Metrics {
         let m = Self {
             tick_duration: Histogram::new(buckets),
             ticks: Counter::default(),
+            data_errors: Counter::default(),
             idle_stops: Counter::default(),
             reaps: Family::default(),
             reaps_refused: Family::default(),
@@ -61,6 +64,11 @@ impl Metrics {
             m.tick_duration.clone(),
         );
         registry.register("ticks", "Leader ticks run", m.ticks.clone());
+        registry.register(
+            "data_errors",
+            "Wrong-typed keys met: replaced by the leader, or reported",
+            m.data_errors.clone(),
+        );
         registry.register(
             "idle_stops",
             "Stop commands sent for idle channels",

@@ -75,10 +75,82 @@ fn protocol(what: &'static str, detail: impl Into<String>) -> StoreError {
     }
 }
 
+/// Farm-wide keys and the type the farm keeps in each; `true` when the leader may replace a
+/// wrong-typed one (the farm rebuilds it), `false` when it only reports it (the catalog).
+fn global_keys(k: &farm_proto::Keys) -> Vec<(String, &'static str, bool)> {
+    vec![
+        (k.access(), "zset", true),
+        (k.nodes(), "zset", true),
+        (k.recovering(), "string", true),
+        (k.since(), "string", true),
+        (k.events(), "stream", true),
+        (k.channels(), "set", false),
+        (k.pinned(), "set", false),
+    ]
+}
+
+/// Checks the farm-wide keys' types (one pipeline of TYPE): a wrong-typed key is reported every
+/// tick (log, metric) and, by the leader, replaced when the farm can rebuild it. Returns false when
+/// `farm:nodes` is still wrong-typed (this tick cannot read the nodes).
+async fn check_keys(sh: &Shared, ev: &mut Vec<Event>, now_ms: u64) -> Result<bool> {
+    let keys = global_keys(&sh.keys);
+    let mut p = redis::pipe();
+    for (key, _, _) in &keys {
+        p.cmd("TYPE").arg(key);
+    }
+    let types: Vec<String> = sh.store.pipe("TYPE of the farm-wide keys", &p).await?;
+    let leading = sh.leadership().leading(Instant::now()).map(str::to_string);
+    let mut nodes_ok = true;
+    for ((key, wanted, repairable), found) in keys.iter().zip(types) {
+        if found == *wanted || found == "none" {
+            continue;
+        }
+        sh.metrics.data_errors.inc();
+        let mut action = "left (the catalog: an operator must fix it)";
+        if let (Some(held), true) = (&leading, *repairable) {
+            let mut rp = redis::pipe();
+            eval(
+                &mut rp,
+                &scripts::REPAIR_KEY,
+                &[&sh.keys.leader(), key],
+                &[held, wanted],
+            );
+            let r: Vec<String> = sh.store.pipe("repair_key.lua", &rp).await?;
+            if r.first().is_some_and(|r| r != "notleader") {
+                action = "replaced (the farm rebuilds it)";
+                ev.push(
+                    Event::new(event::KEY_REPAIRED, now_ms)
+                        .field("key", key)
+                        .field("found", &found)
+                        .field("wanted", *wanted)
+                        .field("action", "replaced"),
+                );
+            }
+        } else if *repairable {
+            action = "left for the leader to replace";
+        }
+        error!(%key, %found, %wanted, action, "a farm-wide key has the wrong type");
+        if key == &sh.keys.nodes() && !action.starts_with("replaced") {
+            nodes_ok = false;
+        }
+    }
+    Ok(nodes_ok)
+}
+
 /// Runs one tick.
 pub async fn tick(sh: &Shared, st: &mut TickState) -> Result<TickReport> {
     let started = Instant::now();
     let mut report = TickReport::default();
+    let mut key_events = Vec::new();
+    let clock: (String, String) = sh.store.query("TIME", &redis::cmd("TIME")).await?;
+    let clock_ms = time_ms(&clock).ok_or_else(|| protocol("TIME", format!("{clock:?}")))?;
+    let nodes_readable = check_keys(sh, &mut key_events, clock_ms).await?;
+    if !key_events.is_empty() {
+        events::emit(&sh.store, &sh.keys.events(), &sh.cfg.by(), &mut key_events).await?;
+    }
+    if !nodes_readable {
+        return Ok(report);
+    }
     let (now_ms, nodes) = read_nodes(sh).await?;
     report.now_ms = now_ms;
     report.nodes_alive = nodes.iter().filter(|n| n.alive).count();
@@ -176,6 +248,8 @@ async fn read_nodes(sh: &Shared) -> Result<(u64, Vec<NodeView>)> {
             .hgetall(k.node(id))
             .scard(k.node_streams(id));
     }
+    // One node's wrong-typed hash (an operator's mistake) must not blind the tick to every node.
+    p.ignore_errors();
     let replies: Vec<redis::Value> = sh.store.pipe("node liveness", &p).await?;
     if replies.len() != members.len() * 3 {
         return Err(protocol("node liveness", "reply count"));
@@ -183,6 +257,10 @@ async fn read_nodes(sh: &Shared) -> Result<(u64, Vec<NodeView>)> {
     let mut nodes = Vec::with_capacity(members.len());
     for ((id, score), r) in members.iter().zip(replies.chunks(3)) {
         let alive: bool = redis::from_redis_value(r[0].clone()).unwrap_or(false);
+        if let redis::Value::ServerError(e) = &r[1] {
+            sh.metrics.data_errors.inc();
+            warn!(node = %id, error = ?e, "the node's hash has the wrong type (its next heartbeat replaces it)");
+        }
         let hash: HashMap<String, String> =
             redis::from_redis_value(r[1].clone()).unwrap_or_default();
         let mut view = NodeView::new(id, *score, alive, &hash);

@@ -278,8 +278,20 @@ async fn playlist(node: &Arc<Node>, id: &str, uri: &Uri) -> Result<bytes::Bytes,
         // Its owner has published nothing yet (it is starting): the owner answers when it has.
         return Err(to_owner(node, owner_route(node, id, owner).await, uri));
     }
+    // Nobody holds the lease: start it here. While that cannot happen yet (the last owner may
+    // still stop its FFmpeg, Redis is recovering), the recorded window, if fresh, is the answer.
+    let held = view.playlist.clone().filter(|_| {
+        view.age_ms
+            .is_some_and(|a| a <= node.cfg.hold_max().as_millis() as u64)
+    });
     let entry = node.get_or_start(id).map_err(|e| to_owner(node, e, uri))?;
     match local_playlist(node, &entry, want).await {
+        Some(Err(e))
+            if e.status == axum::http::StatusCode::SERVICE_UNAVAILABLE && held.is_some() =>
+        {
+            node.metrics.remote_playlists.inc();
+            Ok(held.unwrap_or_default())
+        }
         Some(answer) => answer.map_err(|e| to_owner(node, e, uri)),
         None => Err(ApiError::unavailable(
             format!("channel {id} is stopping; retry"),

@@ -57,6 +57,9 @@ pub struct Metrics {
     /// Fences by the guard (the deadline passed), and FFmpegs it killed.
     pub guard_fences: Counter,
     pub guard_kills: Counter,
+    /// Keys Redis held with the wrong type (an operator's mistake): replaced, or the one channel
+    /// whose key it is fenced.
+    pub data_errors: Counter,
 }
 
 impl Metrics {
@@ -84,6 +87,7 @@ impl Metrics {
             publish_unrecorded: Counter::default(),
             remote_playlists: Counter::default(),
             playback_refused: Counter::default(),
+            data_errors: Counter::default(),
             guard_restarts: Counter::default(),
             guard_fences: Counter::default(),
             guard_kills: Counter::default(),
@@ -184,6 +188,11 @@ impl Metrics {
             "remote_playlists",
             "Playlists answered from Redis for channels another node runs or ran",
             m.remote_playlists.clone(),
+        );
+        registry.register(
+            "data_errors",
+            "Wrong-typed Redis keys met: replaced, or only their channel fenced",
+            m.data_errors.clone(),
         );
         registry.register(
             "playback_refused",

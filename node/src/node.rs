@@ -213,6 +213,8 @@ impl AccessBuffer {
 pub struct Node {
     pub cfg: Arc<Config>,
     pub store: Store,
+    /// The keepalive's own connection (heartbeat and lease renewals never queue behind requests).
+    pub keepalive_store: Store,
     pub watcher: Arc<HlsWatcher>,
     pub metrics: Arc<Metrics>,
     pub access: AccessBuffer,
@@ -268,6 +270,7 @@ impl Node {
         let hot_budget = crate::hot::Budget::new(cfg.segment_cache);
         Arc::new(Self {
             cfg,
+            keepalive_store: store.dedicated(),
             store,
             watcher,
             metrics,
@@ -637,9 +640,14 @@ async fn claim(
 ) -> Result<(ChannelSpec, u64), ApiError> {
     let cfg = &node.cfg;
     let id = &entry.id;
+    // Viewers get a sentence; the Redis error (a script hash, a WRONGTYPE) goes to the log.
     let redis_down = |e: crate::store::StoreError| {
         node.metrics.redis_errors.inc();
-        ApiError::unavailable(format!("cannot start channel {id}: {e}"), 2)
+        warn!(error = %e, "cannot start the channel: redis");
+        ApiError::unavailable(
+            format!("cannot start channel {id} this moment: the farm's state store did not answer as expected; retry"),
+            2,
+        )
     };
     let spec = node
         .store
@@ -805,8 +813,16 @@ async fn claim(
                 10,
             )),
         },
-        ClaimResult::Recovering => Err(ApiError::unavailable(
+        ClaimResult::Busy { node: prev } => Err(ApiError::unavailable(
+            format!("channel {id} was released from node {prev} a moment ago; it stops there first; retry"),
+            1,
+        )),
+        ClaimResult::Recovering { not_alive: false } => Err(ApiError::unavailable(
             format!("channel {id} cannot start this moment: the farm is recovering from a Redis restart; retry"),
+            1,
+        )),
+        ClaimResult::Recovering { not_alive: true } => Err(ApiError::unavailable(
+            format!("channel {id} cannot start this moment: node {} is registering with the farm; retry", cfg.node_id),
             1,
         )),
         ClaimResult::ProviderFull { max } => Err(ApiError::unavailable(
@@ -1397,6 +1413,9 @@ pub async fn keepalive_loop(node: Arc<Node>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut fenced_all = false;
     let mut beat_before = false;
+    // Redis time of the last heartbeat reply and when it came: a heartbeat tells Redis what time it
+    // expects, so that one delivered late (after a partition healed) changes nothing.
+    let mut last_reply: Option<(u64, Instant)> = None;
     // Stops every FFmpeg this node runs, touching nothing in Redis (their leases may be others' now).
     let fence_all = |why: &str| {
         let claimed: Vec<Arc<ChannelEntry>> = node
@@ -1490,14 +1509,20 @@ pub async fn keepalive_loop(node: Arc<Node>) {
         // A renewal counts from when it was sent; a call that hangs past the fence time fences
         // while it hangs (redis_timeout may be longer than what is left of the lease).
         let sent_at = Instant::now();
-        let call = node.store.keepalive(
+        let beat = crate::store::Beat {
+            before: beat_before,
+            expected_now_ms: last_reply
+                .map(|(t, at)| t + sent_at.saturating_duration_since(at).as_millis() as u64),
+            max_lag: cfg.fence_after(),
+        };
+        let call = node.keepalive_store.keepalive(
             &cfg.node_id,
             cfg.node_ttl,
             &node.incarnation,
             &fields,
             cfg.lease_ttl,
             &renewals,
-            beat_before,
+            &beat,
         );
         tokio::pin!(call);
         let result = loop {
@@ -1509,8 +1534,16 @@ pub async fn keepalive_loop(node: Arc<Node>) {
                 }
             }
         };
+        let result = match result {
+            Ok(ka) if ka.stale => Err(crate::store::StoreError::Protocol(
+                "the heartbeat reached Redis later than the fence time allows; it changed nothing"
+                    .into(),
+            )),
+            other => other,
+        };
         match result {
             Ok(ka) => {
+                last_reply = Some((ka.redis_now_ms, Instant::now()));
                 *node.last_redis_ok.lock().unwrap_or_else(|p| p.into_inner()) = sent_at;
                 node.guard.renewed(sent_at, cfg.fence_after());
                 beat_before = true;
@@ -1519,6 +1552,17 @@ pub async fn keepalive_loop(node: Arc<Node>) {
                     fence_all(
                         "redis lost this node's keys (restarted empty, or the node was reaped)",
                     );
+                }
+                if ka.repaired > 0 {
+                    node.metrics.data_errors.inc_by(ka.repaired.min(100) as u64);
+                    warn!(
+                        repaired = ka.repaired,
+                        "heartbeat replaced wrong-typed keys of this node (>= 100: farm:nodes has the wrong type; the coordinator repairs it)"
+                    );
+                }
+                for e in &ka.data_errors {
+                    node.metrics.data_errors.inc();
+                    warn!(error = %farm_proto::redact::text(e), "a lease renewal failed on a bad key: only that channel is fenced");
                 }
                 let held = ka.held;
                 if fenced_all {
@@ -1563,8 +1607,15 @@ pub async fn access_flush_loop(node: Arc<Node>) {
         let ids: Vec<String> = node.access.take().into_iter().collect();
         if !ids.is_empty() {
             match node.store.touch(&ids).await {
-                Ok(()) => {
+                Ok(true) => {
                     node.metrics.access_flushes.inc();
+                }
+                Ok(false) => {
+                    node.metrics.data_errors.inc();
+                    warn!(channels = ids.len(), "farm:access has the wrong type: access not recorded (the coordinator repairs it); keeping it for the next flush");
+                    for id in ids {
+                        node.access.record(&id);
+                    }
                 }
                 Err(e) => {
                     node.metrics.redis_errors.inc();

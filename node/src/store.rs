@@ -49,6 +49,25 @@ pub struct Keepalive {
     pub held: Vec<bool>,
     /// The node's alive key had vanished although it heartbeated before: Redis lost its keys.
     pub lost: bool,
+    /// Wrong-typed keys of this node the heartbeat replaced (+100: `farm:nodes` is wrong-typed).
+    pub repaired: i64,
+    /// Renewals Redis answered with an error (a wrong-typed key of that channel).
+    pub data_errors: Vec<String>,
+    /// Redis time when the heartbeat ran.
+    pub redis_now_ms: u64,
+    /// The heartbeat arrived later than allowed and changed nothing.
+    pub stale: bool,
+}
+
+/// What a heartbeat says about its sender's view of time.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    /// This incarnation has heartbeated before.
+    pub before: bool,
+    /// The Redis time (ms) the node expects when the heartbeat arrives (from its last reply).
+    pub expected_now_ms: Option<u64>,
+    /// How late it may arrive: later, it sat in a partitioned link and must change nothing.
+    pub max_lag: Duration,
 }
 
 /// `capacity`, `running`, `public_url`, `draining`, `load` of a node hash (HMGET).
@@ -166,6 +185,15 @@ impl Store {
             keys: Keys::new(prefix),
             timeout,
         })
+    }
+
+    /// The same Redis through a connection of its own: the keepalive's, so a renewal never waits
+    /// behind a burst of starts on the shared one.
+    pub fn dedicated(&self) -> Store {
+        Store {
+            hot: Default::default(),
+            ..self.clone()
+        }
     }
 
     fn lock_hot(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
@@ -353,8 +381,12 @@ impl Store {
         node_fields: &[(&str, String)],
         lease: Duration,
         renewals: &[Renewal],
-        beat_before: bool,
+        beat: &Beat,
     ) -> Result<Keepalive> {
+        let expected = beat
+            .expected_now_ms
+            .map_or(String::new(), |t| t.to_string());
+        let max_lag = beat.max_lag.as_millis() as u64;
         let k = &self.keys;
         let mut pipe = redis::pipe();
         let hb = pipe
@@ -369,9 +401,11 @@ impl Store {
             .arg(node)
             .arg(node_ttl.as_millis() as u64)
             .arg(incarnation)
-            .arg(if beat_before { "1" } else { "0" })
+            .arg(if beat.before { "1" } else { "0" })
             .arg(if renewals.is_empty() { "0" } else { "1" })
-            .arg(lease.as_millis() as u64);
+            .arg(lease.as_millis() as u64)
+            .arg(&expected)
+            .arg(max_lag);
         for (f, v) in node_fields {
             hb.arg(*f).arg(v);
         }
@@ -379,15 +413,21 @@ impl Store {
             let renew = pipe.cmd("EVALSHA").arg(scripts::RENEW.get_hash());
             match &r.provider {
                 Some(p) => renew
+                    .arg(3)
+                    .arg(k.owner(&r.channel))
+                    .arg(k.stream(&r.channel))
+                    .arg(k.provider_conns(p)),
+                None => renew
                     .arg(2)
                     .arg(k.owner(&r.channel))
-                    .arg(k.provider_conns(p)),
-                None => renew.arg(1).arg(k.owner(&r.channel)),
+                    .arg(k.stream(&r.channel)),
             };
             renew
                 .arg(&r.owner)
                 .arg(lease.as_millis() as u64)
-                .arg(&r.channel);
+                .arg(&r.channel)
+                .arg(&expected)
+                .arg(max_lag);
             if let Some(t) = r.last_segment_at {
                 pipe.cmd("EVALSHA")
                     .arg(scripts::STREAM_SET.get_hash())
@@ -400,8 +440,11 @@ impl Store {
                     .ignore();
             }
         }
-        let out: Vec<redis::Value> = self.run_pipe(pipe).await?;
-        let Some((beat, renewed)) = out.split_first() else {
+        // A bad key of one channel (WRONGTYPE: an operator's mistake) fails its own renewal, not the
+        // whole round trip: the other channels keep their leases.
+        pipe.ignore_errors();
+        let out: Vec<redis::Value> = self.run_pipe_tolerant(pipe).await?;
+        let Some((hb_reply, renewed)) = out.split_first() else {
             return Err(StoreError::Protocol("keepalive: no heartbeat reply".into()));
         };
         if renewed.len() != renewals.len() {
@@ -412,22 +455,58 @@ impl Store {
             )));
         }
         let bad = |e: redis::ParsingError| StoreError::Protocol(format!("keepalive: {e}"));
-        let (_, lost): (i64, i64) = redis::from_redis_value(beat.clone()).map_err(bad)?;
-        let held = renewed
-            .iter()
-            .map(|v| redis::from_redis_value::<i64>(v.clone()).map(|n| n == 1))
-            .collect::<std::result::Result<Vec<bool>, _>>()
-            .map_err(bad)?;
+        if let redis::Value::ServerError(e) = hb_reply {
+            return Err(StoreError::Protocol(format!("heartbeat: {e:?}")));
+        }
+        let (redis_now_ms, lost, repaired, stale): (u64, i64, i64, i64) =
+            redis::from_redis_value(hb_reply.clone()).map_err(bad)?;
+        let mut held = Vec::with_capacity(renewed.len());
+        let mut data_errors = Vec::new();
+        for (v, r) in renewed.iter().zip(renewals) {
+            match v {
+                redis::Value::ServerError(e) => {
+                    data_errors.push(format!("{}: {e:?}", r.channel));
+                    held.push(false);
+                }
+                v => held.push(redis::from_redis_value::<i64>(v.clone()).map_err(bad)? == 1),
+            }
+        }
         Ok(Keepalive {
             held,
             lost: lost == 1,
+            repaired,
+            data_errors,
+            redis_now_ms,
+            stale: stale == 1,
         })
     }
 
+    /// [`Store::run_pipe`] for a pipeline in `ignore_errors` mode: a missing script shows up as
+    /// an error value, not as an error of the call.
+    async fn run_pipe_tolerant(&self, pipe: redis::Pipeline) -> Result<Vec<redis::Value>> {
+        self.with(|mut c| async move {
+            let out: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+            let noscript = out
+                .iter()
+                .any(|v| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT"));
+            if !noscript {
+                return Ok(out);
+            }
+            let mut load = redis::pipe();
+            for src in scripts::ALL_SOURCES {
+                load.cmd("SCRIPT").arg("LOAD").arg(*src).ignore();
+            }
+            load.query_async::<()>(&mut c).await?;
+            Ok(pipe.query_async(&mut c).await?)
+        })
+        .await
+    }
+
     /// Records viewer access for these channels at Redis time: one call for the whole batch.
-    pub async fn touch(&self, ids: &[String]) -> Result<()> {
+    /// `false` when `farm:access` has the wrong type (nothing stamped; the coordinator repairs it).
+    pub async fn touch(&self, ids: &[String]) -> Result<bool> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         // Bounded work per script call: at most TOUCH_BATCH channels each, all in one pipeline.
         let mut pipe = redis::pipe();
@@ -443,9 +522,9 @@ impl Store {
             for id in chunk {
                 cmd.arg(id);
             }
-            cmd.ignore();
         }
-        self.run_pipe::<()>(pipe).await
+        let stamped: Vec<i64> = self.run_pipe(pipe).await?;
+        Ok(stamped.iter().all(|t| *t >= 0))
     }
 
     /// Records the channel's published timeline (gen-checked); `false` means the lease is not ours.

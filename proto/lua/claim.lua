@@ -13,12 +13,26 @@
 -- ARGV[5] provider name ("" = none), ARGV[6] the channel's weight (a copy 1, a transcode more)
 -- Returns {"ok", gen} | {"owned", "<node>:<gen>"} | {"full", running} | {"provider_full", max}
 --       | {"recovering", ""} (Redis lost keys moments ago; retry shortly)
+--       | {"busy", node} (the owner key is gone but the stream hash says that node's lease would
+--         still run: it may still run FFmpeg until its next renewal finds the lease gone and fences;
+--         nobody claims before that, so a channel never runs twice)
 local cur = redis.call('GET', KEYS[1])
 if cur then
   return {'owned', cur}
 end
-if redis.call('EXISTS', KEYS[9]) == 1 or redis.call('EXISTS', KEYS[10]) == 0 then
-  return {'recovering', ''}
+if redis.call('EXISTS', KEYS[9]) == 1 then
+  return {'recovering', 'window'}
+end
+if redis.call('EXISTS', KEYS[10]) == 0 then
+  return {'recovering', 'not_alive'}
+end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('TYPE', KEYS[4]).ok == 'hash' then
+  local prev = redis.call('HMGET', KEYS[4], 'node', 'lease_until')
+  if prev[1] and prev[1] ~= ARGV[1] and (tonumber(prev[2]) or 0) > now then
+    return {'busy', prev[1]}
+  end
 end
 local cap = tonumber(ARGV[3])
 local weight = tonumber(ARGV[6]) or 1
@@ -32,8 +46,6 @@ if cap > 0 then
     return {'full', tostring(load)}
   end
 end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local lease = tonumber(ARGV[2])
 if ARGV[5] ~= '' then
   -- Holdings are leases: a dead node's expire by themselves; never a counter that drifts.
@@ -51,9 +63,13 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':' .. gen, 'PX', lease)
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('HSET', KEYS[8], ARGV[4], weight)
 -- A start counts as an access: a channel started but never watched goes idle like any other.
-redis.call('ZADD', KEYS[5], 'GT', now, ARGV[4])
+-- (A wrong-typed farm:access, an operator's mistake, is the coordinator's to repair: no stamp.)
+local access_type = redis.call('TYPE', KEYS[5]).ok
+if access_type == 'zset' or access_type == 'none' then
+  redis.call('ZADD', KEYS[5], 'GT', now, ARGV[4])
+end
 redis.call('DEL', KEYS[4])
 redis.call('HSET', KEYS[4], 'node', ARGV[1], 'gen', gen, 'state', 'starting', 'started_at', now,
   'restarts', 0, 'pid', '', 'pid_start', '', 'source', '', 'last_error', '', 'last_segment_at', '',
-  'provider', ARGV[5])
+  'provider', ARGV[5], 'lease_until', now + lease)
 return {'ok', tostring(gen)}

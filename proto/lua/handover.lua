@@ -34,5 +34,6 @@ redis.call('HDEL', KEYS[6], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('HSET', KEYS[7], ARGV[4], weight)
 redis.call('HSET', KEYS[5], 'node', ARGV[2], 'gen', gen, 'state', 'starting', 'started_at', now,
-  'restarts', 0, 'pid', '', 'pid_start', '', 'last_error', '', 'last_segment_at', '')
+  'restarts', 0, 'pid', '', 'pid_start', '', 'last_error', '', 'last_segment_at', '',
+  'lease_until', now + tonumber(ARGV[3]))
 return {'ok', tostring(gen)}

@@ -16,6 +16,14 @@ local cur = redis.call('GET', KEYS[2])
 if cur and string.sub(cur, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ':' then
   return ''
 end
+-- A lease deleted by hand while its node still runs the channel: the stream hash's lease_until
+-- keeps claims away until that node noticed and fenced; it is not stale before then.
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('TYPE', KEYS[4]).ok == 'hash'
+  and (tonumber(redis.call('HGET', KEYS[4], 'lease_until')) or 0) > now then
+  return ''
+end
 local out = ''
 if redis.call('SREM', KEYS[3], ARGV[3]) == 1 then
   out = out .. 'u'

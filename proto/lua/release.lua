@@ -25,6 +25,7 @@ if ARGV[3] == '' then
   redis.call('DEL', KEYS[3])
 else
   redis.call('HSET', KEYS[3], 'state', ARGV[3], 'last_error', ARGV[4], 'pid', '', 'pid_start', '')
+  redis.call('HDEL', KEYS[3], 'lease_until')
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
 return 1

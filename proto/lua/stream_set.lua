@@ -6,6 +6,11 @@
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
+-- The owner's own hash: a wrong-typed key (an operator's mistake) is replaced.
+local ty = redis.call('TYPE', KEYS[2]).ok
+if ty ~= 'hash' and ty ~= 'none' then
+  redis.call('DEL', KEYS[2])
+end
 local t = redis.call('TIME')
 local now = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
 local args = {}

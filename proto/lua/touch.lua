@@ -4,9 +4,15 @@
 -- KEYS[1] access farm:access (zset channel -> last access ms)
 -- KEYS[2..n+1] farm:owner:<id> of each channel, in ARGV's order
 -- ARGV channel ids
--- Returns the Redis time used, in ms. ZADD GT: an access time never moves backwards.
+-- Returns the Redis time used, in ms (-1: farm:access has the wrong type, nothing was stamped).
+-- ZADD GT: an access time never moves backwards.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ty = redis.call('TYPE', KEYS[1]).ok
+if ty ~= 'zset' and ty ~= 'none' then
+  -- Wrong type (an operator's mistake): nothing is stamped; the coordinator repairs it.
+  return -1
+end
 local args = {}
 for i = 1, #ARGV do
   if redis.call('EXISTS', KEYS[i + 1]) == 1 then

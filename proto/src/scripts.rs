@@ -35,6 +35,7 @@ scripts! {
     COMMAND => "command.lua",
     PIN => "pin.lua",
     TIMELINE => "timeline.lua",
+    REPAIR_KEY => "repair_key.lua",
 }
 
 /// What the claim script answered.
@@ -49,7 +50,12 @@ pub enum ClaimResult {
     /// The channel's provider account is at its connection limit.
     ProviderFull { max: u64 },
     /// Redis lost keys moments ago (or this node has not heartbeated yet): retry shortly.
-    Recovering,
+    /// `not_alive`: Redis does not know this node as alive (no heartbeat landed yet, or it was
+    /// reaped); otherwise the recovery window after Redis lost keys is open.
+    Recovering { not_alive: bool },
+    /// The lease is free but this node's lease would still run (its owner key was deleted by
+    /// hand): it may still run FFmpeg until it notices and fences; retry shortly.
+    Busy { node: String },
 }
 
 impl ClaimResult {
@@ -74,7 +80,10 @@ impl ClaimResult {
             [tag, v] if tag == "provider_full" => Ok(Self::ProviderFull {
                 max: v.parse().unwrap_or(0),
             }),
-            [tag, _] if tag == "recovering" => Ok(Self::Recovering),
+            [tag, why] if tag == "recovering" => Ok(Self::Recovering {
+                not_alive: why == "not_alive",
+            }),
+            [tag, v] if tag == "busy" => Ok(Self::Busy { node: v.clone() }),
             other => Err(format!("claim: unexpected reply {other:?}")),
         }
     }

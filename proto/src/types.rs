@@ -248,6 +248,8 @@ pub mod event {
     pub const NODE_DEAD: &str = "node_dead";
     pub const NODE_UP: &str = "node_up";
     pub const LEADER_CHANGED: &str = "leader_changed";
+    /// A farm-wide key had the wrong type (`key`, `found`, `wanted`, `action`: replaced or left).
+    pub const KEY_REPAIRED: &str = "key_repaired";
 }
 
 #[cfg(test)]
