@@ -15,10 +15,13 @@ pub mod ffmpeg;
 pub mod guard;
 pub mod hot;
 pub mod http;
+pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod playlist;
 pub mod sandbox;
+pub mod server;
 pub mod store;
 pub mod sweep;
 pub mod watcher;
@@ -172,10 +175,17 @@ pub async fn run(
     }
 
     let cancel = node.cancel.clone();
-    let app = http::app(node.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await }.instrument(info_span!("http")));
+    // What a connection may cost, the connection cap fitted under this process's fd limit.
+    let limits = server::Limits::new(&cfg, server::fd_limit());
+    let server = server::serve(
+        listener,
+        http::app(node.clone()),
+        limits,
+        node.metrics.clone(),
+        cancel.clone(),
+        cfg.shutdown_grace,
+    );
+    let server = tokio::spawn(server.instrument(info_span!("http")));
     tokio::select! {
         _ = shutdown => info!("shutdown requested"),
         _ = cancel.cancelled() => {}
