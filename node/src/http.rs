@@ -353,6 +353,24 @@ async fn live_signed(
     live_file(&st, p, &client, &headers, &uri).await
 }
 
+/// The key `client` is rate limited under, `None` when it is exempt: an address of the trusted
+/// proxies themselves (loopback by default: the operator's tools, or a proxy that sent no
+/// `X-Real-IP`), as nginx exempts loopback from its own per-client limits.
+fn limited(cfg: &Config, client: &str) -> Option<String> {
+    match client.parse::<std::net::IpAddr>() {
+        Ok(ip) if cfg.trusted_proxies.iter().any(|n| n.contains(ip)) => None,
+        Ok(_) => Some(client.to_string()),
+        Err(_) => None,
+    }
+}
+
+/// Counts a request that cost a lookup of a channel nobody runs against `client`'s budget.
+fn spend(st: &AppState, client: &str) {
+    if let Some(key) = limited(&st.node.cfg, client) {
+        st.limits.first_requests.spend(&key, Instant::now());
+    }
+}
+
 /// Before a request for a channel this node does not run reaches Redis: an id the catalog did
 /// not know a moment ago is 404 from memory, and a client that used up its first requests waits.
 fn before_lookup(st: &AppState, id: &str, client: &str, now: Instant) -> Result<(), ApiError> {
@@ -361,7 +379,10 @@ fn before_lookup(st: &AppState, id: &str, client: &str, now: Instant) -> Result<
         m.unknown_channel_hits.inc();
         return Err(unknown_channel(id));
     }
-    st.limits.first_requests.check(client, now).map_err(|wait| {
+    let Some(key) = limited(&st.node.cfg, client) else {
+        return Ok(());
+    };
+    st.limits.first_requests.check(&key, now).map_err(|wait| {
         m.first_requests_limited.inc();
         too_many(
             format!(
@@ -410,7 +431,7 @@ async fn live_file(
                 let e = route_elsewhere(node, id).await;
                 if e.status == StatusCode::NOT_FOUND {
                     // Nobody runs it: as costly as a first request.
-                    st.limits.first_requests.spend(client, Instant::now());
+                    spend(st, client);
                 }
                 return Err(to_owner(node, e, uri));
             };
@@ -472,7 +493,7 @@ async fn playlist(
         // Its owner has published nothing yet (it is starting): the owner answers when it has.
         return Err(to_owner(node, owner_route(node, id, owner).await, uri));
     }
-    st.limits.first_requests.spend(client, Instant::now());
+    spend(st, client);
     let entry = node.get_or_start(id).map_err(|e| to_owner(node, e, uri))?;
     match local_playlist(node, &entry).await {
         Some(Err(e)) if e.status == StatusCode::NOT_FOUND => {
@@ -854,6 +875,18 @@ mod tests {
         assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes */10");
         let (r, sent) = ranged_response(HlsFile::Segment, body, &HeaderMap::new());
         assert_eq!((r.status(), sent), (StatusCode::OK, 10));
+    }
+
+    #[test]
+    fn loopback_clients_are_exempt_from_the_first_request_limit() {
+        let cfg = Config::from_args(<crate::config::Args as clap::Parser>::parse_from([
+            "farm-node",
+        ]))
+        .expect("defaults");
+        assert_eq!(limited(&cfg, "127.0.0.1"), None);
+        assert_eq!(limited(&cfg, "::1"), None);
+        assert_eq!(limited(&cfg, "127.0.0.2").as_deref(), Some("127.0.0.2"));
+        assert_eq!(limited(&cfg, "203.0.113.7").as_deref(), Some("203.0.113.7"));
     }
 
     #[test]

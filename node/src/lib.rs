@@ -17,6 +17,7 @@ pub mod hot;
 pub mod http;
 pub mod limits;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod playlist;
@@ -113,6 +114,11 @@ pub async fn run(
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(dispatcher.run().instrument(info_span!("watcher")));
     background.spawn(node::access_flush_loop(node.clone()).instrument(info_span!("access_flush")));
+    // After a burst (connections, channel starts), freed memory goes back to the system.
+    background.spawn(
+        memory::release_loop(node.metrics.clone(), node.cancel.clone())
+            .instrument(info_span!("memory_release")),
+    );
     // The guard outlives the channels (it must fence them until they are stopped): its own token,
     // cancelled after they are.
     let guard_cancel = tokio_util::sync::CancellationToken::new();

@@ -67,7 +67,7 @@ pub struct Metrics {
     pub http_connections_evicted: Counter,
     /// Closed for a timeout, by kind (`header`, `idle`).
     pub http_connections_timed_out: Family<KindLabel, Counter>,
-    /// accept() failures (EMFILE, ENFILE, ...).
+    /// accept() failures of the listener itself (EMFILE, ENFILE, ENOBUFS...; not a peer's reset).
     pub http_accept_errors: Counter,
     /// Requests that would start a channel refused by the per-client rate limit (429).
     pub first_requests_limited: Counter,
@@ -78,6 +78,8 @@ pub struct Metrics {
     /// Admin requests with a missing or wrong token, and those refused while their address waits.
     pub admin_auth_failures: Counter,
     pub admin_auth_throttled: Counter,
+    /// Times free memory was handed back to the system (`memory::release`).
+    pub memory_releases: Counter,
 }
 
 /// The `reason` label values of `farm_node_channel_stops`: a fixed set, so that a reason taken
@@ -145,6 +147,7 @@ impl Metrics {
             start_slot_timeouts: Counter::default(),
             admin_auth_failures: Counter::default(),
             admin_auth_throttled: Counter::default(),
+            memory_releases: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Viewer requests by kind", m.requests.clone());
@@ -322,6 +325,11 @@ impl Metrics {
             "admin_auth_throttled",
             "Admin requests refused while their address waits after wrong tokens",
             m.admin_auth_throttled.clone(),
+        );
+        registry.register(
+            "memory_releases",
+            "Times free memory was handed back to the system after a burst",
+            m.memory_releases.clone(),
         );
         Self { registry, ..m }
     }

@@ -457,12 +457,12 @@ pub async fn serve(
                 v
             }
             Err(e) => {
-                metrics.http_accept_errors.inc();
                 if is_connection_error(&e) {
                     // The peer gave up before we took it: nothing to fix here.
                     debug!(error = %e, "accept: connection gone before it was taken");
                     continue;
                 }
+                metrics.http_accept_errors.inc();
                 // Out of fds or memory: free one fd, and wait before trying again.
                 let freed = lock(&registry).evict_one(epoch);
                 if freed {
@@ -616,6 +616,27 @@ impl Conn {
     ) {
         let state = self.state.clone();
         let peer = self.peer;
+        // Nothing is allocated for a connection until it sends something (hyper reserves its read
+        // buffer on the first poll): an idle one costs only its socket and this task.
+        let first = tokio::time::Instant::from_std(
+            state.epoch + Duration::from_millis(state.opened_ms) + limits.header_timeout,
+        );
+        tokio::select! {
+            r = stream.readable() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = state.kill.notified() => return,
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(first) => {
+                self.metrics
+                    .http_connections_timed_out
+                    .get_or_create(&KindLabel { kind: "header".into() })
+                    .inc();
+                return;
+            }
+        }
         let io = TokioIo::new(Tracked {
             inner: stream,
             state: state.clone(),
