@@ -207,8 +207,9 @@ pub struct Args {
     /// limits its own clients); 0 = no per-address cap. [default: 64]
     #[arg(long, env = "FARM_HTTP_MAX_CONNECTIONS_PER_ADDR")]
     pub http_max_connections_per_addr: Option<u32>,
-    /// Channel starts this node runs at once (claim until first segment); more wait their turn,
-    /// up to --start-timeout, then get 503 with Retry-After. [default: 8]
+    /// Channel starts this node claims at once (catalog, upstream check, lease: the Redis work of
+    /// a start); more wait their turn, up to --start-timeout, then get 503 with Retry-After.
+    /// [default: 8]
     #[arg(long, env = "FARM_MAX_CONCURRENT_STARTS")]
     pub max_concurrent_starts: Option<u32>,
     /// Requests per second that would start a channel (or look up one nobody runs) allowed per

@@ -224,9 +224,8 @@ pub struct Node {
     remote: Mutex<HashMap<String, (Instant, Arc<crate::store::RemoteView>)>>,
     /// The fence outside this process; it runs every channel's egress gateway.
     pub guard: Arc<crate::guard::Guard>,
-    /// Start slots (`max_concurrent_starts`): a channel holds one from its claim until its first
-    /// segment (or `start_timeout`), so a burst of first requests queues instead of flooding
-    /// Redis and the CPU.
+    /// Start slots (`max_concurrent_starts`): a channel holds one while it claims, so a burst of
+    /// first requests queues instead of flooding Redis.
     pub start_slots: Arc<tokio::sync::Semaphore>,
 }
 
@@ -454,8 +453,9 @@ enum RunEnd {
 }
 
 /// [`run_channel_inner`] in a start slot: it waits its turn (up to `start_timeout`, else the
-/// start is refused with 503) and keeps the slot until the channel leaves `Claiming`/`Starting`
-/// (first segment, failure, stop) or `start_timeout` passes.
+/// start is refused with 503) and keeps the slot while it claims (catalog, upstream check, lease,
+/// recorded timeline: the Redis work of a start), until it leaves `Claiming`. An upstream that
+/// never sends a segment does not keep others from starting.
 async fn run_channel(
     node: Arc<Node>,
     entry: Arc<ChannelEntry>,
@@ -494,11 +494,8 @@ and this one waited {} for its turn; retry shortly",
     };
     let mut phase = entry.phase.subscribe();
     let started = async move {
-        let _ = tokio::time::timeout(
-            timeout,
-            phase.wait_for(|p| !matches!(p, Phase::Claiming | Phase::Starting)),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(timeout, phase.wait_for(|p| !matches!(p, Phase::Claiming))).await;
         drop(slot);
     };
     tokio::join!(started, run_channel_inner(node, entry, inbox, mode));
