@@ -4,8 +4,13 @@
 //! error and no gap longer than one segment, that nothing was fenced, and that node memory returned
 //! to within 20 % of its baseline. Attackers connect from other loopback addresses than the viewers.
 //!
+//! Scenarios: 500 concurrent first requests (from 500 addresses at the nodes, from one through
+//! nginx); 5,000 idle, 3,000 slow and 2,500 unterminated 390 KB headers on a node and through
+//! nginx; admin token guessing; unknown channel ids; a stop reason that tries to forge a log line
+//! and a metric; bad `Range` headers; a short admin token at start.
+//!
 //! Figures printed (`--no-capture`): answers per status, node connection counters, time until the
-//! attack's connections were closed, peak and final memory, worst viewer gap.
+//! attack's connections were closed, Redis lookups, peak and final memory, worst viewer gap.
 
 use farm_tests::abuse::{
     attacker_ip, connect_from, raise_fd_limit, still_open, wait_all_closed, AbuseFarm, AbuseOpts,
@@ -498,7 +503,7 @@ async fn oversized_header(src: IpAddr, dst: SocketAddr) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_token_guessing_is_throttled_and_logged_once_and_bad_ranges_get_416() {
+async fn admin_token_guessing_unknown_ids_a_forged_reason_and_bad_ranges_are_refused_cheaply() {
     let farm = AbuseFarm::start(AbuseOpts {
         extra_channels: 1,
         ..AbuseOpts::default()
@@ -594,6 +599,66 @@ node counted {} failures, {} throttled; log lines: {}",
     .await
     .expect("answer");
     assert_eq!(a.status, 200, "{}", a.head);
+
+    // Unknown channel ids: the same one 2,000 times, then 2,000 different ones, from one address.
+    let unknown = reqwest::Client::builder()
+        .local_address(attacker_ip(5, 0))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let base = node.base_url();
+    for (what, same) in [
+        ("the same unknown id", true),
+        ("2,000 different unknown ids", false),
+    ] {
+        let calls_before = farm.redis.command_calls().await.values().sum::<u64>();
+        let lookups_before = farm
+            .metric("farm_node_request_path_redis_calls_total")
+            .await;
+        let t0 = Instant::now();
+        let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+        for batch in 0..100 {
+            let reqs: Vec<_> = (0..20)
+                .map(|k| {
+                    let id = if same {
+                        "no-such-channel".to_string()
+                    } else {
+                        format!("nope-{}", batch * 20 + k)
+                    };
+                    unknown.get(format!("{base}/live/{id}/index.m3u8")).send()
+                })
+                .collect();
+            for r in futures::future::join_all(reqs).await {
+                *statuses
+                    .entry(r.expect("answer").status().as_u16())
+                    .or_default() += 1;
+            }
+        }
+        let calls = farm.redis.command_calls().await.values().sum::<u64>() - calls_before;
+        let lookups = farm
+            .metric("farm_node_request_path_redis_calls_total")
+            .await
+            - lookups_before;
+        println!(
+            "{what} 2,000 times from one address in {:.1}s: {statuses:?}; the node looked up Redis {lookups} times (all Redis commands meanwhile, viewers and keepalives included: {calls}); unknown-id cache hits {}, rate limited {}",
+            t0.elapsed().as_secs_f64(),
+            farm.metric("farm_node_unknown_channel_hits_total").await,
+            farm.metric("farm_node_first_requests_limited_total").await
+        );
+        assert_eq!(
+            statuses.values().sum::<usize>(),
+            2000,
+            "{what}: every request answered"
+        );
+        assert!(
+            statuses.keys().all(|s| *s == 404 || *s == 429),
+            "{what}: only 404 and 429: {statuses:?}"
+        );
+        assert!(
+            lookups <= 60.0,
+            "{what}: {lookups} Redis lookups for 2,000 requests"
+        );
+    }
 
     // A command's reason cannot forge a log line or a metric.
     let local: IpAddr = "127.0.0.1".parse().expect("ip");
@@ -722,7 +787,7 @@ node counted {} failures, {} throttled; log lines: {}",
         seen.push(format!("{r} -> 200"));
     }
     println!("Range on a {len}-byte segment served by the node: {seen:?}");
-    farm.finish("admin token guessing, a forged reason and bad ranges")
+    farm.finish("admin token guessing, unknown ids, a forged reason and bad ranges")
         .await;
 }
 
