@@ -12,11 +12,12 @@
 //! exist), as any node in production has.
 //!
 //! [`AbuseFarm::finish`] is the scenario's verdict: every viewer saw no error (no non-200, no
-//! failed or skipped segment, no sequence reset) and no gap between two new segments longer than
-//! one segment on top of the normal cadence; the watched channels kept their owner and gen (nothing
-//! fenced or restarted them); and each node's memory (VmRSS from /proc) returned to within 20 % of
-//! its baseline, taken after the viewers had filled the nodes' segment caches. It prints the
-//! figures before it asserts.
+//! failed or skipped segment, no sequence reset, no RFC 8216 violation) and no gap between two
+//! new segments longer than one segment on top of the normal cadence; the watched channels kept
+//! their owner and gen (nothing fenced or restarted them); and each node's memory (VmRSS from
+//! /proc) returned to within 20 % of its baseline, taken after the viewers had filled the nodes'
+//! segment caches. It prints the figures before it asserts. The viewers run on their own runtime
+//! thread, so attack tasks in the test's runtime cannot delay them.
 //!
 //! Invariants: everything started is owned by the farm value and stopped on drop (viewers first);
 //! the attack helpers never sleep to synchronise (pacing an attack is the attack).
@@ -111,6 +112,9 @@ struct Peaks {
 pub struct AbuseFarm {
     /// Stops the viewers and the sampler; cancelled first on drop.
     stop: CancellationToken,
+    /// The viewers' own runtime (one thread): an attack's tasks in the test's runtime cannot
+    /// delay them, so a gap they see is the farm's.
+    viewer_rt: Option<tokio::runtime::Runtime>,
     viewers: Vec<Viewer>,
     peaks: Arc<Mutex<Peaks>>,
     baseline_rss_kb: Vec<u64>,
@@ -312,6 +316,12 @@ impl AbuseFarm {
         ]));
         let nginx = NginxServer::start(&NginxOpts::for_nodes(&nodes));
         let stop = CancellationToken::new();
+        let viewer_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("abuse-viewers")
+            .enable_all()
+            .build()
+            .expect("viewer runtime");
         let viewers: Vec<Viewer> = WATCHED
             .iter()
             .map(|id| {
@@ -320,12 +330,13 @@ impl AbuseFarm {
                     channel: id.to_string(),
                     ..ViewerStats::default()
                 }));
-                let task = tokio::spawn(view(url, stats.clone(), stop.clone()));
+                let task = viewer_rt.spawn(view(url, stats.clone(), stop.clone()));
                 Viewer { stats, task }
             })
             .collect();
         let mut farm = AbuseFarm {
             stop,
+            viewer_rt: Some(viewer_rt),
             viewers,
             peaks: Arc::new(Mutex::new(Peaks::default())),
             baseline_rss_kb: Vec::new(),
@@ -442,7 +453,8 @@ impl AbuseFarm {
         };
         let pids: Vec<i32> = self.nodes.iter().map(NodeProcess::pid).collect();
         let (peaks, stop) = (self.peaks.clone(), self.stop.clone());
-        tokio::spawn(async move {
+        let rt = self.viewer_rt.as_ref().expect("viewer runtime");
+        rt.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
@@ -638,12 +650,17 @@ impl Drop for AbuseFarm {
         for v in &self.viewers {
             v.task.abort();
         }
+        if let Some(rt) = self.viewer_rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
 /// A viewer: pulls one new segment at a time, noting the wait between them and every error.
 async fn view(url: String, stats: Arc<Mutex<ViewerStats>>, stop: CancellationToken) {
-    let mut client = HlsClient::new(&url);
+    // Lenient: a playlist that breaks RFC 8216 is one more error in the verdict, with the others,
+    // instead of a panic that ends this viewer.
+    let mut client = HlsClient::lenient(&url);
     loop {
         let pull = tokio::select! {
             _ = stop.cancelled() => return,
@@ -661,6 +678,9 @@ async fn view(url: String, stats: Arc<Mutex<ViewerStats>>, stop: CancellationTok
                             r.last_error.clone().unwrap_or_default()
                         ));
                     }
+                }
+                for v in &r.violations {
+                    s.errors.push(format!("RFC 8216: {v}"));
                 }
                 if r.failed_segments > 0 || r.gaps > 0 || r.sequence_resets > 0 {
                     s.errors.push(format!(

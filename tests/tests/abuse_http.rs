@@ -453,10 +453,13 @@ still open right after: {} idle, {} slow; all idle closed after {:?}, all slow a
         // 2,500 connections each sending an unterminated 390 KB header.
         let before = conn_counters(&farm).await;
         let t0 = Instant::now();
+        let mut big = b"GET /live/w0/index.m3u8 HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+        big.resize(big.len() + 390 * 1024, b'a');
+        let big: std::sync::Arc<[u8]> = big.into();
         let tasks: Vec<_> = (0..2_500)
             .map(|i| {
-                let src = attacker_ip(3, i / 50);
-                tokio::spawn(async move { oversized_header(src, dst).await })
+                let (src, big) = (attacker_ip(3, i / 50), big.clone());
+                tokio::spawn(async move { oversized_header(src, dst, &big).await })
             })
             .collect();
         let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
@@ -478,16 +481,14 @@ node peaks (RSS KiB, fds) {:?}",
     farm.finish("idle, slow and oversized connections").await;
 }
 
-/// Sends a request line and 390 KB of one header, never ending it, then waits (up to 15 s) for
+/// Sends `big` (a request line and 390 KB of one header, never ended), then waits (up to 15 s) for
 /// the other side to answer or close. What happened, in words.
-async fn oversized_header(src: IpAddr, dst: SocketAddr) -> String {
+async fn oversized_header(src: IpAddr, dst: SocketAddr, big: &[u8]) -> String {
     let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(5), connect_from(src, dst)).await
     else {
         return "connect failed".into();
     };
-    let mut big = b"GET /live/w0/index.m3u8 HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
-    big.resize(big.len() + 390 * 1024, b'a');
-    let wrote = tokio::time::timeout(Duration::from_secs(15), s.write_all(&big)).await;
+    let wrote = tokio::time::timeout(Duration::from_secs(15), s.write_all(big)).await;
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut answer)).await;
     let status = String::from_utf8_lossy(&answer)
