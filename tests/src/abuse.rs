@@ -597,6 +597,17 @@ impl AbuseFarm {
             );
         }
         println!("   watched owners {owners:?}; fences {fenced}");
+        if fenced > 0.0 {
+            for n in &self.nodes {
+                let log = n.log();
+                let why: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("fenc") || l.contains("keepalive failed"))
+                    .take(10)
+                    .collect();
+                println!("   node {} on fencing: {why:#?}", n.node_id());
+            }
+        }
         for s in &stats {
             assert!(
                 s.errors.is_empty(),
