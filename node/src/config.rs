@@ -182,9 +182,47 @@ pub struct Args {
     #[arg(long, env = "FARM_PROBE_DURATION", value_parser = duration::parse)]
     pub probe_duration: Option<Duration>,
     /// Peers whose `X-Real-IP` header is believed as the viewer's address (for client-bound
-    /// tokens): IPs or CIDRs, comma list. [default: 127.0.0.0/8,::1]
+    /// tokens and per-client limits): IPs or CIDRs, comma list. [default: 127.0.0.1,::1]
     #[arg(long, env = "FARM_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
+    /// Time a client has to send a whole request head, counted from the connection's accept (or
+    /// from the first byte after an idle pause); the connection is closed after it. [default: 10s]
+    #[arg(long, env = "FARM_HTTP_HEADER_TIMEOUT", value_parser = duration::parse)]
+    pub http_header_timeout: Option<Duration>,
+    /// A keep-alive connection that moves no byte for this long (no request in progress) is
+    /// closed. Keep it above nginx's upstream `keepalive_timeout`. [default: 75s]
+    #[arg(long, env = "FARM_HTTP_IDLE_TIMEOUT", value_parser = duration::parse)]
+    pub http_idle_timeout: Option<Duration>,
+    /// Largest request head (request line and headers) a connection may buffer; larger gets
+    /// 431 and the connection closed (at least 8K). [default: 16K]
+    #[arg(long, env = "FARM_HTTP_MAX_HEADER_BYTES", value_parser = parse_size)]
+    pub http_max_header_bytes: Option<u64>,
+    /// Open HTTP connections at most; past it the longest-idle connection that never completed a
+    /// request (then the longest-idle one) is closed to make room, else the new one is refused.
+    /// [default: the fd limit (RLIMIT_NOFILE) minus a reserve for FFmpeg pipes, files and Redis,
+    /// at most 10000]
+    #[arg(long, env = "FARM_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<u32>,
+    /// Open HTTP connections per client address at most (trusted proxies are exempt: nginx
+    /// limits its own clients); 0 = no per-address cap. [default: 64]
+    #[arg(long, env = "FARM_HTTP_MAX_CONNECTIONS_PER_ADDR")]
+    pub http_max_connections_per_addr: Option<u32>,
+    /// Channel starts this node claims at once (catalog, upstream check, lease: the Redis work of
+    /// a start); more wait their turn, up to --start-timeout, then get 503 with Retry-After.
+    /// [default: 8]
+    #[arg(long, env = "FARM_MAX_CONCURRENT_STARTS")]
+    pub max_concurrent_starts: Option<u32>,
+    /// Requests per second that would start a channel (or look up one nobody runs) allowed per
+    /// client; more get 429 with Retry-After. 0 = no limit. [default: 5]
+    #[arg(long, env = "FARM_START_RATE")]
+    pub start_rate: Option<u32>,
+    /// Burst of such requests a client may make at once before --start-rate applies. [default: 20]
+    #[arg(long, env = "FARM_START_BURST")]
+    pub start_burst: Option<u32>,
+    /// How long a channel id the catalog does not know is answered 404 from memory, without
+    /// asking Redis again. 0 = no cache. [default: 5s]
+    #[arg(long, env = "FARM_UNKNOWN_CHANNEL_TTL", value_parser = duration::parse)]
+    pub unknown_channel_ttl: Option<Duration>,
     /// Zero-cost access mode: a unix datagram socket where nginx sends its access log (syslog);
     /// every logged playback URI counts as a viewer access.
     #[arg(long, env = "FARM_ACCESS_SOCKET")]
@@ -240,6 +278,15 @@ struct FileConfig {
     segment_cache: Option<String>,
     probe_duration: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    http_header_timeout: Option<String>,
+    http_idle_timeout: Option<String>,
+    http_max_header_bytes: Option<String>,
+    http_max_connections: Option<u32>,
+    http_max_connections_per_addr: Option<u32>,
+    max_concurrent_starts: Option<u32>,
+    start_rate: Option<u32>,
+    start_burst: Option<u32>,
+    unknown_channel_ttl: Option<String>,
     egress_allow: Option<Vec<String>>,
     egress_deny: Option<Vec<String>>,
     ffmpeg_sandbox: Option<String>,
@@ -282,6 +329,16 @@ pub struct Config {
     pub segment_cache: u64,
     pub probe_duration: Duration,
     pub trusted_proxies: Vec<IpNet>,
+    pub http_header_timeout: Duration,
+    pub http_idle_timeout: Duration,
+    pub http_max_header_bytes: usize,
+    /// `None`: derived from the fd limit at start (see `server::Limits`).
+    pub http_max_connections: Option<u32>,
+    pub http_max_connections_per_addr: u32,
+    pub max_concurrent_starts: u32,
+    pub start_rate: u32,
+    pub start_burst: u32,
+    pub unknown_channel_ttl: Duration,
     pub egress_allow: Vec<IpNet>,
     pub egress_deny: Vec<IpNet>,
     pub ffmpeg_sandbox: crate::sandbox::Mode,
@@ -552,7 +609,45 @@ impl Config {
                 "trusted proxy",
                 args.trusted_proxies
                     .or(file.trusted_proxies)
-                    .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1".into()]),
+                    .unwrap_or_else(|| vec!["127.0.0.1".into(), "::1".into()]),
+            )?,
+            http_header_timeout: dur(
+                args.http_header_timeout,
+                &file.http_header_timeout,
+                "http_header_timeout",
+                Duration::from_secs(10),
+            )?,
+            http_idle_timeout: dur(
+                args.http_idle_timeout,
+                &file.http_idle_timeout,
+                "http_idle_timeout",
+                Duration::from_secs(75),
+            )?,
+            http_max_header_bytes:
+                match (args.http_max_header_bytes, &file.http_max_header_bytes) {
+                    (Some(v), _) => v,
+                    (None, Some(s)) => parse_size(s)
+                        .map_err(|e| ConfigError(format!("http_max_header_bytes: {e}")))?,
+                    (None, None) => 16 << 10,
+                }
+                .try_into()
+                .unwrap_or(usize::MAX),
+            http_max_connections: args.http_max_connections.or(file.http_max_connections),
+            http_max_connections_per_addr: args
+                .http_max_connections_per_addr
+                .or(file.http_max_connections_per_addr)
+                .unwrap_or(64),
+            max_concurrent_starts: args
+                .max_concurrent_starts
+                .or(file.max_concurrent_starts)
+                .unwrap_or(8),
+            start_rate: args.start_rate.or(file.start_rate).unwrap_or(5),
+            start_burst: args.start_burst.or(file.start_burst).unwrap_or(20),
+            unknown_channel_ttl: dur(
+                args.unknown_channel_ttl,
+                &file.unknown_channel_ttl,
+                "unknown_channel_ttl",
+                Duration::from_secs(5),
             )?,
             egress_allow: nets(
                 "--egress-allow network",
@@ -599,6 +694,41 @@ impl Config {
         }
         if self.token_secret.as_ref().is_some_and(|t| t.len() < 16) {
             return bad("token_secret must be at least 16 bytes".into());
+        }
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 {
+                return bad(format!(
+                    "admin_token is {} bytes long; it must be at least 16 (e.g. `openssl rand -hex 16`), \
+or leave it unset to turn the admin API off",
+                    t.len()
+                ));
+            }
+            if t.bytes().any(|b| !b.is_ascii_graphic()) {
+                return bad(
+                    "admin_token may hold only visible ASCII characters (no spaces or control characters)"
+                        .into(),
+                );
+            }
+        }
+        if self.http_header_timeout.is_zero() || self.http_idle_timeout.is_zero() {
+            return bad("http_header_timeout and http_idle_timeout must be above zero".into());
+        }
+        if self.http_max_header_bytes < 8 << 10 {
+            return bad(format!(
+                "http_max_header_bytes {} is too small: at least 8K",
+                self.http_max_header_bytes
+            ));
+        }
+        if self.http_max_connections == Some(0) {
+            return bad(
+                "http_max_connections must be at least 1 (leave it unset for the default)".into(),
+            );
+        }
+        if self.max_concurrent_starts == 0 {
+            return bad("max_concurrent_starts must be at least 1".into());
+        }
+        if self.start_rate > 0 && self.start_burst == 0 {
+            return bad("start_burst must be at least 1 when start_rate is set".into());
         }
         if self
             .accel_redirect
@@ -758,5 +888,51 @@ mod tests {
         assert_eq!(ok.egress_allow.len(), 2);
         assert!(ok.egress_deny.is_empty());
         assert_eq!(ok.ffmpeg_sandbox, crate::sandbox::Mode::Require);
+    }
+
+    #[test]
+    fn http_and_admission_settings_have_safe_defaults_and_checks() {
+        let cfg = Config::from_args(Args::parse_from(["farm-node"])).expect("defaults");
+        assert_eq!(cfg.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.http_idle_timeout, Duration::from_secs(75));
+        assert_eq!(cfg.http_max_header_bytes, 16 << 10);
+        assert_eq!(cfg.http_max_connections, None);
+        assert_eq!(cfg.http_max_connections_per_addr, 64);
+        assert_eq!(
+            (cfg.max_concurrent_starts, cfg.start_rate, cfg.start_burst),
+            (8, 5, 20)
+        );
+        assert_eq!(cfg.unknown_channel_ttl, Duration::from_secs(5));
+        let trusted: Vec<String> = cfg.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(trusted, ["127.0.0.1/32", "::1/128"], "not all of 127/8");
+        for (args, says) in [
+            (
+                &["--admin-token", "short"][..],
+                "admin_token is 5 bytes long; it must be at least 16",
+            ),
+            (&["--admin-token", "sixteen bytes ok"][..], "visible ASCII"),
+            (&["--http-max-header-bytes", "4K"][..], "at least 8K"),
+            (&["--http-header-timeout", "0s"][..], "above zero"),
+            (&["--max-concurrent-starts", "0"][..], "at least 1"),
+            (&["--http-max-connections", "0"][..], "at least 1"),
+        ] {
+            let mut argv = vec!["farm-node"];
+            argv.extend_from_slice(args);
+            let err = Config::from_args(Args::parse_from(argv)).expect_err(args[0]);
+            assert!(err.to_string().contains(says), "{args:?}: {err}");
+            assert!(
+                !err.to_string().contains("short"),
+                "the token is not echoed: {err}"
+            );
+        }
+        let ok = Config::from_args(Args::parse_from([
+            "farm-node",
+            "--admin-token",
+            "0123456789abcdef",
+            "--http-max-connections",
+            "300",
+        ]))
+        .expect("a 16-byte token");
+        assert_eq!(ok.http_max_connections, Some(300));
     }
 }

@@ -3,14 +3,20 @@
 //!
 //! The playback path never awaits Redis once a channel runs here: access is recorded in memory and
 //! flushed by a background task. Only a first request (start) or a request for a channel this node
-//! does not run (routing) talks to Redis.
+//! does not run (routing) talks to Redis, and those are bounded per client ([`ClientLimits`]): a
+//! token bucket per client for requests that would start a channel, a negative cache of ids the
+//! catalog does not know, and an exponential delay per address after wrong admin tokens.
+//!
+//! What a connection may cost (timeouts, header size, connection caps) is the server's business:
+//! see [`crate::server`].
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::limits::{AuthFailures, RateLimiter, UnknownIds};
 use crate::metrics::KindLabel;
 use crate::node::{Node, Phase};
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, FromRef, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,9 +24,50 @@ use axum::{Json, Router};
 use farm_proto::validate::{self, HlsFile};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tracing::warn;
+
+/// What the HTTP layer remembers about clients (see the module docs).
+pub struct ClientLimits {
+    /// Requests that would start a channel (or look one up nobody runs), per client.
+    pub first_requests: RateLimiter,
+    /// Channel ids the catalog did not know.
+    pub unknown: UnknownIds,
+    /// Wrong admin tokens, per address.
+    pub admin: AuthFailures,
+}
+
+impl ClientLimits {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            first_requests: RateLimiter::new(cfg.start_rate, cfg.start_burst),
+            unknown: UnknownIds::new(cfg.unknown_channel_ttl),
+            admin: AuthFailures::new(),
+        }
+    }
+}
+
+/// The router's state: the node, and what the HTTP layer keeps about clients.
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub limits: Arc<ClientLimits>,
+}
+
+impl FromRef<AppState> for Arc<Node> {
+    fn from_ref(s: &AppState) -> Self {
+        s.node.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<ClientLimits> {
+    fn from_ref(s: &AppState) -> Self {
+        s.limits.clone()
+    }
+}
 
 pub fn app(node: Arc<Node>) -> Router {
+    let limits = Arc::new(ClientLimits::new(&node.cfg));
     Router::new()
         .route("/live/{a}/{b}", get(live_plain).options(preflight))
         .route("/live/{a}/{b}/{c}", get(live_signed).options(preflight))
@@ -30,7 +77,19 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/admin/streams", get(admin_streams))
         .route("/admin/streams/{id}/stop", post(admin_stop))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .with_state(node)
+        .with_state(AppState { node, limits })
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1).
+fn too_many(message: String, wait: Duration) -> ApiError {
+    ApiError {
+        retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+        ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
+    }
+}
+
+fn unknown_channel(id: &str) -> ApiError {
+    ApiError::not_found(format!("unknown channel {id:?}: it is not in the catalog"))
 }
 
 fn cors(h: &mut HeaderMap) {
@@ -81,6 +140,113 @@ fn file_response(kind: HlsFile, body: bytes::Bytes) -> Response {
     r
 }
 
+/// What a `Range` header asks of a body of `len` bytes (RFC 9110 §14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// No range, one the server ignores (another unit, several ranges, `If-Range`): the whole body.
+    Full,
+    /// Bytes `first..=last`.
+    Part(u64, u64),
+    /// Unsatisfiable or invalid: 416.
+    Unsatisfiable,
+}
+
+/// Reads the `Range` header for a body of `len` bytes. Single byte ranges are served (`a-b`, `a-`,
+/// `-n`); a range-set of several is answered with the whole body, which RFC 9110 allows; an
+/// `If-Range` also gets the whole body (these responses carry no validator it could match); an
+/// invalid or unsatisfiable `bytes` range is 416.
+pub fn range_ask(headers: &HeaderMap, len: u64) -> RangeAsk {
+    let mut all = headers.get_all(header::RANGE).iter();
+    let (Some(value), None) = (all.next(), all.next()) else {
+        return RangeAsk::Full;
+    };
+    if headers.contains_key(header::IF_RANGE) {
+        return RangeAsk::Full;
+    }
+    let Ok(value) = value.to_str() else {
+        return RangeAsk::Unsatisfiable;
+    };
+    let Some((unit, set)) = value.split_once('=') else {
+        return RangeAsk::Unsatisfiable;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return RangeAsk::Full;
+    }
+    let digits = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(s.parse().unwrap_or(u64::MAX))
+    };
+    let mut specs = Vec::new();
+    for spec in set.split(',') {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            continue;
+        }
+        let Some((a, b)) = spec.split_once('-') else {
+            return RangeAsk::Unsatisfiable;
+        };
+        let parsed = match (a.trim().is_empty(), b.trim().is_empty()) {
+            (true, false) => digits(b).map(|n| (None, Some(n))),
+            (false, true) => digits(a).map(|a| (Some(a), None)),
+            (false, false) => match (digits(a), digits(b)) {
+                (Some(a), Some(b)) if a <= b => Some((Some(a), Some(b))),
+                _ => None,
+            },
+            (true, true) => None,
+        };
+        match parsed {
+            Some(p) => specs.push(p),
+            None => return RangeAsk::Unsatisfiable,
+        }
+    }
+    match specs.as_slice() {
+        [] => RangeAsk::Unsatisfiable,
+        [(Some(a), b)] if *a < len => RangeAsk::Part(*a, b.unwrap_or(u64::MAX).min(len - 1)),
+        [(None, Some(n))] if *n > 0 && len > 0 => RangeAsk::Part(len - (*n).min(len), len - 1),
+        [_] => RangeAsk::Unsatisfiable,
+        _ => RangeAsk::Full,
+    }
+}
+
+/// [`file_response`] that honours `Range` (206 with `Content-Range`, or 416), and the body bytes
+/// it sends.
+fn ranged_response(kind: HlsFile, body: bytes::Bytes, headers: &HeaderMap) -> (Response, u64) {
+    let len = body.len() as u64;
+    let mut sent = 0;
+    let mut r = match range_ask(headers, len) {
+        RangeAsk::Full => {
+            sent = len;
+            file_response(kind, body)
+        }
+        RangeAsk::Part(first, last) => {
+            sent = last - first + 1;
+            let mut r = file_response(kind, body.slice(first as usize..=last as usize));
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {first}-{last}/{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+        RangeAsk::Unsatisfiable => {
+            let mut r = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("range not satisfiable: this file has {len} bytes"),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+    };
+    r.headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    (r, sent)
+}
+
 /// A playback request that passed validation and, when signed URLs are on, the token check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Playback {
@@ -127,13 +293,14 @@ pub fn authorize(cfg: &Config, parts: &[&str], client: &str) -> Result<Playback,
 
 /// The viewer's address: the peer, or `X-Real-IP` when the peer is a trusted proxy (nginx).
 fn client_addr(cfg: &Config, peer: Option<SocketAddr>, headers: &HeaderMap) -> String {
+    // Only an IP: nginx sends `$remote_addr`; anything else is not an address to key limits on.
     let real = headers
         .get("x-real-ip")
         .and_then(|v| v.to_str().ok())
-        .map(str::trim);
+        .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok());
     let trusted = |p: &SocketAddr| cfg.trusted_proxies.iter().any(|n| n.contains(p.ip()));
     match (peer, real) {
-        (Some(p), Some(r)) if trusted(&p) && !r.is_empty() => r.to_string(),
+        (Some(p), Some(r)) if trusted(&p) => r.to_string(),
         (Some(p), _) => p.ip().to_string(),
         (None, Some(r)) => r.to_string(),
         (None, None) => String::new(),
@@ -159,34 +326,83 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
 }
 
 async fn live_plain(
-    State(node): State<Arc<Node>>,
+    State(st): State<AppState>,
     peer: Peer,
     headers: HeaderMap,
     uri: Uri,
     Path((a, b)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let client = client_addr(&node.cfg, peer.0, &headers);
-    let p = authorize(&node.cfg, &[&a, &b], &client).inspect_err(|_| {
-        node.metrics.playback_refused.inc();
+    let client = client_addr(&st.node.cfg, peer.0, &headers);
+    let p = authorize(&st.node.cfg, &[&a, &b], &client).inspect_err(|_| {
+        st.node.metrics.playback_refused.inc();
     })?;
-    live_file(&node, p, &uri).await
+    live_file(&st, p, &client, &headers, &uri).await
 }
 
 async fn live_signed(
-    State(node): State<Arc<Node>>,
+    State(st): State<AppState>,
     peer: Peer,
     headers: HeaderMap,
     uri: Uri,
     Path((a, b, c)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let client = client_addr(&node.cfg, peer.0, &headers);
-    let p = authorize(&node.cfg, &[&a, &b, &c], &client).inspect_err(|_| {
-        node.metrics.playback_refused.inc();
+    let client = client_addr(&st.node.cfg, peer.0, &headers);
+    let p = authorize(&st.node.cfg, &[&a, &b, &c], &client).inspect_err(|_| {
+        st.node.metrics.playback_refused.inc();
     })?;
-    live_file(&node, p, &uri).await
+    live_file(&st, p, &client, &headers, &uri).await
 }
 
-async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response, ApiError> {
+/// The key `client` is rate limited under, `None` when it is exempt: an address of the trusted
+/// proxies themselves (loopback by default: the operator's tools, or a proxy that sent no
+/// `X-Real-IP`), as nginx exempts loopback from its own per-client limits.
+fn limited(cfg: &Config, client: &str) -> Option<String> {
+    match client.parse::<std::net::IpAddr>() {
+        Ok(ip) if cfg.trusted_proxies.iter().any(|n| n.contains(ip)) => None,
+        Ok(_) => Some(client.to_string()),
+        Err(_) => None,
+    }
+}
+
+/// Counts a request that cost a lookup of a channel nobody runs against `client`'s budget.
+fn spend(st: &AppState, client: &str) {
+    if let Some(key) = limited(&st.node.cfg, client) {
+        st.limits.first_requests.spend(&key, Instant::now());
+    }
+}
+
+/// Before a request for a channel this node does not run reaches Redis: an id the catalog did
+/// not know a moment ago is 404 from memory, and a client that used up its first requests waits.
+fn before_lookup(st: &AppState, id: &str, client: &str, now: Instant) -> Result<(), ApiError> {
+    let m = &st.node.metrics;
+    if st.limits.unknown.contains(id, now) {
+        m.unknown_channel_hits.inc();
+        return Err(unknown_channel(id));
+    }
+    let Some(key) = limited(&st.node.cfg, client) else {
+        return Ok(());
+    };
+    st.limits.first_requests.check(&key, now).map_err(|wait| {
+        m.first_requests_limited.inc();
+        too_many(
+            format!(
+                "too many requests for channels that are not running from your address \
+(at most {} a second, {} at once); retry in a moment",
+                st.node.cfg.start_rate, st.node.cfg.start_burst
+            ),
+            wait,
+        )
+    })
+}
+
+async fn live_file(
+    st: &AppState,
+    p: Playback,
+    client: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<Response, ApiError> {
+    let node = &st.node;
     let label = KindLabel {
         kind: match p.kind {
             HlsFile::Playlist => "playlist",
@@ -205,13 +421,19 @@ async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response,
                     crate::playlist::PLAYLIST
                 )));
             }
-            let body = playlist(node, id, uri).await?;
+            let body = playlist(st, id, client, uri).await?;
             node.access.record(id);
             Ok(file_response(p.kind, body))
         }
         HlsFile::Segment => {
             let Some(entry) = node.local(id).filter(|e| e.gen() > 0) else {
-                return Err(to_owner(node, route_elsewhere(node, id).await, uri));
+                before_lookup(st, id, client, Instant::now())?;
+                let e = route_elsewhere(node, id).await;
+                if e.status == StatusCode::NOT_FOUND {
+                    // Nobody runs it: as costly as a first request.
+                    spend(st, client);
+                }
+                return Err(to_owner(node, e, uri));
             };
             let seq = crate::watcher::segment_number(&p.file);
             let read = match seq {
@@ -228,8 +450,9 @@ async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response,
             match read {
                 Ok(body) => {
                     node.access.record(id);
-                    node.metrics.segment_bytes.inc_by(body.len() as u64);
-                    Ok(file_response(p.kind, body))
+                    let (r, sent) = ranged_response(p.kind, body, headers);
+                    node.metrics.segment_bytes.inc_by(sent);
+                    Ok(r)
                 }
                 Err(_) => Err(ApiError::not_found(format!(
                     "segment {} of channel {id} is not available",
@@ -243,7 +466,13 @@ async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response,
 /// A channel's playlist, wherever it runs: this node's own (waiting for the first segment of a
 /// start), or the one its owner recorded in Redis (also while a failover or a drain moves it: the
 /// last window, held, which players wait on), or a start here when nobody runs it.
-async fn playlist(node: &Arc<Node>, id: &str, uri: &Uri) -> Result<bytes::Bytes, ApiError> {
+async fn playlist(
+    st: &AppState,
+    id: &str,
+    client: &str,
+    uri: &Uri,
+) -> Result<bytes::Bytes, ApiError> {
+    let node = &st.node;
     let want = wanted_msn(uri)?;
     let local = node.local(id);
     let handing_over = local
@@ -254,6 +483,7 @@ async fn playlist(node: &Arc<Node>, id: &str, uri: &Uri) -> Result<bytes::Bytes,
             return answer.map_err(|e| to_owner(node, e, uri));
         }
     }
+    before_lookup(st, id, client, Instant::now())?;
     let view = node
         .remote_view(id)
         .await
@@ -284,11 +514,15 @@ async fn playlist(node: &Arc<Node>, id: &str, uri: &Uri) -> Result<bytes::Bytes,
         view.age_ms
             .is_some_and(|a| a <= node.cfg.hold_max().as_millis() as u64)
     });
+    spend(st, client);
     let entry = node.get_or_start(id).map_err(|e| to_owner(node, e, uri))?;
     match local_playlist(node, &entry, want).await {
-        Some(Err(e))
-            if e.status == axum::http::StatusCode::SERVICE_UNAVAILABLE && held.is_some() =>
-        {
+        Some(Err(e)) if e.status == StatusCode::NOT_FOUND => {
+            // Refused by the catalog: the next requests for this id need not ask Redis again.
+            st.limits.unknown.insert(id, Instant::now());
+            Err(e)
+        }
+        Some(Err(e)) if e.status == StatusCode::SERVICE_UNAVAILABLE && held.is_some() => {
             node.metrics.remote_playlists.inc();
             Ok(held.unwrap_or_default())
         }
@@ -547,26 +781,52 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     r
 }
 
-fn check_admin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The bearer token check of `/admin`. Wrong tokens are counted per address: after a few, the
+/// address waits (exponentially longer) before its next attempt is even checked (429), and one
+/// log line per address per minute says so. The token given is never logged.
+fn check_admin(
+    st: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let node = &st.node;
     let Some(token) = node.cfg.admin_token.as_deref() else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "admin API disabled: start the node with --admin-token (FARM_ADMIN_TOKEN)",
         ));
     };
+    let client = client_addr(&node.cfg, peer, headers);
+    let now = Instant::now();
+    if let Err(wait) = st.limits.admin.check(&client, now) {
+        node.metrics.admin_auth_throttled.inc();
+        return Err(too_many(
+            "too many wrong admin tokens from your address: wait before trying again".into(),
+            wait,
+        ));
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
-        ))
+        st.limits.admin.succeeded(&client);
+        return Ok(());
     }
+    node.metrics.admin_auth_failures.inc();
+    if let Some(r) = st.limits.admin.failed(&client, now) {
+        warn!(
+            %client,
+            failures = r.since_last_log,
+            delay = ?r.delay,
+            "admin API: missing or wrong bearer token (one line per address per minute at most)"
+        );
+    }
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token",
+    ))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -577,10 +837,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn admin_streams(
-    State(node): State<Arc<Node>>,
+    State(st): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_admin(&node, &headers)?;
+    check_admin(&st, peer.0, &headers)?;
+    let node = st.node;
     let now = Instant::now();
     let list: Vec<_> = node
         .entries()
@@ -609,11 +871,13 @@ async fn admin_streams(
 }
 
 async fn admin_stop(
-    State(node): State<Arc<Node>>,
+    State(st): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    check_admin(&node, &headers)?;
+    check_admin(&st, peer.0, &headers)?;
+    let node = st.node;
     validate::channel_id(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if node.stop_channel(&id, "ops", None).await? {
         Ok(Json(serde_json::json!({ "channel": id, "stopped": true })).into_response())
@@ -621,5 +885,108 @@ async fn admin_stop(
         Err(ApiError::not_found(format!(
             "channel {id} is not running on this node"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(range: &str, len: u64) -> RangeAsk {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_str(range).expect("value"));
+        range_ask(&h, len)
+    }
+
+    #[test]
+    fn byte_ranges_follow_rfc_9110() {
+        use RangeAsk::*;
+        assert_eq!(range_ask(&HeaderMap::new(), 10), Full);
+        assert_eq!(ask("bytes=0-3", 10), Part(0, 3));
+        assert_eq!(ask("bytes=2-", 10), Part(2, 9));
+        assert_eq!(ask("bytes=-3", 10), Part(7, 9));
+        assert_eq!(
+            ask("bytes=-30", 10),
+            Part(0, 9),
+            "a suffix longer than the body"
+        );
+        assert_eq!(ask("bytes=5-500", 10), Part(5, 9), "last-pos clamped");
+        assert_eq!(ask("BYTES = 1-1", 10), Part(1, 1));
+        assert_eq!(ask("bytes=0-99999999999999999999999", 10), Part(0, 9));
+        // Unsatisfiable or invalid: 416.
+        for bad in [
+            "bytes=10-",
+            "bytes=10-20",
+            "bytes=-0",
+            "bytes=5-2",
+            "bytes=abc",
+            "bytes=",
+            "bytes=-",
+            "bytes=1-2-3",
+            "bytes=+1-2",
+            "bytes",
+            "bytes=0x1-2",
+        ] {
+            assert_eq!(ask(bad, 10), Unsatisfiable, "{bad}");
+        }
+        assert_eq!(
+            ask("bytes=0-", 0),
+            Unsatisfiable,
+            "an empty body has no byte 0"
+        );
+        // Ignored: other units, several ranges, If-Range.
+        assert_eq!(ask("items=0-1", 10), Full);
+        assert_eq!(ask("bytes=0-1,4-5", 10), Full);
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=0-1"));
+        h.insert(header::IF_RANGE, HeaderValue::from_static("\"x\""));
+        assert_eq!(range_ask(&h, 10), Full);
+    }
+
+    #[test]
+    fn ranged_responses_carry_content_range() {
+        let body = bytes::Bytes::from_static(b"0123456789");
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=2-4"));
+        let (r, sent) = ranged_response(HlsFile::Segment, body.clone(), &h);
+        assert_eq!((r.status(), sent), (StatusCode::PARTIAL_CONTENT, 3));
+        assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes 2-4/10");
+        assert_eq!(r.headers()[header::ACCEPT_RANGES], "bytes");
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=20-"));
+        let (r, sent) = ranged_response(HlsFile::Segment, body.clone(), &h);
+        assert_eq!((r.status(), sent), (StatusCode::RANGE_NOT_SATISFIABLE, 0));
+        assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes */10");
+        let (r, sent) = ranged_response(HlsFile::Segment, body, &HeaderMap::new());
+        assert_eq!((r.status(), sent), (StatusCode::OK, 10));
+    }
+
+    #[test]
+    fn loopback_clients_are_exempt_from_the_first_request_limit() {
+        let cfg = Config::from_args(<crate::config::Args as clap::Parser>::parse_from([
+            "farm-node",
+        ]))
+        .expect("defaults");
+        assert_eq!(limited(&cfg, "127.0.0.1"), None);
+        assert_eq!(limited(&cfg, "::1"), None);
+        assert_eq!(limited(&cfg, "127.0.0.2").as_deref(), Some("127.0.0.2"));
+        assert_eq!(limited(&cfg, "203.0.113.7").as_deref(), Some("203.0.113.7"));
+    }
+
+    #[test]
+    fn x_real_ip_counts_only_from_trusted_peers_and_only_as_an_ip() {
+        let cfg = Config::from_args(<crate::config::Args as clap::Parser>::parse_from([
+            "farm-node",
+        ]))
+        .expect("defaults");
+        let mut h = HeaderMap::new();
+        h.insert("x-real-ip", HeaderValue::from_static("203.0.113.7"));
+        let from = |ip: &str| Some(SocketAddr::new(ip.parse().expect("ip"), 1));
+        assert_eq!(client_addr(&cfg, from("127.0.0.1"), &h), "203.0.113.7");
+        assert_eq!(client_addr(&cfg, from("::1"), &h), "203.0.113.7");
+        // 127.0.0.2 is not nginx: by default only 127.0.0.1 and ::1 are.
+        assert_eq!(client_addr(&cfg, from("127.0.0.2"), &h), "127.0.0.2");
+        assert_eq!(client_addr(&cfg, from("10.0.0.1"), &h), "10.0.0.1");
+        h.insert("x-real-ip", HeaderValue::from_static("not-an-ip"));
+        assert_eq!(client_addr(&cfg, from("127.0.0.1"), &h), "127.0.0.1");
     }
 }

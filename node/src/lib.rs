@@ -15,10 +15,14 @@ pub mod ffmpeg;
 pub mod guard;
 pub mod hot;
 pub mod http;
+pub mod limits;
+pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod playlist;
 pub mod sandbox;
+pub mod server;
 pub mod store;
 pub mod sweep;
 pub mod watcher;
@@ -110,6 +114,11 @@ pub async fn run(
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(dispatcher.run().instrument(info_span!("watcher")));
     background.spawn(node::access_flush_loop(node.clone()).instrument(info_span!("access_flush")));
+    // After a burst (connections, channel starts), freed memory goes back to the system.
+    background.spawn(
+        memory::release_loop(node.metrics.clone(), node.cancel.clone())
+            .instrument(info_span!("memory_release")),
+    );
     // The guard outlives the channels (it must fence them until they are stopped): its own token,
     // cancelled after they are.
     let guard_cancel = tokio_util::sync::CancellationToken::new();
@@ -172,10 +181,17 @@ pub async fn run(
     }
 
     let cancel = node.cancel.clone();
-    let app = http::app(node.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await }.instrument(info_span!("http")));
+    // What a connection may cost, the connection cap fitted under this process's fd limit.
+    let limits = server::Limits::new(&cfg, server::fd_limit());
+    let server = server::serve(
+        listener,
+        http::app(node.clone()),
+        limits,
+        node.metrics.clone(),
+        cancel.clone(),
+        cfg.shutdown_grace,
+    );
+    let server = tokio::spawn(server.instrument(info_span!("http")));
     tokio::select! {
         _ = shutdown => info!("shutdown requested"),
         _ = cancel.cancelled() => {}

@@ -18,7 +18,8 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        // One line per event, whatever a field holds (a command's reason, an FFmpeg line...).
+        .with_writer(farm_node::logging::Escaping(std::io::stderr))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

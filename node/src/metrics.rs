@@ -60,6 +60,54 @@ pub struct Metrics {
     /// Keys Redis held with the wrong type (an operator's mistake): replaced, or the one channel
     /// whose key it is fenced.
     pub data_errors: Counter,
+    /// HTTP connections open now, the cap on them, and what happened to the others.
+    pub http_connections: Gauge,
+    pub http_connection_limit: Gauge,
+    pub http_connections_accepted: Counter,
+    /// Refused at accept, by reason (`limit`, `per_address`).
+    pub http_connections_refused: Family<ReasonLabel, Counter>,
+    /// Closed to make room for a new one (idle, or never completed a request).
+    pub http_connections_evicted: Counter,
+    /// Closed for a timeout, by kind (`header`, `idle`).
+    pub http_connections_timed_out: Family<KindLabel, Counter>,
+    /// accept() failures of the listener itself (EMFILE, ENFILE, ENOBUFS...; not a peer's reset).
+    pub http_accept_errors: Counter,
+    /// Requests that would start a channel refused by the per-client rate limit (429).
+    pub first_requests_limited: Counter,
+    /// Requests for channel ids the catalog did not know, answered from memory.
+    pub unknown_channel_hits: Counter,
+    /// Channel starts that waited for a start slot longer than start_timeout (503).
+    pub start_slot_timeouts: Counter,
+    /// Admin requests with a missing or wrong token, and those refused while their address waits.
+    pub admin_auth_failures: Counter,
+    pub admin_auth_throttled: Counter,
+    /// Times free memory was handed back to the system (`memory::release`).
+    pub memory_releases: Counter,
+}
+
+/// The `reason` label values of `farm_node_channel_stops`: a fixed set, so that a reason taken
+/// from a command can neither grow the metric without bound nor forge a line of the exposition.
+pub const STOP_REASONS: &[&str] = &[
+    "ops",
+    "idle",
+    "shutdown",
+    "drain",
+    "drained",
+    "guard_lost",
+    "fenced",
+    "failed",
+    "pinned",
+    "stale_access",
+    "node_dead",
+];
+
+/// `reason` if it is one of [`STOP_REASONS`], else `other`.
+pub fn stop_reason_label(reason: &str) -> &'static str {
+    STOP_REASONS
+        .iter()
+        .find(|r| **r == reason)
+        .copied()
+        .unwrap_or("other")
 }
 
 impl Metrics {
@@ -91,6 +139,19 @@ impl Metrics {
             guard_restarts: Counter::default(),
             guard_fences: Counter::default(),
             guard_kills: Counter::default(),
+            http_connections: Gauge::default(),
+            http_connection_limit: Gauge::default(),
+            http_connections_accepted: Counter::default(),
+            http_connections_refused: Family::default(),
+            http_connections_evicted: Counter::default(),
+            http_connections_timed_out: Family::default(),
+            http_accept_errors: Counter::default(),
+            first_requests_limited: Counter::default(),
+            unknown_channel_hits: Counter::default(),
+            start_slot_timeouts: Counter::default(),
+            admin_auth_failures: Counter::default(),
+            admin_auth_throttled: Counter::default(),
+            memory_releases: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Viewer requests by kind", m.requests.clone());
@@ -214,6 +275,71 @@ impl Metrics {
             "FFmpegs killed by the guard",
             m.guard_kills.clone(),
         );
+        registry.register(
+            "http_connections",
+            "HTTP connections open",
+            m.http_connections.clone(),
+        );
+        registry.register(
+            "http_connection_limit",
+            "HTTP connections the node keeps open at most",
+            m.http_connection_limit.clone(),
+        );
+        registry.register(
+            "http_connections_accepted",
+            "HTTP connections accepted",
+            m.http_connections_accepted.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections refused at accept, by reason (limit, per_address)",
+            m.http_connections_refused.clone(),
+        );
+        registry.register(
+            "http_connections_evicted",
+            "HTTP connections closed to make room for new ones",
+            m.http_connections_evicted.clone(),
+        );
+        registry.register(
+            "http_connections_timed_out",
+            "HTTP connections closed for a timeout, by kind (header, idle)",
+            m.http_connections_timed_out.clone(),
+        );
+        registry.register(
+            "http_accept_errors",
+            "Failed accept() calls (EMFILE, ENFILE, ...)",
+            m.http_accept_errors.clone(),
+        );
+        registry.register(
+            "first_requests_limited",
+            "Requests that would start a channel refused by the per-client rate limit",
+            m.first_requests_limited.clone(),
+        );
+        registry.register(
+            "unknown_channel_hits",
+            "Requests for channel ids the catalog did not know, answered from memory",
+            m.unknown_channel_hits.clone(),
+        );
+        registry.register(
+            "start_slot_timeouts",
+            "Channel starts refused after waiting start_timeout for a start slot",
+            m.start_slot_timeouts.clone(),
+        );
+        registry.register(
+            "admin_auth_failures",
+            "Admin requests with a missing or wrong bearer token",
+            m.admin_auth_failures.clone(),
+        );
+        registry.register(
+            "admin_auth_throttled",
+            "Admin requests refused while their address waits after wrong tokens",
+            m.admin_auth_throttled.clone(),
+        );
+        registry.register(
+            "memory_releases",
+            "Times free memory was handed back to the system after a burst",
+            m.memory_releases.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -225,10 +351,11 @@ impl Metrics {
         out
     }
 
+    /// Counts a channel stop; `reason` is mapped to [`STOP_REASONS`] (`other` for the rest).
     pub fn stopped(&self, reason: &str) {
         self.channel_stops
             .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
+                reason: stop_reason_label(reason).to_string(),
             })
             .inc();
     }
@@ -237,5 +364,29 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_reason_cannot_forge_a_metric() {
+        let m = Metrics::new();
+        m.stopped("idle");
+        m.stopped("x\"} 1\nfarm_node_forged_total 9\n# EOF\n");
+        m.stopped(&"y".repeat(10_000));
+        let text = m.render();
+        assert!(
+            text.contains("farm_node_channel_stops_total{reason=\"idle\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("farm_node_channel_stops_total{reason=\"other\"} 2"),
+            "{text}"
+        );
+        assert!(!text.contains("forged"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     }
 }

@@ -242,6 +242,9 @@ pub struct Node {
     remote: Mutex<HashMap<String, (Instant, Arc<crate::store::RemoteView>)>>,
     /// The fence outside this process; it runs every channel's egress gateway.
     pub guard: Arc<crate::guard::Guard>,
+    /// Start slots (`max_concurrent_starts`): a channel holds one while it claims, so a burst of
+    /// first requests queues instead of flooding Redis.
+    pub start_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long a [`Node::remote_view`] answer is reused.
@@ -269,7 +272,6 @@ impl Node {
         let incarnation = format!("{:x}-{:x}", now_ms(), std::process::id());
         let hot_budget = crate::hot::Budget::new(cfg.segment_cache);
         Arc::new(Self {
-            cfg,
             keepalive_store: store.dedicated(),
             store,
             watcher,
@@ -289,6 +291,10 @@ impl Node {
             sandbox,
             remote: Mutex::new(HashMap::new()),
             guard,
+            start_slots: Arc::new(tokio::sync::Semaphore::new(
+                cfg.max_concurrent_starts.max(1) as usize,
+            )),
+            cfg,
         })
     }
 
@@ -466,8 +472,57 @@ enum RunEnd {
     Fenced,
 }
 
-/// The whole life of one channel on this node: preflight, claim, supervise, stop.
+/// [`run_channel_inner`] in a start slot: it waits its turn (up to `start_timeout`, else the
+/// start is refused with 503) and keeps the slot while it claims (catalog, upstream check, lease,
+/// recorded timeline: the Redis work of a start), until it leaves `Claiming`. An upstream that
+/// never sends a segment does not keep others from starting.
 async fn run_channel(
+    node: Arc<Node>,
+    entry: Arc<ChannelEntry>,
+    inbox: mpsc::Receiver<Ctl>,
+    mode: ClaimMode,
+) {
+    let timeout = node.cfg.start_timeout;
+    let wait = tokio::time::timeout(timeout, node.start_slots.clone().acquire_owned());
+    let slot = tokio::select! {
+        _ = node.cancel.cancelled() => {
+            entry.phase.send_replace(Phase::Gone);
+            return;
+        }
+        r = wait => r,
+    };
+    let slot = match slot {
+        Ok(Ok(slot)) => slot,
+        _ => {
+            node.metrics.start_slot_timeouts.inc();
+            let busy = node.cfg.max_concurrent_starts;
+            debug!(busy, "no start slot within start_timeout");
+            entry
+                .phase
+                .send_replace(Phase::Refused(ApiError::unavailable(
+                    format!(
+                    "channel {} cannot start now: node {} is busy starting {busy} other channels \
+and this one waited {} for its turn; retry shortly",
+                    entry.id,
+                    node.cfg.node_id,
+                    farm_proto::duration::format(timeout)
+                ),
+                    2,
+                )));
+            return;
+        }
+    };
+    let mut phase = entry.phase.subscribe();
+    let started = async move {
+        let _ =
+            tokio::time::timeout(timeout, phase.wait_for(|p| !matches!(p, Phase::Claiming))).await;
+        drop(slot);
+    };
+    tokio::join!(started, run_channel_inner(node, entry, inbox, mode));
+}
+
+/// The whole life of one channel on this node: preflight, claim, supervise, stop.
+async fn run_channel_inner(
     node: Arc<Node>,
     entry: Arc<ChannelEntry>,
     mut inbox: mpsc::Receiver<Ctl>,

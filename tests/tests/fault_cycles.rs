@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const WORKERS: usize = 4;
-const TOKEN: &str = "cycle-token";
+const TOKEN: &str = "cycle-admin-token";
 
 /// Open fds, threads and RSS (KiB) of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

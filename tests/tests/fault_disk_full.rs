@@ -130,7 +130,7 @@ async fn fault_disk_full_ends_cleanly_refuses_new_starts_and_gives_the_space_bac
                 "--crash-window",
                 "60s",
                 "--admin-token",
-                "t0k",
+                "disk-full-admin-token",
             ]),
     );
     let http = reqwest::Client::builder()
@@ -186,7 +186,7 @@ async fn fault_disk_full_ends_cleanly_refuses_new_starts_and_gives_the_space_bac
                 200 => {
                     let _ = http
                         .post(format!("{base}/admin/streams/third/stop"))
-                        .bearer_auth("t0k")
+                        .bearer_auth("disk-full-admin-token")
                         .send()
                         .await;
                 }
@@ -252,7 +252,7 @@ states {states_seen:?}, reason: {reason}",
     );
     let r = http
         .post(format!("{base}/admin/streams/small/stop"))
-        .bearer_auth("t0k")
+        .bearer_auth("disk-full-admin-token")
         .send()
         .await
         .expect("admin stop");
@@ -276,7 +276,7 @@ states {states_seen:?}, reason: {reason}",
     assert_eq!(status, 200, "{body}");
     let r = http
         .post(format!("{base}/admin/streams/third/stop"))
-        .bearer_auth("t0k")
+        .bearer_auth("disk-full-admin-token")
         .send()
         .await
         .expect("admin stop");

@@ -1,6 +1,7 @@
 //! The shipped nginx config (`deploy/nginx/farm.conf.template`, rendered by `deploy/nginx/render`):
-//! `nginx -t` accepts it in both access modes, each mode has the directives it promises, and the
-//! renderer refuses options that would produce a broken or unsafe config.
+//! `nginx -t` accepts it in both access modes, each mode has the directives it promises (the
+//! per-client limits and production sizing included), and the renderer refuses options that would
+//! produce a broken or unsafe config.
 
 use farm_tests::nginx::{render_cmd, render_only, NginxOpts};
 use std::net::SocketAddr;
@@ -63,6 +64,26 @@ fn nginx_t_accepts_the_rendered_template_in_both_access_modes() {
             "video/mp2t ts;",
             "proxy_set_header X-Original-URI /live/$farm_tok$farm_id/$farm_file;",
             "proxy_pass http://$farm_owner$farm_owner_path$is_args$args;",
+            // Production sizing and what one client may cost (deploy/nginx/README.md).
+            "worker_processes auto;",
+            "worker_connections 16384;",
+            "worker_rlimit_nofile 65536;",
+            "client_header_timeout 10s;",
+            "client_body_timeout 10s;",
+            "client_header_buffer_size 1k;",
+            "large_client_header_buffers 4 8k;",
+            "reset_timedout_connection on;",
+            "limit_req_zone $farm_limit_key zone=farm_playlists:10m rate=20r/s;",
+            "limit_conn_zone $farm_limit_key zone=farm_playlist_conns:10m;",
+            "limit_req zone=farm_playlists burst=100 nodelay;",
+            "limit_conn farm_playlist_conns 20;",
+            "limit_req_status 429;",
+            "limit_conn_status 429;",
+            "error_page 429 = @farm_limited;",
+            "add_header Retry-After 1 always;",
+            "127.0.0.1 1;",
+            "::1 1;",
+            "keepalive_timeout 50s;",
         ] {
             assert!(has(&lines, d), "{name} config lacks `{d}`:\n{text}");
         }
@@ -119,6 +140,100 @@ fn nginx_t_accepts_the_rendered_template_in_both_access_modes() {
                 1
             );
         }
+    }
+}
+
+/// The limits sit in the playlist location only: segments come from disk and stay unlimited.
+#[test]
+fn per_client_limits_guard_playlists_only() {
+    let roots = tempfile::tempdir().expect("tempdir");
+    let text = render_only(&opts(&roots), listen()).text();
+    let locations: Vec<&str> = text.split("\n        location ").skip(1).collect();
+    let playlist = locations
+        .iter()
+        .find(|l| l.contains("\\.m3u8)$\""))
+        .expect("a playlist location");
+    let segment = locations
+        .iter()
+        .find(|l| l.contains("\\.ts)$\""))
+        .expect("a segment location");
+    for d in [
+        "limit_req zone=farm_playlists",
+        "limit_conn farm_playlist_conns",
+    ] {
+        assert!(playlist.contains(d), "playlists lack {d}:\n{playlist}");
+        assert!(!segment.contains(d), "segments must not be limited: {d}");
+    }
+}
+
+#[test]
+fn sizing_and_exempt_addresses_are_options_of_the_renderer() {
+    let roots = tempfile::tempdir().expect("tempdir");
+    let run = tempfile::tempdir().expect("tempdir");
+    let render = |extra: &[&str]| {
+        let out = render_cmd(&opts(&roots), listen(), run.path())
+            .args(extra)
+            .output()
+            .expect("run render");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, text, err) = render(&[
+        "--workers",
+        "4",
+        "--worker-connections",
+        "1000",
+        "--rlimit-nofile",
+        "2000",
+        "--limit-exempt",
+        "10.1.0.0/16",
+        "--limit-exempt",
+        "fd00::/8",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines = directives(&text);
+    for d in [
+        "worker_processes 4;",
+        "worker_connections 1000;",
+        "worker_rlimit_nofile 2000;",
+        "10.1.0.0/16 1;",
+        "fd00::/8 1;",
+    ] {
+        assert!(has(&lines, d), "lacks `{d}`:\n{text}");
+    }
+    assert!(
+        !has(&lines, "127.0.0.1 1;"),
+        "given exemptions replace the default"
+    );
+    let (code, text, err) = render(&["--limit-exempt", "none"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines = directives(&text);
+    assert!(
+        !has(&lines, "127.0.0.1 1;") && !has(&lines, "::1 1;"),
+        "none: loopback is limited too"
+    );
+    for (what, extra) in [
+        (
+            "an fd limit below two per connection",
+            &["--rlimit-nofile", "1000"][..],
+        ),
+        (
+            "a word for connections",
+            &["--worker-connections", "many"][..],
+        ),
+        ("zero workers", &["--workers", "0"][..]),
+        (
+            "an exemption that is not an address",
+            &["--limit-exempt", "all;"][..],
+        ),
+    ] {
+        let (code, text, err) = render(extra);
+        println!("render with {what}: exit {code:?}: {}", err.trim());
+        assert_eq!(code, Some(2), "{what}: {err}");
+        assert!(text.is_empty(), "{what}: printed a config anyway");
     }
 }
 

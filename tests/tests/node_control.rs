@@ -143,7 +143,7 @@ async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_noth
         "n1",
         root.path(),
         true,
-        &["--admin-token", "s3cret"],
+        &["--admin-token", "s3cret-admin-token"],
     );
     let base = node.base_url();
     for id in ["c1", "c2"] {
@@ -165,7 +165,7 @@ async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_noth
     assert_eq!(bad.status().as_u16(), 401);
     let list: serde_json::Value = c
         .get(format!("{base}/admin/streams"))
-        .bearer_auth("s3cret")
+        .bearer_auth("s3cret-admin-token")
         .send()
         .await
         .expect("GET")
@@ -182,14 +182,14 @@ async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_noth
     assert!(exists(&redis, "farm:owner:c1").await);
     let r = c
         .post(format!("{base}/admin/streams/..%2f/stop"))
-        .bearer_auth("s3cret")
+        .bearer_auth("s3cret-admin-token")
         .send()
         .await
         .expect("POST");
     assert_eq!(r.status().as_u16(), 400);
     let r = c
         .post(format!("{base}/admin/streams/c1/stop"))
-        .bearer_auth("s3cret")
+        .bearer_auth("s3cret-admin-token")
         .send()
         .await
         .expect("POST");
