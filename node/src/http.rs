@@ -169,7 +169,7 @@ async fn live_plain(
     let p = authorize(&node.cfg, &[&a, &b], &client).inspect_err(|_| {
         node.metrics.playback_refused.inc();
     })?;
-    live_file(&node, p, &uri).await
+    crate::metrics::viewer_request(&node.metrics, live_file(&node, p, &uri)).await
 }
 
 async fn live_signed(
@@ -183,7 +183,7 @@ async fn live_signed(
     let p = authorize(&node.cfg, &[&a, &b, &c], &client).inspect_err(|_| {
         node.metrics.playback_refused.inc();
     })?;
-    live_file(&node, p, &uri).await
+    crate::metrics::viewer_request(&node.metrics, live_file(&node, p, &uri)).await
 }
 
 async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response, ApiError> {
