@@ -221,6 +221,11 @@ struct ViewerStats {
     statuses: Mutex<BTreeMap<u16, u64>>,
     /// (channel, watching session, sent at, served, steady): every request, for the bounds.
     log: Mutex<Vec<(usize, u64, Instant, bool, bool)>>,
+    /// Per channel, when the last playlist fed to the strict checker was asked for: a viewer's
+    /// answers are checked in the order it asked (an older answer arriving late is skipped).
+    checked_up_to: Mutex<BTreeMap<usize, Instant>>,
+    /// What the strict RFC 8216 checker found.
+    violations: Mutex<Vec<String>>,
 }
 
 /// The longest time a watching viewer went without a playlist during the chaos: from its first
@@ -323,10 +328,28 @@ async fn viewers(
             let (session, steady_now) = (s.number, !flips);
             requests.spawn(async move {
                 let sent = Instant::now();
-                let status = match http.get(&url).send().await {
-                    Ok(r) => r.status().as_u16(),
-                    Err(_) => 0,
+                let (status, body) = match http.get(&url).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        (status, r.text().await.unwrap_or_default())
+                    }
+                    Err(_) => (0, String::new()),
                 };
+                if status == 200 {
+                    let newer = {
+                        let mut up_to = lock(&stats.checked_up_to);
+                        let newer = up_to.get(&i).is_none_or(|t| *t < sent);
+                        if newer {
+                            up_to.insert(i, sent);
+                        }
+                        newer
+                    };
+                    if newer {
+                        for v in farm_tests::hls::try_observe(&url, &body) {
+                            lock(&stats.violations).push(v.to_string());
+                        }
+                    }
+                }
                 stats.requests.fetch_add(1, Ordering::Relaxed);
                 *lock(&stats.statuses).entry(status).or_default() += 1;
                 lock(&stats.log).push((i, session, sent, status == 200, steady_now));
@@ -498,6 +521,16 @@ settled {:?} after the chaos: {}",
     assert_eq!(
         steady_failed, 0,
         "a watching viewer was not served after the farm settled"
+    );
+    let violations = lock(&stats.violations).clone();
+    println!(
+        "strict RFC 8216 checker over the viewers' playlists: {} violations",
+        violations.len()
+    );
+    assert!(
+        violations.is_empty(),
+        "the viewers' playlists break RFC 8216:\n{}",
+        violations.join("\n")
     );
     for n in &mut nodes {
         assert!(n.running(), "node {} died by itself", n.node_id());
