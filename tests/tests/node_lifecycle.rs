@@ -94,7 +94,10 @@ async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregist
     );
     let stopped: Vec<String> = all_keys(&redis).await;
     println!("keys after shutdown: {stopped:?}");
-    leaves_nothing(&redis, &[FarmNode::dead("n1", root.path().join("n1"))]).await;
+    // The node's command stream stays for its next life (commands sent meanwhile are claimed
+    // then): the node comes back, and the farm is clean.
+    let again = common::node(&redis, "n1", root.path(), false, &[]);
+    leaves_nothing(&redis, &[FarmNode::of(&again)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
