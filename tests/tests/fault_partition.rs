@@ -368,3 +368,85 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
     println!("slow link: {}", report.figure());
     report.assert_clean();
 }
+
+/// A lease taken away while its node renews fine (a lost write on a Redis failover, an operator's
+/// `DEL`): another node claims the channel, and the old owner's next keepalive learns that its
+/// renewal was refused and fences that channel (promise 2): its FFmpeg is gone within one
+/// keepalive interval (TTL / 6 = 500 ms) of the other node's claim, plus 0.5 s; it is not started
+/// again, and the checker finds nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
+    const KEEPALIVE: Duration = Duration::from_millis(500);
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 500)]);
+    let node = |id: &str| {
+        NodeProcess::spawn(
+            NodeOpts::new(id, &url, root.path().join(id))
+                .with_fake_ffmpeg()
+                .args(node_args("3s")),
+        )
+    };
+    let (n1, n2) = (node("n1"), node("n2"));
+    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
+        "--idle-timeout",
+        "30s",
+        "--tick",
+        "500ms",
+        "--node-ttl",
+        "3s",
+        "--lease-ttl",
+        "3s",
+        "--leader-ttl",
+        "3s",
+    ]));
+    let mut c = redis.conn().await;
+    let http = no_redirects();
+    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
+    assert_eq!(status, 200);
+    let (_, gen1) = owner(&mut c, "farm", "ch").await.expect("ch on n1");
+    let old = ffmpegs_for(n1.hls_root(), "ch");
+    assert_eq!(old.len(), 1);
+    let old_start = farm_tests::procs::process_start_time(old[0]).expect("start");
+
+    // The lease vanishes; a viewer on n2 claims the channel at once.
+    let _: () = c.del("farm:owner:ch").await.expect("DEL");
+    let taken = Instant::now();
+    let taken_ms = farm_tests::procs::now_ms();
+    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n2.base_url())).await;
+    let claimed = taken.elapsed();
+    assert_eq!(status, 200, "n2 serves ch once the lease is free");
+    let (node2, gen2) = owner(&mut c, "farm", "ch").await.expect("ch on n2");
+    assert_eq!((node2.as_str(), gen2 > gen1), ("n2", true));
+    let exit = farm_tests::procs::watch_exit(old[0], old_start, Duration::from_secs(10))
+        .await
+        .expect("n1's FFmpeg to be fenced");
+    let fenced = Duration::from_millis(exit.gone_ms.saturating_sub(taken_ms));
+    println!(
+        "lease taken away: n2 claimed and served ch {claimed:?} after; n1's FFmpeg gone {fenced:?} after (bound {:?})",
+        KEEPALIVE + claimed + SLACK
+    );
+    assert!(
+        fenced <= claimed + KEEPALIVE + SLACK,
+        "n1 ran its FFmpeg {fenced:?} after losing its lease"
+    );
+    // n1 starts nothing again for ch: only n2's FFmpeg runs, for a while.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        assert!(
+            ffmpegs_for(n1.hls_root(), "ch").is_empty(),
+            "n1 started ch again"
+        );
+        tokio::time::sleep(SAMPLE).await;
+    }
+    assert_eq!(ffmpegs_for(n2.hls_root(), "ch").len(), 1);
+    let report = invariants::check(
+        &redis,
+        &[FarmNode::of(&n1), FarmNode::of(&n2)],
+        settle_time(NODE_TTL, TICK),
+    )
+    .await;
+    println!("lease taken away: {}", report.figure());
+    report.assert_clean();
+}
