@@ -373,14 +373,16 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
 /// `DEL`): another node claims the channel, and the old owner's next keepalive learns that its
 /// renewal was refused and fences that channel (promise 2): its FFmpeg is gone within one
 /// keepalive interval (TTL / 6 = 500 ms) of the other node's claim, plus 0.5 s; it is not started
-/// again, and the checker finds nothing left.
+/// again, and the checker finds nothing left. The channel's segments are 2.5 s long and the lease
+/// is taken right after one was published, so the old owner's next gen-checked write (its next
+/// segment) is 2.5 s away: only the keepalive can fence it in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
     const KEEPALIVE: Duration = Duration::from_millis(500);
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
     let url = redis.url();
-    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 500)]);
+    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 2500)]);
     let node = |id: &str| {
         NodeProcess::spawn(
             NodeOpts::new(id, &url, root.path().join(id))
@@ -403,9 +405,26 @@ async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
     ]));
     let mut c = redis.conn().await;
     let http = no_redirects();
-    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
+    let on_n1 = format!("{}/live/ch/index.m3u8", n1.base_url());
+    let (status, first) = playlist(&http, &on_n1).await;
     assert_eq!(status, 200);
     let (_, gen1) = owner(&mut c, "farm", "ch").await.expect("ch on n1");
+    // Right after n1 published its next segment.
+    let last = |body: &str| {
+        farm_tests::hls::MediaPlaylist::parse(body)
+            .ok()
+            .and_then(|p| p.last_sequence())
+    };
+    let first_last = last(&first);
+    eventually("n1 to publish a segment", Duration::from_secs(10), || {
+        let (http, on_n1) = (http.clone(), on_n1.clone());
+        async move {
+            let r = http.get(&on_n1).send().await.ok()?;
+            let body = r.text().await.ok()?;
+            (last(&body) > first_last).then_some(())
+        }
+    })
+    .await;
     let old = ffmpegs_for(n1.hls_root(), "ch");
     assert_eq!(old.len(), 1);
     let old_start = farm_tests::procs::process_start_time(old[0]).expect("start");

@@ -250,9 +250,11 @@ async fn a_pid_record_pointing_at_an_unrelated_process_leaves_it_alone() {
     let root = tempfile::tempdir().expect("tempdir");
     let hls = root.path().join("n1");
     // An unrelated live process, recorded as if it were our FFmpeg: once with its true start time
-    // (but no marker), once with a wrong start time (a reused pid).
+    // (but no marker), once with a wrong start time (a reused pid). It leads its own process group,
+    // like the FFmpegs (and most services) do, so a kill by pid alone would reach it.
     let mut bystander = std::process::Command::new("sleep")
         .arg("300")
+        .process_group(0)
         .spawn()
         .expect("sleep");
     let pid = bystander.id() as i32;
