@@ -214,13 +214,16 @@ const FIRST_SEGMENT: Duration = Duration::from_secs(1);
 const REQUEST_EVERY_MAX: Duration = Duration::from_millis(1200);
 const SLACK: Duration = Duration::from_millis(500);
 
+/// One viewer request: (channel, watching session, sent at, served, after the chaos).
+type Request = (usize, u64, Instant, bool, bool);
+
 #[derive(Default)]
 struct ViewerStats {
     requests: AtomicU64,
     skipped: AtomicU64,
     statuses: Mutex<BTreeMap<u16, u64>>,
-    /// (channel, watching session, sent at, served, steady): every request, for the bounds.
-    log: Mutex<Vec<(usize, u64, Instant, bool, bool)>>,
+    /// Every request, for the bounds.
+    log: Mutex<Vec<Request>>,
     /// Per channel, when the last playlist fed to the strict checker was asked for: a viewer's
     /// answers are checked in the order it asked (an older answer arriving late is skipped).
     checked_up_to: Mutex<BTreeMap<usize, Instant>>,
@@ -231,7 +234,7 @@ struct ViewerStats {
 /// The longest time a watching viewer went without a playlist during the chaos: from its first
 /// failed request to its next served one (one session: a channel watched without a break). Also
 /// how many sessions ended while failing, and the worst of those.
-fn longest_outage(log: &[(usize, u64, Instant, bool, bool)]) -> (Duration, String, usize) {
+fn longest_outage(log: &[Request]) -> (Duration, String, usize) {
     let mut by: BTreeMap<(usize, u64), Vec<(Instant, bool)>> = BTreeMap::new();
     for (ch, session, at, ok, steady) in log {
         if !steady {
