@@ -370,7 +370,11 @@ fn import_writes_every_channel() {
     let file = write_file(dir.path(), "good.m3u", GOOD_M3U);
     let o = farmctl(&r.url, &["import", &file, "--provider", "acme"]);
     assert_exit(&o, 0);
-    assert_eq!(stdout(&o), "imported 3 channels\n");
+    assert!(
+        stdout(&o).starts_with("imported 3 channels in "),
+        "{}",
+        stdout(&o)
+    );
     let ids = ["bbc1-uk", "cnn-us", "das-erste"];
     assert_eq!(
         members(&r, "farm:channels"),
@@ -397,12 +401,17 @@ fn import_writes_every_channel() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(dbsize(&r), 4);
+    // 3 channels, the index, farm:catalog:version and farm:catalog:gen; no staging list left
+    assert_eq!(dbsize(&r), 6);
     assert!(hash(&r, "farm:channel:new-one").is_empty());
     // ...unless --replace
     let o = farmctl(&r.url, &["import", &file2, "--replace"]);
     assert_exit(&o, 0);
-    assert_eq!(stdout(&o), "imported 2 channels\n");
+    assert!(
+        stdout(&o).starts_with("imported 2 channels in "),
+        "{}",
+        stdout(&o)
+    );
     assert_eq!(
         hash(&r, "farm:channel:cnn-us")["url"],
         "http://q.example/cnn.ts"
@@ -528,4 +537,345 @@ fn silent_redis_times_out_with_exit_1() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// A playlist of `n` channels `c0..c<n>` on `host`.
+fn generated_m3u(n: usize, host: &str) -> String {
+    let mut text = String::from("#EXTM3U\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "#EXTINF:-1 tvg-id=\"c{i}\" group-title=\"G\",Channel {i}\nhttp://{host}/live/{i}.ts\n"
+        ));
+    }
+    text
+}
+
+/// Every key of the test Redis (SCAN: the test Redis is small).
+fn all_keys(r: &Redis) -> BTreeSet<String> {
+    let mut c = r.conn();
+    redis::cmd("SCAN")
+        .cursor_arg(0)
+        .arg("COUNT")
+        .arg(1000)
+        .clone()
+        .iter::<String>(&mut c)
+        .expect("SCAN")
+        .map(|k| k.expect("a key"))
+        .collect()
+}
+
+#[test]
+fn large_imports_go_in_chunks_and_leave_no_staging_behind() {
+    let r = Redis::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write_file(dir.path(), "big.m3u", &generated_m3u(5000, "a.example"));
+    let o = farmctl(&r.url, &["import", &file, "--chunk", "500"]);
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("staged 500/5000\n"), "{out}");
+    assert!(out.contains("committed import 1\n"), "{out}");
+    assert!(out.contains("applied 5000/5000\n"), "{out}");
+    assert!(
+        out.contains("imported 5000 channels in ") && out.contains("(chunks of 500)"),
+        "{out}"
+    );
+    assert_eq!(members(&r, "farm:channels").len(), 5000);
+    assert_eq!(
+        hash(&r, "farm:channel:c4999")["url"],
+        "http://a.example/live/4999.ts"
+    );
+    let keys = all_keys(&r);
+    assert!(
+        !keys.iter().any(|k| k.starts_with("farm:catalog:import")),
+        "staging left behind: {:?}",
+        keys.iter()
+            .filter(|k| k.starts_with("farm:catalog:"))
+            .collect::<Vec<_>>()
+    );
+
+    // --replace of the same ids with other URLs, and the list reads them all back (SSCAN)
+    let file = write_file(dir.path(), "big2.m3u", &generated_m3u(5000, "b.example"));
+    assert_exit(&farmctl(&r.url, &["import", &file, "--chunk", "700"]), 2);
+    assert_exit(
+        &farmctl(&r.url, &["import", &file, "--chunk", "700", "--replace"]),
+        0,
+    );
+    assert_eq!(
+        hash(&r, "farm:channel:c0")["url"],
+        "http://b.example/live/0.ts"
+    );
+    let o = farmctl(&r.url, &["channel", "list"]);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o).lines().count(), 5001);
+
+    // caps: channels and bytes, each with the flag that raises it
+    let o = farmctl(&r.url, &["import", &file, "--max-channels", "4999"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("5000 channels, more than --max-channels 4999"),
+        "{}",
+        stderr(&o)
+    );
+    assert_one_sentence(&o);
+    let o = farmctl(&r.url, &["import", &file, "--max-bytes", "10K"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("more than --max-bytes 10240"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn an_import_that_fails_while_staging_leaves_the_catalog_as_it_was() {
+    let r = Redis::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    assert_exit(
+        &farmctl(&r.url, &["channel", "add", "keep", "http://k.example/1"]),
+        0,
+    );
+    let before = (members(&r, "farm:channels"), hash(&r, "farm:channel:keep"));
+    // Redis refuses writes (OOM) half way through the staging.
+    let used: String = redis::cmd("INFO")
+        .arg("memory")
+        .query(&mut r.conn())
+        .expect("INFO");
+    let used: u64 = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used + 2_000_000)
+        .query::<()>(&mut r.conn())
+        .expect("CONFIG SET");
+    let file = write_file(dir.path(), "big.m3u", &generated_m3u(20_000, "a.example"));
+    let o = farmctl(&r.url, &["import", &file, "--chunk", "200"]);
+    assert_exit(&o, 1);
+    assert!(stdout(&o).contains("staged 2000/20000"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("OOM"), "{}", stderr(&o));
+    assert_one_sentence(&o);
+    assert_eq!(
+        (members(&r, "farm:channels"), hash(&r, "farm:channel:keep")),
+        before
+    );
+    assert!(hash(&r, "farm:channel:c0").is_empty());
+    assert!(
+        !all_keys(&r)
+            .iter()
+            .any(|k| k.starts_with("farm:catalog:import")),
+        "the failed import's staging list is removed"
+    );
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query::<()>(&mut r.conn())
+        .expect("CONFIG SET");
+    assert_exit(&farmctl(&r.url, &["import", &file, "--chunk", "2000"]), 0);
+    assert_eq!(members(&r, "farm:channels").len(), 20_001);
+}
+
+#[test]
+fn a_committed_import_is_finished_by_the_next_catalog_write() {
+    let r = Redis::start();
+    // What farmctl leaves when it is killed right after the commit: the marker and the list.
+    let mut c = r.conn();
+    let entries: Vec<String> = (0..3)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("s{i}"), "name": format!("S {i}"), "url": format!("http://s.example/{i}"),
+                "backup_urls": [], "profile": "copy", "provider": "", "pinned": i == 1, "group": ""
+            })
+            .to_string()
+        })
+        .collect();
+    redis::pipe()
+        .cmd("RPUSH")
+        .arg("farm:catalog:import:7")
+        .arg(&entries)
+        .cmd("SET")
+        .arg("farm:catalog:importing")
+        .arg(7)
+        .query::<()>(&mut c)
+        .expect("plant");
+    let o = farmctl(&r.url, &["channel", "list"]);
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains("import 7 is committed but 3 of its channels are not applied yet"),
+        "{}",
+        stdout(&o)
+    );
+    let o = farmctl(&r.url, &["import", "--resume"]);
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("import 7 applied"), "{}", stdout(&o));
+    assert_eq!(members(&r, "farm:channels").len(), 3);
+    assert_eq!(
+        members(&r, "farm:pinned"),
+        BTreeSet::from(["s1".to_string()])
+    );
+    assert!(!all_keys(&r)
+        .iter()
+        .any(|k| k.starts_with("farm:catalog:import")));
+    let o = farmctl(&r.url, &["import", "--resume"]);
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains("no import was waiting"),
+        "{}",
+        stdout(&o)
+    );
+
+    // A channel add finishes a pending import before its own write (writes apply in order).
+    redis::pipe()
+        .cmd("RPUSH")
+        .arg("farm:catalog:import:8")
+        .arg(&entries[..1])
+        .cmd("SET")
+        .arg("farm:catalog:importing")
+        .arg(8)
+        .query::<()>(&mut c)
+        .expect("plant");
+    redis::cmd("DEL")
+        .arg("farm:channel:s0")
+        .query::<()>(&mut c)
+        .expect("DEL");
+    assert_exit(
+        &farmctl(&r.url, &["channel", "add", "s9", "http://s.example/9"]),
+        0,
+    );
+    assert_eq!(hash(&r, "farm:channel:s0")["url"], "http://s.example/0");
+    assert_eq!(members(&r, "farm:channels").len(), 4);
+}
+
+#[test]
+fn odd_data_in_redis_never_breaks_the_list_and_big_names_are_refused() {
+    let r = Redis::start();
+    let mut c = r.conn();
+    let big = "N".repeat(1 << 20);
+    redis::pipe()
+        .cmd("HSET")
+        .arg("farm:channel:huge")
+        .arg("url")
+        .arg("http://h.example/1")
+        .arg("name")
+        .arg(&big)
+        .cmd("HSET")
+        .arg("farm:channel:bytes")
+        .arg("url")
+        .arg(b"http://h.example/\xff\xfe".as_slice())
+        .arg("name")
+        .arg(b"\xc3\x28\x1b[2J".as_slice())
+        .cmd("SET")
+        .arg("farm:channel:str")
+        .arg("garbage")
+        .cmd("SADD")
+        .arg("farm:channels")
+        .arg(&["huge", "bytes", "str", "gone"])
+        .query::<()>(&mut c)
+        .expect("plant");
+    let o = farmctl(&r.url, &["channel", "list"]);
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 5, "{out}");
+    assert!(
+        out.len() < 2000,
+        "a 1 MB name is clipped: {} bytes",
+        out.len()
+    );
+    assert!(out.contains("NNN…"), "{out}");
+    assert!(!out.contains('\u{1b}'), "{out}");
+    assert!(
+        out.contains("(unreadable: ") && out.contains("WRONGTYPE"),
+        "{out}"
+    );
+    assert!(out.contains("(indexed, but its hash is missing)"), "{out}");
+    assert_exit(&farmctl(&r.url, &["channel", "list", "--json"]), 0);
+    assert_exit(&farmctl(&r.url, &["channel", "show", "huge"]), 0);
+    assert_exit(&farmctl(&r.url, &["status"]), 0);
+
+    // writing one is refused with a sentence, and nothing changes (an argument is at most
+    // 128 KiB, so the 1 MB name comes through an import)
+    let o = farmctl(
+        &r.url,
+        &[
+            "channel",
+            "add",
+            "n1",
+            "http://h.example/2",
+            "--name",
+            &big[..100_000],
+        ],
+    );
+    assert_exit(&o, 2);
+    assert_one_sentence(&o);
+    assert!(
+        stderr(&o).contains("invalid name: it is 100000 bytes long, at most 256 are allowed"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).len() < 300);
+    assert!(hash(&r, "farm:channel:n1").is_empty());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write_file(
+        dir.path(),
+        "big-name.m3u",
+        &format!("#EXTM3U\n#EXTINF:-1 tvg-id=\"n2\",{big}\nhttp://h.example/3\n"),
+    );
+    let o = farmctl(&r.url, &["import", &file]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains(":2: the channel's invalid name: it is 1048576 bytes long"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).len() < 400);
+    assert!(hash(&r, "farm:channel:n2").is_empty());
+}
+
+#[test]
+fn urls_are_shown_redacted_unless_asked() {
+    let r = Redis::start();
+    let url = "http://usr:pw@p.example/live/xuser/xpass/7.ts?token=tok123";
+    let o = farmctl(&r.url, &["channel", "add", "sec", url, "--backup", url]);
+    assert_exit(&o, 0);
+    for args in [
+        &["channel", "list"][..],
+        &["channel", "list", "--json"],
+        &["channel", "show", "sec"],
+        &["channel", "show", "sec", "--json"],
+    ] {
+        let o = farmctl(&r.url, args);
+        assert_exit(&o, 0);
+        let out = stdout(&o);
+        for secret in ["usr", "pw@", "xuser", "xpass", "tok123"] {
+            assert!(!out.contains(secret), "{args:?}: {secret} in {out}");
+        }
+        assert!(
+            out.contains("http://***@p.example/live/***/***/7.ts?token=***"),
+            "{out}"
+        );
+        let mut shown = args.to_vec();
+        shown.push("--show-secrets");
+        let o = farmctl(&r.url, &shown);
+        assert!(stdout(&o).contains(url), "{shown:?}: {}", stdout(&o));
+    }
+    // an https URL with a token: added, with a warning that nodes will not start it
+    let o = farmctl(
+        &r.url,
+        &[
+            "channel",
+            "add",
+            "tls",
+            "https://cdn.example/a.m3u8?token=zz",
+        ],
+    );
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains("nodes refuse to start it"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("zz"));
 }

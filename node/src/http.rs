@@ -244,8 +244,13 @@ async fn live_file(node: &Arc<Node>, p: Playback, uri: &Uri) -> Result<Response,
 /// start), or the one its owner recorded in Redis (also while a failover or a drain moves it: the
 /// last window, held, which players wait on), or a start here when nobody runs it.
 async fn playlist(node: &Arc<Node>, id: &str, uri: &Uri) -> Result<bytes::Bytes, ApiError> {
-    if let Some(entry) = node.local(id) {
-        if let Some(answer) = local_playlist(node, &entry).await {
+    let want = wanted_msn(uri)?;
+    let local = node.local(id);
+    let handing_over = local
+        .as_ref()
+        .is_some_and(|e| e.handing_over.load(std::sync::atomic::Ordering::Acquire));
+    if let Some(entry) = local.as_ref().filter(|_| !handing_over) {
+        if let Some(answer) = local_playlist(node, entry, want).await {
             return answer.map_err(|e| to_owner(node, e, uri));
         }
     }
@@ -253,6 +258,16 @@ async fn playlist(node: &Arc<Node>, id: &str, uri: &Uri) -> Result<bytes::Bytes,
         .remote_view(id)
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot locate channel {id}: {e}"), 2))?;
+    if handing_over && view.owner.as_deref().is_none_or(|o| o == node.cfg.node_id) {
+        // Handing it over (drain), the new owner has not claimed it yet: what this node
+        // published, without holding the reload (nothing more will be published here).
+        if let Some(e) = &local {
+            let p = e.published();
+            if !p.plain.is_empty() {
+                return Ok(p.plain);
+            }
+        }
+    }
     if let Some(owner) = view.owner.as_deref().filter(|o| *o != node.cfg.node_id) {
         if let (Some(pl), Some(age)) = (&view.playlist, view.age_ms) {
             if age <= node.cfg.hold_max().as_millis() as u64 {
@@ -264,7 +279,7 @@ async fn playlist(node: &Arc<Node>, id: &str, uri: &Uri) -> Result<bytes::Bytes,
         return Err(to_owner(node, owner_route(node, id, owner).await, uri));
     }
     let entry = node.get_or_start(id).map_err(|e| to_owner(node, e, uri))?;
-    match local_playlist(node, &entry).await {
+    match local_playlist(node, &entry, want).await {
         Some(answer) => answer.map_err(|e| to_owner(node, e, uri)),
         None => Err(ApiError::unavailable(
             format!("channel {id} is stopping; retry"),
@@ -380,26 +395,77 @@ pub fn authorize_uri(cfg: &Config, uri: &str, client: &str) -> Result<Playback, 
     authorize(cfg, &parts, client)
 }
 
+/// The delivery directive of a blocking playlist reload (RFC 8216bis 6.2.5.2): `_HLS_msn=<n>`
+/// asks for a playlist that lists segment n. Partial segments are not offered.
+fn wanted_msn(uri: &Uri) -> Result<Option<u64>, ApiError> {
+    let mut msn = None;
+    for (k, v) in uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        match k {
+            "_HLS_msn" => {
+                msn = Some(v.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("_HLS_msn={v:?} is not a media sequence number"))
+                })?)
+            }
+            "_HLS_part" => {
+                return Err(ApiError::bad_request(
+                    "_HLS_part: this server offers no partial segments",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(msn)
+}
+
 /// This node's playlist of a channel it runs or starts: the published one, or while it starts
 /// after a failover or a drain the earlier owner's (held), else it waits (on phase changes, not by
-/// polling) for the first segment, up to `start_timeout`. `None` when the channel is going away
-/// here (stopped, or handed over): another node's answer is the right one.
+/// polling) for the first segment, up to `start_timeout`. With `want` (a blocking reload) the
+/// answer waits until segment `want` is published, up to three target durations (then it is the
+/// current playlist: an unchanged playlist makes a player try again, an error would not be
+/// better for the viewer). `None` when the channel is going away here (stopped, or handed over):
+/// another node's answer is the right one.
 async fn local_playlist(
     node: &Node,
     entry: &crate::node::ChannelEntry,
+    want: Option<u64>,
 ) -> Option<Result<bytes::Bytes, ApiError>> {
     let id = &entry.id;
     let mut rx = entry.phase.subscribe();
+    let mut published = entry.published.subscribe();
     let deadline = tokio::time::Instant::now() + node.cfg.start_timeout;
+    let mut hold: Option<tokio::time::Instant> = None;
     loop {
         let phase = rx.borrow_and_update().clone();
+        let p = published.borrow_and_update().clone();
+        let mut until = deadline;
         match phase {
             Phase::Ready | Phase::Restarting | Phase::Claiming | Phase::Starting => {
-                let published = entry.published();
-                if !published.is_empty() {
-                    return Some(Ok(published));
-                }
-                if let Some(held) = entry.held() {
+                if !p.text.is_empty() {
+                    let last = p.last.unwrap_or(0);
+                    match want {
+                        Some(m) if m > last.saturating_add(2) => {
+                            return Some(Err(ApiError::bad_request(format!(
+                                "_HLS_msn={m} is beyond the next segments of channel {id} (the last is {last})"
+                            ))))
+                        }
+                        Some(m) if m > last => {
+                            let end = *hold.get_or_insert_with(|| {
+                                tokio::time::Instant::now()
+                                    + std::time::Duration::from_secs(3 * p.target.max(1))
+                            });
+                            if tokio::time::Instant::now() >= end {
+                                return Some(Ok(p.text));
+                            }
+                            until = end;
+                        }
+                        _ => return Some(Ok(p.text)),
+                    }
+                } else if let Some(held) = entry.held() {
                     node.metrics.remote_playlists.inc();
                     return Some(Ok(held));
                 }
@@ -413,18 +479,25 @@ async fn local_playlist(
             Phase::Refused(e) => return Some(Err(e)),
             Phase::Gone => return None,
         }
-        match tokio::time::timeout_at(deadline, rx.changed()).await {
-            Err(_) => {
-                return Some(Err(ApiError::unavailable(
-                    format!(
-                        "channel {id} is starting: no segment yet after {}",
-                        farm_proto::duration::format(node.cfg.start_timeout)
-                    ),
-                    2,
-                )))
-            }
-            Ok(Err(_)) => return None,
-            Ok(Ok(())) => {}
+        let timed_out = tokio::select! {
+            r = rx.changed() => match r {
+                Ok(()) => false,
+                Err(_) => return None,
+            },
+            r = published.changed() => match r {
+                Ok(()) => false,
+                Err(_) => return None,
+            },
+            _ = tokio::time::sleep_until(until) => true,
+        };
+        if timed_out && until == deadline {
+            return Some(Err(ApiError::unavailable(
+                format!(
+                    "channel {id} is starting: no segment yet after {}",
+                    farm_proto::duration::format(node.cfg.start_timeout)
+                ),
+                2,
+            )));
         }
     }
 }

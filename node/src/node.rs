@@ -71,8 +71,27 @@ pub enum Ctl {
         done: Option<oneshot::Sender<()>>,
     },
     Restart,
+    /// Drain: stop FFmpeg (its upstream connection and local resources are the new owner's to
+    /// take) but keep serving what is published until a `Stop`.
+    Pause {
+        done: oneshot::Sender<()>,
+    },
     /// Our lease is gone (or Redis is unreachable past the fence time): kill FFmpeg, touch nothing in Redis.
     Fenced,
+}
+
+/// A channel's playlist as this node serves it.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    /// The text (empty before the first segment).
+    pub text: bytes::Bytes,
+    /// The same without blocking reload (as recorded in Redis), for when this node will not hold
+    /// a reload (it hands the channel over).
+    pub plain: bytes::Bytes,
+    /// Media sequence number of its newest segment.
+    pub last: Option<u64>,
+    /// Its target duration, seconds.
+    pub target: u64,
 }
 
 pub struct ChannelEntry {
@@ -100,7 +119,7 @@ pub struct ChannelEntry {
     /// The channel's timeline on this node (from the claim on).
     pub timeline: Mutex<Option<crate::playlist::Timeline>>,
     /// What viewers get: the playlist as last published (recorded in Redis first).
-    pub published: Mutex<bytes::Bytes>,
+    pub published: watch::Sender<Published>,
     /// The playlist an earlier owner (or run) recorded, served while this node starts the channel
     /// after a failover or a drain, so players wait on a playlist instead of an error.
     pub held: Mutex<Option<bytes::Bytes>>,
@@ -133,11 +152,8 @@ impl ChannelEntry {
     }
 
     /// The published playlist (empty before the first segment).
-    pub fn published(&self) -> bytes::Bytes {
-        self.published
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn published(&self) -> Published {
+        self.published.borrow().clone()
     }
 
     /// The earlier owner's playlist, while this node starts the channel.
@@ -350,7 +366,7 @@ impl Node {
             weight: std::sync::atomic::AtomicU32::new(1),
             fenced: std::sync::atomic::AtomicBool::new(false),
             timeline: Mutex::new(None),
-            published: Mutex::new(bytes::Bytes::new()),
+            published: watch::channel(Published::default()).0,
             held: Mutex::new(None),
         });
         map.insert(id.to_string(), entry.clone());
@@ -443,6 +459,7 @@ enum RunEnd {
     Crash(String),
     Stop(String, Option<oneshot::Sender<()>>),
     Restart,
+    Paused(oneshot::Sender<()>),
     Fenced,
 }
 
@@ -470,7 +487,7 @@ async fn run_channel(
     entry.phase.send_replace(Phase::Starting);
     node.metrics.channel_starts.inc();
     node.metrics.streams_running.inc();
-    info!(gen, url = %spec.url, profile = %spec.profile, "channel claimed");
+    info!(gen, url = %farm_proto::redact::Redacted(&spec.url), profile = %spec.profile, "channel claimed");
     node.event(event::STARTED, &entry.id, gen, &[]).await;
 
     let dir = entry.dir.clone();
@@ -529,8 +546,10 @@ async fn run_channel(
             warn!("channel fenced: lease lost, FFmpeg stopped without touching Redis");
         }
         Outcome::Failed(reason, done) => {
+            // Viewers get a generic reason, never FFmpeg's text (the reason is in the stream
+            // hash, the event and the log, redacted).
             entry.phase.send_replace(Phase::Failed(format!(
-                "channel {} failed: {reason}",
+                "channel {} is failing upstream; retry later",
                 entry.id
             )));
             match node
@@ -638,6 +657,23 @@ async fn claim(
                 format!("channel {id} cannot start: catalog entry has an {e}"),
             )
         })?;
+    }
+    // FFmpeg reads every scheme but http without the gateway (https through CONNECT, whose TLS
+    // the gateway cannot rewrite): credentials in such a URL would be in FFmpeg's argv, which
+    // every local user can read. udp/rtp have no credentials (their query holds FFmpeg options).
+    for url in spec.sources() {
+        let scheme = crate::egress::scheme(&url);
+        if !matches!(scheme.as_str(), "http" | "udp" | "rtp")
+            && farm_proto::redact::has_credentials(&url)
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "channel {id} cannot start: its upstream URL {} carries credentials (userinfo, a token in the query or /live/<user>/<pass>/) that FFmpeg would show in its command line; only http:// URLs may carry them (the egress gateway adds them)",
+                    farm_proto::redact::url(&url)
+                ),
+            ));
+        }
     }
     // An upstream must never be the farm itself (Redis, a sentinel, this node) nor a denied
     // network: decided on resolved addresses, so no spelling of 127.0.0.1 gets through.
@@ -809,16 +845,29 @@ async fn supervise(
     inbox: &mut mpsc::Receiver<Ctl>,
 ) -> Outcome {
     let cfg = node.cfg.clone();
-    // Continue what an earlier owner recorded, skipping what it may have published unrecorded.
-    let mut margin = if recorded.last.is_some() {
-        crate::playlist::takeover_margin(cfg.fence_after(), cfg.hls_time)
-    } else {
-        0
-    };
+    // Continue what an earlier owner recorded (or start a new timeline).
     *entry.timeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(
         crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded),
     );
     let sources = spec.sources();
+    // FFmpeg's argv gets http URLs without their credentials; the gateway puts them back.
+    let nonce = format!("{:016x}", rand::random::<u64>());
+    let (masked, secrets): (Vec<String>, Vec<farm_proto::redact::OriginSecrets>) = {
+        let mut secrets = Vec::new();
+        let masked = sources
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                if crate::egress::scheme(u) != "http" {
+                    return u.clone();
+                }
+                let m = farm_proto::redact::mask(u, &format!("{nonce}{i}"), 80);
+                secrets.extend(m.secrets);
+                m.url
+            })
+            .collect();
+        (masked, secrets)
+    };
     let profile = &cfg.profiles[&spec.profile];
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     let mut source_idx = 0usize;
@@ -832,7 +881,7 @@ async fn supervise(
     {
         match node
             .guard
-            .open_gateway(&entry.id, &sources, cfg.read_timeout)
+            .open_gateway(&entry.id, &sources, cfg.read_timeout, &secrets)
             .await
         {
             Ok(g) => Some(g),
@@ -847,19 +896,20 @@ async fn supervise(
             return Outcome::Fenced;
         }
         let url = &sources[source_idx % sources.len()];
+        let argv_url = &masked[source_idx % masked.len()];
         let start_number = {
             let mut tl = entry.timeline.lock().unwrap_or_else(|p| p.into_inner());
             let tl = tl.get_or_insert_with(|| {
                 crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded)
             });
             tl.begin_run();
-            tl.next_start(progress.borrow().last_seq, std::mem::take(&mut margin))
+            tl.next_start(progress.borrow().last_seq)
         };
         node.watcher.reset(&entry.dir);
         let argv = ffmpeg::args(
             &cfg,
             &ffmpeg::RunSpec {
-                url,
+                url: argv_url,
                 dir: &entry.dir,
                 profile,
                 start_number,
@@ -907,6 +957,10 @@ async fn supervise(
                 restarts += 1;
                 entry.restarts.store(restarts, Ordering::Release);
                 continue;
+            }
+            RunEnd::Paused(done) => {
+                let _ = done.send(());
+                return paused(node, inbox).await;
             }
             RunEnd::Crash(reason) => {
                 // The gateway knows why better than FFmpeg's "403 Forbidden".
@@ -977,10 +1031,31 @@ async fn supervise(
                         Some(Ctl::Stop { reason, done }) => return Outcome::Stopped(reason, done),
                         Some(Ctl::Fenced) => return Outcome::Fenced,
                         Some(Ctl::Restart) => {}
+                        Some(Ctl::Pause { done }) => {
+                            let _ = done.send(());
+                            return paused(node, inbox).await;
+                        }
                         None => return Outcome::Stopped("shutdown".into(), None),
                     },
                 }
             }
+        }
+    }
+}
+
+/// A paused channel (drain): no FFmpeg; its published playlist and files are still served until a
+/// stop (the new owner runs) or a fence.
+async fn paused(node: &Node, inbox: &mut mpsc::Receiver<Ctl>) -> Outcome {
+    loop {
+        tokio::select! {
+            _ = node.cancel.cancelled() => return Outcome::Stopped("shutdown".into(), None),
+            msg = inbox.recv() => match msg {
+                Some(Ctl::Stop { reason, done }) => return Outcome::Stopped(reason, done),
+                Some(Ctl::Fenced) => return Outcome::Fenced,
+                Some(Ctl::Pause { done }) => { let _ = done.send(()); }
+                Some(Ctl::Restart) => {}
+                None => return Outcome::Stopped("shutdown".into(), None),
+            },
         }
     }
 }
@@ -1027,6 +1102,8 @@ async fn run_once(
             async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    // FFmpeg quotes URLs in its errors: redacted before it is logged or kept.
+                    let line = farm_proto::redact::text(&line);
                     debug!(target: "ffmpeg", "{line}");
                     let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
                     if t.len() == STDERR_LINES {
@@ -1052,7 +1129,7 @@ async fn run_once(
                 ("state", state.as_str().into()),
                 ("pid", pid.to_string()),
                 ("pid_start", pid_start.to_string()),
-                ("source", url.to_string()),
+                ("source", farm_proto::redact::url(url)),
                 ("restarts", restarts.to_string()),
                 ("last_error", last_error.to_string()),
             ],
@@ -1070,7 +1147,7 @@ async fn run_once(
             warn!(error = %e, "could not record ffmpeg pid");
         }
     }
-    debug!(pid, %url, "ffmpeg started");
+    debug!(pid, url = %farm_proto::redact::Redacted(url), "ffmpeg started");
     let spawned = Instant::now();
     let first_allowance = cfg.hls_time * 3 + cfg.read_timeout;
     let mut running_written = false;
@@ -1157,6 +1234,10 @@ async fn run_once(
                     terminate(&mut child, pid, cfg.stop_grace).await;
                     return RunEnd::Restart;
                 }
+                Some(Ctl::Pause { done }) => {
+                    terminate(&mut child, pid, cfg.stop_grace).await;
+                    return RunEnd::Paused(done);
+                }
                 Some(Ctl::Fenced) => {
                     terminate(&mut child, pid, Duration::ZERO).await;
                     return RunEnd::Fenced;
@@ -1221,7 +1302,7 @@ async fn publish(node: &Node, entry: &ChannelEntry, owner: &str) -> Publish {
         }
     };
     let listed = crate::playlist::parse_ffmpeg(&text);
-    let (ingested, playlist, recorded) = {
+    let (ingested, playlist, recorded, served) = {
         let mut g = entry.timeline.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tl) = g.as_mut() else {
             return Publish::Nothing;
@@ -1230,7 +1311,13 @@ async fn publish(node: &Node, entry: &ChannelEntry, owner: &str) -> Publish {
         if ingested.added == 0 {
             return Publish::Nothing;
         }
-        (ingested, tl.text(), tl.recorded())
+        let served = Published {
+            text: tl.served(),
+            plain: tl.text(),
+            last: tl.last(),
+            target: tl.target(),
+        };
+        (ingested, tl.text(), tl.recorded(), served)
     };
     if ingested.over_target > 0 {
         node.metrics
@@ -1266,7 +1353,7 @@ async fn publish(node: &Node, entry: &ChannelEntry, owner: &str) -> Publish {
             warn!(?wait, "timeline not recorded in time; publishing anyway");
         }
     }
-    *entry.published.lock().unwrap_or_else(|p| p.into_inner()) = playlist;
+    entry.published.send_replace(served);
     for f in ingested.delete {
         if let Err(e) = std::fs::remove_file(entry.dir.join(&f)) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -1495,9 +1582,12 @@ pub async fn access_flush_loop(node: Arc<Node>) {
     }
 }
 
-/// Drain: hand every channel of this node to the live node with the most room, make before break:
-/// the new owner takes the lease (handover script) and starts; this node keeps serving until the
-/// new owner runs, then stops its FFmpeg. Channels nobody can take stay here, loudly.
+/// Drain: hand every channel of this node to the live node with the most room. Its FFmpeg stops
+/// first (break before make: the upstream connection, a provider's connection slot and a UDP port
+/// can only be held once), while this node keeps serving the published window, which viewers play
+/// from their buffer; the new owner takes the lease (handover script), continues the timeline and
+/// publishes its first segment; then this node lets the channel go. Channels nobody can take stay
+/// here, loudly.
 pub async fn drain(node: Arc<Node>) {
     let cfg = node.cfg.clone();
     node.draining.store(true, Ordering::Release);
@@ -1529,6 +1619,10 @@ pub async fn drain(node: Arc<Node>) {
             }
         };
         let gen = e.gen();
+        let (tx, rx) = oneshot::channel();
+        if e.inbox.send(Ctl::Pause { done: tx }).await.is_err() || rx.await.is_err() {
+            continue; // the channel ended meanwhile
+        }
         e.handing_over.store(true, Ordering::Release);
         let cmd = farm_proto::Command {
             op: farm_proto::Op::Start,
@@ -1540,8 +1634,9 @@ pub async fn drain(node: Arc<Node>) {
             seq: None,
         };
         if let Err(err) = node.store.send_command(&target, &cmd).await {
-            error!(channel = %e.id, error = %err, "drain: cannot send the handover");
+            error!(channel = %e.id, error = %err, "drain: cannot send the handover; stopping the channel here (its next viewer starts it elsewhere)");
             e.handing_over.store(false, Ordering::Release);
+            let _ = node.stop_channel(&e.id, "drained", Some(gen)).await;
             continue;
         }
         // Wait (bounded) until the new owner runs it; viewers are still served here meanwhile.

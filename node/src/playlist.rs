@@ -7,9 +7,12 @@
 //! - `EXT-X-TARGETDURATION` is chosen once, from the first segment, and never changes (a new owner
 //!   takes it over from Redis); FFmpeg's own playlist says 1 while it lists only the short first
 //!   segment and 2 afterwards.
-//! - Media sequence numbers only grow: a restarted FFmpeg continues after the last published
-//!   segment, a new owner after the last one recorded in Redis plus a margin
-//!   ([`takeover_margin`]) for what an unreachable owner may have published unrecorded.
+//! - Media sequence numbers only grow, one per published segment, with no gap: a restarted FFmpeg's
+//!   segments follow the last published one, a new owner's follow the last one recorded in Redis
+//!   (which an owner records before it publishes). A player then places the new owner's first
+//!   segment right after the last one it has (hls.js aligns a playlist that starts at the next
+//!   number on the previous one's end), so nothing is shown twice. The numbers are the
+//!   playlist's own (positional); FFmpeg's file numbers only keep file names apart.
 //! - Every break in the timeline (a new FFmpeg run) is an `EXT-X-DISCONTINUITY`, and
 //!   `EXT-X-DISCONTINUITY-SEQUENCE` counts the ones that slid out of the window.
 //! - Every segment carries `EXT-X-PROGRAM-DATE-TIME`, so a player can place a new owner's segments
@@ -29,6 +32,14 @@ pub const FFMPEG_PLAYLIST: &str = ".ffmpeg.m3u8";
 pub const PLAYLIST: &str = "index.m3u8";
 /// Largest target duration the node accepts for a channel, seconds.
 const MAX_TARGET: u64 = 60;
+/// Media a cold start's first playlist lists, in target durations. Measured with hls.js (default
+/// configuration) on a real-time source without a burst: 1.0 stalled at the first 2 s segment in
+/// some runs (the player a segment's length behind the edge has no margin for the fetch), 1.5
+/// played without a stall; the cost is a later first playlist (the first segments are short, so
+/// half a target duration later than 1.0).
+const START_MEDIA: f64 = 1.5;
+/// ... or this many segments, whichever comes first.
+const START_MEDIA_SEGMENTS: usize = 3;
 
 /// `seg_<gen>_<msn>.ts`: the file (and URI) of one segment.
 pub fn segment_file(gen: u64, seq: u64) -> String {
@@ -52,15 +63,6 @@ pub fn parse_segment_file(name: &str) -> Option<(u64, u64)> {
             .flatten()
     };
     Some((num(gen)?, num(seq)?))
-}
-
-/// How many media sequence numbers a new owner skips after the last one recorded in Redis: an
-/// owner publishes only after recording, except when Redis does not answer within the publish
-/// wait; it can publish that way until it is fenced (`fence_after` after its last renewal), at
-/// most one segment per `hls_time / 2` (the shortest segment FFmpeg cuts).
-pub fn takeover_margin(fence_after: Duration, hls_time: Duration) -> u64 {
-    let shortest = (hls_time.as_secs_f64() / 2.0).max(0.25);
-    (fence_after.as_secs_f64() / shortest).ceil() as u64 + 1
 }
 
 /// One segment FFmpeg lists in its playlist.
@@ -112,7 +114,8 @@ pub struct Recorded {
 /// One published segment.
 #[derive(Debug, Clone, PartialEq)]
 struct Entry {
-    seq: u64,
+    /// Its media sequence number.
+    msn: u64,
     duration: f64,
     file: String,
     discontinuity: bool,
@@ -145,12 +148,17 @@ pub struct Timeline {
     disc_seq: u64,
     /// The next published segment starts a new run (a restart, or a new owner).
     pending_break: bool,
+    /// Media sequence number of the newest published segment.
     last: Option<u64>,
     last_disc: u64,
+    /// FFmpeg's number of the newest segment seen (published or skipped): what is newer in its
+    /// playlist, and where the next run's file numbers start.
+    last_file: Option<u64>,
     /// Wall-clock end of the newest published segment, ms (PDTs never go back).
     last_end_ms: u64,
     version: u64,
     text: Bytes,
+    served: Bytes,
 }
 
 impl Timeline {
@@ -168,9 +176,11 @@ impl Timeline {
             pending_break: prev.last.is_some(),
             last: prev.last,
             last_disc: prev.disc,
+            last_file: None,
             last_end_ms: 0,
             version: 0,
             text: Bytes::new(),
+            served: Bytes::new(),
         }
     }
 
@@ -181,11 +191,14 @@ impl Timeline {
         }
     }
 
-    /// The media sequence number a new FFmpeg run starts at: after everything published and
-    /// everything FFmpeg wrote (`written`), plus `margin` (see [`takeover_margin`]).
-    pub fn next_start(&self, written: Option<u64>, margin: u64) -> u64 {
-        let after = self.last.max(written).map_or(0, |l| l + 1);
-        after + margin
+    /// FFmpeg's first file number for a new run: after every number this gen wrote (`written`,
+    /// from the folder) or saw, so a file name is never reused. A fresh timeline starts at the
+    /// next media sequence number, so that file numbers read like the playlist's.
+    pub fn next_start(&self, written: Option<u64>) -> u64 {
+        match self.last_file.max(written) {
+            Some(n) => n + 1,
+            None => self.last.map_or(0, |l| l + 1),
+        }
     }
 
     /// Publishes the segments of FFmpeg's playlist that are newer than the newest published one.
@@ -194,18 +207,44 @@ impl Timeline {
         let mut out = Ingested::default();
         let new: Vec<&FfmpegSegment> = listed
             .iter()
-            .filter(|s| self.last.is_none_or(|l| s.seq > l))
+            .filter(|s| self.last_file.is_none_or(|l| s.seq > l))
             .collect();
         if new.is_empty() {
             return out;
         }
-        if self.target == 0 {
-            self.target = choose_target(self.hls_time, new[0].duration);
+        let target = match self.target {
+            0 => choose_target(self.hls_time, new[0].duration),
+            t => t,
+        };
+        // A cold start publishes once it can list START_MEDIA target durations of media: a player
+        // starts behind the live edge by what the first playlist lists (hls.js by at most that),
+        // and one that starts closer than the longest segment plus the time to fetch it runs dry
+        // while the next one is still being recorded. (A new owner continuing a recorded
+        // timeline publishes its first segment at once: its viewers play from their buffer.)
+        if self.last.is_none() {
+            let listed_media: f64 = new.iter().map(|s| s.duration).sum();
+            let enough = listed_media + 0.05 >= target as f64 * START_MEDIA
+                // Short segments (a GOP well under hls_time): START_MEDIA_SEGMENTS of them
+                // already give a player room; FFmpeg's list could not hold more anyway.
+                || new.len() >= START_MEDIA_SEGMENTS
+                // A GOP longer than hls_time: a second segment would take a whole GOP more; the
+                // first playlist comes at once (a player may stall once at the start).
+                || target as f64 > self.hls_time + 0.5;
+            if !enough {
+                return out;
+            }
         }
+        self.target = target;
         // The newest segment ended about now; earlier new ones back to back before it.
         let total_ms: u64 = new.iter().map(|s| ms(s.duration)).sum();
         let mut start = now_ms.saturating_sub(total_ms);
         for s in new {
+            // FFmpeg's numbers are consecutive within a run: a jump means segments left its
+            // playlist unseen (never published): the timeline breaks there.
+            if self.last_file.is_some_and(|l| s.seq != l + 1) {
+                self.pending_break = self.last.is_some();
+            }
+            self.last_file = Some(s.seq);
             let discontinuity = std::mem::replace(&mut self.pending_break, false);
             // Within a run segments follow each other; after a break, the wall clock decides,
             // but never before the previous end.
@@ -219,14 +258,15 @@ impl Timeline {
             if (s.duration + 0.5).floor() as u64 > self.target {
                 out.over_target += 1;
             }
+            let msn = self.last.map_or(0, |l| l + 1);
             self.window.push_back(Entry {
-                seq: s.seq,
+                msn,
                 duration: s.duration,
                 file: s.file.clone(),
                 discontinuity,
                 pdt_ms: start,
             });
-            self.last = Some(s.seq);
+            self.last = Some(msn);
             self.last_end_ms = start + ms(s.duration);
             start = self.last_end_ms;
             out.added += 1;
@@ -245,17 +285,29 @@ impl Timeline {
             }
         }
         self.version += 1;
-        self.text = Bytes::from(self.compose());
+        self.text = Bytes::from(self.compose(false));
+        self.served = Bytes::from(self.compose(true));
         out
     }
 
-    fn compose(&self) -> String {
-        let first = self.window.front().map_or(0, |e| e.seq);
-        let mut t = String::with_capacity(128 + self.window.len() * 96);
+    /// The playlist text; `blocking` adds `EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES` (the owner
+    /// holds a reload with `_HLS_msn` until that segment is published, so a player learns of
+    /// each segment the moment it exists; a node answering from Redis cannot, and says nothing).
+    fn compose(&self, blocking: bool) -> String {
+        let first = self.window.front().map_or(0, |e| e.msn);
+        let mut t = String::with_capacity(192 + self.window.len() * 96);
         let _ = write!(
             t,
-            "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:{}\n#EXT-X-MEDIA-SEQUENCE:{first}\n#EXT-X-DISCONTINUITY-SEQUENCE:{}\n",
-            self.target, self.disc_seq
+            "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:{}\n",
+            self.target
+        );
+        if blocking {
+            t.push_str("#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES\n");
+        }
+        let _ = write!(
+            t,
+            "#EXT-X-MEDIA-SEQUENCE:{first}\n#EXT-X-DISCONTINUITY-SEQUENCE:{}\n",
+            self.disc_seq
         );
         for e in &self.window {
             if e.discontinuity {
@@ -273,9 +325,19 @@ impl Timeline {
         t
     }
 
-    /// The published playlist (empty before the first segment).
+    /// The playlist as recorded in Redis (empty before the first segment).
     pub fn text(&self) -> Bytes {
         self.text.clone()
+    }
+
+    /// The playlist as the owner serves it (with blocking reload).
+    pub fn served(&self) -> Bytes {
+        self.served.clone()
+    }
+
+    /// The target duration, seconds (0 before the first segment).
+    pub fn target(&self) -> u64 {
+        self.target
     }
 
     /// Bumped on every publish.
@@ -392,9 +454,20 @@ mod tests {
         assert_eq!(choose_target(2.0, 500.0), MAX_TARGET);
 
         let mut t = Timeline::new(Duration::from_secs(2), 3, &Recorded::default());
-        t.ingest(&[seg(1, 0, 1.0)], 10_000);
+        assert_eq!(
+            t.ingest(&[seg(1, 0, 1.0)], 10_000).added,
+            0,
+            "1 s listed: not yet"
+        );
+        assert_eq!(
+            t.ingest(&[seg(1, 0, 1.0), seg(1, 1, 1.0)], 11_000).added,
+            0,
+            "2 s: not yet"
+        );
+        assert!(t.text().is_empty());
+        t.ingest(&[seg(1, 0, 1.0), seg(1, 1, 1.0), seg(1, 2, 1.0)], 12_000);
         assert_eq!(tag(&t, "#EXT-X-TARGETDURATION:"), "2");
-        let r = t.ingest(&[seg(1, 0, 1.0), seg(1, 1, 2.0), seg(1, 2, 2.6)], 14_600);
+        let r = t.ingest(&[seg(1, 1, 1.0), seg(1, 2, 1.0), seg(1, 3, 2.6)], 14_600);
         assert_eq!(
             r.over_target, 1,
             "2.6 s rounds to 3 > 2: counted, not hidden"
@@ -410,7 +483,8 @@ mod tests {
         for i in 0..8u64 {
             listed.push(seg(1, i, 2.0));
             let r = t.ingest(&listed, 1_000_000 + i * 2000);
-            assert_eq!(r.added, 1);
+            // The first playlist waits for 1.5 target durations of media: two segments.
+            assert_eq!(r.added, [0, 2, 1, 1, 1, 1, 1, 1][i as usize], "segment {i}");
             deleted.extend(r.delete);
         }
         assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "5");
@@ -424,7 +498,7 @@ mod tests {
     fn a_restart_is_a_discontinuity_counted_when_it_slides_out() {
         let mut t = Timeline::new(Duration::from_secs(2), 3, &Recorded::default());
         t.ingest(&[seg(1, 0, 2.0), seg(1, 1, 2.0)], 10_000);
-        assert_eq!(t.next_start(Some(2), 0), 3, "after what FFmpeg wrote");
+        assert_eq!(t.next_start(Some(2)), 3, "after what FFmpeg wrote");
         t.begin_run();
         t.ingest(&[seg(1, 3, 1.0)], 20_000);
         let l = lines(&t);
@@ -432,8 +506,9 @@ mod tests {
         assert_eq!(l[pos - 3], "#EXT-X-DISCONTINUITY");
         assert_eq!(tag(&t, "#EXT-X-DISCONTINUITY-SEQUENCE:"), "0");
         t.ingest(&[seg(1, 3, 1.0), seg(1, 4, 2.0), seg(1, 5, 2.0)], 24_000);
-        // 3 is first now: the tag is still listed, the sequence unchanged.
-        assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "3");
+        // File 3 (media sequence number 2: file 2 was never published) is first now: the tag is
+        // still listed, the sequence unchanged.
+        assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "2");
         assert_eq!(tag(&t, "#EXT-X-DISCONTINUITY-SEQUENCE:"), "0");
         t.ingest(&[seg(1, 4, 2.0), seg(1, 5, 2.0), seg(1, 6, 2.0)], 26_000);
         assert_eq!(tag(&t, "#EXT-X-DISCONTINUITY-SEQUENCE:"), "1");
@@ -448,15 +523,19 @@ mod tests {
             disc: 2,
         };
         let mut t = Timeline::new(Duration::from_secs(2), 6, &prev);
-        let start = t.next_start(None, 5);
-        assert_eq!(start, 47);
+        let start = t.next_start(None);
+        assert_eq!(start, 42);
         t.ingest(&[seg(9, start, 1.0)], 50_000);
         assert_eq!(
             tag(&t, "#EXT-X-TARGETDURATION:"),
             "3",
             "the recorded target"
         );
-        assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "47");
+        assert_eq!(
+            tag(&t, "#EXT-X-MEDIA-SEQUENCE:"),
+            "42",
+            "the next number: a player aligns it on the end of what it has"
+        );
         assert_eq!(tag(&t, "#EXT-X-DISCONTINUITY-SEQUENCE:"), "2");
         assert!(lines(&t).contains(&"#EXT-X-DISCONTINUITY".to_string()));
         assert_eq!(t.recorded().disc, 3);
@@ -487,15 +566,19 @@ mod tests {
     }
 
     #[test]
-    fn the_takeover_margin_covers_unrecorded_publishing_until_the_fence() {
-        // 2/3 of a 10 s lease, 1 s shortest segment: 7 segments, plus one.
-        assert_eq!(
-            takeover_margin(Duration::from_millis(6667), Duration::from_secs(2)),
-            8
-        );
-        assert_eq!(
-            takeover_margin(Duration::from_secs(2), Duration::from_secs(1)),
-            5
-        );
+    fn media_sequence_numbers_are_the_playlists_own_without_gaps() {
+        let mut t = Timeline::new(Duration::from_secs(2), 6, &Recorded::default());
+        t.ingest(&[seg(1, 0, 2.0), seg(1, 1, 2.0)], 10_000);
+        // Segments 2 and 3 left FFmpeg's playlist unseen: 4 is published as the next number,
+        // after a discontinuity.
+        t.ingest(&[seg(1, 4, 2.0)], 20_000);
+        let l = lines(&t);
+        assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "0");
+        let uris: Vec<&String> = l.iter().filter(|x| x.ends_with(".ts")).collect();
+        assert_eq!(uris, ["seg_1_0.ts", "seg_1_1.ts", "seg_1_4.ts"]);
+        let pos = l.iter().position(|x| x == "seg_1_4.ts").expect("listed");
+        assert_eq!(l[pos - 3], "#EXT-X-DISCONTINUITY");
+        assert_eq!(t.last(), Some(2));
+        assert_eq!(t.next_start(None), 5, "file numbers go on after 4");
     }
 }

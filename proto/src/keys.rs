@@ -37,6 +37,26 @@ impl Keys {
     pub fn channels(&self) -> String {
         format!("{}:channels", self.prefix)
     }
+    /// `farm:catalog:version` counter: bumped by every farmctl catalog write (add, rm, an import's
+    /// commit), so an import that checked for existing ids sees a concurrent write and refuses.
+    pub fn catalog_version(&self) -> String {
+        format!("{}:catalog:version", self.prefix)
+    }
+    /// `farm:catalog:gen` counter: numbers imports (their staging lists).
+    pub fn catalog_gen(&self) -> String {
+        format!("{}:catalog:gen", self.prefix)
+    }
+    /// `farm:catalog:import:<gen>` list: one import's channels (JSON), staged in chunks before its
+    /// commit, with a TTL until then (an abandoned import disappears by itself); consumed chunk by
+    /// chunk as it is applied.
+    pub fn catalog_staging(&self, gen: u64) -> String {
+        format!("{}:catalog:import:{gen}", self.prefix)
+    }
+    /// `farm:catalog:importing` string: the gen of the committed import being applied. While it
+    /// exists, every farmctl catalog write first finishes applying it.
+    pub fn catalog_importing(&self) -> String {
+        format!("{}:catalog:importing", self.prefix)
+    }
     /// `farm:pinned` set: the pinned channels (kept running by the coordinator), maintained with the
     /// catalog's `pinned` field.
     pub fn pinned(&self) -> String {

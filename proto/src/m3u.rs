@@ -8,7 +8,8 @@
 //!
 //! Invariants:
 //! - Every returned [`ChannelSpec`] has a valid channel id and URLs that passed
-//!   [`validate::upstream_url`]; ids are unique within one file.
+//!   [`validate::upstream_url`], and a name and group within [`validate::MAX_TEXT_LEN`] bytes
+//!   (so it passes [`ChannelSpec::validate`]); ids are unique within one file.
 //! - On any problem nothing is returned but every error, each with its 1-based line number, so an
 //!   operator can fix the whole file in one pass.
 //! - The parser never panics, whatever the bytes.
@@ -140,8 +141,16 @@ pub fn parse(
             continue;
         }
         seen.insert(id.clone(), extinf_line);
-        if url_ok {
-            channels.push(entry.into_spec(id, line.to_string()));
+        let spec = entry.into_spec(id, line.to_string());
+        let mut fields_ok = true;
+        for (field, value) in [("name", &spec.name), ("group", &spec.group)] {
+            if let Err(e) = validate::text_field(field, value) {
+                errors.push(M3uError::new(extinf_line, format!("the channel's {e}")));
+                fields_ok = false;
+            }
+        }
+        if url_ok && fields_ok {
+            channels.push(spec);
         }
     }
     if let Some((line, _)) = pending {
@@ -704,6 +713,23 @@ http://x/dup
     }
 
     #[test]
+    fn overlong_names_and_groups_are_errors_at_their_line() {
+        let big = "n".repeat(1 << 20);
+        let e = errs(&format!(
+            "#EXTM3U\n#EXTINF:-1 tvg-id=\"a\",{big}\nhttp://x/a\n#EXTINF:-1 group-title=\"{}\",B\nhttp://x/b\n",
+            "g".repeat(257)
+        ));
+        assert_eq!(lines_of(&e), vec![2, 4], "{e:?}");
+        assert!(
+            e[0].message.contains("name: it is 1048576 bytes long"),
+            "{}",
+            e[0]
+        );
+        assert!(e[1].message.contains("group"), "{}", e[1]);
+        assert!(e.iter().all(|x| x.message.len() < 200));
+    }
+
+    #[test]
     fn names_lose_control_characters() {
         let v = ok("#EXTM3U\n#EXTINF:-1 group-title=\"G\u{1b}[31m\",A\u{7}\tB\nhttp://x/a\n");
         assert_eq!(v[0].name, "A B");
@@ -780,6 +806,7 @@ http://x/dup
         for c in &v {
             assert!(validate::channel_id(&c.id).is_ok());
             assert!(validate::upstream_url(&c.url, DEFAULT_ALLOWED_SCHEMES).is_ok());
+            assert!(c.validate(DEFAULT_ALLOWED_SCHEMES).is_ok(), "{c:?}");
         }
         ids.sort_unstable();
         ids.dedup();
@@ -809,6 +836,7 @@ http://x/dup
                         validate::upstream_url(&c.url, DEFAULT_ALLOWED_SCHEMES).is_ok(),
                         "{c:?}"
                     );
+                    assert!(c.validate(DEFAULT_ALLOWED_SCHEMES).is_ok(), "{c:?}");
                     assert!(ids.insert(c.id.clone()), "duplicate {c:?}");
                 }
             }

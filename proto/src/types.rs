@@ -1,5 +1,6 @@
 //! The records the farm keeps in Redis and the commands it sends, with their hash/stream field names.
 
+use crate::validate::InvalidInput;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
@@ -60,6 +61,36 @@ impl ChannelSpec {
             pinned: matches!(get("pinned").as_str(), "1" | "true"),
             group: get("group"),
         })
+    }
+
+    /// Checks every field against the catalog's bounds: a valid id, URLs that pass
+    /// [`crate::validate::upstream_url`] (at most [`crate::validate::MAX_BACKUPS`] backups),
+    /// `profile` and `provider` (if set) from the id alphabet, `name` and `group` at most
+    /// [`crate::validate::MAX_TEXT_LEN`] bytes without control characters. Readers never need
+    /// this (they take what Redis holds and show it safely); writers call it before writing.
+    pub fn validate(&self, allowed_schemes: &[impl AsRef<str>]) -> Result<(), InvalidInput> {
+        use crate::validate;
+        validate::channel_id(&self.id)?;
+        for url in std::iter::once(&self.url).chain(&self.backup_urls) {
+            validate::upstream_url(url, allowed_schemes)?;
+        }
+        if self.backup_urls.len() > validate::MAX_BACKUPS {
+            return Err(InvalidInput::Field {
+                field: "backup URLs",
+                why: format!(
+                    "{} given, at most {} are allowed",
+                    self.backup_urls.len(),
+                    validate::MAX_BACKUPS
+                ),
+            });
+        }
+        validate::label("profile", &self.profile)?;
+        if !self.provider.is_empty() {
+            validate::label("provider", &self.provider)?;
+        }
+        validate::text_field("name", &self.name)?;
+        validate::text_field("group", &self.group)?;
+        Ok(())
     }
 
     /// The primary URL followed by the backups.
@@ -246,8 +277,56 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
+        assert!(c.validate(crate::validate::DEFAULT_ALLOWED_SCHEMES).is_ok());
         assert_eq!(ChannelSpec::from_fields("a", &h), Some(c));
         assert_eq!(ChannelSpec::from_fields("a", &HashMap::new()), None);
+    }
+
+    #[test]
+    fn catalog_fields_are_bounded() {
+        let ok = ChannelSpec {
+            id: "a".into(),
+            name: "A".into(),
+            url: "http://x/1".into(),
+            profile: "copy".into(),
+            ..ChannelSpec::default()
+        };
+        let allowed = crate::validate::DEFAULT_ALLOWED_SCHEMES;
+        assert!(ok.validate(allowed).is_ok());
+        let bad = [
+            ChannelSpec {
+                name: "n".repeat(1 << 20),
+                ..ok.clone()
+            },
+            ChannelSpec {
+                group: "g\n".into(),
+                ..ok.clone()
+            },
+            ChannelSpec {
+                provider: "a b".into(),
+                ..ok.clone()
+            },
+            ChannelSpec {
+                profile: String::new(),
+                ..ok.clone()
+            },
+            ChannelSpec {
+                backup_urls: vec!["http://b/1".into(); 9],
+                ..ok.clone()
+            },
+            ChannelSpec {
+                url: format!("http://x/{}", "u".repeat(3000)),
+                ..ok.clone()
+            },
+            ChannelSpec {
+                id: "../x".into(),
+                ..ok.clone()
+            },
+        ];
+        for b in bad {
+            let e = b.validate(allowed).expect_err("refused");
+            assert!(e.to_string().len() < 300, "{e}");
+        }
     }
 
     #[test]

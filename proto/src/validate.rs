@@ -12,8 +12,55 @@ pub enum InvalidInput {
     NodeId(String),
     #[error("invalid file name {0:?}: expected index.m3u8 or a segment like seg_12.ts")]
     SegmentName(String),
+    /// `url` is shown redacted ([`crate::redact::url`]): the message may reach logs and viewers.
     #[error("invalid upstream URL {url:?}: {why}")]
     Url { url: String, why: String },
+    #[error("invalid {field}: {why}")]
+    Field { field: &'static str, why: String },
+}
+
+/// Longest catalog `name` and `group`, in bytes.
+pub const MAX_TEXT_LEN: usize = 256;
+/// Most backup URLs one channel may have.
+pub const MAX_BACKUPS: usize = 8;
+/// Longest upstream URL, in bytes.
+pub const MAX_URL_LEN: usize = 2048;
+
+/// A free-text catalog field (`name`, `group`): at most [`MAX_TEXT_LEN`] bytes, no control
+/// characters (they would garble a terminal).
+pub fn text_field(field: &'static str, value: &str) -> Result<(), InvalidInput> {
+    if value.len() > MAX_TEXT_LEN {
+        return Err(InvalidInput::Field {
+            field,
+            why: format!(
+                "it is {} bytes long, at most {MAX_TEXT_LEN} are allowed",
+                value.len()
+            ),
+        });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(InvalidInput::Field {
+            field,
+            why: format!("{:?} contains control characters", truncate(value)),
+        });
+    }
+    Ok(())
+}
+
+/// A name that ends up in key names and config lookups (`provider`, `profile`): the channel-id
+/// alphabet, 1 to 64 bytes.
+pub fn label(field: &'static str, value: &str) -> Result<(), InvalidInput> {
+    if id_like(value, 64, &[]) {
+        Ok(())
+    } else {
+        Err(InvalidInput::Field {
+            field,
+            why: format!(
+                "{:?}: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'",
+                truncate(value)
+            ),
+        })
+    }
 }
 
 fn id_like(s: &str, max: usize, extra: &[u8]) -> bool {
@@ -80,13 +127,13 @@ pub const DEFAULT_ALLOWED_SCHEMES: &[&str] =
 /// option), no whitespace or control characters (CR/LF would smuggle headers), at most 2048 bytes.
 pub fn upstream_url(url: &str, allowed: &[impl AsRef<str>]) -> Result<(), InvalidInput> {
     let err = |why: &str| InvalidInput::Url {
-        url: truncate(url),
+        url: truncate(&crate::redact::url(url)),
         why: why.to_string(),
     };
     if url.is_empty() {
         return Err(err("it is empty"));
     }
-    if url.len() > 2048 {
+    if url.len() > MAX_URL_LEN {
         return Err(err("it is longer than 2048 bytes"));
     }
     if url.starts_with('-') {
@@ -189,6 +236,29 @@ mod tests {
             "",
         ] {
             assert!(upstream_url(bad, allowed).is_err(), "{bad:?}");
+        }
+        // the refusal quotes the URL without its credentials
+        let e = upstream_url("gopher://u:pw@h/live/usr/pwd/1?token=tk", allowed)
+            .expect_err("scheme")
+            .to_string();
+        for secret in ["pw@", "usr", "pwd", "tk"] {
+            assert!(!e.contains(secret), "{e}");
+        }
+    }
+
+    #[test]
+    fn text_fields_and_labels() {
+        assert!(text_field("name", "BBC One").is_ok());
+        assert!(text_field("name", &"x".repeat(MAX_TEXT_LEN)).is_ok());
+        let e = text_field("name", &"x".repeat(1 << 20)).expect_err("too long");
+        assert_eq!(
+            e.to_string(),
+            "invalid name: it is 1048576 bytes long, at most 256 are allowed"
+        );
+        assert!(text_field("group", "a\u{1b}[2J").is_err());
+        assert!(label("provider", "acme-1").is_ok());
+        for bad in ["", "a b", "a:b", &"p".repeat(65)] {
+            assert!(label("provider", bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct NginxOpts {
     /// farm-node HLS roots nginx sends files from.
     pub roots: Vec<PathBuf>,
     pub mode: AccessMode,
+    /// farm-nodes of other machines (`--fallback-node`): asked when every node is unreachable.
+    pub fallbacks: Vec<SocketAddr>,
 }
 
 impl NginxOpts {
@@ -50,6 +52,7 @@ impl NginxOpts {
             nodes: Vec::new(),
             roots: Vec::new(),
             mode: AccessMode::Auth,
+            fallbacks: Vec::new(),
         }
     }
 
@@ -63,6 +66,12 @@ impl NginxOpts {
     /// Adds a node address to the upstream.
     pub fn node(mut self, addr: SocketAddr) -> Self {
         self.nodes.push(addr);
+        self
+    }
+
+    /// Adds a node of another machine (`--fallback-node`).
+    pub fn fallback(mut self, addr: SocketAddr) -> Self {
+        self.fallbacks.push(addr);
         self
     }
 
@@ -201,6 +210,9 @@ pub fn render_cmd(opts: &NginxOpts, listen: SocketAddr, run_dir: &Path) -> Comma
     }
     for r in &opts.roots {
         cmd.arg("--root").arg(r);
+    }
+    for f in &opts.fallbacks {
+        cmd.arg("--fallback-node").arg(f.to_string());
     }
     match &opts.mode {
         AccessMode::Auth => {

@@ -35,6 +35,9 @@ pub struct NodeOpts {
     pub extra_args: Vec<String>,
     /// Added to the cleared environment.
     pub env: Vec<(String, String)>,
+    /// A fixed listen address (kept across restarts, e.g. for an nginx in front); default: a
+    /// free port at each start.
+    pub listen: Option<SocketAddr>,
 }
 
 impl NodeOpts {
@@ -50,7 +53,14 @@ impl NodeOpts {
             ffmpeg: PathBuf::from("ffmpeg"),
             extra_args: Vec::new(),
             env: Vec::new(),
+            listen: None,
         }
+    }
+
+    /// Listens on this address at every start.
+    pub fn listen(mut self, addr: SocketAddr) -> NodeOpts {
+        self.listen = Some(addr);
+        self
     }
 
     /// Uses the fake ffmpeg binary.
@@ -107,7 +117,9 @@ impl NodeProcess {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let addr = opts
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
             let mut child = start_child(&bin, &opts, addr, &log_path);
             match wait_ready(&mut child, addr, READY_TIMEOUT) {
                 Ok(()) => {

@@ -14,3 +14,18 @@ pub fn free_port() -> u16 {
         .expect("local_addr of a bound listener")
         .port()
 }
+
+/// The first of `n` consecutive free ports (a launcher numbers its nodes from one base port).
+pub fn free_port_run(n: u16) -> u16 {
+    loop {
+        let p = free_port();
+        if p.checked_add(n).is_none() {
+            continue;
+        }
+        let all_free = (p..p + n)
+            .all(|q| std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, q)).is_ok());
+        if all_free {
+            return p;
+        }
+    }
+}

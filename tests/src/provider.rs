@@ -481,3 +481,159 @@ impl LiveStream {
         out
     }
 }
+
+/// What a [`CredentialGate`] demands of every request, the way IPTV providers ask for them:
+/// `Authorization: Basic <user:pass>` (a URL's userinfo), `token=<token>` in the query, and the
+/// Xtream path `/live/<path_user>/<path_pass>/<rest>`.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub pass: String,
+    pub token: String,
+    pub path_user: String,
+    pub path_pass: String,
+}
+
+/// A front that makes a [`FakeProvider`] require [`Credentials`]: a request carrying all of them
+/// is passed on as `GET /live/<rest>` (no query, no credentials) and the provider's answer relayed;
+/// any other gets `401` and is counted. Plain threads and blocking sockets, so it runs under any
+/// test flavour. Stops (and closes its listener) on drop.
+pub struct CredentialGate {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CredentialGate {
+    /// `http://127.0.0.1:P/live/<path_user>/<path_pass>/<name>?token=<token>` with the userinfo,
+    /// i.e. the catalog URL of `<name>` with every credential in place.
+    pub fn url(&self, creds: &Credentials, name: &str) -> String {
+        format!(
+            "http://{}:{}@{}/live/{}/{}/{name}?token={}",
+            creds.user, creds.pass, self.addr, creds.path_user, creds.path_pass, creds.token
+        )
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests that carried every credential (and were passed on).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered 401.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CredentialGate {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// Standard base64 with padding, for comparing `Authorization: Basic`.
+fn base64_std(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                char::from(ABC[(n >> (18 - 6 * i)) as usize & 63])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// Starts a [`CredentialGate`] in front of `provider`.
+pub fn require_credentials(provider: &FakeProvider, creds: Credentials) -> CredentialGate {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind credential gate");
+    let addr = listener.local_addr().expect("gate addr");
+    let upstream = provider.addr();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (a, r, s) = (accepted.clone(), refused.clone(), stop.clone());
+    let basic = format!(
+        "basic {}",
+        base64_std(format!("{}:{}", creds.user, creds.pass).as_bytes())
+    )
+    .to_ascii_lowercase();
+    let prefix = format!("/live/{}/{}/", creds.path_user, creds.path_pass);
+    let token = format!("token={}", creds.token);
+    std::thread::Builder::new()
+        .name(format!("credential-gate-{}", addr.port()))
+        .spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut client) = conn else { continue };
+                let (a, r) = (a.clone(), r.clone());
+                let (basic, prefix, token) = (basic.clone(), prefix.clone(), token.clone());
+                std::thread::spawn(move || {
+                    let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                        match client.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                    let authorized = head.lines().any(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("authorization:")
+                            .is_some_and(|v| v.trim() == basic)
+                    });
+                    let ok = authorized
+                        && path.starts_with(&prefix)
+                        && query.split('&').any(|kv| kv == token);
+                    if !ok {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let _ = client.write_all(
+                            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 13\r\nConnection: close\r\n\r\nUnauthorized\n",
+                        );
+                        return;
+                    }
+                    a.fetch_add(1, Ordering::SeqCst);
+                    let rest = &path[prefix.len()..];
+                    let Ok(mut up) = std::net::TcpStream::connect(upstream) else {
+                        return;
+                    };
+                    let req = format!(
+                        "GET /live/{rest} HTTP/1.1\r\nHost: {upstream}\r\nConnection: close\r\n\r\n"
+                    );
+                    if up.write_all(req.as_bytes()).is_err() {
+                        return;
+                    }
+                    // Until either side closes: the provider's stream is endless.
+                    let _ = std::io::copy(&mut up, &mut client);
+                    let _ = up.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        })
+        .expect("spawn credential gate");
+    CredentialGate {
+        addr,
+        accepted,
+        refused,
+        stop,
+    }
+}

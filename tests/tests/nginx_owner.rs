@@ -158,7 +158,6 @@ async fn auth_subrequests_go_to_the_node_whose_disk_has_the_file() {
     let args = ["--token-secret", SECRET, "--accel-redirect", "/_farm_owner"];
     let a = node(&redis, "a", root.path(), true, &args);
     let b = node(&redis, "b", root.path(), true, &args);
-    let mut segments = Vec::new();
     for id in &ids {
         let r = get_observed(&format!(
             "{}/live/{}/{id}/index.m3u8",
@@ -167,15 +166,22 @@ async fn auth_subrequests_go_to_the_node_whose_disk_has_the_file() {
         ))
         .await;
         assert_eq!(r.status, 200, "{id} on a: {}", r.text());
-        let p = farm_tests::hls::MediaPlaylist::parse(&r.text()).expect("playlist");
-        segments.push(p.segments.last().expect("a segment").uri.clone());
     }
     let nginx = NginxServer::start(&NginxOpts::for_nodes([&a, &b]));
     let mut before = Vec::new();
     for id in &ids {
         before.push(zscore(&redis, "farm:access", id).await.expect("access") as u64);
     }
-    for (id, seg) in ids.iter().zip(&segments) {
+    for id in &ids {
+        // The newest segment now (segments leave the disk a few seconds after the playlist).
+        let r = get(&format!(
+            "{}/live/{}/{id}/index.m3u8",
+            a.base_url(),
+            token(id)
+        ))
+        .await;
+        let p = farm_tests::hls::MediaPlaylist::parse(&r.text()).expect("playlist");
+        let seg = p.segments.last().expect("a segment").uri.clone();
         let url = format!("{}/live/{}/{id}/{seg}", nginx.base_url(), token(id));
         let r = get(&url).await;
         assert_eq!(r.status, 200, "{id} through nginx: {}", r.text());

@@ -1,6 +1,6 @@
 //! `farmctl channel add|rm|list|show`: one catalog entry at a time.
 
-use super::catalog;
+use super::catalog::{self, Entry};
 use super::ctx::Ctx;
 use super::error::CtlError;
 use super::output::{or_dash, safe, table};
@@ -63,6 +63,9 @@ pub struct ListArgs {
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Print upstream URLs as written, credentials included (default: redacted).
+    #[arg(long)]
+    pub show_secrets: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -72,6 +75,9 @@ pub struct ShowArgs {
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Print upstream URLs as written, credentials included (default: redacted).
+    #[arg(long)]
+    pub show_secrets: bool,
 }
 
 pub async fn run(ctx: &mut Ctx, cmd: ChannelCmd, out: &mut impl Write) -> Result<(), CtlError> {
@@ -90,20 +96,74 @@ pub(crate) fn check_label(option: &str, value: &str) -> Result<(), CtlError> {
     } else {
         Err(CtlError::Usage(format!(
             "invalid {option} {:?}: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'",
-            safe(value)
+            safe(&clip(value))
         )))
     }
 }
 
-fn check_text(option: &str, value: &str) -> Result<(), CtlError> {
-    if value.chars().any(char::is_control) || value.len() > 256 {
-        Err(CtlError::Usage(format!(
-            "invalid {option} {:?}: use at most 256 bytes and no control characters",
-            safe(value)
-        )))
+/// At most [`CELL`] characters of `s`, with `…` when cut: one odd value (a 1 MB name planted
+/// with redis-cli) must not make a table unreadable.
+pub(crate) fn clip(s: &str) -> String {
+    if s.chars().count() <= CELL {
+        s.to_string()
     } else {
-        Ok(())
+        let mut c: String = s.chars().take(CELL - 1).collect();
+        c.push('…');
+        c
     }
+}
+
+/// Widest table cell.
+const CELL: usize = 64;
+
+/// A URL as farmctl shows it: redacted unless `--show-secrets`.
+pub(crate) fn shown_url(url: &str, show_secrets: bool) -> String {
+    if show_secrets {
+        url.to_string()
+    } else {
+        farm_proto::redact::url(url)
+    }
+}
+
+/// The spec with its URLs redacted (for JSON output without `--show-secrets`).
+fn redacted(spec: &ChannelSpec, show_secrets: bool) -> ChannelSpec {
+    ChannelSpec {
+        url: shown_url(&spec.url, show_secrets),
+        backup_urls: spec
+            .backup_urls
+            .iter()
+            .map(|u| shown_url(u, show_secrets))
+            .collect(),
+        ..spec.clone()
+    }
+}
+
+/// A warning for channels nodes will refuse to start: FFmpeg reads non-`http` URLs itself, so
+/// credentials in them would be in its command line (readable by every local user).
+pub(crate) fn credential_warning(specs: &[ChannelSpec]) -> Option<String> {
+    let bad: Vec<&str> = specs
+        .iter()
+        .filter(|s| {
+            s.sources().iter().any(|u| {
+                !u.to_ascii_lowercase().starts_with("http://")
+                    && farm_proto::redact::has_credentials(u)
+            })
+        })
+        .map(|s| s.id.as_str())
+        .collect();
+    if bad.is_empty() {
+        return None;
+    }
+    let shown: Vec<&str> = bad.iter().take(5).copied().collect();
+    Some(format!(
+        "warning: {} channel{} ({}{}) carr{} credentials in a non-http URL (userinfo, a token in the query, /live/<user>/<pass>/): nodes refuse to start {}, because FFmpeg would show them in its command line; use the provider's http:// URL (the node's egress gateway then adds the credentials)",
+        bad.len(),
+        if bad.len() == 1 { "" } else { "s" },
+        shown.join(", "),
+        if bad.len() > shown.len() { ", ..." } else { "" },
+        if bad.len() == 1 { "ies" } else { "y" },
+        if bad.len() == 1 { "it" } else { "them" },
+    ))
 }
 
 fn spec_from_args(ctx: &Ctx, a: AddArgs) -> Result<ChannelSpec, CtlError> {
@@ -115,12 +175,7 @@ fn spec_from_args(ctx: &Ctx, a: AddArgs) -> Result<ChannelSpec, CtlError> {
     if let Some(p) = &a.provider {
         check_label("--provider", p)?;
     }
-    for (option, value) in [("--name", &a.name), ("--group", &a.group)] {
-        if let Some(v) = value {
-            check_text(option, v)?;
-        }
-    }
-    Ok(ChannelSpec {
+    let spec = ChannelSpec {
         name: a.name.unwrap_or_else(|| a.id.clone()),
         id: a.id,
         url: a.url,
@@ -129,7 +184,9 @@ fn spec_from_args(ctx: &Ctx, a: AddArgs) -> Result<ChannelSpec, CtlError> {
         provider: a.provider.unwrap_or_default(),
         pinned: a.pinned,
         group: a.group.unwrap_or_default(),
-    })
+    };
+    spec.validate(ctx.allowed_schemes())?;
+    Ok(spec)
 }
 
 async fn add(ctx: &mut Ctx, a: AddArgs, out: &mut impl Write) -> Result<(), CtlError> {
@@ -137,6 +194,9 @@ async fn add(ctx: &mut Ctx, a: AddArgs, out: &mut impl Write) -> Result<(), CtlE
     let spec = spec_from_args(ctx, a)?;
     catalog::write(ctx, std::slice::from_ref(&spec), replace).await?;
     writeln!(out, "added channel {}", spec.id)?;
+    if let Some(w) = credential_warning(std::slice::from_ref(&spec)) {
+        writeln!(out, "{w}")?;
+    }
     Ok(())
 }
 
@@ -150,25 +210,41 @@ async fn rm(ctx: &mut Ctx, a: IdArgs, out: &mut impl Write) -> Result<(), CtlErr
 async fn list(ctx: &mut Ctx, a: ListArgs, out: &mut impl Write) -> Result<(), CtlError> {
     let entries = catalog::list(ctx).await?;
     if a.json {
-        let specs: Vec<&ChannelSpec> = entries.iter().filter_map(|(_, s)| s.as_ref()).collect();
+        let specs: Vec<ChannelSpec> = entries
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Entry::Channel(s) => Some(redacted(s, a.show_secrets)),
+                _ => None,
+            })
+            .collect();
         serde_json::to_writer_pretty(&mut *out, &specs).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }
+    let cell = |s: &str| safe(&clip(s)).into_owned();
     let rows: Vec<Vec<String>> = entries
         .iter()
-        .map(|(id, spec)| match spec {
-            Some(s) => vec![
-                safe(id).into_owned(),
-                safe(or_dash(&s.name)).into_owned(),
-                safe(&s.profile).into_owned(),
-                safe(or_dash(&s.provider)).into_owned(),
+        .map(|(id, entry)| match entry {
+            Entry::Channel(s) => vec![
+                cell(id),
+                cell(or_dash(&s.name)),
+                cell(&s.profile),
+                cell(or_dash(&s.provider)),
                 if s.pinned { "yes" } else { "no" }.to_string(),
-                safe(&s.url).into_owned(),
+                // The last column is not padded: the whole URL fits.
+                safe(&shown_url(&s.url, a.show_secrets)).into_owned(),
             ],
-            None => vec![
-                safe(id).into_owned(),
+            Entry::Missing => vec![
+                cell(id),
                 "(indexed, but its hash is missing)".to_string(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
+            Entry::Unreadable(e) => vec![
+                cell(id),
+                format!("(unreadable: {})", cell(e)),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -181,6 +257,12 @@ async fn list(ctx: &mut Ctx, a: ListArgs, out: &mut impl Write) -> Result<(), Ct
         &["ID", "NAME", "PROFILE", "PROVIDER", "PINNED", "URL"],
         &rows,
     )?;
+    if let Some((gen, left)) = catalog::pending(ctx).await? {
+        writeln!(
+            out,
+            "note: import {gen} is committed but {left} of its channels are not applied yet; the next catalog write or `farmctl import --resume` finishes it"
+        )?;
+    }
     Ok(())
 }
 
@@ -189,6 +271,7 @@ async fn show(ctx: &mut Ctx, a: ShowArgs, out: &mut impl Write) -> Result<(), Ct
     let Some(spec) = catalog::get(ctx, &a.id).await? else {
         return Err(CtlError::NotFound(a.id));
     };
+    let spec = redacted(&spec, a.show_secrets);
     if a.json {
         serde_json::to_writer_pretty(&mut *out, &spec).map_err(std::io::Error::from)?;
         writeln!(out)?;

@@ -130,7 +130,9 @@ fn fields(map: &std::collections::HashMap<String, redis::Value>) -> BTreeMap<Str
         .filter_map(|(k, v)| {
             redis::from_redis_value::<String>(v.clone())
                 .ok()
-                .map(|v| (k.clone(), v))
+                // Events written by nodes are redacted already; older or hand-written ones may
+                // still quote an upstream URL with its credentials.
+                .map(|v| (k.clone(), farm_proto::redact::text(&v)))
         })
         .collect()
 }

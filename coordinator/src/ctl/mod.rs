@@ -105,7 +105,7 @@ pub enum Command {
     /// Add, remove, list and show catalog channels.
     #[command(subcommand)]
     Channel(ChannelCmd),
-    /// Import every channel of an extended M3U playlist, all or nothing.
+    /// Import every channel of an extended M3U playlist, all or nothing, in bounded chunks.
     Import(ImportArgs),
     /// Mint a signed playback token (for nodes running with --token-secret).
     Token(token::TokenArgs),
@@ -298,7 +298,10 @@ mod tests {
     async fn unreachable_redis_is_a_runtime_failure() {
         let cli = Cli {
             global: GlobalArgs::with_redis_url("redis://127.0.0.1:1/"),
-            command: Command::Channel(ChannelCmd::List(ListArgs { json: false })),
+            command: Command::Channel(ChannelCmd::List(ListArgs {
+                json: false,
+                show_secrets: false,
+            })),
         };
         let err = run(cli, &mut Vec::new()).await.expect_err("no redis");
         assert_eq!(err.exit_code(), EXIT_RUNTIME, "{err}");

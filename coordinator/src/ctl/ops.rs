@@ -178,7 +178,10 @@ pub async fn start(ctx: &mut Ctx, a: StartArgs, out: &mut impl Write) -> Result<
             Some("failed") => {
                 return Err(CtlError::ChannelFailed {
                     id: a.id,
-                    reason: safe(h.get("last_error").map_or("", String::as_str)).into_owned(),
+                    reason: safe(&farm_proto::redact::text(
+                        h.get("last_error").map_or("", String::as_str),
+                    ))
+                    .into_owned(),
                 })
             }
             _ => {}

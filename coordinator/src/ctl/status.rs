@@ -102,12 +102,8 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
 
     // Channel ids: catalog, access entries, node sets.
     let k = ctx.keys().clone();
-    let catalog: Vec<String> = ctx
-        .query(
-            "SMEMBERS channels",
-            redis::cmd("SMEMBERS").arg(k.channels()),
-        )
-        .await?;
+    // SSCAN in chunks: the catalog may hold 100k ids, and Redis is shared.
+    let catalog: Vec<String> = super::catalog::ids(ctx).await?;
     let access: Vec<(String, f64)> = ctx
         .query(
             "ZRANGE access",
@@ -142,9 +138,17 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
                 .get(k.owner(id))
                 .hget(k.channel(id), "pinned");
         }
-        let replies: Vec<redis::Value> = ctx.query_pipe("stream hashes", &p).await?;
+        // A key of the wrong type (a hand edit) reads as missing instead of failing the status.
+        p.ignore_errors();
+        let replies: Vec<redis::RedisResult<redis::Value>> =
+            ctx.query_pipe("stream hashes", &p).await?;
         for (id, r) in chunk.iter().zip(replies.chunks(3)) {
-            let conv = |i: usize| r.get(i).cloned().unwrap_or(redis::Value::Nil);
+            let conv = |i: usize| {
+                r.get(i)
+                    .and_then(|v| v.as_ref().ok())
+                    .cloned()
+                    .unwrap_or(redis::Value::Nil)
+            };
             let stream: HashMap<String, String> =
                 redis::from_redis_value(conv(0)).unwrap_or_default();
             let owner: Option<String> = redis::from_redis_value(conv(1)).unwrap_or(None);
@@ -172,7 +176,8 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
                 pid: get("pid").parse().ok(),
                 last_access_ms_ago: last.map(|t| now.saturating_sub(t)),
                 restarts: get("restarts").parse().unwrap_or(0),
-                last_error: get("last_error"),
+                // Nodes store it redacted; redacted again here for older or hand-written data.
+                last_error: farm_proto::redact::text(&get("last_error")),
                 pinned: matches!(pinned.as_deref(), Some("1" | "true")),
             });
         }

@@ -48,6 +48,9 @@ pub struct GatewayConfig {
     /// Resolve, connect and request-head bound.
     pub timeout: Duration,
     pub max_connections: usize,
+    /// Credentials FFmpeg's masked URLs leave out (see [`farm_proto::redact::mask`]): put back
+    /// into plain-HTTP requests for their own `host:port` only.
+    pub secrets: Vec<farm_proto::redact::OriginSecrets>,
 }
 
 impl GatewayConfig {
@@ -59,6 +62,7 @@ impl GatewayConfig {
             vouched: vouched(sources),
             timeout,
             max_connections: MAX_CONNECTIONS,
+            secrets: Vec::new(),
         }
     }
 }
@@ -157,7 +161,10 @@ struct Head {
     forward: Vec<u8>,
 }
 
-fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
+fn parse_head(
+    buf: &[u8],
+    secrets: &[farm_proto::redact::OriginSecrets],
+) -> Result<Option<(Head, usize)>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     let used = match req.parse(buf) {
@@ -198,7 +205,22 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
     } else {
         path.to_string()
     };
+    // FFmpeg read a masked URL: the credentials go back in here, for that origin only.
+    let origin = secrets.iter().find(|s| s.host == host && s.port == port);
+    let path = match origin {
+        Some(o) => o.unmask(&path),
+        None => path,
+    };
     let mut out = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
+    let has_auth = req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("authorization"));
+    if let Some(basic) = origin.and_then(|o| o.basic.as_ref()).filter(|_| !has_auth) {
+        out.extend_from_slice(b"Authorization: Basic ");
+        out.extend_from_slice(base64(basic.0.as_bytes()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     for h in req.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         if matches!(
@@ -224,6 +246,25 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
     )))
 }
 
+/// Standard base64 with padding (RFC 4648), for `Authorization: Basic`.
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(char::from(ABC[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 async fn answer(client: &mut TcpStream, status: &str, body: &str) {
     let text = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
@@ -244,7 +285,7 @@ async fn serve(mut client: TcpStream, ctx: Arc<GatewayCtx>) {
                 return Err("closed before a request".to_string());
             }
             buf.extend_from_slice(&chunk[..n]);
-            if let Some(h) = parse_head(&buf)? {
+            if let Some(h) = parse_head(&buf, &cfg.secrets)? {
                 return Ok(h);
             }
             if buf.len() > MAX_HEAD {
@@ -396,7 +437,7 @@ mod tests {
     #[test]
     fn proxy_heads_are_rewritten_to_origin_form_with_connection_close() {
         let raw: &[u8] = b"GET http://Up.Example:8080/live/a.m3u8?t=1 HTTP/1.1\r\nHost: up.example:8080\r\nConnection: keep-alive\r\nProxy-Authorization: x\r\nUser-Agent: Lavf\r\n\r\nrest";
-        let (h, used) = parse_head(raw).expect("parse").expect("complete");
+        let (h, used) = parse_head(raw, &[]).expect("parse").expect("complete");
         assert!(!h.connect);
         assert_eq!((h.host.as_str(), h.port), ("up.example", 8080));
         let fwd = String::from_utf8(h.forward).expect("utf8");
@@ -410,18 +451,71 @@ mod tests {
         assert!(fwd.ends_with("Connection: close\r\n\r\n"));
         assert_eq!(&raw[used..], b"rest");
 
-        let (c, _) = parse_head(b"CONNECT [::1]:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        let (c, _) = parse_head(b"CONNECT [::1]:443 HTTP/1.1\r\nHost: x\r\n\r\n", &[])
             .expect("parse")
             .expect("complete");
         assert!(c.connect);
         assert_eq!((c.host.as_str(), c.port), ("::1", 443));
 
-        assert!(parse_head(b"GET /origin-form HTTP/1.1\r\n\r\n").is_err());
-        assert!(parse_head(b"GET ftp://x/ HTTP/1.1\r\n\r\n").is_err());
-        assert!(parse_head(b"CONNECT nohost HTTP/1.1\r\n\r\n").is_err());
-        assert!(parse_head(b"GET http://x/ HTTP/1.1\r\nHost")
+        assert!(parse_head(b"GET /origin-form HTTP/1.1\r\n\r\n", &[]).is_err());
+        assert!(parse_head(b"GET ftp://x/ HTTP/1.1\r\n\r\n", &[]).is_err());
+        assert!(parse_head(b"CONNECT nohost HTTP/1.1\r\n\r\n", &[]).is_err());
+        assert!(parse_head(b"GET http://x/ HTTP/1.1\r\nHost", &[])
             .expect("partial")
             .is_none());
+    }
+
+    #[test]
+    fn masked_urls_get_their_credentials_back_for_their_origin_only() {
+        let m = farm_proto::redact::mask(
+            "http://us%3Ar:p%40ss@up.example:8080/live/usr/pwd/7.ts?token=TOK&mode=x",
+            "n0",
+            80,
+        );
+        let secrets = vec![m.secrets.expect("secrets")];
+        let head = |target: &str, extra: &str| {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: h\r\n{extra}\r\n");
+            let (h, _) = parse_head(raw.as_bytes(), &secrets)
+                .expect("parse")
+                .expect("complete");
+            String::from_utf8(h.forward).expect("utf8")
+        };
+        // FFmpeg sends the masked URL in absolute form (no userinfo)
+        let fwd = head(&m.url.replacen("up.example", "Up.Example", 1), "");
+        assert!(
+            fwd.starts_with("GET /live/usr/pwd/7.ts?token=TOK&mode=x HTTP/1.1\r\n"),
+            "{fwd}"
+        );
+        // base64("us:r:p@ss")
+        assert!(
+            fwd.contains("Authorization: Basic dXM6cjpwQHNz\r\n"),
+            "{fwd}"
+        );
+        // a relative segment resolved against the masked playlist URL
+        let fwd = head("http://up.example:8080/live/sfn0z0/sfn0z1/7_1.ts", "");
+        assert!(
+            fwd.starts_with("GET /live/usr/pwd/7_1.ts HTTP/1.1"),
+            "{fwd}"
+        );
+        // FFmpeg's own Authorization (after a 401) is not doubled
+        let fwd = head(&m.url, "Authorization: Digest x\r\n");
+        assert_eq!(fwd.matches("Authorization").count(), 1, "{fwd}");
+        // another origin (a redirect, another port) never gets them
+        for other in [
+            "http://evil.example:8080/live/sfn0z0/sfn0z1/7.ts",
+            "http://up.example:8081/live/sfn0z0/sfn0z1/7.ts",
+        ] {
+            let fwd = head(other, "");
+            assert!(
+                !fwd.contains("usr") && !fwd.contains("Authorization"),
+                "{fwd}"
+            );
+        }
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foob"), "Zm9vYg==");
     }
 
     #[tokio::test]

@@ -257,6 +257,7 @@ impl Guard {
         channel: &str,
         sources: &[String],
         timeout: Duration,
+        secrets: &[farm_proto::redact::OriginSecrets],
     ) -> Result<GatewayHandle, String> {
         let vouched: Vec<(String, u16)> = crate::egress::vouched(sources).into_iter().collect();
         let until = tokio::time::Instant::now() + ANSWER_TIMEOUT;
@@ -281,6 +282,7 @@ impl Guard {
                     .unwrap_or(u64::MAX)
                     .clamp(1, 600_000),
                 max_connections: crate::egress::MAX_CONNECTIONS,
+                secrets: secrets.to_vec(),
             });
             if !sent {
                 forget();

@@ -2,8 +2,10 @@
 //!
 //! Node → guard on the guard's stdin ([`ToGuard`]), guard → node on its stdout ([`FromGuard`]).
 //! Lines are bounded ([`MAX_LINE`]): a longer one is skipped whole, a line that is not a message is
-//! reported and skipped; neither side panics or stops on bad input. No secret crosses the pipe:
-//! gateways get the `host:port`s a catalog names, never its URLs (which may carry credentials).
+//! reported and skipped; neither side panics or stops on bad input. Gateways get the `host:port`s
+//! a catalog names, never its URLs; the only secrets that cross this private pipe are the upstream
+//! credentials a gateway adds for FFmpeg ([`farm_proto::redact::OriginSecrets`], whose `Debug`
+//! shows `***`), so they never have to be in FFmpeg's world-readable argv.
 
 use crate::egress::PolicySpec;
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,9 @@ pub enum ToGuard {
         vouched: Vec<(String, u16)>,
         timeout_ms: u64,
         max_connections: usize,
+        /// Credentials to put back into requests for the masked catalog URLs.
+        #[serde(default)]
+        secrets: Vec<farm_proto::redact::OriginSecrets>,
     },
     /// Close a gateway (and every connection through it).
     Close { id: u64 },
@@ -180,6 +185,12 @@ mod tests {
                 vouched: vec![("::1".into(), 80)],
                 timeout_ms: 10_000,
                 max_connections: 64,
+                secrets: vec![farm_proto::redact::OriginSecrets {
+                    host: "h".into(),
+                    port: 80,
+                    swaps: vec![("sfxz0".into(), farm_proto::redact::Secret("pw".into()))],
+                    basic: Some(farm_proto::redact::Secret("u:p".into())),
+                }],
             },
             ToGuard::Close { id: 1 },
         ];

@@ -297,9 +297,10 @@ impl State {
                 vouched,
                 timeout_ms,
                 max_connections,
+                secrets,
             } => {
                 let reply = match self
-                    .open(id, channel, vouched, timeout_ms, max_connections)
+                    .open(id, channel, vouched, timeout_ms, max_connections, secrets)
                     .await
                 {
                     Ok(port) => FromGuard::Opened { id, port },
@@ -321,6 +322,7 @@ impl State {
         vouched: Vec<(String, u16)>,
         timeout_ms: u64,
         max_connections: usize,
+        secrets: Vec<farm_proto::redact::OriginSecrets>,
     ) -> Result<u16, String> {
         let policy = self
             .policy
@@ -350,6 +352,7 @@ impl State {
             vouched: vouched.into_iter().collect::<HashSet<_>>(),
             timeout: Duration::from_millis(timeout_ms),
             max_connections: max_connections.min(4096),
+            secrets,
         };
         let gw = Gateway::open(cfg, events, self.clock.clone())
             .await
@@ -480,6 +483,7 @@ mod tests {
             vouched: vec![("127.0.0.1".into(), 9)],
             timeout_ms: 1000,
             max_connections: 4,
+            secrets: Vec::new(),
         }
     }
 
@@ -547,6 +551,7 @@ mod tests {
                 vouched: vec![],
                 timeout_ms: 1000,
                 max_connections: 4,
+                secrets: Vec::new(),
             },
             ToGuard::Open {
                 id: 3,
@@ -554,6 +559,7 @@ mod tests {
                 vouched: vec![],
                 timeout_ms: 0,
                 max_connections: 4,
+                secrets: Vec::new(),
             },
         ] {
             g.send(&bad).await;

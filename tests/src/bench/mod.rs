@@ -27,6 +27,7 @@ pub mod scale;
 pub mod sys;
 pub mod tick;
 pub mod ttfp;
+pub mod viewer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -45,15 +46,17 @@ pub enum Phase {
     Ttfp,
     Scale,
     Failover,
+    Viewer,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Rps,
         Phase::Tick,
         Phase::Ttfp,
         Phase::Scale,
         Phase::Failover,
+        Phase::Viewer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,10 +66,11 @@ impl Phase {
             Phase::Ttfp => "ttfp",
             Phase::Scale => "scale",
             Phase::Failover => "failover",
+            Phase::Viewer => "viewer",
         }
     }
 
-    /// Parses a phase name (`rps`, `tick`, `ttfp`, `scale`, `failover`).
+    /// Parses a phase name (`rps`, `tick`, `ttfp`, `scale`, `failover`, `viewer`).
     pub fn parse(s: &str) -> Result<Phase, String> {
         Phase::ALL
             .into_iter()
@@ -223,6 +227,7 @@ async fn run_phase(phase: Phase, s: Settings) -> Result<PhaseOutput, String> {
                 Phase::Ttfp => ttfp::run(&s).await,
                 Phase::Scale => scale::run(&s).await,
                 Phase::Failover => failover::run(&s).await,
+                Phase::Viewer => viewer::run(&s).await,
             }
         };
         match tokio::time::timeout(limit, std::panic::AssertUnwindSafe(fut).catch_unwind()).await {
