@@ -31,6 +31,7 @@ async fn fault_ffmpeg_crash_loop_ends_failed_with_the_reason_and_leaves_nothing(
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
     let url = redis.url();
+    // The fake FFmpegs log their starts and exits above the nodes' HLS roots.
     let spawnlog = root.path().join("spawns.log");
     farmctl_ok(
         &url,
@@ -38,10 +39,7 @@ async fn fault_ffmpeg_crash_loop_ends_failed_with_the_reason_and_leaves_nothing(
             "channel",
             "add",
             "bad",
-            &format!(
-                "http://127.0.0.1:9/bad.ts?mode=crash&after_ms=500&seg_ms=100&spawnlog={}",
-                spawnlog.display()
-            ),
+            "http://127.0.0.1:9/bad.ts?mode=crash&after_ms=500&seg_ms=100&spawnlog=1",
         ],
     );
     let node = |id: &str| {

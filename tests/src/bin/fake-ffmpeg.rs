@@ -14,9 +14,12 @@
 //! - `mode=fail`: prints "Server returned 403 Forbidden" to stderr and exits 1 at once.
 //! - `after_ms=N` (default 1000), `seg_ms=N` (default `-hls_time` seconds, which defaults to 2),
 //!   `bytes=N` (segment size, default 20000, rounded up to whole 188-byte TS null packets).
-//! - `spawnlog=<path>`: appends `start <pid> <µs since the epoch>` when it starts and
-//!   `exit <pid> <µs> <code>` when it exits by itself (not when killed), so a test can time the
-//!   gaps between a crash and the next spawn from the processes' own clocks.
+//! - `spawnlog=1`: appends `start <pid> <µs since the epoch>` when it starts and
+//!   `exit <pid> <µs> <code>` when it exits by itself (not when killed) to `spawns.log` in the
+//!   folder above the node's HLS root (the playlist's folder's grandparent: outside anything the
+//!   node manages, shared by the nodes of one test), so a test can time the gaps between a crash
+//!   and the next spawn from the processes' own clocks. (A path in the URL would not do: the node
+//!   masks long query values in FFmpeg's argv as possible credentials.)
 //!
 //! Files are written like ffmpeg's `hls_flags temp_file`: `<segment>.tmp` then rename,
 //! `<playlist>.tmp` then rename; the playlist lists the last `-hls_list_size` segments (0 = all) and,
@@ -230,6 +233,15 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         Some(other) => return Err(format!("unknown mode={other}")),
     };
     let default_seg_ms = (hls_time * 1000.0).round().max(1.0) as u64;
+    let spawnlog = (param("spawnlog").as_deref() == Some("1"))
+        .then(|| {
+            playlist
+                .parent()?
+                .parent()?
+                .parent()
+                .map(|d| d.join("spawns.log"))
+        })
+        .flatten();
     Ok(Config {
         input,
         playlist,
@@ -243,7 +255,7 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         after: Duration::from_millis(num("after_ms", 1000)?),
         seg_interval: Duration::from_millis(num("seg_ms", default_seg_ms)?.max(1)),
         seg_bytes: usize::try_from(num("bytes", 20_000)?).map_err(|e| e.to_string())?,
-        spawnlog: param("spawnlog").map(PathBuf::from),
+        spawnlog,
     })
 }
 
