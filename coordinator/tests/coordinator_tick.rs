@@ -483,8 +483,9 @@ async fn seed_farm(
 }
 
 /// Tick cost with 1k, 10k and 100k channels, 1 % idle: the first tick (which sends the stops) and
-/// the steady state once the nodes have stopped them. Prints the figures; asserts only sanity (the
-/// target, 100k at most 3 x 1k and under 5 ms, belongs to the benchmark).
+/// the steady state once the nodes have stopped them. Asserts the README's goals on the median of
+/// seven steady ticks: 100k channels at most 5 ms (`tick_ms_100k`), and at most 3 × the 1k tick
+/// (`tick_ratio_100k_1k`). The benchmark measures the same with the release binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_tick_cost_grows_with_idle_channels_not_with_all_channels() {
     let redis = RedisServer::start();
@@ -544,7 +545,11 @@ async fn coordinator_tick_cost_grows_with_idle_channels_not_with_all_channels() 
         big.as_secs_f64() / base.as_secs_f64().max(1e-9)
     );
     assert!(
-        big < Duration::from_secs(1),
-        "a steady tick over 100k channels took {big:?}"
+        big <= Duration::from_millis(5),
+        "a steady tick over 100k channels took {big:?} (goal tick_ms_100k <= 5 ms)"
+    );
+    assert!(
+        big.as_secs_f64() <= 3.0 * base.as_secs_f64(),
+        "a steady tick over 100k channels took {big:?}, 1k {base:?} (goal tick_ratio_100k_1k <= 3)"
     );
 }

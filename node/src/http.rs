@@ -336,7 +336,8 @@ async fn live_plain(
     let p = authorize(&st.node.cfg, &[&a, &b], &client).inspect_err(|_| {
         st.node.metrics.playback_refused.inc();
     })?;
-    live_file(&st, p, &client, &headers, &uri).await
+    crate::metrics::viewer_request(&st.node.metrics, live_file(&st, p, &client, &headers, &uri))
+        .await
 }
 
 async fn live_signed(
@@ -350,7 +351,8 @@ async fn live_signed(
     let p = authorize(&st.node.cfg, &[&a, &b, &c], &client).inspect_err(|_| {
         st.node.metrics.playback_refused.inc();
     })?;
-    live_file(&st, p, &client, &headers, &uri).await
+    crate::metrics::viewer_request(&st.node.metrics, live_file(&st, p, &client, &headers, &uri))
+        .await
 }
 
 /// The key `client` is rate limited under, `None` when it is exempt: an address of the trusted

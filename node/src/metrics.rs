@@ -1,5 +1,6 @@
 //! The node's Prometheus metrics (prometheus-client; one registry per node, no global recorder, so
-//! several nodes can live in one test process).
+//! several nodes can live in one test process), and the request-path scope that counts every Redis
+//! call a viewer request makes ([`viewer_request`], [`redis_call`]).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -7,7 +8,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -25,7 +28,8 @@ pub struct Metrics {
     pub requests: Family<KindLabel, Counter>,
     /// Bytes of segments this node served itself (0 when nginx serves every byte).
     pub segment_bytes: Counter,
-    /// Redis round trips awaited inside a viewer request on a running channel (stays 0 by design).
+    /// Redis calls made while answering viewer requests (routing, remote playlists, and the
+    /// preflight of a start a viewer caused): 0 for a channel this node runs.
     pub request_path_redis_calls: Counter,
     pub ffmpeg_spawns: Counter,
     pub ffmpeg_crashes: Counter,
@@ -162,7 +166,7 @@ impl Metrics {
         );
         registry.register(
             "request_path_redis_calls",
-            "Redis round trips awaited inside viewer requests on running channels",
+            "Redis calls made while answering viewer requests (and the preflight of the starts they caused)",
             m.request_path_redis_calls.clone(),
         );
         registry.register(
@@ -367,6 +371,71 @@ impl Default for Metrics {
     }
 }
 
+tokio::task_local! {
+    /// Set while a viewer request is answered, and in the channel actor of a start that request
+    /// caused until its preflight is done: where the Redis calls made meanwhile are counted.
+    static REQUEST_PATH: RequestPath;
+}
+
+/// A request-path scope (see [`viewer_request`]).
+#[derive(Clone)]
+pub struct RequestPath {
+    counter: Option<Counter>,
+    active: Arc<AtomicBool>,
+}
+
+/// Runs `f` as a viewer request: every Redis call made in it (see [`redis_call`]), and in the
+/// preflight of a channel start it causes, counts in `request_path_redis_calls`.
+pub async fn viewer_request<F: Future>(metrics: &Metrics, f: F) -> F::Output {
+    let scope = RequestPath {
+        counter: Some(metrics.request_path_redis_calls.clone()),
+        active: Arc::new(AtomicBool::new(true)),
+    };
+    REQUEST_PATH.scope(scope, f).await
+}
+
+/// One Redis call (the store calls it for every round trip): counted when a viewer request is
+/// waiting on it.
+pub fn redis_call() {
+    let _ = REQUEST_PATH.try_with(|r| {
+        if let (Some(c), true) = (&r.counter, r.active.load(Ordering::Acquire)) {
+            c.inc();
+        }
+    });
+}
+
+/// Ends the request-path part of a task started by [`CarryRequestPath::carry_request_path`]: its
+/// later Redis calls are its own (a channel's life after its claim), not a viewer's.
+pub fn request_path_done() {
+    let _ = REQUEST_PATH.try_with(|r| r.active.store(false, Ordering::Release));
+}
+
+/// For a task spawned while a viewer request is answered (a channel start): its Redis calls count
+/// for that request until the task calls [`request_path_done`].
+pub trait CarryRequestPath: Future + Sized {
+    /// Captures the caller's request scope now (call it where the task is spawned).
+    fn carry_request_path(self) -> tokio::task::futures::TaskLocalFuture<RequestPath, Self>;
+}
+
+impl<F: Future> CarryRequestPath for F {
+    fn carry_request_path(self) -> tokio::task::futures::TaskLocalFuture<RequestPath, Self> {
+        let counter = REQUEST_PATH
+            .try_with(|r| {
+                r.active
+                    .load(Ordering::Acquire)
+                    .then(|| r.counter.clone())
+                    .flatten()
+            })
+            .ok()
+            .flatten();
+        let scope = RequestPath {
+            active: Arc::new(AtomicBool::new(counter.is_some())),
+            counter,
+        };
+        REQUEST_PATH.scope(scope, self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,5 +457,34 @@ mod tests {
         );
         assert!(!text.contains("forged"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+    }
+
+    #[tokio::test]
+    async fn redis_calls_count_inside_viewer_requests_and_the_preflight_they_cause() {
+        let m = Metrics::new();
+        redis_call();
+        assert_eq!(m.request_path_redis_calls.get(), 0, "outside any request");
+        viewer_request(&m, async { redis_call() }).await;
+        assert_eq!(m.request_path_redis_calls.get(), 1);
+        // A task the request spawns counts until its preflight is done.
+        viewer_request(&m, async {
+            tokio::spawn(
+                async {
+                    redis_call();
+                    request_path_done();
+                    redis_call();
+                }
+                .carry_request_path(),
+            )
+            .await
+            .expect("task");
+        })
+        .await;
+        assert_eq!(m.request_path_redis_calls.get(), 2);
+        // A task spawned outside any request never counts.
+        tokio::spawn(async { redis_call() }.carry_request_path())
+            .await
+            .expect("task");
+        assert_eq!(m.request_path_redis_calls.get(), 2);
     }
 }

@@ -9,7 +9,7 @@
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ffmpeg;
-use crate::metrics::Metrics;
+use crate::metrics::{CarryRequestPath, Metrics};
 use crate::store::{Renewal, Store};
 use crate::watcher::{HlsWatcher, Progress};
 use axum::http::StatusCode;
@@ -310,7 +310,6 @@ impl Node {
                 return Ok(v.clone());
             }
         }
-        self.metrics.request_path_redis_calls.inc();
         let view = Arc::new(self.store.timeline(id).await.inspect_err(|_| {
             self.metrics.redis_errors.inc();
         })?);
@@ -389,7 +388,8 @@ impl Node {
                 run_channel(node.clone(), e2.clone(), rx, mode).await;
                 node.remove_entry(&e2);
             }
-            .instrument(span),
+            .instrument(span)
+            .carry_request_path(),
         );
         Ok(entry)
     }
@@ -536,6 +536,7 @@ async fn run_channel_inner(
             return;
         }
     };
+    crate::metrics::request_path_done();
     let cfg = node.cfg.clone();
     let owner = owner_value(&cfg.node_id, gen);
     let provider = (!spec.provider.is_empty()).then(|| spec.provider.clone());

@@ -225,6 +225,7 @@ impl Store {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
+        crate::metrics::redis_call();
         let work = async { f(self.conn().await?).await };
         let res = tokio::time::timeout(self.timeout, work)
             .await

@@ -1,27 +1,40 @@
 //! The farm's invariant checker: run it at the end of every fault scenario.
 //!
-//! [`check`] looks at everything a farm leaves behind (Redis keys, the nodes' HLS folders, FFmpeg
-//! processes) and polls until it finds nothing wrong or the wait passes (use [`settle_time`]:
-//! `2 × node_ttl + tick`, the bound of promise 9). It prints a table of what it found and returns
-//! the counts. What it calls wrong:
+//! [`check`] watches everything a farm leaves behind (Redis keys, the nodes' HLS folders, FFmpeg
+//! processes) for a whole observation window (use [`settle_time`]: `2 × node_ttl + tick`, the bound
+//! of promise 9), one pass every 200 ms. The verdict covers every pass of the window:
+//!
+//! - **Never, in any pass:** two runnable (not stopped) FFmpegs for one channel (promise 1). The
+//!   first pass that shows one fails the check, whatever came before or after.
+//! - **Settled by the end of the window:** some pass must find nothing at all ("settled"); before
+//!   it, a fault's leftovers may still be being cleaned up.
+//! - **Clean once settled:** after the settled pass, a finding seen in two consecutive passes fails
+//!   the check (reads are not atomic: a start or a stop between two reads of one pass can show a
+//!   folder or a process whose lease the pass did not see; a leak stays, a race does not).
+//!
+//! The report names every violating pass (its number, its time, what it found). What is wrong:
 //!
 //! - Redis: an owner lease naming a node that is not alive; any `farm:node:<dead>*` key, a
 //!   `farm:cmd:<dead>` stream or a `farm:nodes` member of a dead node; a stream hash without an
 //!   owner lease (except a `failed` one with a TTL) or naming another node than the lease; a node
 //!   set entry whose lease names another node (or nobody); a load entry without its set entry; a
 //!   `farm:access` entry of a channel nobody owns; a live provider holding of a channel nobody owns;
-//!   a live node that is not registered (no `:alive` key).
+//!   a live node that is not registered (no `:alive` key). `farm:timeline:<id>` (TTL 1 h) outlives
+//!   its channel by design and is not checked.
+//! - Channels: a lease held by a live node that runs no FFmpeg for it while its stream is not in a
+//!   transition (`running`, `failed` or no stream hash); a stream in `starting`, `restarting` or
+//!   `stopping` for longer than [`Options::stuck_after`] (`starting`: since its claim,
+//!   `started_at`; the others: since the checker first saw that state with that restart count); a
+//!   `running` channel without exactly one live owner and exactly one FFmpeg; two live nodes listing
+//!   one channel.
 //! - Disk: a channel folder under a live node's HLS root for a channel that node does not own.
 //!   Folders under a dead node's root are listed apart ("dead node folders"): no process of the farm
 //!   can remove them until that node starts again and sweeps them (promise 5, tested by
 //!   `node_lifecycle`); they are printed, not counted as leaks.
 //! - Processes: an FFmpeg (real or fake: any process whose command line writes under a node's HLS
 //!   root) of a dead node or for a channel its node does not own; a zombie child of a live node.
-//! - Channels: a `running` channel without exactly one live owner and exactly one FFmpeg in the farm;
-//!   two FFmpegs for one channel anywhere ("double owned").
 //!
-//! Reads are not atomic (a node may be mid-start); polling until a whole pass is clean is what
-//! makes the verdict reliable. The checker uses `SCAN` (tests may; the farm never does).
+//! The checker uses `SCAN` (tests may; the farm never does).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -82,6 +95,9 @@ pub fn farm_nodes(nodes: &[&NodeProcess]) -> Vec<FarmNode> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub kind: Kind,
+    /// What it is about, stable from one pass to the next (a key, a folder, a pid): two passes
+    /// showing the same subject show the same leak.
+    pub subject: String,
     pub what: String,
 }
 
@@ -96,17 +112,22 @@ pub enum Kind {
     StaleAccessEntry,
     StaleProviderHolding,
     UnregisteredLiveNode,
+    LeaseWithoutFfmpeg,
+    StuckInTransition,
     LeakedFolder,
     LeakedProcess,
     Zombie,
-    DoubleOwned,
+    /// Two runnable FFmpegs for one channel: never allowed, in any pass.
+    DoubleRunning,
+    /// Two live nodes list one channel in their sets.
+    DoubleListed,
     RunningWithoutOwnerOrFfmpeg,
     /// Informational: folders under a dead node's root (its next start sweeps them).
     DeadNodeFolder,
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 17] = [
         Kind::DeadOwnerLease,
         Kind::DeadNodeKey,
         Kind::OrphanStreamHash,
@@ -115,10 +136,13 @@ impl Kind {
         Kind::StaleAccessEntry,
         Kind::StaleProviderHolding,
         Kind::UnregisteredLiveNode,
+        Kind::LeaseWithoutFfmpeg,
+        Kind::StuckInTransition,
         Kind::LeakedFolder,
         Kind::LeakedProcess,
         Kind::Zombie,
-        Kind::DoubleOwned,
+        Kind::DoubleRunning,
+        Kind::DoubleListed,
         Kind::RunningWithoutOwnerOrFfmpeg,
         Kind::DeadNodeFolder,
     ];
@@ -133,10 +157,13 @@ impl Kind {
             Kind::StaleAccessEntry => "farm:access entries of unowned channels",
             Kind::StaleProviderHolding => "provider holdings of unowned channels",
             Kind::UnregisteredLiveNode => "live nodes without an :alive key",
+            Kind::LeaseWithoutFfmpeg => "leases of live nodes that run no FFmpeg for them",
+            Kind::StuckInTransition => "streams stuck in starting/restarting/stopping",
             Kind::LeakedFolder => "channel folders a live node does not own",
             Kind::LeakedProcess => "FFmpegs of a dead node or of an unowned channel",
             Kind::Zombie => "zombie children of live nodes",
-            Kind::DoubleOwned => "channels with two FFmpegs or two owners",
+            Kind::DoubleRunning => "channels with two runnable FFmpegs (any pass)",
+            Kind::DoubleListed => "channels listed by two live nodes",
             Kind::RunningWithoutOwnerOrFfmpeg => {
                 "running channels without one live owner + one FFmpeg"
             }
@@ -156,18 +183,58 @@ impl Kind {
                 | Kind::StaleProviderHolding
         )
     }
+
+    /// Findings that fail the check in any pass, settled or not.
+    pub fn is_safety(self) -> bool {
+        self == Kind::DoubleRunning
+    }
 }
 
-/// What one [`check`] found (the last pass: the clean one, or the one at the deadline).
+/// How the checker judges a farm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// A stream in `starting`, `restarting` or `stopping` for longer than this is stuck. The
+    /// harness's farms start a channel within a few seconds (1 s segments, backoff at most 2 s).
+    pub stuck_after: Duration,
+    /// Time between passes.
+    pub poll: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            stuck_after: Duration::from_secs(5),
+            poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// A pass that broke the invariants after the farm had settled, or showed a runnable duplicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub pass: u32,
+    /// Since the check began.
+    pub at: Duration,
+    pub finding: Finding,
+}
+
+/// What one [`check`] saw over its window.
 #[derive(Debug, Clone, Default)]
 pub struct InvariantReport {
+    /// What the last pass found.
     pub findings: Vec<Finding>,
-    /// How long the checker polled until this pass.
+    /// Until the first pass that found nothing (the whole window when none did).
     pub waited: Duration,
+    /// The first pass that found nothing.
+    pub settled_pass: Option<u32>,
+    /// How long the checker watched.
+    pub window: Duration,
     pub passes: u32,
-    /// Channels with an owner lease.
+    /// Passes that broke an invariant (a duplicate in any pass; anything persistent once settled).
+    pub violations: Vec<Violation>,
+    /// Channels with an owner lease (last pass).
     pub owned_channels: usize,
-    /// FFmpeg processes found under the nodes' roots.
+    /// FFmpeg processes found under the nodes' roots (last pass).
     pub ffmpegs: usize,
     pub nodes_alive: usize,
     pub nodes_dead: usize,
@@ -189,16 +256,20 @@ impl InvariantReport {
     pub fn leaked_processes(&self) -> usize {
         self.count(|k| matches!(k, Kind::LeakedProcess | Kind::Zombie))
     }
-    /// Channels with two FFmpegs or two owners.
+    /// Channels with two FFmpegs or two listing nodes.
     pub fn double_owned(&self) -> usize {
-        self.count(|k| k == Kind::DoubleOwned)
+        self.count(|k| matches!(k, Kind::DoubleRunning | Kind::DoubleListed))
     }
-    /// Running channels without one live owner and one FFmpeg, and live nodes not registered.
+    /// Running channels without one live owner and one FFmpeg, leases without an FFmpeg, stuck
+    /// streams and live nodes not registered.
     pub fn broken(&self) -> usize {
         self.count(|k| {
             matches!(
                 k,
-                Kind::RunningWithoutOwnerOrFfmpeg | Kind::UnregisteredLiveNode
+                Kind::RunningWithoutOwnerOrFfmpeg
+                    | Kind::UnregisteredLiveNode
+                    | Kind::LeaseWithoutFfmpeg
+                    | Kind::StuckInTransition
             )
         })
     }
@@ -206,27 +277,35 @@ impl InvariantReport {
     pub fn dead_node_folders(&self) -> usize {
         self.count(|k| k == Kind::DeadNodeFolder)
     }
-    /// Everything that must be zero.
+    /// Everything in the last pass that must be zero.
     pub fn leaks(&self) -> usize {
         self.count(|k| k != Kind::DeadNodeFolder)
     }
+    /// Settled, clean in the last pass, and no violating pass in the window.
     pub fn is_clean(&self) -> bool {
-        self.leaks() == 0
+        self.settled_pass.is_some() && self.leaks() == 0 && self.violations.is_empty()
     }
     /// Panics with the table unless clean.
     pub fn assert_clean(&self) {
-        assert!(self.is_clean(), "the farm leaked:\n{self}");
+        assert!(self.is_clean(), "the farm broke its invariants:\n{self}");
     }
     /// One line of figures, for a test's printed summary.
     pub fn figure(&self) -> String {
         format!(
-            "leaked keys {}, folders {}, processes {}, double-owned channels {}, broken channels {} (clean after {:?}, {} passes)",
+            "leaked keys {}, folders {}, processes {}, double-owned channels {}, broken channels {}; \
+violating passes {} (clean after {:?}, held clean over a {:?} window, {} passes)",
             self.leaked_keys(),
             self.leaked_folders(),
             self.leaked_processes(),
             self.double_owned(),
             self.broken(),
+            self.violations
+                .iter()
+                .map(|v| v.pass)
+                .collect::<BTreeSet<_>>()
+                .len(),
             self.waited,
+            self.window,
             self.passes
         )
     }
@@ -234,17 +313,30 @@ impl InvariantReport {
 
 impl fmt::Display for InvariantReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.is_clean() {
+            "CLEAN"
+        } else if self.settled_pass.is_none() {
+            "NEVER SETTLED"
+        } else if !self.violations.is_empty() {
+            "VIOLATED"
+        } else {
+            "LEAKS"
+        };
         writeln!(
             f,
-            "invariants: {} after {:?} ({} passes; nodes alive {}, dead {}; {} owned channels, {} FFmpegs)",
-            if self.is_clean() { "CLEAN" } else { "LEAKS" },
-            self.waited,
+            "invariants: {verdict} over {:?} ({} passes; settled {}; nodes alive {}, dead {}; {} owned channels, {} FFmpegs)",
+            self.window,
             self.passes,
+            match self.settled_pass {
+                Some(p) => format!("at pass {p}, after {:?}", self.waited),
+                None => "never".to_string(),
+            },
             self.nodes_alive,
             self.nodes_dead,
             self.owned_channels,
             self.ffmpegs
         )?;
+        writeln!(f, "  last pass:")?;
         writeln!(f, "  {:<58} | found", "check")?;
         writeln!(f, "  {:-<58}-+------", "")?;
         for kind in Kind::ALL {
@@ -257,7 +349,74 @@ impl fmt::Display for InvariantReport {
                 writeln!(f, "  {:<58} |   ... {} more", "", of_kind.len() - 5)?;
             }
         }
+        if !self.violations.is_empty() {
+            writeln!(f, "  violating passes ({}):", self.violations.len())?;
+            for v in self.violations.iter().take(20) {
+                writeln!(
+                    f,
+                    "    pass {} at {:?}: {}: {}",
+                    v.pass,
+                    v.at,
+                    v.finding.kind.label(),
+                    v.finding.what
+                )?;
+            }
+            if self.violations.len() > 20 {
+                writeln!(f, "    ... {} more", self.violations.len() - 20)?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// The verdict over a sequence of passes (see the module docs): fed one pass at a time.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    settled: Option<(u32, Duration)>,
+    previous: BTreeSet<(Kind, String)>,
+    violations: Vec<Violation>,
+}
+
+impl Verdict {
+    /// Records pass `pass`, `at` after the start, with what it found.
+    pub fn pass(&mut self, pass: u32, at: Duration, findings: &[Finding]) {
+        let counted: Vec<&Finding> = findings
+            .iter()
+            .filter(|f| f.kind != Kind::DeadNodeFolder)
+            .collect();
+        for f in counted.iter().filter(|f| f.kind.is_safety()) {
+            self.violations.push(Violation {
+                pass,
+                at,
+                finding: (*f).clone(),
+            });
+        }
+        let now: BTreeSet<(Kind, String)> = counted
+            .iter()
+            .map(|f| (f.kind, f.subject.clone()))
+            .collect();
+        if self.settled.is_some() {
+            for f in counted.iter().filter(|f| !f.kind.is_safety()) {
+                if self.previous.contains(&(f.kind, f.subject.clone())) {
+                    self.violations.push(Violation {
+                        pass,
+                        at,
+                        finding: (*f).clone(),
+                    });
+                }
+            }
+        } else if counted.is_empty() {
+            self.settled = Some((pass, at));
+        }
+        self.previous = now;
+    }
+
+    pub fn settled(&self) -> Option<(u32, Duration)> {
+        self.settled
+    }
+
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
     }
 }
 
@@ -275,42 +434,72 @@ pub async fn check_nodes(
     check(redis, &farm_nodes(nodes), wait).await
 }
 
-/// Polls every 200 ms until a whole pass finds nothing or `wait` passes; prints and returns the
-/// last pass. Node ids found in Redis that are not in `nodes` count as dead.
+/// [`check_opts`] with the default [`Options`].
 pub async fn check_with(
     redis: &RedisServer,
     prefix: &str,
     nodes: &[FarmNode],
     wait: Duration,
 ) -> InvariantReport {
+    check_opts(redis, prefix, nodes, wait, Options::default()).await
+}
+
+/// Watches the farm for `window`, one pass every `opts.poll`, and judges every pass (see the
+/// module docs); prints and returns the report. Node ids found in Redis that are not in `nodes`
+/// count as dead.
+pub async fn check_opts(
+    redis: &RedisServer,
+    prefix: &str,
+    nodes: &[FarmNode],
+    window: Duration,
+    opts: Options,
+) -> InvariantReport {
     let started = Instant::now();
-    let deadline = started + wait;
+    let deadline = started + window;
     let mut conn = redis.conn().await;
+    let mut verdict = Verdict::default();
+    let mut transitions = Transitions::default();
     let mut passes = 0;
+    let mut last: Option<InvariantReport> = None;
+    let mut last_error = String::new();
     loop {
-        passes += 1;
-        let mut report = match one_pass(&mut conn, prefix, nodes).await {
-            Ok(r) => r,
+        match one_pass(&mut conn, prefix, nodes, &mut transitions, opts.stuck_after).await {
+            Ok(report) => {
+                passes += 1;
+                verdict.pass(passes, started.elapsed(), &report.findings);
+                last = Some(report);
+            }
             Err(e) => {
                 // Redis itself is the fault under test sometimes: keep polling until the deadline.
-                if Instant::now() >= deadline {
-                    panic!("invariant checker cannot read redis: {e}");
-                }
+                last_error = e.to_string();
                 if let Ok(c) = redis.try_conn().await {
                     conn = c;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
             }
-        };
-        report.waited = started.elapsed();
-        report.passes = passes;
-        if report.is_clean() || Instant::now() >= deadline {
-            println!("{report}");
-            return report;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        tokio::time::sleep(opts.poll.min(deadline - now)).await;
     }
+    let Some(mut report) = last else {
+        panic!("invariant checker cannot read redis: {last_error}");
+    };
+    report.passes = passes;
+    report.window = started.elapsed();
+    report.settled_pass = verdict.settled().map(|(p, _)| p);
+    report.waited = verdict.settled().map_or(report.window, |(_, at)| at);
+    report.violations = verdict.violations().to_vec();
+    println!("{report}");
+    report
+}
+
+/// What the checker remembers between passes: since when each stream has been in a transition.
+#[derive(Debug, Default)]
+struct Transitions {
+    /// (channel, gen, state, restarts) → Redis time (ms) the checker first saw it.
+    first_seen: HashMap<(String, String, String, String), u64>,
 }
 
 /// An FFmpeg found writing under a node's root.
@@ -421,6 +610,8 @@ async fn one_pass(
     conn: &mut MultiplexedConnection,
     prefix: &str,
     nodes: &[FarmNode],
+    transitions: &mut Transitions,
+    stuck_after: Duration,
 ) -> redis::RedisResult<InvariantReport> {
     let live: BTreeSet<&str> = nodes
         .iter()
@@ -429,7 +620,13 @@ async fn one_pass(
         .collect();
     let is_live = |id: &str| live.contains(id);
     let mut findings: Vec<Finding> = Vec::new();
-    let mut find = |kind: Kind, what: String| findings.push(Finding { kind, what });
+    let mut find = |kind: Kind, subject: String, what: String| {
+        findings.push(Finding {
+            kind,
+            subject,
+            what,
+        })
+    };
 
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
     let now_ms = secs * 1000 + micros / 1000;
@@ -465,6 +662,7 @@ async fn one_pass(
         if !is_live(owner_node(v)) {
             find(
                 Kind::DeadOwnerLease,
+                format!("{owner_prefix}{ch}"),
                 format!("{owner_prefix}{ch} = {v} (node not alive)"),
             );
         }
@@ -476,6 +674,9 @@ async fn one_pass(
         .filter(|k| k.starts_with(&stream_prefix))
         .collect();
     let mut running: Vec<String> = Vec::new();
+    // Channel → its stream state, for channels whose hash agrees with the lease.
+    let mut states: BTreeMap<String, String> = BTreeMap::new();
+    let mut seen_transitions = BTreeSet::new();
     if !stream_keys.is_empty() {
         let mut pipe = redis::pipe();
         for k in &stream_keys {
@@ -493,41 +694,81 @@ async fn one_pass(
             if h.is_empty() {
                 continue; // gone between SCAN and HGETALL
             }
-            let state = h.get("state").map_or("", String::as_str);
-            let node = h.get("node").map_or("", String::as_str);
+            let field = |f: &str| h.get(f).map_or("", String::as_str);
+            let (state, node) = (field("state"), field("node"));
             match owner_of(ch) {
                 None if state == "failed" && pttl > 0 => {}
                 None => find(
                     Kind::OrphanStreamHash,
+                    k.to_string(),
                     format!("{k}: state={state} node={node} pttl={pttl}, no owner lease"),
                 ),
                 Some(o) if o != node => find(
                     Kind::OrphanStreamHash,
+                    k.to_string(),
                     format!("{k}: names node {node}, the lease names {o}"),
                 ),
                 Some(_) => {
+                    states.insert(ch.to_string(), state.to_string());
                     if state == "running" {
                         running.push(ch.to_string());
+                    }
+                    if matches!(state, "starting" | "restarting" | "stopping") {
+                        let id = (
+                            ch.to_string(),
+                            field("gen").to_string(),
+                            state.to_string(),
+                            field("restarts").to_string(),
+                        );
+                        let first = *transitions.first_seen.entry(id.clone()).or_insert(now_ms);
+                        seen_transitions.insert(id);
+                        // A start is timed from its claim; the others from when first seen.
+                        let since = match (state, field("started_at").parse::<u64>()) {
+                            ("starting", Ok(claimed)) => claimed.min(first),
+                            _ => first,
+                        };
+                        let for_ms = now_ms.saturating_sub(since);
+                        if for_ms > stuck_after.as_millis() as u64 {
+                            find(
+                                Kind::StuckInTransition,
+                                k.to_string(),
+                                format!(
+                                    "{k}: {state} for {:.1}s (bound {stuck_after:?}), restarts {}, last_error {:?}",
+                                    for_ms as f64 / 1000.0,
+                                    field("restarts"),
+                                    field("last_error")
+                                ),
+                            );
+                        }
                     }
                 }
             }
         }
     }
+    transitions
+        .first_seen
+        .retain(|id, _| seen_transitions.contains(id));
 
     // Node keys, command streams, the nodes zset.
-    let mut node_ids: BTreeSet<String> = BTreeSet::new();
     for k in keys.iter().filter(|k| k.starts_with(&node_prefix)) {
         let rest = &k[node_prefix.len()..];
         let id = rest.split(':').next().unwrap_or(rest);
-        node_ids.insert(id.to_string());
         if !is_live(id) {
-            find(Kind::DeadNodeKey, format!("{k} (node {id} not alive)"));
+            find(
+                Kind::DeadNodeKey,
+                k.to_string(),
+                format!("{k} (node {id} not alive)"),
+            );
         }
     }
     for k in keys.iter().filter(|k| k.starts_with(&cmd_prefix)) {
         let id = &k[cmd_prefix.len()..];
         if !is_live(id) {
-            find(Kind::DeadNodeKey, format!("{k} (node {id} not alive)"));
+            find(
+                Kind::DeadNodeKey,
+                k.to_string(),
+                format!("{k} (node {id} not alive)"),
+            );
         }
     }
     let members: Vec<String> = redis::cmd("ZRANGE")
@@ -540,6 +781,7 @@ async fn one_pass(
         if !is_live(m) {
             find(
                 Kind::DeadNodeKey,
+                format!("{} {m}", p("nodes")),
                 format!("{} member {m} (node not alive)", p("nodes")),
             );
         }
@@ -549,6 +791,7 @@ async fn one_pass(
         if !keys.contains(&alive_key) {
             find(
                 Kind::UnregisteredLiveNode,
+                alive_key.clone(),
                 format!("{id}: no {alive_key} (not registered)"),
             );
         }
@@ -573,6 +816,7 @@ async fn one_pass(
             if owner_of(ch).as_deref() != Some(*id) {
                 find(
                     Kind::StaleSetEntry,
+                    format!("{node_prefix}{id}:streams {ch}"),
                     format!(
                         "{node_prefix}{id}:streams has {ch}; lease: {}",
                         owners.get(ch).map_or("none", String::as_str)
@@ -584,6 +828,7 @@ async fn one_pass(
             if !set.contains(ch) {
                 find(
                     Kind::StaleLoadEntry,
+                    format!("{node_prefix}{id}:load {ch}"),
                     format!("{node_prefix}{id}:load has {ch}, the set does not"),
                 );
             }
@@ -601,6 +846,7 @@ async fn one_pass(
         if !owners.contains_key(ch) {
             find(
                 Kind::StaleAccessEntry,
+                format!("{} {ch}", p("access")),
                 format!("{} has {ch}, nobody owns it", p("access")),
             );
         }
@@ -622,6 +868,7 @@ async fn one_pass(
             if until > now_ms as f64 && !owners.contains_key(&ch) {
                 find(
                     Kind::StaleProviderHolding,
+                    format!("{k} {ch}"),
                     format!(
                         "{k} holds {ch} for {:.1}s more, nobody owns it",
                         (until - now_ms as f64) / 1000.0
@@ -641,17 +888,19 @@ async fn one_pass(
                 continue;
             }
             let ch = e.file_name().to_string_lossy().into_owned();
+            let path = e.path().display().to_string();
             if !n.alive() {
                 find(
                     Kind::DeadNodeFolder,
-                    format!("{} (node {} dead)", e.path().display(), n.id),
+                    path.clone(),
+                    format!("{path} (node {} dead)", n.id),
                 );
             } else if owner_of(&ch).as_deref() != Some(n.id.as_str()) {
                 find(
                     Kind::LeakedFolder,
+                    path.clone(),
                     format!(
-                        "{} (lease: {})",
-                        e.path().display(),
+                        "{path} (lease: {})",
                         owners.get(&ch).map_or("none", String::as_str)
                     ),
                 );
@@ -661,12 +910,20 @@ async fn one_pass(
 
     // Processes.
     let ffmpegs = farm_ffmpegs(nodes);
-    report_ffmpegs(&ffmpegs, nodes, &owners, &running, &listed_by, &mut find);
+    let facts = Facts {
+        nodes,
+        owners: &owners,
+        states: &states,
+        running: &running,
+        listed_by: &listed_by,
+    };
+    report_ffmpegs(&ffmpegs, &facts, &mut find);
     for n in nodes {
         if let Some(pid) = n.pid {
             for z in procs::zombies_of(pid) {
                 find(
                     Kind::Zombie,
+                    format!("zombie {z}"),
                     format!("pid {z}, child of node {} ({pid})", n.id),
                 );
             }
@@ -682,15 +939,23 @@ async fn one_pass(
     })
 }
 
+/// What one pass read from Redis, for judging the processes it found.
+struct Facts<'a> {
+    nodes: &'a [FarmNode],
+    owners: &'a BTreeMap<String, String>,
+    /// Channel → stream state (hashes that agree with their lease).
+    states: &'a BTreeMap<String, String>,
+    running: &'a [String],
+    listed_by: &'a BTreeMap<String, Vec<String>>,
+}
+
 fn report_ffmpegs(
     ffmpegs: &[FfmpegProc],
-    nodes: &[FarmNode],
-    owners: &BTreeMap<String, String>,
-    running: &[String],
-    listed_by: &BTreeMap<String, Vec<String>>,
-    find: &mut impl FnMut(Kind, String),
+    facts: &Facts<'_>,
+    find: &mut impl FnMut(Kind, String, String),
 ) {
-    let alive = |id: &str| nodes.iter().any(|n| n.id == id && n.alive());
+    let alive = |id: &str| facts.nodes.iter().any(|n| n.id == id && n.alive());
+    let owners = facts.owners;
     let mut per_channel: BTreeMap<&str, Vec<&FfmpegProc>> = BTreeMap::new();
     for f in ffmpegs {
         per_channel.entry(f.channel.as_str()).or_default().push(f);
@@ -698,11 +963,13 @@ fn report_ffmpegs(
         if !alive(&f.node) {
             find(
                 Kind::LeakedProcess,
+                format!("pid {}", f.pid),
                 format!("pid {} for {} of dead node {}", f.pid, f.channel, f.node),
             );
         } else if owner != Some(f.node.as_str()) {
             find(
                 Kind::LeakedProcess,
+                format!("pid {}", f.pid),
                 format!(
                     "pid {} for {} on {}, lease: {}",
                     f.pid,
@@ -714,34 +981,66 @@ fn report_ffmpegs(
         }
     }
     for (ch, procs) in &per_channel {
-        if procs.len() > 1 {
-            let who: Vec<String> = procs
+        let runnable: Vec<&&FfmpegProc> = procs.iter().filter(|p| !p.stopped).collect();
+        if runnable.len() > 1 {
+            let who: Vec<String> = runnable
                 .iter()
                 .map(|p| format!("{}:{}", p.node, p.pid))
                 .collect();
             find(
-                Kind::DoubleOwned,
-                format!("{ch}: {} FFmpegs ({})", procs.len(), who.join(", ")),
+                Kind::DoubleRunning,
+                format!("channel {ch}"),
+                format!(
+                    "{ch}: {} runnable FFmpegs ({})",
+                    runnable.len(),
+                    who.join(", ")
+                ),
             );
         }
     }
-    for (ch, by) in listed_by {
+    for (ch, by) in facts.listed_by {
         if by.len() > 1 {
             find(
-                Kind::DoubleOwned,
+                Kind::DoubleListed,
+                format!("channel {ch}"),
                 format!("{ch}: listed by {} nodes ({})", by.len(), by.join(", ")),
             );
         }
     }
-    for ch in running {
+    for ch in facts.running {
         let owner = owners.get(ch).map(|v| owner_node(v)).unwrap_or("");
         let n = per_channel.get(ch.as_str()).map_or(0, Vec::len);
         if !alive(owner) || n != 1 {
             find(
                 Kind::RunningWithoutOwnerOrFfmpeg,
+                format!("channel {ch}"),
                 format!(
                     "{ch}: state running, owner {owner:?} alive={}, {n} FFmpegs",
                     alive(owner)
+                ),
+            );
+        }
+    }
+    // A lease of a live node that runs nothing for it, unless the stream is between two runs.
+    for (ch, v) in owners {
+        let node = owner_node(v);
+        if !alive(node) {
+            continue;
+        }
+        let state = facts.states.get(ch).map_or("", String::as_str);
+        if matches!(state, "starting" | "restarting" | "stopping") {
+            continue;
+        }
+        let runs = per_channel
+            .get(ch.as_str())
+            .is_some_and(|ps| ps.iter().any(|p| p.node == node));
+        if !runs {
+            find(
+                Kind::LeaseWithoutFfmpeg,
+                format!("lease {ch}"),
+                format!(
+                    "{ch}: leased to live node {node} ({v}), stream state {:?}, no FFmpeg of {node} for it",
+                    if state.is_empty() { "none" } else { state }
                 ),
             );
         }
@@ -775,18 +1074,12 @@ mod tests {
     #[test]
     fn a_report_counts_by_category_and_prints_a_table() {
         let mut r = InvariantReport::default();
-        r.findings.push(Finding {
-            kind: Kind::DeadOwnerLease,
-            what: "farm:owner:a = n9:1".into(),
-        });
-        r.findings.push(Finding {
-            kind: Kind::DeadNodeFolder,
-            what: "/x/n9/a".into(),
-        });
-        r.findings.push(Finding {
-            kind: Kind::DoubleOwned,
-            what: "b: 2 FFmpegs".into(),
-        });
+        r.findings
+            .push(finding(Kind::DeadOwnerLease, "farm:owner:a = n9:1"));
+        r.findings.push(finding(Kind::DeadNodeFolder, "/x/n9/a"));
+        r.findings
+            .push(finding(Kind::DoubleRunning, "b: 2 FFmpegs"));
+        r.settled_pass = Some(1);
         assert_eq!(r.leaked_keys(), 1);
         assert_eq!(r.double_owned(), 1);
         assert_eq!(r.dead_node_folders(), 1);
@@ -795,5 +1088,68 @@ mod tests {
         let table = r.to_string();
         assert!(table.contains("LEAKS"), "{table}");
         assert!(table.contains("farm:owner:a = n9:1"), "{table}");
+    }
+
+    fn finding(kind: Kind, what: &str) -> Finding {
+        Finding {
+            kind,
+            subject: what.to_string(),
+            what: what.to_string(),
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(200);
+
+    #[test]
+    fn a_duplicate_in_any_pass_fails_even_when_every_other_pass_is_clean() {
+        let mut v = Verdict::default();
+        v.pass(1, MS, &[]);
+        v.pass(2, MS * 2, &[finding(Kind::DoubleRunning, "ch: 2")]);
+        for i in 3..20 {
+            v.pass(i, MS * i, &[]);
+        }
+        assert_eq!(v.settled().map(|s| s.0), Some(1));
+        assert_eq!(v.violations().len(), 1);
+        assert_eq!(v.violations()[0].pass, 2);
+        // Also before the farm settled.
+        let mut v = Verdict::default();
+        v.pass(1, MS, &[finding(Kind::DoubleRunning, "ch: 2")]);
+        v.pass(2, MS * 2, &[]);
+        assert_eq!(v.violations().len(), 1);
+    }
+
+    #[test]
+    fn leftovers_may_be_cleaned_up_until_the_farm_settles_but_not_come_back() {
+        let leak = finding(Kind::DeadOwnerLease, "farm:owner:a");
+        let mut v = Verdict::default();
+        v.pass(1, MS, std::slice::from_ref(&leak));
+        v.pass(2, MS * 2, std::slice::from_ref(&leak));
+        v.pass(3, MS * 3, &[]);
+        assert!(v.violations().is_empty());
+        assert_eq!(v.settled().map(|s| s.0), Some(3));
+        // Once in one pass: a race between two reads of a pass, not a leak.
+        v.pass(4, MS * 4, std::slice::from_ref(&leak));
+        v.pass(5, MS * 5, &[]);
+        assert!(v.violations().is_empty());
+        // Twice in a row: a leak.
+        v.pass(6, MS * 6, std::slice::from_ref(&leak));
+        v.pass(7, MS * 7, std::slice::from_ref(&leak));
+        assert_eq!(v.violations().len(), 1);
+        assert_eq!(v.violations()[0].pass, 7);
+    }
+
+    #[test]
+    fn a_farm_that_never_settles_is_not_clean() {
+        let mut r = InvariantReport::default();
+        assert!(!r.is_clean());
+        r.settled_pass = Some(3);
+        assert!(r.is_clean());
+        r.violations.push(Violation {
+            pass: 9,
+            at: MS * 9,
+            finding: finding(Kind::LeaseWithoutFfmpeg, "ch"),
+        });
+        assert!(!r.is_clean());
+        assert!(r.to_string().contains("pass 9"), "{r}");
     }
 }

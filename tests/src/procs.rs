@@ -118,6 +118,157 @@ pub fn zombies_of(parent_pid: i32) -> Vec<i32> {
     out
 }
 
+/// Wall-clock now, in ms since the Unix epoch (the clock Redis's `TIME` reads on this host).
+pub fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+/// Wall-clock now, in µs since the Unix epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// When `pid` started, in ms since the Unix epoch, from the kernel's start time (clock ticks since
+/// boot, so a 10 ms grain at 100 Hz, rounded down). `None` if the process is gone.
+pub fn start_unix_ms(pid: i32) -> Option<u64> {
+    let ticks = process_start_time(pid)?;
+    Some(ticks_to_unix_ms(ticks))
+}
+
+/// A `/proc/<pid>/stat` start time (clock ticks since boot) as ms since the Unix epoch.
+pub fn ticks_to_unix_ms(ticks: u64) -> u64 {
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    let boot = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let since_boot_us = boot.tv_sec as u64 * 1_000_000 + boot.tv_nsec as u64 / 1000;
+    let boot_unix_us = now_us().saturating_sub(since_boot_us);
+    (boot_unix_us + ticks * 1_000_000 / hz) / 1000
+}
+
+/// How a process was seen to end by [`watch_exit`]: it ran at `last_alive_ms` and was gone at
+/// `gone_ms` (ms since the Unix epoch), so it exited in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitSeen {
+    pub last_alive_ms: u64,
+    pub gone_ms: u64,
+}
+
+/// How often [`watch_exit`] looks: one `stat` read, cheap enough to bracket an exit closely.
+pub const EXIT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Watches the process `pid` that started at `start_time` (ticks, so a reused pid is not it) until
+/// it is gone or a zombie, looking every [`EXIT_POLL`]; `None` if it still runs after `timeout`.
+/// Async: the polling sleeps on the runtime's timer.
+pub async fn watch_exit(
+    pid: i32,
+    start_time: u64,
+    timeout: std::time::Duration,
+) -> Option<ExitSeen> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last_alive_ms = now_ms();
+    loop {
+        let before = now_ms();
+        let alive = stat(pid)
+            .is_some_and(|s| s.start_time == start_time && s.state != 'Z' && s.state != 'X');
+        if !alive {
+            return Some(ExitSeen {
+                last_alive_ms,
+                gone_ms: now_ms(),
+            });
+        }
+        last_alive_ms = before;
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(EXIT_POLL).await;
+    }
+}
+
+/// A process [`Spawns`] saw: its pid, kernel start time (ms since the epoch) and when it was last
+/// seen running and first seen gone (ms since the epoch; `None` while it runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenProcess {
+    pub pid: i32,
+    pub start_ms: u64,
+    pub last_alive_ms: u64,
+    pub gone_ms: Option<u64>,
+}
+
+/// Records every process whose command line contains a needle, from a thread that scans `/proc`
+/// every few milliseconds: the start times are the kernel's, whenever the scan first sees them; a
+/// process that lives shorter than one scan may be missed (the caller checks the count).
+pub struct Spawns {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<SeenProcess>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spawns {
+    /// Starts scanning for processes whose command line contains `needle` (and whose program is
+    /// not a `farm-node`), every `every`.
+    pub fn start(needle: &str, every: std::time::Duration) -> Spawns {
+        use std::sync::atomic::Ordering;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<SeenProcess>::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st, needle) = (seen.clone(), stop.clone(), needle.to_string());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Acquire) {
+                let now = now_ms();
+                let live: Vec<(i32, u64)> = processes_with_cmdline_containing(&needle)
+                    .into_iter()
+                    .filter(|(_, cmd)| !cmd.split(' ').next().unwrap_or("").ends_with("farm-node"))
+                    .filter_map(|(pid, _)| Some((pid, process_start_time(pid)?)))
+                    .collect();
+                let mut seen = s.lock().unwrap_or_else(|p| p.into_inner());
+                for (pid, ticks) in &live {
+                    let start_ms = ticks_to_unix_ms(*ticks);
+                    match seen
+                        .iter_mut()
+                        .find(|p| p.pid == *pid && p.gone_ms.is_none())
+                    {
+                        Some(p) => p.last_alive_ms = now,
+                        None => seen.push(SeenProcess {
+                            pid: *pid,
+                            start_ms,
+                            last_alive_ms: now,
+                            gone_ms: None,
+                        }),
+                    }
+                }
+                for p in seen.iter_mut().filter(|p| p.gone_ms.is_none()) {
+                    if !live.iter().any(|(pid, _)| *pid == p.pid) {
+                        p.gone_ms = Some(now);
+                    }
+                }
+                drop(seen);
+                std::thread::sleep(every);
+            }
+        });
+        Spawns {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// What it saw so far, in start order.
+    pub fn seen(&self) -> Vec<SeenProcess> {
+        let mut v = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        v.sort_by_key(|p| (p.start_ms, p.pid));
+        v
+    }
+}
+
+impl Drop for Spawns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Last `max_lines` lines of `text` (for printing log tails on failure).
 pub fn tail(text: &str, max_lines: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -146,5 +297,23 @@ mod tests {
         assert!(!is_zombie(me));
         assert!(process_start_time(me).is_some());
         assert!(cmdline(me).is_some_and(|c| !c.is_empty()));
+    }
+
+    #[test]
+    fn kernel_start_times_read_as_wall_clock() {
+        let before = now_ms();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep");
+        let after = now_ms();
+        let start = start_unix_ms(child.id() as i32).expect("start");
+        let _ = child.kill();
+        let _ = child.wait();
+        // The kernel's grain is one clock tick (10 ms at 100 Hz), rounded down.
+        assert!(
+            start + 20 >= before && start <= after + 20,
+            "{before} <= {start} <= {after}"
+        );
     }
 }

@@ -165,6 +165,22 @@ impl RedisServer {
         parse_commandstats(&info)
     }
 
+    /// Starts a `MONITOR` connection: every command Redis receives from now on, as it logs it.
+    pub fn monitor(&self) -> Monitor {
+        Monitor::start(self.port)
+    }
+
+    /// `CLIENT LIST`: one map per connection (`id`, `addr`, `name`, `cmd`, ...).
+    pub async fn client_list(&self) -> Vec<HashMap<String, String>> {
+        let mut conn = self.conn().await;
+        let text: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .expect("CLIENT LIST");
+        parse_client_list(&text)
+    }
+
     /// `connected_clients` from `INFO clients` (includes the connection used to ask).
     pub async fn connected_clients(&self) -> u64 {
         let mut conn = self.conn().await;
@@ -202,6 +218,127 @@ impl Drop for RedisServer {
                 self.log_path().display(),
                 tail(&self.log(), 40)
             );
+        }
+    }
+}
+
+/// Parses `CLIENT LIST` output: one map per line of `key=value` fields.
+pub fn parse_client_list(text: &str) -> Vec<HashMap<String, String>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+/// One command as `MONITOR` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Monitored {
+    /// Redis's clock when it ran the command, µs since the Unix epoch.
+    pub at_us: u64,
+    /// The client's `addr` (`127.0.0.1:port`), or `lua` for a command a script ran.
+    pub client: String,
+    /// The command name, lower case.
+    pub command: String,
+    /// The whole line after the client.
+    pub line: String,
+}
+
+impl Monitored {
+    /// A command run inside a script (the script's own EVAL/EVALSHA is a client command).
+    pub fn in_script(&self) -> bool {
+        self.client == "lua"
+    }
+}
+
+/// Parses one `MONITOR` line: `+1700000000.123456 [0 127.0.0.1:5000] "GET" "k"`.
+pub fn parse_monitor_line(line: &str) -> Option<Monitored> {
+    let line = line.strip_prefix('+').unwrap_or(line);
+    let (ts, rest) = line.split_once(' ')?;
+    let (secs, frac) = ts.split_once('.')?;
+    let at_us =
+        secs.parse::<u64>().ok()? * 1_000_000 + format!("{frac:0<6}")[..6].parse::<u64>().ok()?;
+    let rest = rest.strip_prefix('[')?;
+    let (who, cmd) = rest.split_once(']')?;
+    let client = who.split_whitespace().nth(1)?.to_string();
+    let cmd = cmd.trim();
+    let command = cmd.split('"').nth(1).unwrap_or("").to_ascii_lowercase();
+    Some(Monitored {
+        at_us,
+        client,
+        command,
+        line: cmd.to_string(),
+    })
+}
+
+/// A `MONITOR` connection read by its own thread; [`Monitor::seen`] returns what it got so far.
+pub struct Monitor {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Monitored>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The monitor's own address as Redis sees it.
+    pub addr: String,
+}
+
+impl Monitor {
+    fn start(port: u16) -> Monitor {
+        use std::io::BufRead;
+        use std::sync::atomic::Ordering;
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect for MONITOR");
+        let addr = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        s.write_all(b"MONITOR\r\n").expect("send MONITOR");
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        let mut reader = std::io::BufReader::new(s);
+        let mut ok = String::new();
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !ok.ends_with('\n') {
+            assert!(Instant::now() < deadline, "MONITOR did not answer");
+            let _ = reader.read_line(&mut ok);
+        }
+        assert!(ok.starts_with("+OK"), "MONITOR answered {ok:?}");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sn, st) = (seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut line = String::new();
+            while !st.load(Ordering::Acquire) {
+                match reader.read_line(&mut line) {
+                    Ok(0) => return,
+                    Ok(_) if line.ends_with('\n') => {
+                        if let Some(m) = parse_monitor_line(line.trim_end()) {
+                            sn.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+                        }
+                        line.clear();
+                    }
+                    // A partial line (or a read timeout): keep what came, read on.
+                    Ok(_) | Err(_) => {}
+                }
+            }
+        });
+        Monitor {
+            seen,
+            stop,
+            thread: Some(thread),
+            addr,
+        }
+    }
+
+    /// Every command seen so far, in the order Redis ran them.
+    pub fn seen(&self) -> Vec<Monitored> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -306,5 +443,34 @@ fn spawn_and_wait(port: u16, dir: &Path, extra_args: &[String]) -> Result<Child,
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monitor_lines_name_time_client_and_command() {
+        let m =
+            parse_monitor_line(r#"+1700000000.123456 [0 127.0.0.1:5000] "EVALSHA" "ab" "1" "k""#)
+                .expect("parse");
+        assert_eq!(m.at_us, 1_700_000_000_123_456);
+        assert_eq!(m.client, "127.0.0.1:5000");
+        assert_eq!(m.command, "evalsha");
+        assert!(!m.in_script());
+        let lua = parse_monitor_line(r#"1700000000.5 [0 lua] "get" "k""#).expect("parse");
+        assert!(lua.in_script());
+        assert_eq!(lua.at_us, 1_700_000_000_500_000);
+    }
+
+    #[test]
+    fn client_lists_parse_into_fields() {
+        let l = parse_client_list(
+            "id=3 addr=127.0.0.1:5 name= cmd=xreadgroup\nid=4 addr=127.0.0.1:6 cmd=monitor\n",
+        );
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0]["cmd"], "xreadgroup");
+        assert_eq!(l[1]["addr"], "127.0.0.1:6");
     }
 }

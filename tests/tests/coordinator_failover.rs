@@ -1,13 +1,16 @@
 //! Failover end to end: kill -9 of the node that owns watched channels (real FFmpeg, fake IPTV
 //! provider, two nodes, one coordinator; node and lease TTL 3 s, tick 1 s).
 //!
-//! Within node_ttl + tick the channels run on the other node: one that a player keeps pulling (via
-//! the surviving node's URL) and one that was watched recently but has no request in flight (only
-//! the coordinator's `start` can bring that one back). The player keeps playing after a bounded gap,
-//! and nothing of the dead node remains in Redis.
+//! Within node_ttl + tick (+ 0.5 s) the channels run on the other node: one that a player keeps
+//! pulling (via the surviving node's URL) and one that was watched recently but has no request in
+//! flight (only the coordinator's `start` can bring that one back). The watched one is served
+//! again, a new segment of the new owner's run fetched through the surviving node, within
+//! node_ttl + tick + 0.5 s plus its first segment (the new FFmpeg's start, seen in /proc, within
+//! node_ttl + tick + 0.5 s of the kill; its first segment within two segment durations of that).
+//! The player keeps playing after a bounded gap, and nothing of the dead node remains.
 
 use farm_tests::coordinator::{
-    events, farmctl_ok, node_args, owner, CoordinatorOpts, CoordinatorProcess,
+    events, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
 };
 use farm_tests::hls::HlsClient;
 use farm_tests::node::{NodeOpts, NodeProcess};
@@ -20,6 +23,13 @@ use std::time::{Duration, Instant};
 
 const NODE_TTL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_secs(1);
+const HLS_TIME: Duration = Duration::from_secs(1);
+const SLACK: Duration = Duration::from_millis(500);
+
+/// The gen in a segment URI `seg_<gen>_<msn>.ts`.
+fn segment_gen(uri: &str) -> Option<u64> {
+    uri.strip_prefix("seg_")?.split('_').next()?.parse().ok()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_moves_watched_channels_off_a_killed_node() {
@@ -87,22 +97,60 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
     )
     .await;
 
+    let (_, gen_before) = owner(&mut c, "farm", "news").await.expect("news runs");
     n1.kill9();
     let killed = Instant::now();
-    // A second viewer polls through n2 until it is served again (the player below is the first).
+    let killed_ms = farm_tests::procs::now_ms();
+    // A second viewer polls through n2 until it is served again: a playlist listing a segment of
+    // a newer run (gen) than the dead owner's, and that segment's bytes.
     let probe_url = format!("{}/live/news/index.m3u8", n2.base_url());
+    let base2 = n2.base_url();
     let served_again = tokio::spawn(async move {
-        let probe = HlsClient::new(&probe_url);
-        loop {
-            if let Ok((200, body)) = probe.get_playlist().await {
-                if body.contains("#EXTINF") {
-                    return killed.elapsed();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("http client");
+        while killed.elapsed() < Duration::from_secs(30) {
+            if let Ok(r) = http.get(&probe_url).send().await {
+                if r.status().as_u16() == 200 {
+                    let body = r.text().await.unwrap_or_default();
+                    farm_tests::hls::observe(&probe_url, &body);
+                    let pl = farm_tests::hls::MediaPlaylist::parse(&body).expect("playlist");
+                    let newer = pl
+                        .segments
+                        .iter()
+                        .find(|s| segment_gen(&s.uri).is_some_and(|g| g > gen_before));
+                    if let Some(seg) = newer {
+                        let seg_url = format!("{base2}/live/news/{}", seg.uri);
+                        if let Ok(r) = http.get(&seg_url).send().await {
+                            if r.status().as_u16() == 200 {
+                                let bytes = r.bytes().await.unwrap_or_default();
+                                farm_tests::hls::observe_segment(&seg_url, &bytes);
+                                if !bytes.is_empty() {
+                                    return Some((killed.elapsed(), farm_tests::procs::now_ms()));
+                                }
+                            }
+                        }
+                    }
                 }
             }
-            if killed.elapsed() > Duration::from_secs(30) {
-                return killed.elapsed();
-            }
             tokio::time::sleep(farm_tests::wait::POLL_INTERVAL).await;
+        }
+        None
+    });
+    // The new owner's FFmpeg for news, as /proc shows it: its kernel start time.
+    let new_ffmpeg_start = tokio::spawn({
+        let root = n2.hls_root().to_path_buf();
+        async move {
+            eventually("news's FFmpeg on n2", Duration::from_secs(20), || {
+                let root = root.clone();
+                async move {
+                    let pid = *ffmpegs_for(&root, "news").first()?;
+                    farm_tests::procs::start_unix_ms(pid)
+                }
+            })
+            .await
         }
     });
     // Polled with a deadline, noting when each channel moved.
@@ -138,17 +186,32 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
     );
     // sports has no viewer: only the coordinator's failover start can have moved it.
     assert!(
-        moved["sports"] <= NODE_TTL + TICK + Duration::from_secs(2),
-        "sports moved after {:?}",
+        moved["sports"] <= NODE_TTL + TICK + SLACK,
+        "sports moved after {:?} (bound node_ttl + tick + 0.5 s)",
         moved["sports"]
     );
 
-    let served_again = served_again.await.expect("probe task");
-    println!("news served again through n2 {served_again:?} after the kill");
-    assert!(
-        served_again <= NODE_TTL + TICK + Duration::from_secs(10),
-        "{served_again:?}"
+    let spawned_ms = new_ffmpeg_start.await.expect("ffmpeg task");
+    let (served_again, served_ms) = served_again
+        .await
+        .expect("probe task")
+        .expect("news served again through n2 within 30 s");
+    let spawned = Duration::from_millis(spawned_ms.saturating_sub(killed_ms));
+    let first_segment = Duration::from_millis(served_ms.saturating_sub(spawned_ms));
+    println!(
+        "news served again through n2 (a segment of the new run) {served_again:?} after the kill: \
+new FFmpeg started {spawned:?} after it (bound node_ttl + tick + 0.5 s = {:?}), its first segment served {first_segment:?} later",
+        NODE_TTL + TICK + SLACK
     );
+    assert!(
+        spawned <= NODE_TTL + TICK + SLACK,
+        "the new owner's FFmpeg started {spawned:?} after the kill"
+    );
+    assert!(
+        first_segment <= HLS_TIME * 2,
+        "the new run's first segment was served {first_segment:?} after its FFmpeg started"
+    );
+    assert!(served_again <= NODE_TTL + TICK + SLACK + first_segment + Duration::from_millis(100));
     let report = pull
         .await
         .expect("player task")
@@ -157,8 +220,10 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
         "player across the failover: longest wait between new segments {:?}; {report:?}",
         report.max_wall_gap_between_new_segments
     );
+    // The last segment before the kill is at most one segment old; the player reloads every
+    // half target duration.
     assert!(
-        report.max_wall_gap_between_new_segments <= NODE_TTL + TICK + Duration::from_secs(10),
+        report.max_wall_gap_between_new_segments <= served_again + HLS_TIME + HLS_TIME / 2 + SLACK,
         "{report:?}"
     );
 

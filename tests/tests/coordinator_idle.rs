@@ -2,9 +2,11 @@
 //! (idle_timeout 5 s, tick 1 s, access flush 500 ms).
 //!
 //! - A channel watched by a player (real FFmpeg, fake IPTV provider) is never stopped while watched,
-//!   and is stopped within idle_timeout + tick + access_flush (+ the stop itself) once the viewer
-//!   leaves, leaving no FFmpeg, no folder and no runtime key; the event says `idle`.
-//! - A channel started by ops and never watched is stopped the same way; a pinned one is not.
+//!   and once the viewer leaves its FFmpeg exits (seen in /proc) no earlier than idle_timeout after
+//!   the viewer's last request and no later than idle_timeout + tick + access_flush + stop_grace +
+//!   0.5 s, leaving no folder and no runtime key; the event says `idle`.
+//! - A channel started by ops and never watched: its FFmpeg exits within the same bounds counted
+//!   from its claim (a start counts as an access); a pinned one is not stopped.
 
 use farm_tests::coordinator::{
     events, fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts,
@@ -16,11 +18,26 @@ use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use redis::AsyncCommands;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const IDLE: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_secs(1);
 const FLUSH: Duration = Duration::from_millis(500);
+/// The nodes' `--stop-grace` (`node_args`).
+const STOP_GRACE: Duration = Duration::from_secs(2);
+const SLACK: Duration = Duration::from_millis(500);
+
+/// The one FFmpeg of `channel` under `root`, from /proc: its pid and kernel start time.
+fn victim(root: &std::path::Path, channel: &str) -> (i32, u64) {
+    let pids = ffmpegs_for(root, channel);
+    assert_eq!(pids.len(), 1, "one FFmpeg for {channel}: {pids:?}");
+    let start = farm_tests::procs::process_start_time(pids[0]).expect("start time");
+    (pids[0], start)
+}
+
+fn ms(d: u64) -> Duration {
+    Duration::from_millis(d)
+}
 
 fn coordinator(redis: &RedisServer) -> CoordinatorProcess {
     CoordinatorProcess::spawn(CoordinatorOpts::new("c1", redis.url()).args([
@@ -60,7 +77,6 @@ async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_
         .pull(Duration::from_secs(25), Duration::from_secs(75))
         .await
         .expect("25 s of media while watched");
-    let left = Instant::now();
     println!("while watched: {report:?}");
     assert_eq!(
         report.sequence_resets, 0,
@@ -81,30 +97,41 @@ async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_
         co.metrics()
     );
 
-    // The viewer left: the channel goes within idle_timeout + tick + access_flush (+ the stop).
-    eventually(
-        "news to be stopped after its viewer left",
-        Duration::from_secs(30),
-        || {
-            let mut c = c.clone();
-            async move { owner(&mut c, "farm", "news").await.is_none().then_some(()) }
-        },
-    )
-    .await;
-    let took = left.elapsed();
-    let bound = IDLE + TICK + FLUSH;
+    // The viewer's last request, bracketed by the wall clock.
+    let (pid, start) = victim(n1.hls_root(), "news");
+    let last_url = format!("{}/live/news/index.m3u8", n1.base_url());
+    let before = farm_tests::procs::now_ms();
+    let r = reqwest::get(&last_url).await.expect("last request");
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.text().await.expect("playlist");
+    let after = farm_tests::procs::now_ms();
+    farm_tests::hls::observe(&last_url, &body);
+    // The viewer left: FFmpeg exits, as /proc shows it.
+    let exit = farm_tests::procs::watch_exit(pid, start, Duration::from_secs(30))
+        .await
+        .expect("news's FFmpeg to exit after its viewer left");
+    let bound = IDLE + TICK + FLUSH + STOP_GRACE + SLACK;
+    let (earliest, latest) = (
+        ms(exit.last_alive_ms.saturating_sub(after)),
+        ms(exit.gone_ms.saturating_sub(before)),
+    );
     println!(
-        "idle stop {took:?} after the viewer left (idle_timeout + tick + access_flush = {bound:?}, slack {:?})",
-        took.saturating_sub(bound)
+        "idle stop: FFmpeg ran {earliest:?} past the viewer's last request and was gone {latest:?} after it \
+(at least idle_timeout {IDLE:?}; at most idle + tick + access_flush + stop_grace + 0.5 s = {bound:?})"
     );
     assert!(
-        took >= IDLE,
-        "stopped {took:?} after the viewer left: earlier than idle_timeout"
+        earliest >= IDLE,
+        "FFmpeg stopped {earliest:?} after the viewer's last request: earlier than idle_timeout"
     );
     assert!(
-        took <= bound + Duration::from_secs(3),
-        "stopped {took:?} after the viewer left"
+        latest <= bound,
+        "FFmpeg still ran {latest:?} after the viewer's last request (bound {bound:?})"
     );
+    eventually("news's lease released", Duration::from_secs(2), || {
+        let mut c = c.clone();
+        async move { owner(&mut c, "farm", "news").await.is_none().then_some(()) }
+    })
+    .await;
 
     let ev = events(&mut c, "farm").await;
     let stopped: Vec<_> = ev
@@ -177,30 +204,40 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
 
     farmctl_ok(&url, &["start", "kept", "--node", "n1", "--wait"]);
     let (_, kept_gen) = owner(&mut c, "farm", "kept").await.expect("kept runs");
-    let started = Instant::now();
     farmctl_ok(&url, &["start", "unwatched", "--node", "n1", "--wait"]);
-
-    eventually(
-        "the never-watched channel to be stopped",
-        Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move {
-                owner(&mut c, "farm", "unwatched")
-                    .await
-                    .is_none()
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-    let took = started.elapsed();
-    println!(
-        "never-watched channel stopped {took:?} after its start (idle_timeout + tick = {:?})",
-        IDLE + TICK
+    // Its claim is its access (claim.lua stamps farm:access with the claim's Redis time).
+    let claimed: u64 = c
+        .hget("farm:stream:unwatched", "started_at")
+        .await
+        .expect("HGET started_at");
+    let (pid, start) = victim(n1.hls_root(), "unwatched");
+    let exit = farm_tests::procs::watch_exit(pid, start, Duration::from_secs(30))
+        .await
+        .expect("the never-watched channel's FFmpeg to exit");
+    let bound = IDLE + TICK + FLUSH + STOP_GRACE + SLACK;
+    let (earliest, latest) = (
+        ms(exit.last_alive_ms.saturating_sub(claimed)),
+        ms(exit.gone_ms.saturating_sub(claimed)),
     );
-    assert!(took <= IDLE + TICK + Duration::from_secs(3), "{took:?}");
-    assert!(ffmpegs_for(n1.hls_root(), "unwatched").is_empty());
+    println!(
+        "never-watched channel: FFmpeg ran {earliest:?} past its claim and was gone {latest:?} after it \
+(at least idle_timeout {IDLE:?}, at most {bound:?})"
+    );
+    assert!(
+        earliest >= IDLE,
+        "a never-watched channel was stopped {earliest:?} after its claim: before idle_timeout"
+    );
+    assert!(latest <= bound, "{latest:?} > {bound:?}");
+    eventually("its lease released", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            owner(&mut c, "farm", "unwatched")
+                .await
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
 
     // The pinned channel, idle even longer, survives two more ticks.
     let ticks = co.metric("farm_coordinator_ticks_total");

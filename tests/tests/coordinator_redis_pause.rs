@@ -1,8 +1,11 @@
 //! Redis outages end to end (SIGSTOP of redis-server): two nodes with the fake FFmpeg, one
 //! coordinator; node and lease TTL 4 s, tick 500 ms.
 //!
-//! - Shorter than the lease TTL: nothing is stopped, restarted or reaped; the coordinator notices
-//!   the stall and holds its reaps.
+//! - Up to ½ the lease TTL, whenever it starts: four pauses of 2 s (½ × 4 s), each starting at
+//!   another phase of n1's keepalive interval (10 %, 35 %, 60 % and 85 % of it after a renewal that
+//!   reached Redis, as `MONITOR` shows it; n2's phase is whatever it is, printed): nothing is
+//!   stopped, restarted or reaped, the same FFmpegs run, the player sees no reset; the coordinator
+//!   notices the stalls and holds its reaps.
 //! - Longer than the lease TTL: the nodes fence their FFmpegs, the coordinator reaps no node, and
 //!   once Redis returns the farm serves again by itself while the fenced leftovers are reconciled.
 
@@ -17,6 +20,38 @@ use farm_tests::wait::eventually;
 use redis::AsyncCommands;
 use std::path::Path;
 use std::time::Duration;
+
+const LEASE: Duration = Duration::from_secs(4);
+
+/// The keepalive interval: a sixth of the shorter TTL.
+const KEEPALIVE: Duration = Duration::from_millis(4000 / 6);
+
+/// When (Redis time, µs) `node`'s keepalives after `after_us` reached Redis, as MONITOR saw them.
+fn keepalives(monitor: &farm_tests::redis::Monitor, node: &str, after_us: u64) -> Vec<u64> {
+    let alive = format!("\"farm:node:{node}:alive\"");
+    monitor
+        .seen()
+        .into_iter()
+        .filter(|m| m.command == "evalsha" && m.line.contains(&alive) && m.at_us > after_us)
+        .map(|m| m.at_us)
+        .collect()
+}
+
+/// Waits for `node`'s next keepalive after `after_us` (polled every 2 ms: its time decides when
+/// the outage starts, so it must be seen early).
+async fn next_keepalive(monitor: &farm_tests::redis::Monitor, node: &str, after_us: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(t) = keepalives(monitor, node, after_us).first() {
+            return *t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no keepalive of {node} in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
 
 struct Farm {
     redis: RedisServer,
@@ -90,7 +125,7 @@ fn after<'a>(ev: &'a [FarmEvent], mark: &str) -> Vec<&'a FarmEvent> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coordinator_redis_paused_shorter_than_the_lease_stops_and_reaps_nothing() {
+async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_nothing() {
     let f = farm();
     let url = f.redis.url();
     let mut c = f.redis.conn().await;
@@ -120,23 +155,62 @@ async fn coordinator_redis_paused_shorter_than_the_lease_stops_and_reaps_nothing
         .map(|e| e.id.clone())
         .unwrap_or_default();
 
-    // The player keeps watching across the pause.
+    // The player keeps watching across the pauses.
     let pull = tokio::spawn(async move {
         player
-            .pull(Duration::from_secs(12), Duration::from_secs(40))
+            .pull(Duration::from_secs(22), Duration::from_secs(60))
             .await
     });
-    f.redis.pause();
-    // The outage itself (fault injection, not synchronisation).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    f.redis.resume();
+    let monitor = f.redis.monitor();
+    let outage = LEASE / 2;
+    let interval_us = KEEPALIVE.as_micros() as u64;
+    let mut from_us = farm_tests::procs::now_us();
+    let mut phases = Vec::new();
+    for percent in [10u64, 35, 60, 85] {
+        let renewed = next_keepalive(&monitor, "n1", from_us).await;
+        let at = renewed + interval_us * percent / 100;
+        let now = farm_tests::procs::now_us();
+        assert!(
+            at > now,
+            "n1's keepalive seen too late to start the outage at {percent} %"
+        );
+        // The outage's start and length are the fault, not synchronisation.
+        tokio::time::sleep(Duration::from_micros(at - now)).await;
+        f.redis.pause();
+        let paused = farm_tests::procs::now_us();
+        tokio::time::sleep(outage).await;
+        f.redis.resume();
+        let resumed = farm_tests::procs::now_us();
+        // n2's phase: time since its last keepalive before the pause.
+        let n2_last = keepalives(&monitor, "n2", 0)
+            .into_iter()
+            .filter(|t| *t <= paused)
+            .max()
+            .unwrap_or(0);
+        phases.push(format!(
+            "n1 at {:.0} % ({} ms after its renewal), n2 at {:.0} %, down {} ms",
+            (paused - renewed) as f64 * 100.0 / interval_us as f64,
+            (paused - renewed) / 1000,
+            (paused - n2_last) as f64 * 100.0 / interval_us as f64,
+            (resumed - paused) / 1000
+        ));
+        assert!(
+            paused - renewed < interval_us,
+            "the outage began {} ms after n1's renewal, past its keepalive interval",
+            (paused - renewed) / 1000
+        );
+        // Renewed twice since (the farm is steady again) before the next outage.
+        let first = next_keepalive(&monitor, "n1", resumed).await;
+        from_us = next_keepalive(&monitor, "n1", first).await;
+    }
+    println!("Redis paused {outage:?} (½ lease TTL) four times: {phases:?}");
     // Long enough for any wrong decision to show: node_ttl + a few ticks.
     ticks(&f.co, 12.0).await;
     let report = pull
         .await
         .expect("player task")
         .expect("the player kept playing");
-    println!("player across a 1.5 s Redis pause: {report:?}");
+    println!("player across the Redis pauses: {report:?}");
     assert_eq!(
         report.sequence_resets, 0,
         "watched was restarted: {report:?}"
@@ -159,7 +233,7 @@ async fn coordinator_redis_paused_shorter_than_the_lease_stops_and_reaps_nothing
             e.kind(),
             "stopped" | "started" | "reaped" | "node_dead" | "failover" | "failed" | "restarted"
         )),
-        "something happened during a short Redis pause: {since:?}"
+        "something happened during a Redis pause of ½ the lease TTL: {since:?}"
     );
     let held =
         f.co.metric("farm_coordinator_reaps_refused_total{reason=\"redis_disturbed\"}");

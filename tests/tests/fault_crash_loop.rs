@@ -5,6 +5,11 @@
 //! The channel restarts with growing, jittered backoffs, ends in `failed` with the reason, releases
 //! its lease, leaves no process, no zombie and no folder, answers viewers 503 with the reason during
 //! the hold, and the checker finds nothing left (the `failed` hash stays, with a TTL, for ops).
+//!
+//! The backoffs are measured at the fake FFmpegs themselves: each one logs its own start and exit
+//! (µs, wall clock); the gap between a crash and the next start after the k-th crash of the window
+//! must be at least ½ × base × 2^(k-1) (capped at `backoff_max`) and at most 1.5 × that plus the
+//! node's own work between the two (0.5 s).
 
 use farm_tests::coordinator::{
     events, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
@@ -17,18 +22,24 @@ use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// The nodes' backoff base and cap (`node_args`).
+const BASE: Duration = Duration::from_millis(200);
+const CAP: Duration = Duration::from_secs(2);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_ffmpeg_crash_loop_ends_failed_with_the_reason_and_leaves_nothing() {
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
     let url = redis.url();
+    // The fake FFmpegs log their starts and exits above the nodes' HLS roots.
+    let spawnlog = root.path().join("spawns.log");
     farmctl_ok(
         &url,
         &[
             "channel",
             "add",
             "bad",
-            "http://127.0.0.1:9/bad.ts?mode=crash&after_ms=500&seg_ms=100",
+            "http://127.0.0.1:9/bad.ts?mode=crash&after_ms=500&seg_ms=100&spawnlog=1",
         ],
     );
     let node = |id: &str| {
@@ -70,6 +81,7 @@ async fn fault_ffmpeg_crash_loop_ends_failed_with_the_reason_and_leaves_nothing(
     let t0 = Instant::now();
     let first = http.get(&playlist).send().await.expect("first request");
     assert_eq!(first.status().as_u16(), 200);
+    farm_tests::hls::observe(&playlist, &first.text().await.expect("first playlist"));
 
     let mut failed_after = None;
     let mut max_ffmpegs = 0usize;
@@ -106,6 +118,47 @@ reason: {reason}; failed hash kept {ttl} ms; a viewer during the hold: {held_sta
         h.get("restarts").map_or("?", String::as_str),
         held_body.trim()
     );
+    // The runs as the fake FFmpegs logged them: (pid, started µs, exited µs).
+    let log = std::fs::read_to_string(&spawnlog).expect("spawn log");
+    let mut runs: Vec<(u32, u64, Option<u64>)> = Vec::new();
+    for line in log.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (pid, at): (u32, u64) = (f[1].parse().expect("pid"), f[2].parse().expect("µs"));
+        match f[0] {
+            "start" => runs.push((pid, at, None)),
+            "exit" => {
+                let run = runs.iter_mut().find(|r| r.0 == pid).expect("started");
+                run.2 = Some(at);
+            }
+            other => panic!("spawn log line {other:?}"),
+        }
+    }
+    assert_eq!(runs.len(), 4, "four runs, the fourth crash ends it: {log}");
+    let gaps: Vec<Duration> = runs
+        .windows(2)
+        .map(|w| Duration::from_micros(w[1].1 - w[0].2.expect("each crashed run logged its exit")))
+        .collect();
+    let nominal = |k: u32| (BASE * 2u32.pow(k - 1)).min(CAP);
+    println!(
+        "crash loop: gaps from a crash to the next spawn, measured at the processes: {gaps:?} \
+(nominal backoffs {:?}, {:?}, {:?}, jitter ×0.5..1.5)",
+        nominal(1),
+        nominal(2),
+        nominal(3)
+    );
+    for (i, gap) in gaps.iter().enumerate() {
+        let k = i as u32 + 1;
+        assert!(
+            *gap >= nominal(k) / 2,
+            "restart after crash {k} came {gap:?} after it: backoff at least {:?}",
+            nominal(k) / 2
+        );
+        assert!(
+            *gap <= (nominal(k) * 3 / 2).min(CAP) + Duration::from_millis(500),
+            "restart after crash {k} came {gap:?} after it: backoff at most {:?}",
+            (nominal(k) * 3 / 2).min(CAP)
+        );
+    }
     assert!(reason.contains("crashes within"), "{reason}");
     assert!(ttl > 0, "the failed hash has a TTL");
     assert_eq!(

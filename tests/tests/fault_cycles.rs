@@ -101,18 +101,25 @@ async fn worker(
         // A start right after an acknowledged stop must work; a "stopping; retry" 503 is counted
         // (and retried like a player would) so the run goes on and reports everything.
         let mut tries = 0;
+        let url = format!("{base}/live/{ch}/index.m3u8");
         loop {
             tries += 1;
             let r = http
-                .get(format!("{base}/live/{ch}/index.m3u8"))
+                .get(&url)
                 .send()
                 .await
                 .map_err(|e| format!("{ch} cycle {n}: GET: {e}"))?;
             let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
             if status == 200 {
+                // One viewer per channel, cycle after cycle: the strict checker sees its playlists
+                // across every stop and start.
+                let found = farm_tests::hls::try_observe(&url, &body);
+                if let Some(v) = found.first() {
+                    return Err(format!("{ch} cycle {n}: playlist breaks RFC 8216: {v}"));
+                }
                 break;
             }
-            let body = r.text().await.unwrap_or_default();
             if status == 503 && body.contains("is stopping") && tries < 100 {
                 if tries == 1 {
                     counters.stopping_after_ack.fetch_add(1, Ordering::Relaxed);

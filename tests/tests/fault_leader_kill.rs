@@ -80,7 +80,15 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
     for i in 0..CHANNELS {
         let url = format!("{}/live/i{i}/index.m3u8", nodes[i % 2].base_url());
         let http = http.clone();
-        starts.spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) });
+        starts.spawn(async move {
+            let r = http.get(&url).send().await?;
+            let status = r.status().as_u16();
+            let body = r.text().await?;
+            if status == 200 {
+                farm_tests::hls::observe(&url, &body);
+            }
+            Ok::<u16, reqwest::Error>(status)
+        });
     }
     while let Some(r) = starts.join_next().await {
         assert_eq!(r.expect("join").expect("GET"), 200);

@@ -5,8 +5,11 @@
 //! The proxy blackholes n1's Redis traffic while n1 runs a watched channel and a viewer keeps asking
 //! n2 for it. Measured, sampled every 100 ms: when n1's FFmpeg is gone (its self-fence: promised
 //! within ⅔ of the lease TTL), when n2 takes the channel over (only after n1's lease has expired),
-//! and how long two FFmpegs ran for the channel (must be 0). Then the partition heals: n1 registers
-//! again and serves, and the invariant checker finds nothing left.
+//! how long two FFmpegs ran for the channel (must be 0), and when the viewer is served again: a
+//! segment of n2's run, within the end of n1's lease + one probe interval + the fake FFmpeg's
+//! first segment (500 ms) + 0.5 s. Then the partition heals: n1 registers again and serves, and
+//! the invariant checker finds nothing left. Every playlist a viewer gets goes to the strict
+//! RFC 8216 checker.
 
 use farm_tests::coordinator::{
     fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
@@ -23,6 +26,29 @@ const LEASE: Duration = Duration::from_secs(3);
 const NODE_TTL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
 const SAMPLE: Duration = Duration::from_millis(100);
+/// The fake FFmpeg's segment length (`fake_source(.., 500)`): a new run's first segment.
+const FIRST_SEGMENT: Duration = Duration::from_millis(500);
+const SLACK: Duration = Duration::from_millis(500);
+
+/// GET of a playlist; a 200 body goes to the strict checker. The status and body.
+async fn playlist(http: &reqwest::Client, url: &str) -> (u16, String) {
+    match http.get(url).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            if status == 200 {
+                farm_tests::hls::observe(url, &body);
+            }
+            (status, body)
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The gen in a segment URI `seg_<gen>_<msn>.ts`.
+fn segment_gen(uri: &str) -> Option<u64> {
+    uri.strip_prefix("seg_")?.split('_').next()?.parse().ok()
+}
 
 fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder()
@@ -67,12 +93,8 @@ async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_
     ]));
     let mut c = redis.conn().await;
     let http = no_redirects();
-    let r = http
-        .get(format!("{}/live/ch/index.m3u8", n1.base_url()))
-        .send()
-        .await
-        .expect("first request");
-    assert_eq!(r.status().as_u16(), 200);
+    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
+    assert_eq!(status, 200);
     let (_, gen_before) = owner(&mut c, "farm", "ch").await.expect("ch runs on n1");
     assert_eq!(ffmpegs_for(n1.hls_root(), "ch").len(), 1);
     // Let n1 renew through the proxy a few times, so the partition cuts a steady node.
@@ -92,20 +114,33 @@ async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_
     let pttl: i64 = c.pttl("farm:owner:ch").await.expect("PTTL");
     let lease_end = cut + Duration::from_millis(pttl.max(0) as u64);
 
-    // A viewer asks n2 for the channel every 100 ms (a 307 to n1 while n1's lease holds).
+    // A viewer asks n2 for the channel every 100 ms (n1's recorded window, or a 307 to n1, while
+    // n1's lease holds) until it gets a segment of a newer run than n1's.
     let probe_url = format!("{}/live/ch/index.m3u8", n2.base_url());
+    let base2 = n2.base_url();
     let probe = tokio::spawn({
         let http = http.clone();
         async move {
             let mut statuses = std::collections::BTreeMap::new();
             while cut.elapsed() < Duration::from_secs(30) {
-                let s = match http.get(&probe_url).send().await {
-                    Ok(r) => r.status().as_u16(),
-                    Err(_) => 0,
-                };
+                let (s, body) = playlist(&http, &probe_url).await;
                 *statuses.entry(s).or_insert(0u32) += 1;
                 if s == 200 {
-                    return (Some(cut.elapsed()), statuses);
+                    let pl = farm_tests::hls::MediaPlaylist::parse(&body).expect("playlist");
+                    let newer = pl
+                        .segments
+                        .iter()
+                        .find(|s| segment_gen(&s.uri).is_some_and(|g| g > gen_before));
+                    if let Some(seg) = newer {
+                        let url = format!("{base2}/live/ch/{}", seg.uri);
+                        if let Ok(r) = http.get(&url).send().await {
+                            if r.status().is_success() {
+                                let bytes = r.bytes().await.unwrap_or_default();
+                                farm_tests::hls::observe_segment(&url, &bytes);
+                                return (Some(cut.elapsed()), statuses);
+                            }
+                        }
+                    }
                 }
                 tokio::time::sleep(SAMPLE).await;
             }
@@ -154,6 +189,11 @@ viewer on n2 served after {served:?} ({statuses:?}); {doubles} of {samples} samp
         doubles as f64 * SAMPLE.as_secs_f64()
     );
     assert_eq!(doubles, 0, "two FFmpegs ran for ch");
+    let served = served.expect("the viewer on n2 was never served a segment of the new run");
+    assert!(
+        served <= lease_left + SAMPLE + FIRST_SEGMENT + SLACK,
+        "the viewer on n2 was served again {served:?} after the cut; n1's lease ended {lease_left:?} after it"
+    );
     // Takeover only once n1's lease has run out (50 ms for the sampling grain and clocks).
     assert!(
         taken_over + Duration::from_millis(50) >= lease_left,
@@ -173,28 +213,15 @@ viewer on n2 served after {served:?} ({statuses:?}); {doubles} of {samples} samp
     })
     .await;
     let rejoined = healed.elapsed();
-    let r = http
-        .get(format!("{}/live/after/index.m3u8", n1.base_url()))
-        .send()
-        .await
-        .expect("request to n1 after the heal");
-    assert_eq!(
-        r.status().as_u16(),
-        200,
-        "n1 serves a new channel after the heal"
-    );
+    let (status, _) = playlist(&http, &format!("{}/live/after/index.m3u8", n1.base_url())).await;
+    assert_eq!(status, 200, "n1 serves a new channel after the heal");
     assert_eq!(
         owner(&mut c, "farm", "after").await.map(|o| o.0).as_deref(),
         Some("n1")
     );
-    let r = http
-        .get(format!("{}/live/ch/index.m3u8", n1.base_url()))
-        .send()
-        .await
-        .expect("request to n1 for ch");
+    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
     assert_eq!(
-        r.status().as_u16(),
-        200,
+        status, 200,
         "n1 answers ch's playlist as its owner n2 recorded it"
     );
     assert_eq!(
@@ -279,12 +306,8 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
     ]));
     let mut c = redis.conn().await;
     let http = no_redirects();
-    let r = http
-        .get(format!("{}/live/ch/index.m3u8", n1.base_url()))
-        .send()
-        .await
-        .expect("first request");
-    assert_eq!(r.status().as_u16(), 200);
+    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
+    assert_eq!(status, 200);
     let before = owner(&mut c, "farm", "ch").await.expect("ch runs on n1");
     let pid = ffmpegs_for(n1.hls_root(), "ch");
     assert_eq!(pid.len(), 1);
@@ -343,5 +366,106 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
     assert!(since.is_empty(), "{since:?}");
     let report = invariants::check(&redis, &[FarmNode::of(&n1)], settle_time(NODE_TTL, TICK)).await;
     println!("slow link: {}", report.figure());
+    report.assert_clean();
+}
+
+/// A lease taken away while its node renews fine (a lost write on a Redis failover, an operator's
+/// `DEL`): another node claims the channel, and the old owner's next keepalive learns that its
+/// renewal was refused and fences that channel (promise 2): its FFmpeg is gone within one
+/// keepalive interval (TTL / 6 = 500 ms) of the other node's claim, plus 0.5 s; it is not started
+/// again, and the checker finds nothing left. The channel's segments are 2.5 s long and the lease
+/// is taken right after one was published, so the old owner's next gen-checked write (its next
+/// segment) is 2.5 s away: only the keepalive can fence it in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
+    const KEEPALIVE: Duration = Duration::from_millis(500);
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 2500)]);
+    let node = |id: &str| {
+        NodeProcess::spawn(
+            NodeOpts::new(id, &url, root.path().join(id))
+                .with_fake_ffmpeg()
+                .args(node_args("3s")),
+        )
+    };
+    let (n1, n2) = (node("n1"), node("n2"));
+    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
+        "--idle-timeout",
+        "30s",
+        "--tick",
+        "500ms",
+        "--node-ttl",
+        "3s",
+        "--lease-ttl",
+        "3s",
+        "--leader-ttl",
+        "3s",
+    ]));
+    let mut c = redis.conn().await;
+    let http = no_redirects();
+    let on_n1 = format!("{}/live/ch/index.m3u8", n1.base_url());
+    let (status, first) = playlist(&http, &on_n1).await;
+    assert_eq!(status, 200);
+    let (_, gen1) = owner(&mut c, "farm", "ch").await.expect("ch on n1");
+    // Right after n1 published its next segment.
+    let last = |body: &str| {
+        farm_tests::hls::MediaPlaylist::parse(body)
+            .ok()
+            .and_then(|p| p.last_sequence())
+    };
+    let first_last = last(&first);
+    eventually("n1 to publish a segment", Duration::from_secs(10), || {
+        let (http, on_n1) = (http.clone(), on_n1.clone());
+        async move {
+            let r = http.get(&on_n1).send().await.ok()?;
+            let body = r.text().await.ok()?;
+            (last(&body) > first_last).then_some(())
+        }
+    })
+    .await;
+    let old = ffmpegs_for(n1.hls_root(), "ch");
+    assert_eq!(old.len(), 1);
+    let old_start = farm_tests::procs::process_start_time(old[0]).expect("start");
+
+    // The lease vanishes; a viewer on n2 claims the channel at once.
+    let _: () = c.del("farm:owner:ch").await.expect("DEL");
+    let taken = Instant::now();
+    let taken_ms = farm_tests::procs::now_ms();
+    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n2.base_url())).await;
+    let claimed = taken.elapsed();
+    assert_eq!(status, 200, "n2 serves ch once the lease is free");
+    let (node2, gen2) = owner(&mut c, "farm", "ch").await.expect("ch on n2");
+    assert_eq!((node2.as_str(), gen2 > gen1), ("n2", true));
+    let exit = farm_tests::procs::watch_exit(old[0], old_start, Duration::from_secs(10))
+        .await
+        .expect("n1's FFmpeg to be fenced");
+    let fenced = Duration::from_millis(exit.gone_ms.saturating_sub(taken_ms));
+    println!(
+        "lease taken away: n2 claimed and served ch {claimed:?} after; n1's FFmpeg gone {fenced:?} after (bound {:?})",
+        KEEPALIVE + claimed + SLACK
+    );
+    assert!(
+        fenced <= claimed + KEEPALIVE + SLACK,
+        "n1 ran its FFmpeg {fenced:?} after losing its lease"
+    );
+    // n1 starts nothing again for ch: only n2's FFmpeg runs, for a while.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        assert!(
+            ffmpegs_for(n1.hls_root(), "ch").is_empty(),
+            "n1 started ch again"
+        );
+        tokio::time::sleep(SAMPLE).await;
+    }
+    assert_eq!(ffmpegs_for(n2.hls_root(), "ch").len(), 1);
+    let report = invariants::check(
+        &redis,
+        &[FarmNode::of(&n1), FarmNode::of(&n2)],
+        settle_time(NODE_TTL, TICK),
+    )
+    .await;
+    println!("lease taken away: {}", report.figure());
     report.assert_clean();
 }

@@ -85,6 +85,52 @@ async fn status(http: &reqwest::Client, url: &str) -> u16 {
     }
 }
 
+/// What a viewer gets for a playlist: a 307 is followed (once) to the owner, a 200 body goes to
+/// the strict checker (its violations are collected: see [`violations`]). The first status, and
+/// whether it ended in a playlist that lists a segment.
+async fn watch(http: &reqwest::Client, url: &str) -> (u16, bool) {
+    let Ok(r) = http.get(url).send().await else {
+        return (0, false);
+    };
+    let first = r.status().as_u16();
+    let r = if first == 307 {
+        let Some(to) = r
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+        else {
+            return (first, false);
+        };
+        match http.get(&to).send().await {
+            Ok(r) => r,
+            Err(_) => return (first, false),
+        }
+    } else {
+        r
+    };
+    if r.status().as_u16() != 200 {
+        return (first, false);
+    }
+    let body = r.text().await.unwrap_or_default();
+    let _ = farm_tests::hls::try_observe(url, &body);
+    (first, body.contains("#EXTINF"))
+}
+
+/// Fails with what the strict checker found in the playlists [`watch`] fetched for `url`'s channel.
+fn assert_rfc8216(url: &str) {
+    let found = farm_tests::hls::observed_violations(url);
+    assert!(
+        found.is_empty(),
+        "the viewer's playlists break RFC 8216:\n{}",
+        found
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_redis_restart_with_aof_costs_nothing() {
     let f = farm(RedisServer::start_with_args(&[
@@ -165,12 +211,12 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     let mut c = f.redis.conn().await;
     let http = no_redirects();
     assert_eq!(
-        status(
+        watch(
             &http,
             &format!("{}/live/watched/index.m3u8", f.n1.base_url())
         )
         .await,
-        200
+        (200, true)
     );
     eventually("a leader", Duration::from_secs(10), || {
         let mut c = c.clone();
@@ -254,12 +300,13 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     let roots = [FarmNode::of(&f.n1).hls_root, FarmNode::of(&f.n2).hls_root];
     let viewer = tokio::spawn({
         let http = http.clone();
+        let url2 = url2.clone();
         async move {
             let mut statuses: BTreeMap<u16, u32> = BTreeMap::new();
             while t0.elapsed() < Duration::from_secs(20) {
-                let s = status(&http, &url2).await;
+                let (s, served) = watch(&http, &url2).await;
                 *statuses.entry(s).or_default() += 1;
-                if s == 200 || s == 307 {
+                if served {
                     return (Some((t0.elapsed(), s)), statuses);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -371,5 +418,6 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
         doubles, 0,
         "two FFmpegs ran for one channel after the Redis restart"
     );
+    assert_rfc8216(&url2);
     let _ = &f.co;
 }

@@ -718,3 +718,98 @@ async fn hls_client_follows_a_live_playlist_without_gaps() {
         .expect_err("404");
     assert!(err.contains("404"), "{err}");
 }
+
+/// A MONITOR connection sees every command a client sends, with Redis's time and the client.
+#[tokio::test]
+async fn monitor_sees_every_command_with_its_client_and_time() {
+    let redis = RedisServer::start();
+    let monitor = redis.monitor();
+    let mut c = redis.conn().await;
+    let before = procs::now_us();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async(&mut c)
+        .await
+        .expect("SET");
+    let seen = eventually("the SET in MONITOR", Duration::from_secs(5), || async {
+        monitor.seen().into_iter().find(|m| m.command == "set")
+    })
+    .await;
+    assert!(seen.at_us + 1000 >= before, "{seen:?}");
+    assert!(seen.line.contains("\"k\""), "{seen:?}");
+    assert_ne!(seen.client, monitor.addr);
+}
+
+/// The invariant checker fails a farm in which a second FFmpeg for a channel ran during part of its
+/// window, although every pass after that one is clean (it used to return on its first clean pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invariant_checker_fails_a_duplicate_ffmpeg_seen_in_one_pass_only() {
+    use farm_tests::invariants::{self, FarmNode, Kind};
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    // Two "FFmpegs" writing for channel c1 under two live nodes' roots (the test process stands in
+    // for both nodes: they are alive); no leases, so each is also a leaked process.
+    let spawn = |node: &str| {
+        let dir = root.path().join(node).join("c1");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        Command::new(fake_ffmpeg())
+            .args(["-i", "http://127.0.0.1:9/c1.ts?seg_ms=500"])
+            .arg(dir.join("index.m3u8"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fake ffmpeg")
+    };
+    let (mut a, mut b) = (spawn("n1"), spawn("n2"));
+    let me = std::process::id() as i32;
+    // Both nodes registered, as live nodes are.
+    let mut c = redis.conn().await;
+    for n in ["n1", "n2"] {
+        let _: () = redis::cmd("SET")
+            .arg(format!("farm:node:{n}:alive"))
+            .arg("1")
+            .query_async(&mut c)
+            .await
+            .expect("SET alive");
+    }
+    let nodes = [
+        FarmNode {
+            id: "n1".into(),
+            hls_root: root.path().join("n1"),
+            pid: Some(me),
+        },
+        FarmNode {
+            id: "n2".into(),
+            hls_root: root.path().join("n2"),
+            pid: Some(me),
+        },
+    ];
+    let check = tokio::spawn({
+        let nodes = nodes.to_vec();
+        async move {
+            let redis = redis;
+            invariants::check(&redis, &nodes, Duration::from_secs(2)).await
+        }
+    });
+    // The duplicate runs for the checker's first passes only; then both go, with their folders.
+    eventually_blocking("two FFmpegs for c1", Duration::from_secs(5), || {
+        (invariants::farm_ffmpegs(&nodes).len() == 2).then_some(())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await; // the fault's length
+    for (child, node) in [(&mut a, "n1"), (&mut b, "n2")] {
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::remove_dir_all(root.path().join(node).join("c1")).expect("rm");
+    }
+    let report = check.await.expect("checker");
+    println!("{}", report.figure());
+    assert!(!report.is_clean(), "{report}");
+    assert!(report.settled_pass.is_some(), "the farm settled: {report}");
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.finding.kind == Kind::DoubleRunning),
+        "{report}"
+    );
+}

@@ -40,7 +40,7 @@ async fn nginx_sends_hls_files_from_disk_with_the_right_headers_and_passes_the_n
         "c1 plays through nginx",
         Duration::from_secs(20),
         || async {
-            let r = get(&playlist_url).await;
+            let r = get_observed(&playlist_url).await;
             (r.status == 200).then_some(r)
         },
     )
@@ -48,7 +48,7 @@ async fn nginx_sends_hls_files_from_disk_with_the_right_headers_and_passes_the_n
     assert!(farm_tests::hls::MediaPlaylist::parse(&first.text()).is_ok());
 
     // Playlists always come from the node (never a stale file on disk); segments from disk.
-    let r = get(&playlist_url).await;
+    let r = get_observed(&playlist_url).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("content-type"), "application/vnd.apple.mpegurl");
     assert_eq!(r.header("cache-control"), "no-cache");
@@ -108,7 +108,7 @@ async fn nginx_sends_hls_files_from_disk_with_the_right_headers_and_passes_the_n
     assert!(matches!(post.status, 403 | 405), "POST: {}", post.status);
 
     // The node's 503 + Retry-After while a channel starts reaches the viewer unchanged.
-    let r = get(&format!("{base}/live/slow/index.m3u8")).await;
+    let r = get_observed(&format!("{base}/live/slow/index.m3u8")).await;
     println!(
         "slow channel through nginx: {} Retry-After {:?}: {}",
         r.status,
@@ -136,7 +136,7 @@ async fn nginx_serves_nothing_but_strict_live_paths() {
     );
     let node = node(&redis, "n1", root.path(), true, &[]);
     let nginx = NginxServer::start(&NginxOpts::for_nodes([&node]));
-    let status = get(&format!("{}/live/c1/index.m3u8", nginx.base_url()))
+    let status = get_observed(&format!("{}/live/c1/index.m3u8", nginx.base_url()))
         .await
         .status;
     assert_eq!(status, 200);

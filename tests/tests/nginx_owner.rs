@@ -40,7 +40,7 @@ async fn a_request_nginx_sends_to_the_non_owner_is_served_from_the_owner() {
     // The channel starts on node a (a viewer that reached a directly).
     let direct = format!("{}/live/{tok}/c1/index.m3u8", owner.base_url());
     eventually("c1 runs on node a", Duration::from_secs(20), || async {
-        (get(&direct).await.status == 200).then_some(())
+        (get_observed(&direct).await.status == 200).then_some(())
     })
     .await;
     assert_eq!(
@@ -54,7 +54,7 @@ async fn a_request_nginx_sends_to_the_non_owner_is_served_from_the_owner() {
     // This nginx only knows node b and b's disk: every c1 request goes to b, which does not own it.
     let nginx = NginxServer::start(&NginxOpts::for_nodes([&other]));
     let url = format!("{}/live/{tok}/c1/index.m3u8", nginx.base_url());
-    let r = get(&url).await; // no redirect following: the viewer must get the playlist itself
+    let r = get_observed(&url).await; // no redirect following: the viewer must get the playlist itself
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("location"), "");
     assert!(
@@ -159,7 +159,7 @@ async fn auth_subrequests_go_to_the_node_whose_disk_has_the_file() {
     let a = node(&redis, "a", root.path(), true, &args);
     let b = node(&redis, "b", root.path(), true, &args);
     for id in &ids {
-        let r = get(&format!(
+        let r = get_observed(&format!(
             "{}/live/{}/{id}/index.m3u8",
             a.base_url(),
             token(id)

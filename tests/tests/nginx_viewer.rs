@@ -80,7 +80,7 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
 
     // Both channels start through nginx; only one is watched afterwards.
     for id in ["watched", "unwatched"] {
-        let r = get(&url(id)).await;
+        let r = get_observed(&url(id)).await;
         assert_eq!(r.status, 200, "{id}: {}", r.text());
     }
     let (_, gen) = owner(&mut c, "farm", "watched")
@@ -226,11 +226,13 @@ async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing(
     let good = |id: &str, file: &str| format!("{base}/live/{}/{id}/{file}", token(id));
 
     for id in ["c1", "probe"] {
-        assert_eq!(get(&good(id, "index.m3u8")).await.status, 200);
+        assert_eq!(get_observed(&good(id, "index.m3u8")).await.status, 200);
     }
-    let seg = farm_tests::hls::MediaPlaylist::parse(&get(&good("c1", "index.m3u8")).await.text())
-        .expect("playlist")
-        .segments[0]
+    let seg = farm_tests::hls::MediaPlaylist::parse(
+        &get_observed(&good("c1", "index.m3u8")).await.text(),
+    )
+    .expect("playlist")
+    .segments[0]
         .uri
         .clone();
     // A probe access flushed after this point proves every earlier record was flushed too (a
@@ -239,7 +241,7 @@ async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing(
         let redis = &redis;
         let url = good("probe", "index.m3u8");
         async move {
-            assert_eq!(get(&url).await.status, 200);
+            assert_eq!(get_observed(&url).await.status, 200);
             eventually(
                 "the probe's access to be flushed",
                 Duration::from_secs(5),

@@ -63,7 +63,7 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
     let url = |id: &str| format!("{}/live/{id}/index.m3u8", nginx.base_url());
 
     for id in ["watched", "unwatched"] {
-        let r = get(&url(id)).await;
+        let r = get_observed(&url(id)).await;
         assert_eq!(r.status, 200, "{id}: {}", r.text());
     }
     let (_, gen) = owner(&mut c, "farm", "watched")
@@ -232,7 +232,7 @@ async fn auth_request_and_access_log_side_by_side() {
     );
     let auth = NginxServer::start(&NginxOpts::for_nodes([&node]));
     let zero = NginxServer::start(&NginxOpts::for_nodes([&node]).access_log([&sock]));
-    let playlist = get(&format!("{}/live/c1/index.m3u8", auth.base_url())).await;
+    let playlist = get_observed(&format!("{}/live/c1/index.m3u8", auth.base_url())).await;
     assert_eq!(playlist.status, 200, "{}", playlist.text());
     let seg = farm_tests::hls::MediaPlaylist::parse(&playlist.text())
         .expect("playlist")

@@ -101,7 +101,7 @@ async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
     );
 
     // The good token plays, and relative segment URIs inherit it.
-    let r = get(&format!("{base}/live/{token}/c1/index.m3u8")).await;
+    let r = get_observed(&format!("{base}/live/{token}/c1/index.m3u8")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let pl = farm_tests::hls::MediaPlaylist::parse(&r.text()).expect("playlist");
     let seg = get(&format!("{base}/live/{token}/c1/{}", pl.segments[0].uri)).await;
@@ -110,7 +110,7 @@ async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
     let bound = farm_proto::token::mint(SECRET.as_bytes(), "c1", now() + 600, Some("127.0.0.1"))
         .expect("mint");
     assert_eq!(
-        get(&format!("{base}/live/{bound}/c1/index.m3u8"))
+        get_observed(&format!("{base}/live/{bound}/c1/index.m3u8"))
             .await
             .status,
         200
@@ -150,7 +150,7 @@ async fn auth_request_checks_alone_keep_the_access_time_moving() {
     );
     let node = node(&redis, "n1", root.path(), true, &[]);
     assert_eq!(
-        get(&format!("{}/live/c1/index.m3u8", node.base_url()))
+        get_observed(&format!("{}/live/c1/index.m3u8", node.base_url()))
             .await
             .status,
         200
@@ -199,14 +199,14 @@ async fn a_non_owner_redirects_to_the_owner_or_hands_nginx_an_accel_redirect() {
         true,
         &["--accel-redirect", "/_farm_owner"],
     );
-    let first = get(&format!("{}/live/c1/index.m3u8", owner.base_url())).await;
+    let first = get_observed(&format!("{}/live/c1/index.m3u8", owner.base_url())).await;
     assert_eq!(first.status, 200);
     let playlist = farm_tests::hls::MediaPlaylist::parse(&first.text()).expect("playlist");
     let seg = playlist.segments[0].uri.clone();
 
     // Any node answers the playlist itself, from what the owner recorded in Redis.
     for n in [&plain, &behind] {
-        let r = get(&format!("{}/live/c1/index.m3u8", n.base_url())).await;
+        let r = get_observed(&format!("{}/live/c1/index.m3u8", n.base_url())).await;
         assert_eq!(r.status, 200, "{}", r.text());
         let theirs = farm_tests::hls::MediaPlaylist::parse(&r.text()).expect("playlist");
         assert_eq!(theirs.segments[0].uri, seg, "the owner's playlist");
@@ -247,7 +247,7 @@ async fn access_log_datagrams_count_as_viewer_access() {
         &["--access-socket", sock.to_str().expect("utf8")],
     );
     assert_eq!(
-        get(&format!("{}/live/c1/index.m3u8", node.base_url()))
+        get_observed(&format!("{}/live/c1/index.m3u8", node.base_url()))
             .await
             .status,
         200

@@ -1,15 +1,46 @@
-//! Node life: graceful SIGTERM leaves nothing; after SIGKILL the next start sweeps the leftover
-//! FFmpeg (pid + start time + marker) and never a reused pid; the disk guard refuses starts.
+//! Node life: graceful SIGTERM leaves nothing; SIGKILL of a node takes its FFmpeg with it, on both
+//! spawn paths (`--ffmpeg-sandbox off` and `auto`), also an FFmpeg the node restarted and one of a
+//! restarted node (victims found in /proc); the next start sweeps a leftover FFmpeg (pid + start
+//! time + marker) and never a reused pid; the disk guard refuses starts. Each test ends with the
+//! invariant checker.
 
 mod common;
 
 use common::*;
+use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use redis::AsyncCommands;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
+
+/// The invariant checker (node TTL 3 s, no coordinator).
+async fn leaves_nothing(redis: &RedisServer, nodes: &[FarmNode]) {
+    let report = invariants::check(
+        redis,
+        nodes,
+        settle_time(Duration::from_secs(3), Duration::from_millis(500)),
+    )
+    .await;
+    println!("node life: {}", report.figure());
+    report.assert_clean();
+}
+
+/// The one FFmpeg under `root` as /proc shows it (pid, kernel start time), waiting for it.
+async fn the_ffmpeg(root: &std::path::Path, not: &[i32]) -> (i32, u64) {
+    eventually("an FFmpeg in /proc", Duration::from_secs(20), || async {
+        let pids: Vec<i32> = ffmpegs_under(root)
+            .into_iter()
+            .filter(|p| !not.contains(p))
+            .collect();
+        match pids.as_slice() {
+            [pid] => Some((*pid, farm_tests::procs::process_start_time(*pid)?)),
+            _ => None,
+        }
+    })
+    .await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregisters() {
@@ -63,10 +94,26 @@ async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregist
     );
     let stopped: Vec<String> = all_keys(&redis).await;
     println!("keys after shutdown: {stopped:?}");
+    // The node's command stream stays for its next life (commands sent meanwhile are claimed
+    // then): the node comes back, and the farm is clean.
+    let again = common::node(&redis, "n1", root.path(), false, &[]);
+    leaves_nothing(&redis, &[FarmNode::of(&again)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_sigkill_the_next_start_kills_the_leftover_ffmpeg_and_removes_its_folder() {
+    after_sigkill("auto").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_without_the_sandbox_the_ffmpeg_dies_too_and_the_next_start_sweeps() {
+    after_sigkill("off").await;
+}
+
+/// kill -9 of a node takes its FFmpeg with it: one the node restarted (its spawning thread is not
+/// the first one), and one of the next incarnation; a leftover planted as an earlier incarnation
+/// would leave it is swept by the next start. `sandbox`: the `--ffmpeg-sandbox` spawn path.
+async fn after_sigkill(sandbox: &str) {
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
     add_channel(
@@ -75,27 +122,46 @@ async fn after_sigkill_the_next_start_kills_the_leftover_ffmpeg_and_removes_its_
         "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
         &[],
     );
-    let mut first = node(&redis, "n1", root.path(), true, &[]);
-    assert_eq!(
-        get(&format!("{}/live/c1/index.m3u8", first.base_url()))
-            .await
-            .status,
-        200
+    let args = ["--ffmpeg-sandbox", sandbox];
+    // A farm has a coordinator: it reaps what no node of the farm would (a stale access entry).
+    let _co = farm_tests::coordinator::CoordinatorProcess::spawn(
+        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url()).args([
+            "--idle-timeout",
+            "30s",
+            "--tick",
+            "500ms",
+            "--node-ttl",
+            "3s",
+            "--lease-ttl",
+            "3s",
+        ]),
     );
-    let pid: i32 = hgetall(&redis, "farm:stream:c1").await["pid"]
-        .parse()
-        .expect("pid");
-    let killed = Instant::now();
-    first.kill9();
-    // The parent-death signal takes the FFmpeg with its node, even on SIGKILL.
+    let mut first = node(&redis, "n1", root.path(), true, &args);
+    let sandboxed = metric(&first, "farm_node_ffmpeg_sandbox").await;
+    println!("--ffmpeg-sandbox {sandbox}: FFmpeg sandboxed = {sandboxed}");
+    assert_eq!(sandboxed, if sandbox == "off" { 0.0 } else { 1.0 });
+    let url = format!("{}/live/c1/index.m3u8", first.base_url());
+    assert_eq!(get_observed(&url).await.status, 200);
+    // An FFmpeg restart first: the victim is the FFmpeg the node spawned again.
+    let (crashed, _) = the_ffmpeg(root.path(), &[]).await;
+    farm_tests::signal::kill9(crashed).expect("kill -9 ffmpeg");
+    let (pid, start) = the_ffmpeg(root.path(), &[crashed]).await;
     eventually(
-        "the ffmpeg dies with its node",
-        Duration::from_secs(5),
-        || async { (!ffmpegs_under(root.path()).contains(&pid)).then_some(()) },
+        "the restarted FFmpeg serves",
+        Duration::from_secs(10),
+        || async {
+            (hgetall(&redis, "farm:stream:c1").await.get("restarts")? == "1").then_some(())
+        },
     )
     .await;
+    let killed = Instant::now();
+    first.kill9();
+    // The parent-death signal and the guard take the FFmpeg with its node, even on SIGKILL.
+    farm_tests::procs::watch_exit(pid, start, Duration::from_secs(5))
+        .await
+        .expect("the restarted FFmpeg dies with its node");
     println!(
-        "ffmpeg gone {:?} after kill -9 of its node",
+        "restarted ffmpeg {pid} gone {:?} after kill -9 of its node",
         killed.elapsed()
     );
 
@@ -131,7 +197,7 @@ async fn after_sigkill_the_next_start_kills_the_leftover_ffmpeg_and_removes_its_
     .await;
 
     let t0 = Instant::now();
-    let second = node(&redis, "n1", root.path(), true, &[]);
+    let mut second = node(&redis, "n1", root.path(), true, &args);
     eventually(
         "leftover ffmpeg killed",
         Duration::from_secs(10),
@@ -153,16 +219,29 @@ async fn after_sigkill_the_next_start_kills_the_leftover_ffmpeg_and_removes_its_
     .await;
     // The channel starts again cleanly on the new incarnation (while it starts, viewers get the
     // window the killed incarnation recorded, held).
-    assert_eq!(
-        get(&format!("{}/live/c1/index.m3u8", second.base_url()))
-            .await
-            .status,
-        200
+    let url = format!("{}/live/c1/index.m3u8", second.base_url());
+    assert_eq!(get_observed(&url).await.status, 200);
+    // The restarted node's FFmpeg dies with it too.
+    let (pid, start) = the_ffmpeg(root.path(), &[]).await;
+    let killed = Instant::now();
+    second.kill9();
+    farm_tests::procs::watch_exit(pid, start, Duration::from_secs(5))
+        .await
+        .expect("the restarted node's FFmpeg dies with it");
+    println!(
+        "the restarted node's ffmpeg {pid} gone {:?} after kill -9 of the node",
+        killed.elapsed()
     );
-    eventually("one new ffmpeg", Duration::from_secs(10), || async {
-        (ffmpegs_under(root.path()).len() == 1).then_some(())
-    })
+    // A third incarnation sweeps what the second left in Redis, the coordinator what no node
+    // owns (the access entry); then nothing is left.
+    let third = node(&redis, "n1", root.path(), true, &args);
+    eventually(
+        "the second's lease released",
+        Duration::from_secs(10),
+        || async { (!exists(&redis, "farm:owner:c1").await).then_some(()) },
+    )
     .await;
+    leaves_nothing(&redis, &[FarmNode::of(&third)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,9 +250,11 @@ async fn a_pid_record_pointing_at_an_unrelated_process_leaves_it_alone() {
     let root = tempfile::tempdir().expect("tempdir");
     let hls = root.path().join("n1");
     // An unrelated live process, recorded as if it were our FFmpeg: once with its true start time
-    // (but no marker), once with a wrong start time (a reused pid).
+    // (but no marker), once with a wrong start time (a reused pid). It leads its own process group,
+    // like the FFmpegs (and most services) do, so a kill by pid alone would reach it.
     let mut bystander = std::process::Command::new("sleep")
         .arg("300")
+        .process_group(0)
         .spawn()
         .expect("sleep");
     let pid = bystander.id() as i32;
@@ -220,6 +301,7 @@ async fn a_pid_record_pointing_at_an_unrelated_process_leaves_it_alone() {
     assert!(node.log().contains("farm-node starting"));
     bystander.kill().expect("kill bystander");
     bystander.wait().expect("reap bystander");
+    leaves_nothing(&redis, &[FarmNode::of(&node)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,4 +331,5 @@ async fn below_min_free_a_start_is_refused_with_a_clear_error_and_nothing_runs()
     assert!(!exists(&redis, "farm:stream:big").await);
     assert!(!root.path().join("n1/big").exists());
     assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 0.0);
+    leaves_nothing(&redis, &[FarmNode::of(&node)]).await;
 }

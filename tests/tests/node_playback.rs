@@ -29,6 +29,7 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
     let first = get(&format!("{base}/live/news/index.m3u8")).await;
     println!("time to first playlist: {:?}", t0.elapsed());
     assert_eq!(first.status, 200, "{}", first.text());
+    farm_tests::hls::observe(&format!("{base}/live/news/index.m3u8"), &first.text());
     let pl = MediaPlaylist::parse(&first.text()).expect("valid playlist");
     assert!(
         !pl.segments.is_empty(),
@@ -79,6 +80,12 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
         stream["pid_start"].parse::<u64>().ok(),
         farm_tests::procs::process_start_time(pid)
     );
+    let first_cost = metric(&node, "farm_node_request_path_redis_calls_total").await;
+    println!("Redis calls made for the first request: {first_cost}");
+    assert!(
+        first_cost >= 4.0,
+        "a lookup, the catalog, the claim and the recorded timeline: {first_cost}"
+    );
     let access_before = zscore(&redis, "farm:access", "news")
         .await
         .expect("access recorded");
@@ -109,10 +116,11 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
     assert_eq!(stream["restarts"], "0");
     assert!(!stream["last_segment_at"].is_empty());
     assert_eq!(provider.total_connections_for("/live/news.ts"), 1);
-    // The first request looked the channel up once (nobody ran it); 20 s of viewing added nothing.
+    // The first request looked the channel up (nobody ran it) and started it: the lookup and the
+    // start's catalog read, claim and recorded timeline; 20 s of viewing added nothing.
     assert_eq!(
         metric(&node, "farm_node_request_path_redis_calls_total").await,
-        1.0
+        first_cost
     );
 }
 
@@ -133,6 +141,9 @@ async fn fifty_concurrent_first_requests_share_one_ffmpeg_and_one_upstream_conne
     for t in tasks {
         let r = t.await.expect("join");
         assert_eq!(r.status, 200, "{}", r.text());
+        // Fifty viewers, each with its own first playlist: one strict checker each.
+        let found = farm_tests::hls::PlaylistChecker::new().observe_playlist(&url, &r.text());
+        assert!(found.is_empty(), "{found:?}");
         assert!(
             r.text().contains(".ts"),
             "every viewer got a playlist with a segment"
@@ -154,83 +165,180 @@ async fn fifty_concurrent_first_requests_share_one_ffmpeg_and_one_upstream_conne
     assert_eq!(gen, "1", "one claim");
 }
 
+/// Every command Redis receives while a node answers viewer requests for a channel it runs:
+/// none. Counted with `MONITOR`, every command, no list of expected ones. The node's background
+/// work is told apart by connection (the command stream's blocking reads have their own) and by
+/// time: the node runs with 60 s TTLs (a keepalive every 10 s), a 10 s access flush and a fake
+/// FFmpeg that writes three segments and then nothing (with 10 s segments the node waits 30 s
+/// before calling that a stall), so after the start its only Redis traffic is two 10 s timers.
+/// The test learns their phase from 11 s of traffic, then sends its requests in a window that
+/// none of them falls into, and counts everything Redis received in that window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_viewer_requests_cost_a_few_flush_pipelines_and_no_request_path_redis() {
+async fn viewer_requests_for_a_running_channel_cost_no_redis_command() {
+    const PERIOD_US: u64 = 10_000_000;
+    const WINDOW: Duration = Duration::from_secs(3);
+    const MARGIN_US: u64 = 300_000;
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
-    // Fake FFmpeg: this test is about the request path, not media.
     add_channel(
         &redis,
         "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
+        "http://127.0.0.1:9/c1.ts?mode=stall&after_ms=1700&seg_ms=500",
         &[],
     );
-    let node = node(&redis, "n1", root.path(), true, &[]);
+    let node = farm_tests::node::NodeProcess::spawn(
+        farm_tests::node::NodeOpts::new("n1", redis.url(), root.path().join("n1"))
+            .with_fake_ffmpeg()
+            .args([
+                "--hls-time",
+                "10s",
+                "--lease-ttl",
+                "60s",
+                "--node-ttl",
+                "60s",
+                "--access-flush",
+                "10s",
+            ]),
+    );
+    let monitor = redis.monitor();
     let url = format!("{}/live/c1/index.m3u8", node.base_url());
-    let first = get(&url).await;
-    assert_eq!(first.status, 200, "{}", first.text());
-
-    let before = redis.command_calls().await;
-    let rp_before = metric(&node, "farm_node_request_path_redis_calls_total").await;
-    let t0 = Instant::now();
-    let mut ok = 0;
     let c = client();
-    // Paced like 1,000 viewer requests over ~2.5 s, so several flush intervals pass.
-    let mut pace = tokio::time::interval(Duration::from_micros(2500));
-    for i in 0..1000 {
-        pace.tick().await;
-        let r = c.get(&url).send().await.expect("GET");
-        assert_eq!(r.status().as_u16(), 200, "request {i}");
-        ok += 1;
+    let playlist = |c: reqwest::Client| {
+        let url = url.clone();
+        async move {
+            let r = c.get(&url).send().await.expect("GET playlist");
+            assert_eq!(r.status().as_u16(), 200);
+            let body = r.text().await.expect("body");
+            farm_tests::hls::observe(&url, &body);
+            body
+        }
+    };
+    let first = playlist(c.clone()).await;
+    let pl = MediaPlaylist::parse(&first).expect("playlist");
+    let seg_url = format!(
+        "{}/live/c1/{}",
+        node.base_url(),
+        pl.segments.last().expect("a segment").uri
+    );
+    let rp_start = metric(&node, "farm_node_request_path_redis_calls_total").await;
+
+    // Learning: a viewer asks once a second (so that the access flush has work) for 11 s.
+    let learn_from = farm_tests::procs::now_us();
+    for _ in 0..11 {
+        playlist(c.clone()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await; // a viewer's pace
     }
-    let elapsed = t0.elapsed();
-    let after = redis.command_calls().await;
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
-    // Commands a client sent (commandstats also counts the ones scripts run inside Redis).
-    let top_level = [
-        "evalsha",
-        "xreadgroup",
-        "xack",
-        "xdel",
-        "xadd",
-        "hgetall",
-        "ping",
-        "smembers",
-    ];
-    let total: u64 = top_level.iter().map(|k| delta(k)).sum();
-    // Background traffic only: an access flush per 500 ms, a keepalive pipeline (3 scripts) per
-    // 500 ms (lease TTL 3 s / 6), a timeline record per segment (500 ms) and a blocking command
-    // read per second; none of it scales with the requests.
-    let budget = 11 * (elapsed.as_secs() + 2);
-    println!(
-        "{ok} requests in {elapsed:?}: {total} redis commands from the node (evalsha {}, ping {}), budget {budget}",
-        delta("evalsha"),
-        delta("ping")
-    );
-    assert!(
-        total <= budget,
-        "{total} redis commands for {ok} requests in {elapsed:?}: {after:?}"
-    );
+    let learned = monitor.seen();
+    let blocking: std::collections::BTreeSet<String> = learned
+        .iter()
+        .filter(|m| m.command == "xreadgroup")
+        .map(|m| m.client.clone())
+        .collect();
     assert_eq!(
-        metric(&node, "farm_node_request_path_redis_calls_total").await,
-        rp_before,
-        "no Redis call inside a request for a channel this node runs"
+        blocking.len(),
+        1,
+        "one connection for the command stream's blocking reads: {blocking:?}"
     );
-    let flushes = metric(&node, "farm_node_access_flushes_total").await;
-    println!("access flushes so far: {flushes}");
+    let background = |m: &&farm_tests::redis::Monitored| {
+        !m.in_script() && !blocking.contains(&m.client) && m.client != monitor.addr
+    };
+    let timers: Vec<u64> = learned
+        .iter()
+        .filter(background)
+        .filter(|m| m.at_us >= learn_from)
+        .map(|m| m.at_us)
+        .collect();
     assert!(
-        flushes <= (elapsed.as_millis() / 500 + 3) as f64,
-        "at most one flush per interval: {flushes}"
+        !timers.is_empty(),
+        "no keepalive or flush in 11 s of learning"
     );
-    // The requests' access lands in Redis with the next flush.
+    // The next window of WINDOW that no timer (learned time + k × 10 s) comes near.
+    let clear = |from: u64| {
+        (1..=4u64).all(|k| {
+            timers.iter().all(|t| {
+                let due = t + k * PERIOD_US;
+                due + MARGIN_US < from || due > from + WINDOW.as_micros() as u64 + MARGIN_US
+            })
+        })
+    };
+    let now = farm_tests::procs::now_us();
+    let start = (0..PERIOD_US / 50_000)
+        .map(|i| now + i * 50_000)
+        .find(|t| clear(*t))
+        .expect("a quiet window within one timer period");
+    // Measurement scheduling against the node's known timers, not synchronisation.
+    tokio::time::sleep(Duration::from_micros(start - now)).await;
+
+    let (mut playlists, mut segments) = (0u32, 0u32);
+    let t0 = farm_tests::procs::now_us();
+    let deadline = Instant::now() + WINDOW;
+    while Instant::now() < deadline && playlists < 1000 {
+        let body = playlist(c.clone()).await;
+        assert!(body.contains("#EXTINF"));
+        playlists += 1;
+        let r = c.get(&seg_url).send().await.expect("GET segment");
+        assert_eq!(r.status().as_u16(), 200);
+        let bytes = r.bytes().await.expect("segment body");
+        farm_tests::hls::observe_segment(&seg_url, &bytes);
+        segments += 1;
+    }
+    let t1 = farm_tests::procs::now_us();
+    // MONITOR keeps Redis's order: once a later command shows, the window is complete.
+    let after = eventually(
+        "a background command after the window",
+        Duration::from_secs(15),
+        || async {
+            monitor
+                .seen()
+                .into_iter()
+                .filter(|m| !m.in_script() && !blocking.contains(&m.client))
+                .find(|m| m.at_us > t1)
+        },
+    )
+    .await;
+    let seen = monitor.seen();
+    let in_window: Vec<&farm_tests::redis::Monitored> = seen
+        .iter()
+        .filter(|m| m.at_us >= t0 && m.at_us <= t1)
+        .filter(|m| !m.in_script() && m.client != monitor.addr)
+        .collect();
+    let blocked_reads = in_window
+        .iter()
+        .filter(|m| blocking.contains(&m.client))
+        .count();
+    let counted: Vec<&&farm_tests::redis::Monitored> = in_window
+        .iter()
+        .filter(|m| !blocking.contains(&m.client))
+        .collect();
+    let rp_end = metric(&node, "farm_node_request_path_redis_calls_total").await;
+    println!(
+        "{playlists} playlist and {segments} segment requests in {:.2} s: {} commands reached Redis meanwhile \
+(plus {blocked_reads} blocking reads on the command stream's own connection); background timers learned at {} times, \
+the next command {:.2} s after the window ({}); request-path counter {rp_start} -> {rp_end}",
+        (t1 - t0) as f64 / 1e6,
+        counted.len(),
+        timers.len(),
+        (after.at_us - t1) as f64 / 1e6,
+        after.line,
+    );
+    assert!(
+        playlists >= 200,
+        "too few requests in the window to mean anything: {playlists}"
+    );
+    assert!(
+        counted.is_empty(),
+        "viewer requests for a running channel reached Redis: {counted:#?}"
+    );
+    assert_eq!(rp_end, rp_start, "the node counted a request-path call");
+    // The window's accesses reach Redis with the next flush.
     let (t_last, _) = redis_time(&redis).await;
     eventually(
         "access flushed after the requests",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || async {
             zscore(&redis, "farm:access", "c1")
                 .await
-                .filter(|s| *s >= t_last as f64)
+                .filter(|s| *s + 1000.0 >= (t1 / 1000) as f64 && t_last > 0)
         },
     )
     .await;

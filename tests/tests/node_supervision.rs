@@ -1,15 +1,32 @@
 //! FFmpeg supervision with real FFmpeg against the fake provider: crash restart with backoff,
 //! a provider refusing forever ends in `failed`, a stalled provider is restarted, a dead primary
-//! URL falls over to the backup.
+//! URL falls over to the backup. Backoffs are measured at the processes (kernel start times in
+//! /proc against the kill, or against the previous FFmpeg's end), with backoff base 1 s so the
+//! 10 ms grain of /proc start times is small next to them; the backoff function itself has a unit
+//! test here too.
 
 mod common;
 
 use common::*;
+use farm_tests::invariants::{self, settle_time};
+use farm_tests::node::NodeProcess;
 use farm_tests::provider::{FakeProvider, Mode};
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use redis::AsyncCommands;
 use std::time::{Duration, Instant};
+
+/// The invariant checker over the test's one node (TTL 3 s, no coordinator).
+async fn leaves_nothing(redis: &RedisServer, node: &NodeProcess) {
+    let report = invariants::check_nodes(
+        redis,
+        &[node],
+        settle_time(Duration::from_secs(3), Duration::from_millis(500)),
+    )
+    .await;
+    println!("supervision: {}", report.figure());
+    report.assert_clean();
+}
 
 async fn events(redis: &RedisServer) -> Vec<std::collections::HashMap<String, String>> {
     let mut c = redis.conn().await;
@@ -27,29 +44,85 @@ async fn events(redis: &RedisServer) -> Vec<std::collections::HashMap<String, St
         .collect()
 }
 
+/// Backoff base and cap of these tests' nodes.
+const BASE: Duration = Duration::from_secs(1);
+const CAP: Duration = Duration::from_secs(2);
+/// The grain of a kernel start time in /proc: one clock tick (100 Hz), rounded down.
+const TICK_GRAIN: Duration = Duration::from_millis(10);
+
+/// The shortest backoff after the `k`-th crash in the window: ½ × base × 2^(k-1), capped.
+fn least_backoff(k: u32) -> Duration {
+    (BASE * 2u32.pow(k - 1)).min(CAP) / 2
+}
+
+/// The longest: 1.5 × base × 2^(k-1), capped.
+fn most_backoff(k: u32) -> Duration {
+    (BASE * 2u32.pow(k - 1) * 3 / 2).min(CAP)
+}
+
+fn supervised_node(redis: &RedisServer, root: &std::path::Path, extra: &[&str]) -> NodeProcess {
+    node_with(
+        redis,
+        "n1",
+        root,
+        false,
+        &[("--backoff-base", "1s"), ("--backoff-max", "2s")],
+        extra,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_ffmpeg_is_restarted_after_a_backoff_and_counted() {
     let redis = RedisServer::start();
     let provider = FakeProvider::start().await;
     let root = tempfile::tempdir().expect("tempdir");
     add_channel(&redis, "kids", &provider.url("/kids.ts"), &[]);
-    let node = node(&redis, "n1", root.path(), false, &[]);
+    let node = supervised_node(&redis, root.path(), &[]);
     let url = format!("{}/live/kids/index.m3u8", node.base_url());
-    assert_eq!(get(&url).await.status, 200);
-    let old: i32 = hgetall(&redis, "farm:stream:kids").await["pid"]
-        .parse()
-        .expect("pid");
+    assert_eq!(get_observed(&url).await.status, 200);
+    // The victim as /proc shows it: the one FFmpeg under the node's root.
+    let running = ffmpegs_under(root.path());
+    assert_eq!(running.len(), 1, "{running:?}");
+    let old = running[0];
 
-    let killed_at = Instant::now();
     farm_tests::signal::kill9(old).expect("kill -9 ffmpeg");
-    let new = eventually("a new ffmpeg recorded", Duration::from_secs(20), || async {
-        let h = hgetall(&redis, "farm:stream:kids").await;
-        let pid: i32 = h.get("pid")?.parse().ok()?;
-        (pid != old && h.get("state")? == "running").then_some((pid, h))
-    })
+    let killed_ms = farm_tests::procs::now_ms();
+    let killed_at = Instant::now();
+    let (new, new_start_ms) =
+        eventually("a new ffmpeg in /proc", Duration::from_secs(20), || async {
+            let pid = ffmpegs_under(root.path()).into_iter().find(|p| *p != old)?;
+            Some((pid, farm_tests::procs::start_unix_ms(pid)?))
+        })
+        .await;
+    let gap = Duration::from_millis(new_start_ms.saturating_sub(killed_ms));
+    println!(
+        "kill -9 of ffmpeg {old} -> ffmpeg {new} started {gap:?} later (kernel start time; backoff \
+after 1 crash: {:?}..{:?}, /proc grain {TICK_GRAIN:?})",
+        least_backoff(1),
+        most_backoff(1)
+    );
+    assert!(
+        gap + TICK_GRAIN >= least_backoff(1),
+        "restarted {gap:?} after the crash: no backoff (at least {:?})",
+        least_backoff(1)
+    );
+    assert!(
+        gap <= most_backoff(1) + Duration::from_millis(500),
+        "restarted {gap:?} after the crash, backoff at most {:?}",
+        most_backoff(1)
+    );
+    let new = eventually(
+        "the new ffmpeg recorded",
+        Duration::from_secs(20),
+        || async {
+            let h = hgetall(&redis, "farm:stream:kids").await;
+            let pid: i32 = h.get("pid")?.parse().ok()?;
+            (pid == new && h.get("state")? == "running").then_some((pid, h))
+        },
+    )
     .await;
     println!(
-        "restart after kill -9 took {:?} (backoff included)",
+        "restart after kill -9 took {:?} until running (backoff included)",
         killed_at.elapsed()
     );
     assert_eq!(new.1["restarts"], "1");
@@ -72,7 +145,7 @@ async fn killed_ffmpeg_is_restarted_after_a_backoff_and_counted() {
     // Viewers keep getting the playlist: the new run's segments follow the old ones after a
     // discontinuity, their media sequence numbers continuing (not starting again at 0).
     let p = eventually("the new run published", Duration::from_secs(10), || async {
-        let r = get(&url).await;
+        let r = get_observed(&url).await;
         let p = farm_tests::hls::MediaPlaylist::parse(&r.text()).ok()?;
         p.segments.iter().any(|s| s.discontinuity).then_some(p)
     })
@@ -87,6 +160,7 @@ async fn killed_ffmpeg_is_restarted_after_a_backoff_and_counted() {
         p.segments[cut].sequence > p.segments[cut - 1].sequence,
         "sequence continues after a restart: {p:?}"
     );
+    leaves_nothing(&redis, &node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,11 +170,9 @@ async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_sto
     provider.set_path_mode("/gone.ts", Mode::Forbidden);
     let root = tempfile::tempdir().expect("tempdir");
     add_channel(&redis, "gone", &provider.url("/gone.ts"), &[]);
-    let node = node(
+    let node = supervised_node(
         &redis,
-        "n1",
         root.path(),
-        false,
         &[
             "--max-crashes",
             "3",
@@ -113,8 +185,11 @@ async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_sto
         ],
     );
     let url = format!("{}/live/gone/index.m3u8", node.base_url());
+    // Every FFmpeg of the node, from /proc, scanned every 5 ms (a refused FFmpeg lives ~100 ms).
+    let scan = Duration::from_millis(5);
+    let spawns = farm_tests::procs::Spawns::start(&root.path().to_string_lossy(), scan);
     let t0 = Instant::now();
-    let r = get(&url).await;
+    let r = get_observed(&url).await;
     println!(
         "failed after {:?}: {} {}",
         t0.elapsed(),
@@ -147,9 +222,39 @@ async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_sto
         3,
         "three attempts, then stop"
     );
+    // The gaps between one FFmpeg's end (first scan without it) and the next one's kernel start.
+    let seen = spawns.seen();
+    drop(spawns);
+    assert_eq!(seen.len(), 3, "three FFmpegs seen in /proc: {seen:?}");
+    let gaps: Vec<Duration> = seen
+        .windows(2)
+        .map(|w| {
+            let ended = w[0].gone_ms.expect("the earlier one ended");
+            Duration::from_millis(w[1].start_ms.saturating_sub(ended))
+        })
+        .collect();
+    println!(
+        "gaps between a refused FFmpeg's end and the next start: {gaps:?} (at least {:?}, {:?}; grain {:?})",
+        least_backoff(1),
+        least_backoff(2),
+        TICK_GRAIN + scan
+    );
+    for (i, gap) in gaps.iter().enumerate() {
+        let k = i as u32 + 1;
+        assert!(
+            *gap + TICK_GRAIN + scan >= least_backoff(k),
+            "restart {k} came {gap:?} after the crash: backoff at least {:?}",
+            least_backoff(k)
+        );
+        assert!(
+            *gap <= most_backoff(k) + Duration::from_millis(500),
+            "restart {k} came {gap:?} after the crash: backoff at most {:?}",
+            most_backoff(k)
+        );
+    }
     // Viewers keep asking; nothing is spawned again while the failure holds.
     for _ in 0..5 {
-        let r = get(&url).await;
+        let r = get_observed(&url).await;
         assert_eq!(r.status, 503);
         assert!(r.text().contains("is failing upstream"));
     }
@@ -167,6 +272,7 @@ async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_sto
             .any(|e| e["event"] == "failed" && e["reason"].contains("403")),
         "{ev:?}"
     );
+    leaves_nothing(&redis, &node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +284,7 @@ async fn stalled_provider_is_restarted_within_three_segments_plus_read_timeout()
     // hls_time 1s (FAST), read timeout 3s: the bound is 3 × 1 s + 3 s = 6 s.
     let node = node(&redis, "n1", root.path(), false, &["--read-timeout", "3s"]);
     let url = format!("{}/live/slow/index.m3u8", node.base_url());
-    assert_eq!(get(&url).await.status, 200);
+    assert_eq!(get_observed(&url).await.status, 200);
     let old = hgetall(&redis, "farm:stream:slow").await["pid"].clone();
 
     provider.set_path_mode("/slow.ts", Mode::Stall);
@@ -206,7 +312,8 @@ async fn stalled_provider_is_restarted_within_three_segments_plus_read_timeout()
         (h.get("state")? == "running" && *h.get("pid")? != old).then_some(())
     })
     .await;
-    assert_eq!(get(&url).await.status, 200);
+    assert_eq!(get_observed(&url).await.status, 200);
+    leaves_nothing(&redis, &node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,4 +344,60 @@ async fn dead_primary_url_falls_over_to_the_backup() {
     let mut c = redis.conn().await;
     let n: u64 = c.xlen("farm:events").await.expect("XLEN");
     assert!(n >= 2, "started and restarted events");
+    leaves_nothing(&redis, &node).await;
+}
+
+/// The backoff function: ½ to 1.5 × base × 2^(k-1), capped at the max, jittered.
+mod backoff_function {
+    use farm_node::node::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn grows_exponentially_with_jitter_and_is_capped() {
+        let base = Duration::from_millis(200);
+        let max = Duration::from_secs(5);
+        for k in 1..=10u32 {
+            let nominal = (base * 2u32.pow(k - 1)).min(max);
+            let draws: Vec<Duration> = (0..2000).map(|_| backoff(base, max, k)).collect();
+            let (lo, hi) = (
+                draws.iter().min().copied().unwrap_or_default(),
+                draws.iter().max().copied().unwrap_or_default(),
+            );
+            assert!(lo >= nominal / 2, "k={k}: {lo:?} below ½ × {nominal:?}");
+            assert!(
+                hi <= (nominal * 3 / 2).min(max),
+                "k={k}: {hi:?} above the bound"
+            );
+            // Jitter: the draws spread over most of their range (not a constant).
+            let range = (nominal * 3 / 2).min(max) - nominal / 2;
+            assert!(
+                hi - lo >= range * 8 / 10,
+                "k={k}: draws {lo:?}..{hi:?} barely vary"
+            );
+        }
+        // A first crash waits about the base, the fourth eight times more (below the cap).
+        let mean = |k: u32| {
+            (0..4000)
+                .map(|_| backoff(base, max, k).as_secs_f64())
+                .sum::<f64>()
+                / 4000.0
+        };
+        let (m1, m4) = (mean(1), mean(4));
+        assert!((m1 - 0.2).abs() < 0.02, "mean first backoff {m1}");
+        assert!(
+            (m4 / m1 - 8.0).abs() < 0.8,
+            "mean fourth / first {}",
+            m4 / m1
+        );
+    }
+
+    #[test]
+    fn never_exceeds_the_cap_even_after_many_crashes() {
+        let max = Duration::from_secs(30);
+        for k in [20, 31, 32, 1000, u32::MAX] {
+            let b = backoff(Duration::from_millis(500), max, k);
+            assert!(b <= max && b >= max / 2, "k={k}: {b:?}");
+        }
+        assert_eq!(backoff(Duration::ZERO, max, 3), Duration::ZERO);
+    }
 }

@@ -513,12 +513,13 @@ async fn start_and_wait_ended(
     conn: &redis::aio::MultiplexedConnection,
     node: &NodeProcess,
     ids: &[&str],
-) {
+) -> Vec<(String, Resp)> {
     let requests = ids.iter().map(|id| {
         let url = format!("{}/live/{id}/index.m3u8", node.base_url());
         async move { (id.to_string(), get(&url).await) }
     });
-    for (id, r) in futures::future::join_all(requests).await {
+    let firsts = futures::future::join_all(requests).await;
+    for (id, r) in &firsts {
         println!("{id}: first request -> {} {}", r.status, r.text().trim());
         assert_ne!(r.status, 200, "{id} served a playlist");
     }
@@ -544,6 +545,41 @@ async fn start_and_wait_ended(
         ffmpegs_under(node.hls_root()).is_empty().then_some(())
     })
     .await;
+    firsts
+}
+
+/// Who must refuse a hostile reference, and how the node log shows it.
+#[derive(Debug, Clone)]
+enum Refuser {
+    /// The egress gateway: `egress to <dest> refused: ... channel=<id>`.
+    Gateway(String),
+    /// The network sandbox: FFmpeg's own TCP connect to `<dest>` fails with EACCES.
+    Sandbox(String),
+    /// FFmpeg itself, before any connection: the URI is not a segment it would open.
+    Ffmpeg(String),
+}
+
+/// How many times the node log shows `refuser` refusing channel `id`.
+fn refusals(log: &str, id: &str, refuser: &Refuser) -> usize {
+    let channel_tag = format!("channel{{id={id}}}");
+    log.lines()
+        .filter(|l| match refuser {
+            Refuser::Gateway(dest) => {
+                l.contains(&format!("egress to {dest} refused:"))
+                    && l.ends_with(&format!("channel={id}"))
+            }
+            Refuser::Sandbox(dest) => {
+                l.contains(&channel_tag)
+                    && l.contains(&format!(
+                        "Connection to tcp://{dest} failed: Permission denied"
+                    ))
+            }
+            Refuser::Ffmpeg(uri) => {
+                l.contains(&channel_tag)
+                    && l.contains(&format!("URL {uri} is not in allowed_segment_extensions"))
+            }
+        })
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,10 +617,23 @@ async fn catalog_urls_pointing_at_the_farm_redis_never_reach_it() {
     let conn = redis.conn().await;
     let watch = RedisWatch::start(&redis).await;
     let ids: Vec<&str> = channels.iter().map(|(id, _, _)| *id).collect();
-    start_and_wait_ended(&conn, &node, &ids).await;
+    let firsts = start_and_wait_ended(&conn, &node, &ids).await;
     let spawns = metric(&node, "farm_node_ffmpeg_spawns_total").await;
     let contact = watch.contact().await;
     println!("FFmpeg spawns: {spawns}; the farm Redis saw of FFmpeg: {contact:?}");
+    // Each is refused before FFmpeg: 502 naming the farm's Redis, and nothing spawned.
+    for (id, r) in &firsts {
+        assert_eq!(r.status, 502, "{id}: {}", r.text());
+        assert!(
+            r.text().contains("cannot start") && r.text().contains("the farm's Redis"),
+            "{id}: {}",
+            r.text()
+        );
+    }
+    assert_eq!(
+        spawns, 0.0,
+        "an FFmpeg was spawned for a catalog URL naming the farm's Redis"
+    );
     assert_eq!(
         contact,
         NO_CONTACT,
@@ -627,65 +676,100 @@ async fn upstream_playlists_cannot_point_ffmpeg_at_redis_on_localhost() {
     let on_loopback2 = reachable(loopback2, farm_port) && reachable(loopback2, decoy_port);
     let on_ipv6 = reachable(ipv6, farm_port) && reachable(ipv6, decoy_port);
     println!("the Redis servers listen on 127.0.0.2: {on_loopback2}, on [::1]: {on_ipv6}");
-    let mut cases: Vec<(String, String)> = vec![
+    let (farm_at, decoy_at) = (
+        format!("127.0.0.1:{farm_port}"),
+        format!("127.0.0.1:{decoy_port}"),
+    );
+    // (channel, its upstream playlist, who must refuse its hostile reference).
+    let mut cases: Vec<(String, String, Refuser)> = vec![
         (
             "seg_farm_redis".into(),
-            media_playlist("", &format!("http://127.0.0.1:{farm_port}/seg.ts")),
+            media_playlist("", &format!("http://{farm_at}/seg.ts")),
+            Refuser::Gateway(farm_at.clone()),
         ),
         (
             "key_farm_redis".into(),
             media_playlist(
-                &format!("#EXT-X-KEY:METHOD=AES-128,URI=\"http://127.0.0.1:{farm_port}/key\"\n"),
+                &format!("#EXT-X-KEY:METHOD=AES-128,URI=\"http://{farm_at}/key\"\n"),
                 "seg.ts",
             ),
+            Refuser::Gateway(farm_at.clone()),
         ),
         (
             "variant_farm_redis".into(),
-            format!(
-                "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\nhttp://127.0.0.1:{farm_port}/v.m3u8\n"
-            ),
+            format!("#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\nhttp://{farm_at}/v.m3u8\n"),
+            Refuser::Gateway(farm_at.clone()),
         ),
         (
             "seg_decoy_redis".into(),
-            media_playlist("", &format!("http://127.0.0.1:{decoy_port}/seg.ts")),
+            media_playlist("", &format!("http://{decoy_at}/seg.ts")),
+            Refuser::Gateway(decoy_at.clone()),
         ),
         (
             "seg_decoy_tcp".into(),
-            media_playlist("", &format!("tcp://127.0.0.1:{decoy_port}")),
+            media_playlist("", &format!("tcp://{decoy_at}")),
+            Refuser::Ffmpeg(format!("tcp://{decoy_at}")),
         ),
     ];
     // The same Redis in other spellings, once for each Redis.
     let mut redirects = HashMap::new();
     for (who, port) in [("farm", farm_port), ("decoy", decoy_port)] {
-        let mut seg = |spelling: &str, uri: String| {
-            cases.push((format!("seg_{who}_{spelling}"), media_playlist("", &uri)));
+        let mut seg = |spelling: &str, uri: String, refuser: Refuser| {
+            cases.push((
+                format!("seg_{who}_{spelling}"),
+                media_playlist("", &uri),
+                refuser,
+            ));
         };
-        // TLS: FFmpeg opens the TCP connection and sends a ClientHello.
-        seg("https", format!("https://127.0.0.1:{port}/seg.ts"));
+        let gw = |host: &str| Refuser::Gateway(format!("{host}:{port}"));
+        // TLS: FFmpeg asks the gateway to CONNECT.
+        seg(
+            "https",
+            format!("https://127.0.0.1:{port}/seg.ts"),
+            gw("127.0.0.1"),
+        );
         // FFmpeg's HLS demuxer opens any protocol whose name starts with "http": `httpproxy`
         // opens a raw TCP connection to that host and port and sends `CONNECT`. Debian's FFmpeg
         // refuses a segment URL without a media extension (`allowed_segment_extensions`), so the
-        // bare `/` is refused there before any connection; `/seg.ts` is not.
-        seg("httpproxy", format!("httpproxy://127.0.0.1:{port}/"));
+        // bare `/` is refused there before any connection; `/seg.ts` is FFmpeg's own TCP
+        // connection, which the sandbox refuses.
+        seg(
+            "httpproxy",
+            format!("httpproxy://127.0.0.1:{port}/"),
+            Refuser::Ffmpeg(format!("httpproxy://127.0.0.1:{port}/")),
+        );
         seg(
             "httpproxy_ts",
             format!("httpproxy://127.0.0.1:{port}/seg.ts"),
+            Refuser::Sandbox(format!("127.0.0.1:{port}")),
         );
         if on_loopback2 {
-            seg("loopback2", format!("http://127.0.0.2:{port}/seg.ts"));
+            seg(
+                "loopback2",
+                format!("http://127.0.0.2:{port}/seg.ts"),
+                gw("127.0.0.2"),
+            );
         } else {
             println!("127.0.0.2 left out: the Redis servers could not listen there");
         }
         if on_ipv6 {
-            seg("ipv6", format!("http://[::1]:{port}/seg.ts"));
+            seg("ipv6", format!("http://[::1]:{port}/seg.ts"), gw("::1"));
         } else {
             println!("[::1] left out: this host has no IPv6 loopback for the Redis servers");
         }
         // Connecting to 0.0.0.0 reaches the host itself.
-        seg("any", format!("http://0.0.0.0:{port}/seg.ts"));
-        seg("localhost", format!("http://localhost:{port}/seg.ts"));
+        seg(
+            "any",
+            format!("http://0.0.0.0:{port}/seg.ts"),
+            gw("0.0.0.0"),
+        );
+        seg(
+            "localhost",
+            format!("http://localhost:{port}/seg.ts"),
+            gw("localhost"),
+        );
         // A segment on the upstream itself (relative URI) that answers 302 to the Redis.
-        seg("redirect", format!("redirect_{who}.ts"));
+        seg("redirect", format!("redirect_{who}.ts"), gw("127.0.0.1"));
         redirects.insert(
             format!("/redirect_{who}.ts"),
             format!("http://127.0.0.1:{port}/x.ts"),
@@ -694,19 +778,19 @@ async fn upstream_playlists_cannot_point_ffmpeg_at_redis_on_localhost() {
     let upstream = Upstream::start_with_redirects(
         cases
             .iter()
-            .map(|(id, text)| (format!("/{id}.m3u8"), text.clone()))
+            .map(|(id, text, _)| (format!("/{id}.m3u8"), text.clone()))
             .collect(),
         redirects.clone(),
     )
     .await;
-    for (id, _) in &cases {
+    for (id, _, _) in &cases {
         put_channel(&redis, id, &upstream.url(&format!("/{id}.m3u8")), "").await;
     }
     let node = hostile_node(&redis, root.path());
     let conn = redis.conn().await;
     let farm = RedisWatch::start(&redis).await;
     let other = RedisWatch::start(&decoy).await;
-    let ids: Vec<&str> = cases.iter().map(|(id, _)| id.as_str()).collect();
+    let ids: Vec<&str> = cases.iter().map(|(id, _, _)| id.as_str()).collect();
     start_and_wait_ended(&conn, &node, &ids).await;
 
     // Why each channel ended, for an operator reading a failure (on the connection opened before
@@ -747,6 +831,21 @@ async fn upstream_playlists_cannot_point_ffmpeg_at_redis_on_localhost() {
             "FFmpeg never asked the upstream for {path}, so it never met the redirect"
         );
     }
+    // Each hostile reference was tried and refused, by whom the spelling says: the gateway
+    // (counted per reference in its log), the sandbox, or FFmpeg before any connection.
+    let log = node.log();
+    let mut never: Vec<String> = Vec::new();
+    for (id, _, refuser) in &cases {
+        let n = refusals(&log, id, refuser);
+        println!("{id}: refused {n} times by {refuser:?}");
+        if n == 0 {
+            never.push(format!("{id} ({refuser:?})"));
+        }
+    }
+    assert!(
+        never.is_empty(),
+        "hostile references never seen refused (not tried, or let through): {never:?}"
+    );
     let (farm_contact, other_contact) = (farm.contact().await, other.contact().await);
     println!("the farm Redis saw of FFmpeg: {farm_contact:?}; the other Redis: {other_contact:?}");
     assert_eq!(

@@ -173,7 +173,7 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
         ]),
     );
     for (i, id) in ids.iter().enumerate() {
-        let r = get(&format!("{}/live/{id}/index.m3u8", nodes[i % 2].base_url())).await;
+        let r = get_observed(&format!("{}/live/{id}/index.m3u8", nodes[i % 2].base_url())).await;
         assert_eq!(r.status, 200, "{id}: {}", r.text());
     }
 
@@ -317,4 +317,14 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
     )
     .await;
     keep.abort();
+    // The farm on the new primary holds the invariants (node TTL 10 s, tick 500 ms).
+    let farm: Vec<&NodeProcess> = nodes.iter().collect();
+    let report = farm_tests::invariants::check_nodes(
+        &replica,
+        &farm,
+        farm_tests::invariants::settle_time(Duration::from_secs(10), Duration::from_millis(500)),
+    )
+    .await;
+    println!("sentinel failover: {}", report.figure());
+    report.assert_clean();
 }

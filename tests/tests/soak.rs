@@ -11,6 +11,12 @@
 //! at a time, restarted after 2–6 s, same id and HLS root) or of a random coordinator (restarted
 //! after 1–4 s).
 //!
+//! Bounds asserted: never two runnable FFmpegs for a channel (every 100 ms sample); the checker
+//! clean over its whole window after the chaos; a watching viewer is never without a playlist
+//! for longer than promise 4 allows, `node_ttl + tick` + the fake FFmpeg's first segment (1 s) +
+//! one request interval + 0.5 s (from its first failed request to its next served one); once the farm has settled, every
+//! request of a watching viewer is served (3 s of steady viewing).
+//!
 //! CI runs `soak_short` (`FARM_SOAK_SECS`, default 45 s of chaos). The long one, 5 minutes:
 //! `FARM_SOAK_SECS=300 cargo test -p farm-tests --test soak -- --ignored --nocapture`
 //! (`FARM_SOAK_SEED=<n>` replays a run's random choices; the seed is printed).
@@ -202,11 +208,61 @@ fn sampler(nodes: Vec<FarmNode>, stop: Arc<AtomicBool>, t0: Instant) -> Sampled 
     s
 }
 
+/// A new run's first segment (the fake FFmpeg's `seg_ms`) and a viewer's longest request
+/// interval, for the outage bound.
+const FIRST_SEGMENT: Duration = Duration::from_secs(1);
+const REQUEST_EVERY_MAX: Duration = Duration::from_millis(1200);
+const SLACK: Duration = Duration::from_millis(500);
+
+/// One viewer request: (channel, watching session, sent at, served, after the chaos).
+type Request = (usize, u64, Instant, bool, bool);
+
 #[derive(Default)]
 struct ViewerStats {
     requests: AtomicU64,
     skipped: AtomicU64,
     statuses: Mutex<BTreeMap<u16, u64>>,
+    /// Every request, for the bounds.
+    log: Mutex<Vec<Request>>,
+    /// Per channel, when the last playlist fed to the strict checker was asked for: a viewer's
+    /// answers are checked in the order it asked (an older answer arriving late is skipped).
+    checked_up_to: Mutex<BTreeMap<usize, Instant>>,
+    /// What the strict RFC 8216 checker found.
+    violations: Mutex<Vec<String>>,
+}
+
+/// The longest time a watching viewer went without a playlist during the chaos: from its first
+/// failed request to its next served one (one session: a channel watched without a break). Also
+/// how many sessions ended while failing, and the worst of those.
+fn longest_outage(log: &[Request]) -> (Duration, String, usize) {
+    let mut by: BTreeMap<(usize, u64), Vec<(Instant, bool)>> = BTreeMap::new();
+    for (ch, session, at, ok, steady) in log {
+        if !steady {
+            by.entry((*ch, *session)).or_default().push((*at, *ok));
+        }
+    }
+    let (mut worst, mut which, mut unresolved) = (Duration::ZERO, String::new(), 0);
+    for ((ch, session), mut reqs) in by {
+        reqs.sort();
+        let mut failing_since: Option<Instant> = None;
+        for (at, ok) in &reqs {
+            match (ok, failing_since) {
+                (false, None) => failing_since = Some(*at),
+                (true, Some(since)) => {
+                    if *at - since > worst {
+                        worst = *at - since;
+                        which = format!("s{ch} (session {session})");
+                    }
+                    failing_since = None;
+                }
+                _ => {}
+            }
+        }
+        if failing_since.is_some() {
+            unresolved += 1;
+        }
+    }
+    (worst, which, unresolved)
 }
 
 /// Viewers come and go until `steady` is set, then the ones watching keep watching (and the others
@@ -222,6 +278,8 @@ async fn viewers(
         watched: bool,
         flip_at: Instant,
         next_request: Instant,
+        /// Bumped each time the viewer starts watching.
+        number: u64,
     }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(12))
@@ -233,6 +291,7 @@ async fn viewers(
             watched: rng.below(2) == 0,
             flip_at: now + rng.ms(0, 10_000),
             next_request: now + rng.ms(0, 1000),
+            number: 0,
         })
         .collect();
     let inflight = Arc::new(tokio::sync::Semaphore::new(INFLIGHT));
@@ -250,6 +309,7 @@ async fn viewers(
                         rng.ms(3000, 12_000)
                     };
                 s.next_request = now;
+                s.number += 1;
             }
             if !s.watched || now < s.next_request {
                 continue;
@@ -268,13 +328,34 @@ async fn viewers(
                 live[rng.below(live.len() as u64) as usize]
             );
             let (http, stats) = (http.clone(), stats.clone());
+            let (session, steady_now) = (s.number, !flips);
             requests.spawn(async move {
-                let status = match http.get(&url).send().await {
-                    Ok(r) => r.status().as_u16(),
-                    Err(_) => 0,
+                let sent = Instant::now();
+                let (status, body) = match http.get(&url).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        (status, r.text().await.unwrap_or_default())
+                    }
+                    Err(_) => (0, String::new()),
                 };
+                if status == 200 {
+                    let newer = {
+                        let mut up_to = lock(&stats.checked_up_to);
+                        let newer = up_to.get(&i).is_none_or(|t| *t < sent);
+                        if newer {
+                            up_to.insert(i, sent);
+                        }
+                        newer
+                    };
+                    if newer {
+                        for v in farm_tests::hls::try_observe(&url, &body) {
+                            lock(&stats.violations).push(v.to_string());
+                        }
+                    }
+                }
                 stats.requests.fetch_add(1, Ordering::Relaxed);
                 *lock(&stats.statuses).entry(status).or_default() += 1;
+                lock(&stats.log).push((i, session, sent, status == 200, steady_now));
                 drop(permit);
             });
         }
@@ -378,6 +459,9 @@ async fn soak(chaos_for: Duration) {
     steady.store(true, Ordering::Release);
     let alive: Vec<FarmNode> = nodes.iter().map(FarmNode::of).collect();
     let report = invariants::check(&redis, &alive, settle_time(NODE_TTL, TICK)).await;
+    // Settled: from now on every request of a watching viewer is served.
+    let steady_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await; // 3 s of steady viewing
     viewers_stop.store(true, Ordering::Release);
     watchers.await.expect("viewers");
     stop.store(true, Ordering::Release);
@@ -415,8 +499,42 @@ settled {:?} after the chaos: {}",
         sampled.first_doubles
     );
     report.assert_clean();
-    let served = lock(&stats.statuses).get(&200).copied().unwrap_or(0);
-    assert!(served > 0, "no viewer was ever served");
+    let log = lock(&stats.log).clone();
+    let (outage, which, unresolved) = longest_outage(&log);
+    let bound = NODE_TTL + TICK + FIRST_SEGMENT + REQUEST_EVERY_MAX + SLACK;
+    let steady: Vec<_> = log
+        .iter()
+        .filter(|(_, _, at, _, steady)| *steady && *at >= steady_from)
+        .collect();
+    let steady_failed = steady.iter().filter(|(_, _, _, ok, _)| !ok).count();
+    println!(
+        "viewers during the chaos: longest time without a playlist {outage:?} ({which}; bound node_ttl + tick + first segment + one request interval + 0.5 s = {bound:?}), \
+{unresolved} sessions ended while failing; after settling: {} requests, {steady_failed} not served",
+        steady.len()
+    );
+    assert!(
+        outage <= bound,
+        "a watching viewer went {outage:?} without a playlist ({which})"
+    );
+    assert!(
+        steady.len() >= 100,
+        "too few steady requests: {}",
+        steady.len()
+    );
+    assert_eq!(
+        steady_failed, 0,
+        "a watching viewer was not served after the farm settled"
+    );
+    let violations = lock(&stats.violations).clone();
+    println!(
+        "strict RFC 8216 checker over the viewers' playlists: {} violations",
+        violations.len()
+    );
+    assert!(
+        violations.is_empty(),
+        "the viewers' playlists break RFC 8216:\n{}",
+        violations.join("\n")
+    );
     for n in &mut nodes {
         assert!(n.running(), "node {} died by itself", n.node_id());
     }

@@ -14,6 +14,12 @@
 //! - `mode=fail`: prints "Server returned 403 Forbidden" to stderr and exits 1 at once.
 //! - `after_ms=N` (default 1000), `seg_ms=N` (default `-hls_time` seconds, which defaults to 2),
 //!   `bytes=N` (segment size, default 20000, rounded up to whole 188-byte TS null packets).
+//! - `spawnlog=1`: appends `start <pid> <µs since the epoch>` when it starts and
+//!   `exit <pid> <µs> <code>` when it exits by itself (not when killed) to `spawns.log` in the
+//!   folder above the node's HLS root (the playlist's folder's grandparent: outside anything the
+//!   node manages, shared by the nodes of one test), so a test can time the gaps between a crash
+//!   and the next spawn from the processes' own clocks. (A path in the URL would not do: the node
+//!   masks long query values in FFmpeg's argv as possible credentials.)
 //!
 //! Files are written like ffmpeg's `hls_flags temp_file`: `<segment>.tmp` then rename,
 //! `<playlist>.tmp` then rename; the playlist lists the last `-hls_list_size` segments (0 = all) and,
@@ -52,6 +58,7 @@ struct Config {
     after: Duration,
     seg_interval: Duration,
     seg_bytes: usize,
+    spawnlog: Option<PathBuf>,
 }
 
 fn main() {
@@ -73,22 +80,45 @@ fn main() {
         config.seg_bytes,
         config.playlist.display()
     );
+    log_spawn(&config, "start", "");
     if config.mode == Mode::Fail {
         eprintln!(
             "{}: Server returned 403 Forbidden (access denied)",
             config.input
         );
-        std::process::exit(1);
+        exit(&config, 1);
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
             eprintln!("fake-ffmpeg: cannot install signal handler: {e}");
-            std::process::exit(1);
+            exit(&config, 1);
         }
     }
     let code = run(&config, &stop);
+    exit(&config, code);
+}
+
+fn exit(config: &Config, code: i32) -> ! {
+    log_spawn(config, "exit", &format!(" {code}"));
     std::process::exit(code);
+}
+
+/// One line in the `spawnlog` file, if asked for (append: the runs of one channel share it).
+fn log_spawn(config: &Config, what: &str, extra: &str) {
+    let Some(path) = &config.spawnlog else { return };
+    let us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let line = format!("{what} {} {us}{extra}\n", std::process::id());
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("fake-ffmpeg: spawnlog {}: {e}", path.display());
+    }
 }
 
 fn run(config: &Config, stop: &AtomicBool) -> i32 {
@@ -203,6 +233,15 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         Some(other) => return Err(format!("unknown mode={other}")),
     };
     let default_seg_ms = (hls_time * 1000.0).round().max(1.0) as u64;
+    let spawnlog = (param("spawnlog").as_deref() == Some("1"))
+        .then(|| {
+            playlist
+                .parent()?
+                .parent()?
+                .parent()
+                .map(|d| d.join("spawns.log"))
+        })
+        .flatten();
     Ok(Config {
         input,
         playlist,
@@ -216,6 +255,7 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         after: Duration::from_millis(num("after_ms", 1000)?),
         seg_interval: Duration::from_millis(num("seg_ms", default_seg_ms)?.max(1)),
         seg_bytes: usize::try_from(num("bytes", 20_000)?).map_err(|e| e.to_string())?,
+        spawnlog,
     })
 }
 

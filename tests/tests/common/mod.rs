@@ -28,6 +28,38 @@ pub const FAST: &[&str] = &[
     "2s",
 ];
 
+/// [`FAST`] with some of its values replaced, e.g. `fast_with(&[("--backoff-base", "1s")])` (a flag
+/// may be given once).
+pub fn fast_with(overrides: &[(&str, &str)]) -> Vec<String> {
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    for (flag, value) in overrides {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("{flag} is not in FAST"));
+        args[i + 1] = value.to_string();
+    }
+    args
+}
+
+/// A node with [`fast_with`]`(overrides)` and `extra` arguments.
+pub fn node_with(
+    redis: &RedisServer,
+    id: &str,
+    root: &Path,
+    fake: bool,
+    overrides: &[(&str, &str)],
+    extra: &[&str],
+) -> NodeProcess {
+    let mut opts = NodeOpts::new(id, redis.url(), root.join(id))
+        .args(fast_with(overrides))
+        .args(extra.iter().copied());
+    if fake {
+        opts = opts.with_fake_ffmpeg();
+    }
+    NodeProcess::spawn(opts)
+}
+
 pub fn node(redis: &RedisServer, id: &str, root: &Path, fake: bool, extra: &[&str]) -> NodeProcess {
     let mut opts = NodeOpts::new(id, redis.url(), root.join(id))
         .args(FAST.iter().copied())
@@ -91,6 +123,16 @@ pub async fn get(url: &str) -> Resp {
         headers,
         body,
     }
+}
+
+/// [`get`] of a playlist whose 200 body goes to the strict RFC 8216 checker of its channel
+/// ([`farm_tests::hls::observe`]: panics on a violation). For one viewer's sequence of fetches.
+pub async fn get_observed(url: &str) -> Resp {
+    let r = get(url).await;
+    if r.status == 200 {
+        farm_tests::hls::observe(url, &r.text());
+    }
+    r
 }
 
 /// Live (non-zombie) processes whose command line mentions this folder: the node's FFmpegs.
