@@ -171,7 +171,7 @@ pub struct Args {
     /// Bandwidth one channel's upstreams may send FFmpeg, in Mbit/s (0 = no cap). [default: 50]
     #[arg(long, env = "FARM_EGRESS_BANDWIDTH")]
     pub egress_bandwidth: Option<u32>,
-    /// Upstream requests one channel's FFmpeg may make per second, with a burst of as many;
+    /// Upstream requests one channel's FFmpeg may make per second, with a burst of twice as many;
     /// beyond, it gets 429 (0 = no cap). [default: 20]
     #[arg(long, env = "FARM_EGRESS_RATE")]
     pub egress_rate: Option<u32>,

@@ -7,7 +7,7 @@
 //! - `hostile_upstreams_fail_fast_cost_little_and_healthy_channels_play_on`: each hostile channel
 //!   ends `failed` (lease released, the gateway's reason in `last_error`) within its stated bound;
 //!   the requests that reach the hostile upstream (counted there) stay within the gateway's rate
-//!   (20/s, burst 20: at most 40 in any second); the CPU of each hostile channel's FFmpegs (every
+//!   (20/s, burst 40: at most 60 in any second); the CPU of each hostile channel's FFmpegs (every
 //!   run, sampled from /proc every 100 ms; their total checked against the node's `cutime`) and
 //!   the guard's CPU above its healthy baseline are printed and bounded; the viewers see no error
 //!   and no gap longer than one segment. A running FFmpeg has `RLIMIT_DATA` = `--ffmpeg-memory`
@@ -317,11 +317,6 @@ async fn hostile_upstreams_fail_fast_cost_little_and_healthy_channels_play_on() 
             tokio::spawn(async move { get(&url).await })
         })
         .collect();
-    for (f, (id, _)) in firsts.into_iter().zip(HOSTILE) {
-        let r = f.await.expect("first request");
-        println!("{id}: first request -> {} {}", r.status, r.text().trim());
-        assert_ne!(r.status, 200, "{id} served a playlist");
-    }
     let waits = HOSTILE.iter().map(|(id, _)| {
         let redis = &redis;
         async move {
@@ -339,6 +334,12 @@ async fn hostile_upstreams_fail_fast_cost_little_and_healthy_channels_play_on() 
     });
     let failed_after: HashMap<&str, Duration> =
         futures::future::join_all(waits).await.into_iter().collect();
+    // Each first request waited (start_timeout at most) while the others were failing.
+    for (f, (id, _)) in firsts.into_iter().zip(HOSTILE) {
+        let r = f.await.expect("first request");
+        println!("{id}: first request -> {} {}", r.status, r.text().trim());
+        assert_ne!(r.status, 200, "{id} served a playlist");
+    }
     let hostile_secs = t0.elapsed().as_secs_f64();
     eventually(
         "the hostile FFmpegs to end",
@@ -393,10 +394,10 @@ async fn hostile_upstreams_fail_fast_cost_little_and_healthy_channels_play_on() 
             "{id}: its FFmpegs used {cpu:.2} s CPU in {took:?}"
         );
         assert!(hostile.requests(h) >= 1, "{id} never reached its upstream");
-        // 20/s with a burst of 20: at most 40 pass the gateway in any second; the upstream sees
+        // 20/s with a burst of 40: at most 60 pass the gateway in any second; the upstream sees
         // them a connect later, so its own clock may squeeze one or two more into its second.
         assert!(
-            hostile.max_requests_in(h, Duration::from_secs(1)) <= 42,
+            hostile.max_requests_in(h, Duration::from_secs(1)) <= 62,
             "{id}: over the gateway's rate at the upstream"
         );
         assert!(
@@ -505,11 +506,11 @@ async fn hostile_upstreams_fail_fast_cost_little_and_healthy_channels_play_on() 
         loop_cpu * 100.0
     );
     assert!(
-        header_cpu > 2.0 * CPU_BOUND,
+        header_cpu > CPU_BOUND,
         "the control shows no hot FFmpeg: the CPU bound above proves nothing"
     );
     assert!(
-        loop_rate > 40.0,
+        loop_rate > 60.0,
         "the control shows no hot loop: the rate bound above proves nothing"
     );
 }

@@ -68,13 +68,14 @@ impl Default for Limits {
 
 impl Limits {
     /// A 64 KiB head, `mbit_per_sec` Mbit/s and `requests_per_sec` requests/s with a burst of
-    /// as many (0: no cap).
+    /// twice as many (0: no cap): FFmpeg opening an HLS master loads every variant and rendition
+    /// playlist and the first segment of each at once (a ladder of 19 playlists at 20/s).
     pub fn new(mbit_per_sec: u32, requests_per_sec: u32) -> Limits {
         Limits {
             head_max: 64 * 1024,
             bytes_per_sec: u64::from(mbit_per_sec) * 1_000_000 / 8,
             requests_per_sec,
-            burst: requests_per_sec,
+            burst: requests_per_sec.saturating_mul(2),
         }
     }
 }
@@ -222,28 +223,41 @@ impl Bucket {
     }
 }
 
-/// Counts limits and reports them at most once per [`REPORT_EVERY`] and kind (the first one at
-/// once: it may explain an FFmpeg exit the node is about to see).
+/// Counts limits and reports them at most once per [`REPORT_EVERY`] and kind, and at once the
+/// first time for each FFmpeg process (it explains that FFmpeg's exit, which the node is about to
+/// see: a new run must not wait for the second to pass).
 struct Reporter {
     channel: String,
     events: EventSink,
-    state: Mutex<[(u64, Option<Instant>, String); 5]>,
+    state: Mutex<[Pending; 5]>,
+}
+
+#[derive(Default)]
+struct Pending {
+    count: u64,
+    last: Option<Instant>,
+    /// The FFmpeg the last report was about (0: none, or a stranger).
+    pid: u32,
+    why: String,
 }
 
 impl Reporter {
-    fn report(&self, kind: LimitKind, why: String) {
+    /// `pid`: the FFmpeg whose request it was (0 when not known).
+    fn report(&self, kind: LimitKind, why: String, pid: u32) {
         let i = LimitKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         let due = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let (pending, last, last_why) = &mut st[i];
-            *pending += 1;
-            if last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
-                *last_why = why.clone();
+            let p = &mut st[i];
+            p.count += 1;
+            let new_ffmpeg = pid != 0 && pid != p.pid;
+            if p.last.is_some_and(|t| t.elapsed() < REPORT_EVERY) && !new_ffmpeg {
+                p.why = why.clone();
                 None
             } else {
-                *last = Some(Instant::now());
-                last_why.clear();
-                Some(std::mem::take(pending))
+                p.last = Some(Instant::now());
+                p.pid = pid;
+                p.why.clear();
+                Some(std::mem::take(&mut p.count))
             }
         };
         if let Some(count) = due {
@@ -257,12 +271,12 @@ impl Drop for Reporter {
     /// What was counted since the last report is still reported.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        for (kind, (pending, _, why)) in LimitKind::ALL.iter().zip(st.iter_mut()) {
-            if *pending > 0 {
+        for (kind, p) in LimitKind::ALL.iter().zip(st.iter_mut()) {
+            if p.count > 0 {
                 (self.events)(GatewayEvent::Limited {
                     kind: *kind,
-                    count: *pending,
-                    why: std::mem::take(why),
+                    count: p.count,
+                    why: std::mem::take(&mut p.why),
                 });
             }
         }
@@ -324,7 +338,8 @@ pub struct Gateway {
 
 /// What becomes of an accepted connection.
 enum Admit {
-    Serve(TcpStream),
+    /// From this FFmpeg (0: unchecked).
+    Serve(TcpStream, u32),
     Answer(TcpStream, &'static str, String),
     /// Held until the channel's FFmpeg is announced (or refused after [`PEER_WAIT`]).
     Wait(TcpStream, SocketAddr),
@@ -348,7 +363,7 @@ impl Gateway {
                 // Connections live in these sets: aborting the accept loop drops them all.
                 let mut conns = JoinSet::new();
                 // Connections from a process not known yet, until it is (or PEER_WAIT).
-                let mut waiting: JoinSet<Option<TcpStream>> = JoinSet::new();
+                let mut waiting: JoinSet<Option<(TcpStream, u32)>> = JoinSet::new();
                 // Strangers being answered 403 (reading their request first, so the answer is
                 // not lost to a reset); beyond as many as may wait, they are dropped unanswered.
                 let mut refusing = JoinSet::new();
@@ -363,7 +378,7 @@ impl Gateway {
                             }
                         },
                         Some(done) = waiting.join_next(), if !waiting.is_empty() => match done {
-                            Ok(Some(stream)) => Admit::Serve(stream),
+                            Ok(Some((stream, pid))) => Admit::Serve(stream, pid),
                             _ => continue,
                         },
                         Some(_) = conns.join_next(), if !conns.is_empty() => continue,
@@ -380,7 +395,7 @@ impl Gateway {
                         }
                     };
                     match admit {
-                        Admit::Serve(mut stream) => {
+                        Admit::Serve(mut stream, pid) => {
                             if !ctx.fence.is_open() {
                                 conns.spawn(async move {
                                     answer(&mut stream, "503 Service Unavailable", "fenced: this node has not renewed its leases").await;
@@ -391,7 +406,7 @@ impl Gateway {
                                     answer(&mut stream, "503 Service Unavailable", &why).await;
                                 });
                             } else {
-                                conns.spawn(serve(stream, ctx.clone()));
+                                conns.spawn(serve(stream, ctx.clone(), pid));
                             }
                         }
                         Admit::Answer(mut stream, status, why) => {
@@ -443,10 +458,10 @@ fn admit(
     waiting: usize,
 ) -> Admit {
     let Some(table) = &ctx.cfg.peers else {
-        return Admit::Serve(stream);
+        return Admit::Serve(stream, 0);
     };
     match super::peer::check(table, &ctx.cfg.channel, local, peer) {
-        Verdict::Ours => Admit::Serve(stream),
+        Verdict::Ours(pid) => Admit::Serve(stream, pid),
         Verdict::NotYet if waiting < PEER_WAITING => Admit::Wait(stream, peer),
         Verdict::NotYet => stranger(ctx, stream, peer, "no FFmpeg of this channel runs"),
         Verdict::Stranger(why) => stranger(ctx, stream, peer, &why),
@@ -455,7 +470,7 @@ fn admit(
 
 fn stranger(ctx: &GatewayCtx, stream: TcpStream, peer: SocketAddr, why: &str) -> Admit {
     let why = format!("connection from {peer} refused: {why}");
-    ctx.reporter.report(LimitKind::Peer, why.clone());
+    ctx.reporter.report(LimitKind::Peer, why.clone(), 0);
     Admit::Answer(stream, NOT_YOURS, why)
 }
 
@@ -466,13 +481,13 @@ async fn wait_for_ffmpeg(
     mut stream: TcpStream,
     local: SocketAddr,
     peer: SocketAddr,
-) -> Option<TcpStream> {
+) -> Option<(TcpStream, u32)> {
     let table = ctx.cfg.peers.as_ref()?;
     let mut changes = table.changes();
     let until = tokio::time::Instant::now() + PEER_WAIT;
     let why = loop {
         match super::peer::check(table, &ctx.cfg.channel, local, peer) {
-            Verdict::Ours => return Some(stream),
+            Verdict::Ours(pid) => return Some((stream, pid)),
             Verdict::Stranger(why) => break why,
             Verdict::NotYet => {}
         }
@@ -482,7 +497,7 @@ async fn wait_for_ffmpeg(
         }
     };
     let why = format!("connection from {peer} refused: {why}");
-    ctx.reporter.report(LimitKind::Peer, why.clone());
+    ctx.reporter.report(LimitKind::Peer, why.clone(), 0);
     answer(&mut stream, NOT_YOURS, &why).await;
     None
 }
@@ -670,7 +685,8 @@ async fn response_head(
     Ok(buf)
 }
 
-async fn serve(mut client: TcpStream, ctx: Arc<GatewayCtx>) {
+/// One proxied request of the FFmpeg `pid` (0: not known).
+async fn serve(mut client: TcpStream, ctx: Arc<GatewayCtx>, pid: u32) {
     let cfg = &ctx.cfg;
     let mut buf = Vec::with_capacity(2048);
     let head = tokio::time::timeout(cfg.timeout, async {
@@ -705,7 +721,7 @@ async fn serve(mut client: TcpStream, ctx: Arc<GatewayCtx>) {
             "upstream requests over {}/s (burst {}): answered 429 (a playlist that names itself?)",
             l.requests_per_sec, l.burst
         );
-        ctx.reporter.report(LimitKind::Rate, why.clone());
+        ctx.reporter.report(LimitKind::Rate, why.clone(), pid);
         answer(&mut client, "429 Too Many Requests", &why).await;
         return;
     }
@@ -804,7 +820,7 @@ async fn serve(mut client: TcpStream, ctx: Arc<GatewayCtx>) {
                     }
                 };
                 if let Some(kind) = kind {
-                    ctx.reporter.report(kind, why.clone());
+                    ctx.reporter.report(kind, why.clone(), pid);
                 }
                 answer(&mut client, status, &why).await;
                 return;
@@ -816,6 +832,7 @@ async fn serve(mut client: TcpStream, ctx: Arc<GatewayCtx>) {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
     let down = Throttle {
+        pid,
         ctx: &ctx,
         dest: &dest,
         throttled: false,
@@ -828,6 +845,7 @@ async fn serve(mut client: TcpStream, ctx: Arc<GatewayCtx>) {
 
 /// The channel's bandwidth cap on one connection's way down to FFmpeg.
 struct Throttle<'a> {
+    pid: u32,
     ctx: &'a GatewayCtx,
     dest: &'a str,
     /// Reported once per connection.
@@ -853,6 +871,7 @@ impl Throttle<'_> {
             self.ctx.reporter.report(
                 LimitKind::Bandwidth,
                 format!("upstream {} throttled to {mbit} Mbit/s", self.dest),
+                self.pid,
             );
         }
         tokio::time::sleep(wait).await;
@@ -1281,6 +1300,38 @@ mod tests {
         (n, whys)
     }
 
+    #[test]
+    fn limits_are_reported_once_a_second_and_at_once_for_each_new_ffmpeg() {
+        let (sink, seen) = recorder();
+        let r = Reporter {
+            channel: "ch".into(),
+            events: sink,
+            state: Mutex::default(),
+        };
+        r.report(LimitKind::Rate, "a".into(), 5);
+        r.report(LimitKind::Rate, "b".into(), 5);
+        r.report(LimitKind::Rate, "c".into(), 5);
+        r.report(LimitKind::Peer, "s1".into(), 0);
+        r.report(LimitKind::Peer, "s2".into(), 0);
+        // The next run: its first 429 explains its exit, reported at once with what was pending.
+        r.report(LimitKind::Rate, "d".into(), 6);
+        assert_eq!(
+            limited(&seen, LimitKind::Rate),
+            (4, vec!["a".into(), "d".into()])
+        );
+        assert_eq!(limited(&seen, LimitKind::Peer), (1, vec!["s1".into()]));
+        r.report(LimitKind::Rate, "e".into(), 6);
+        drop(r);
+        assert_eq!(
+            limited(&seen, LimitKind::Rate),
+            (5, vec!["a".into(), "d".into(), "e".into()])
+        );
+        assert_eq!(
+            limited(&seen, LimitKind::Peer),
+            (2, vec!["s1".into(), "s2".into()])
+        );
+    }
+
     #[tokio::test]
     async fn an_endless_or_missing_response_head_is_cut_and_ffmpeg_gets_an_error() {
         // Headers for ever, as fast as the socket takes them.
@@ -1391,10 +1442,10 @@ mod tests {
             }
         }
         let upstream = hits.load(std::sync::atomic::Ordering::SeqCst);
-        println!("1.5 s of a hot loop at 10/s, burst 10: {ok} passed, {too_many} answered 429; the upstream saw {upstream}");
+        println!("1.5 s of a hot loop at 10/s, burst 20: {ok} passed, {too_many} answered 429; the upstream saw {upstream}");
         assert_eq!(ok, upstream);
-        // The burst (10) and 1.5 s at 10/s, give or take one.
-        assert!((20..=27).contains(&ok), "{ok} requests passed");
+        // The burst (20) and 1.5 s at 10/s, give or take one.
+        assert!((33..=37).contains(&ok), "{ok} requests passed");
         assert!(too_many > 50, "{too_many}");
         // Reported at once, then at most once a second, with the count.
         drop(gw);

@@ -90,8 +90,8 @@ impl PeerTable {
 /// What a connection's peer is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// A socket of one of the channel's FFmpegs.
-    Ours,
+    /// A socket of this FFmpeg of the channel.
+    Ours(u32),
     /// Anything else; why.
     Stranger(String),
     /// The channel has no live FFmpeg known yet: the peer may be one about to be announced.
@@ -110,8 +110,8 @@ pub fn check(table: &PeerTable, channel: &str, local: SocketAddr, peer: SocketAd
         Err(e) => return Verdict::Stranger(format!("cannot look its socket up: {e}")),
     };
     let pids = table.pids(channel);
-    if pids.iter().any(|pid| holds_socket(*pid, inode)) {
-        return Verdict::Ours;
+    if let Some(pid) = pids.iter().find(|pid| holds_socket(**pid, inode)) {
+        return Verdict::Ours(*pid);
     }
     if pids.iter().any(|pid| alive(*pid)) {
         Verdict::Stranger("not the channel's FFmpeg".into())
@@ -319,7 +319,7 @@ mod tests {
         table.add("other", std::process::id());
         assert!(matches!(check(&table, "ch", l, p), Verdict::Stranger(_)));
         table.add("ch", std::process::id());
-        assert_eq!(check(&table, "ch", l, p), Verdict::Ours);
+        assert_eq!(check(&table, "ch", l, p), Verdict::Ours(std::process::id()));
         table.remove(std::process::id());
         assert!(matches!(check(&table, "ch", l, p), Verdict::Stranger(_)));
         let _ = ffmpeg.kill();
@@ -393,7 +393,10 @@ mod tests {
             let c = std::net::TcpStream::connect(local).expect("connect");
             let (s, peer) = listener.accept().expect("accept");
             let t = Instant::now();
-            assert_eq!(check(&table, "ch", local, peer), Verdict::Ours);
+            assert_eq!(
+                check(&table, "ch", local, peer),
+                Verdict::Ours(std::process::id())
+            );
             total += t.elapsed();
             let t = Instant::now();
             let ino = sock_diag_inode(v4(peer), v4(local))
