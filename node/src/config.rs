@@ -164,6 +164,25 @@ pub struct Args {
     /// How long a failed channel answers 503 with its reason before a new request may retry it. [default: 30s]
     #[arg(long, env = "FARM_FAILED_HOLD", value_parser = duration::parse)]
     pub failed_hold: Option<Duration>,
+    /// This many FFmpeg runs in a row that publish no segment end a channel in state `failed`,
+    /// however long each run lasted (a stalled upstream). [default: 5]
+    #[arg(long, env = "FARM_MAX_EMPTY_RUNS")]
+    pub max_empty_runs: Option<u32>,
+    /// Bandwidth one channel's upstreams may send FFmpeg, in Mbit/s (0 = no cap). [default: 50]
+    #[arg(long, env = "FARM_EGRESS_BANDWIDTH")]
+    pub egress_bandwidth: Option<u32>,
+    /// Upstream requests one channel's FFmpeg may make per second, with a burst of twice as many;
+    /// beyond, it gets 429 (0 = no cap). [default: 20]
+    #[arg(long, env = "FARM_EGRESS_RATE")]
+    pub egress_rate: Option<u32>,
+    /// Memory one FFmpeg may allocate (RLIMIT_DATA; also memory.max when the node has a delegated
+    /// cgroup), e.g. 1G (0 = no limit). [default: 2G]
+    #[arg(long, env = "FARM_FFMPEG_MEMORY", value_parser = parse_size)]
+    pub ffmpeg_memory: Option<u64>,
+    /// CPU one FFmpeg may use, in cores (cgroup cpu.max; only when the node has a delegated cgroup
+    /// v2, e.g. systemd Delegate=yes), e.g. 1.5 (0 = no limit). [default: 2]
+    #[arg(long, env = "FARM_FFMPEG_CPU")]
+    pub ffmpeg_cpu: Option<f64>,
     /// Upstream URL schemes a channel may use (comma list). [default: http,https,rtmp,rtmps,udp,rtp,srt]
     #[arg(long, env = "FARM_ALLOWED_SCHEMES", value_delimiter = ',')]
     pub allowed_schemes: Option<Vec<String>>,
@@ -271,6 +290,11 @@ struct FileConfig {
     max_crashes: Option<u32>,
     crash_window: Option<String>,
     failed_hold: Option<String>,
+    max_empty_runs: Option<u32>,
+    egress_bandwidth: Option<u32>,
+    egress_rate: Option<u32>,
+    ffmpeg_memory: Option<String>,
+    ffmpeg_cpu: Option<f64>,
     allowed_schemes: Option<Vec<String>>,
     token_secret: Option<String>,
     accel_redirect: Option<String>,
@@ -322,6 +346,15 @@ pub struct Config {
     pub max_crashes: u32,
     pub crash_window: Duration,
     pub failed_hold: Duration,
+    pub max_empty_runs: u32,
+    /// Mbit/s per channel, 0: no cap.
+    pub egress_bandwidth: u32,
+    /// Requests per second per channel, 0: no cap.
+    pub egress_rate: u32,
+    /// Bytes per FFmpeg, 0: no limit.
+    pub ffmpeg_memory: u64,
+    /// Cores per FFmpeg, 0: no limit.
+    pub ffmpeg_cpu: f64,
     pub allowed_schemes: Vec<String>,
     pub token_secret: Option<String>,
     pub accel_redirect: Option<String>,
@@ -570,6 +603,20 @@ impl Config {
                 "failed_hold",
                 Duration::from_secs(30),
             )?,
+            max_empty_runs: args.max_empty_runs.or(file.max_empty_runs).unwrap_or(5),
+            egress_bandwidth: args
+                .egress_bandwidth
+                .or(file.egress_bandwidth)
+                .unwrap_or(50),
+            egress_rate: args.egress_rate.or(file.egress_rate).unwrap_or(20),
+            ffmpeg_memory: match (args.ffmpeg_memory, &file.ffmpeg_memory) {
+                (Some(v), _) => v,
+                (None, Some(s)) => {
+                    parse_size(s).map_err(|e| ConfigError(format!("ffmpeg_memory: {e}")))?
+                }
+                (None, None) => 2 << 30,
+            },
+            ffmpeg_cpu: args.ffmpeg_cpu.or(file.ffmpeg_cpu).unwrap_or(2.0),
             allowed_schemes: args
                 .allowed_schemes
                 .or(file.allowed_schemes)
@@ -691,6 +738,18 @@ impl Config {
         }
         if self.max_crashes == 0 {
             return bad("max_crashes must be at least 1".into());
+        }
+        if self.max_empty_runs == 0 {
+            return bad("max_empty_runs must be at least 1".into());
+        }
+        if !(0.0..=1024.0).contains(&self.ffmpeg_cpu) {
+            return bad(format!(
+                "ffmpeg_cpu {} is not a number of cores (0 for no limit)",
+                self.ffmpeg_cpu
+            ));
+        }
+        if self.ffmpeg_memory != 0 && self.ffmpeg_memory < 64 << 20 {
+            return bad("ffmpeg_memory must be at least 64M (or 0 for no limit)".into());
         }
         if self.token_secret.as_ref().is_some_and(|t| t.len() < 16) {
             return bad("token_secret must be at least 16 bytes".into());
@@ -888,6 +947,21 @@ mod tests {
         assert_eq!(ok.egress_allow.len(), 2);
         assert!(ok.egress_deny.is_empty());
         assert_eq!(ok.ffmpeg_sandbox, crate::sandbox::Mode::Require);
+        assert_eq!(
+            (ok.max_empty_runs, ok.egress_bandwidth, ok.egress_rate),
+            (5, 50, 20)
+        );
+        assert_eq!((ok.ffmpeg_memory, ok.ffmpeg_cpu), (2 << 30, 2.0));
+        for (flag, value, says) in [
+            ("--max-empty-runs", "0", "max_empty_runs"),
+            ("--ffmpeg-cpu", "2000", "ffmpeg_cpu"),
+            ("--ffmpeg-cpu", "NaN", "ffmpeg_cpu"),
+            ("--ffmpeg-memory", "1M", "ffmpeg_memory"),
+        ] {
+            let err =
+                Config::from_args(Args::parse_from(["farm-node", flag, value])).expect_err(flag);
+            assert!(err.to_string().contains(says), "{flag} {value}: {err}");
+        }
     }
 
     #[test]

@@ -95,6 +95,7 @@ pub async fn run(
         std::process::id(),
         cfg.hls_root.clone(),
         egress.spec(),
+        guard::Limits::from_config(&cfg),
         metrics.clone(),
     )
     .await

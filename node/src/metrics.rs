@@ -87,6 +87,12 @@ pub struct Metrics {
     pub admin_auth_throttled: Counter,
     /// Times free memory was handed back to the system (`memory::release`).
     pub memory_releases: Counter,
+    /// Limits the egress gateways applied, by kind (head, stall, rate, bandwidth, peer: a fixed set).
+    pub egress_limited: Family<KindLabel, Counter>,
+    /// 1 when each FFmpeg runs in a cgroup of its own (cpu.max, memory.max).
+    pub ffmpeg_cgroups: Gauge,
+    /// FFmpegs whose rlimits or cgroup could not be set.
+    pub ffmpeg_limit_errors: Counter,
 }
 
 /// The `reason` label values of `farm_node_channel_stops`: a fixed set, so that a reason taken
@@ -156,6 +162,9 @@ impl Metrics {
             admin_auth_failures: Counter::default(),
             admin_auth_throttled: Counter::default(),
             memory_releases: Counter::default(),
+            egress_limited: Family::default(),
+            ffmpeg_cgroups: Gauge::default(),
+            ffmpeg_limit_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Viewer requests by kind", m.requests.clone());
@@ -343,6 +352,29 @@ impl Metrics {
             "memory_releases",
             "Times free memory was handed back to the system after a burst",
             m.memory_releases.clone(),
+        );
+        registry.register(
+            "egress_limited",
+            "Limits applied by the egress gateways: head (response head too long), stall (no \
+             response head in time), rate (requests answered 429), bandwidth (connections \
+             throttled), peer (connections from other processes refused)",
+            m.egress_limited.clone(),
+        );
+        for kind in crate::egress::LimitKind::ALL {
+            // Every kind shows (at 0) before the first one happens.
+            let _ = m.egress_limited.get_or_create(&KindLabel {
+                kind: kind.as_str().into(),
+            });
+        }
+        registry.register(
+            "ffmpeg_cgroups",
+            "1 when each FFmpeg runs in a cgroup of its own with cpu.max and memory.max",
+            m.ffmpeg_cgroups.clone(),
+        );
+        registry.register(
+            "ffmpeg_limit_errors",
+            "FFmpegs whose rlimits or cgroup could not be set",
+            m.ffmpeg_limit_errors.clone(),
         );
         Self { registry, ..m }
     }

@@ -941,6 +941,9 @@ async fn supervise(
     };
     let profile = &cfg.profiles[&spec.profile];
     let mut crashes: VecDeque<Instant> = VecDeque::new();
+    // Runs in a row that ended without a segment, whatever they lasted (a stalled run can outlast
+    // the crash window).
+    let mut empty_runs = 0u32;
     let mut source_idx = 0usize;
     let mut restarts = 0u64;
     let mut last_error = String::new();
@@ -1048,7 +1051,10 @@ async fn supervise(
                 {
                     crashes.pop_front();
                 }
-                warn!(%reason, crashes = crashes.len(), "ffmpeg crashed");
+                // The watcher's last segment is reset before every run.
+                let produced = progress.borrow().last_segment.is_some();
+                empty_runs = if produced { 0 } else { empty_runs + 1 };
+                warn!(%reason, crashes = crashes.len(), empty_runs, "ffmpeg crashed");
                 if crashes.len() as u32 >= cfg.max_crashes {
                     return Outcome::Failed(
                         format!(
@@ -1056,6 +1062,12 @@ async fn supervise(
                             crashes.len(),
                             cfg.crash_window
                         ),
+                        None,
+                    );
+                }
+                if empty_runs >= cfg.max_empty_runs {
+                    return Outcome::Failed(
+                        format!("{empty_runs} runs in a row without a segment; last: {reason}"),
                         None,
                     );
                 }

@@ -637,3 +637,258 @@ pub fn require_credentials(provider: &FakeProvider, creds: Credentials) -> Crede
         stop,
     }
 }
+
+/// What a [`HostileUpstream`] does with a request for one of its paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hostile {
+    /// `200 OK`, then header lines for ever, as fast as the client reads them.
+    EndlessHeader,
+    /// A master playlist whose only variant is itself.
+    SelfReferencingMaster,
+    /// Reads the request and never answers; the connection stays open until the client goes.
+    StallForever,
+    /// `200 OK` and its head, then not a byte more; the connection stays open until the client
+    /// goes (each run then lasts until the node's stall detection, longer than a crash window's
+    /// share).
+    StallAfterHead,
+}
+
+impl Hostile {
+    pub const ALL: [Hostile; 4] = [
+        Hostile::EndlessHeader,
+        Hostile::SelfReferencingMaster,
+        Hostile::StallForever,
+        Hostile::StallAfterHead,
+    ];
+
+    /// The path that behaves so.
+    pub fn path(self) -> &'static str {
+        match self {
+            Hostile::EndlessHeader => "/endless-header.ts",
+            Hostile::SelfReferencingMaster => "/self.m3u8",
+            Hostile::StallForever => "/stall.ts",
+            Hostile::StallAfterHead => "/stall-after-head.ts",
+        }
+    }
+}
+
+#[derive(Default)]
+struct HostileLog {
+    /// path → when each request arrived.
+    requests: HashMap<String, Vec<std::time::Instant>>,
+    /// path → bytes sent.
+    bytes: HashMap<String, u64>,
+    open: u64,
+}
+
+/// A raw-TCP upstream that misbehaves as [`Hostile`] says, by path (any other path: 404), and
+/// records every request (path and time) and byte it sends: what reached the provider, not what
+/// the farm says it sent. Runs on its own thread; stops (cutting every connection) on drop.
+pub struct HostileUpstream {
+    addr: SocketAddr,
+    log: Arc<Mutex<HostileLog>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HostileUpstream {
+    pub fn start() -> HostileUpstream {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind hostile upstream");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("addr");
+        let log: Arc<Mutex<HostileLog>> = Arc::default();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let l = log.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("hostile-upstream-{}", addr.port()))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("hostile upstream: cannot build runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    let mut conns = tokio::task::JoinSet::new();
+                    let serve = async {
+                        loop {
+                            match listener.accept().await {
+                                Ok((s, _)) => {
+                                    conns.spawn(hostile_conn(s, l.clone()));
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                            }
+                            while conns.try_join_next().is_some() {}
+                        }
+                    };
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stop_rx => {}
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .expect("spawn hostile upstream thread");
+        HostileUpstream {
+            addr,
+            log,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// The URL of a hostile path.
+    pub fn url(&self, h: Hostile) -> String {
+        format!("http://{}{}", self.addr, h.path())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests received for `h`'s path so far.
+    pub fn requests(&self, h: Hostile) -> u64 {
+        lock(&self.log)
+            .requests
+            .get(h.path())
+            .map_or(0, |v| v.len() as u64)
+    }
+
+    /// The most requests for `h`'s path inside any `window` (sliding).
+    pub fn max_requests_in(&self, h: Hostile, window: Duration) -> u64 {
+        let log = lock(&self.log);
+        let Some(times) = log.requests.get(h.path()) else {
+            return 0;
+        };
+        let mut best = 0;
+        let mut start = 0;
+        for end in 0..times.len() {
+            while times[end].duration_since(times[start]) >= window {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        best as u64
+    }
+
+    /// When the first and the last request for `h`'s path came.
+    pub fn first_and_last(&self, h: Hostile) -> Option<(std::time::Instant, std::time::Instant)> {
+        let log = lock(&self.log);
+        let t = log.requests.get(h.path())?;
+        Some((*t.first()?, *t.last()?))
+    }
+
+    /// Bytes sent on `h`'s path so far.
+    pub fn bytes_sent(&self, h: Hostile) -> u64 {
+        lock(&self.log).bytes.get(h.path()).copied().unwrap_or(0)
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> u64 {
+        lock(&self.log).open
+    }
+}
+
+impl Drop for HostileUpstream {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn hostile_conn(mut s: tokio::net::TcpStream, log: Arc<Mutex<HostileLog>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    lock(&log).open += 1;
+    struct Open(Arc<Mutex<HostileLog>>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            lock(&self.0).open -= 1;
+        }
+    }
+    let _open = Open(log.clone());
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > 64 * 1024 {
+            return;
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let target = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let path = target.split('?').next().unwrap_or("/").to_string();
+    lock(&log)
+        .requests
+        .entry(path.clone())
+        .or_default()
+        .push(std::time::Instant::now());
+    let count = |n: usize| {
+        *lock(&log).bytes.entry(path.clone()).or_default() += n as u64;
+    };
+    let hostile = Hostile::ALL.into_iter().find(|h| h.path() == path);
+    match hostile {
+        Some(Hostile::EndlessHeader) => {
+            let first = b"HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\n";
+            if s.write_all(first).await.is_err() {
+                return;
+            }
+            count(first.len());
+            // 64 lines of 1 KiB per write: the client, not this server, is the bottleneck.
+            let line = [b"X-Padding: ".as_slice(), &[b'a'; 1024], b"\r\n"].concat();
+            let block = line.repeat(64);
+            while s.write_all(&block).await.is_ok() {
+                count(block.len());
+            }
+        }
+        Some(Hostile::SelfReferencingMaster) => {
+            let body = format!(
+                "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=800000,RESOLUTION=640x360\n{}\n",
+                Hostile::SelfReferencingMaster.path()
+            );
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.apple.mpegurl\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(resp.as_bytes()).await.is_ok() {
+                count(resp.len());
+            }
+        }
+        Some(h @ (Hostile::StallForever | Hostile::StallAfterHead)) => {
+            if h == Hostile::StallAfterHead {
+                let head =
+                    b"HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\nConnection: close\r\n\r\n";
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                count(head.len());
+            }
+            // Until the client goes.
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        None => {
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+        }
+    }
+}

@@ -12,9 +12,15 @@
 //! through a `host:port` the channel's catalog names, or inside a network the operator allowed
 //! (`--egress-allow`); `--egress-deny` networks and non-unicast addresses never. The decision is
 //! made on resolved addresses, and the gateway connects to exactly the address it checked.
+//!
+//! Each gateway also caps what an upstream can make its channel cost ([`Limits`]: response head
+//! size and time, bandwidth, request rate) and serves only its channel's own FFmpeg ([`peer`]).
 
 mod gateway;
+pub mod peer;
 mod policy;
 
-pub use gateway::{EventSink, Gateway, GatewayConfig, GatewayEvent, MAX_CONNECTIONS};
+pub use gateway::{
+    EventSink, Gateway, GatewayConfig, GatewayEvent, LimitKind, Limits, MAX_CONNECTIONS,
+};
 pub use policy::{endpoint, is_internal, proxied, scheme, vouched, Policy, PolicySpec, Refusal};

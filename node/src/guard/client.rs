@@ -57,6 +57,9 @@ struct GatewayShared {
 /// The node's handle on its guard.
 pub struct Guard {
     init: ToGuard,
+    /// Set on every FFmpeg at its spawn.
+    ffmpeg_limits: super::limits::FfmpegLimits,
+    cgroups: Option<super::limits::Cgroups>,
     metrics: Arc<Metrics>,
     shared: Mutex<Shared>,
     /// Bumped each time a new guard is connected.
@@ -163,10 +166,15 @@ impl Drop for GatewayHandle {
 pub struct Tracked {
     pid: u32,
     guard: Arc<Guard>,
+    /// Its cgroup leaf, removed with it.
+    cgroup: Option<std::path::PathBuf>,
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
+        if let Some(leaf) = self.cgroup.take() {
+            super::limits::Cgroups::release(&leaf);
+        }
         if self.pid == 0 {
             return;
         }
@@ -184,19 +192,44 @@ pub struct GuardTask {
 }
 
 impl Guard {
-    /// Starts the node's guard and waits until it is ready.
+    /// Starts the node's guard and waits until it is ready. Where the node may manage its own
+    /// cgroup, it moves into a leaf first (the guard starts there too) and FFmpegs get theirs.
     pub async fn start(
         node_pid: u32,
         hls_root: std::path::PathBuf,
         policy: PolicySpec,
+        limits: super::Limits,
         metrics: Arc<Metrics>,
     ) -> Result<(Arc<Guard>, GuardTask), String> {
+        let cgroups = match super::limits::Cgroups::detect(&limits.ffmpeg) {
+            Ok(c) => {
+                info!(
+                    cpu = limits.ffmpeg.cpu,
+                    memory = limits.ffmpeg.memory,
+                    "each ffmpeg runs in a cgroup of its own (cpu.max, memory.max)"
+                );
+                Some(c)
+            }
+            Err(why) => {
+                info!(
+                    %why,
+                    memory = limits.ffmpeg.memory,
+                    "no cgroup for ffmpegs: their memory is bounded by RLIMIT_DATA, their CPU \
+                     only by nice and the egress gateways' caps"
+                );
+                None
+            }
+        };
+        metrics.ffmpeg_cgroups.set(i64::from(cgroups.is_some()));
         let guard = Arc::new(Guard {
             init: ToGuard::Init {
                 node_pid,
                 hls_root,
                 policy,
+                limits: limits.gateway,
             },
+            ffmpeg_limits: limits.ffmpeg,
+            cgroups,
             metrics,
             shared: Mutex::default(),
             incarnation: watch::channel(0).0,
@@ -224,15 +257,29 @@ impl Guard {
         }
     }
 
-    /// Tells the guard of a spawned FFmpeg (a process-group leader); keep the token until it is
-    /// reaped.
+    /// Tells the guard of a spawned FFmpeg (a process-group leader) and sets its memory and CPU
+    /// limits; keep the token until it is reaped.
     pub fn track(self: &Arc<Self>, child: &Child, channel: &str) -> Tracked {
         let Some(pid) = child.id() else {
             return Tracked {
                 pid: 0,
                 guard: self.clone(),
+                cgroup: None,
             };
         };
+        // At once: FFmpeg has only started to link itself.
+        if let Err(e) = super::limits::set_rlimits(pid, &self.ffmpeg_limits) {
+            self.metrics.ffmpeg_limit_errors.inc();
+            warn!(pid, %channel, error = %e, "cannot set ffmpeg's rlimits");
+        }
+        let cgroup = self.cgroups.as_ref().and_then(|cg| {
+            cg.place(pid, channel, &self.ffmpeg_limits)
+                .inspect_err(|e| {
+                    self.metrics.ffmpeg_limit_errors.inc();
+                    warn!(pid, %channel, error = %e, "cannot put ffmpeg in its cgroup");
+                })
+                .ok()
+        });
         let start = crate::ffmpeg::start_time(pid).unwrap_or(0);
         let mut sh = lock(&self.shared);
         sh.ffmpegs.insert(pid, (start, channel.to_string()));
@@ -247,6 +294,7 @@ impl Guard {
         Tracked {
             pid,
             guard: self.clone(),
+            cgroup,
         }
     }
 
@@ -472,6 +520,25 @@ impl Guard {
             }
             FromGuard::Connected { .. } => {
                 self.metrics.egress_connections.inc();
+            }
+            FromGuard::Limited {
+                id,
+                kind,
+                count,
+                why,
+            } => {
+                self.metrics
+                    .egress_limited
+                    .get_or_create(&crate::metrics::KindLabel {
+                        kind: kind.as_str().into(),
+                    })
+                    .inc_by(count);
+                if kind.explains_failure() {
+                    let gw = lock(&self.gateways).get(&id).and_then(Weak::upgrade);
+                    if let Some(gw) = gw {
+                        *lock(&gw.last_refusal) = Some(why);
+                    }
+                }
             }
             FromGuard::Fenced { killed, late_ms } => {
                 self.metrics.guard_fences.inc();

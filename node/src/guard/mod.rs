@@ -17,11 +17,13 @@
 
 mod client;
 pub mod fence;
-mod procs;
+pub mod limits;
+pub(crate) mod procs;
 pub mod proto;
 mod server;
 
 pub use client::{GatewayHandle, Guard, GuardTask, Tracked};
+pub use limits::Limits;
 pub use server::main;
 
 /// The hidden first argument that runs the binary as a guard.

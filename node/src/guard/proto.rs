@@ -7,7 +7,7 @@
 //! credentials a gateway adds for FFmpeg ([`farm_proto::redact::OriginSecrets`], whose `Debug`
 //! shows `***`), so they never have to be in FFmpeg's world-readable argv.
 
-use crate::egress::PolicySpec;
+use crate::egress::{LimitKind, Limits, PolicySpec};
 use serde::{Deserialize, Serialize};
 
 /// The longest line either side accepts.
@@ -17,12 +17,14 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ToGuard {
-    /// First message: whose guard this is, its HLS root (FFmpegs carry a marker under it) and
-    /// the egress policy every gateway asks.
+    /// First message: whose guard this is, its HLS root (FFmpegs carry a marker under it), the
+    /// egress policy every gateway asks and what each channel's upstreams may cost.
     Init {
         node_pid: u32,
         hls_root: std::path::PathBuf,
         policy: PolicySpec,
+        #[serde(default)]
+        limits: Limits,
     },
     /// The fence time, CLOCK_MONOTONIC ns: when the last successful renewal was sent + ⅔ lease TTL.
     Deadline { mono_ns: u64 },
@@ -73,6 +75,13 @@ pub enum FromGuard {
     /// A gateway made an upstream connection.
     Connected {
         id: u64,
+    },
+    /// A gateway applied a limit `count` times since its last report; the last sentence.
+    Limited {
+        id: u64,
+        kind: LimitKind,
+        count: u64,
+        why: String,
     },
     /// The deadline passed: FFmpegs killed, gateway connections dropped. `late_ms`: how long after
     /// the deadline the guard got to it (0 unless the guard itself was frozen).
@@ -171,6 +180,7 @@ mod tests {
                     allow: vec!["10.0.0.0/8".into()],
                     deny: vec![],
                 },
+                limits: Limits::new(8, 3),
             },
             ToGuard::Deadline { mono_ns: u64::MAX },
             ToGuard::Spawned {
@@ -211,6 +221,12 @@ mod tests {
                 why: "no".into(),
             },
             FromGuard::Connected { id: 1 },
+            FromGuard::Limited {
+                id: 1,
+                kind: LimitKind::Rate,
+                count: 12,
+                why: "over".into(),
+            },
             FromGuard::Fenced {
                 killed: 2,
                 late_ms: 0,
@@ -247,6 +263,16 @@ mod tests {
             assert!(e.starts_with("bad control message"), "{e}");
         }
         assert!(decode::<FromGuard>(br#"{"ev":"opened","id":1,"port":65536}"#).is_err());
+        assert!(decode::<FromGuard>(
+            br#"{"ev":"limited","id":1,"kind":"nonsense","count":1,"why":""}"#
+        )
+        .is_err());
+        // An init without limits (an older node) gets the defaults.
+        let old = br#"{"op":"init","node_pid":9,"hls_root":"/h","policy":{"farm":[],"allow":[],"deny":[]}}"#;
+        assert!(matches!(
+            decode::<ToGuard>(old),
+            Ok(ToGuard::Init { limits, .. }) if limits == Limits::default()
+        ));
     }
 
     #[test]

@@ -10,7 +10,8 @@
 use super::fence::{self, monotonic_ns, FenceClock, Step};
 use super::procs;
 use super::proto::{decode, encode, Frame, FromGuard, LineSplitter, ToGuard, MAX_LINE};
-use crate::egress::{EventSink, Gateway, GatewayConfig, GatewayEvent, Policy};
+use crate::egress::peer::PeerTable;
+use crate::egress::{EventSink, Gateway, GatewayConfig, GatewayEvent, Limits, Policy};
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::process::ExitCode;
@@ -66,7 +67,7 @@ pub fn main() -> ExitCode {
             }
             let (out, replies, events) = Outbox::new();
             let writer = tokio::spawn(write_stdout(replies, events, out.dropped.clone()));
-            let code = run(rx, out).await;
+            let code = run(rx, out, Arc::default()).await;
             writer.abort();
             code
         },
@@ -176,12 +177,16 @@ struct State {
     fenced_for: Option<u64>,
     /// pid → (start time, channel).
     ffmpegs: HashMap<u32, (u64, String)>,
+    /// The same by channel, for the gateways' peer checks.
+    peers: Arc<PeerTable>,
+    limits: Limits,
     gateways: HashMap<u64, Gateway>,
     out: Outbox,
 }
 
-/// The control loop: ends at EOF on the control pipe, or on a bad `init`.
-async fn run(mut rx: mpsc::Receiver<Frame>, out: Outbox) -> ExitCode {
+/// The control loop: ends at EOF on the control pipe, or on a bad `init`. `peers` is filled from
+/// the node's announcements (given here so unit tests can add themselves).
+async fn run(mut rx: mpsc::Receiver<Frame>, out: Outbox, peers: Arc<PeerTable>) -> ExitCode {
     let mut st = State {
         node_pid: None,
         hls_root: std::path::PathBuf::new(),
@@ -189,6 +194,8 @@ async fn run(mut rx: mpsc::Receiver<Frame>, out: Outbox) -> ExitCode {
         clock: Arc::new(FenceClock::closed()),
         fenced_for: Some(0),
         ffmpegs: HashMap::new(),
+        peers,
+        limits: Limits::default(),
         gateways: HashMap::new(),
         out,
     };
@@ -232,6 +239,7 @@ impl State {
                 node_pid,
                 hls_root,
                 policy,
+                limits,
             } => {
                 if self.node_pid.is_some() {
                     warn!("a second init was ignored");
@@ -248,7 +256,8 @@ impl State {
                     .map_err(|e| format!("init has a bad policy: {e}"))?;
                 self.node_pid = Some(node_pid);
                 self.policy = Some(Arc::new(policy));
-                info!(node_pid, "guarding the node");
+                self.limits = limits;
+                info!(node_pid, ?limits, "guarding the node");
                 self.out.reply(&FromGuard::Ready {
                     pid: std::process::id(),
                 });
@@ -285,11 +294,13 @@ impl State {
                         "too many ffmpegs tracked; this one is left to the /proc scan"
                     );
                 } else {
+                    self.peers.add(&channel, pid);
                     self.ffmpegs.insert(pid, (start, channel));
                 }
             }
             ToGuard::Reaped { pid } => {
                 self.ffmpegs.remove(&pid);
+                self.peers.remove(pid);
             }
             ToGuard::Open {
                 id,
@@ -345,6 +356,21 @@ impl State {
             GatewayEvent::Connected => out.event(&FromGuard::Connected { id }),
             // In order with the replies: the node reads it before it reaps the FFmpeg it refused.
             GatewayEvent::Refused(why) => out.reply(&FromGuard::Refused { id, why }),
+            // Reported at most once a second per kind; the ones that explain an FFmpeg exit as
+            // replies, for the same reason.
+            GatewayEvent::Limited { kind, count, why } => {
+                let m = FromGuard::Limited {
+                    id,
+                    kind,
+                    count,
+                    why,
+                };
+                if kind.explains_failure() {
+                    out.reply(&m)
+                } else {
+                    out.event(&m)
+                }
+            }
         });
         let cfg = GatewayConfig {
             channel,
@@ -353,6 +379,8 @@ impl State {
             timeout: Duration::from_millis(timeout_ms),
             max_connections: max_connections.min(4096),
             secrets,
+            limits: self.limits,
+            peers: Some(self.peers.clone()),
         };
         let gw = Gateway::open(cfg, events, self.clock.clone())
             .await
@@ -432,13 +460,17 @@ mod tests {
 
     impl Harness {
         fn start() -> Harness {
+            // This test process is the FFmpeg of channel "ch" as far as the gateways' peer check
+            // goes (never as far as the fence goes: that is the `Spawned` announcements).
+            let peers = Arc::new(PeerTable::default());
+            peers.add("ch", std::process::id());
             let (tx, rx) = mpsc::channel(16);
             let (out, replies, events) = Outbox::new();
             Harness {
                 tx: Some(tx),
                 replies,
                 _events: events,
-                task: tokio::spawn(run(rx, out)),
+                task: tokio::spawn(run(rx, out, peers)),
             }
         }
 
@@ -473,6 +505,7 @@ mod tests {
             node_pid: std::process::id(),
             hls_root: "/nowhere/guard-test".into(),
             policy: crate::egress::PolicySpec::default(),
+            limits: Limits::default(),
         }
     }
 
@@ -585,6 +618,7 @@ mod tests {
                 allow: vec!["nonsense".into()],
                 ..Default::default()
             },
+            limits: Limits::default(),
         })
         .await;
         let code = tokio::time::timeout(Duration::from_secs(5), g.task)
