@@ -512,7 +512,6 @@ async fn reap_dead(
                         held,
                         &node.id,
                         id,
-                        if rehome { "1" } else { "0" },
                         if provider.is_some() { "1" } else { "0" },
                     ],
                 );

@@ -918,7 +918,8 @@ async fn supervise(
     let cfg = node.cfg.clone();
     // Continue what an earlier owner recorded (or start a new timeline).
     *entry.timeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(
-        crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded),
+        crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded)
+            .with_fresh_base(crate::playlist::fresh_base(now_ms(), cfg.hls_time)),
     );
     let sources = spec.sources();
     // FFmpeg's argv gets http URLs without their credentials; the gateway puts them back.
@@ -975,6 +976,7 @@ async fn supervise(
             let mut tl = entry.timeline.lock().unwrap_or_else(|p| p.into_inner());
             let tl = tl.get_or_insert_with(|| {
                 crate::playlist::Timeline::new(cfg.hls_time, cfg.hls_list_size as usize, recorded)
+                    .with_fresh_base(crate::playlist::fresh_base(now_ms(), cfg.hls_time))
             });
             tl.begin_run();
             tl.next_start(progress.borrow().last_seq)

@@ -150,6 +150,8 @@ pub struct Timeline {
     pending_break: bool,
     /// Media sequence number of the newest published segment.
     last: Option<u64>,
+    /// The first media sequence number of a timeline nothing was recorded of (see [`fresh_base`]).
+    fresh_base: u64,
     last_disc: u64,
     /// FFmpeg's number of the newest segment seen (published or skipped): what is newer in its
     /// playlist, and where the next run's file numbers start.
@@ -175,6 +177,7 @@ impl Timeline {
             disc_seq: prev.disc,
             pending_break: prev.last.is_some(),
             last: prev.last,
+            fresh_base: 0,
             last_disc: prev.disc,
             last_file: None,
             last_end_ms: 0,
@@ -182,6 +185,12 @@ impl Timeline {
             text: Bytes::new(),
             served: Bytes::new(),
         }
+    }
+
+    /// Starts a timeline nothing was recorded of at `base` (see [`fresh_base`]).
+    pub fn with_fresh_base(mut self, base: u64) -> Self {
+        self.fresh_base = base;
+        self
     }
 
     /// A new FFmpeg run begins: its first published segment is a discontinuity.
@@ -197,7 +206,7 @@ impl Timeline {
     pub fn next_start(&self, written: Option<u64>) -> u64 {
         match self.last_file.max(written) {
             Some(n) => n + 1,
-            None => self.last.map_or(0, |l| l + 1),
+            None => self.last.map_or(self.fresh_base, |l| l + 1),
         }
     }
 
@@ -258,7 +267,7 @@ impl Timeline {
             if (s.duration + 0.5).floor() as u64 > self.target {
                 out.over_target += 1;
             }
-            let msn = self.last.map_or(0, |l| l + 1);
+            let msn = self.last.map_or(self.fresh_base, |l| l + 1);
             self.window.push_back(Entry {
                 msn,
                 duration: s.duration,
@@ -382,6 +391,15 @@ pub fn choose_target(hls_time: f64, first: f64) -> u64 {
         t = t.max(round(first * per));
     }
     t.min(MAX_TARGET)
+}
+
+/// Where a timeline starts when Redis recorded nothing of the channel: the wall clock in units of
+/// half an `hls_time` (FFmpeg's shortest segment). A channel's media sequence then only grows
+/// even when its record is gone (it expired, or Redis restarted empty): no earlier life of it can
+/// have published faster than one segment per half `hls_time`, so it stayed below this number, and
+/// a segment file name (`seg_<gen>_<n>`) is never used twice even when gens start over with Redis.
+pub fn fresh_base(now_ms: u64, hls_time: Duration) -> u64 {
+    now_ms / (hls_time.as_millis() as u64 / 2).max(250)
 }
 
 /// Wall time now, ms since the epoch.
@@ -563,6 +581,28 @@ mod tests {
                 "2023-11-14T22:13:24.000Z"
             ]
         );
+    }
+
+    #[test]
+    fn a_fresh_timeline_starts_above_any_earlier_life() {
+        // An earlier life that started at its base and published one segment per half hls_time
+        // (as fast as FFmpeg cuts) for an hour stays below a base taken a moment after it ended.
+        let hls = Duration::from_secs(2);
+        let t0 = 1_700_000_000_000;
+        let earlier_last = fresh_base(t0, hls) + 3599; // 3600 segments: base..=base + 3599
+        assert!(fresh_base(t0 + 3_600_001, hls) > earlier_last);
+        let mut t =
+            Timeline::new(hls, 6, &Recorded::default()).with_fresh_base(fresh_base(t0, hls));
+        assert_eq!(
+            t.next_start(None),
+            1_700_000_000,
+            "file numbers start there too"
+        );
+        t.ingest(
+            &[seg(1, 1_700_000_000, 2.0), seg(1, 1_700_000_001, 2.0)],
+            t0,
+        );
+        assert_eq!(tag(&t, "#EXT-X-MEDIA-SEQUENCE:"), "1700000000");
     }
 
     #[test]

@@ -784,6 +784,7 @@ impl Store {
             .key(k.node_streams(node))
             .key(k.stream(id))
             .key(k.node_load(node))
+            .key(k.access())
             .arg(node)
             .arg(id);
         let n: i64 = self

@@ -7,8 +7,9 @@
 -- KEYS[6] access  farm:access
 -- KEYS[7] conns   farm:provider:<name>:conns (the channel's provider holdings; unused without one)
 -- KEYS[8] load    farm:node:<node>:load     (channel weights)
--- ARGV[1] leader value, ARGV[2] node id, ARGV[3] channel id,
--- ARGV[4] "1" to keep the access entry (the channel is re-homed), ARGV[5] "1" when KEYS[7] is a provider key
+-- ARGV[1] leader value, ARGV[2] node id, ARGV[3] channel id, ARGV[4] "1" when KEYS[7] is a provider key
+-- (The access entry goes too, also for a channel the leader re-homes: the new owner's claim stamps
+-- it, and a re-home start that is refused, at a provider's limit say, leaves nothing behind.)
 -- The lease and hash go only while they still name the node; access and provider holdings only while
 -- no other node owns the channel. Returns 'released' (the node's lease was deleted), 'cleared' (only
 -- leftovers), 'alive', 'notleader'.
@@ -29,10 +30,8 @@ if redis.call('HGET', KEYS[5], 'node') == ARGV[2] then
   redis.call('DEL', KEYS[5])
 end
 if mine or not cur then
-  if ARGV[4] ~= '1' then
-    redis.call('ZREM', KEYS[6], ARGV[3])
-  end
-  if ARGV[5] == '1' then
+  redis.call('ZREM', KEYS[6], ARGV[3])
+  if ARGV[4] == '1' then
     redis.call('ZREM', KEYS[7], ARGV[3])
   end
 end

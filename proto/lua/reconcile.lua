@@ -21,6 +21,7 @@ end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if redis.call('TYPE', KEYS[4]).ok == 'hash'
+  and redis.call('HGET', KEYS[4], 'node') == ARGV[2]
   and (tonumber(redis.call('HGET', KEYS[4], 'lease_until')) or 0) > now then
   return ''
 end

@@ -232,8 +232,9 @@ async fn a_provider_at_its_limit_refuses_new_channels_and_a_dead_nodes_holding_e
     .await;
     let started = killed_at.elapsed();
     // The holding ends with the lease (3 s after its last renewal, at most the kill); then the
-    // next try (50 ms) starts the channel, whose first segment takes 500 ms.
-    let bound = Duration::from_secs(3) + Duration::from_millis(50 + 500 + 500);
+    // next try (50 ms) starts the channel, whose first playlist lists 3 segments of 500 ms
+    // (a cold start's first playlist waits for 1.5 target durations, or 3 segments).
+    let bound = Duration::from_secs(3) + Duration::from_millis(50 + 1500 + 500);
     println!("the dead node's provider holding freed; a waiting channel started {started:?} after kill -9 (lease TTL 3 s, bound {bound:?})");
     assert!(
         started <= bound,

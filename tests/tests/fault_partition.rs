@@ -429,26 +429,52 @@ async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
     assert_eq!(old.len(), 1);
     let old_start = farm_tests::procs::process_start_time(old[0]).expect("start");
 
-    // The lease vanishes; a viewer on n2 claims the channel at once.
+    // The lease vanishes (deleted by hand); a viewer on n2 asks for the channel at once and keeps
+    // asking. n2 answers the recorded window meanwhile, and claims the channel only once n1's lease
+    // would have run out (claim.lua waits on the stream hash's lease_until): by then n1 noticed at
+    // its next keepalive and fenced, so the two FFmpegs never overlap.
     let _: () = c.del("farm:owner:ch").await.expect("DEL");
     let taken = Instant::now();
     let taken_ms = farm_tests::procs::now_ms();
-    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n2.base_url())).await;
-    let claimed = taken.elapsed();
-    assert_eq!(status, 200, "n2 serves ch once the lease is free");
-    let (node2, gen2) = owner(&mut c, "farm", "ch").await.expect("ch on n2");
-    assert_eq!((node2.as_str(), gen2 > gen1), ("n2", true));
+    let on_n2 = format!("{}/live/ch/index.m3u8", n2.base_url());
+    let (status, _) = playlist(&http, &on_n2).await;
+    assert_eq!(
+        status, 200,
+        "n2 answers ch's playlist at once (the recorded window)"
+    );
     let exit = farm_tests::procs::watch_exit(old[0], old_start, Duration::from_secs(10))
         .await
         .expect("n1's FFmpeg to be fenced");
     let fenced = Duration::from_millis(exit.gone_ms.saturating_sub(taken_ms));
+    let (node2, gen2) = eventually("n2 to take ch", Duration::from_secs(10), || {
+        let (http, on_n2) = (http.clone(), on_n2.clone());
+        let redis = &redis;
+        async move {
+            let (st, _) = playlist(&http, &on_n2).await;
+            let o = owner(&mut redis.conn().await, "farm", "ch").await?;
+            (st == 200 && o.0 == "n2").then_some(o)
+        }
+    })
+    .await;
+    let claimed = taken.elapsed();
+    assert!(gen2 > gen1, "{node2}:{gen2}");
+    let new = eventually("n2's FFmpeg", Duration::from_secs(10), || async {
+        ffmpegs_for(n2.hls_root(), "ch").first().copied()
+    })
+    .await;
+    let new_started_ms = farm_tests::procs::start_unix_ms(new).expect("start of n2's FFmpeg");
     println!(
-        "lease taken away: n2 claimed and served ch {claimed:?} after; n1's FFmpeg gone {fenced:?} after (bound {:?})",
-        KEEPALIVE + claimed + SLACK
+        "lease taken away: n1's FFmpeg gone {fenced:?} after (bound {:?}); n2 took ch {claimed:?} after, its FFmpeg started {} ms after n1's was gone",
+        KEEPALIVE + SLACK,
+        new_started_ms as i64 - exit.gone_ms as i64
     );
     assert!(
-        fenced <= claimed + KEEPALIVE + SLACK,
+        fenced <= KEEPALIVE + SLACK,
         "n1 ran its FFmpeg {fenced:?} after losing its lease"
+    );
+    assert!(
+        new_started_ms >= exit.gone_ms,
+        "n2's FFmpeg started before n1's was gone: the channel ran twice"
     );
     // n1 starts nothing again for ch: only n2's FFmpeg runs, for a while.
     let t = Instant::now();
