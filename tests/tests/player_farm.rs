@@ -403,5 +403,8 @@ async fn a_drain_of_the_owner_node_the_player_rides_through() {
     let freeze = r.freezes.iter().map(|f| f.length).max().unwrap_or_default();
     let bound = NODE_TTL + TICK + HLS_TIME * 2;
     println!("drain: longest freeze {freeze:?} (bound {bound:?})");
-    assert!(freeze <= bound, "the picture stopped {freeze:?} during a drain");
+    assert!(
+        freeze <= bound,
+        "the picture stopped {freeze:?} during a drain"
+    );
 }
