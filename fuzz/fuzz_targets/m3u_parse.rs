@@ -1,8 +1,8 @@
-//! `farm_proto::m3u::parse` on any text: never panics; what it accepts is safe for the catalog
+//! `farm_coordinator::ctl::import::m3u::parse` on any text: never panics; what it accepts is safe for the catalog
 //! (valid and unique ids, valid URLs, no control characters); every error names a line that exists.
 #![no_main]
 
-use farm_proto::m3u;
+use farm_coordinator::ctl::import::m3u;
 use farm_proto::validate::{self, DEFAULT_ALLOWED_SCHEMES};
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashSet;

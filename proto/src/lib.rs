@@ -5,12 +5,10 @@
 //!   gen-checked writes. Times inside them come from Redis `TIME`, never from a node's clock.
 //! - [`types`]: catalog entries, stream states, commands and event names.
 //! - [`validate`]: every id, file name and URL that comes from outside is checked here.
-//! - [`m3u`]: the extended-M3U importer's parser.
 //! - [`redact`]: credentials out of every URL that is shown, stored or put in FFmpeg's argv.
 
 pub mod duration;
 pub mod keys;
-pub mod m3u;
 pub mod redact;
 pub mod redis_url;
 pub mod scripts;

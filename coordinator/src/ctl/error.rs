@@ -1,7 +1,7 @@
 //! Every way a farmctl command can fail, and the one place that turns a failure into stderr lines
 //! and an exit code: 2 for bad input (nothing was changed), 1 for runtime failures.
 
-use farm_proto::m3u::M3uError;
+use super::import::m3u::M3uError;
 use farm_proto::validate::InvalidInput;
 use std::io::{self, Write};
 use std::time::Duration;

@@ -16,7 +16,7 @@ mod ctx;
 mod error;
 mod events;
 mod farm;
-mod import;
+pub mod import;
 mod ops;
 mod output;
 mod status;

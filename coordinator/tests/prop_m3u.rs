@@ -1,10 +1,10 @@
-//! Property tests for the extended-M3U importer behind `farmctl import` (`farm_proto::m3u`):
+//! Property tests for the extended-M3U importer behind `farmctl import` (`farm_coordinator::ctl::import::m3u`):
 //! it never panics; whatever it accepts is safe to write to the catalog (valid, unique ids and
 //! valid URLs); every error points at a line that exists; a generated playlist comes back as the
 //! channels it was made from, whatever its line endings, BOMs, blank lines and extra directives;
 //! and one bad URL in it is reported at exactly its line and nothing is returned.
 
-use farm_proto::m3u::{self, M3uError};
+use farm_coordinator::ctl::import::m3u::{self, M3uError};
 use farm_proto::validate::{self, DEFAULT_ALLOWED_SCHEMES};
 use farm_proto::ChannelSpec;
 use proptest::prelude::*;

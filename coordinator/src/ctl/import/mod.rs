@@ -1,5 +1,7 @@
 //! `farmctl import`: an extended M3U playlist into the catalog, all channels or none, in bounded
-//! chunks (see `catalog` for the stage → commit → apply phases).
+//! chunks (see `catalog` for the stage → commit → apply phases). [`m3u`] is the playlist parser.
+
+pub mod m3u;
 
 use super::catalog::{self, DEFAULT_CHUNK};
 use super::channel::{check_label, credential_warning};
@@ -115,7 +117,7 @@ pub async fn run(ctx: &mut Ctx, a: ImportArgs, out: &mut impl Write) -> Result<(
     let bytes = read_capped(&path, a.max_bytes)?;
     // Providers' lists are UTF-8 in practice; a stray Latin-1 byte costs one letter of a name.
     let text = String::from_utf8_lossy(&bytes);
-    let mut specs = farm_proto::m3u::parse(&text, ctx.allowed_schemes())
+    let mut specs = m3u::parse(&text, ctx.allowed_schemes())
         .map_err(|errors| CtlError::Playlist { file, errors })?;
     drop(text);
     drop(bytes);
