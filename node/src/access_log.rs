@@ -6,6 +6,9 @@
 //! The request path pays nothing (no subrequest, no Redis); a full socket buffer drops log lines
 //! in the kernel, never blocks nginx. Signed URLs are still checked here before an access counts,
 //! so forged URIs cannot keep a channel alive (nginx itself cannot check HMAC tokens in this mode).
+//! Counted accesses go to the same in-memory buffer as the node's own viewer requests (flushed to
+//! `farm:access` once per `access_flush`), so a channel watched through nginx stays alive wherever
+//! it runs.
 
 use crate::http::authorize_uri;
 use crate::node::Node;

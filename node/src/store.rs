@@ -1,9 +1,13 @@
 //! The node's Redis access: every call it makes, each bounded by `redis_timeout`.
 //!
-//! Keys come only from [`farm_proto::Keys`], scripts only from [`farm_proto::scripts`]. Calls that a
-//! background loop makes in bulk (keepalive, access flush) are one pipeline each; the request path
-//! makes no call here once a channel runs.
-
+//! Keys come only from [`farm_proto::Keys`], scripts only from [`farm_proto::scripts`]. A [`Store`]
+//! keeps one multiplexed connection for its calls, reopened when it fails, with a small
+//! `deadpool-redis` pool behind it for the reconnects; [`Store::dedicated`] gives a second `Store`
+//! with a connection of its own, which the keepalive uses so that its renewals never queue behind
+//! request or start traffic. Calls that a background loop makes in bulk (keepalive, access flush)
+//! are one pipeline each. Viewer requests for a channel this node runs make no call here; a
+//! playlist of a channel another node runs is read from its timeline (cached 100 ms), and starts
+//! (first requests) claim through here.
 use deadpool_redis::{Manager, Pool, Runtime};
 use farm_proto::scripts::{self, ClaimResult};
 use farm_proto::{ChannelSpec, Keys};
