@@ -1,6 +1,6 @@
 //! The coordinator's HTTP surface, built by [`app`]: `/metrics` (Prometheus text) and `/healthz`.
 
-use crate::Shared;
+use crate::shared::Shared;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -8,38 +8,14 @@
 //! lease expires (its PTTL), so a dead leader is replaced within the lease TTL.
 
 use crate::events::{self, Event};
+use crate::shared::Shared;
 use crate::store::{Result, StoreError};
-use crate::Shared;
 use farm_proto::scripts;
 use farm_proto::types::event;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-
-/// This coordinator's view of its leadership.
-#[derive(Debug, Clone, Default)]
-pub struct Leadership {
-    /// `<id>:<epoch>` while this coordinator holds the lease.
-    pub held: Option<String>,
-    pub epoch: u64,
-    /// Leading is trusted until then.
-    pub valid_until: Option<Instant>,
-    /// When this term began (reaping waits `reap_settle` after it).
-    pub since: Option<Instant>,
-    /// The leader value another coordinator holds, as last seen.
-    pub other: Option<String>,
-}
-
-impl Leadership {
-    /// The held value when this coordinator may act now.
-    pub fn leading(&self, now: Instant) -> Option<&str> {
-        match (&self.held, self.valid_until) {
-            (Some(v), Some(until)) if now < until => Some(v),
-            _ => None,
-        }
-    }
-}
 
 /// What one round of the campaign found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,6 +29,16 @@ pub enum StoreError {
     Protocol { what: &'static str, detail: String },
 }
 
+impl StoreError {
+    /// A reply that does not say what `what` answers.
+    pub fn protocol(what: &'static str, detail: impl Into<String>) -> Self {
+        Self::Protocol {
+            what,
+            detail: detail.into(),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 #[derive(Debug, Default, Clone, Copy)]

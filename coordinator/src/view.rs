@@ -1,5 +1,6 @@
 //! How the coordinator and farmctl see nodes, and where a channel goes when it needs a node.
 
+use farm_proto::Keys;
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -41,6 +42,36 @@ impl NodeView {
         }
     }
 
+    /// How many replies [`NodeView::queue_reads`] adds per node.
+    pub const READS: usize = 3;
+
+    /// Queues the reads [`NodeView::from_reads`] takes for node `id`: its alive key, its hash and
+    /// the size of its streams set.
+    pub fn queue_reads(p: &mut redis::Pipeline, keys: &Keys, id: &str) {
+        p.exists(keys.node_alive(id))
+            .hgetall(keys.node(id))
+            .scard(keys.node_streams(id));
+    }
+
+    /// The view from the replies [`NodeView::queue_reads`] queued (a reply that cannot be read
+    /// counts as absent), with the node's hash.
+    pub fn from_reads(
+        id: &str,
+        heartbeat: f64,
+        reads: &[redis::Value],
+    ) -> (Self, HashMap<String, String>) {
+        fn read<T: redis::FromRedisValue>(v: Option<&redis::Value>) -> Option<T> {
+            v.and_then(|v| redis::from_redis_value(v.clone()).ok())
+        }
+        let alive = read(reads.first()).unwrap_or(false);
+        let hash: HashMap<String, String> = read(reads.get(1)).unwrap_or_default();
+        let mut view = NodeView::new(id, heartbeat, alive, &hash);
+        // The heartbeat's count lags by up to a keepalive; the set is current.
+        let listed: u64 = read(reads.get(2)).unwrap_or(0);
+        view.running = view.running.max(listed);
+        (view, hash)
+    }
+
     /// Channels it can still take.
     pub fn free(&self) -> u64 {
         if self.capacity == 0 {
@@ -58,6 +89,30 @@ pub fn pick_target<'a>(nodes: &'a [NodeView], exclude: &[&str]) -> Option<&'a No
         .iter()
         .filter(|n| n.alive && !n.draining && n.free() > 0 && !exclude.contains(&n.id.as_str()))
         .max_by(|a, b| a.free().cmp(&b.free()).then_with(|| b.id.cmp(&a.id)))
+}
+
+/// Where this tick's starts go: the live nodes, each start counted against its target's room, so
+/// that several starts spread over the farm the way single ones would.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    live: Vec<NodeView>,
+}
+
+impl Placement {
+    pub fn new(nodes: &[NodeView]) -> Self {
+        Self {
+            live: nodes.iter().filter(|n| n.alive).cloned().collect(),
+        }
+    }
+
+    /// The target of one more start ([`pick_target`], skipping `exclude`), counted as running it.
+    pub fn place(&mut self, exclude: &[&str]) -> Option<String> {
+        let id = pick_target(&self.live, exclude)?.id.clone();
+        if let Some(t) = self.live.iter_mut().find(|n| n.id == id) {
+            t.running += 1;
+        }
+        Some(id)
+    }
 }
 
 #[cfg(test)]
@@ -102,6 +157,45 @@ mod tests {
             pick_target(&unlimited, &[]).map(|n| n.id.as_str()),
             Some("z")
         );
+    }
+
+    #[test]
+    fn placement_spreads_starts_by_room() {
+        let nodes = [
+            node("a", true, 4, 1),
+            node("b", true, 4, 2),
+            node("dead", false, 100, 0),
+        ];
+        let mut p = Placement::new(&nodes);
+        let placed: Vec<_> = (0..6).map(|_| p.place(&[])).collect();
+        let some = |s: &str| Some(s.to_string());
+        // a has 3 free, b 2: a, then both at 2 (ties: smallest id), ... until both are full.
+        assert_eq!(
+            placed,
+            [some("a"), some("a"), some("b"), some("a"), some("b"), None]
+        );
+        let mut p = Placement::new(&nodes);
+        assert_eq!(p.place(&["a"]), some("b"));
+    }
+
+    #[test]
+    fn reads_become_a_view_and_unreadable_ones_count_as_absent() {
+        use redis::Value;
+        let hash = Value::Array(vec![
+            Value::BulkString(b"capacity".to_vec()),
+            Value::BulkString(b"8".to_vec()),
+            Value::BulkString(b"running".to_vec()),
+            Value::BulkString(b"1".to_vec()),
+        ]);
+        let (v, h) = NodeView::from_reads("n1", 5.0, &[Value::Int(1), hash, Value::Int(3)]);
+        assert!(v.alive);
+        assert_eq!((v.capacity, v.running, v.heartbeat_ms), (8, 3, 5));
+        assert_eq!(h.get("capacity").map(String::as_str), Some("8"));
+        let wrong = Value::Int(7); // not a hash
+        let (v, h) = NodeView::from_reads("n2", 1.0, &[Value::Int(0), wrong, Value::Int(2)]);
+        assert!(!v.alive && h.is_empty());
+        assert_eq!((v.capacity, v.running), (0, 2));
+        assert_eq!(NodeView::from_reads("n3", 1.0, &[]).0.running, 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use farm_coordinator::config::Config;
 use farm_coordinator::leader::Campaign;
+use farm_coordinator::tick::TickError;
 use farm_coordinator::Coordinator;
 use farm_tests::coordinator::{events, FarmEvent};
 use farm_tests::redis::RedisServer;
@@ -146,9 +147,8 @@ async fn coordinator_leadership_is_exclusive_and_a_deposed_leader_cannot_write()
         Campaign::Leading { fresh: true }
     );
     // c1 still believes it leads: its tick reaches the fenced script, which refuses.
-    let r = c1.tick().await.expect("tick");
-    assert!(r.lost_leadership, "{r:?}");
-    assert_eq!(r.idle_stops, 0);
+    let r = c1.tick().await;
+    assert!(matches!(r, Err(TickError::NotLeader)), "{r:?}");
     assert!(
         commands(&mut c, "n1").await.is_empty(),
         "a deposed leader wrote a command"
@@ -193,7 +193,7 @@ async fn coordinator_idle_cleanup_stops_idle_owned_channels_once_per_gen() {
     let _: () = c.zadd("farm:access", "orphan", old).await.expect("ZADD");
 
     let r = co.tick().await.expect("tick");
-    assert!(r.leading && !r.lost_leadership, "{r:?}");
+    assert!(r.leading, "{r:?}");
     assert_eq!(
         (r.idle_seen, r.idle_stops, r.stale_access),
         (3, 1, 1),

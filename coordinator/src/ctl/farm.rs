@@ -38,30 +38,14 @@ pub async fn nodes(ctx: &mut Ctx) -> Result<Vec<NodeInfo>, CtlError> {
     }
     let mut p = redis::pipe();
     for (id, _) in &members {
-        p.exists(ctx.keys().node_alive(id))
-            .hgetall(ctx.keys().node(id))
-            .scard(ctx.keys().node_streams(id));
+        NodeView::queue_reads(&mut p, ctx.keys(), id);
     }
     let replies: Vec<redis::Value> = ctx.query_pipe("node hashes", &p).await?;
     let mut out: Vec<NodeInfo> = members
         .iter()
-        .zip(replies.chunks(3))
-        .map(|((id, score), pair)| {
-            let alive: bool = pair
-                .first()
-                .and_then(|v| redis::from_redis_value(v.clone()).ok())
-                .unwrap_or(false);
-            let hash: HashMap<String, String> = pair
-                .get(1)
-                .and_then(|v| redis::from_redis_value(v.clone()).ok())
-                .unwrap_or_default();
-            let mut view = NodeView::new(id, *score, alive, &hash);
-            // The heartbeat's count lags by up to a keepalive; the set is current.
-            let listed: u64 = pair
-                .get(2)
-                .and_then(|v| redis::from_redis_value(v.clone()).ok())
-                .unwrap_or(0);
-            view.running = view.running.max(listed);
+        .zip(replies.chunks(NodeView::READS))
+        .map(|((id, score), reads)| {
+            let (view, hash) = NodeView::from_reads(id, *score, reads);
             NodeInfo { view, hash }
         })
         .collect();
