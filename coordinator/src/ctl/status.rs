@@ -67,6 +67,31 @@ struct ChannelRow {
 
 pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(), CtlError> {
     let now = farm::now_ms(ctx).await?;
+    let leader = read_leader(ctx).await?;
+    let nodes = farm::nodes(ctx).await?;
+    let status = Status {
+        now_ms: now,
+        leader,
+        nodes: node_rows(&nodes, now),
+        channels: channel_rows(ctx, &nodes, now, a.all).await?,
+    };
+    if a.json {
+        serde_json::to_writer_pretty(&mut *out, &status).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    match &status.leader {
+        Some(l) => writeln!(out, "leader: {} (epoch {})", safe(&l.coordinator), l.epoch)?,
+        None => writeln!(out, "leader: none (no coordinator leads)")?,
+    }
+    writeln!(out)?;
+    print_nodes(out, &status.nodes)?;
+    writeln!(out)?;
+    print_channels(out, &status.channels)
+}
+
+/// The leader lease's holder, if any.
+async fn read_leader(ctx: &mut Ctx) -> Result<Option<Leader>, CtlError> {
     let leader: Option<String> = ctx
         .query("GET leader", redis::cmd("GET").arg(ctx.keys().leader()))
         .await?;
@@ -77,8 +102,11 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
             coordinator: c.to_string(),
             epoch: e,
         });
-    let nodes = farm::nodes(ctx).await?;
-    let node_rows: Vec<NodeRow> = nodes
+    Ok(leader)
+}
+
+fn node_rows(nodes: &[farm::NodeInfo], now: u64) -> Vec<NodeRow> {
+    nodes
         .iter()
         .map(|n| {
             let h = &n.hash;
@@ -98,38 +126,18 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
                     .then(|| now.saturating_sub(n.view.heartbeat_ms)),
             }
         })
-        .collect();
+        .collect()
+}
 
-    // Channel ids: catalog, access entries, node sets.
+/// Every channel with a stream hash, an owner or an access entry (`all`: every catalog channel).
+async fn channel_rows(
+    ctx: &mut Ctx,
+    nodes: &[farm::NodeInfo],
+    now: u64,
+    all: bool,
+) -> Result<Vec<ChannelRow>, CtlError> {
+    let (ids, access) = channel_ids(ctx, nodes).await?;
     let k = ctx.keys().clone();
-    // SSCAN in chunks: the catalog may hold 100k ids, and Redis is shared.
-    let catalog: Vec<String> = super::catalog::ids(ctx).await?;
-    let access: Vec<(String, f64)> = ctx
-        .query(
-            "ZRANGE access",
-            redis::cmd("ZRANGE")
-                .arg(k.access())
-                .arg(0)
-                .arg(-1)
-                .arg("WITHSCORES"),
-        )
-        .await?;
-    let access: HashMap<String, u64> = access
-        .into_iter()
-        .map(|(id, s)| (id, s.max(0.0) as u64))
-        .collect();
-    let mut ids: BTreeSet<String> = catalog.iter().cloned().collect();
-    ids.extend(access.keys().cloned());
-    for n in &nodes {
-        let members: Vec<String> = ctx
-            .query(
-                "SMEMBERS node streams",
-                redis::cmd("SMEMBERS").arg(k.node_streams(&n.view.id)),
-            )
-            .await?;
-        ids.extend(members);
-    }
-    let ids: Vec<String> = ids.into_iter().collect();
     let mut channels = Vec::new();
     for chunk in ids.chunks(CHUNK) {
         let mut p = redis::pipe();
@@ -154,54 +162,88 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
             let owner: Option<String> = redis::from_redis_value(conv(1)).unwrap_or(None);
             let pinned: Option<String> = redis::from_redis_value(conv(2)).unwrap_or(None);
             let last = access.get(id).copied();
-            if stream.is_empty() && owner.is_none() && last.is_none() && !a.all {
+            if stream.is_empty() && owner.is_none() && last.is_none() && !all {
                 continue;
             }
-            let owner = owner.as_deref().and_then(split_owner);
-            let get = |f: &str| stream.get(f).cloned().unwrap_or_default();
-            let state = if !stream.is_empty() {
-                get("state")
-            } else if owner.is_some() {
-                "claimed".into()
-            } else {
-                "stopped".into()
-            };
-            channels.push(ChannelRow {
-                id: id.clone(),
-                state,
-                node: owner
-                    .map(|(n, _)| n.to_string())
-                    .or_else(|| Some(get("node")).filter(|s| !s.is_empty())),
-                gen: owner.map(|(_, g)| g).or_else(|| get("gen").parse().ok()),
-                pid: get("pid").parse().ok(),
-                last_access_ms_ago: last.map(|t| now.saturating_sub(t)),
-                restarts: get("restarts").parse().unwrap_or(0),
-                // Nodes store it redacted; redacted again here for older or hand-written data.
-                last_error: farm_proto::redact::text(&get("last_error")),
-                pinned: matches!(pinned.as_deref(), Some("1" | "true")),
-            });
+            channels.push(channel_row(id, &stream, owner, pinned, last, now));
         }
     }
+    Ok(channels)
+}
 
-    let status = Status {
-        now_ms: now,
-        leader,
-        nodes: node_rows,
-        channels,
+/// Channel ids (catalog, access entries, node sets, sorted) and the access scores (ms).
+async fn channel_ids(
+    ctx: &mut Ctx,
+    nodes: &[farm::NodeInfo],
+) -> Result<(Vec<String>, HashMap<String, u64>), CtlError> {
+    let k = ctx.keys().clone();
+    // SSCAN in chunks: the catalog may hold 100k ids, and Redis is shared.
+    let catalog: Vec<String> = super::catalog::ids(ctx).await?;
+    let access: Vec<(String, f64)> = ctx
+        .query(
+            "ZRANGE access",
+            redis::cmd("ZRANGE")
+                .arg(k.access())
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES"),
+        )
+        .await?;
+    let access: HashMap<String, u64> = access
+        .into_iter()
+        .map(|(id, s)| (id, s.max(0.0) as u64))
+        .collect();
+    let mut ids: BTreeSet<String> = catalog.iter().cloned().collect();
+    ids.extend(access.keys().cloned());
+    for n in nodes {
+        let members: Vec<String> = ctx
+            .query(
+                "SMEMBERS node streams",
+                redis::cmd("SMEMBERS").arg(k.node_streams(&n.view.id)),
+            )
+            .await?;
+        ids.extend(members);
+    }
+    Ok((ids.into_iter().collect(), access))
+}
+
+/// One channel's row from its stream hash, lease value, catalog `pinned` field and last access.
+fn channel_row(
+    id: &str,
+    stream: &HashMap<String, String>,
+    owner: Option<String>,
+    pinned: Option<String>,
+    last: Option<u64>,
+    now: u64,
+) -> ChannelRow {
+    let owner = owner.as_deref().and_then(split_owner);
+    let get = |f: &str| stream.get(f).cloned().unwrap_or_default();
+    let state = if !stream.is_empty() {
+        get("state")
+    } else if owner.is_some() {
+        "claimed".into()
+    } else {
+        "stopped".into()
     };
-    if a.json {
-        serde_json::to_writer_pretty(&mut *out, &status).map_err(std::io::Error::from)?;
-        writeln!(out)?;
-        return Ok(());
+    ChannelRow {
+        id: id.to_string(),
+        state,
+        node: owner
+            .map(|(n, _)| n.to_string())
+            .or_else(|| Some(get("node")).filter(|s| !s.is_empty())),
+        gen: owner.map(|(_, g)| g).or_else(|| get("gen").parse().ok()),
+        pid: get("pid").parse().ok(),
+        last_access_ms_ago: last.map(|t| now.saturating_sub(t)),
+        restarts: get("restarts").parse().unwrap_or(0),
+        // Nodes store it redacted; redacted again here for older or hand-written data.
+        last_error: farm_proto::redact::text(&get("last_error")),
+        pinned: matches!(pinned.as_deref(), Some("1" | "true")),
     }
-    match &status.leader {
-        Some(l) => writeln!(out, "leader: {} (epoch {})", safe(&l.coordinator), l.epoch)?,
-        None => writeln!(out, "leader: none (no coordinator leads)")?,
-    }
-    writeln!(out)?;
-    writeln!(out, "nodes: {}", status.nodes.len())?;
-    let rows: Vec<Vec<String>> = status
-        .nodes
+}
+
+fn print_nodes(out: &mut impl Write, nodes: &[NodeRow]) -> Result<(), CtlError> {
+    writeln!(out, "nodes: {}", nodes.len())?;
+    let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|n| {
             vec![
@@ -233,10 +275,12 @@ pub async fn run(ctx: &mut Ctx, a: StatusArgs, out: &mut impl Write) -> Result<(
         ],
         &rows,
     )?;
-    writeln!(out)?;
-    writeln!(out, "channels: {}", status.channels.len())?;
-    let rows: Vec<Vec<String>> = status
-        .channels
+    Ok(())
+}
+
+fn print_channels(out: &mut impl Write, channels: &[ChannelRow]) -> Result<(), CtlError> {
+    writeln!(out, "channels: {}", channels.len())?;
+    let rows: Vec<Vec<String>> = channels
         .iter()
         .map(|c| {
             vec![
