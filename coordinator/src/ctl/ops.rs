@@ -157,8 +157,19 @@ pub async fn start(ctx: &mut Ctx, a: StartArgs, out: &mut impl Write) -> Result<
         )?;
         return Ok(());
     }
-    let deadline = Instant::now() + a.timeout;
-    let key = ctx.keys().stream(&a.id);
+    wait_running(ctx, &a.id, &target, a.timeout, out).await
+}
+
+/// Polls the channel's stream hash until it runs (on any node), failed, or `timeout` passed.
+async fn wait_running(
+    ctx: &mut Ctx,
+    id: &str,
+    target: &str,
+    timeout: Duration,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let deadline = Instant::now() + timeout;
+    let key = ctx.keys().stream(id);
     loop {
         let h: HashMap<String, String> = ctx
             .query("HGETALL stream", redis::cmd("HGETALL").arg(&key))
@@ -170,14 +181,14 @@ pub async fn start(ctx: &mut Ctx, a: StartArgs, out: &mut impl Write) -> Result<
                 writeln!(
                     out,
                     "channel {} runs on node {} (gen {gen})",
-                    a.id,
+                    id,
                     safe(&node)
                 )?;
                 return Ok(());
             }
             Some("failed") => {
                 return Err(CtlError::ChannelFailed {
-                    id: a.id,
+                    id: id.to_string(),
                     reason: safe(&farm_proto::redact::text(
                         h.get("last_error").map_or("", String::as_str),
                     ))
@@ -188,12 +199,8 @@ pub async fn start(ctx: &mut Ctx, a: StartArgs, out: &mut impl Write) -> Result<
         }
         if Instant::now() >= deadline {
             return Err(CtlError::WaitTimeout {
-                what: format!(
-                    "channel {} is not running on node {} yet",
-                    a.id,
-                    safe(&target)
-                ),
-                after: a.timeout,
+                what: format!("channel {} is not running on node {} yet", id, safe(target)),
+                after: timeout,
             });
         }
         tokio::time::sleep(POLL).await;
