@@ -92,6 +92,18 @@ pub async fn run(ctx: &mut Ctx, a: EventsArgs, out: &mut impl Write) -> Result<(
     if !a.follow {
         return Ok(());
     }
+    follow(ctx, &filter, last_id, a.json, out).await
+}
+
+/// Prints the entries added after `last_id` as they come, until Ctrl-C.
+async fn follow(
+    ctx: &mut Ctx,
+    filter: &Filter,
+    mut last_id: String,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let key = ctx.keys().events();
     // Each read blocks for less than the Redis timeout, so a dead Redis still surfaces as an error.
     let block = (ctx.timeout() / 2)
         .min(Duration::from_secs(1))
@@ -116,7 +128,7 @@ pub async fn run(ctx: &mut Ctx, a: EventsArgs, out: &mut impl Write) -> Result<(
             for e in k.ids {
                 let f = fields(&e.map);
                 if filter.accepts(&f) {
-                    print_event(out, &e.id, &f, a.json)?;
+                    print_event(out, &e.id, &f, json)?;
                 }
                 last_id = e.id;
             }
