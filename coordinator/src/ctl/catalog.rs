@@ -425,34 +425,7 @@ async fn apply(
             let _ = writeln!(progress, "applying import {gen}: {len} channels left");
             let _ = progress.flush();
         }
-        let mut tx = redis::pipe();
-        tx.atomic();
-        if items.is_empty() {
-            tx.cmd("DEL")
-                .arg(&importing_key)
-                .ignore()
-                .cmd("DEL")
-                .arg(&list)
-                .ignore();
-        } else {
-            for item in &items {
-                // Written by an import as JSON of a validated spec; anything else (a hand edit)
-                // is skipped rather than written.
-                match serde_json::from_str::<ChannelSpec>(item) {
-                    Ok(spec) if farm_proto::validate::channel_id(&spec.id).is_ok() => {
-                        let key = ctx.keys().channel(&spec.id);
-                        put_channel(&mut tx, ctx, &spec, &key);
-                    }
-                    _ => {
-                        let _ = writeln!(
-                            progress,
-                            "skipped an unreadable staged entry of import {gen}"
-                        );
-                    }
-                }
-            }
-            tx.cmd("LTRIM").arg(&list).arg(items.len()).arg(-1).ignore();
-        }
+        let tx = apply_tx(ctx, gen, &list, &items, progress);
         let done: Option<redis::Value> = ctx.query_pipe("MULTI/EXEC", &tx).await?;
         match done {
             Some(_) if items.is_empty() => {
@@ -481,6 +454,47 @@ async fn apply(
             }
         }
     }
+}
+
+/// The transaction that writes one staged chunk of import `gen` (`items`, read from `list`) into
+/// the catalog and trims it off the list; with no items left, it ends the import.
+fn apply_tx(
+    ctx: &Ctx,
+    gen: u64,
+    list: &str,
+    items: &[String],
+    progress: &mut dyn Write,
+) -> redis::Pipeline {
+    let importing_key = ctx.keys().catalog_importing();
+    let mut tx = redis::pipe();
+    tx.atomic();
+    if items.is_empty() {
+        tx.cmd("DEL")
+            .arg(&importing_key)
+            .ignore()
+            .cmd("DEL")
+            .arg(list)
+            .ignore();
+    } else {
+        for item in items {
+            // Written by an import as JSON of a validated spec; anything else (a hand edit)
+            // is skipped rather than written.
+            match serde_json::from_str::<ChannelSpec>(item) {
+                Ok(spec) if farm_proto::validate::channel_id(&spec.id).is_ok() => {
+                    let key = ctx.keys().channel(&spec.id);
+                    put_channel(&mut tx, ctx, &spec, &key);
+                }
+                _ => {
+                    let _ = writeln!(
+                        progress,
+                        "skipped an unreadable staged entry of import {gen}"
+                    );
+                }
+            }
+        }
+        tx.cmd("LTRIM").arg(list).arg(items.len()).arg(-1).ignore();
+    }
+    tx
 }
 
 /// A hash as Redis holds it, bytes that are not UTF-8 shown as U+FFFD (catalog data may come
