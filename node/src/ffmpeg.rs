@@ -1,5 +1,7 @@
-//! How the node runs FFmpeg: the argv (never a shell), the process group, the environment, and how a
-//! leftover of an earlier incarnation is recognised (pid + process start time + marker) and killed.
+//! How the node runs FFmpeg: the argv (never a shell), the process group, the environment, and the
+//! record a leftover of an earlier incarnation is recognised by (pid + process start time + marker,
+//! checked in `/proc` by [`crate::procs`], whose [`kill_if_ours`] and [`start_time`] are re-exported
+//! here for the sweep and the channel actor).
 //!
 //! Invariants: FFmpeg's environment holds only `PATH` and the marker (no Redis URL, no token); it
 //! reads its input under a protocol whitelist; it is the leader of its own process group, so the
@@ -16,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::{Child, Command};
 
-/// The environment variable that marks an FFmpeg as belonging to one channel folder of one node.
-pub const MARKER_VAR: &str = "STREAMFARM_CHANNEL_DIR";
+pub use crate::procs::{kill_if_ours, start_time, MARKER_VAR};
+
 /// The file in a channel folder that records the running FFmpeg (`pid start_time`).
 pub const OWNER_FILE: &str = ".ffmpeg.pid";
 
@@ -52,7 +54,26 @@ pub fn tcp_ports(url: &str, gateway: Option<u16>) -> Vec<u16> {
 /// The argv (without the program) for one run.
 pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::with_capacity(48);
-    let mut push = |s: &str| a.push(OsString::from(s));
+    input_args(cfg, run, &mut |s| a.push(OsString::from(s)));
+    for s in &run.profile.args {
+        a.push(OsString::from(s));
+    }
+    output_args(cfg, run, &mut |s| a.push(OsString::from(s)));
+    a.push(
+        run.dir
+            .join(crate::playlist::segment_pattern(run.gen))
+            .into_os_string(),
+    );
+    a.push(
+        run.dir
+            .join(crate::playlist::FFMPEG_PLAYLIST)
+            .into_os_string(),
+    );
+    a
+}
+
+/// Everything up to and with `-i <url>`: logging, the whitelist, timeouts, the gateway, probing.
+fn input_args(cfg: &Config, run: &RunSpec<'_>, push: &mut dyn FnMut(&str)) {
     for s in [
         "-hide_banner",
         "-nostdin",
@@ -94,9 +115,10 @@ pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
     push("4000000");
     push("-i");
     push(run.url);
-    for s in &run.profile.args {
-        push(s);
-    }
+}
+
+/// The HLS muxer's options, up to `-hls_segment_filename` (the paths follow).
+fn output_args(cfg: &Config, run: &RunSpec<'_>, push: &mut dyn FnMut(&str)) {
     let hls_time = format!("{:.3}", cfg.hls_time.as_secs_f64());
     // A short first segment (cut at the first key frame after it) makes the first playlist sooner.
     let hls_init_time = format!("{:.3}", (cfg.hls_time.as_secs_f64() / 2.0).max(0.5));
@@ -119,17 +141,6 @@ pub fn args(cfg: &Config, run: &RunSpec<'_>) -> Vec<OsString> {
     ] {
         push(s);
     }
-    a.push(
-        run.dir
-            .join(crate::playlist::segment_pattern(run.gen))
-            .into_os_string(),
-    );
-    a.push(
-        run.dir
-            .join(crate::playlist::FFMPEG_PLAYLIST)
-            .into_os_string(),
-    );
-    a
 }
 
 /// `setpriv` from util-linux, when installed: it sets a parent-death signal and execs FFmpeg (same
@@ -190,39 +201,6 @@ pub fn spawn(
 /// Sends a signal to a whole process group (the group id is the leader's pid).
 pub fn signal_group(pid: u32, sig: Signal) -> nix::Result<()> {
     killpg(Pid::from_raw(pid as i32), sig)
-}
-
-/// The kernel's start time of a process (clock ticks since boot, field 22 of `/proc/<pid>/stat`).
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and ')': fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether the process carries our marker for `dir` in its environment.
-pub fn has_marker(pid: u32, dir: &Path) -> bool {
-    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-        return false;
-    };
-    let mut want = format!("{MARKER_VAR}=").into_bytes();
-    want.extend_from_slice(dir.as_os_str().as_encoded_bytes());
-    env.split(|b| *b == 0).any(|kv| kv == want.as_slice())
-}
-
-/// Kills a leftover FFmpeg of an earlier incarnation, only when pid, start time and marker all
-/// match (a reused pid is never killed). Returns whether it killed something.
-pub fn kill_if_ours(pid: u32, start: u64, dir: &Path) -> bool {
-    if pid <= 1 || start_time(pid) != Some(start) || !has_marker(pid, dir) {
-        return false;
-    }
-    match signal_group(pid, Signal::SIGKILL) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(pid, error = %e, "could not kill leftover ffmpeg group");
-            false
-        }
-    }
 }
 
 /// Records the running FFmpeg in its channel folder, for the next incarnation's sweep.
@@ -305,13 +283,5 @@ mod tests {
         assert_eq!(tcp_ports("rtmp://p/live/x", Some(4000)), vec![1935]);
         assert_eq!(tcp_ports("rtmps://p:8443/live/x", None), vec![8443]);
         assert!(tcp_ports("udp://@239.0.0.1:1234", Some(4000)).is_empty());
-    }
-
-    #[test]
-    fn start_time_of_self_is_readable_and_marker_absent() {
-        let me = std::process::id();
-        assert!(start_time(me).is_some());
-        assert!(!has_marker(me, Path::new("/nowhere")));
-        assert!(!kill_if_ours(me, 0, Path::new("/nowhere")));
     }
 }

@@ -21,6 +21,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod playlist;
+pub mod procs;
 pub mod sandbox;
 pub mod server;
 pub mod store;

@@ -15,12 +15,23 @@
 //!
 //! Each gateway also caps what an upstream can make its channel cost ([`Limits`]: response head
 //! size and time, bandwidth, request rate) and serves only its channel's own FFmpeg ([`peer`]).
+//!
+//! Parts: `policy` (who may be reached; the node asks it too, before a start), `peer` (who is
+//! connecting), `limits` (what a channel may spend, and the reports), `request` (FFmpeg's request
+//! head and the credential rewrite), and the gateway itself: `gateway` (its life: the listener,
+//! who is let in, the fence) and `relay` (one request through it). The first four know nothing of
+//! the gateway; the guard plugs its fence clock in through [`Fence`], and nothing here knows the
+//! guard or the node.
 
 mod gateway;
+mod limits;
 pub mod peer;
 mod policy;
+mod relay;
+mod request;
+#[cfg(test)]
+mod tests;
 
-pub use gateway::{
-    EventSink, Gateway, GatewayConfig, GatewayEvent, LimitKind, Limits, MAX_CONNECTIONS,
-};
+pub use gateway::{Fence, Gateway, GatewayConfig, MAX_CONNECTIONS};
+pub use limits::{EventSink, GatewayEvent, LimitKind, Limits};
 pub use policy::{endpoint, is_internal, proxied, scheme, vouched, Policy, PolicySpec, Refusal};

@@ -113,15 +113,11 @@ pub fn check(table: &PeerTable, channel: &str, local: SocketAddr, peer: SocketAd
     if let Some(pid) = pids.iter().find(|pid| holds_socket(**pid, inode)) {
         return Verdict::Ours(*pid);
     }
-    if pids.iter().any(|pid| alive(*pid)) {
+    if pids.iter().any(|pid| crate::procs::alive(*pid)) {
         Verdict::Stranger("not the channel's FFmpeg".into())
     } else {
         Verdict::NotYet
     }
-}
-
-fn alive(pid: u32) -> bool {
-    crate::guard::procs::stat(pid).is_some_and(|s| !matches!(s.state, 'Z' | 'X' | 'x'))
 }
 
 /// Whether process `pid` has the socket `inode` among its file descriptors.

@@ -275,14 +275,16 @@ impl Policy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn net(s: &str) -> IpNet {
         IpNet::parse(s).expect("net")
     }
 
-    async fn policy() -> Policy {
+    /// The farm's Redis on 127.0.0.1:6379 and a sentinel at 10.1.2.3:26379, one allowed and one
+    /// denied network.
+    pub(in crate::egress) async fn policy() -> Policy {
         Policy::new(
             &[
                 ("Redis".into(), "127.0.0.1".into(), 6379),

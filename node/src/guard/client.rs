@@ -1,52 +1,38 @@
-//! The node's side of its guard: starting and supervising the guard process, and what the rest of
-//! the node tells it (renewals, FFmpeg spawns and reaps) or asks of it (gateways).
+//! The node's side of its guard: what the rest of the node tells it (renewals, FFmpeg spawns and
+//! reaps) or asks of it (gateways), and what it hears back.
 //!
 //! Everything the guard must know is kept here too (the deadline, the FFmpegs alive), so a new
-//! guard gets the whole picture before anything else. A guard that dies is restarted (with a
-//! backoff) after the node was told to stop every channel: their gateways died with it. A guard
-//! that stops reading its pipe (the queue fills) is killed and restarted the same way.
+//! guard gets the whole picture before anything else (see `process`, which starts and supervises
+//! the guard process). A guard that stops reading its pipe (the queue fills) is killed, and
+//! restarted like one that died.
 
 use super::fence::instant_ns;
-use super::proto::{decode, encode, Frame, FromGuard, LineSplitter, ToGuard, MAX_LINE};
+use super::process::{GuardTask, ANSWER_TIMEOUT};
+use super::proto::{encode, FromGuard, ToGuard};
 use crate::egress::PolicySpec;
 use crate::metrics::Metrics;
-use std::collections::{HashMap, VecDeque};
-use std::os::unix::process::CommandExt as _;
-use std::process::Stdio;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdout};
+use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn, Instrument};
-
-/// How long a guard may take to start, and to answer a gateway request.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Lines queued for a guard that does not read: beyond, it is killed and restarted.
-const QUEUE: usize = 4096;
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Environment the guard keeps from the node (the node's may hold secrets).
-const KEEP_ENV: [&str; 2] = ["RUST_LOG", "NO_COLOR"];
+use tracing::{debug, error, info, warn};
 
 #[derive(Default)]
-struct Shared {
-    link: Option<Link>,
+pub(super) struct Shared {
+    pub link: Option<Link>,
     /// The fence time sent last, CLOCK_MONOTONIC ns (0: none yet).
-    deadline_ns: u64,
+    pub deadline_ns: u64,
     /// pid → (start time, channel) of every FFmpeg alive.
-    ffmpegs: HashMap<u32, (u64, String)>,
+    pub ffmpegs: HashMap<u32, (u64, String)>,
 }
 
 /// The current guard's pipe.
-struct Link {
-    tx: mpsc::Sender<String>,
-    pid: u32,
-    killed: bool,
+pub(super) struct Link {
+    pub tx: mpsc::Sender<String>,
+    pub pid: u32,
+    pub killed: bool,
 }
 
 #[derive(Default)]
@@ -56,78 +42,23 @@ struct GatewayShared {
 
 /// The node's handle on its guard.
 pub struct Guard {
-    init: ToGuard,
+    /// The first line every new guard gets.
+    pub(super) init: ToGuard,
     /// Set on every FFmpeg at its spawn.
     ffmpeg_limits: super::limits::FfmpegLimits,
     cgroups: Option<super::limits::Cgroups>,
-    metrics: Arc<Metrics>,
-    shared: Mutex<Shared>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) shared: Mutex<Shared>,
     /// Bumped each time a new guard is connected.
-    incarnation: watch::Sender<u64>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Result<u16, String>>>>,
+    pub(super) incarnation: watch::Sender<u64>,
+    /// Gateway requests waiting for their answer, by id.
+    pub(super) pending: Mutex<HashMap<u64, oneshot::Sender<Result<u16, String>>>>,
     gateways: Mutex<HashMap<u64, Weak<GatewayShared>>>,
     next_id: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// One guard process as the node runs it.
-struct Running {
-    child: Child,
-    stdout: ChildStdout,
-    split: LineSplitter,
-    frames: VecDeque<Frame>,
-    writer: JoinHandle<()>,
-}
-
-impl Running {
-    /// The next message from the guard; skips (and reports) bad lines. Cancel-safe.
-    async fn next(&mut self) -> Result<FromGuard, String> {
-        loop {
-            match self.frames.pop_front() {
-                Some(Frame::Line(l)) => match decode::<FromGuard>(&l) {
-                    Ok(m) => return Ok(m),
-                    Err(e) => warn!("from the guard: {e}"),
-                },
-                Some(Frame::TooLong) => {
-                    warn!("a line over {MAX_LINE} bytes from the guard was skipped")
-                }
-                None => {
-                    let mut buf = [0u8; 8192];
-                    let n = self
-                        .stdout
-                        .read(&mut buf)
-                        .await
-                        .map_err(|e| format!("reading its pipe failed: {e}"))?;
-                    if n == 0 {
-                        return Err("its pipe closed".into());
-                    }
-                    let mut out = Vec::new();
-                    self.split.push(&buf[..n], &mut out);
-                    self.frames.extend(out);
-                }
-            }
-        }
-    }
-
-    /// Reaps the process (killing it when it does not end by itself within `grace`).
-    async fn end(mut self, grace: Duration) -> String {
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = self.child.start_kill();
-                self.child.wait().await
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.writer).await;
-        self.writer.abort();
-        match status {
-            Ok(s) => s.to_string(),
-            Err(e) => format!("cannot be waited for: {e}"),
-        }
-    }
 }
 
 /// A channel's gateway in the guard. Dropping it closes the gateway.
@@ -183,12 +114,6 @@ impl Drop for Tracked {
         self.guard
             .send_locked(&mut sh, &ToGuard::Reaped { pid: self.pid });
     }
-}
-
-/// Supervises the guard process: see [`GuardTask::run`].
-pub struct GuardTask {
-    guard: Arc<Guard>,
-    running: Running,
 }
 
 impl Guard {
@@ -280,7 +205,7 @@ impl Guard {
                 })
                 .ok()
         });
-        let start = crate::ffmpeg::start_time(pid).unwrap_or(0);
+        let start = crate::procs::start_time(pid).unwrap_or(0);
         let mut sh = lock(&self.shared);
         sh.ffmpegs.insert(pid, (start, channel.to_string()));
         self.send_locked(
@@ -398,107 +323,9 @@ impl Guard {
         }
     }
 
-    /// Starts a guard process, gives it the whole picture, and waits for it to be ready.
-    async fn launch(&self) -> Result<Running, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
-        // /proc/self/exe: the binary this node runs, even if a newer one replaced it on disk.
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        cmd.arg0(&exe)
-            .arg(super::ARG)
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for k in KEEP_ENV {
-            if let Some(v) = std::env::var_os(k) {
-                cmd.env(k, v);
-            }
-        }
-        let mut child = tokio::process::Command::from(cmd)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start the guard process: {e}"))?;
-        let pid = child.id().unwrap_or(0);
-        let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err("the guard process has no pipes".into());
-        };
-        let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
-        // Ends when the link is dropped and the queue drained: the guard then reads EOF.
-        let writer = tokio::spawn(
-            async move {
-                while let Some(line) = rx.recv().await {
-                    if let Err(e) = stdin.write_all(line.as_bytes()).await {
-                        debug!(error = %e, "writing to the guard failed");
-                        return;
-                    }
-                }
-            }
-            .instrument(tracing::debug_span!("guard_pipe", pid)),
-        );
-        {
-            let mut sh = lock(&self.shared);
-            let mut first = vec![encode(&self.init)];
-            if sh.deadline_ns > 0 {
-                first.push(encode(&ToGuard::Deadline {
-                    mono_ns: sh.deadline_ns,
-                }));
-            }
-            for (pid, (start, channel)) in &sh.ffmpegs {
-                first.push(encode(&ToGuard::Spawned {
-                    pid: *pid,
-                    start: *start,
-                    channel: channel.clone(),
-                }));
-            }
-            for line in first {
-                // A fresh queue of QUEUE lines; more FFmpegs than that are left to its /proc scan.
-                let _ = tx.try_send(line);
-            }
-            sh.link = Some(Link {
-                tx,
-                pid,
-                killed: false,
-            });
-        }
-        let mut running = Running {
-            child,
-            stdout,
-            split: LineSplitter::new(MAX_LINE),
-            frames: VecDeque::new(),
-            writer,
-        };
-        let ready = tokio::time::timeout(ANSWER_TIMEOUT, async {
-            loop {
-                match running.next().await? {
-                    FromGuard::Ready { .. } => return Ok(()),
-                    other => self.on_event(other),
-                }
-            }
-        })
-        .await;
-        let err = match ready {
-            Ok(Ok(())) => {
-                info!(pid, "guard process ready");
-                self.incarnation.send_modify(|n| *n += 1);
-                return Ok(running);
-            }
-            Ok(Err(e)) => e,
-            Err(_) => format!("not ready within {ANSWER_TIMEOUT:?}"),
-        };
-        self.unlink();
-        let status = running.end(Duration::from_millis(500)).await;
-        Err(format!(
-            "the guard process failed to start: {err} ({status})"
-        ))
-    }
-
-    /// The guard is gone: nothing more is queued for it, nobody waits on it.
-    fn unlink(&self) {
-        lock(&self.shared).link = None;
-        lock(&self.pending).clear();
-    }
-
-    fn on_event(&self, ev: FromGuard) {
+    /// What the guard said: answers to gateway requests, refusals and limits (kept for the
+    /// channel's `last_error`), fences and kills (counted and logged).
+    pub(super) fn on_event(&self, ev: FromGuard) {
         match ev {
             FromGuard::Ready { pid } => debug!(pid, "guard ready (again)"),
             FromGuard::Opened { id, port } => {
@@ -553,55 +380,6 @@ impl Guard {
                 self.metrics.guard_kills.inc();
                 error!(pid, %channel, %why, "the guard killed an ffmpeg");
             }
-        }
-    }
-}
-
-impl GuardTask {
-    /// Serves the guard's events until `cancel`; then closes its pipe (the guard exits on EOF) and
-    /// reaps it. A guard that dies is replaced: `on_lost` is called first (the node stops every
-    /// channel: their gateways are gone), then a new guard starts after a backoff.
-    pub async fn run(self, cancel: CancellationToken, on_lost: impl Fn()) {
-        let guard = self.guard;
-        let mut running = self.running;
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let started = Instant::now();
-            let why = tokio::select! {
-                why = async {
-                    loop {
-                        match running.next().await {
-                            Ok(ev) => guard.on_event(ev),
-                            Err(why) => return why,
-                        }
-                    }
-                } => why,
-                _ = cancel.cancelled() => {
-                    guard.unlink();
-                    let status = running.end(Duration::from_secs(5)).await;
-                    info!(%status, "guard process stopped");
-                    return;
-                }
-            };
-            guard.unlink();
-            let status = running.end(Duration::from_millis(500)).await;
-            guard.metrics.guard_restarts.inc();
-            error!(%why, %status, "the guard process is gone: stopping every channel, starting a new guard");
-            on_lost();
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = BACKOFF_MIN;
-            }
-            running = loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = cancel.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                match guard.launch().await {
-                    Ok(r) => break r,
-                    Err(e) => error!(error = %e, retry_in = ?backoff, "cannot start a new guard"),
-                }
-            };
         }
     }
 }

@@ -83,6 +83,17 @@ impl FenceClock {
     }
 }
 
+/// What the gateways see of it.
+impl crate::egress::Fence for FenceClock {
+    fn is_open(&self) -> bool {
+        FenceClock::is_open(self)
+    }
+
+    fn fences(&self) -> watch::Receiver<u64> {
+        FenceClock::fences(self)
+    }
+}
+
 /// What the guard's control loop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {

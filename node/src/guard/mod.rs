@@ -16,14 +16,16 @@
 //! the clock before anything else, and its gateways relay nothing past the deadline.
 
 mod client;
+mod control;
 pub mod fence;
 pub mod limits;
-pub(crate) mod procs;
+mod process;
 pub mod proto;
 mod server;
 
-pub use client::{GatewayHandle, Guard, GuardTask, Tracked};
+pub use client::{GatewayHandle, Guard, Tracked};
 pub use limits::Limits;
+pub use process::GuardTask;
 pub use server::main;
 
 /// The hidden first argument that runs the binary as a guard.
@@ -32,17 +34,4 @@ pub const ARG: &str = "__guard";
 /// Whether this process was started as a guard (checked in `main` before argument parsing).
 pub fn is_guard_invocation() -> bool {
     std::env::args_os().nth(1).is_some_and(|a| a == ARG)
-}
-
-/// Polls `f` every 10 ms for up to 5 s (unit tests only).
-#[cfg(test)]
-pub(crate) async fn tests_wait(mut f: impl FnMut() -> bool) {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < until,
-            "condition not met within 5 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }

@@ -1,14 +1,19 @@
-//! What the guard reads in `/proc` before it kills: a process is killed only while its kernel start
-//! time is the one recorded at its spawn (a reused pid is never hit), and the second line (children
-//! of the node nobody announced) only when the process leads its own group and carries the FFmpeg
-//! marker in its environment.
+//! How an FFmpeg is recognised in `/proc` before anything kills it: a process is killed only while
+//! its kernel start time is the one recorded at its spawn (a reused pid is never hit) and, where
+//! nobody recorded it (a leftover of an earlier incarnation, a child of the node not announced to
+//! its guard), only when it carries the FFmpeg marker in its environment and leads its own group.
+//!
+//! Used by the node's start-up sweep (`sweep`), its guard's fence (`guard`) and the egress
+//! gateways' peer check (`egress::peer`); it reads `/proc` and signals, and knows nothing else.
 
-use crate::ffmpeg::MARKER_VAR;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::path::Path;
 
-/// The fields of `/proc/<pid>/stat` the guard uses.
+/// The environment variable that marks an FFmpeg as belonging to one channel folder of one node.
+pub const MARKER_VAR: &str = "STREAMFARM_CHANNEL_DIR";
+
+/// The fields of `/proc/<pid>/stat` the farm uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
     pub state: char,
@@ -18,7 +23,8 @@ pub struct Stat {
     pub start: u64,
 }
 
-/// Parses the text of a `/proc/<pid>/stat` file (fields counted after the last `)`).
+/// Parses the text of a `/proc/<pid>/stat` file (fields counted after the last `)`: the command
+/// name may contain spaces and `)`).
 pub fn parse_stat(text: &str) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -34,9 +40,19 @@ pub fn stat(pid: u32) -> Option<Stat> {
     parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// The kernel's start time of a process (clock ticks since boot).
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat(pid).map(|s| s.start)
+}
+
 /// Whether the process can still run (not a zombie, not dead).
 fn live(s: &Stat) -> bool {
     !matches!(s.state, 'Z' | 'X' | 'x')
+}
+
+/// Whether process `pid` exists and can still run.
+pub fn alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|s| live(&s))
 }
 
 /// SIGKILLs the process group `pid` leads, when `pid` is still the live process that started at
@@ -47,21 +63,45 @@ pub fn kill_group_verified(pid: u32, start: u64) -> bool {
     }
     match stat(pid) {
         Some(s) if s.start == start && live(&s) => {
-            killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok()
+            match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(pid, error = %e, "could not kill an ffmpeg group");
+                    false
+                }
+            }
         }
         _ => false,
     }
 }
 
-/// Whether the process carries the FFmpeg marker naming a folder under `root`.
-fn has_marker(pid: u32, root: &Path) -> bool {
+/// Whether the process's FFmpeg marker (the channel folder it was started for) passes `wanted`.
+fn marker_matches(pid: u32, wanted: impl Fn(&[u8]) -> bool) -> bool {
     let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
         return false;
     };
-    let mut want = format!("{MARKER_VAR}=").into_bytes();
-    want.extend_from_slice(root.as_os_str().as_encoded_bytes());
-    want.push(b'/');
-    env.split(|b| *b == 0).any(|kv| kv.starts_with(&want))
+    let key = format!("{MARKER_VAR}=");
+    env.split(|b| *b == 0)
+        .filter_map(|kv| kv.strip_prefix(key.as_bytes()))
+        .any(wanted)
+}
+
+/// Whether the process carries the FFmpeg marker of the channel folder `dir`.
+pub fn has_marker(pid: u32, dir: &Path) -> bool {
+    marker_matches(pid, |m| m == dir.as_os_str().as_encoded_bytes())
+}
+
+/// Whether the process carries the FFmpeg marker of a folder under `root`.
+fn has_marker_under(pid: u32, root: &Path) -> bool {
+    let mut prefix = root.as_os_str().as_encoded_bytes().to_vec();
+    prefix.push(b'/');
+    marker_matches(pid, |m| m.starts_with(&prefix))
+}
+
+/// Kills a leftover FFmpeg of an earlier incarnation, only when pid, start time and the marker of
+/// `dir` all match (a reused pid is never killed). Whether it killed something.
+pub fn kill_if_ours(pid: u32, start: u64, dir: &Path) -> bool {
+    has_marker(pid, dir) && kill_group_verified(pid, start)
 }
 
 /// Live children of `parent` that lead their own process group and carry the FFmpeg marker of a
@@ -73,7 +113,7 @@ pub fn ffmpeg_children_of(parent: u32, root: &Path) -> Vec<(u32, u64)> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
             let s = stat(pid)?;
-            (s.ppid == parent && s.pgrp == pid && live(&s) && has_marker(pid, root))
+            (s.ppid == parent && s.pgrp == pid && live(&s) && has_marker_under(pid, root))
                 .then_some((pid, s.start))
         })
         .collect()
@@ -139,5 +179,36 @@ mod tests {
         assert!(!kill_group_verified(0, 0) && !kill_group_verified(1, 0));
         let _ = plain.kill();
         let _ = plain.wait();
+    }
+
+    #[test]
+    fn a_leftover_is_killed_only_with_its_start_time_and_its_folders_marker() {
+        let me = std::process::id();
+        assert!(start_time(me).is_some() && alive(me));
+        assert!(!has_marker(me, Path::new("/nowhere")));
+        assert!(!kill_if_ours(me, 0, Path::new("/nowhere")));
+        let mut marked = Command::new("sleep")
+            .arg("30")
+            .env(MARKER_VAR, "/nowhere/procs-test/ch")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("sleep");
+        let (pid, start) = (marked.id(), start_time(marked.id()).expect("start"));
+        let dir = Path::new("/nowhere/procs-test/ch");
+        assert!(has_marker(pid, dir));
+        assert!(
+            !has_marker(pid, Path::new("/nowhere/procs-test")),
+            "exact folder only"
+        );
+        assert!(!kill_if_ours(pid, start + 1, dir), "a reused pid");
+        assert!(!kill_if_ours(
+            pid,
+            start,
+            Path::new("/nowhere/procs-test/other")
+        ));
+        assert!(alive(pid));
+        assert!(kill_if_ours(pid, start, dir));
+        assert!(!marked.wait().expect("wait").success());
     }
 }
