@@ -20,7 +20,7 @@ struct Cli {
     /// Short rounds and fewer trials (under 3 minutes on 2 cores); the full run takes under 15.
     #[arg(long)]
     quick: bool,
-    /// Run only these phases (comma-separated): rps, tick, ttfp, scale, failover, viewer.
+    /// Run only these phases (comma-separated): rps, tick, ttfp, scale, failover, viewer, abuse.
     #[arg(long, value_delimiter = ',', value_parser = Phase::parse)]
     only: Vec<Phase>,
     /// Where to write the JSON report [default: target/farm-bench/report.json].
