@@ -56,6 +56,7 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     })
     .await;
     let addrs: Vec<SocketAddr> = farm.nodes.iter().map(|n| n.addr()).collect();
+    let starts_before = farm.metric("farm_node_channel_starts_total").await;
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..BURST)
         .map(|i| {
@@ -68,14 +69,16 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     let mut tally: BTreeMap<String, u64> = BTreeMap::new();
     for t in tasks {
         let key = match t.await {
-            Ok(Ok((503, true))) => "503+retry-after".to_string(),
-            Ok(Ok((status, _))) => status.to_string(),
+            Ok(Ok((503, true, _))) => "503+retry-after".to_string(),
+            Ok(Ok((status, _, true))) => format!("{status}+accel"),
+            Ok(Ok((status, _, _))) => status.to_string(),
             Ok(Err(e)) => format!("error: {}", e.split(':').next().unwrap_or(&e)),
             Err(e) => format!("task: {e}"),
         };
         *tally.entry(key).or_default() += 1;
     }
     let answered = t0.elapsed();
+    let starts = farm.metric("farm_node_channel_starts_total").await - starts_before;
     // The FFmpegs the burst started run now: watch on.
     super::pause(AFTER_BURST).await;
     let stats = farm.viewer_stats();
@@ -91,6 +94,7 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
         json!({
             "answers": tally,
             "answered_s": answered.as_secs_f64(),
+            "channel_starts_during_burst": starts,
             "watched_after_s": AFTER_BURST.as_secs_f64(),
             "node_children_except_guard_after": running,
             "viewers": stats.iter().map(|s| json!({
@@ -103,16 +107,17 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
         }),
     );
     let ok = tally.get("200").copied().unwrap_or(0);
+    let accel = tally.get("200+accel").copied().unwrap_or(0);
     let busy = tally.get("503+retry-after").copied().unwrap_or(0);
     let other: Vec<String> = tally
         .iter()
-        .filter(|(k, _)| *k != "200" && *k != "503+retry-after")
+        .filter(|(k, _)| !matches!(k.as_str(), "200" | "200+accel" | "503+retry-after"))
         .map(|(k, v)| format!("{v} x {k}"))
         .collect();
     let goal = HLS_TIME + GAP_ALLOWANCE;
     let mut f = Figure::new("burst_worst_gap_s", "s", Goal::AtMost(goal.as_secs_f64()))
         .detail(format!(
-            "worst wait between two new segments of {} watched channels (through nginx) from a burst of {BURST} first requests for {BURST} catalog channels ({} per node, one source address each) until {} s after its last answer; answers in {} s: {ok} x 200, {busy} x 503+Retry-After{}; 2 nodes, max streams {MAX_STREAMS} each, real FFmpeg, hls_time {} s (goal: one segment + {} s)",
+            "worst wait between two new segments of {} watched channels (through nginx) from a burst of {BURST} first requests for {BURST} catalog channels ({} per node, one source address each) until {} s after its last answer; answers in {} s: {ok} x 200 from the node asked, {accel} x 200 with X-Accel-Redirect to the owner (nginx would send the file), {busy} x 503+Retry-After{}; {starts} channel starts; 2 nodes, max streams {MAX_STREAMS} each, real FFmpeg, hls_time {} s (goal: one segment + {} s)",
             stats.len(),
             BURST / addrs.len().max(1),
             AFTER_BURST.as_secs(),
@@ -137,8 +142,12 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     Ok(())
 }
 
-/// A first request with `Connection: close`: `(status, whether it has Retry-After)`.
-async fn first_request(src: IpAddr, dst: SocketAddr, path: String) -> Result<(u16, bool), String> {
+/// A first request with `Connection: close`: `(status, has Retry-After, has X-Accel-Redirect)`.
+async fn first_request(
+    src: IpAddr,
+    dst: SocketAddr,
+    path: String,
+) -> Result<(u16, bool, bool), String> {
     let exchange = async {
         let mut s = connect_from(src, dst)
             .await
@@ -163,7 +172,8 @@ async fn first_request(src: IpAddr, dst: SocketAddr, path: String) -> Result<(u1
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("bad status line: {head}"))?;
         let retry = head.lines().any(|l| l.starts_with("retry-after:"));
-        Ok((status, retry))
+        let accel = head.lines().any(|l| l.starts_with("x-accel-redirect:"));
+        Ok((status, retry, accel))
     };
     tokio::time::timeout(Duration::from_secs(30), exchange)
         .await

@@ -8,7 +8,9 @@
 //! even rounds, B first in odd ones), every round on the newest segment:
 //!
 //! - `segment_rps_ratio`: node serving the segment / plain nginx at its best, same file;
-//! - `playlist_rps_ratio`: node serving the live playlist / plain nginx at its best;
+//! - `playlist_rps_ratio`: node serving the live playlist (composed in memory) / plain nginx at its
+//!   best sending FFmpeg's own playlist file (`.ffmpeg.m3u8`, the only playlist on disk: what
+//!   nginx serves when it fronts FFmpeg's output directly);
 //! - `template_segment_rps_ratio`, `template_playlist_rps_ratio`: the shipped template (with
 //!   `auth_request`) / plain nginx at its best: what the shipped front costs against the anchor;
 //! - `auth_segment_rps_ratio`: the template with `auth_request` / the same template without it.
@@ -33,6 +35,10 @@ use crate::node::{NodeOpts, NodeProcess};
 use crate::redis::RedisServer;
 
 const CHANNEL: &str = "live";
+/// FFmpeg's own playlist in the channel folder (farm-node's `playlist::FFMPEG_PLAYLIST`): the node
+/// composes the playlist it serves in memory, so this is the only playlist on disk. Plain nginx
+/// serves it: the classic setup where nginx sends what FFmpeg writes.
+const FFMPEG_PLAYLIST: &str = ".ffmpeg.m3u8";
 /// Fake FFmpeg's segment size: 500,000 bytes rounded up to whole TS packets.
 const SEGMENT_BYTES: u64 = 500_000;
 
@@ -170,7 +176,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let node_addr = node.addr();
     // Every target serves the right bytes before anything is measured.
     let (seg, seg_size, _) = newest_segment(&chan_dir)?;
-    check_target(&client, "node", node_addr, &seg, seg_size).await?;
+    check_target(&client, "node", node_addr, &seg, seg_size, "index.m3u8").await?;
     // Without nginx (not installed, or a template the benchmark cannot use) the node-only
     // figures are still measured; the ratios say why they are missing.
     let fronts = start_fronts(node_addr, &node_root, &client, &seg, seg_size).await;
@@ -206,6 +212,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             segment_sizes.push(size);
             let seg_path = format!("/live/{CHANNEL}/{seg}");
             let pl_path = format!("/live/{CHANNEL}/index.m3u8");
+            let best_pl_path = format!("/live/{CHANNEL}/{FFMPEG_PLAYLIST}");
             // (target address, path, pids whose CPU is the server's); None: no nginx.
             let a = match cmp {
                 Cmp::Segment => Some((node_addr, seg_path.clone(), vec![node_pid])),
@@ -228,7 +235,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
                     best_addr.map(|addr| (addr, seg_path.clone(), best_pids.clone()))
                 }
                 Cmp::Playlist | Cmp::TemplatePlaylist => {
-                    best_addr.map(|addr| (addr, pl_path.clone(), best_pids.clone()))
+                    best_addr.map(|addr| (addr, best_pl_path.clone(), best_pids.clone()))
                 }
                 Cmp::AuthSegment => {
                     noauth_addr.map(|addr| (addr, seg_path.clone(), noauth_pids.clone()))
@@ -437,10 +444,11 @@ async fn check_target(
     addr: SocketAddr,
     seg: &str,
     seg_size: u64,
+    playlist: &str,
 ) -> Result<(), String> {
     for path in [
         format!("/live/{CHANNEL}/{seg}"),
-        format!("/live/{CHANNEL}/index.m3u8"),
+        format!("/live/{CHANNEL}/{playlist}"),
     ] {
         let (st, b) = get(client, &format!("http://{addr}{path}")).await?;
         let want_len = path.ends_with(".ts").then_some(seg_size);
@@ -476,7 +484,12 @@ async fn start_fronts(
             .await
             .map_err(|e| format!("start nginx: {e}"))??;
         let who = format!("nginx ({variant:?})");
-        if let Err(e) = check_target(client, &who, n.addr(), seg, seg_size).await {
+        let playlist = if variant == Variant::Best {
+            FFMPEG_PLAYLIST
+        } else {
+            "index.m3u8"
+        };
+        if let Err(e) = check_target(client, &who, n.addr(), seg, seg_size, playlist).await {
             return Err(format!("{e}; nginx error log: {}", n.error_log().trim()));
         }
         started.push(n);
@@ -491,9 +504,9 @@ async fn start_fronts(
     })
 }
 
-/// Newest segment listed in the channel's playlist on disk: `(file name, size, segments listed)`.
+/// Newest segment listed in FFmpeg's playlist on disk: `(file name, size, segments listed)`.
 fn newest_segment(dir: &Path) -> Result<(String, u64, usize), String> {
-    let pl_path: PathBuf = dir.join("index.m3u8");
+    let pl_path: PathBuf = dir.join(FFMPEG_PLAYLIST);
     let text = std::fs::read_to_string(&pl_path)
         .map_err(|e| format!("read {}: {e}", pl_path.display()))?;
     let pl = MediaPlaylist::parse(&text)?;
