@@ -223,13 +223,13 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         num(main.guard.idle_cpu_s / main.idle_window_s * 100.0),
     ));
     let mut grss = Figure::new("guard_rss_per_stream_kb", "KB", Goal::Context).detail(format!(
-        "guard VmRSS {} KB with {n} streams vs {} KB idle; Pss {} per stream ({:?} KB idle, {:?} KB loaded)",
+        "guard VmRSS {} KB with {n} streams vs {} KB idle; Pss {} per stream ({} KB idle, {} KB loaded)",
         main.guard.busy_rss_kb,
         main.guard.idle_rss_kb,
         main.guard_pss_kb_per_stream()
             .map_or_else(|| "unreadable (no smaps_rollup)".to_string(), |v| format!("{} KB", num(v))),
-        main.guard.idle_pss_kb,
-        main.guard.busy_pss_kb,
+        main.guard.idle_pss_kb.map_or("?".into(), |v| v.to_string()),
+        main.guard.busy_pss_kb.map_or("?".into(), |v| v.to_string()),
     ));
     if main.guard_stable() {
         gcpu = gcpu.value(main.guard_cpu_pct_per_stream());
