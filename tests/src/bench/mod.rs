@@ -6,11 +6,12 @@
 //!
 //! | phase | figures |
 //! |---|---|
-//! | [`rps`] | `segment_rps_ratio`, `playlist_rps_ratio`, `auth_segment_rps_ratio`, `redis_cmds_per_1k_requests`, `request_path_redis_rtt` |
+//! | [`rps`] | `segment_rps_ratio`, `playlist_rps_ratio` (node / plain nginx at its best), `template_segment_rps_ratio`, `template_playlist_rps_ratio` (shipped template / plain nginx at its best), `auth_segment_rps_ratio`, `redis_cmds_per_1k_requests`, `request_path_redis_rtt` |
 //! | [`tick`] | `tick_ms_100k`, `tick_ratio_100k_1k` |
 //! | [`ttfp`] | `ttfp_overhead_ms_p50`, `ttfp_overhead_ms_p99`, `ttfp_ts_over_hls_time` |
-//! | [`scale`] | `node_cpu_per_stream_pct`, `node_rss_per_stream_kb` |
+//! | [`scale`] | `node_cpu_per_stream_pct` (farm-node + guard, gateways relaying real bytes), `guard_cpu_per_stream_pct`, `node_rss_per_stream_kb`, `guard_rss_per_stream_kb` |
 //! | [`failover`] | `failover_s_p50`, `failover_s_p99` |
+//! | [`abuse`] | `burst_worst_gap_s`, `import_redis_max_latency_ms` (runs at least [`ABUSE_PHASE_LIMIT`]) |
 //!
 //! Invariants: A and B of a comparison are measured in the same run, interleaved (ABBA rounds), with
 //! the same load generator ([`load`]); a figure that cannot be measured is `null` with the reason,
@@ -18,6 +19,7 @@
 //! harness fixtures panic on setup failures) is recorded with its error and the others still run;
 //! every fixture is dropped at the end of its phase, so nothing it started outlives it.
 
+pub mod abuse;
 pub mod failover;
 pub mod load;
 pub mod nginx;
@@ -47,16 +49,22 @@ pub enum Phase {
     Scale,
     Failover,
     Viewer,
+    Abuse,
 }
 
+/// The abuse phase starts a whole farm with real FFmpeg and imports 100,000 channels: it gets at
+/// least this long, `--quick` or not.
+pub const ABUSE_PHASE_LIMIT: Duration = Duration::from_secs(300);
+
 impl Phase {
-    pub const ALL: [Phase; 6] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Rps,
         Phase::Tick,
         Phase::Ttfp,
         Phase::Scale,
         Phase::Failover,
         Phase::Viewer,
+        Phase::Abuse,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,10 +75,11 @@ impl Phase {
             Phase::Scale => "scale",
             Phase::Failover => "failover",
             Phase::Viewer => "viewer",
+            Phase::Abuse => "abuse",
         }
     }
 
-    /// Parses a phase name (`rps`, `tick`, `ttfp`, `scale`, `failover`, `viewer`).
+    /// Parses a phase name (`rps`, `tick`, `ttfp`, `scale`, `failover`, `viewer`, `abuse`).
     pub fn parse(s: &str) -> Result<Phase, String> {
         Phase::ALL
             .into_iter()
@@ -149,7 +158,7 @@ impl Settings {
                 scale_idle_window: Duration::from_secs(10),
                 failover_trials: 10,
                 steady_ticks: 50,
-                phase_limit: Duration::from_secs(360),
+                phase_limit: Duration::from_secs(480),
             }
         }
     }
@@ -218,7 +227,11 @@ async fn machine_busy(window: Duration) -> Option<f64> {
 
 /// One phase on its own task, bounded by `phase_limit`; a panic becomes an error.
 async fn run_phase(phase: Phase, s: Settings) -> Result<PhaseOutput, String> {
-    let limit = s.phase_limit;
+    let limit = if phase == Phase::Abuse {
+        s.phase_limit.max(ABUSE_PHASE_LIMIT)
+    } else {
+        s.phase_limit
+    };
     let task = tokio::spawn(async move {
         let fut = async move {
             match phase {
@@ -228,6 +241,7 @@ async fn run_phase(phase: Phase, s: Settings) -> Result<PhaseOutput, String> {
                 Phase::Scale => scale::run(&s).await,
                 Phase::Failover => failover::run(&s).await,
                 Phase::Viewer => viewer::run(&s).await,
+                Phase::Abuse => abuse::run(&s).await,
             }
         };
         match tokio::time::timeout(limit, std::panic::AssertUnwindSafe(fut).catch_unwind()).await {

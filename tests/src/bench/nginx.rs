@@ -1,10 +1,19 @@
-//! The nginx instances of the throughput comparisons: the shipped front (`deploy/nginx/farm.conf.template`
-//! rendered by `deploy/nginx/render`) with `auth_request` to the node, and the same rendered config
-//! with only `auth_request` switched off ("plain nginx": sendfile from the HLS root, `open_file_cache
-//! off`). Both run `worker_processes auto`, so nginx, like the node, may use every core.
+//! The nginx instances of the throughput comparisons, all `worker_processes auto` (nginx, like the
+//! node, may use every core):
 //!
-//! Without the shipped template (an older checkout), a minimal config with the same properties is
-//! written instead, and the report says so.
+//! - [`Variant::Best`], the anchor: plain nginx at its best for static HLS files, written here and not
+//!   taken from the template: `sendfile on`, `tcp_nopush on`, `access_log off`, `open_file_cache on`
+//!   (`max=10000 inactive=20s`, `open_file_cache_valid 1s`: a playlist it serves may be up to 1 s
+//!   stale, a cost the node does not take), `keepalive_requests` unbounded like the node's and ONE prefix location (`location /live/ { alias <root>/; }`):
+//!   no regex, no `auth_request`, no variables, no `try_files`.
+//! - [`Variant::Template`]: the shipped front (`deploy/nginx/farm.conf.template` rendered by
+//!   `deploy/nginx/render`) as shipped: `auth_request` to the node, regex locations, access log,
+//!   `open_file_cache off`.
+//! - [`Variant::TemplateNoAuth`]: the same rendered config with only `auth_request` switched off
+//!   (what `auth_request` costs is Template / TemplateNoAuth).
+//!
+//! Without the shipped template (an older checkout), a minimal config with the template's properties
+//! is written for the two template variants instead, and the report says so.
 //!
 //! Invariants: each instance runs in the foreground in its own process group and its own temp dir;
 //! drop sends SIGTERM, waits, SIGKILLs the group and reaps the master.
@@ -21,10 +30,12 @@ use crate::signal;
 /// Which front.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
-    /// `auth_request` to the node's `/auth` for every playlist and segment request.
-    Auth,
-    /// The same config without the subrequest.
-    Plain,
+    /// Plain nginx at its best: the anchor of the node's figures.
+    Best,
+    /// The shipped template: `auth_request` to the node's `/auth` for every playlist and segment.
+    Template,
+    /// The shipped template without the subrequest.
+    TemplateNoAuth,
 }
 
 /// Where a config came from, for the report.
@@ -125,6 +136,9 @@ fn config(
     listen: SocketAddr,
     run_dir: &Path,
 ) -> Result<String, String> {
+    if variant == Variant::Best {
+        return Ok(best_config(root, listen, run_dir));
+    }
     if !template_path().is_file() {
         return Ok(minimal_config(variant, node, root, listen, run_dir));
     }
@@ -142,8 +156,8 @@ fn config(
     }
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     match variant {
-        Variant::Auth => Ok(text),
-        Variant::Plain => {
+        Variant::Template | Variant::Best => Ok(text),
+        Variant::TemplateNoAuth => {
             const AUTH: &str = "auth_request /_farm_auth;";
             if !text.contains(AUTH) {
                 return Err(format!(
@@ -166,8 +180,8 @@ fn minimal_config(
     let run = run_dir.display();
     let root = root.display();
     let auth = match variant {
-        Variant::Auth => "auth_request /_farm_auth;",
-        Variant::Plain => "",
+        Variant::Template => "auth_request /_farm_auth;",
+        Variant::TemplateNoAuth | Variant::Best => "",
     };
     let user = if rustix::process::geteuid().is_root() {
         "user root;"
@@ -214,6 +228,50 @@ http {{
             proxy_set_header X-Original-URI $request_uri;
         }}
         location / {{ return 404; }}
+    }}
+}}
+"#
+    )
+}
+
+/// Plain nginx at its best for static files under `/live/`: see the module docs.
+fn best_config(root: &Path, listen: SocketAddr, run_dir: &Path) -> String {
+    let run = run_dir.display();
+    let root = root.display();
+    let user = if rustix::process::geteuid().is_root() {
+        "user root;"
+    } else {
+        ""
+    };
+    let _ = std::fs::create_dir_all(run_dir.join("logs"));
+    let _ = std::fs::create_dir_all(run_dir.join("tmp"));
+    format!(
+        r#"{user}
+worker_processes auto;
+pid {run}/nginx.pid;
+error_log {run}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    server_tokens off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 65s;
+    keepalive_requests 1000000;
+    access_log off;
+    open_file_cache max=10000 inactive=20s;
+    open_file_cache_valid 1s;
+    open_file_cache_min_uses 1;
+    open_file_cache_errors on;
+    client_body_temp_path {run}/tmp/body;
+    proxy_temp_path {run}/tmp/proxy;
+    fastcgi_temp_path {run}/tmp/fastcgi;
+    uwsgi_temp_path {run}/tmp/uwsgi;
+    scgi_temp_path {run}/tmp/scgi;
+    types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; }}
+    server {{
+        listen {listen};
+        location /live/ {{ alias {root}/; }}
     }}
 }}
 "#

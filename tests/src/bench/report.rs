@@ -11,6 +11,8 @@ use serde_json::{json, Map, Value};
 pub enum Goal {
     AtLeast(f64),
     AtMost(f64),
+    /// No goal: a figure shown for context (its `met` is null).
+    Context,
 }
 
 impl Goal {
@@ -18,6 +20,7 @@ impl Goal {
         match self {
             Goal::AtLeast(g) => v >= g,
             Goal::AtMost(g) => v <= g,
+            Goal::Context => true,
         }
     }
 
@@ -25,6 +28,7 @@ impl Goal {
         match self {
             Goal::AtLeast(g) => format!(">= {g}"),
             Goal::AtMost(g) => format!("<= {g}"),
+            Goal::Context => "(context)".into(),
         }
     }
 }
@@ -75,6 +79,9 @@ impl Figure {
     }
 
     pub fn met(&self) -> Option<bool> {
+        if self.goal == Goal::Context {
+            return None;
+        }
         self.value.map(|v| self.goal.met(v))
     }
 }

@@ -1,13 +1,19 @@
 //! Throughput of the viewer path, node vs nginx, and what a viewer request costs in Redis.
 //!
-//! One farm-node (fake FFmpeg writing a ~500 KB segment every 2 s into a live channel), two nginx
-//! fronts over the same HLS root ([`super::nginx`]: `auth_request` to the node, and the same config
-//! without it), the same 64-connection load generator for everything. Three comparisons, each in
-//! ABBA rounds (A first in even rounds, B first in odd ones), every round on the newest segment:
+//! One farm-node (fake FFmpeg writing a ~500 KB segment every 2 s into a live channel), three nginx
+//! over the same HLS root ([`super::nginx`]: plain nginx at its best — sendfile, tcp_nopush,
+//! `access_log off`, `open_file_cache` on, one prefix location —, the shipped template as shipped
+//! with `auth_request` to the node, and the template without `auth_request`), the same
+//! 64-connection load generator for everything. Five comparisons, each in ABBA rounds (A first in
+//! even rounds, B first in odd ones), every round on the newest segment:
 //!
-//! - `segment_rps_ratio`: node serving the segment / nginx sendfile of the same file;
-//! - `playlist_rps_ratio`: node serving the live playlist / nginx (`open_file_cache off`);
-//! - `auth_segment_rps_ratio`: nginx with `auth_request` to the node / plain nginx, same segment.
+//! - `segment_rps_ratio`: node serving the segment / plain nginx at its best, same file;
+//! - `playlist_rps_ratio`: node serving the live playlist (composed in memory) / plain nginx at its
+//!   best sending FFmpeg's own playlist file (`.ffmpeg.m3u8`, the only playlist on disk: what
+//!   nginx serves when it fronts FFmpeg's output directly);
+//! - `template_segment_rps_ratio`, `template_playlist_rps_ratio`: the shipped template (with
+//!   `auth_request`) / plain nginx at its best: what the shipped front costs against the anchor;
+//! - `auth_segment_rps_ratio`: the template with `auth_request` / the same template without it.
 //!
 //! While an A side runs (every A request reaches the node: a file, or the `/auth` subrequest), a Redis
 //! `MONITOR` counts the commands clients send ([`super::sys::Monitor`]) and the node's
@@ -29,6 +35,10 @@ use crate::node::{NodeOpts, NodeProcess};
 use crate::redis::RedisServer;
 
 const CHANNEL: &str = "live";
+/// FFmpeg's own playlist in the channel folder (farm-node's `playlist::FFMPEG_PLAYLIST`): the node
+/// composes the playlist it serves in memory, so this is the only playlist on disk. Plain nginx
+/// serves it: the classic setup where nginx sends what FFmpeg writes.
+const FFMPEG_PLAYLIST: &str = ".ffmpeg.m3u8";
 /// Fake FFmpeg's segment size: 500,000 bytes rounded up to whole TS packets.
 const SEGMENT_BYTES: u64 = 500_000;
 
@@ -37,6 +47,8 @@ enum Cmp {
     Segment,
     Playlist,
     AuthSegment,
+    TemplateSegment,
+    TemplatePlaylist,
 }
 
 impl Cmp {
@@ -45,6 +57,8 @@ impl Cmp {
             Cmp::Segment => "segment",
             Cmp::Playlist => "playlist",
             Cmp::AuthSegment => "auth_segment",
+            Cmp::TemplateSegment => "template_segment",
+            Cmp::TemplatePlaylist => "template_playlist",
         }
     }
 }
@@ -162,21 +176,23 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let node_addr = node.addr();
     // Every target serves the right bytes before anything is measured.
     let (seg, seg_size, _) = newest_segment(&chan_dir)?;
-    check_target(&client, "node", node_addr, &seg, seg_size).await?;
+    check_target(&client, "node", node_addr, &seg, seg_size, "index.m3u8").await?;
     // Without nginx (not installed, or a template the benchmark cannot use) the node-only
     // figures are still measured; the ratios say why they are missing.
     let fronts = start_fronts(node_addr, &node_root, &client, &seg, seg_size).await;
     let node_pid = node.pid();
-    let auth_pids = fronts
-        .as_ref()
-        .map(|(a, _)| server_pids(a))
-        .unwrap_or_default();
-    let plain_pids = fronts
-        .as_ref()
-        .map(|(_, p)| server_pids(p))
-        .unwrap_or_default();
-    let auth_addr = fronts.as_ref().ok().map(|(a, _)| a.addr());
-    let plain_addr = fronts.as_ref().ok().map(|(_, p)| p.addr());
+    let pids_of = |f: fn(&Fronts) -> &BenchNginx| {
+        fronts
+            .as_ref()
+            .map(|x| server_pids(f(x)))
+            .unwrap_or_default()
+    };
+    let auth_pids = pids_of(|f| &f.template);
+    let noauth_pids = pids_of(|f| &f.template_no_auth);
+    let best_pids = pids_of(|f| &f.best);
+    let auth_addr = fronts.as_ref().ok().map(|f| f.template.addr());
+    let noauth_addr = fronts.as_ref().ok().map(|f| f.template_no_auth.addr());
+    let best_addr = fronts.as_ref().ok().map(|f| f.best.addr());
     let metrics_before = node_metrics(&client, &base).await?;
     let rp_before = metric_sum(&metrics_before, "farm_node_request_path_redis_calls_total");
     let stats_before = redis.command_calls().await;
@@ -185,26 +201,45 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let mut redis_cmds: BTreeMap<String, u64> = BTreeMap::new();
     let mut segment_sizes = Vec::new();
     for round in 0..s.rounds {
-        for cmp in [Cmp::Segment, Cmp::Playlist, Cmp::AuthSegment] {
+        for cmp in [
+            Cmp::Segment,
+            Cmp::Playlist,
+            Cmp::TemplateSegment,
+            Cmp::TemplatePlaylist,
+            Cmp::AuthSegment,
+        ] {
             let (seg, size, _) = newest_segment(&chan_dir)?;
             segment_sizes.push(size);
             let seg_path = format!("/live/{CHANNEL}/{seg}");
             let pl_path = format!("/live/{CHANNEL}/index.m3u8");
+            let best_pl_path = format!("/live/{CHANNEL}/{FFMPEG_PLAYLIST}");
             // (target address, path, pids whose CPU is the server's); None: no nginx.
             let a = match cmp {
                 Cmp::Segment => Some((node_addr, seg_path.clone(), vec![node_pid])),
                 Cmp::Playlist => Some((node_addr, pl_path.clone(), vec![node_pid])),
-                Cmp::AuthSegment => auth_addr.map(|addr| {
-                    let mut p = auth_pids.clone();
-                    p.push(node_pid);
-                    (addr, seg_path.clone(), p)
-                }),
+                Cmp::AuthSegment | Cmp::TemplateSegment | Cmp::TemplatePlaylist => {
+                    auth_addr.map(|addr| {
+                        let mut p = auth_pids.clone();
+                        p.push(node_pid);
+                        let path = if cmp == Cmp::TemplatePlaylist {
+                            &pl_path
+                        } else {
+                            &seg_path
+                        };
+                        (addr, path.clone(), p)
+                    })
+                }
             };
             let b = match cmp {
-                Cmp::Segment | Cmp::AuthSegment => {
-                    plain_addr.map(|addr| (addr, seg_path.clone(), plain_pids.clone()))
+                Cmp::Segment | Cmp::TemplateSegment => {
+                    best_addr.map(|addr| (addr, seg_path.clone(), best_pids.clone()))
                 }
-                Cmp::Playlist => plain_addr.map(|addr| (addr, pl_path.clone(), plain_pids.clone())),
+                Cmp::Playlist | Cmp::TemplatePlaylist => {
+                    best_addr.map(|addr| (addr, best_pl_path.clone(), best_pids.clone()))
+                }
+                Cmp::AuthSegment => {
+                    noauth_addr.map(|addr| (addr, seg_path.clone(), noauth_pids.clone()))
+                }
             };
             let order = if round % 2 == 0 {
                 ['A', 'B']
@@ -261,21 +296,35 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             "segment_rps_ratio",
             Goal::AtLeast(1.0),
             "node",
-            "nginx sendfile",
+            "plain nginx at its best",
         ),
         (
             Cmp::Playlist,
             "playlist_rps_ratio",
             Goal::AtLeast(0.5),
             "node",
-            "nginx open_file_cache off",
+            "plain nginx at its best",
+        ),
+        (
+            Cmp::TemplateSegment,
+            "template_segment_rps_ratio",
+            Goal::Context,
+            "shipped template (auth_request)",
+            "plain nginx at its best",
+        ),
+        (
+            Cmp::TemplatePlaylist,
+            "template_playlist_rps_ratio",
+            Goal::Context,
+            "shipped template (auth_request)",
+            "plain nginx at its best",
         ),
         (
             Cmp::AuthSegment,
             "auth_segment_rps_ratio",
             Goal::AtLeast(0.7),
-            "nginx+auth_request",
-            "plain nginx",
+            "template with auth_request",
+            "template without auth_request",
         ),
     ] {
         let a = sides.get(&(cmp.name(), 'A')).cloned().unwrap_or_default();
@@ -284,7 +333,10 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             cmp.name(),
             json!({ "a": a.json(), "b": b.json(), "a_is": what_a, "b_is": what_b }),
         );
-        let node_share = if cmp == Cmp::AuthSegment {
+        let node_share = if matches!(
+            cmp,
+            Cmp::AuthSegment | Cmp::TemplateSegment | Cmp::TemplatePlaylist
+        ) {
             format!(", node's /auth {} us of it", num(a.per_request(a.node_cpu)))
         } else {
             String::new()
@@ -392,10 +444,11 @@ async fn check_target(
     addr: SocketAddr,
     seg: &str,
     seg_size: u64,
+    playlist: &str,
 ) -> Result<(), String> {
     for path in [
         format!("/live/{CHANNEL}/{seg}"),
-        format!("/live/{CHANNEL}/index.m3u8"),
+        format!("/live/{CHANNEL}/{playlist}"),
     ] {
         let (st, b) = get(client, &format!("http://{addr}{path}")).await?;
         let want_len = path.ends_with(".ts").then_some(seg_size);
@@ -409,34 +462,51 @@ async fn check_target(
     Ok(())
 }
 
-/// The two nginx fronts (auth, plain), checked.
+/// The three nginx of the comparisons.
+struct Fronts {
+    best: BenchNginx,
+    template: BenchNginx,
+    template_no_auth: BenchNginx,
+}
+
+/// The three nginx (best, template, template without auth), checked.
 async fn start_fronts(
     node: SocketAddr,
     root: &Path,
     client: &reqwest::Client,
     seg: &str,
     seg_size: u64,
-) -> Result<(BenchNginx, BenchNginx), String> {
+) -> Result<Fronts, String> {
     let mut started = Vec::new();
-    for variant in [Variant::Auth, Variant::Plain] {
+    for variant in [Variant::Best, Variant::Template, Variant::TemplateNoAuth] {
         let root = root.to_path_buf();
         let n = tokio::task::spawn_blocking(move || BenchNginx::start(variant, node, &root))
             .await
             .map_err(|e| format!("start nginx: {e}"))??;
         let who = format!("nginx ({variant:?})");
-        if let Err(e) = check_target(client, &who, n.addr(), seg, seg_size).await {
+        let playlist = if variant == Variant::Best {
+            FFMPEG_PLAYLIST
+        } else {
+            "index.m3u8"
+        };
+        if let Err(e) = check_target(client, &who, n.addr(), seg, seg_size, playlist).await {
             return Err(format!("{e}; nginx error log: {}", n.error_log().trim()));
         }
         started.push(n);
     }
-    let plain = started.pop().ok_or("no plain nginx")?;
-    let auth = started.pop().ok_or("no auth nginx")?;
-    Ok((auth, plain))
+    let template_no_auth = started.pop().ok_or("no template nginx without auth")?;
+    let template = started.pop().ok_or("no template nginx")?;
+    let best = started.pop().ok_or("no plain nginx")?;
+    Ok(Fronts {
+        best,
+        template,
+        template_no_auth,
+    })
 }
 
-/// Newest segment listed in the channel's playlist on disk: `(file name, size, segments listed)`.
+/// Newest segment listed in FFmpeg's playlist on disk: `(file name, size, segments listed)`.
 fn newest_segment(dir: &Path) -> Result<(String, u64, usize), String> {
-    let pl_path: PathBuf = dir.join("index.m3u8");
+    let pl_path: PathBuf = dir.join(FFMPEG_PLAYLIST);
     let text = std::fs::read_to_string(&pl_path)
         .map_err(|e| format!("read {}: {e}", pl_path.display()))?;
     let pl = MediaPlaylist::parse(&text)?;

@@ -1,19 +1,32 @@
-//! What a supervised stream costs the node: CPU (the node's own, not FFmpeg's) and RSS, with 200
-//! fake-FFmpeg streams and one player-like viewer per stream.
+//! What a supervised stream costs the node: CPU (the node's own processes, not FFmpeg's) and RSS,
+//! with 200 fake-FFmpeg streams that read real bytes through the egress gateway, and one
+//! player-like viewer per stream.
 //!
 //! The node runs with its defaults (hls_time 2 s, list size 6, access flush 1 s, TTLs 10 s) and no
-//! stream limit. First its idle baseline (no stream) is measured over the same window as the loaded
-//! state; then 200 channels are started through their first playlist request, each gets a viewer
-//! that reloads the playlist every 2 s and downloads every new segment (100 KB), and after a settle
-//! time the node's utime+stime (`/proc/<pid>/stat`) is read over the window; `VmRSS` is read once
-//! the viewers have watched for 20 s (a whole playlist window of new segments per channel), and
-//! sampled every second meanwhile (`rss_series_kb` in the report: flat when memory is bounded).
+//! stream limit. Every channel's upstream is the fake IPTV provider ([`crate::provider`]: the test
+//! source looped at real-time pace, ~2 Mbit/s) with `read=1`, so each fake FFmpeg reads its input
+//! through `-http_proxy`, i.e. the channel's egress gateway in the node's guard process, and
+//! discards it: the gateways relay real bytes. First the idle baseline (no stream) is measured over
+//! the same window as the loaded state; then 200 channels are started through their first playlist
+//! request, each gets a viewer that reloads the playlist every 2 s and downloads every new segment
+//! (100 KB), and after a settle time the utime+stime (`/proc/<pid>/stat`) of the node and of its
+//! guard (its child `farm-node __guard`) are read over the window, and the bytes the provider sent
+//! meanwhile (the relayed bitrate, printed per stream); `VmRSS` is read once the viewers have
+//! watched for 20 s (a whole playlist window of new segments per channel), and sampled every second
+//! meanwhile (`rss_series_kb` in the report: flat when memory is bounded).
 //!
-//! `node_cpu_per_stream_pct` is the node's whole CPU over the window divided by the streams (serving
-//! the viewers included, the idle baseline not subtracted); `node_rss_per_stream_kb` is the RSS
-//! growth from the idle baseline divided by the streams. A second, shorter run with
-//! `--segment-cache 0` (when the node has that flag) separates the memory of the node's in-memory
-//! copies of hot segments from what supervising a stream costs.
+//! - `node_cpu_per_stream_pct`: the CPU of the node's processes (farm-node + its guard, which runs
+//!   the egress gateways and so does the relaying) over the window divided by the streams (serving
+//!   the viewers and relaying the upstreams included, the idle baseline not subtracted). Before the
+//!   gateways relayed anything, this figure was farm-node alone with silent upstreams.
+//! - `guard_cpu_per_stream_pct`: the guard's part of it.
+//! - `node_rss_per_stream_kb`: farm-node's RSS growth from the idle baseline divided by the streams.
+//! - `guard_rss_per_stream_kb`: the guard's `VmRSS` growth from its idle baseline divided by the
+//!   streams (its `Pss` from `smaps_rollup`, which does not count pages shared with farm-node, is in
+//!   the detail and the report).
+//!
+//! A second, shorter run with `--segment-cache 0` (when the node has that flag) separates the memory
+//! of the node's in-memory copies of hot segments from what supervising a stream costs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,10 +35,11 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::report::{num, Figure, Goal, PhaseOutput};
-use super::sys::{cpu_seconds, rss_kb, threads};
+use super::sys::{cpu_seconds, guard_of, pss_kb, rss_kb, threads};
 use super::{add_channels, get, http, Settings};
 use crate::hls::MediaPlaylist;
 use crate::node::{NodeOpts, NodeProcess};
+use crate::provider::FakeProvider;
 use crate::redis::RedisServer;
 
 const SEGMENT_BYTES: u64 = 100_000;
@@ -48,11 +62,62 @@ struct Run {
     start_all_s: f64,
     /// How long the viewers had been watching when RSS was read.
     viewing_s: f64,
+    guard: Guard,
+    /// Bytes the provider sent per second per stream during the window (what the gateways relayed).
+    relayed_bytes_per_s_per_stream: f64,
+}
+
+/// The guard process's figures.
+#[derive(Debug, Default, Clone)]
+struct Guard {
+    pid_idle: i32,
+    pid_busy: i32,
+    idle_cpu_s: f64,
+    busy_cpu_s: f64,
+    idle_rss_kb: u64,
+    busy_rss_kb: u64,
+    idle_pss_kb: Option<u64>,
+    busy_pss_kb: Option<u64>,
+}
+
+impl Guard {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "pid_idle": self.pid_idle,
+            "pid_busy": self.pid_busy,
+            "idle_cpu_s": self.idle_cpu_s,
+            "busy_cpu_s": self.busy_cpu_s,
+            "idle_rss_kb": self.idle_rss_kb,
+            "busy_rss_kb": self.busy_rss_kb,
+            "idle_pss_kb": self.idle_pss_kb,
+            "busy_pss_kb": self.busy_pss_kb,
+        })
+    }
 }
 
 impl Run {
+    /// farm-node + guard.
     fn cpu_pct_per_stream(&self) -> f64 {
-        self.busy_cpu_s / self.window_s * 100.0 / self.streams as f64
+        (self.busy_cpu_s + self.guard.busy_cpu_s) / self.window_s * 100.0 / self.streams as f64
+    }
+
+    fn guard_cpu_pct_per_stream(&self) -> f64 {
+        self.guard.busy_cpu_s / self.window_s * 100.0 / self.streams as f64
+    }
+
+    fn guard_rss_kb_per_stream(&self) -> f64 {
+        (self.guard.busy_rss_kb as f64 - self.guard.idle_rss_kb as f64) / self.streams as f64
+    }
+
+    fn guard_pss_kb_per_stream(&self) -> Option<f64> {
+        Some(
+            (self.guard.busy_pss_kb? as f64 - self.guard.idle_pss_kb? as f64) / self.streams as f64,
+        )
+    }
+
+    /// Whether the same guard ran from the idle baseline to the end.
+    fn guard_stable(&self) -> bool {
+        self.guard.pid_idle != 0 && self.guard.pid_idle == self.guard.pid_busy
     }
 
     fn rss_kb_per_stream(&self) -> f64 {
@@ -76,8 +141,12 @@ impl Run {
             "start_all_s": self.start_all_s,
             "viewing_s_at_rss": self.viewing_s,
             "segment_bytes": SEGMENT_BYTES,
-            "cpu_pct_per_stream": self.cpu_pct_per_stream(),
+            "cpu_pct_per_stream_node_and_guard": self.cpu_pct_per_stream(),
             "rss_kb_per_stream": self.rss_kb_per_stream(),
+            "guard": self.guard.json(),
+            "guard_rss_kb_per_stream": self.guard_rss_kb_per_stream(),
+            "guard_pss_kb_per_stream": self.guard_pss_kb_per_stream(),
+            "relayed_bytes_per_s_per_stream": self.relayed_bytes_per_s_per_stream,
         })
     }
 }
@@ -115,16 +184,31 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         out.set("segment_cache_0", r.json());
     }
     let secs = main.window_s;
+    let relayed = format!(
+        "{} kbit/s relayed per stream through the egress gateways ({} Mbit/s in all)",
+        num(main.relayed_bytes_per_s_per_stream * 8.0 / 1000.0),
+        num(main.relayed_bytes_per_s_per_stream * 8.0 * n as f64 / 1e6),
+    );
     let mut cpu = Figure::new("node_cpu_per_stream_pct", "%", Goal::AtMost(0.05))
         .value(main.cpu_pct_per_stream())
         .detail(format!(
-            "node CPU {} s over {} s with {n} streams and {n} viewers ({} req/s) = {}% of a core; idle baseline {}% of a core",
+            "farm-node {} s + guard {} s CPU over {} s with {n} streams, {relayed}, and {n} viewers ({} req/s) = {}% of a core; idle baseline {}% of a core",
             num(main.busy_cpu_s),
+            num(main.guard.busy_cpu_s),
             num(secs),
             num(main.viewer_rps),
-            num(main.busy_cpu_s / secs * 100.0),
-            num(main.idle_cpu_s / main.idle_window_s * 100.0),
+            num((main.busy_cpu_s + main.guard.busy_cpu_s) / secs * 100.0),
+            num((main.idle_cpu_s + main.guard.idle_cpu_s) / main.idle_window_s * 100.0),
         ));
+    if !main.guard_stable() {
+        cpu = cpu.note(format!(
+            "the guard was not the same process throughout (pid {} idle, {} loaded): its CPU is not in the figure",
+            main.guard.pid_idle, main.guard.pid_busy
+        ));
+    }
+    if main.relayed_bytes_per_s_per_stream <= 0.0 {
+        cpu = cpu.note("the gateways relayed nothing: the figure is without relaying".to_string());
+    }
     if main.viewer_errors > 0 || main.ffmpeg_children < n {
         cpu = cpu.note(format!(
             "{} viewer errors; {} ffmpeg children of {n} streams",
@@ -132,6 +216,33 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         ));
     }
     out.fig(cpu);
+    let mut gcpu = Figure::new("guard_cpu_per_stream_pct", "%", Goal::Context).detail(format!(
+        "the guard's part of node_cpu_per_stream_pct: {} s over {} s, {relayed}; idle {}% of a core",
+        num(main.guard.busy_cpu_s),
+        num(secs),
+        num(main.guard.idle_cpu_s / main.idle_window_s * 100.0),
+    ));
+    let mut grss = Figure::new("guard_rss_per_stream_kb", "KB", Goal::Context).detail(format!(
+        "guard VmRSS {} KB with {n} streams vs {} KB idle; Pss {} per stream ({} KB idle, {} KB loaded)",
+        main.guard.busy_rss_kb,
+        main.guard.idle_rss_kb,
+        main.guard_pss_kb_per_stream()
+            .map_or_else(|| "unreadable (no smaps_rollup)".to_string(), |v| format!("{} KB", num(v))),
+        main.guard.idle_pss_kb.map_or("?".into(), |v| v.to_string()),
+        main.guard.busy_pss_kb.map_or("?".into(), |v| v.to_string()),
+    ));
+    if main.guard_stable() {
+        gcpu = gcpu.value(main.guard_cpu_pct_per_stream());
+        grss = grss.value(main.guard_rss_kb_per_stream());
+    } else {
+        let why = format!(
+            "no guard, or not the same guard process throughout (pid {} idle, {} loaded)",
+            main.guard.pid_idle, main.guard.pid_busy
+        );
+        gcpu = gcpu.note(why.clone());
+        grss = grss.note(why);
+    }
+    out.fig(gcpu);
     let cache_note = no_cache.as_ref().map_or(String::new(), |r| {
         format!(
             "; with --segment-cache 0: {} KB per stream: the rest is the node's in-memory copies of the watched channels' newest {} KB segments (bounded node-wide by --segment-cache)",
@@ -147,6 +258,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
                 main.busy_rss_kb, main.viewing_s.round(), main.idle_rss_kb
             )),
     );
+    out.fig(grss);
     Ok(out)
 }
 
@@ -167,6 +279,7 @@ async fn measure(
     min_viewing: Duration,
 ) -> Result<Run, String> {
     let redis = RedisServer::start();
+    let provider = FakeProvider::start().await;
     let root = tempfile::Builder::new()
         .prefix("farm-bench-scale-")
         .tempdir()
@@ -176,7 +289,9 @@ async fn measure(
         .map(|i| {
             (
                 format!("s{i}"),
-                format!("http://127.0.0.1:9/s{i}.ts?mode=normal&bytes={SEGMENT_BYTES}"),
+                provider.url(&format!(
+                    "/s{i}.ts?read=1&mode=normal&bytes={SEGMENT_BYTES}"
+                )),
             )
         })
         .collect();
@@ -197,8 +312,16 @@ async fn measure(
 
     // Idle baseline.
     super::pause(Duration::from_secs(2)).await;
+    let mut guard = Guard {
+        pid_idle: guard_of(pid).unwrap_or(0),
+        ..Guard::default()
+    };
+    let g0 = cpu_seconds(guard.pid_idle).unwrap_or(0.0);
     let (idle_cpu, idle_window) = cpu_over(pid, idle_window).await?;
+    guard.idle_cpu_s = cpu_seconds(guard.pid_idle).unwrap_or(0.0) - g0;
     let idle_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
+    guard.idle_rss_kb = rss_kb(guard.pid_idle).unwrap_or(0);
+    guard.idle_pss_kb = pss_kb(guard.pid_idle);
 
     // Start every channel through its first request, 50 at a time.
     let t = Instant::now();
@@ -259,6 +382,8 @@ async fn measure(
     super::pause(Duration::from_secs(4)).await;
     let req0 = viewer_requests.load(Ordering::Relaxed);
     let c0 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
+    let gc0 = cpu_seconds(guard.pid_idle);
+    let sent0 = provider.bytes_sent();
     let t0 = Instant::now();
     let mut rss_series_kb = Vec::new();
     while t0.elapsed() < window {
@@ -266,16 +391,28 @@ async fn measure(
         rss_series_kb.extend(rss_kb(pid));
     }
     let busy_cpu = cpu_seconds(pid).ok_or("node CPU time unreadable")? - c0;
+    let sent = provider.bytes_sent() - sent0;
+    let gc1 = cpu_seconds(guard.pid_idle);
     let busy_window = t0.elapsed();
+    guard.busy_cpu_s = match (gc0, gc1) {
+        (Some(a), Some(b)) => b - a,
+        _ => 0.0,
+    };
     let req1 = viewer_requests.load(Ordering::Relaxed);
     while viewing_since.elapsed() < min_viewing {
         super::pause((min_viewing - viewing_since.elapsed()).min(Duration::from_secs(1))).await;
         rss_series_kb.extend(rss_kb(pid));
     }
     let busy_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
+    guard.pid_busy = guard_of(pid).unwrap_or(0);
+    guard.busy_rss_kb = rss_kb(guard.pid_busy).unwrap_or(0);
+    guard.busy_pss_kb = pss_kb(guard.pid_busy);
     let viewing_s = viewing_since.elapsed().as_secs_f64();
     let node_threads = threads(pid);
-    let ffmpegs = crate::procs::children_of(pid).len();
+    let ffmpegs = crate::procs::children_of(pid)
+        .into_iter()
+        .filter(|c| *c != guard.pid_busy)
+        .count();
     stop.store(true, Ordering::Relaxed);
     while viewers.join_next().await.is_some() {}
     drop(node);
@@ -295,6 +432,8 @@ async fn measure(
         viewer_errors: viewer_errors.load(Ordering::Relaxed),
         start_all_s,
         viewing_s,
+        guard,
+        relayed_bytes_per_s_per_stream: sent as f64 / window_s / n.max(1) as f64,
     })
 }
 

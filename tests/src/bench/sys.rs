@@ -28,6 +28,22 @@ pub fn rss_kb(pid: i32) -> Option<u64> {
     status_field(pid, "VmRSS:")
 }
 
+/// `Pss` of `pid` in KiB, from `/proc/<pid>/smaps_rollup` (None where the kernel has no such file).
+pub fn pss_kb(pid: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The node's guard: its child re-executed as `farm-node __guard` (see node/src/guard).
+pub fn guard_of(node_pid: i32) -> Option<i32> {
+    crate::procs::children_of(node_pid).into_iter().find(|c| {
+        crate::procs::cmdline(*c).is_some_and(|cl| cl.split(' ').nth(1) == Some("__guard"))
+    })
+}
+
 /// Threads of `pid`.
 pub fn threads(pid: i32) -> Option<u64> {
     status_field(pid, "Threads:")

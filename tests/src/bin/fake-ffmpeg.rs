@@ -4,7 +4,7 @@
 //! `-hls_time`, `-hls_list_size`, `-hls_delete_threshold`, `-start_number`, `-hls_flags` (only
 //! `discont_start` and `delete_segments`), `-hls_segment_filename`, and the playlist path as the LAST
 //! argument; everything
-//! else is ignored. It never opens the input. Its behaviour comes from the
+//! else is ignored. It opens the input only when asked to (`read=1`). Its behaviour comes from the
 //! input URL's query string (the node clears its environment):
 //!
 //! - `mode=normal` (default): writes a segment every `seg_ms` and the playlist after each one.
@@ -20,6 +20,12 @@
 //!   node manages, shared by the nodes of one test), so a test can time the gaps between a crash
 //!   and the next spawn from the processes' own clocks. (A path in the URL would not do: the node
 //!   masks long query values in FFmpeg's argv as possible credentials.)
+//! - `read=1` (`http://` inputs only): a thread reads the input like FFmpeg would and discards it:
+//!   one `GET` of the whole URL through `-http_proxy` (absolute form, as FFmpeg sends it to a
+//!   proxy) or, without one, straight to the URL's host; the body is read at whatever rate the
+//!   upstream sends (for the fake provider: real time). When the connection ends it reconnects after
+//!   500 ms, like FFmpeg's `-reconnect`. It writes segments on its own schedule either way; the
+//!   point is that the node's egress gateway relays real bytes (farm-bench's scale phase).
 //!
 //! Files are written like ffmpeg's `hls_flags temp_file`: `<segment>.tmp` then rename,
 //! `<playlist>.tmp` then rename; the playlist lists the last `-hls_list_size` segments (0 = all) and,
@@ -59,6 +65,9 @@ struct Config {
     seg_interval: Duration,
     seg_bytes: usize,
     spawnlog: Option<PathBuf>,
+    /// Read the input (through this proxy, if any): `read=1`.
+    read: bool,
+    http_proxy: Option<String>,
 }
 
 fn main() {
@@ -94,6 +103,14 @@ fn main() {
             eprintln!("fake-ffmpeg: cannot install signal handler: {e}");
             exit(&config, 1);
         }
+    }
+    if config.read {
+        let (input, proxy, stop) = (
+            config.input.clone(),
+            config.http_proxy.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || read_input(&input, proxy.as_deref(), &stop));
     }
     let code = run(&config, &stop);
     exit(&config, code);
@@ -256,7 +273,73 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         seg_interval: Duration::from_millis(num("seg_ms", default_seg_ms)?.max(1)),
         seg_bytes: usize::try_from(num("bytes", 20_000)?).map_err(|e| e.to_string())?,
         spawnlog,
+        read: param("read").as_deref() == Some("1"),
+        http_proxy: value_of("-http_proxy"),
     })
+}
+
+/// `host:port` of an `http://` URL (port 80 by default).
+fn http_authority(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    let auth = rest.split(['/', '?']).next()?;
+    let auth = auth.rsplit('@').next()?;
+    if auth.is_empty() {
+        return None;
+    }
+    Some(if auth.contains(':') {
+        auth.to_string()
+    } else {
+        format!("{auth}:80")
+    })
+}
+
+/// Reads `input` (through `proxy`) and discards it until `stop`; reconnects after 500 ms.
+fn read_input(input: &str, proxy: Option<&str>, stop: &AtomicBool) {
+    use std::io::{Read, Write};
+    let Some(host) = http_authority(input) else {
+        eprintln!("fake-ffmpeg: read=1 needs an http:// input, not {input}");
+        return;
+    };
+    let Some(dest) = proxy.map_or(Some(host.clone()), http_authority) else {
+        eprintln!("fake-ffmpeg: cannot use -http_proxy {proxy:?}");
+        return;
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let request = format!(
+            "GET {input} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: fake-ffmpeg\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+        match std::net::TcpStream::connect(&dest).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            s.write_all(request.as_bytes())?;
+            Ok(s)
+        }) {
+            Ok(mut s) => loop {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        eprintln!("fake-ffmpeg: input ended after {total} bytes; reconnecting");
+                        break;
+                    }
+                    Ok(n) => total += n as u64,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => {
+                        eprintln!("fake-ffmpeg: reading the input: {e}; reconnecting");
+                        break;
+                    }
+                }
+            },
+            Err(e) => eprintln!("fake-ffmpeg: connect {dest} for the input: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Expands `%d` / `%0Nd` in an ffmpeg segment pattern.

@@ -13,14 +13,15 @@ use farm_tests::bench::{self, Options, Phase};
 #[command(
     name = "farm-bench",
     about = "streamfarm benchmark: node vs nginx throughput, Redis cost per request, coordinator tick, \
-time to first playlist vs raw ffmpeg, per-stream CPU/RSS, failover time",
+time to first playlist vs raw ffmpeg, per-stream CPU/RSS (node and guard), failover time, \
+hostile load (first-request burst, 100k import)",
     max_term_width = 100
 )]
 struct Cli {
-    /// Short rounds and fewer trials (under 3 minutes on 2 cores); the full run takes under 15.
+    /// Short rounds and fewer trials (the abuse phase takes as long either way: about 40 s).
     #[arg(long)]
     quick: bool,
-    /// Run only these phases (comma-separated): rps, tick, ttfp, scale, failover, viewer.
+    /// Run only these phases (comma-separated): rps, tick, ttfp, scale, failover, viewer, abuse.
     #[arg(long, value_delimiter = ',', value_parser = Phase::parse)]
     only: Vec<Phase>,
     /// Where to write the JSON report [default: target/farm-bench/report.json].
