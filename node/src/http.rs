@@ -366,35 +366,60 @@ fn limited(cfg: &Config, client: &str) -> Option<String> {
     }
 }
 
-/// Counts a request that cost a lookup of a channel nobody runs against `client`'s budget.
-fn spend(st: &AppState, client: &str) {
-    if let Some(key) = limited(&st.node.cfg, client) {
-        st.limits.first_requests.spend(&key, Instant::now());
+/// A first request taken from a client's budget before its lookup reached Redis: given back
+/// when dropped, unless [`Charge::keep`] says the request did cost a start or a catalog lookup.
+struct Charge<'a> {
+    taken: Option<(&'a crate::limits::RateLimiter, String)>,
+}
+
+impl Charge<'_> {
+    /// The request cost what a first request costs: the client's budget stays spent.
+    fn keep(mut self) {
+        self.taken = None;
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        if let Some((limiter, key)) = self.taken.take() {
+            limiter.refund(&key, Instant::now());
+        }
     }
 }
 
 /// Before a request for a channel this node does not run reaches Redis: an id the catalog did
 /// not know a moment ago is 404 from memory, and a client that used up its first requests waits.
-fn before_lookup(st: &AppState, id: &str, client: &str, now: Instant) -> Result<(), ApiError> {
+/// Otherwise one first request is taken from the client's budget (see [`Charge`]).
+fn before_lookup<'a>(
+    st: &'a AppState,
+    id: &str,
+    client: &str,
+    now: Instant,
+) -> Result<Charge<'a>, ApiError> {
     let m = &st.node.metrics;
     if st.limits.unknown.contains(id, now) {
         m.unknown_channel_hits.inc();
         return Err(unknown_channel(id));
     }
     let Some(key) = limited(&st.node.cfg, client) else {
-        return Ok(());
+        return Ok(Charge { taken: None });
     };
-    st.limits.first_requests.check(&key, now).map_err(|wait| {
-        m.first_requests_limited.inc();
-        too_many(
-            format!(
-                "too many requests for channels that are not running from your address \
+    match st.limits.first_requests.take(&key, now) {
+        Ok(()) => Ok(Charge {
+            taken: Some((&st.limits.first_requests, key)),
+        }),
+        Err(wait) => {
+            m.first_requests_limited.inc();
+            Err(too_many(
+                format!(
+                    "too many requests for channels that are not running from your address \
 (at most {} a second, {} at once); retry in a moment",
-                st.node.cfg.start_rate, st.node.cfg.start_burst
-            ),
-            wait,
-        )
-    })
+                    st.node.cfg.start_rate, st.node.cfg.start_burst
+                ),
+                wait,
+            ))
+        }
+    }
 }
 
 async fn live_file(
@@ -429,11 +454,11 @@ async fn live_file(
         }
         HlsFile::Segment => {
             let Some(entry) = node.local(id).filter(|e| e.gen() > 0) else {
-                before_lookup(st, id, client, Instant::now())?;
+                let charge = before_lookup(st, id, client, Instant::now())?;
                 let e = route_elsewhere(node, id).await;
                 if e.status == StatusCode::NOT_FOUND {
                     // Nobody runs it: as costly as a first request.
-                    spend(st, client);
+                    charge.keep();
                 }
                 return Err(to_owner(node, e, uri));
             };
@@ -485,7 +510,7 @@ async fn playlist(
             return answer.map_err(|e| to_owner(node, e, uri));
         }
     }
-    before_lookup(st, id, client, Instant::now())?;
+    let charge = before_lookup(st, id, client, Instant::now())?;
     let view = node
         .remote_view(id)
         .await
@@ -516,7 +541,7 @@ async fn playlist(
         view.age_ms
             .is_some_and(|a| a <= node.cfg.hold_max().as_millis() as u64)
     });
-    spend(st, client);
+    charge.keep();
     let entry = node.get_or_start(id).map_err(|e| to_owner(node, e, uri))?;
     match local_playlist(node, &entry, want).await {
         Some(Err(e)) if e.status == StatusCode::NOT_FOUND => {

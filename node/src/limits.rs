@@ -44,29 +44,12 @@ impl RateLimiter {
         (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.rate).min(self.burst)
     }
 
-    /// Whether `key` has a request left, without spending it: `Err(wait)` when it has none.
-    pub fn check(&self, key: &str, now: Instant) -> Result<(), Duration> {
+    /// Takes one request of `key` if it has one left (`Err(wait)` when it has none). Checking and
+    /// spending are one step under the lock, so concurrent requests of one client cannot all pass
+    /// on the same last token.
+    pub fn take(&self, key: &str, now: Instant) -> Result<(), Duration> {
         if self.rate == 0.0 {
             return Ok(());
-        }
-        match lock(&self.buckets).get(key) {
-            Some(b) => {
-                let t = self.refill(*b, now);
-                if t >= 1.0 {
-                    Ok(())
-                } else {
-                    Err(Duration::from_secs_f64((1.0 - t) / self.rate))
-                }
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Spends one request of `key` (its bucket may go below zero: a client that keeps asking
-    /// while refused only waits longer).
-    pub fn spend(&self, key: &str, now: Instant) {
-        if self.rate == 0.0 {
-            return;
         }
         let mut m = lock(&self.buckets);
         if m.len() >= MAX_KEYS && !m.contains_key(key) {
@@ -81,10 +64,27 @@ impl RateLimiter {
             at: now,
         });
         let t = self.refill(*b, now);
+        if t < 1.0 {
+            return Err(Duration::from_secs_f64((1.0 - t) / self.rate));
+        }
         *b = Bucket {
-            tokens: (t - 1.0).max(-self.burst),
+            tokens: t - 1.0,
             at: now,
         };
+        Ok(())
+    }
+
+    /// Gives back a request taken for one that turned out to cost nothing (its channel runs).
+    pub fn refund(&self, key: &str, now: Instant) {
+        if self.rate == 0.0 {
+            return;
+        }
+        if let Some(b) = lock(&self.buckets).get_mut(key) {
+            *b = Bucket {
+                tokens: (self.refill(*b, now) + 1.0).min(self.burst),
+                at: now,
+            };
+        }
     }
 }
 
@@ -256,25 +256,46 @@ mod tests {
         let l = RateLimiter::new(2, 3);
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert!(l.check("a", t0).is_ok());
-            l.spend("a", t0);
+            assert!(l.take("a", t0).is_ok());
         }
-        let wait = l.check("a", t0).expect_err("burst used up");
+        let wait = l.take("a", t0).expect_err("burst used up");
         assert!(wait <= Duration::from_millis(500), "{wait:?}");
-        assert!(
-            l.check("b", t0).is_ok(),
-            "another client has its own bucket"
-        );
-        assert!(l.check("a", t0 + Duration::from_millis(500)).is_ok());
-        // Asking while refused pushes the next allowed request further out.
-        for _ in 0..4 {
-            l.spend("a", t0);
+        assert!(l.take("b", t0).is_ok(), "another client has its own bucket");
+        assert!(l.take("a", t0 + Duration::from_millis(500)).is_ok());
+        assert!(l.take("a", t0 + Duration::from_millis(500)).is_err());
+        // A refunded request can be taken again, but never beyond the burst.
+        l.refund("a", t0 + Duration::from_millis(500));
+        assert!(l.take("a", t0 + Duration::from_millis(500)).is_ok());
+        for _ in 0..10 {
+            l.refund("b", t0);
         }
-        assert!(l.check("a", t0 + Duration::from_millis(500)).is_err());
+        for _ in 0..3 {
+            assert!(l.take("b", t0).is_ok());
+        }
+        assert!(l.take("b", t0).is_err(), "refunds are capped at the burst");
         assert!(
-            RateLimiter::new(0, 1).check("a", t0).is_ok(),
+            RateLimiter::new(0, 1).take("a", t0).is_ok(),
             "rate 0 is off"
         );
+    }
+
+    #[test]
+    fn concurrent_takes_never_pass_more_than_the_burst() {
+        let l = std::sync::Arc::new(RateLimiter::new(1, 20));
+        let t0 = Instant::now();
+        let passed = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        if l.take("a", t0).is_ok() {
+                            passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(passed.into_inner(), 20);
     }
 
     #[test]
