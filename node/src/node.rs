@@ -13,7 +13,7 @@ use crate::metrics::{CarryRequestPath, Metrics};
 use crate::store::{Renewal, Store};
 use crate::watcher::{HlsWatcher, Progress};
 use axum::http::StatusCode;
-use farm_proto::scripts::{owner_value, ClaimResult};
+use farm_proto::scripts::{owner_value, ClaimResult, HandoverResult};
 use farm_proto::types::event;
 use farm_proto::{ChannelSpec, StreamState};
 use nix::sys::signal::Signal;
@@ -795,9 +795,18 @@ async fn claim(
             .await
             .map_err(redis_down)?
         {
-            ClaimResult::Claimed { gen } => Ok((spec, gen)),
-            other => Err(ApiError::unavailable(
-                format!("channel {id} cannot be taken over from {from}: {other:?}"),
+            HandoverResult::Moved { gen } => Ok((spec, gen)),
+            // A race lost (the old owner stopped, or someone took it first) or no room here:
+            // the old owner keeps or stops the channel; a viewer's next request finds it.
+            HandoverResult::Stale { owner } => Err(ApiError::unavailable(
+                format!(
+                    "channel {id} cannot be taken over from {from}: its lease is now {}",
+                    owner.map_or("free".to_string(), |(n, g)| owner_value(&n, g))
+                ),
+                1,
+            )),
+            HandoverResult::Full { running } => Err(ApiError::unavailable(
+                format!("channel {id} cannot be taken over from {from}: this node is full ({running} running)"),
                 1,
             )),
         };

@@ -9,7 +9,7 @@
 //! playlist of a channel another node runs is read from its timeline (cached 100 ms), and starts
 //! (first requests) claim through here.
 use deadpool_redis::{Manager, Pool, Runtime};
-use farm_proto::scripts::{self, ClaimResult};
+use farm_proto::scripts::{self, ClaimResult, HandoverResult};
 use farm_proto::{ChannelSpec, Keys};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
@@ -652,7 +652,7 @@ impl Store {
         lease: Duration,
         capacity: u32,
         weight: u32,
-    ) -> Result<ClaimResult> {
+    ) -> Result<HandoverResult> {
         let k = &self.keys;
         let mut inv = scripts::HANDOVER.prepare_invoke();
         inv.key(k.owner(id))
@@ -671,16 +671,7 @@ impl Store {
         let reply: Vec<String> = self
             .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
             .await?;
-        match reply.as_slice() {
-            [tag, g] if tag == "ok" => g
-                .parse()
-                .map(|gen| ClaimResult::Claimed { gen })
-                .map_err(|_| StoreError::Protocol(format!("handover: bad gen {g:?}"))),
-            [tag, running] if tag == "full" => Ok(ClaimResult::Full {
-                running: running.parse().unwrap_or(0),
-            }),
-            other => Err(StoreError::Protocol(format!("handover refused: {other:?}"))),
-        }
+        HandoverResult::parse(&reply).map_err(StoreError::Protocol)
     }
 
     /// Appends a command to a node's command stream.

@@ -89,6 +89,42 @@ impl ClaimResult {
     }
 }
 
+/// What the handover script answered (`proto/lua/handover.lua`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoverResult {
+    /// The lease moved to the new owner, with this fencing token.
+    Moved { gen: u64 },
+    /// The lease is no longer `<from>:<gen>`: someone else holds it (`owner`), or nobody.
+    /// A normal race (the old owner stopped, or another node took over first), not an error.
+    Stale { owner: Option<(String, u64)> },
+    /// The new owner is at capacity.
+    Full { running: u64 },
+}
+
+impl HandoverResult {
+    /// Parses the script's `{tag, value}` reply.
+    pub fn parse(reply: &[String]) -> Result<Self, String> {
+        match reply {
+            [tag, v] if tag == "ok" => v
+                .parse()
+                .map(|gen| Self::Moved { gen })
+                .map_err(|_| format!("handover: bad gen {v:?}")),
+            [tag, v] if tag == "stale" && v.is_empty() => Ok(Self::Stale { owner: None }),
+            [tag, v] if tag == "stale" => {
+                let (node, gen) =
+                    split_owner(v).ok_or_else(|| format!("handover: bad owner {v:?}"))?;
+                Ok(Self::Stale {
+                    owner: Some((node.to_string(), gen)),
+                })
+            }
+            [tag, v] if tag == "full" => Ok(Self::Full {
+                running: v.parse().unwrap_or(0),
+            }),
+            other => Err(format!("handover: unexpected reply {other:?}")),
+        }
+    }
+}
+
 /// The value stored in `farm:owner:<id>`.
 pub fn owner_value(node: &str, gen: u64) -> String {
     format!("{node}:{gen}")
@@ -123,5 +159,30 @@ mod tests {
             Ok(ClaimResult::Full { running: 4 })
         );
         assert!(ClaimResult::parse(&s("what", "4")).is_err());
+    }
+
+    #[test]
+    fn handover_replies_parse() {
+        let s = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
+        assert_eq!(
+            HandoverResult::parse(&s("ok", "9")),
+            Ok(HandoverResult::Moved { gen: 9 })
+        );
+        assert_eq!(
+            HandoverResult::parse(&s("stale", "")),
+            Ok(HandoverResult::Stale { owner: None })
+        );
+        assert_eq!(
+            HandoverResult::parse(&s("stale", "node-c:4")),
+            Ok(HandoverResult::Stale {
+                owner: Some(("node-c".into(), 4))
+            })
+        );
+        assert_eq!(
+            HandoverResult::parse(&s("full", "2")),
+            Ok(HandoverResult::Full { running: 2 })
+        );
+        assert!(HandoverResult::parse(&s("stale", "garbage")).is_err());
+        assert!(HandoverResult::parse(&s("ok", "x")).is_err());
     }
 }

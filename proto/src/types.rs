@@ -246,10 +246,22 @@ pub mod event {
     pub const REAPED: &str = "reaped";
     pub const FAILOVER: &str = "failover";
     pub const NODE_DEAD: &str = "node_dead";
-    pub const NODE_UP: &str = "node_up";
     pub const LEADER_CHANGED: &str = "leader_changed";
     /// A farm-wide key had the wrong type (`key`, `found`, `wanted`, `action`: replaced or left).
     pub const KEY_REPAIRED: &str = "key_repaired";
+
+    /// Every kind, for the schema's documentation check (`proto/tests/readme_schema.rs`).
+    pub const ALL: &[&str] = &[
+        STARTED,
+        STOPPED,
+        RESTARTED,
+        FAILED,
+        REAPED,
+        FAILOVER,
+        NODE_DEAD,
+        LEADER_CHANGED,
+        KEY_REPAIRED,
+    ];
 }
 
 #[cfg(test)]
