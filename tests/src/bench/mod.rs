@@ -11,6 +11,7 @@
 //! | [`ttfp`] | `ttfp_overhead_ms_p50`, `ttfp_overhead_ms_p99`, `ttfp_ts_over_hls_time` |
 //! | [`scale`] | `node_cpu_per_stream_pct` (farm-node + guard, gateways relaying real bytes), `guard_cpu_per_stream_pct`, `node_rss_per_stream_kb`, `guard_rss_per_stream_kb` |
 //! | [`failover`] | `failover_s_p50`, `failover_s_p99` |
+//! | [`viewer`] | `viewer_freeze_s_p50`, `viewer_freeze_s_p99` (hls.js in headless Chromium through nginx, `kill -9` of the owner) |
 //! | [`abuse`] | `burst_worst_gap_s`, `import_redis_max_latency_ms` (runs at least [`ABUSE_PHASE_LIMIT`]) |
 //!
 //! Invariants: A and B of a comparison are measured in the same run, interleaved (ABBA rounds), with
