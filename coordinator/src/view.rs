@@ -1,6 +1,6 @@
 //! How the coordinator and farmctl see nodes, and where a channel goes when it needs a node.
 
-use farm_proto::Keys;
+use farm_proto::{placement, Keys};
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -74,21 +74,18 @@ impl NodeView {
 
     /// Channels it can still take.
     pub fn free(&self) -> u64 {
-        if self.capacity == 0 {
-            u64::MAX / 2
-        } else {
-            self.capacity.saturating_sub(self.running)
-        }
+        placement::free(self.capacity, self.running)
     }
 }
 
-/// The live, not draining node with the most free capacity (ties: the smallest id), skipping
-/// `exclude`.
+/// The live, not draining node with the most free capacity ([`placement::roomiest`]: ties go to
+/// the smallest id), skipping `exclude`.
 pub fn pick_target<'a>(nodes: &'a [NodeView], exclude: &[&str]) -> Option<&'a NodeView> {
-    nodes
+    let takers = nodes
         .iter()
-        .filter(|n| n.alive && !n.draining && n.free() > 0 && !exclude.contains(&n.id.as_str()))
-        .max_by(|a, b| a.free().cmp(&b.free()).then_with(|| b.id.cmp(&a.id)))
+        .filter(|n| n.alive && !n.draining && !exclude.contains(&n.id.as_str()));
+    let id = placement::roomiest(takers.clone().map(|n| (n.id.as_str(), n.free())))?;
+    nodes.iter().find(|n| n.id == id)
 }
 
 /// Where this tick's starts go: the live nodes, each start counted against its target's room, so

@@ -9,6 +9,7 @@
 
 pub mod duration;
 pub mod keys;
+pub mod placement;
 pub mod redact;
 pub mod redis_url;
 pub mod scripts;
