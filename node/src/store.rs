@@ -676,14 +676,9 @@ impl Store {
 
     /// Appends a command to a node's command stream.
     pub async fn send_command(&self, node: &str, cmd: &farm_proto::Command) -> Result<()> {
-        let key = self.keys.cmd(node);
-        let fields: Vec<(String, String)> = cmd
-            .to_fields()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let xadd = cmd.xadd(&self.keys, node);
         self.with(|mut c| async move {
-            let _: String = c.xadd(key, "*", &fields).await?;
+            let _: String = xadd.query_async(&mut c).await?;
             Ok(())
         })
         .await
@@ -729,7 +724,7 @@ impl Store {
         let replies: Vec<redis::Value> = self
             .with(|mut c| async move { Ok(pipe.query_async(&mut c).await?) })
             .await?;
-        let mut best: Option<(i64, String, String)> = None;
+        let mut takers: Vec<(&str, u64, String)> = Vec::new();
         for (n, pair) in ids.iter().zip(replies.chunks(2)) {
             let alive: bool = redis::from_redis_value(pair[0].clone()).unwrap_or(false);
             let (cap, running, url, draining, load): NodeFields =
@@ -742,16 +737,18 @@ impl Store {
             let (Some(cap), Some(url)) = (cap, url) else {
                 continue;
             };
-            let free = if cap == 0 {
-                i64::MAX
-            } else {
-                cap - running.unwrap_or(0)
-            };
-            if alive && free > 0 && best.as_ref().is_none_or(|b| free > b.0) {
-                best = Some((free, n.clone(), url));
+            if alive {
+                let free = farm_proto::placement::free(
+                    cap.max(0) as u64,
+                    running.unwrap_or(0).max(0) as u64,
+                );
+                takers.push((n, free, url));
             }
         }
-        Ok(best.map(|(_, n, u)| (n, u)))
+        let best = farm_proto::placement::roomiest(takers.iter().map(|t| (t.0, t.1)));
+        Ok(best
+            .and_then(|id| takers.iter().find(|t| t.0 == id))
+            .map(|t| (t.0.to_string(), t.2.clone())))
     }
 
     /// What a previous incarnation of `node` left: its channel set and their stream hashes.

@@ -148,6 +148,10 @@ pub const CMD_GROUP: &str = "node";
 /// Approximate cap of `farm:events` (XADD MAXLEN ~).
 pub const EVENTS_MAXLEN: usize = 10_000;
 
+/// Approximate cap of a node's command stream `farm:cmd:<node>` (XADD MAXLEN ~), for every writer:
+/// far above what a node has pending.
+pub const CMD_MAXLEN: usize = 10_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

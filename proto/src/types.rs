@@ -217,6 +217,34 @@ impl Command {
         })
     }
 
+    /// A command with no gen, reason, sender or handover fields.
+    pub fn new(op: Op, channel: impl Into<String>) -> Self {
+        Self {
+            op,
+            channel: channel.into(),
+            gen: None,
+            reason: String::new(),
+            by: String::new(),
+            from: String::new(),
+            seq: None,
+        }
+    }
+
+    /// The `XADD` that appends this command to `farm:cmd:<node>`, capped at
+    /// [`CMD_MAXLEN`](crate::keys::CMD_MAXLEN) like every writer's.
+    pub fn xadd(&self, keys: &crate::Keys, node: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(keys.cmd(node))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(crate::keys::CMD_MAXLEN)
+            .arg("*");
+        for (k, v) in self.to_fields() {
+            cmd.arg(k).arg(v);
+        }
+        cmd
+    }
+
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
         let mut v = vec![
             ("op", self.op.as_str().to_string()),

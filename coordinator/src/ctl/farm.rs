@@ -6,6 +6,7 @@ use super::error::CtlError;
 use crate::store::time_ms;
 use crate::view::NodeView;
 use farm_proto::scripts::split_owner;
+use farm_proto::types::Command;
 use std::collections::HashMap;
 
 /// A node with everything its hash says.
@@ -63,20 +64,8 @@ pub async fn owner(ctx: &mut Ctx, id: &str) -> Result<Option<(String, u64)>, Ctl
         .map(|(n, g)| (n.to_string(), g)))
 }
 
-/// Appends a command to a node's stream (capped like the coordinator's).
-pub async fn send_command(
-    ctx: &mut Ctx,
-    node: &str,
-    fields: &[(&str, String)],
-) -> Result<String, CtlError> {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(ctx.keys().cmd(node))
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(crate::tick::CMD_MAXLEN)
-        .arg("*");
-    for (k, v) in fields {
-        cmd.arg(*k).arg(v);
-    }
-    ctx.query("XADD command", &cmd).await
+/// Appends a command to a node's stream (capped like every writer's).
+pub async fn send_command(ctx: &mut Ctx, node: &str, cmd: &Command) -> Result<String, CtlError> {
+    let xadd = cmd.xadd(ctx.keys(), node);
+    ctx.query("XADD command", &xadd).await
 }

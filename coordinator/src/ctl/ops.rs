@@ -11,6 +11,7 @@ use super::farm;
 use super::output::safe;
 use crate::view::pick_target;
 use clap::Args;
+use farm_proto::types::{Command, Op};
 use farm_proto::{scripts, validate};
 use std::collections::HashMap;
 use std::io::Write;
@@ -60,13 +61,12 @@ pub async fn stop(ctx: &mut Ctx, a: StopArgs, out: &mut impl Write) -> Result<()
     farm::send_command(
         ctx,
         &node,
-        &[
-            ("op", "stop".into()),
-            ("channel", a.id.clone()),
-            ("gen", gen.to_string()),
-            ("reason", "ops".into()),
-            ("by", "farmctl".into()),
-        ],
+        &Command {
+            gen: Some(gen),
+            reason: "ops".into(),
+            by: "farmctl".into(),
+            ..Command::new(Op::Stop, a.id.clone())
+        },
     )
     .await?;
     if !a.wait {
@@ -140,12 +140,11 @@ pub async fn start(ctx: &mut Ctx, a: StartArgs, out: &mut impl Write) -> Result<
     farm::send_command(
         ctx,
         &target,
-        &[
-            ("op", "start".into()),
-            ("channel", a.id.clone()),
-            ("reason", "ops".into()),
-            ("by", "farmctl".into()),
-        ],
+        &Command {
+            reason: "ops".into(),
+            by: "farmctl".into(),
+            ..Command::new(Op::Start, a.id.clone())
+        },
     )
     .await?;
     if !a.wait {

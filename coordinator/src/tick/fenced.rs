@@ -11,9 +11,9 @@ use super::TickError;
 use crate::shared::Shared;
 use crate::store::{eval, StoreError};
 use farm_proto::scripts::{self, split_owner};
+use farm_proto::types::{Command, Op};
 
-/// Approximate cap of a node's command stream (XADD MAXLEN ~): far above what a node has pending.
-pub const CMD_MAXLEN: usize = 10_000;
+pub use farm_proto::keys::CMD_MAXLEN;
 
 /// What the fenced scripts answer when the caller no longer leads.
 const NOT_LEADER: &str = "notleader";
@@ -341,19 +341,19 @@ impl<'a> Fence<'a> {
     /// `command.lua`: a `start` of `channel` on `target`'s command stream.
     pub async fn start(&self, target: &str, channel: &str, reason: &str) -> Result<(), TickError> {
         let k = &self.sh.keys;
+        let cmd = Command {
+            reason: reason.to_string(),
+            by: self.sh.cfg.by(),
+            ..Command::new(Op::Start, channel)
+        };
         let mut inv = scripts::COMMAND.prepare_invoke();
         inv.key(k.leader())
             .key(k.cmd(target))
             .arg(self.held)
-            .arg(CMD_MAXLEN.to_string())
-            .arg("op")
-            .arg("start")
-            .arg("channel")
-            .arg(channel)
-            .arg("reason")
-            .arg(reason)
-            .arg("by")
-            .arg(self.sh.cfg.by());
+            .arg(CMD_MAXLEN.to_string());
+        for (field, value) in cmd.to_fields() {
+            inv.arg(field).arg(value);
+        }
         // The entry id, or nil when this coordinator no longer leads (nothing was written).
         let sent: Option<String> = self.sh.store.script("command.lua", inv).await?;
         sent.map(drop).ok_or(TickError::NotLeader)
