@@ -9,8 +9,8 @@
 //! without `-http_proxy`: raw FFmpeg reads the provider directly, so the node's figure includes its
 //! egress gateway), in
 //! a new process group with a cleared environment like the node does, and is timed from spawn until
-//! `index.m3u8` appears (FFmpeg writes it when the first segment is complete; the node answers when
-//! the playlist lists one). A third run uses FFmpeg's default probing (a plain `-c copy` HLS argv) to
+//! its output playlist appears (the node's FFmpeg writes its own `.ffmpeg.m3u8` when the first
+//! segment is complete; the node answers when its composed playlist lists one). A third run uses FFmpeg's default probing (a plain `-c copy` HLS argv) to
 //! show what probing costs. Each trial runs the three one after the other, the order rotating.
 
 use std::ffi::OsString;
@@ -287,10 +287,18 @@ fn default_argv(dir: &Path, url: &str) -> Vec<OsString> {
 }
 
 /// Runs `argv` (program first) like the node runs FFmpeg and returns the seconds from spawn until
-/// `dir/index.m3u8` exists; the process group is stopped afterwards.
+/// its output playlist (the last argument: `index.m3u8`, or the node's own `.ffmpeg.m3u8` in the
+/// node's argv) exists; the process group is stopped afterwards.
 async fn raw_ffmpeg(argv: &[OsString], dir: &Path) -> Result<f64, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let playlist: PathBuf = dir.join("index.m3u8");
+    let playlist: PathBuf = argv.last().map(PathBuf::from).ok_or("empty argv")?;
+    if !playlist.starts_with(dir) {
+        return Err(format!(
+            "the argv's output {} is not in {}",
+            playlist.display(),
+            dir.display()
+        ));
+    }
     let log = std::fs::File::create(dir.join("ffmpeg.log"))
         .map_err(|e| format!("create ffmpeg log: {e}"))?;
     let (program, args) = argv.split_first().ok_or("empty argv")?;
