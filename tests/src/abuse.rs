@@ -528,6 +528,13 @@ impl AbuseFarm {
             .collect()
     }
 
+    /// Forgets the worst gaps seen so far: the next are measured from each viewer's last segment.
+    pub fn reset_gaps(&self) {
+        for v in &self.viewers {
+            lock(&v.stats).max_gap = Duration::ZERO;
+        }
+    }
+
     /// The worst gap any viewer saw so far.
     pub fn worst_gap(&self) -> Duration {
         self.viewer_stats()
