@@ -196,6 +196,13 @@ mod tests {
             .expect("sleep");
         let (pid, start) = (marked.id(), start_time(marked.id()).expect("start"));
         let dir = Path::new("/nowhere/procs-test/ch");
+        // spawn returns once the child's exec has let go of our memory (vfork), which is before
+        // the kernel sets up the new program's environment: until then /proc/<pid>/environ is
+        // empty. Wait for it (bounded) rather than race it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !has_marker(pid, dir) && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
         assert!(has_marker(pid, dir));
         assert!(
             !has_marker(pid, Path::new("/nowhere/procs-test")),
