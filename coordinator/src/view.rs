@@ -81,11 +81,12 @@ impl NodeView {
 /// The live, not draining node with the most free capacity ([`placement::roomiest`]: ties go to
 /// the smallest id), skipping `exclude`.
 pub fn pick_target<'a>(nodes: &'a [NodeView], exclude: &[&str]) -> Option<&'a NodeView> {
-    let takers = nodes
-        .iter()
-        .filter(|n| n.alive && !n.draining && !exclude.contains(&n.id.as_str()));
-    let id = placement::roomiest(takers.clone().map(|n| (n.id.as_str(), n.free())))?;
-    nodes.iter().find(|n| n.id == id)
+    placement::roomiest(
+        nodes
+            .iter()
+            .filter(|n| n.alive && !n.draining && !exclude.contains(&n.id.as_str()))
+            .map(|n| (n.id.as_str(), n.free(), n)),
+    )
 }
 
 /// Where this tick's starts go: the live nodes, each start counted against its target's room, so

@@ -745,10 +745,11 @@ impl Store {
                 takers.push((n, free, url));
             }
         }
-        let best = farm_proto::placement::roomiest(takers.iter().map(|t| (t.0, t.1)));
-        Ok(best
-            .and_then(|id| takers.iter().find(|t| t.0 == id))
-            .map(|t| (t.0.to_string(), t.2.clone())))
+        Ok(farm_proto::placement::roomiest(
+            takers
+                .into_iter()
+                .map(|(id, free, url)| (id, free, (id.to_string(), url))),
+        ))
     }
 
     /// What a previous incarnation of `node` left: its channel set and their stream hashes.

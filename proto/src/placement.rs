@@ -15,14 +15,15 @@ pub fn free(capacity: u64, load: u64) -> u64 {
     }
 }
 
-/// The candidate `(id, free)` with the most room, if any has room; ties go to the smallest id.
-/// Callers pass only live nodes that take channels (not draining, not excluded).
-pub fn roomiest<'a>(candidates: impl IntoIterator<Item = (&'a str, u64)>) -> Option<&'a str> {
+/// Of the candidates `(id, free, item)`, the item of the one with the most room, if any has room;
+/// ties go to the smallest id. Callers pass only live nodes that take channels (not draining, not
+/// excluded).
+pub fn roomiest<'a, T>(candidates: impl IntoIterator<Item = (&'a str, u64, T)>) -> Option<T> {
     candidates
         .into_iter()
-        .filter(|&(_, free)| free > 0)
+        .filter(|&(_, free, _)| free > 0)
         .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(a.0)))
-        .map(|(id, _)| id)
+        .map(|(_, _, item)| item)
 }
 
 #[cfg(test)]
@@ -31,10 +32,11 @@ mod tests {
 
     #[test]
     fn most_room_wins_and_ties_go_to_the_smallest_id() {
-        assert_eq!(roomiest([("b", 2), ("a", 1), ("c", 2)]), Some("b"));
-        assert_eq!(roomiest([("c", 2), ("b", 2)]), Some("b"));
-        assert_eq!(roomiest([("a", 0), ("b", 0)]), None);
-        assert_eq!(roomiest(std::iter::empty()), None);
+        let pick = |c: &[(&'static str, u64)]| roomiest(c.iter().map(|&(id, free)| (id, free, id)));
+        assert_eq!(pick(&[("b", 2), ("a", 1), ("c", 2)]), Some("b"));
+        assert_eq!(pick(&[("c", 2), ("b", 2)]), Some("b"));
+        assert_eq!(pick(&[("a", 0), ("b", 0)]), None);
+        assert_eq!(pick(&[]), None);
     }
 
     #[test]

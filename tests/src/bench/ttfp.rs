@@ -10,8 +10,9 @@
 //! egress gateway), in
 //! a new process group with a cleared environment like the node does, and is timed from spawn until
 //! its output playlist appears (the node's FFmpeg writes its own `.ffmpeg.m3u8` when the first
-//! segment is complete; the node answers when its composed playlist lists one). A third run uses FFmpeg's default probing (a plain `-c copy` HLS argv) to
-//! show what probing costs. Each trial runs the three one after the other, the order rotating.
+//! segment is complete; the node answers when its composed playlist lists one). A third run uses
+//! FFmpeg's default probing (a plain `-c copy` HLS argv) to show what probing costs. Each trial
+//! runs the three one after the other, the order rotating.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
