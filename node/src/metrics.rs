@@ -2,12 +2,10 @@
 //! several nodes can live in one test process), and the request-path scope that counts every Redis
 //! call a viewer request makes ([`viewer_request`], [`redis_call`]).
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,77 +20,203 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
-pub struct Metrics {
-    registry: Registry,
-    /// Viewer requests by kind (playlist, segment).
-    pub requests: Family<KindLabel, Counter>,
-    /// Bytes of segments this node served itself (0 when nginx serves every byte).
-    pub segment_bytes: Counter,
-    /// Redis calls made while answering viewer requests (routing, remote playlists, and the
-    /// preflight of a start a viewer caused): 0 for a channel this node runs.
-    pub request_path_redis_calls: Counter,
-    pub ffmpeg_spawns: Counter,
-    pub ffmpeg_crashes: Counter,
-    pub channel_starts: Counter,
-    pub channel_stops: Family<ReasonLabel, Counter>,
-    pub streams_running: Gauge,
-    pub access_flushes: Counter,
-    pub redis_errors: Counter,
-    pub notify_overflows: Counter<u64, AtomicU64>,
-    pub auth_allowed: Counter,
-    pub auth_denied: Counter,
-    /// Access-log lines read from nginx (zero-cost mode), counted or refused.
-    pub access_log_lines: Counter,
-    /// Connections FFmpeg's egress gateways refused, and opened.
-    pub egress_refused: Counter,
-    pub egress_connections: Counter,
-    /// 1 when every FFmpeg runs in the Landlock network sandbox.
-    pub ffmpeg_sandbox: Gauge,
-    /// Published segments longer (rounded) than their channel's target duration.
-    pub segments_over_target: Counter,
-    /// Segments published without their timeline recorded in Redis first (Redis slow or away).
-    pub publish_unrecorded: Counter,
-    /// Playlists answered from Redis for channels another node runs (or ran: held during a failover).
-    pub remote_playlists: Counter,
-    /// Viewer requests refused before anything else (bad path, token missing or wrong).
-    pub playback_refused: Counter,
-    /// Guard processes that died and were replaced.
-    pub guard_restarts: Counter,
-    /// Fences by the guard (the deadline passed), and FFmpegs it killed.
-    pub guard_fences: Counter,
-    pub guard_kills: Counter,
-    /// Keys Redis held with the wrong type (an operator's mistake): replaced, or the one channel
-    /// whose key it is fenced.
-    pub data_errors: Counter,
-    /// HTTP connections open now, the cap on them, and what happened to the others.
-    pub http_connections: Gauge,
-    pub http_connection_limit: Gauge,
-    pub http_connections_accepted: Counter,
-    /// Refused at accept, by reason (`limit`, `per_address`).
-    pub http_connections_refused: Family<ReasonLabel, Counter>,
-    /// Closed to make room for a new one (idle, or never completed a request).
-    pub http_connections_evicted: Counter,
-    /// Closed for a timeout, by kind (`header`, `idle`).
-    pub http_connections_timed_out: Family<KindLabel, Counter>,
-    /// accept() failures of the listener itself (EMFILE, ENFILE, ENOBUFS...; not a peer's reset).
-    pub http_accept_errors: Counter,
-    /// Requests that would start a channel refused by the per-client rate limit (429).
-    pub first_requests_limited: Counter,
-    /// Requests for channel ids the catalog did not know, answered from memory.
-    pub unknown_channel_hits: Counter,
-    /// Channel starts that waited for a start slot longer than start_timeout (503).
-    pub start_slot_timeouts: Counter,
-    /// Admin requests with a missing or wrong token, and those refused while their address waits.
-    pub admin_auth_failures: Counter,
-    pub admin_auth_throttled: Counter,
-    /// Times free memory was handed back to the system (`memory::release`).
-    pub memory_releases: Counter,
-    /// Limits the egress gateways applied, by kind (head, stall, rate, bandwidth, peer: a fixed set).
-    pub egress_limited: Family<KindLabel, Counter>,
-    /// 1 when each FFmpeg runs in a cgroup of its own (cpu.max, memory.max).
-    pub ffmpeg_cgroups: Gauge,
-    /// FFmpegs whose rlimits or cgroup could not be set.
-    pub ffmpeg_limit_errors: Counter,
+farm_runtime::metrics! {
+    pub struct Metrics, prefix "farm_node" {
+        /// Viewer requests by kind (playlist, segment).
+        pub requests: Family<KindLabel, Counter> => (
+            "requests",
+            "Viewer requests by kind",
+        ),
+        /// Bytes of segments this node served itself (0 when nginx serves every byte).
+        pub segment_bytes: Counter => (
+            "segment_bytes",
+            "Segment bytes served by the node itself",
+        ),
+        /// Redis calls made while answering viewer requests (routing, remote playlists, and the
+        /// preflight of a start a viewer caused): 0 for a channel this node runs.
+        pub request_path_redis_calls: Counter => (
+            "request_path_redis_calls",
+            "Redis calls made while answering viewer requests (and the preflight of the starts they caused)",
+        ),
+        pub ffmpeg_spawns: Counter => (
+            "ffmpeg_spawns",
+            "FFmpeg processes started",
+        ),
+        pub ffmpeg_crashes: Counter => (
+            "ffmpeg_crashes",
+            "FFmpeg exits and stalls counted as crashes",
+        ),
+        pub channel_starts: Counter => (
+            "channel_starts",
+            "Channels claimed and started",
+        ),
+        pub channel_stops: Family<ReasonLabel, Counter> => (
+            "channel_stops",
+            "Channels stopped, by reason",
+        ),
+        pub streams_running: Gauge => (
+            "streams_running",
+            "Channels this node runs",
+        ),
+        pub access_flushes: Counter => (
+            "access_flushes",
+            "Access flushes sent to Redis",
+        ),
+        pub redis_errors: Counter => (
+            "redis_errors",
+            "Failed or timed-out Redis calls",
+        ),
+        pub notify_overflows: Counter<u64, AtomicU64> => (
+            "notify_overflows",
+            "File events dropped by the bounded queue",
+        ),
+        pub auth_allowed: Counter => (
+            "auth_allowed",
+            "nginx auth_request checks allowed",
+        ),
+        pub auth_denied: Counter => (
+            "auth_denied",
+            "nginx auth_request checks denied",
+        ),
+        /// Access-log lines read from nginx (zero-cost mode), counted or refused.
+        pub access_log_lines: Counter => (
+            "access_log_lines",
+            "nginx access-log lines read (zero-cost mode)",
+        ),
+        /// Connections FFmpeg's egress gateways refused, and opened.
+        pub egress_refused: Counter => (
+            "egress_refused",
+            "Connections FFmpeg asked its egress gateway for and was refused",
+        ),
+        pub egress_connections: Counter => (
+            "egress_connections",
+            "Upstream connections made by the egress gateways",
+        ),
+        /// 1 when every FFmpeg runs in the Landlock network sandbox.
+        pub ffmpeg_sandbox: Gauge => (
+            "ffmpeg_sandbox",
+            "1 when FFmpeg runs in the Landlock network sandbox",
+        ),
+        /// Published segments longer (rounded) than their channel's target duration.
+        pub segments_over_target: Counter => (
+            "segments_over_target",
+            "Published segments longer, rounded, than their channel's target duration",
+        ),
+        /// Segments published without their timeline recorded in Redis first (Redis slow or away).
+        pub publish_unrecorded: Counter => (
+            "publish_unrecorded",
+            "Segments published before their timeline could be recorded in Redis",
+        ),
+        /// Playlists answered from Redis for channels another node runs (or ran: held during a failover).
+        pub remote_playlists: Counter => (
+            "remote_playlists",
+            "Playlists answered from Redis for channels another node runs or ran",
+        ),
+        /// Viewer requests refused before anything else (bad path, token missing or wrong).
+        pub playback_refused: Counter => (
+            "playback_refused",
+            "Viewer requests refused for their path or token",
+        ),
+        /// Guard processes that died and were replaced.
+        pub guard_restarts: Counter => (
+            "guard_restarts",
+            "Guard processes that died and were replaced",
+        ),
+        /// Fences by the guard (the deadline passed), and FFmpegs it killed.
+        pub guard_fences: Counter => (
+            "guard_fences",
+            "Fences by the guard: no lease renewal reached it for 2/3 of the lease TTL",
+        ),
+        pub guard_kills: Counter => (
+            "guard_kills",
+            "FFmpegs killed by the guard",
+        ),
+        /// Keys Redis held with the wrong type (an operator's mistake): replaced, or the one channel
+        /// whose key it is fenced.
+        pub data_errors: Counter => (
+            "data_errors",
+            "Wrong-typed Redis keys met: replaced, or only their channel fenced",
+        ),
+        /// HTTP connections open now, the cap on them, and what happened to the others.
+        pub http_connections: Gauge => (
+            "http_connections",
+            "HTTP connections open",
+        ),
+        pub http_connection_limit: Gauge => (
+            "http_connection_limit",
+            "HTTP connections the node keeps open at most",
+        ),
+        pub http_connections_accepted: Counter => (
+            "http_connections_accepted",
+            "HTTP connections accepted",
+        ),
+        /// Refused at accept, by reason (`limit`, `per_address`).
+        pub http_connections_refused: Family<ReasonLabel, Counter> => (
+            "http_connections_refused",
+            "HTTP connections refused at accept, by reason (limit, per_address)",
+        ),
+        /// Closed to make room for a new one (idle, or never completed a request).
+        pub http_connections_evicted: Counter => (
+            "http_connections_evicted",
+            "HTTP connections closed to make room for new ones",
+        ),
+        /// Closed for a timeout, by kind (`header`, `idle`).
+        pub http_connections_timed_out: Family<KindLabel, Counter> => (
+            "http_connections_timed_out",
+            "HTTP connections closed for a timeout, by kind (header, idle)",
+        ),
+        /// accept() failures of the listener itself (EMFILE, ENFILE, ENOBUFS...; not a peer's reset).
+        pub http_accept_errors: Counter => (
+            "http_accept_errors",
+            "Failed accept() calls (EMFILE, ENFILE, ...)",
+        ),
+        /// Requests that would start a channel refused by the per-client rate limit (429).
+        pub first_requests_limited: Counter => (
+            "first_requests_limited",
+            "Requests that would start a channel refused by the per-client rate limit",
+        ),
+        /// Requests for channel ids the catalog did not know, answered from memory.
+        pub unknown_channel_hits: Counter => (
+            "unknown_channel_hits",
+            "Requests for channel ids the catalog did not know, answered from memory",
+        ),
+        /// Channel starts that waited for a start slot longer than start_timeout (503).
+        pub start_slot_timeouts: Counter => (
+            "start_slot_timeouts",
+            "Channel starts refused after waiting start_timeout for a start slot",
+        ),
+        /// Admin requests with a missing or wrong token, and those refused while their address waits.
+        pub admin_auth_failures: Counter => (
+            "admin_auth_failures",
+            "Admin requests with a missing or wrong bearer token",
+        ),
+        pub admin_auth_throttled: Counter => (
+            "admin_auth_throttled",
+            "Admin requests refused while their address waits after wrong tokens",
+        ),
+        /// Times free memory was handed back to the system (`memory::release`).
+        pub memory_releases: Counter => (
+            "memory_releases",
+            "Times free memory was handed back to the system after a burst",
+        ),
+        /// Limits the egress gateways applied, by kind (head, stall, rate, bandwidth, peer: a fixed set).
+        pub egress_limited: Family<KindLabel, Counter> => (
+            "egress_limited",
+            "Limits applied by the egress gateways: head (response head too long), stall (no \
+             response head in time), rate (requests answered 429), bandwidth (connections \
+             throttled), peer (connections from other processes refused)",
+        ),
+        /// 1 when each FFmpeg runs in a cgroup of its own (cpu.max, memory.max).
+        pub ffmpeg_cgroups: Gauge => (
+            "ffmpeg_cgroups",
+            "1 when each FFmpeg runs in a cgroup of its own with cpu.max and memory.max",
+        ),
+        /// FFmpegs whose rlimits or cgroup could not be set.
+        pub ffmpeg_limit_errors: Counter => (
+            "ffmpeg_limit_errors",
+            "FFmpegs whose rlimits or cgroup could not be set",
+        ),
+    }
 }
 
 /// The `reason` label values of `farm_node_channel_stops`: a fixed set, so that a reason taken
@@ -122,269 +246,14 @@ pub fn stop_reason_label(reason: &str) -> &'static str {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("farm_node");
-        let m = Self {
-            requests: Family::default(),
-            segment_bytes: Counter::default(),
-            request_path_redis_calls: Counter::default(),
-            ffmpeg_spawns: Counter::default(),
-            ffmpeg_crashes: Counter::default(),
-            channel_starts: Counter::default(),
-            channel_stops: Family::default(),
-            streams_running: Gauge::default(),
-            access_flushes: Counter::default(),
-            redis_errors: Counter::default(),
-            notify_overflows: Counter::default(),
-            auth_allowed: Counter::default(),
-            auth_denied: Counter::default(),
-            access_log_lines: Counter::default(),
-            egress_refused: Counter::default(),
-            egress_connections: Counter::default(),
-            ffmpeg_sandbox: Gauge::default(),
-            segments_over_target: Counter::default(),
-            publish_unrecorded: Counter::default(),
-            remote_playlists: Counter::default(),
-            playback_refused: Counter::default(),
-            data_errors: Counter::default(),
-            guard_restarts: Counter::default(),
-            guard_fences: Counter::default(),
-            guard_kills: Counter::default(),
-            http_connections: Gauge::default(),
-            http_connection_limit: Gauge::default(),
-            http_connections_accepted: Counter::default(),
-            http_connections_refused: Family::default(),
-            http_connections_evicted: Counter::default(),
-            http_connections_timed_out: Family::default(),
-            http_accept_errors: Counter::default(),
-            first_requests_limited: Counter::default(),
-            unknown_channel_hits: Counter::default(),
-            start_slot_timeouts: Counter::default(),
-            admin_auth_failures: Counter::default(),
-            admin_auth_throttled: Counter::default(),
-            memory_releases: Counter::default(),
-            egress_limited: Family::default(),
-            ffmpeg_cgroups: Gauge::default(),
-            ffmpeg_limit_errors: Counter::default(),
-            registry: Registry::default(),
-        };
-        registry.register("requests", "Viewer requests by kind", m.requests.clone());
-        registry.register(
-            "segment_bytes",
-            "Segment bytes served by the node itself",
-            m.segment_bytes.clone(),
-        );
-        registry.register(
-            "request_path_redis_calls",
-            "Redis calls made while answering viewer requests (and the preflight of the starts they caused)",
-            m.request_path_redis_calls.clone(),
-        );
-        registry.register(
-            "ffmpeg_spawns",
-            "FFmpeg processes started",
-            m.ffmpeg_spawns.clone(),
-        );
-        registry.register(
-            "ffmpeg_crashes",
-            "FFmpeg exits and stalls counted as crashes",
-            m.ffmpeg_crashes.clone(),
-        );
-        registry.register(
-            "channel_starts",
-            "Channels claimed and started",
-            m.channel_starts.clone(),
-        );
-        registry.register(
-            "channel_stops",
-            "Channels stopped, by reason",
-            m.channel_stops.clone(),
-        );
-        registry.register(
-            "streams_running",
-            "Channels this node runs",
-            m.streams_running.clone(),
-        );
-        registry.register(
-            "access_flushes",
-            "Access flushes sent to Redis",
-            m.access_flushes.clone(),
-        );
-        registry.register(
-            "redis_errors",
-            "Failed or timed-out Redis calls",
-            m.redis_errors.clone(),
-        );
-        registry.register(
-            "notify_overflows",
-            "File events dropped by the bounded queue",
-            m.notify_overflows.clone(),
-        );
-        registry.register(
-            "auth_allowed",
-            "nginx auth_request checks allowed",
-            m.auth_allowed.clone(),
-        );
-        registry.register(
-            "auth_denied",
-            "nginx auth_request checks denied",
-            m.auth_denied.clone(),
-        );
-        registry.register(
-            "access_log_lines",
-            "nginx access-log lines read (zero-cost mode)",
-            m.access_log_lines.clone(),
-        );
-        registry.register(
-            "egress_refused",
-            "Connections FFmpeg asked its egress gateway for and was refused",
-            m.egress_refused.clone(),
-        );
-        registry.register(
-            "egress_connections",
-            "Upstream connections made by the egress gateways",
-            m.egress_connections.clone(),
-        );
-        registry.register(
-            "ffmpeg_sandbox",
-            "1 when FFmpeg runs in the Landlock network sandbox",
-            m.ffmpeg_sandbox.clone(),
-        );
-        registry.register(
-            "segments_over_target",
-            "Published segments longer, rounded, than their channel's target duration",
-            m.segments_over_target.clone(),
-        );
-        registry.register(
-            "publish_unrecorded",
-            "Segments published before their timeline could be recorded in Redis",
-            m.publish_unrecorded.clone(),
-        );
-        registry.register(
-            "remote_playlists",
-            "Playlists answered from Redis for channels another node runs or ran",
-            m.remote_playlists.clone(),
-        );
-        registry.register(
-            "data_errors",
-            "Wrong-typed Redis keys met: replaced, or only their channel fenced",
-            m.data_errors.clone(),
-        );
-        registry.register(
-            "playback_refused",
-            "Viewer requests refused for their path or token",
-            m.playback_refused.clone(),
-        );
-        registry.register(
-            "guard_restarts",
-            "Guard processes that died and were replaced",
-            m.guard_restarts.clone(),
-        );
-        registry.register(
-            "guard_fences",
-            "Fences by the guard: no lease renewal reached it for 2/3 of the lease TTL",
-            m.guard_fences.clone(),
-        );
-        registry.register(
-            "guard_kills",
-            "FFmpegs killed by the guard",
-            m.guard_kills.clone(),
-        );
-        registry.register(
-            "http_connections",
-            "HTTP connections open",
-            m.http_connections.clone(),
-        );
-        registry.register(
-            "http_connection_limit",
-            "HTTP connections the node keeps open at most",
-            m.http_connection_limit.clone(),
-        );
-        registry.register(
-            "http_connections_accepted",
-            "HTTP connections accepted",
-            m.http_connections_accepted.clone(),
-        );
-        registry.register(
-            "http_connections_refused",
-            "HTTP connections refused at accept, by reason (limit, per_address)",
-            m.http_connections_refused.clone(),
-        );
-        registry.register(
-            "http_connections_evicted",
-            "HTTP connections closed to make room for new ones",
-            m.http_connections_evicted.clone(),
-        );
-        registry.register(
-            "http_connections_timed_out",
-            "HTTP connections closed for a timeout, by kind (header, idle)",
-            m.http_connections_timed_out.clone(),
-        );
-        registry.register(
-            "http_accept_errors",
-            "Failed accept() calls (EMFILE, ENFILE, ...)",
-            m.http_accept_errors.clone(),
-        );
-        registry.register(
-            "first_requests_limited",
-            "Requests that would start a channel refused by the per-client rate limit",
-            m.first_requests_limited.clone(),
-        );
-        registry.register(
-            "unknown_channel_hits",
-            "Requests for channel ids the catalog did not know, answered from memory",
-            m.unknown_channel_hits.clone(),
-        );
-        registry.register(
-            "start_slot_timeouts",
-            "Channel starts refused after waiting start_timeout for a start slot",
-            m.start_slot_timeouts.clone(),
-        );
-        registry.register(
-            "admin_auth_failures",
-            "Admin requests with a missing or wrong bearer token",
-            m.admin_auth_failures.clone(),
-        );
-        registry.register(
-            "admin_auth_throttled",
-            "Admin requests refused while their address waits after wrong tokens",
-            m.admin_auth_throttled.clone(),
-        );
-        registry.register(
-            "memory_releases",
-            "Times free memory was handed back to the system after a burst",
-            m.memory_releases.clone(),
-        );
-        registry.register(
-            "egress_limited",
-            "Limits applied by the egress gateways: head (response head too long), stall (no \
-             response head in time), rate (requests answered 429), bandwidth (connections \
-             throttled), peer (connections from other processes refused)",
-            m.egress_limited.clone(),
-        );
+        let m = Self::registered();
         for kind in crate::egress::LimitKind::ALL {
             // Every kind shows (at 0) before the first one happens.
             let _ = m.egress_limited.get_or_create(&KindLabel {
                 kind: kind.as_str().into(),
             });
         }
-        registry.register(
-            "ffmpeg_cgroups",
-            "1 when each FFmpeg runs in a cgroup of its own with cpu.max and memory.max",
-            m.ffmpeg_cgroups.clone(),
-        );
-        registry.register(
-            "ffmpeg_limit_errors",
-            "FFmpegs whose rlimits or cgroup could not be set",
-            m.ffmpeg_limit_errors.clone(),
-        );
-        Self { registry, ..m }
-    }
-
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        m
     }
 
     /// Counts a channel stop; `reason` is mapped to [`STOP_REASONS`] (`other` for the rest).
