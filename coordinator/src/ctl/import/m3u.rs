@@ -52,119 +52,139 @@ pub fn parse(
     allowed_schemes: &[impl AsRef<str>],
 ) -> Result<Vec<ChannelSpec>, Vec<M3uError>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut errors = Vec::new();
-    let mut channels = Vec::new();
-    // id -> line of the #EXTINF that claimed it
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    // the #EXTINF waiting for its URL: (line, parsed entry or None when the line was malformed)
-    let mut pending: Option<(usize, Option<Entry>)> = None;
-    let mut header_seen = false;
-
+    let mut p = Parser::default();
     for (idx, raw) in lines(text).enumerate() {
-        let line_no = idx + 1;
+        p.line(idx + 1, raw, allowed_schemes);
+    }
+    p.finish()
+}
+
+/// The parser's state between lines.
+#[derive(Default)]
+struct Parser {
+    errors: Vec<M3uError>,
+    channels: Vec<ChannelSpec>,
+    /// id -> line of the #EXTINF that claimed it
+    seen: HashMap<String, usize>,
+    /// the #EXTINF waiting for its URL: (line, parsed entry or None when the line was malformed)
+    pending: Option<(usize, Option<Entry>)>,
+    header_seen: bool,
+}
+
+impl Parser {
+    fn error(&mut self, line: usize, message: impl Into<String>) {
+        self.errors.push(M3uError::new(line, message));
+    }
+
+    fn line(&mut self, line_no: usize, raw: &str, allowed_schemes: &[impl AsRef<str>]) {
         // a BOM can also sit mid-file where two playlists were concatenated
         let line = raw.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
         if line.is_empty() {
-            continue;
+            return;
         }
-        if !header_seen {
-            header_seen = true;
+        if !self.header_seen {
+            self.header_seen = true;
             if starts_with_ignore_case(line, "#EXTM3U") {
-                continue;
+                return;
             }
-            errors.push(M3uError::new(
+            self.error(
                 line_no,
                 "the playlist does not start with #EXTM3U (is this an extended M3U file?)",
-            ));
+            );
             // keep going: report what else is wrong too
         }
         if let Some(rest) = strip_prefix_ignore_case(line, "#EXTINF")
             .filter(|r| r.is_empty() || r.starts_with(':') || r.starts_with(char::is_whitespace))
         {
-            if let Some((prev_line, _)) = pending.take() {
-                errors.push(missing_url(prev_line));
-            }
-            let entry = match rest.strip_prefix(':') {
-                Some(body) => match parse_extinf(body) {
-                    Ok(entry) => Some(entry),
-                    Err(why) => {
-                        errors.push(M3uError::new(line_no, why));
-                        None
-                    }
-                },
-                None => {
-                    errors.push(M3uError::new(
-                        line_no,
-                        "malformed #EXTINF: expected '#EXTINF:<duration> attributes,<title>'",
-                    ));
+            self.extinf(line_no, rest);
+        } else if !line.starts_with('#') {
+            // (#EXTM3U repeated by concatenated lists, #EXTGRP, #EXTVLCOPT, comments: not ours)
+            self.url(line_no, line, allowed_schemes);
+        }
+    }
+
+    /// An `#EXTINF` line; `rest` follows the tag.
+    fn extinf(&mut self, line_no: usize, rest: &str) {
+        if let Some((prev_line, _)) = self.pending.take() {
+            self.errors.push(missing_url(prev_line));
+        }
+        let entry = match rest.strip_prefix(':') {
+            Some(body) => match parse_extinf(body) {
+                Ok(entry) => Some(entry),
+                Err(why) => {
+                    self.error(line_no, why);
                     None
                 }
-            };
-            pending = Some((line_no, entry));
-            continue;
-        }
-        if line.starts_with('#') {
-            // #EXTM3U repeated by concatenated lists, #EXTGRP, #EXTVLCOPT, comments: not ours
-            continue;
-        }
+            },
+            None => {
+                self.error(
+                    line_no,
+                    "malformed #EXTINF: expected '#EXTINF:<duration> attributes,<title>'",
+                );
+                None
+            }
+        };
+        self.pending = Some((line_no, entry));
+    }
 
-        // a URL line
-        let Some((extinf_line, entry)) = pending.take() else {
-            errors.push(M3uError::new(
+    /// A URL line: completes the pending `#EXTINF` into a channel.
+    fn url(&mut self, line_no: usize, line: &str, allowed_schemes: &[impl AsRef<str>]) {
+        let Some((extinf_line, entry)) = self.pending.take() else {
+            self.error(
                 line_no,
                 format!(
                     "{} does not follow an #EXTINF line (each URL needs '#EXTINF:...' before it)",
                     quoted_excerpt(line)
                 ),
-            ));
-            continue;
+            );
+            return;
         };
         let url_ok = match validate::upstream_url(line, allowed_schemes) {
             Ok(()) => true,
             Err(e) => {
-                errors.push(M3uError::new(line_no, e.to_string()));
+                self.error(line_no, e.to_string());
                 false
             }
         };
         let Some(entry) = entry else {
-            continue; // its #EXTINF was already reported
+            return; // its #EXTINF was already reported
         };
         let Some(id) = entry.channel_id() else {
-            errors.push(M3uError::new(
+            self.error(
                 extinf_line,
                 "cannot derive a channel id: tvg-id, tvg-name and the title have no usable letters or digits",
-            ));
-            continue;
+            );
+            return;
         };
-        if let Some(first) = seen.get(&id) {
-            errors.push(M3uError::new(
-                extinf_line,
-                format!("duplicate channel id {id:?}: the entry at line {first} has the same id (give one of them a distinct tvg-id)"),
-            ));
-            continue;
+        if let Some(first) = self.seen.get(&id) {
+            let msg = format!("duplicate channel id {id:?}: the entry at line {first} has the same id (give one of them a distinct tvg-id)");
+            self.error(extinf_line, msg);
+            return;
         }
-        seen.insert(id.clone(), extinf_line);
+        self.seen.insert(id.clone(), extinf_line);
         let spec = entry.into_spec(id, line.to_string());
         let mut fields_ok = true;
         for (field, value) in [("name", &spec.name), ("group", &spec.group)] {
             if let Err(e) = validate::text_field(field, value) {
-                errors.push(M3uError::new(extinf_line, format!("the channel's {e}")));
+                self.error(extinf_line, format!("the channel's {e}"));
                 fields_ok = false;
             }
         }
         if url_ok && fields_ok {
-            channels.push(spec);
+            self.channels.push(spec);
         }
     }
-    if let Some((line, _)) = pending {
-        errors.push(missing_url(line));
-    }
 
-    if errors.is_empty() {
-        Ok(channels)
-    } else {
-        errors.sort_by_key(|e| e.line);
-        Err(errors)
+    fn finish(mut self) -> Result<Vec<ChannelSpec>, Vec<M3uError>> {
+        if let Some((line, _)) = self.pending.take() {
+            self.errors.push(missing_url(line));
+        }
+        if self.errors.is_empty() {
+            Ok(self.channels)
+        } else {
+            self.errors.sort_by_key(|e| e.line);
+            Err(self.errors)
+        }
     }
 }
 
