@@ -10,15 +10,19 @@
 //!
 //! | module | does |
 //! |---|---|
+//! | `authorize` | what a playback path may name, signed URLs (requests, nginx's hook, the access socket) |
+//! | `route` | where a viewer of a channel this node does not run goes |
 //! | `claim` | catalog, disk and capacity checks, the lease (or a drain's handover), the recorded timeline |
 //! | `actor` | the channel's actor from claim to release; publishing its timeline and playlist |
-//! | `supervise` | FFmpeg runs, restarts with backoff, stalls, crash loops, stopping a process group |
+//! | `supervise` | FFmpeg runs, restarts with backoff, crash loops, stopping a process group |
+//! | `run` | one FFmpeg run: recorded, watched for its exit or a stall, its playlists published |
 //! | `keepalive` | heartbeat, lease renewals and the fence, one pipeline per interval |
 //! | `access` | viewer access flushed to Redis for the coordinator's idle decisions |
 //! | `drain` | handing every channel to other nodes |
+//!
+//! A refusal is a [`Refusal`], in the node's words; the HTTP layer maps it to a response.
 
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::ffmpeg;
 use crate::metrics::{CarryRequestPath, Metrics};
 use crate::store::Store;
@@ -36,16 +40,22 @@ use tracing::{debug, warn, Instrument};
 
 mod access;
 mod actor;
+mod authorize;
 mod claim;
 mod drain;
 mod keepalive;
+mod refusal;
+mod route;
+mod run;
 mod supervise;
 
 pub use access::access_flush_loop;
 use actor::*;
+pub use authorize::{authorize, authorize_uri, Playback};
 use claim::*;
 pub use drain::drain;
 pub use keepalive::keepalive_loop;
+pub use refusal::{NodeUrl, Refusal};
 use supervise::*;
 pub use supervise::{backoff, terminate};
 
@@ -68,7 +78,7 @@ pub enum Phase {
     /// Crash loop ended; the reason. The entry stays for `failed_hold`.
     Failed(String),
     /// Refused before anything ran (unknown channel, owned elsewhere, disk full, ...).
-    Refused(ApiError),
+    Refused(Refusal),
     /// Stopped; the entry is being removed.
     Gone,
 }
@@ -259,8 +269,9 @@ pub struct Node {
     /// What Redis said about channels other nodes run, for [`REMOTE_FRESH`]: bounds the Redis
     /// calls viewer requests for those channels make.
     remote: Mutex<HashMap<String, (Instant, Arc<crate::store::RemoteView>)>>,
-    /// The fence outside this process; it runs every channel's egress gateway.
-    pub guard: Arc<crate::guard::Guard>,
+    /// The fence outside this process; it runs every channel's egress gateway. Without one
+    /// (the router's tests) no FFmpeg is spawned.
+    pub guard: Option<Arc<crate::guard::Guard>>,
     /// Start slots (`max_concurrent_starts`): a channel holds one while it claims, so a burst of
     /// first requests queues instead of flooding Redis.
     pub start_slots: Arc<tokio::sync::Semaphore>,
@@ -279,6 +290,8 @@ fn now_ms() -> u64 {
 }
 
 impl Node {
+    /// The node's state. Without a guard (`None`: the router's tests) it claims, serves, routes
+    /// and refuses like any other, but every channel it claims fails before an FFmpeg is spawned.
     pub fn new(
         cfg: Arc<Config>,
         store: Store,
@@ -286,8 +299,9 @@ impl Node {
         metrics: Arc<Metrics>,
         egress: Arc<crate::egress::Policy>,
         sandbox: crate::sandbox::Sandbox,
-        guard: Arc<crate::guard::Guard>,
+        guard: impl Into<Option<Arc<crate::guard::Guard>>>,
     ) -> Arc<Self> {
+        let guard = guard.into();
         let incarnation = format!("{:x}-{:x}", now_ms(), std::process::id());
         let hot_budget = crate::hot::Budget::new(cfg.segment_cache);
         Arc::new(Self {
@@ -356,7 +370,7 @@ impl Node {
     }
 
     /// The channel's entry, starting it when this node does not have it (single flight).
-    pub fn get_or_start(self: &Arc<Self>, id: &str) -> Result<Arc<ChannelEntry>, ApiError> {
+    pub fn get_or_start(self: &Arc<Self>, id: &str) -> Result<Arc<ChannelEntry>, Refusal> {
         self.get_or_start_with(id, ClaimMode::Fresh)
     }
 
@@ -365,9 +379,9 @@ impl Node {
         self: &Arc<Self>,
         id: &str,
         mode: ClaimMode,
-    ) -> Result<Arc<ChannelEntry>, ApiError> {
+    ) -> Result<Arc<ChannelEntry>, Refusal> {
         if self.cancel.is_cancelled() {
-            return Err(ApiError::unavailable("node is shutting down", 2));
+            return Err(Refusal::ShuttingDown);
         }
         let mut map = self.lock_channels();
         if let Some(e) = map.get(id) {
@@ -439,7 +453,7 @@ impl Node {
         id: &str,
         reason: &str,
         gen: Option<u64>,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, Refusal> {
         let Some(entry) = self.local(id) else {
             return Ok(false);
         };

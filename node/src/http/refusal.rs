@@ -1,0 +1,176 @@
+//! The one place where the node's refusals become HTTP answers: a status, a one-sentence message,
+//! `Retry-After` where waiting helps, and for a channel another node serves, a redirect to the
+//! same path there (or, behind nginx, an `X-Accel-Redirect` to its internal owner location).
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::node::{NodeUrl, Refusal};
+use axum::http::{StatusCode, Uri};
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        use Refusal::*;
+        let unavailable = ApiError::unavailable;
+        match r {
+            BadPath(m) => ApiError::bad_request(m),
+            NoSuchPath(m) => ApiError::not_found(m),
+            TokenRequired => ApiError::new(StatusCode::FORBIDDEN, "playback token required"),
+            BadToken(m) => ApiError::new(StatusCode::FORBIDDEN, m),
+            Owned(_) | Forwarded(_) => {
+                ApiError::new(StatusCode::TEMPORARY_REDIRECT, "served by its owner node")
+            }
+            OwnerAway { id, owner } => unavailable(
+                format!("channel {id} is held by node {owner}, which is not answering; retry shortly"),
+                2,
+            ),
+            OwnerUnreachable { id } => {
+                ApiError::not_found(format!("channel {id} is not running on a reachable node"))
+            }
+            NotRunning { id } => ApiError::not_found(format!(
+                "channel {id} is not running; request its playlist first"
+            )),
+            Unlocatable { id, why } => unavailable(format!("cannot locate channel {id}: {why}"), 2),
+            UnknownChannel { id } => {
+                ApiError::not_found(format!("unknown channel {id:?}: it is not in the catalog"))
+            }
+            StoreUnavailable { id } => unavailable(
+                format!("cannot start channel {id} this moment: the farm's state store did not answer as expected; retry"),
+                2,
+            ),
+            BadCatalog { id, why } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("channel {id} cannot start: {why}"),
+            ),
+            DiskLow { id, free, min_free } => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "refusing to start channel {id}: {} MiB free on the HLS folder, below min_free {} MiB",
+                    free >> 20,
+                    min_free >> 20
+                ),
+            ),
+            HeldHere { id } => unavailable(
+                format!("channel {id} is still held by an earlier run on this node; retry shortly"),
+                1,
+            ),
+            JustReleased { id, node } => unavailable(
+                format!("channel {id} was released from node {node} a moment ago; it stops there first; retry"),
+                1,
+            ),
+            FarmFull { id, node, running, capacity } => unavailable(
+                format!(
+                    "the farm is full: node {node} is at capacity ({running} of {capacity} weight units) and no live node has room for channel {id}"
+                ),
+                10,
+            ),
+            DrainingNoRoom { id, node } => unavailable(
+                format!("node {node} is draining and no other node has room for channel {id}"),
+                10,
+            ),
+            ProviderFull { id, provider, max } => unavailable(
+                format!(
+                    "provider {provider} is at its limit of {max} concurrent connections; channel {id} cannot start now"
+                ),
+                10,
+            ),
+            Recovering { id } => unavailable(
+                format!("channel {id} cannot start this moment: the farm is recovering from a Redis restart; retry"),
+                1,
+            ),
+            Registering { id, node } => unavailable(
+                format!("channel {id} cannot start this moment: node {node} is registering with the farm; retry"),
+                1,
+            ),
+            HandoverStale { id, from, lease } => unavailable(
+                format!(
+                    "channel {id} cannot be taken over from {from}: its lease is now {}",
+                    lease.as_deref().unwrap_or("free")
+                ),
+                1,
+            ),
+            HandoverFull { id, from, running } => unavailable(
+                format!("channel {id} cannot be taken over from {from}: this node is full ({running} running)"),
+                1,
+            ),
+            NoStartSlot { id, node, busy, waited } => unavailable(
+                format!(
+                    "channel {id} cannot start now: node {node} is busy starting {busy} other channels \
+and this one waited {} for its turn; retry shortly",
+                    farm_proto::duration::format(waited)
+                ),
+                2,
+            ),
+            ShuttingDown => unavailable("node is shutting down".into(), 2),
+            Failed { reason, hold } => unavailable(reason, hold.as_secs().max(1)),
+            StartTimeout { id, waited } => unavailable(
+                format!(
+                    "channel {id} is starting: no segment yet after {}",
+                    farm_proto::duration::format(waited)
+                ),
+                2,
+            ),
+            Stopping { id } => unavailable(format!("channel {id} is stopping; retry"), 1),
+            BeyondNext { id, want, last } => ApiError::bad_request(format!(
+                "_HLS_msn={want} is beyond the next segments of channel {id} (the last is {last})"
+            )),
+        }
+    }
+}
+
+/// As the HTTP answer shows it (logs of refused starts and access-log lines read the same).
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        ApiError::from(self.clone()).fmt(f)
+    }
+}
+
+/// The answer to a playback request `uri` that `r` refused: a channel another node serves is a
+/// redirect to the same path there, everything else its status and sentence.
+pub fn respond(cfg: &Config, r: Refusal, uri: &Uri) -> ApiError {
+    let (owner, forwarded) = match &r {
+        Refusal::Owned(u) => (u.clone(), false),
+        Refusal::Forwarded(u) => (u.clone(), true),
+        _ => return r.into(),
+    };
+    let mut path = uri.path().to_string();
+    if forwarded {
+        // A forward to a node with room carries a hop count, so two full nodes never bounce a
+        // viewer between them.
+        let hops = hops(uri);
+        if hops >= MAX_HOPS {
+            return ApiError::unavailable(
+                "the farm is full: no node with room took the channel",
+                10,
+            );
+        }
+        path = format!("{path}?farm_hop={}", hops + 1);
+    } else if let Some(q) = uri.query() {
+        path = format!("{path}?{q}");
+    }
+    redirect(cfg, r.into(), &owner, &path)
+}
+
+/// `path` on the `owner` node: a `Location`, or behind nginx an `X-Accel-Redirect` (200, empty).
+fn redirect(cfg: &Config, mut e: ApiError, owner: &NodeUrl, path: &str) -> ApiError {
+    match &cfg.accel_redirect {
+        Some(prefix) => {
+            e.status = StatusCode::OK;
+            e.message = String::new();
+            e.accel = Some(format!("{prefix}/{}{path}", owner.authority()));
+        }
+        None => e.location = Some(format!("{}{path}", owner.base().trim_end_matches('/'))),
+    }
+    e
+}
+
+/// Forwards to a node with room happen at most this often for one request.
+const MAX_HOPS: u32 = 2;
+
+fn hops(uri: &Uri) -> u32 {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("farm_hop="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
