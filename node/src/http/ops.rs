@@ -126,8 +126,8 @@ pub(super) async fn admin_streams(
                 "channel": e.id,
                 "gen": e.gen(),
                 "state": phase,
-                "pid": e.pid.load(std::sync::atomic::Ordering::Acquire),
-                "restarts": e.restarts.load(std::sync::atomic::Ordering::Acquire),
+                "pid": e.state().pid,
+                "restarts": e.state().restarts,
                 "uptime_s": now.duration_since(e.started).as_secs(),
             })
         })

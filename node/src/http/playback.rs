@@ -196,9 +196,7 @@ async fn playlist(
     let node = &st.node;
     let want = wanted_msn(uri)?;
     let local = node.local(id);
-    let handing_over = local
-        .as_ref()
-        .is_some_and(|e| e.handing_over.load(std::sync::atomic::Ordering::Acquire));
+    let handing_over = local.as_ref().is_some_and(|e| e.handing_over());
     if let Some(entry) = local.as_ref().filter(|_| !handing_over) {
         if let Some(answer) = local_playlist(node, entry, want).await {
             return answer.map_err(|e| respond(&node.cfg, e, uri));

@@ -6,7 +6,6 @@ use crate::watcher::Progress;
 use farm_proto::scripts::owner_value;
 use farm_proto::types::event;
 use farm_proto::{ChannelSpec, StreamState};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -134,7 +133,7 @@ async fn claimed(node: &Node, entry: &ChannelEntry, spec: &ChannelSpec, gen: u64
     let owner = owner_value(&node.cfg.node_id, gen);
     let provider = (!spec.provider.is_empty()).then(|| spec.provider.clone());
     let _ = entry.provider.set(provider.clone());
-    entry.gen.store(gen, Ordering::Release);
+    entry.update(|s| s.gen = gen);
     entry.phase.send_replace(Phase::Starting);
     node.metrics.channel_starts.inc();
     node.metrics.streams_running.inc();
@@ -158,7 +157,7 @@ async fn stopped(
     entry.phase.send_replace(Phase::Gone);
     match release(node, entry, claim, None).await {
         Ok(true) => {}
-        Ok(false) if entry.handing_over.load(Ordering::Acquire) => {}
+        Ok(false) if entry.handing_over() => {}
         Ok(false) => warn!("lease was no longer ours at release"),
         Err(e) => {
             node.metrics.redis_errors.inc();

@@ -36,7 +36,7 @@ pub(super) async fn claim(
     check_entry(node, id, &spec)?;
     check_disk(node, id)?;
     let weight = node.cfg.profiles[&spec.profile].weight.max(1);
-    entry.weight.store(weight, Ordering::Release);
+    entry.update(|s| s.weight = weight);
     let gen = match mode {
         ClaimMode::Handover { from, gen } => take_over(node, id, from, *gen, weight).await?,
         // A draining node takes no new channels: the viewer goes to the owner, or a node with room.

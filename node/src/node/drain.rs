@@ -57,7 +57,7 @@ async fn hand_over(node: &Node, e: &ChannelEntry, target: &str) {
     if e.inbox.send(Ctl::Pause { done: tx }).await.is_err() || rx.await.is_err() {
         return; // the channel ended meanwhile
     }
-    e.handing_over.store(true, Ordering::Release);
+    e.update(|s| s.handing_over = true);
     let cmd = farm_proto::Command {
         op: farm_proto::Op::Start,
         channel: e.id.clone(),
@@ -69,7 +69,7 @@ async fn hand_over(node: &Node, e: &ChannelEntry, target: &str) {
     };
     if let Err(err) = node.store.send_command(target, &cmd).await {
         error!(channel = %e.id, error = %err, "drain: cannot send the handover; stopping the channel here (its next viewer starts it elsewhere)");
-        e.handing_over.store(false, Ordering::Release);
+        e.update(|s| s.handing_over = false);
         let _ = node.stop_channel(&e.id, "drained", Some(gen)).await;
         return;
     }

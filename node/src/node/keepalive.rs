@@ -70,7 +70,7 @@ fn fence_all(node: &Node, why: &str) {
     let claimed: Vec<Arc<ChannelEntry>> = node
         .entries()
         .into_iter()
-        .filter(|e| e.gen() > 0 && !e.handing_over.load(Ordering::Acquire))
+        .filter(|e| e.gen() > 0 && !e.handing_over())
         .collect();
     if !claimed.is_empty() {
         error!(
@@ -113,10 +113,7 @@ fn renewable(node: &Node) -> (Vec<Arc<ChannelEntry>>, (bool, bool)) {
     let draining = node.draining.load(Ordering::Acquire);
     let drained = draining && entries.is_empty();
     // A channel being handed over no longer holds its lease: neither renewed nor fenced.
-    let entries = entries
-        .into_iter()
-        .filter(|e| !e.handing_over.load(Ordering::Acquire))
-        .collect();
+    let entries = entries.into_iter().filter(|e| !e.handing_over()).collect();
     (entries, (draining, drained))
 }
 
@@ -127,10 +124,7 @@ fn heartbeat(
     (draining, drained): (bool, bool),
 ) -> [(&'static str, String); 12] {
     let cfg = &node.cfg;
-    let load: u32 = entries
-        .iter()
-        .map(|e| e.weight.load(Ordering::Acquire))
-        .sum();
+    let load: u32 = entries.iter().map(|e| e.state().weight).sum();
     let flag = |b: bool| if b { "1" } else { "0" }.to_string();
     [
         ("public_url", cfg.public_url.clone()),

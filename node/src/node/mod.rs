@@ -30,7 +30,7 @@ use crate::watcher::{HlsWatcher, Progress};
 use nix::sys::signal::Signal;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -123,28 +123,51 @@ pub struct Published {
     pub target: u64,
 }
 
+/// A channel's run on this node beyond its [`Phase`], as one value behind one lock: written by its
+/// actor, drain and the fence, read by requests, the keepalive and the admin API, so what is read
+/// together was written together (the fence sets `fenced` and reads `pid` at once; a run records
+/// its `pid` and reads `fenced` at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunState {
+    /// 0 until claimed.
+    pub gen: u64,
+    /// Capacity weight of the channel's profile (set at claim).
+    pub weight: u32,
+    /// The running FFmpeg's pid; 0 between runs.
+    pub pid: u32,
+    pub restarts: u64,
+    /// Being handed to another node (drain): its lease moved on purpose, so a failed renewal is
+    /// expected and must not fence the FFmpeg before the new owner runs. Nothing more is published.
+    pub handing_over: bool,
+    /// The channel is fenced: its FFmpeg was killed and must not be restarted.
+    pub fenced: bool,
+}
+
+impl Default for RunState {
+    fn default() -> Self {
+        Self {
+            gen: 0,
+            weight: 1,
+            pid: 0,
+            restarts: 0,
+            handing_over: false,
+            fenced: false,
+        }
+    }
+}
+
 pub struct ChannelEntry {
     pub id: String,
     pub dir: PathBuf,
     pub phase: watch::Sender<Phase>,
     pub inbox: mpsc::Sender<Ctl>,
-    /// 0 until claimed.
-    pub gen: AtomicU64,
-    pub pid: AtomicU64,
+    state: Mutex<RunState>,
     pub progress: Mutex<Option<watch::Receiver<Progress>>>,
-    pub restarts: AtomicU64,
     pub started: Instant,
     /// The channel's provider account, once claimed (its holding is renewed with the lease).
     pub provider: std::sync::OnceLock<Option<String>>,
     /// In-memory copies of the playlist and the newest segments.
     pub hot: crate::hot::HotFiles,
-    /// Capacity weight of the channel's profile (set at claim).
-    pub weight: std::sync::atomic::AtomicU32,
-    /// Being handed to another node (drain): its lease moved on purpose, so a failed renewal is
-    /// expected and must not fence the FFmpeg before the new owner runs. Nothing more is published.
-    pub handing_over: std::sync::atomic::AtomicBool,
-    /// Set when the channel is fenced: its FFmpeg was killed and must not be restarted.
-    pub fenced: std::sync::atomic::AtomicBool,
     /// The channel's timeline on this node (from the claim on).
     pub timeline: Mutex<Option<crate::playlist::Timeline>>,
     /// What viewers get: the playlist as last published (recorded in Redis first).
@@ -155,8 +178,22 @@ pub struct ChannelEntry {
 }
 
 impl ChannelEntry {
+    /// The run state as of now.
+    pub fn state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Changes the run state in one step; `f`'s answer is read under the same lock.
+    pub fn update<T>(&self, f: impl FnOnce(&mut RunState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
     pub fn gen(&self) -> u64 {
-        self.gen.load(Ordering::Acquire)
+        self.state().gen
+    }
+    pub fn handing_over(&self) -> bool {
+        self.state().handing_over
+    }
+    pub fn fenced(&self) -> bool {
+        self.state().fenced
     }
     pub fn phase(&self) -> Phase {
         self.phase.borrow().clone()
@@ -170,8 +207,10 @@ impl ChannelEntry {
     /// Fences the channel at once: its FFmpeg group gets SIGKILL here, not when the actor gets to
     /// its message (it may be waiting on Redis), and the actor ends without touching Redis.
     pub fn fence(&self) {
-        self.fenced.store(true, Ordering::Release);
-        let pid = self.pid.load(Ordering::Acquire) as u32;
+        let pid = self.update(|s| {
+            s.fenced = true;
+            s.pid
+        });
         if pid > 0 {
             if let Err(e) = ffmpeg::signal_group(pid, Signal::SIGKILL) {
                 debug!(pid, error = %e, "SIGKILL to a fenced ffmpeg group");
@@ -394,19 +433,14 @@ impl Node {
             dir: ffmpeg::channel_dir(&self.cfg.hls_root, id),
             phase,
             inbox: tx,
-            gen: AtomicU64::new(0),
-            pid: AtomicU64::new(0),
+            state: Mutex::new(RunState::default()),
             progress: Mutex::new(None),
-            restarts: AtomicU64::new(0),
             started: Instant::now(),
             provider: std::sync::OnceLock::new(),
             hot: crate::hot::HotFiles::new(
                 self.hot_budget.clone(),
                 self.cfg.hls_list_size as u64 + 2,
             ),
-            handing_over: std::sync::atomic::AtomicBool::new(false),
-            weight: std::sync::atomic::AtomicU32::new(1),
-            fenced: std::sync::atomic::AtomicBool::new(false),
             timeline: Mutex::new(None),
             published: watch::channel(Published::default()).0,
             held: Mutex::new(None),

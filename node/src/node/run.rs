@@ -7,7 +7,6 @@ use crate::ffmpeg;
 use crate::watcher::Progress;
 use farm_proto::StreamState;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -55,8 +54,10 @@ async fn begin(plan: &Plan<'_>, run: &Run<'_>, mut child: Child) -> Result<Runni
     let (node, entry) = (plan.node, plan.entry);
     let pid = child.id().unwrap_or(0);
     let pid_start = ffmpeg::start_time(pid).unwrap_or(0);
-    entry.pid.store(pid as u64, Ordering::Release);
-    if entry.fenced.load(Ordering::Acquire) {
+    if entry.update(|s| {
+        s.pid = pid;
+        s.fenced
+    }) {
         // Fenced between the spawn and now: fence() saw no pid to kill.
         terminate(&mut child, pid, Duration::ZERO).await;
         return Err(RunEnd::Fenced);
@@ -174,7 +175,7 @@ async fn watch_run(
                 let version = progress.borrow().ffmpeg_playlist;
                 // A channel being handed over publishes nothing more: the new owner continues
                 // after what it recorded.
-                if version == seen_playlist || entry.handing_over.load(Ordering::Acquire) {
+                if version == seen_playlist || entry.handing_over() {
                     continue;
                 }
                 seen_playlist = version;

@@ -12,7 +12,6 @@ use farm_proto::{ChannelSpec, StreamState};
 use nix::sys::signal::Signal;
 use rand::Rng;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::Child;
@@ -52,7 +51,8 @@ pub(super) struct History {
 impl History {
     fn restarted(&mut self, entry: &ChannelEntry) {
         self.restarts += 1;
-        entry.restarts.store(self.restarts, Ordering::Release);
+        let restarts = self.restarts;
+        entry.update(|s| s.restarts = restarts);
     }
 
     /// Counts a crash; the channel's end when it completes a crash loop.
@@ -126,12 +126,14 @@ pub(super) async fn supervise(
     };
     let mut history = History::default();
     loop {
-        if entry.fenced.load(Ordering::Acquire) {
+        if entry.fenced() {
             return Outcome::Fenced;
         }
         let end = one_run(&plan, &history, &mut progress, inbox).await;
-        entry.pid.store(0, Ordering::Release);
-        if entry.fenced.load(Ordering::Acquire) {
+        if entry.update(|s| {
+            s.pid = 0;
+            s.fenced
+        }) {
             return Outcome::Fenced;
         }
         match end {
