@@ -9,111 +9,90 @@ use axum::http::{StatusCode, Uri};
 
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> Self {
-        use Refusal::*;
-        let unavailable = ApiError::unavailable;
-        match r {
-            BadPath(m) => ApiError::bad_request(m),
-            NoSuchPath(m) => ApiError::not_found(m),
-            TokenRequired => ApiError::new(StatusCode::FORBIDDEN, "playback token required"),
-            BadToken(m) => ApiError::new(StatusCode::FORBIDDEN, m),
-            Owned(_) | Forwarded(_) => {
-                ApiError::new(StatusCode::TEMPORARY_REDIRECT, "served by its owner node")
-            }
-            OwnerAway { id, owner } => unavailable(
-                format!("channel {id} is held by node {owner}, which is not answering; retry shortly"),
-                2,
-            ),
-            OwnerUnreachable { id } => {
-                ApiError::not_found(format!("channel {id} is not running on a reachable node"))
-            }
-            NotRunning { id } => ApiError::not_found(format!(
-                "channel {id} is not running; request its playlist first"
-            )),
-            Unlocatable { id, why } => unavailable(format!("cannot locate channel {id}: {why}"), 2),
-            UnknownChannel { id } => {
-                ApiError::not_found(format!("unknown channel {id:?}: it is not in the catalog"))
-            }
-            StoreUnavailable { id } => unavailable(
-                format!("cannot start channel {id} this moment: the farm's state store did not answer as expected; retry"),
-                2,
-            ),
-            BadCatalog { id, why } => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("channel {id} cannot start: {why}"),
-            ),
-            DiskLow { id, free, min_free } => ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                format!(
-                    "refusing to start channel {id}: {} MiB free on the HLS folder, below min_free {} MiB",
-                    free >> 20,
-                    min_free >> 20
-                ),
-            ),
-            HeldHere { id } => unavailable(
-                format!("channel {id} is still held by an earlier run on this node; retry shortly"),
-                1,
-            ),
-            JustReleased { id, node } => unavailable(
-                format!("channel {id} was released from node {node} a moment ago; it stops there first; retry"),
-                1,
-            ),
-            FarmFull { id, node, running, capacity } => unavailable(
-                format!(
-                    "the farm is full: node {node} is at capacity ({running} of {capacity} weight units) and no live node has room for channel {id}"
-                ),
-                10,
-            ),
-            DrainingNoRoom { id, node } => unavailable(
-                format!("node {node} is draining and no other node has room for channel {id}"),
-                10,
-            ),
-            ProviderFull { id, provider, max } => unavailable(
-                format!(
-                    "provider {provider} is at its limit of {max} concurrent connections; channel {id} cannot start now"
-                ),
-                10,
-            ),
-            Recovering { id } => unavailable(
-                format!("channel {id} cannot start this moment: the farm is recovering from a Redis restart; retry"),
-                1,
-            ),
-            Registering { id, node } => unavailable(
-                format!("channel {id} cannot start this moment: node {node} is registering with the farm; retry"),
-                1,
-            ),
-            HandoverStale { id, from, lease } => unavailable(
-                format!(
-                    "channel {id} cannot be taken over from {from}: its lease is now {}",
-                    lease.as_deref().unwrap_or("free")
-                ),
-                1,
-            ),
-            HandoverFull { id, from, running } => unavailable(
-                format!("channel {id} cannot be taken over from {from}: this node is full ({running} running)"),
-                1,
-            ),
-            NoStartSlot { id, node, busy, waited } => unavailable(
-                format!(
-                    "channel {id} cannot start now: node {node} is busy starting {busy} other channels \
-and this one waited {} for its turn; retry shortly",
-                    farm_proto::duration::format(waited)
-                ),
-                2,
-            ),
-            ShuttingDown => unavailable("node is shutting down".into(), 2),
-            Failed { reason, hold } => unavailable(reason, hold.as_secs().max(1)),
-            StartTimeout { id, waited } => unavailable(
-                format!(
-                    "channel {id} is starting: no segment yet after {}",
-                    farm_proto::duration::format(waited)
-                ),
-                2,
-            ),
-            Stopping { id } => unavailable(format!("channel {id} is stopping; retry"), 1),
-            BeyondNext { id, want, last } => ApiError::bad_request(format!(
-                "_HLS_msn={want} is beyond the next segments of channel {id} (the last is {last})"
-            )),
+        let (status, retry_after) = status(&r);
+        ApiError {
+            retry_after,
+            ..ApiError::new(status, message(r))
         }
+    }
+}
+
+/// The status of each refusal, and `Retry-After` (seconds) where waiting helps.
+fn status(r: &Refusal) -> (StatusCode, Option<u64>) {
+    use Refusal::*;
+    let wait = |s| (StatusCode::SERVICE_UNAVAILABLE, Some(s));
+    match r {
+        BadPath(_) | BeyondNext { .. } => (StatusCode::BAD_REQUEST, None),
+        TokenRequired | BadToken(_) => (StatusCode::FORBIDDEN, None),
+        NoSuchPath(_) | OwnerUnreachable { .. } | NotRunning { .. } | UnknownChannel { .. } => {
+            (StatusCode::NOT_FOUND, None)
+        }
+        Owned(_) | Forwarded(_) => (StatusCode::TEMPORARY_REDIRECT, None),
+        BadCatalog { .. } => (StatusCode::BAD_GATEWAY, None),
+        DiskLow { .. } => (StatusCode::INSUFFICIENT_STORAGE, None),
+        HeldHere { .. }
+        | JustReleased { .. }
+        | Recovering { .. }
+        | Registering { .. }
+        | HandoverStale { .. }
+        | HandoverFull { .. }
+        | Stopping { .. } => wait(1),
+        OwnerAway { .. }
+        | Unlocatable { .. }
+        | StoreUnavailable { .. }
+        | NoStartSlot { .. }
+        | ShuttingDown
+        | StartTimeout { .. } => wait(2),
+        FarmFull { .. } | DrainingNoRoom { .. } | ProviderFull { .. } => wait(10),
+        Failed { hold, .. } => wait(hold.as_secs().max(1)),
+    }
+}
+
+/// The sentence a refused viewer reads.
+fn message(r: Refusal) -> String {
+    use Refusal::*;
+    match r {
+        BadPath(m) | BadToken(m) => m,
+        NoSuchPath(m) => m.into(),
+        TokenRequired => "playback token required".into(),
+        Owned(_) | Forwarded(_) => "served by its owner node".into(),
+        OwnerAway { id, owner } => format!("channel {id} is held by node {owner}, which is not answering; retry shortly"),
+        OwnerUnreachable { id } => format!("channel {id} is not running on a reachable node"),
+        NotRunning { id } => format!("channel {id} is not running; request its playlist first"),
+        Unlocatable { id, why } => format!("cannot locate channel {id}: {why}"),
+        UnknownChannel { id } => format!("unknown channel {id:?}: it is not in the catalog"),
+        StoreUnavailable { id } => format!("cannot start channel {id} this moment: the farm's state store did not answer as expected; retry"),
+        BadCatalog { id, why } => format!("channel {id} cannot start: {why}"),
+        DiskLow { id, free, min_free } => format!(
+            "refusing to start channel {id}: {} MiB free on the HLS folder, below min_free {} MiB",
+            free >> 20,
+            min_free >> 20
+        ),
+        HeldHere { id } => format!("channel {id} is still held by an earlier run on this node; retry shortly"),
+        JustReleased { id, node } => format!("channel {id} was released from node {node} a moment ago; it stops there first; retry"),
+        FarmFull { id, node, running, capacity } => format!("the farm is full: node {node} is at capacity ({running} of {capacity} weight units) and no live node has room for channel {id}"),
+        DrainingNoRoom { id, node } => format!("node {node} is draining and no other node has room for channel {id}"),
+        ProviderFull { id, provider, max } => format!("provider {provider} is at its limit of {max} concurrent connections; channel {id} cannot start now"),
+        Recovering { id } => format!("channel {id} cannot start this moment: the farm is recovering from a Redis restart; retry"),
+        Registering { id, node } => format!("channel {id} cannot start this moment: node {node} is registering with the farm; retry"),
+        HandoverStale { id, from, lease } => format!(
+            "channel {id} cannot be taken over from {from}: its lease is now {}",
+            lease.as_deref().unwrap_or("free")
+        ),
+        HandoverFull { id, from, running } => format!("channel {id} cannot be taken over from {from}: this node is full ({running} running)"),
+        NoStartSlot { id, node, busy, waited } => format!(
+            "channel {id} cannot start now: node {node} is busy starting {busy} other channels \
+and this one waited {} for its turn; retry shortly",
+            farm_proto::duration::format(waited)
+        ),
+        ShuttingDown => "node is shutting down".into(),
+        Failed { reason, .. } => reason,
+        StartTimeout { id, waited } => format!(
+            "channel {id} is starting: no segment yet after {}",
+            farm_proto::duration::format(waited)
+        ),
+        Stopping { id } => format!("channel {id} is stopping; retry"),
+        BeyondNext { id, want, last } => format!("_HLS_msn={want} is beyond the next segments of channel {id} (the last is {last})"),
     }
 }
 
