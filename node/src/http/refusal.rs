@@ -153,3 +153,91 @@ fn hops(uri: &Uri) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(accel: Option<&str>) -> Config {
+        let mut cfg = Config::from_args(<crate::config::Args as clap::Parser>::parse_from([
+            "farm-node",
+        ]))
+        .expect("defaults");
+        cfg.accel_redirect = accel.map(str::to_string);
+        cfg
+    }
+
+    fn uri(s: &str) -> Uri {
+        s.parse().expect("uri")
+    }
+
+    fn owner() -> NodeUrl {
+        NodeUrl::new("http://10.0.0.2:8080/".into())
+    }
+
+    #[test]
+    fn the_owner_gets_the_same_path_and_query() {
+        let e = respond(
+            &cfg(None),
+            Refusal::Owned(owner()),
+            &uri("/live/a/index.m3u8?x=1"),
+        );
+        assert_eq!(e.status, StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(
+            e.location.as_deref(),
+            Some("http://10.0.0.2:8080/live/a/index.m3u8?x=1")
+        );
+        let e = respond(
+            &cfg(Some("/_owner")),
+            Refusal::Owned(owner()),
+            &uri("/live/a/s.ts"),
+        );
+        assert_eq!((e.status, e.message.as_str()), (StatusCode::OK, ""));
+        assert_eq!(
+            e.accel.as_deref(),
+            Some("/_owner/10.0.0.2:8080/live/a/s.ts")
+        );
+    }
+
+    #[test]
+    fn forwards_to_a_node_with_room_count_their_hops() {
+        let forward = |u: &str| respond(&cfg(None), Refusal::Forwarded(owner()), &uri(u));
+        let e = forward("/live/a/index.m3u8?x=1");
+        assert_eq!(
+            e.location.as_deref(),
+            Some("http://10.0.0.2:8080/live/a/index.m3u8?farm_hop=1")
+        );
+        let e = forward("/live/a/index.m3u8?farm_hop=1");
+        assert_eq!(
+            e.location.as_deref(),
+            Some("http://10.0.0.2:8080/live/a/index.m3u8?farm_hop=2")
+        );
+        let e = forward("/live/a/index.m3u8?farm_hop=2");
+        assert_eq!(
+            (e.status, e.retry_after, e.location),
+            (StatusCode::SERVICE_UNAVAILABLE, Some(10), None)
+        );
+    }
+
+    #[test]
+    fn other_refusals_keep_their_status_and_sentence() {
+        let e = respond(
+            &cfg(None),
+            Refusal::HeldHere { id: "a".into() },
+            &uri("/live/a/index.m3u8"),
+        );
+        assert_eq!(
+            (e.status, e.retry_after),
+            (StatusCode::SERVICE_UNAVAILABLE, Some(1))
+        );
+        assert_eq!(
+            e.message,
+            "channel a is still held by an earlier run on this node; retry shortly"
+        );
+        assert_eq!(
+            Refusal::ShuttingDown.to_string(),
+            "503 node is shutting down",
+            "logs read as the answer"
+        );
+    }
+}
