@@ -1,5 +1,6 @@
-//! The HTTP layer's error: a status, a one-sentence message, `Retry-After` where waiting helps,
-//! and a redirect's target. The node's own refusals become one in `crate::http::refusal`.
+//! The HTTP layer's error answer: a status, a one-sentence message, `Retry-After` where waiting
+//! helps, and a redirect's target. Every refusal ([`crate::node::Refusal`]) becomes one in
+//! `crate::http::refusal`; the only other is a byte range's 416 (it carries `Content-Range`).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -23,25 +24,6 @@ impl ApiError {
             retry_after: None,
             location: None,
             accel: None,
-        }
-    }
-    pub fn bad_request(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, m)
-    }
-    pub fn not_found(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, m)
-    }
-    pub fn unavailable(m: impl Into<String>, retry_after: u64) -> Self {
-        Self {
-            retry_after: Some(retry_after),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, m)
-        }
-    }
-    /// 429 with `Retry-After` (whole seconds, at least 1).
-    pub fn too_many(m: impl Into<String>, wait: std::time::Duration) -> Self {
-        Self {
-            retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, m)
         }
     }
 }

@@ -28,7 +28,7 @@ mod response;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::limits::{AuthFailures, RateLimiter, UnknownIds};
-use crate::node::Node;
+use crate::node::{Node, Refusal};
 use axum::extract::{ConnectInfo, FromRef};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
@@ -100,7 +100,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/admin/streams", get(ops::admin_streams))
         .route("/admin/streams/{id}/stop", post(ops::admin_stop))
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .fallback(|| async { ApiError::from(Refusal::NoSuchPath("no such endpoint")) })
         .with_state(state)
 }
 

@@ -2,7 +2,7 @@
 
 use super::{client_addr, AppState, Peer};
 use crate::error::ApiError;
-use crate::node::{Node, Phase};
+use crate::node::{Node, Phase, Refusal};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -56,19 +56,13 @@ fn check_admin(
 ) -> Result<(), ApiError> {
     let node = &st.node;
     let Some(token) = node.cfg.admin_token.as_deref() else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "admin API disabled: start the node with --admin-token (FARM_ADMIN_TOKEN)",
-        ));
+        return Err(Refusal::AdminDisabled.into());
     };
     let client = client_addr(&node.cfg, peer, headers);
     let now = Instant::now();
     if let Err(wait) = st.limits.admin.check(&client, now) {
         node.metrics.admin_auth_throttled.inc();
-        return Err(ApiError::too_many(
-            "too many wrong admin tokens from your address: wait before trying again",
-            wait,
-        ));
+        return Err(Refusal::AdminThrottled { wait }.into());
     }
     let given = headers
         .get(header::AUTHORIZATION)
@@ -88,10 +82,7 @@ fn check_admin(
             "admin API: missing or wrong bearer token (one line per address per minute at most)"
         );
     }
-    Err(ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong bearer token",
-    ))
+    Err(Refusal::AdminUnauthorized.into())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -143,12 +134,10 @@ pub(super) async fn admin_stop(
 ) -> Result<Response, ApiError> {
     check_admin(&st, peer.0, &headers)?;
     let node = st.node;
-    validate::channel_id(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    validate::channel_id(&id).map_err(|e| Refusal::BadPath(e.to_string()))?;
     if node.stop_channel(&id, "ops", None).await? {
         Ok(Json(serde_json::json!({ "channel": id, "stopped": true })).into_response())
     } else {
-        Err(ApiError::not_found(format!(
-            "channel {id} is not running on this node"
-        )))
+        Err(Refusal::NotHere { id }.into())
     }
 }

@@ -101,14 +101,12 @@ fn before_lookup<'a>(
         }),
         Err(wait) => {
             m.first_requests_limited.inc();
-            Err(ApiError::too_many(
-                format!(
-                    "too many requests for channels that are not running from your address \
-(at most {} a second, {} at once); retry in a moment",
-                    st.node.cfg.start_rate, st.node.cfg.start_burst
-                ),
+            Err(Refusal::FirstRequestsLimited {
+                rate: st.node.cfg.start_rate,
+                burst: st.node.cfg.start_burst,
                 wait,
-            ))
+            }
+            .into())
         }
     }
 }
@@ -133,11 +131,7 @@ async fn live_file(
     match p.kind {
         HlsFile::Playlist => {
             if p.file != crate::playlist::PLAYLIST {
-                return Err(ApiError::not_found(format!(
-                    "no playlist {:?}: a channel's playlist is {}",
-                    p.file,
-                    crate::playlist::PLAYLIST
-                )));
+                return Err(Refusal::NoSuchPlaylist { file: p.file }.into());
             }
             let body = playlist(st, id, client, uri).await?;
             node.access.record(id);
@@ -175,10 +169,11 @@ async fn live_file(
                     node.metrics.segment_bytes.inc_by(sent);
                     Ok(r)
                 }
-                Err(_) => Err(ApiError::not_found(format!(
-                    "segment {} of channel {id} is not available",
-                    p.file
-                ))),
+                Err(_) => Err(Refusal::SegmentGone {
+                    id: id.clone(),
+                    file: p.file,
+                }
+                .into()),
             }
         }
     }
@@ -295,15 +290,11 @@ fn wanted_msn(uri: &Uri) -> Result<Option<u64>, ApiError> {
     {
         match k {
             "_HLS_msn" => {
-                msn = Some(v.parse::<u64>().map_err(|_| {
-                    ApiError::bad_request(format!("_HLS_msn={v:?} is not a media sequence number"))
+                msn = Some(v.parse::<u64>().map_err(|_| Refusal::BadMsn {
+                    value: v.to_string(),
                 })?)
             }
-            "_HLS_part" => {
-                return Err(ApiError::bad_request(
-                    "_HLS_part: this server offers no partial segments",
-                ))
-            }
+            "_HLS_part" => return Err(Refusal::NoPartials.into()),
             _ => {}
         }
     }

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::node::{NodeUrl, Refusal};
 use axum::http::{StatusCode, Uri};
+use std::time::Duration;
 
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> Self {
@@ -21,12 +22,25 @@ impl From<Refusal> for ApiError {
 fn status(r: &Refusal) -> (StatusCode, Option<u64>) {
     use Refusal::*;
     let wait = |s| (StatusCode::SERVICE_UNAVAILABLE, Some(s));
+    // Whole seconds, at least 1.
+    let later = |d: &Duration| {
+        let secs = d.as_secs_f64().ceil().max(1.0) as u64;
+        (StatusCode::TOO_MANY_REQUESTS, Some(secs))
+    };
     match r {
-        BadPath(_) | BeyondNext { .. } => (StatusCode::BAD_REQUEST, None),
-        TokenRequired | BadToken(_) => (StatusCode::FORBIDDEN, None),
-        NoSuchPath(_) | OwnerUnreachable { .. } | NotRunning { .. } | UnknownChannel { .. } => {
-            (StatusCode::NOT_FOUND, None)
+        BadPath(_) | BeyondNext { .. } | BadMsn { .. } | NoPartials => {
+            (StatusCode::BAD_REQUEST, None)
         }
+        TokenRequired | BadToken(_) | AdminDisabled => (StatusCode::FORBIDDEN, None),
+        AdminUnauthorized => (StatusCode::UNAUTHORIZED, None),
+        FirstRequestsLimited { wait, .. } | AdminThrottled { wait } => later(wait),
+        NoSuchPath(_)
+        | OwnerUnreachable { .. }
+        | NotRunning { .. }
+        | UnknownChannel { .. }
+        | NoSuchPlaylist { .. }
+        | SegmentGone { .. }
+        | NotHere { .. } => (StatusCode::NOT_FOUND, None),
         Owned(_) | Forwarded(_) => (StatusCode::TEMPORARY_REDIRECT, None),
         BadCatalog { .. } => (StatusCode::BAD_GATEWAY, None),
         DiskLow { .. } => (StatusCode::INSUFFICIENT_STORAGE, None),
@@ -43,7 +57,9 @@ fn status(r: &Refusal) -> (StatusCode, Option<u64>) {
         | NoStartSlot { .. }
         | ShuttingDown
         | StartTimeout { .. } => wait(2),
-        FarmFull { .. } | DrainingNoRoom { .. } | ProviderFull { .. } => wait(10),
+        FarmFull { .. } | DrainingNoRoom { .. } | ProviderFull { .. } | NoRoomAfterForwards => {
+            wait(10)
+        }
         Failed { hold, .. } => wait(hold.as_secs().max(1)),
     }
 }
@@ -55,6 +71,25 @@ fn message(r: Refusal) -> String {
         BadPath(m) | BadToken(m) => m,
         NoSuchPath(m) => m.into(),
         TokenRequired => "playback token required".into(),
+        NoSuchPlaylist { file } => format!(
+            "no playlist {file:?}: a channel's playlist is {}",
+            crate::playlist::PLAYLIST
+        ),
+        SegmentGone { id, file } => format!("segment {file} of channel {id} is not available"),
+        BadMsn { value } => format!("_HLS_msn={value:?} is not a media sequence number"),
+        NoPartials => "_HLS_part: this server offers no partial segments".into(),
+        FirstRequestsLimited { rate, burst, .. } => format!(
+            "too many requests for channels that are not running from your address \
+(at most {rate} a second, {burst} at once); retry in a moment"
+        ),
+        AdminDisabled => {
+            "admin API disabled: start the node with --admin-token (FARM_ADMIN_TOKEN)".into()
+        }
+        AdminUnauthorized => "missing or wrong bearer token".into(),
+        AdminThrottled { .. } => {
+            "too many wrong admin tokens from your address: wait before trying again".into()
+        }
+        NotHere { id } => format!("channel {id} is not running on this node"),
         Owned(_) | Forwarded(_) => "served by its owner node".into(),
         OwnerAway { id, owner } => format!("channel {id} is held by node {owner}, which is not answering; retry shortly"),
         OwnerUnreachable { id } => format!("channel {id} is not running on a reachable node"),
@@ -71,6 +106,7 @@ fn message(r: Refusal) -> String {
         HeldHere { id } => format!("channel {id} is still held by an earlier run on this node; retry shortly"),
         JustReleased { id, node } => format!("channel {id} was released from node {node} a moment ago; it stops there first; retry"),
         FarmFull { id, node, running, capacity } => format!("the farm is full: node {node} is at capacity ({running} of {capacity} weight units) and no live node has room for channel {id}"),
+        NoRoomAfterForwards => "the farm is full: no node with room took the channel".into(),
         DrainingNoRoom { id, node } => format!("node {node} is draining and no other node has room for channel {id}"),
         ProviderFull { id, provider, max } => format!("provider {provider} is at its limit of {max} concurrent connections; channel {id} cannot start now"),
         Recovering { id } => format!("channel {id} cannot start this moment: the farm is recovering from a Redis restart; retry"),
@@ -117,10 +153,7 @@ pub fn respond(cfg: &Config, r: Refusal, uri: &Uri) -> ApiError {
         // viewer between them.
         let hops = hops(uri);
         if hops >= MAX_HOPS {
-            return ApiError::unavailable(
-                "the farm is full: no node with room took the channel",
-                10,
-            );
+            return Refusal::NoRoomAfterForwards.into();
         }
         path = format!("{path}?farm_hop={}", hops + 1);
     } else if let Some(q) = uri.query() {

@@ -45,6 +45,31 @@ pub enum Refusal {
     TokenRequired,
     /// The token does not allow this path (expired, forged, another client's).
     BadToken(String),
+    /// A playlist name other than the channel's one.
+    NoSuchPlaylist { file: String },
+    /// A segment that is not (or no longer) on disk.
+    SegmentGone { id: String, file: String },
+    /// `_HLS_msn` is not a number.
+    BadMsn { value: String },
+    /// `_HLS_part`: no partial segments here.
+    NoPartials,
+
+    // The client.
+    /// The client used up its requests that would start a channel (`rate` a second, `burst` at
+    /// once); it may try again after `wait`.
+    FirstRequestsLimited {
+        rate: u32,
+        burst: u32,
+        wait: Duration,
+    },
+    /// The admin API is off (no token configured).
+    AdminDisabled,
+    /// A missing or wrong admin token.
+    AdminUnauthorized,
+    /// Too many wrong admin tokens from this address: it waits `wait` first.
+    AdminThrottled { wait: Duration },
+    /// An admin stop of a channel this node does not run.
+    NotHere { id: String },
 
     // Where the channel runs.
     /// Another node runs the channel: the viewer goes there.
@@ -84,6 +109,8 @@ pub enum Refusal {
         running: u64,
         capacity: u32,
     },
+    /// The request was forwarded to nodes with room as often as allowed and none took it.
+    NoRoomAfterForwards,
     /// This node drains and no other node has room.
     DrainingNoRoom { id: String, node: String },
     /// The provider account has no free connection.
