@@ -1,6 +1,7 @@
-//! Why the node refuses a request, in the node's words: a channel it cannot start, serve or route
-//! here, and a playback path it does not allow. The HTTP layer gives each reason its status, its
-//! sentence and its redirect in one place (`crate::http::refusal`); nothing here knows HTTP.
+//! Why the node refuses a request, in the node's words: a playback path it does not allow, a
+//! channel it cannot start, serve or route here, a client past its limits, an admin call without
+//! its token. The HTTP layer gives each reason its status, its sentence and its redirect in one
+//! place (`crate::http::refusal`); nothing here knows HTTP.
 
 use std::time::Duration;
 
