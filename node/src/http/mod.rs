@@ -22,7 +22,7 @@
 mod cors;
 mod ops;
 mod playback;
-pub mod refusal;
+mod refusal;
 mod response;
 
 use crate::config::Config;
