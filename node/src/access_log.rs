@@ -10,7 +10,7 @@
 //! `farm:access` once per `access_flush`), so a channel watched through nginx stays alive wherever
 //! it runs.
 
-use crate::http::authorize_uri;
+use crate::node::authorize_uri;
 use crate::node::Node;
 use std::path::Path;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
-//! The one place where errors become HTTP responses: a status, a one-sentence message, and
-//! `Retry-After` where waiting helps.
+//! The HTTP layer's error answer: a status, a one-sentence message, `Retry-After` where waiting
+//! helps, and a redirect's target. Every refusal ([`crate::node::Refusal`]) becomes one in
+//! `crate::http::refusal`; the only other is a byte range's 416 (it carries `Content-Range`).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,14 +12,8 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// For 307 redirects to the owner node.
     pub location: Option<String>,
-    /// The owner node's base URL, when another node runs the channel: the HTTP layer turns this
-    /// into a redirect (or an X-Accel-Redirect) that keeps the viewer's original path.
-    pub owner: Option<String>,
     /// For X-Accel-Redirect to nginx's internal owner location.
     pub accel: Option<String>,
-    /// `owner` is not the owner but a node with room (this one is full): the forward carries a hop
-    /// count so two full nodes never bounce a viewer between them.
-    pub forwarded: bool,
 }
 
 impl ApiError {
@@ -28,36 +23,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             location: None,
-            owner: None,
             accel: None,
-            forwarded: false,
-        }
-    }
-    pub fn bad_request(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, m)
-    }
-    pub fn not_found(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, m)
-    }
-    pub fn unavailable(m: impl Into<String>, retry_after: u64) -> Self {
-        Self {
-            retry_after: Some(retry_after),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, m)
-        }
-    }
-    /// This node is full; `base` (a live node with room) should start the channel.
-    pub fn forwarded(base: String) -> Self {
-        Self {
-            forwarded: true,
-            ..Self::owned_by(base)
-        }
-    }
-
-    /// Another node runs the channel; `base` is its public URL.
-    pub fn owned_by(base: String) -> Self {
-        Self {
-            owner: Some(base),
-            ..Self::new(StatusCode::TEMPORARY_REDIRECT, "served by its owner node")
         }
     }
 }

@@ -208,7 +208,7 @@ pub async fn run(
     {
         warn!(grace = ?cfg.shutdown_grace, "channels did not stop within the shutdown grace; killing their FFmpegs");
         for e in node.entries() {
-            let pid = e.pid.load(std::sync::atomic::Ordering::Acquire) as u32;
+            let pid = e.state().pid;
             if pid > 0 {
                 let _ = ffmpeg::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
             }

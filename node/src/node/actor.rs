@@ -2,12 +2,10 @@
 //! what it publishes to viewers (the timeline and the playlist).
 
 use super::*;
-use crate::error::ApiError;
 use crate::watcher::Progress;
 use farm_proto::scripts::owner_value;
 use farm_proto::types::event;
-use farm_proto::StreamState;
-use std::sync::atomic::Ordering;
+use farm_proto::{ChannelSpec, StreamState};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -49,16 +47,12 @@ pub(super) async fn run_channel(
             debug!(busy, "no start slot within start_timeout");
             entry
                 .phase
-                .send_replace(Phase::Refused(ApiError::unavailable(
-                    format!(
-                    "channel {} cannot start now: node {} is busy starting {busy} other channels \
-and this one waited {} for its turn; retry shortly",
-                    entry.id,
-                    node.cfg.node_id,
-                    farm_proto::duration::format(timeout)
-                ),
-                    2,
-                )));
+                .send_replace(Phase::Refused(Refusal::NoStartSlot {
+                    id: entry.id.clone(),
+                    node: node.cfg.node_id.clone(),
+                    busy,
+                    waited: timeout,
+                }));
             return;
         }
     };
@@ -71,7 +65,8 @@ and this one waited {} for its turn; retry shortly",
     tokio::join!(started, run_channel_inner(node, entry, inbox, mode));
 }
 
-/// The whole life of one channel on this node: preflight, claim, supervise, stop.
+/// The whole life of one channel on this node: preflight and claim, supervise, then its end
+/// (stopped, fenced or failed) recorded.
 pub(super) async fn run_channel_inner(
     node: Arc<Node>,
     entry: Arc<ChannelEntry>,
@@ -87,22 +82,18 @@ pub(super) async fn run_channel_inner(
         }
     };
     crate::metrics::request_path_done();
-    let cfg = node.cfg.clone();
-    let owner = owner_value(&cfg.node_id, gen);
-    let provider = (!spec.provider.is_empty()).then(|| spec.provider.clone());
-    let _ = entry.provider.set(provider.clone());
-    entry.gen.store(gen, Ordering::Release);
-    entry.phase.send_replace(Phase::Starting);
-    node.metrics.channel_starts.inc();
-    node.metrics.streams_running.inc();
-    info!(gen, url = %farm_proto::redact::Redacted(&spec.url), profile = %spec.profile, "channel claimed");
-    node.event(event::STARTED, &entry.id, gen, &[]).await;
-
+    let claim = claimed(&node, &entry, &spec, gen).await;
     let dir = entry.dir.clone();
     let end = match prepare_dir(&node, &entry) {
         Ok(progress) => {
             supervise(
-                &node, &entry, &spec, &owner, progress, &recorded, &mut inbox,
+                &node,
+                &entry,
+                &spec,
+                &claim.owner,
+                progress,
+                &recorded,
+                &mut inbox,
             )
             .await
         }
@@ -116,89 +107,135 @@ pub(super) async fn run_channel_inner(
     }
     node.metrics.streams_running.dec();
     match end {
-        Outcome::Stopped(reason, done) => {
-            entry.phase.send_replace(Phase::Gone);
-            match node
-                .store
-                .release(
-                    &entry.id,
-                    &cfg.node_id,
-                    &owner,
-                    provider.as_deref(),
-                    None,
-                    FAILED_KEEP,
-                )
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) if entry.handing_over.load(Ordering::Acquire) => {}
-                Ok(false) => warn!("lease was no longer ours at release"),
-                Err(e) => {
-                    node.metrics.redis_errors.inc();
-                    error!(error = %e, "could not release lease; it expires by itself");
-                }
-            }
-            node.metrics.stopped(&reason);
-            node.event(event::STOPPED, &entry.id, gen, &[("reason", &reason)])
-                .await;
-            info!(%reason, "channel stopped");
-            // Gone from the map before the stop is acknowledged: a start right after it begins anew.
-            node.remove_entry(&entry);
-            if let Some(d) = done {
-                let _ = d.send(());
-            }
-        }
+        Outcome::Stopped(reason, done) => stopped(&node, &entry, &claim, reason, done).await,
         Outcome::Fenced => {
             entry.phase.send_replace(Phase::Gone);
             node.metrics.stopped("fenced");
             warn!("channel fenced: lease lost, FFmpeg stopped without touching Redis");
         }
         Outcome::Failed(reason, done) => {
-            // Viewers get a generic reason, never FFmpeg's text (the reason is in the stream
-            // hash, the event and the log, redacted).
-            entry.phase.send_replace(Phase::Failed(format!(
-                "channel {} is failing upstream; retry later",
-                entry.id
-            )));
-            match node
-                .store
-                .release(
-                    &entry.id,
-                    &cfg.node_id,
-                    &owner,
-                    provider.as_deref(),
-                    Some((StreamState::Failed.as_str(), &reason)),
-                    FAILED_KEEP,
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(e) => {
-                    node.metrics.redis_errors.inc();
-                    error!(error = %e, "could not release failed channel; the lease expires by itself");
-                }
-            }
-            node.metrics.stopped("failed");
-            node.event(event::FAILED, &entry.id, gen, &[("reason", &reason)])
-                .await;
-            error!(%reason, "channel failed");
-            if let Some(d) = done {
-                let _ = d.send(());
-            }
+            failed(&node, &entry, &claim, reason, done).await;
             // Viewers get 503 with the reason for a while, instead of a new crash loop per request.
-            let hold = tokio::time::sleep(cfg.failed_hold);
-            tokio::pin!(hold);
-            loop {
-                tokio::select! {
-                    _ = &mut hold => break,
-                    _ = node.cancel.cancelled() => break,
-                    msg = inbox.recv() => match msg {
-                        Some(Ctl::Stop { done, .. }) => { if let Some(d) = done { let _ = d.send(()); } break; }
-                        Some(_) => {}
-                        None => break,
-                    },
-                }
-            }
+            hold_failed(&node, &mut inbox).await;
+        }
+    }
+}
+
+/// What a claim gave the channel: its gen, the lease value, its provider account.
+struct Claimed {
+    gen: u64,
+    owner: String,
+    provider: Option<String>,
+}
+
+/// The lease is ours: the entry learns its gen and provider, the channel is `Starting`.
+async fn claimed(node: &Node, entry: &ChannelEntry, spec: &ChannelSpec, gen: u64) -> Claimed {
+    let owner = owner_value(&node.cfg.node_id, gen);
+    let provider = (!spec.provider.is_empty()).then(|| spec.provider.clone());
+    let _ = entry.provider.set(provider.clone());
+    entry.update(|s| s.gen = gen);
+    entry.phase.send_replace(Phase::Starting);
+    node.metrics.channel_starts.inc();
+    node.metrics.streams_running.inc();
+    info!(gen, url = %farm_proto::redact::Redacted(&spec.url), profile = %spec.profile, "channel claimed");
+    node.event(event::STARTED, &entry.id, gen, &[]).await;
+    Claimed {
+        gen,
+        owner,
+        provider,
+    }
+}
+
+/// A stop: the lease released, the event recorded, the entry gone before the stop is acknowledged.
+async fn stopped(
+    node: &Node,
+    entry: &Arc<ChannelEntry>,
+    claim: &Claimed,
+    reason: String,
+    done: Option<oneshot::Sender<()>>,
+) {
+    entry.phase.send_replace(Phase::Gone);
+    match release(node, entry, claim, None).await {
+        Ok(true) => {}
+        Ok(false) if entry.handing_over() => {}
+        Ok(false) => warn!("lease was no longer ours at release"),
+        Err(e) => {
+            node.metrics.redis_errors.inc();
+            error!(error = %e, "could not release lease; it expires by itself");
+        }
+    }
+    node.metrics.stopped(&reason);
+    node.event(event::STOPPED, &entry.id, claim.gen, &[("reason", &reason)])
+        .await;
+    info!(%reason, "channel stopped");
+    // Gone from the map before the stop is acknowledged: a start right after it begins anew.
+    node.remove_entry(entry);
+    if let Some(d) = done {
+        let _ = d.send(());
+    }
+}
+
+/// The lease (and the provider's connection) let go; a failed channel's hash keeps `state` and
+/// `last_error` for [`FAILED_KEEP`].
+async fn release(
+    node: &Node,
+    entry: &ChannelEntry,
+    claim: &Claimed,
+    failed: Option<(&str, &str)>,
+) -> Result<bool, crate::store::StoreError> {
+    node.store
+        .release(
+            &entry.id,
+            &node.cfg.node_id,
+            &claim.owner,
+            claim.provider.as_deref(),
+            failed,
+            FAILED_KEEP,
+        )
+        .await
+}
+
+/// A crash loop's end: `failed` with the reason in the stream hash, the lease released.
+async fn failed(
+    node: &Node,
+    entry: &ChannelEntry,
+    claim: &Claimed,
+    reason: String,
+    done: Option<oneshot::Sender<()>>,
+) {
+    // Viewers get a generic reason, never FFmpeg's text (the reason is in the stream hash, the
+    // event and the log, redacted).
+    entry.phase.send_replace(Phase::Failed(format!(
+        "channel {} is failing upstream; retry later",
+        entry.id
+    )));
+    let failed = Some((StreamState::Failed.as_str(), reason.as_str()));
+    if let Err(e) = release(node, entry, claim, failed).await {
+        node.metrics.redis_errors.inc();
+        error!(error = %e, "could not release failed channel; the lease expires by itself");
+    }
+    node.metrics.stopped("failed");
+    node.event(event::FAILED, &entry.id, claim.gen, &[("reason", &reason)])
+        .await;
+    error!(%reason, "channel failed");
+    if let Some(d) = done {
+        let _ = d.send(());
+    }
+}
+
+/// Keeps a failed entry for `failed_hold` (or until a stop or shutdown).
+async fn hold_failed(node: &Node, inbox: &mut mpsc::Receiver<Ctl>) {
+    let hold = tokio::time::sleep(node.cfg.failed_hold);
+    tokio::pin!(hold);
+    loop {
+        tokio::select! {
+            _ = &mut hold => break,
+            _ = node.cancel.cancelled() => break,
+            msg = inbox.recv() => match msg {
+                Some(Ctl::Stop { done, .. }) => { if let Some(d) = done { let _ = d.send(()); } break; }
+                Some(_) => {}
+                None => break,
+            },
         }
     }
 }

@@ -10,15 +10,19 @@
 //!
 //! | module | does |
 //! |---|---|
+//! | `authorize` | what a playback path may name, signed URLs (requests, nginx's hook, the access socket) |
+//! | `route` | where a viewer of a channel this node does not run goes |
 //! | `claim` | catalog, disk and capacity checks, the lease (or a drain's handover), the recorded timeline |
 //! | `actor` | the channel's actor from claim to release; publishing its timeline and playlist |
-//! | `supervise` | FFmpeg runs, restarts with backoff, stalls, crash loops, stopping a process group |
+//! | `supervise` | FFmpeg runs, restarts with backoff, crash loops, stopping a process group |
+//! | `run` | one FFmpeg run: recorded, watched for its exit or a stall, its playlists published |
 //! | `keepalive` | heartbeat, lease renewals and the fence, one pipeline per interval |
 //! | `access` | viewer access flushed to Redis for the coordinator's idle decisions |
 //! | `drain` | handing every channel to other nodes |
+//!
+//! A refusal is a [`Refusal`], in the node's words; the HTTP layer maps it to a response.
 
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::ffmpeg;
 use crate::metrics::{CarryRequestPath, Metrics};
 use crate::store::Store;
@@ -26,7 +30,7 @@ use crate::watcher::{HlsWatcher, Progress};
 use nix::sys::signal::Signal;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -36,16 +40,22 @@ use tracing::{debug, warn, Instrument};
 
 mod access;
 mod actor;
+mod authorize;
 mod claim;
 mod drain;
 mod keepalive;
+mod refusal;
+mod route;
+mod run;
 mod supervise;
 
 pub use access::access_flush_loop;
 use actor::*;
+pub use authorize::{authorize, authorize_uri, Playback};
 use claim::*;
 pub use drain::drain;
 pub use keepalive::keepalive_loop;
+pub use refusal::{NodeUrl, Refusal};
 use supervise::*;
 pub use supervise::{backoff, terminate};
 
@@ -68,7 +78,7 @@ pub enum Phase {
     /// Crash loop ended; the reason. The entry stays for `failed_hold`.
     Failed(String),
     /// Refused before anything ran (unknown channel, owned elsewhere, disk full, ...).
-    Refused(ApiError),
+    Refused(Refusal),
     /// Stopped; the entry is being removed.
     Gone,
 }
@@ -113,28 +123,51 @@ pub struct Published {
     pub target: u64,
 }
 
+/// A channel's run on this node beyond its [`Phase`], as one value behind one lock: written by its
+/// actor, drain and the fence, read by requests, the keepalive and the admin API, so what is read
+/// together was written together (the fence sets `fenced` and reads `pid` at once; a run records
+/// its `pid` and reads `fenced` at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunState {
+    /// 0 until claimed.
+    pub gen: u64,
+    /// Capacity weight of the channel's profile (set at claim).
+    pub weight: u32,
+    /// The running FFmpeg's pid; 0 between runs.
+    pub pid: u32,
+    pub restarts: u64,
+    /// Being handed to another node (drain): its lease moved on purpose, so a failed renewal is
+    /// expected and must not fence the FFmpeg before the new owner runs. Nothing more is published.
+    pub handing_over: bool,
+    /// The channel is fenced: its FFmpeg was killed and must not be restarted.
+    pub fenced: bool,
+}
+
+impl Default for RunState {
+    fn default() -> Self {
+        Self {
+            gen: 0,
+            weight: 1,
+            pid: 0,
+            restarts: 0,
+            handing_over: false,
+            fenced: false,
+        }
+    }
+}
+
 pub struct ChannelEntry {
     pub id: String,
     pub dir: PathBuf,
     pub phase: watch::Sender<Phase>,
     pub inbox: mpsc::Sender<Ctl>,
-    /// 0 until claimed.
-    pub gen: AtomicU64,
-    pub pid: AtomicU64,
+    state: Mutex<RunState>,
     pub progress: Mutex<Option<watch::Receiver<Progress>>>,
-    pub restarts: AtomicU64,
     pub started: Instant,
     /// The channel's provider account, once claimed (its holding is renewed with the lease).
     pub provider: std::sync::OnceLock<Option<String>>,
     /// In-memory copies of the playlist and the newest segments.
     pub hot: crate::hot::HotFiles,
-    /// Capacity weight of the channel's profile (set at claim).
-    pub weight: std::sync::atomic::AtomicU32,
-    /// Being handed to another node (drain): its lease moved on purpose, so a failed renewal is
-    /// expected and must not fence the FFmpeg before the new owner runs. Nothing more is published.
-    pub handing_over: std::sync::atomic::AtomicBool,
-    /// Set when the channel is fenced: its FFmpeg was killed and must not be restarted.
-    pub fenced: std::sync::atomic::AtomicBool,
     /// The channel's timeline on this node (from the claim on).
     pub timeline: Mutex<Option<crate::playlist::Timeline>>,
     /// What viewers get: the playlist as last published (recorded in Redis first).
@@ -145,8 +178,22 @@ pub struct ChannelEntry {
 }
 
 impl ChannelEntry {
+    /// The run state as of now.
+    pub fn state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Changes the run state in one step; `f`'s answer is read under the same lock.
+    pub fn update<T>(&self, f: impl FnOnce(&mut RunState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
     pub fn gen(&self) -> u64 {
-        self.gen.load(Ordering::Acquire)
+        self.state().gen
+    }
+    pub fn handing_over(&self) -> bool {
+        self.state().handing_over
+    }
+    pub fn fenced(&self) -> bool {
+        self.state().fenced
     }
     pub fn phase(&self) -> Phase {
         self.phase.borrow().clone()
@@ -160,8 +207,10 @@ impl ChannelEntry {
     /// Fences the channel at once: its FFmpeg group gets SIGKILL here, not when the actor gets to
     /// its message (it may be waiting on Redis), and the actor ends without touching Redis.
     pub fn fence(&self) {
-        self.fenced.store(true, Ordering::Release);
-        let pid = self.pid.load(Ordering::Acquire) as u32;
+        let pid = self.update(|s| {
+            s.fenced = true;
+            s.pid
+        });
         if pid > 0 {
             if let Err(e) = ffmpeg::signal_group(pid, Signal::SIGKILL) {
                 debug!(pid, error = %e, "SIGKILL to a fenced ffmpeg group");
@@ -259,8 +308,9 @@ pub struct Node {
     /// What Redis said about channels other nodes run, for [`REMOTE_FRESH`]: bounds the Redis
     /// calls viewer requests for those channels make.
     remote: Mutex<HashMap<String, (Instant, Arc<crate::store::RemoteView>)>>,
-    /// The fence outside this process; it runs every channel's egress gateway.
-    pub guard: Arc<crate::guard::Guard>,
+    /// The fence outside this process; it runs every channel's egress gateway. Without one
+    /// (the router's tests) no FFmpeg is spawned.
+    pub guard: Option<Arc<crate::guard::Guard>>,
     /// Start slots (`max_concurrent_starts`): a channel holds one while it claims, so a burst of
     /// first requests queues instead of flooding Redis.
     pub start_slots: Arc<tokio::sync::Semaphore>,
@@ -279,6 +329,8 @@ fn now_ms() -> u64 {
 }
 
 impl Node {
+    /// The node's state. Without a guard (`None`: the router's tests) it claims, serves, routes
+    /// and refuses like any other, but every channel it claims fails before an FFmpeg is spawned.
     pub fn new(
         cfg: Arc<Config>,
         store: Store,
@@ -286,8 +338,9 @@ impl Node {
         metrics: Arc<Metrics>,
         egress: Arc<crate::egress::Policy>,
         sandbox: crate::sandbox::Sandbox,
-        guard: Arc<crate::guard::Guard>,
+        guard: impl Into<Option<Arc<crate::guard::Guard>>>,
     ) -> Arc<Self> {
+        let guard = guard.into();
         let incarnation = format!("{:x}-{:x}", now_ms(), std::process::id());
         let hot_budget = crate::hot::Budget::new(cfg.segment_cache);
         Arc::new(Self {
@@ -356,7 +409,7 @@ impl Node {
     }
 
     /// The channel's entry, starting it when this node does not have it (single flight).
-    pub fn get_or_start(self: &Arc<Self>, id: &str) -> Result<Arc<ChannelEntry>, ApiError> {
+    pub fn get_or_start(self: &Arc<Self>, id: &str) -> Result<Arc<ChannelEntry>, Refusal> {
         self.get_or_start_with(id, ClaimMode::Fresh)
     }
 
@@ -365,9 +418,9 @@ impl Node {
         self: &Arc<Self>,
         id: &str,
         mode: ClaimMode,
-    ) -> Result<Arc<ChannelEntry>, ApiError> {
+    ) -> Result<Arc<ChannelEntry>, Refusal> {
         if self.cancel.is_cancelled() {
-            return Err(ApiError::unavailable("node is shutting down", 2));
+            return Err(Refusal::ShuttingDown);
         }
         let mut map = self.lock_channels();
         if let Some(e) = map.get(id) {
@@ -380,19 +433,14 @@ impl Node {
             dir: ffmpeg::channel_dir(&self.cfg.hls_root, id),
             phase,
             inbox: tx,
-            gen: AtomicU64::new(0),
-            pid: AtomicU64::new(0),
+            state: Mutex::new(RunState::default()),
             progress: Mutex::new(None),
-            restarts: AtomicU64::new(0),
             started: Instant::now(),
             provider: std::sync::OnceLock::new(),
             hot: crate::hot::HotFiles::new(
                 self.hot_budget.clone(),
                 self.cfg.hls_list_size as u64 + 2,
             ),
-            handing_over: std::sync::atomic::AtomicBool::new(false),
-            weight: std::sync::atomic::AtomicU32::new(1),
-            fenced: std::sync::atomic::AtomicBool::new(false),
             timeline: Mutex::new(None),
             published: watch::channel(Published::default()).0,
             held: Mutex::new(None),
@@ -439,7 +487,7 @@ impl Node {
         id: &str,
         reason: &str,
         gen: Option<u64>,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, Refusal> {
         let Some(entry) = self.local(id) else {
             return Ok(false);
         };
