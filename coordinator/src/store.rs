@@ -7,7 +7,8 @@
 //! record ([`Store::disturbed_at`]) notes every failure and every pause between two successful
 //! round trips longer than the stall threshold: the tick refuses to reap for a while after one.
 
-use farm_proto::scripts;
+use farm_proto::scripts::{self, Call, ReplyError};
+use farm_proto::Keys;
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, Pipeline};
 use std::future::Future;
@@ -35,6 +36,15 @@ impl StoreError {
         Self::Protocol {
             what,
             detail: detail.into(),
+        }
+    }
+}
+
+impl From<ReplyError> for StoreError {
+    fn from(e: ReplyError) -> Self {
+        Self::Protocol {
+            what: e.script,
+            detail: e.detail,
         }
     }
 }
@@ -192,34 +202,19 @@ impl Store {
         .await
     }
 
-    /// One script call (EVALSHA, loading the script on NOSCRIPT).
-    pub async fn script<T: FromRedisValue>(
-        &self,
-        what: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Result<T> {
-        self.bounded(what, |mut c| async move {
-            inv.invoke_async(&mut c)
-                .await
-                .map_err(|source| StoreError::Redis { what, source })
-        })
-        .await
+    /// One typed script call (EVALSHA, loading the script on NOSCRIPT), its reply parsed.
+    pub async fn call<C: Call>(&self, keys: &Keys, call: &C) -> Result<C::Reply> {
+        let what = C::FILE;
+        let inv = call.invocation(keys).prepare();
+        let reply: redis::Value = self
+            .bounded(what, |mut c| async move {
+                inv.invoke_async(&mut c)
+                    .await
+                    .map_err(|source| StoreError::Redis { what, source })
+            })
+            .await?;
+        Ok(C::parse(reply)?)
     }
-}
-
-/// Appends the EVALSHA call of `script` with these keys and args to `pipe`.
-pub fn eval<'a>(
-    pipe: &'a mut Pipeline,
-    script: &redis::Script,
-    keys: &[&str],
-    args: &[&str],
-) -> &'a mut Pipeline {
-    let cmd = pipe
-        .cmd("EVALSHA")
-        .arg(script.get_hash())
-        .arg(keys.len())
-        .arg(keys);
-    cmd.arg(args)
 }
 
 /// `TIME` as milliseconds.

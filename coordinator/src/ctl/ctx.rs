@@ -6,6 +6,7 @@
 
 use super::error::CtlError;
 use super::GlobalArgs;
+use farm_proto::scripts::Call;
 use farm_proto::Keys;
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, Pipeline};
@@ -112,14 +113,20 @@ impl Ctx {
         self.bounded(what, cmd.query_async(&mut conn)).await
     }
 
-    /// Runs one Lua script (EVALSHA, loading it on NOSCRIPT).
-    pub async fn script<T: FromRedisValue>(
-        &mut self,
-        what: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Result<T, CtlError> {
+    /// Runs one typed script call (EVALSHA, loading the script on NOSCRIPT), its reply parsed.
+    pub async fn call<C: Call>(&mut self, call: &C) -> Result<C::Reply, CtlError> {
+        let what = C::FILE;
+        let inv = call.invocation(&self.keys).prepare();
         let mut conn = self.conn().await?.clone();
-        self.bounded(what, inv.invoke_async(&mut conn)).await
+        let reply: redis::Value = self.bounded(what, inv.invoke_async(&mut conn)).await?;
+        C::parse(reply).map_err(|e| CtlError::Redis {
+            what,
+            source: redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply",
+                e.detail,
+            )),
+        })
     }
 
     /// The bound on every Redis call (`--redis-timeout`).

@@ -213,13 +213,8 @@ pub async fn pin(
     out: &mut impl Write,
 ) -> Result<(), CtlError> {
     validate::channel_id(&a.id)?;
-    let mut inv = scripts::PIN.prepare_invoke();
-    inv.key(ctx.keys().channel(&a.id))
-        .key(ctx.keys().pinned())
-        .arg(if pinned { "1" } else { "0" })
-        .arg(&a.id);
-    let written: i64 = ctx.script("pin.lua", inv).await?;
-    if written == 0 {
+    let written = ctx.call(&scripts::Pin { id: &a.id, pinned }).await?;
+    if !written {
         return Err(CtlError::NotFound(a.id));
     }
     if !pinned {
