@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::store::Renewal;
+use farm_proto::records::NodeRecord;
 use farm_proto::scripts::owner_value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -90,25 +91,25 @@ pub async fn keepalive_loop(node: Arc<Node>) {
                 last_segment_at: e.last_segment_ms(),
             })
             .collect();
-        let running = entries.len().to_string();
         let load: u32 = entries
             .iter()
             .map(|e| e.weight.load(Ordering::Acquire))
             .sum();
-        let fields = [
-            ("public_url", cfg.public_url.clone()),
-            ("addr", cfg.listen.to_string()),
-            ("incarnation", node.incarnation.clone()),
-            ("pid", std::process::id().to_string()),
-            ("started_at", node.started_ms.to_string()),
-            ("version", env!("CARGO_PKG_VERSION").to_string()),
-            ("capacity", cfg.max_streams.to_string()),
-            ("running", running),
-            ("load", load.to_string()),
-            ("disk_free", node.disk_free().unwrap_or(0).to_string()),
-            ("draining", if draining { "1" } else { "0" }.to_string()),
-            ("drained", if drained { "1" } else { "0" }.to_string()),
-        ];
+        let record = NodeRecord {
+            public_url: Some(cfg.public_url.clone()),
+            addr: Some(cfg.listen.to_string()),
+            incarnation: Some(node.incarnation.clone()),
+            pid: Some(std::process::id()),
+            started_at: Some(node.started_ms),
+            version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            capacity: Some(cfg.max_streams.into()),
+            running: Some(entries.len() as u64),
+            load: Some(load.into()),
+            disk_free: Some(node.disk_free().unwrap_or(0)),
+            draining: Some(draining),
+            drained: Some(drained),
+            heartbeat_at: None,
+        };
         // A renewal counts from when it was sent; a call that hangs past the fence time fences
         // while it hangs (redis_timeout may be longer than what is left of the lease).
         let sent_at = Instant::now();
@@ -122,7 +123,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             &cfg.node_id,
             cfg.node_ttl,
             &node.incarnation,
-            &fields,
+            &record,
             cfg.lease_ttl,
             &renewals,
             &beat,

@@ -4,6 +4,7 @@
 use super::*;
 use crate::ffmpeg;
 use crate::watcher::Progress;
+use farm_proto::records::StreamField;
 use farm_proto::types::event;
 use farm_proto::{ChannelSpec, StreamState};
 use nix::sys::signal::Signal;
@@ -200,11 +201,10 @@ pub(super) async fn supervise(
                         &entry.id,
                         owner,
                         &[
-                            ("state", StreamState::Restarting.as_str().into()),
-                            ("restarts", restarts.to_string()),
-                            ("last_error", reason.clone()),
-                            ("pid", String::new()),
-                            ("pid_start", String::new()),
+                            StreamField::State(StreamState::Restarting),
+                            StreamField::Restarts(restarts),
+                            StreamField::LastError(reason.clone()),
+                            StreamField::Process(None),
                         ],
                     )
                     .await;
@@ -323,12 +323,11 @@ pub(super) async fn run_once(
             &entry.id,
             owner,
             &[
-                ("state", state.as_str().into()),
-                ("pid", pid.to_string()),
-                ("pid_start", pid_start.to_string()),
-                ("source", farm_proto::redact::url(url)),
-                ("restarts", restarts.to_string()),
-                ("last_error", last_error.to_string()),
+                StreamField::State(state),
+                StreamField::Process(Some((pid, pid_start))),
+                StreamField::Source(farm_proto::redact::url(url)),
+                StreamField::Restarts(restarts),
+                StreamField::LastError(last_error.to_string()),
             ],
         )
         .await
@@ -402,7 +401,7 @@ pub(super) async fn run_once(
                         running_written = true;
                         let w = node.store.stream_set(
                             &entry.id, owner,
-                            &[("state", StreamState::Running.as_str().into()), ("last_segment_at", "$now".into())],
+                            &[StreamField::State(StreamState::Running), StreamField::LastSegmentAt(None)],
                         ).await;
                         match w {
                             Ok(true) => {}
@@ -423,7 +422,7 @@ pub(super) async fn run_once(
             msg = inbox.recv() => match msg {
                 Some(Ctl::Stop { reason, done }) => {
                     entry.phase.send_replace(Phase::Gone);
-                    let _ = node.store.stream_set(&entry.id, owner, &[("state", StreamState::Stopping.as_str().into())]).await;
+                    let _ = node.store.stream_set(&entry.id, owner, &[StreamField::State(StreamState::Stopping)]).await;
                     terminate(&mut child, pid, cfg.stop_grace).await;
                     return RunEnd::Stop(reason, done);
                 }

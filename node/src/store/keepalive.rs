@@ -3,6 +3,7 @@
 //! its own renewal, not the whole round trip.
 
 use super::{Result, Store, StoreError};
+use farm_proto::records::{NodeRecord, StreamField};
 use farm_proto::scripts::{Call, Heartbeat, Renew, StreamSet};
 use std::time::Duration;
 
@@ -54,7 +55,7 @@ impl Store {
         node: &str,
         node_ttl: Duration,
         incarnation: &str,
-        node_fields: &[(&str, String)],
+        record: &NodeRecord,
         lease: Duration,
         renewals: &[Renewal],
         beat: &Beat,
@@ -70,7 +71,7 @@ impl Store {
             lease,
             expected_now_ms: beat.expected_now_ms,
             max_lag: beat.max_lag,
-            fields: node_fields,
+            record,
         };
         heartbeat.invocation(k).add_to(&mut pipe);
         for r in renewals {
@@ -84,7 +85,7 @@ impl Store {
             };
             renew.invocation(k).add_to(&mut pipe);
             if let Some(t) = r.last_segment_at {
-                let fields = [("last_segment_at", t.to_string())];
+                let fields = [StreamField::LastSegmentAt(Some(t))];
                 let set = StreamSet {
                     id: &r.channel,
                     owner: &r.owner,

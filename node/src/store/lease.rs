@@ -2,6 +2,7 @@
 //! script's KEYS, ARGV and replies.
 
 use super::{Result, Store};
+use farm_proto::records::StreamField;
 use farm_proto::scripts::{
     Claim, ClaimResult, Handover, HandoverResult, Release, ReleaseNode, StreamSet, Timeline,
 };
@@ -30,12 +31,7 @@ impl Store {
     }
 
     /// A gen-checked write to `farm:stream:<id>`; `false` means we no longer own the channel.
-    pub async fn stream_set(
-        &self,
-        id: &str,
-        owner: &str,
-        fields: &[(&str, String)],
-    ) -> Result<bool> {
+    pub async fn stream_set(&self, id: &str, owner: &str, fields: &[StreamField]) -> Result<bool> {
         self.call(&StreamSet { id, owner, fields }).await
     }
 

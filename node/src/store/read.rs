@@ -2,19 +2,11 @@
 //! commands, its keys at start and shutdown), plus the batched access stamp.
 
 use super::{Result, Store, StoreError};
+use farm_proto::records::{NodeRecord, StreamRecord};
 use farm_proto::scripts::{self, Call, Touch, TOUCH_BATCH};
 use farm_proto::ChannelSpec;
 use redis::AsyncCommands;
 use std::collections::HashMap;
-
-/// `capacity`, `running`, `public_url`, `draining`, `load` of a node hash (HMGET).
-type NodeFields = (
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-);
 
 /// `target`, `last`, `disc`, `at`, `playlist` of a timeline hash (HMGET).
 type TimelineFields = (
@@ -144,12 +136,16 @@ impl Store {
     pub async fn live_node_url(&self, node: &str) -> Result<Option<String>> {
         let (alive, node_key) = (self.keys.node_alive(node), self.keys.node(node));
         self.with(|mut c| async move {
-            let (exists, url): (bool, Option<String>) = redis::pipe()
+            let (exists, hash): (bool, HashMap<String, String>) = redis::pipe()
                 .exists(alive)
-                .hget(node_key, "public_url")
+                .hgetall(node_key)
                 .query_async(&mut c)
                 .await?;
-            Ok(if exists { url } else { None })
+            Ok(if exists {
+                NodeRecord::from_fields(&hash).public_url
+            } else {
+                None
+            })
         })
         .await
     }
@@ -167,17 +163,11 @@ impl Store {
     /// `node` and `state` of a channel's stream hash.
     pub async fn stream_owner_state(&self, id: &str) -> Result<Option<(String, String)>> {
         let key = self.keys.stream(id);
-        let (node, state): (Option<String>, Option<String>) = self
-            .with(|mut c| async move {
-                Ok(redis::cmd("HMGET")
-                    .arg(key)
-                    .arg("node")
-                    .arg("state")
-                    .query_async(&mut c)
-                    .await?)
-            })
+        let h: HashMap<String, String> = self
+            .with(|mut c| async move { Ok(c.hgetall(key).await?) })
             .await?;
-        Ok(node.zip(state))
+        let r = StreamRecord::from_fields(&h);
+        Ok(r.node.zip(r.state))
     }
 
     /// The live node (other than `except`) with the most free capacity, as (id, public URL).
@@ -193,13 +183,7 @@ impl Store {
         let mut pipe = redis::pipe();
         for n in &ids {
             pipe.exists(self.keys.node_alive(n));
-            pipe.cmd("HMGET")
-                .arg(self.keys.node(n))
-                .arg("capacity")
-                .arg("running")
-                .arg("public_url")
-                .arg("draining")
-                .arg("load");
+            pipe.hgetall(self.keys.node(n));
         }
         let replies: Vec<redis::Value> = self
             .with(|mut c| async move { Ok(pipe.query_async(&mut c).await?) })
@@ -207,21 +191,18 @@ impl Store {
         let mut takers: Vec<(&str, u64, String)> = Vec::new();
         for (n, pair) in ids.iter().zip(replies.chunks(2)) {
             let alive: bool = redis::from_redis_value(pair[0].clone()).unwrap_or(false);
-            let (cap, running, url, draining, load): NodeFields =
+            let hash: HashMap<String, String> =
                 redis::from_redis_value(pair[1].clone()).unwrap_or_default();
-            // Capacity is in weight units: a transcode counts its profile's weight.
-            let running = load.or(running);
-            if draining.as_deref() == Some("1") {
+            let node = NodeRecord::from_fields(&hash);
+            if node.draining == Some(true) {
                 continue;
             }
-            let (Some(cap), Some(url)) = (cap, url) else {
+            let (Some(cap), Some(url)) = (node.capacity, node.public_url.clone()) else {
                 continue;
             };
             if alive {
-                let free = farm_proto::placement::free(
-                    cap.max(0) as u64,
-                    running.unwrap_or(0).max(0) as u64,
-                );
+                // Capacity is in weight units: a transcode counts its profile's weight.
+                let free = farm_proto::placement::free(cap, node.used().unwrap_or(0));
                 takers.push((n, free, url));
             }
         }
@@ -233,7 +214,7 @@ impl Store {
     }
 
     /// What a previous incarnation of `node` left: its channel set and their stream hashes.
-    pub async fn leftovers(&self, node: &str) -> Result<Vec<(String, HashMap<String, String>)>> {
+    pub async fn leftovers(&self, node: &str) -> Result<Vec<(String, StreamRecord)>> {
         let set = self.keys.node_streams(node);
         let ids: Vec<String> = self
             .with(|mut c| async move { Ok(c.smembers(set).await?) })
@@ -244,7 +225,7 @@ impl Store {
             let h: HashMap<String, String> = self
                 .with(|mut c| async move { Ok(c.hgetall(key).await?) })
                 .await?;
-            out.push((id, h));
+            out.push((id, StreamRecord::from_fields(&h)));
         }
         Ok(out)
     }

@@ -3,6 +3,7 @@
 //! script's header in `proto/lua/`; each call below names its replies.
 
 use super::{decode, flag, ms, owner_value, split_owner, Call, Invocation, ReplyError};
+use crate::records::{NodeRecord, StreamField};
 use crate::Keys;
 use redis::Value;
 use std::time::Duration;
@@ -188,7 +189,7 @@ impl Call for Release<'_> {
     }
 }
 
-/// `stream_set.lua`: a gen-checked write of field, value pairs to `farm:stream:<id>` (a value
+/// `stream_set.lua`: a gen-checked write of fields of `farm:stream:<id>` ([`StreamField`]; a value
 /// `$now` becomes Redis time in ms).
 ///
 /// KEYS: owner, stream. ARGV: owner value, then the pairs. Replies `true` when written, `false`
@@ -197,7 +198,7 @@ impl Call for Release<'_> {
 pub struct StreamSet<'a> {
     pub id: &'a str,
     pub owner: &'a str,
-    pub fields: &'a [(&'a str, String)],
+    pub fields: &'a [StreamField],
 }
 
 impl Call for StreamSet<'_> {
@@ -208,8 +209,8 @@ impl Call for StreamSet<'_> {
             .key(k.owner(self.id))
             .key(k.stream(self.id))
             .arg(self.owner);
-        for (f, v) in self.fields {
-            inv = inv.arg(*f).arg(v);
+        for (f, v) in StreamField::to_fields(self.fields) {
+            inv = inv.arg(f).arg(v);
         }
         inv
     }
@@ -253,7 +254,7 @@ impl Call for Touch<'_> {
 ///
 /// KEYS: node, node alive, nodes, recovering, since. ARGV: node, ttl ms, incarnation, "1" when it
 /// heartbeated before, "1" when it runs channels, lease ms, expected Redis time ms ("" before the
-/// first reply), max lag ms, then the node hash's field, value pairs. Replies [`HeartbeatReply`].
+/// first reply), max lag ms, then the node hash's field, value pairs ([`NodeRecord`]). Replies [`HeartbeatReply`].
 #[derive(Debug, Clone)]
 pub struct Heartbeat<'a> {
     pub node: &'a str,
@@ -264,7 +265,8 @@ pub struct Heartbeat<'a> {
     pub lease: Duration,
     pub expected_now_ms: Option<u64>,
     pub max_lag: Duration,
-    pub fields: &'a [(&'a str, String)],
+    /// What the node says of itself: its hash's fields.
+    pub record: &'a NodeRecord,
 }
 
 impl Call for Heartbeat<'_> {
@@ -287,8 +289,8 @@ impl Call for Heartbeat<'_> {
             .arg(ms(self.lease))
             .arg(or_empty(self.expected_now_ms))
             .arg(ms(self.max_lag));
-        for (f, v) in self.fields {
-            inv = inv.arg(*f).arg(v);
+        for (f, v) in self.record.to_fields() {
+            inv = inv.arg(f).arg(v);
         }
         inv
     }

@@ -203,7 +203,7 @@ fn check<C: Call>(call: &C) {
 #[test]
 fn every_call_builds_keys_in_the_header_order() {
     let lease = Duration::from_secs(10);
-    let fields = [("addr", "x".to_string())];
+    let fields = [crate::records::StreamField::Restarts(1)];
     let ids = ["demo".to_string()];
     let cmd = Command::new(Op::Stop, "demo");
     let p = Some("acme");
@@ -246,7 +246,7 @@ fn every_call_builds_keys_in_the_header_order() {
         lease,
         expected_now_ms: Some(1),
         max_lag: lease,
-        fields: &fields,
+        record: &crate::records::NodeRecord::default(),
     });
     check(&ReleaseNode {
         node: "node-a",
