@@ -96,7 +96,7 @@ impl Store {
             }
         }
         pipe.ignore_errors();
-        let out = self.run_pipe(pipe).await?;
+        let out = self.run_pipe("keepalive", pipe).await?;
         parse_keepalive(out, renewals)
     }
 }

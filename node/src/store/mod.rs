@@ -1,9 +1,9 @@
 //! The node's Redis access: every call it makes, each bounded by `redis_timeout`.
 //!
 //! Keys come only from [`farm_proto::Keys`], script calls only from [`farm_proto::scripts`]' typed
-//! calls (KEYS, ARGV and replies live there). A [`Store`] keeps one multiplexed connection for its
-//! calls, reopened when it fails, with a small `deadpool-redis` pool behind it for the reconnects
-//! ([`pool`]); [`Store::dedicated`] gives a second `Store` with a connection of its own, which the
+//! calls (KEYS, ARGV and replies live there). A [`Store`] runs every call over the runtime's
+//! [`Conn`] (one multiplexed connection, dialled again when it broke, scripts loaded again on
+//! NOSCRIPT); [`Store::dedicated`] gives a second `Store` with a connection of its own, which the
 //! keepalive uses so that its renewals never queue behind request or start traffic. Calls that a
 //! background loop makes in bulk (keepalive, access flush) are one pipeline each. Viewer requests
 //! for a channel this node runs make no call here; a playlist of a channel another node runs is read
@@ -16,15 +16,14 @@
 
 mod keepalive;
 mod lease;
-mod pool;
 mod read;
 
 pub use keepalive::{Beat, Keepalive, Renewal};
 pub use read::RemoteView;
 
-use farm_proto::scripts::{self, Call, ReplyError};
+use farm_proto::scripts::{Call, ReplyError};
 use farm_proto::Keys;
-use pool::Pools;
+use farm_runtime::conn::{Conn, ConnError};
 use redis::aio::MultiplexedConnection;
 use std::future::Future;
 use std::time::Duration;
@@ -47,30 +46,32 @@ impl From<ReplyError> for StoreError {
     }
 }
 
+impl From<ConnError> for StoreError {
+    fn from(e: ConnError) -> Self {
+        match e {
+            ConnError::Connect(e) => Self::Pool(e.to_string()),
+            ConnError::Timeout { after, .. } => Self::Timeout(after),
+            ConnError::Redis { source, .. } => Self::Redis(source),
+            ConnError::Reply(e) => e.into(),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Redis access for one node. deadpool-redis creates and health-checks connections; the store keeps
-/// one multiplexed connection checked out and shares it between all callers (redis-rs pipelines
-/// concurrent calls over it), so a call costs one round trip, not a recycle PING plus the call.
-/// A connection that fails or times out is dropped and the next call gets a fresh one.
+/// Redis access for one node: cheap to clone, the clones share one connection.
 #[derive(Clone)]
 pub struct Store {
-    pool: Pools,
-    target: farm_proto::redis_url::Target,
-    hot: std::sync::Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
+    conn: Conn,
     keys: Keys,
-    timeout: Duration,
 }
 
 impl Store {
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self> {
         let target = farm_proto::redis_url::parse(url).map_err(StoreError::Pool)?;
         Ok(Self {
-            pool: Pools::new(&target, timeout)?,
-            target,
-            hot: Default::default(),
+            conn: Conn::new(target, timeout),
             keys: Keys::new(prefix),
-            timeout,
         })
     }
 
@@ -78,84 +79,48 @@ impl Store {
     /// behind a burst of starts on the shared one.
     pub fn dedicated(&self) -> Store {
         Store {
-            hot: Default::default(),
-            ..self.clone()
+            conn: self.conn.dedicated(),
+            keys: self.keys.clone(),
         }
-    }
-
-    fn lock_hot(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
-        self.hot.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    async fn conn(&self) -> Result<MultiplexedConnection> {
-        if let Some(c) = self.lock_hot().as_ref() {
-            return Ok(c.clone());
-        }
-        let c = self.pool.take().await?;
-        *self.lock_hot() = Some(c.clone());
-        Ok(c)
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
-    /// Runs one Redis interaction on a pooled connection, bounded by the timeout.
+    /// Runs one Redis interaction, bounded by the timeout.
     async fn with<T, F, Fut>(&self, f: F) -> Result<T>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
-        Fut: Future<Output = Result<T>>,
+        Fut: Future<Output = redis::RedisResult<T>>,
     {
         crate::metrics::redis_call();
-        let work = async { f(self.conn().await?).await };
-        let res = tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))
-            .and_then(|r| r);
-        if let Err(e) = &res {
-            let broken = match e {
-                StoreError::Redis(r) => {
-                    r.is_io_error() || r.is_connection_dropped() || r.is_timeout()
-                }
-                StoreError::Timeout(_) | StoreError::Pool(_) => true,
-                StoreError::Protocol(_) => false,
-            };
-            if broken {
-                self.lock_hot().take();
-            }
-        }
-        res
+        let what = "a call";
+        let r = self
+            .conn
+            .run(what, |c| async move {
+                f(c).await
+                    .map_err(|source| ConnError::Redis { what, source })
+            })
+            .await;
+        Ok(r?)
     }
 
     /// One typed script call (EVALSHA, the script loaded again on NOSCRIPT), its reply parsed.
     async fn call<C: Call>(&self, call: &C) -> Result<C::Reply> {
-        let inv = call.invocation(&self.keys).prepare();
-        let reply: redis::Value = self
-            .with(|mut c| async move { Ok(inv.invoke_async(&mut c).await?) })
-            .await?;
-        Ok(C::parse(reply)?)
+        crate::metrics::redis_call();
+        Ok(self.conn.call(&self.keys, call).await?)
     }
 
-    /// A pipeline of EVALSHA calls in `ignore_errors` mode (a missing script shows up as an error
-    /// value, not as an error of the call): loads the scripts and sends it again when Redis lost
-    /// them.
-    async fn run_pipe(&self, pipe: redis::Pipeline) -> Result<Vec<redis::Value>> {
-        self.with(|mut c| async move {
-            let out: Vec<redis::Value> = pipe.query_async(&mut c).await?;
-            let noscript = out
-                .iter()
-                .any(|v| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT"));
-            if !noscript {
-                return Ok(out);
-            }
-            let mut load = redis::pipe();
-            for src in scripts::ALL_SOURCES {
-                load.cmd("SCRIPT").arg("LOAD").arg(*src).ignore();
-            }
-            load.query_async::<()>(&mut c).await?;
-            Ok(pipe.query_async(&mut c).await?)
-        })
-        .await
+    /// A pipeline of EVALSHA calls in `ignore_errors` mode: one reply per call, a server error as
+    /// its value; the scripts loaded again when Redis lost them.
+    async fn run_pipe(
+        &self,
+        what: &'static str,
+        pipe: redis::Pipeline,
+    ) -> Result<Vec<redis::Value>> {
+        crate::metrics::redis_call();
+        Ok(self.conn.pipe_values(what, &pipe).await?)
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -166,12 +131,12 @@ impl Store {
         .await
     }
 
-    /// Where Redis is (plain or Sentinel), for connections outside the pool.
+    /// Where Redis is (plain or Sentinel), for connections of their own.
     pub fn target(&self) -> &farm_proto::redis_url::Target {
-        &self.target
+        self.conn.target()
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.conn.timeout()
     }
 }

@@ -35,7 +35,7 @@ impl Store {
     pub async fn catalog(&self, id: &str) -> Result<Option<ChannelSpec>> {
         let key = self.keys.channel(id);
         let h: HashMap<String, String> = self
-            .with(|mut c| async move { Ok(c.hgetall(key).await?) })
+            .with(|mut c| async move { c.hgetall(key).await })
             .await?;
         Ok(ChannelSpec::from_fields(id, &h))
     }
@@ -55,7 +55,7 @@ impl Store {
         }
         pipe.ignore_errors();
         let mut stamped = true;
-        for v in self.run_pipe(pipe).await? {
+        for v in self.run_pipe("touch", pipe).await? {
             if let redis::Value::ServerError(e) = v {
                 return Err(StoreError::Redis(e.into()));
             }
@@ -70,7 +70,7 @@ impl Store {
         let (owner_key, tl) = (self.keys.owner(id), self.keys.timeline(id));
         let (owner, fields, time): (Option<String>, TimelineFields, (u64, u64)) = self
             .with(|mut c| async move {
-                Ok(redis::pipe()
+                redis::pipe()
                     .get(owner_key)
                     .cmd("HMGET")
                     .arg(tl)
@@ -81,7 +81,7 @@ impl Store {
                     .arg("playlist")
                     .cmd("TIME")
                     .query_async(&mut c)
-                    .await?)
+                    .await
             })
             .await?;
         let (target, last, disc, at, playlist) = fields;
@@ -126,9 +126,7 @@ impl Store {
     /// The node holding a channel's lease, if any.
     pub async fn owner_of(&self, id: &str) -> Result<Option<String>> {
         let key = self.keys.owner(id);
-        let v: Option<String> = self
-            .with(|mut c| async move { Ok(c.get(key).await?) })
-            .await?;
+        let v: Option<String> = self.with(|mut c| async move { c.get(key).await }).await?;
         Ok(v.and_then(|v| scripts::split_owner(&v).map(|(n, _)| n.to_string())))
     }
 
@@ -164,7 +162,7 @@ impl Store {
     pub async fn stream_owner_state(&self, id: &str) -> Result<Option<(String, String)>> {
         let key = self.keys.stream(id);
         let h: HashMap<String, String> = self
-            .with(|mut c| async move { Ok(c.hgetall(key).await?) })
+            .with(|mut c| async move { c.hgetall(key).await })
             .await?;
         let r = StreamRecord::from_fields(&h);
         Ok(r.node.zip(r.state))
@@ -174,7 +172,7 @@ impl Store {
     pub async fn roomiest_node(&self, except: &str) -> Result<Option<(String, String)>> {
         let all = self.keys.nodes();
         let ids: Vec<String> = self
-            .with(|mut c| async move { Ok(c.zrange(all, 0, -1).await?) })
+            .with(|mut c| async move { c.zrange(all, 0, -1).await })
             .await?;
         let ids: Vec<String> = ids.into_iter().filter(|n| n != except).collect();
         if ids.is_empty() {
@@ -186,7 +184,7 @@ impl Store {
             pipe.hgetall(self.keys.node(n));
         }
         let replies: Vec<redis::Value> = self
-            .with(|mut c| async move { Ok(pipe.query_async(&mut c).await?) })
+            .with(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         let mut takers: Vec<(&str, u64, String)> = Vec::new();
         for (n, pair) in ids.iter().zip(replies.chunks(2)) {
@@ -217,13 +215,13 @@ impl Store {
     pub async fn leftovers(&self, node: &str) -> Result<Vec<(String, StreamRecord)>> {
         let set = self.keys.node_streams(node);
         let ids: Vec<String> = self
-            .with(|mut c| async move { Ok(c.smembers(set).await?) })
+            .with(|mut c| async move { c.smembers(set).await })
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let key = self.keys.stream(&id);
             let h: HashMap<String, String> = self
-                .with(|mut c| async move { Ok(c.hgetall(key).await?) })
+                .with(|mut c| async move { c.hgetall(key).await })
                 .await?;
             out.push((id, StreamRecord::from_fields(&h)));
         }
