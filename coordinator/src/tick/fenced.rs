@@ -12,8 +12,8 @@ use super::TickError;
 use crate::shared::Shared;
 use crate::store::StoreError;
 use farm_proto::scripts::{
-    Call, Fenced, IdleStop, IdleStopReply, ReapChannel, ReapChannelReply, ReapNode, ReapNodeReply,
-    Reconcile, Removed, Repair, RepairKey, SendCommand,
+    Call, Fenced, FencedReplies, IdleStop, IdleStopReply, ReapChannel, ReapChannelReply, ReapNode,
+    ReapNodeReply, Reconcile, Removed, Repair, RepairKey, SendCommand,
 };
 use farm_proto::types::{Command, Op};
 
@@ -45,22 +45,6 @@ impl<T> Replies<T> {
     }
 }
 
-/// Parses a pipeline's replies of `C` up to the first `notleader`; an unknown reply is a protocol
-/// error.
-fn parse_all<C, T>(raw: Vec<redis::Value>) -> Result<Replies<T>, StoreError>
-where
-    C: Call<Reply = Fenced<T>>,
-{
-    let mut done = Vec::with_capacity(raw.len());
-    for r in raw {
-        match C::parse(r)? {
-            Fenced::Done(t) => done.push(t),
-            Fenced::NotLeader => return Ok(Replies { done, lost: true }),
-        }
-    }
-    Ok(Replies { done, lost: false })
-}
-
 impl<'a> Fence<'a> {
     pub fn new(sh: &'a Shared, held: &'a str) -> Self {
         Self { sh, held }
@@ -76,7 +60,11 @@ impl<'a> Fence<'a> {
             c.invocation(&self.sh.keys).add_to(&mut p);
         }
         let raw: Vec<redis::Value> = self.sh.store.pipe(C::FILE, &p).await?;
-        Ok(parse_all::<C, T>(raw)?)
+        let r = FencedReplies::parse::<C>(raw).map_err(StoreError::from)?;
+        Ok(Replies {
+            done: r.done,
+            lost: r.lost,
+        })
     }
 
     /// One call: its reply, or [`TickError::NotLeader`].
@@ -181,41 +169,5 @@ impl<'a> Fence<'a> {
         })
         .await
         .map(drop)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn raw(v: &[&str]) -> Vec<redis::Value> {
-        v.iter()
-            .map(|s| redis::Value::BulkString(s.as_bytes().to_vec()))
-            .collect()
-    }
-
-    #[test]
-    fn replies_stop_at_the_first_notleader() {
-        let r = parse_all::<IdleStop, _>(raw(&["stop", "dropped", "notleader", "stop"]))
-            .expect("parses");
-        assert_eq!(r.done, [IdleStopReply::Stop, IdleStopReply::Dropped]);
-        assert!(matches!(r.finish(), Err(TickError::NotLeader)));
-        let r =
-            parse_all::<ReapChannel, _>(raw(&["released", "cleared", "alive"])).expect("parses");
-        assert_eq!(r.done.len(), 3);
-        assert!(r.finish().is_ok());
-    }
-
-    #[test]
-    fn an_unknown_reply_is_a_protocol_error() {
-        assert!(parse_all::<ReapNode, _>(raw(&["reaped", "gone"])).is_err());
-        assert!(parse_all::<IdleStop, _>(raw(&[""])).is_err());
-        assert!(parse_all::<Reconcile, _>(raw(&["x"])).is_err());
-    }
-
-    #[test]
-    fn repair_replies() {
-        let r = parse_all::<RepairKey, _>(raw(&["notleader"])).expect("parses");
-        assert!(r.done.is_empty() && r.finish().is_err());
     }
 }

@@ -16,6 +16,32 @@ pub enum Fenced<T> {
     NotLeader,
 }
 
+/// The replies of one pipeline of fenced calls of script `C`, in call order, up to the first
+/// `notleader`: the calls before it took effect, the rest did not (`lost`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FencedReplies<T> {
+    pub done: Vec<T>,
+    /// A call found another leader.
+    pub lost: bool,
+}
+
+impl<T> FencedReplies<T> {
+    /// Parses a pipeline's replies of `C`; an undocumented reply is an error.
+    pub fn parse<C>(raw: Vec<Value>) -> Result<Self, ReplyError>
+    where
+        C: Call<Reply = Fenced<T>>,
+    {
+        let mut done = Vec::with_capacity(raw.len());
+        for r in raw {
+            match C::parse(r)? {
+                Fenced::Done(t) => done.push(t),
+                Fenced::NotLeader => return Ok(Self { done, lost: true }),
+            }
+        }
+        Ok(Self { done, lost: false })
+    }
+}
+
 /// Reads a fenced script's string answer with `f`; `notleader` is [`Fenced::NotLeader`].
 fn fenced<T>(
     script: &'static str,

@@ -27,8 +27,9 @@ pub mod node;
 
 pub use catalog::Pin;
 pub use leader::{
-    Fenced, IdleStop, IdleStopReply, Leader, LeaderRelease, LeaderReply, ReapChannel,
-    ReapChannelReply, ReapNode, ReapNodeReply, Reconcile, Removed, Repair, RepairKey, SendCommand,
+    Fenced, FencedReplies, IdleStop, IdleStopReply, Leader, LeaderRelease, LeaderReply,
+    ReapChannel, ReapChannelReply, ReapNode, ReapNodeReply, Reconcile, Removed, Repair, RepairKey,
+    SendCommand,
 };
 pub use node::{
     Claim, ClaimResult, Handover, HandoverResult, Heartbeat, HeartbeatReply, Release, ReleaseNode,

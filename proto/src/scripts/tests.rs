@@ -145,6 +145,21 @@ fn fenced_replies_parse() {
 }
 
 #[test]
+fn pipelined_replies_stop_at_the_first_notleader() {
+    let raw = |v: &[&str]| v.iter().map(|s| text(s)).collect::<Vec<_>>();
+    let r = FencedReplies::parse::<IdleStop>(raw(&["stop", "dropped", "notleader", "stop"]))
+        .expect("parses");
+    assert_eq!(r.done, [IdleStopReply::Stop, IdleStopReply::Dropped]);
+    assert!(r.lost);
+    let r = FencedReplies::parse::<ReapChannel>(raw(&["released", "cleared", "alive"]))
+        .expect("parses");
+    assert_eq!((r.done.len(), r.lost), (3, false));
+    assert!(FencedReplies::parse::<ReapNode>(raw(&["reaped", "gone"])).is_err());
+    let r = FencedReplies::parse::<RepairKey>(raw(&["notleader"])).expect("parses");
+    assert!(r.done.is_empty() && r.lost);
+}
+
+#[test]
 fn reconcile_labels_name_what_went() {
     let labels: Vec<_> = ["", "u", "s", "us"]
         .iter()
