@@ -9,8 +9,8 @@
 
 use crate::events::{self, Event};
 use crate::shared::Shared;
-use crate::store::{Result, StoreError};
-use farm_proto::scripts;
+use crate::store::Result;
+use farm_proto::scripts::{self, LeaderReply};
 use farm_proto::types::event;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,26 +32,21 @@ pub async fn campaign(sh: &Shared) -> Result<Campaign> {
     let held = sh.leadership().held.unwrap_or_default();
     let ttl = cfg.leader_ttl;
     let sent = Instant::now();
-    let mut inv = scripts::LEADER.prepare_invoke();
-    inv.key(sh.keys.leader())
-        .key(sh.keys.leader_epoch())
-        .arg(&cfg.id)
-        .arg(ttl.as_millis() as u64)
-        .arg(&held);
-    let reply: Vec<String> = sh.store.script("leader.lua", inv).await?;
+    let call = scripts::Leader {
+        id: &cfg.id,
+        ttl,
+        held: &held,
+    };
+    let reply = sh.store.call(&sh.keys, &call).await?;
     // Trust the lease for 4/5 of its TTL from when the request left: clock drift and the reply's
     // travel time eat into the rest.
     let valid_until = sent + ttl * 4 / 5;
-    match reply.as_slice() {
-        [tag, _] if tag == "renewed" => {
+    match reply {
+        LeaderReply::Renewed { .. } => {
             sh.update_leadership(|l| l.valid_until = Some(valid_until));
             Ok(Campaign::Leading { fresh: false })
         }
-        [tag, value] if tag == "acquired" => {
-            let epoch = value
-                .rsplit_once(':')
-                .and_then(|(_, e)| e.parse().ok())
-                .unwrap_or(0);
+        LeaderReply::Acquired { value, epoch } => {
             let previous = sh.leadership().other.unwrap_or_default();
             sh.update_leadership(|l| {
                 l.held = Some(value.clone());
@@ -73,7 +68,7 @@ pub async fn campaign(sh: &Shared) -> Result<Campaign> {
             }
             Ok(Campaign::Leading { fresh: true })
         }
-        [tag, value, pttl] if tag == "follower" => {
+        LeaderReply::Follower { value, pttl_ms } => {
             let was = sh.leadership().held;
             if was.is_some() {
                 error!(leader = %value, "lost leadership: another coordinator holds the lease");
@@ -88,17 +83,13 @@ pub async fn campaign(sh: &Shared) -> Result<Campaign> {
             });
             sh.metrics.is_leader.set(0);
             let renew = cfg.leader_renew_interval();
-            let retry_in = match pttl.parse::<i64>() {
+            let retry_in = match pttl_ms {
                 // Try again just after the leader's lease runs out, unless it is renewed first.
-                Ok(ms) if ms >= 0 => renew.min(Duration::from_millis(ms as u64 + 5)),
-                _ => renew,
+                Some(ms) => renew.min(Duration::from_millis(ms + 5)),
+                None => renew,
             };
             Ok(Campaign::Following { retry_in })
         }
-        other => Err(StoreError::Protocol {
-            what: "leader.lua",
-            detail: format!("{other:?}"),
-        }),
     }
 }
 
@@ -141,11 +132,10 @@ pub async fn resign(sh: &Shared) {
     let Some(value) = held else {
         return;
     };
-    let mut inv = scripts::LEADER_RELEASE.prepare_invoke();
-    inv.key(sh.keys.leader()).arg(&value);
-    match sh.store.script::<i64>("leader_release.lua", inv).await {
-        Ok(1) => info!(%value, "leadership released"),
-        Ok(_) => warn!(%value, "the leader lease was no longer ours at release"),
+    let call = scripts::LeaderRelease { held: &value };
+    match sh.store.call(&sh.keys, &call).await {
+        Ok(true) => info!(%value, "leadership released"),
+        Ok(false) => warn!(%value, "the leader lease was no longer ours at release"),
         Err(e) => warn!(error = %e, "could not release the leader lease; it expires by itself"),
     }
 }

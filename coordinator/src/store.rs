@@ -1,16 +1,16 @@
-//! The coordinator's Redis access: one multiplexed connection, every call bounded by
-//! `redis_timeout`, and a record of how healthy this process's view of Redis is.
+//! The coordinator's Redis access: the runtime's [`Conn`] (one multiplexed connection, every call
+//! bounded by `redis_timeout`, scripts loaded again on NOSCRIPT), and a record of how healthy this
+//! process's view of Redis is.
 //!
-//! Invariants: no call can hang (tokio timeout around each, plus the connection's own response
-//! timeout set explicitly); a failed or timed-out connection is dropped and the next call dials
-//! again; scripts go as EVALSHA and are loaded again when Redis lost them (NOSCRIPT). The health
-//! record ([`Store::disturbed_at`]) notes every failure and every pause between two successful
-//! round trips longer than the stall threshold: the tick refuses to reap for a while after one.
+//! Invariants: no call can hang; any failed call drops the connection and the next call dials
+//! again. The health record ([`Store::disturbed_at`]) notes every failure and every pause between
+//! two successful round trips longer than the stall threshold: the tick refuses to reap for a while
+//! after one.
 
-use farm_proto::scripts;
-use redis::aio::MultiplexedConnection;
+use farm_proto::scripts::{Call, ReplyError};
+use farm_proto::Keys;
+use farm_runtime::conn::{Conn, ConnError};
 use redis::{FromRedisValue, Pipeline};
-use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,29 @@ impl StoreError {
     }
 }
 
+impl From<ReplyError> for StoreError {
+    fn from(e: ReplyError) -> Self {
+        Self::Protocol {
+            what: e.script,
+            detail: e.detail,
+        }
+    }
+}
+
+impl From<ConnError> for StoreError {
+    fn from(e: ConnError) -> Self {
+        match e {
+            ConnError::Connect(source) => Self::Redis {
+                what: "connect",
+                source,
+            },
+            ConnError::Timeout { what, after, .. } => Self::Timeout { what, after },
+            ConnError::Redis { what, source } => Self::Redis { what, source },
+            ConnError::Reply(e) => e.into(),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -48,33 +71,29 @@ struct Health {
 }
 
 pub struct Store {
-    /// A plain URL or a Sentinel set: a new connection goes to the current primary.
-    target: farm_proto::redis_url::Target,
-    timeout: Duration,
+    conn: Conn,
     stall_threshold: Duration,
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     health: Mutex<Health>,
 }
 
 impl Store {
     pub fn new(url: &str, timeout: Duration, stall_threshold: Duration) -> Result<Self> {
+        let target = farm_proto::redis_url::parse(url).map_err(|m| {
+            StoreError::Url(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "invalid Redis URL",
+                m,
+            )))
+        })?;
         Ok(Self {
-            target: farm_proto::redis_url::parse(url).map_err(|m| {
-                StoreError::Url(redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "invalid Redis URL",
-                    m,
-                )))
-            })?,
-            timeout,
+            conn: Conn::new(target, timeout),
             stall_threshold,
-            conn: tokio::sync::Mutex::new(None),
             health: Mutex::new(Health::default()),
         })
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.conn.timeout()
     }
 
     /// When the last round trip succeeded.
@@ -102,51 +121,27 @@ impl Store {
         h.last_ok = Some(now);
     }
 
-    async fn record_failure(&self) {
-        self.lock_health().disturbed_at = Some(Instant::now());
-        // The connection may be wedged (a paused server, a half-open socket): dial again next time.
-        *self.conn.lock().await = None;
-    }
-
-    async fn conn(&self) -> Result<MultiplexedConnection> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
+    /// Notes how the call went and turns its error into a [`StoreError`].
+    /// A reply a script does not document came back over a working connection: the round trip
+    /// counts as a success.
+    async fn record<T>(&self, r: std::result::Result<T, ConnError>) -> Result<T> {
+        match r {
+            Ok(v) => {
+                self.record_ok();
+                Ok(v)
+            }
+            Err(ConnError::Reply(e)) => {
+                self.record_ok();
+                Err(e.into())
+            }
+            Err(e) => {
+                self.lock_health().disturbed_at = Some(Instant::now());
+                // The connection may be wedged (a paused server, a half-open socket): dial again
+                // next time, whatever failed.
+                self.conn.reset().await;
+                Err(e.into())
+            }
         }
-        let c = self
-            .target
-            .connect(self.timeout)
-            .await
-            .map_err(|source| StoreError::Redis {
-                what: "connect",
-                source,
-            })?;
-        *guard = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Runs one interaction on the shared connection, bounded by the timeout.
-    async fn bounded<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T>
-    where
-        F: FnOnce(MultiplexedConnection) -> Fut,
-        Fut: Future<Output = Result<T>>,
-    {
-        let work = async {
-            let conn = self.conn().await?;
-            f(conn).await
-        };
-        let r = match tokio::time::timeout(self.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout {
-                what,
-                after: self.timeout,
-            }),
-        };
-        match &r {
-            Ok(_) => self.record_ok(),
-            Err(_) => self.record_failure().await,
-        }
-        r
     }
 
     /// One command.
@@ -155,71 +150,23 @@ impl Store {
         what: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T> {
-        self.bounded(what, |mut c| async move {
-            cmd.query_async(&mut c)
-                .await
-                .map_err(|source| StoreError::Redis { what, source })
-        })
-        .await
+        let r = self.conn.query(what, cmd).await;
+        self.record(r).await
     }
 
     /// A pipeline. When it holds EVALSHA calls and Redis lost the scripts (a restart, a failover),
     /// the scripts are loaded and the pipeline sent again: keep such pipelines to one script, so that
     /// NOSCRIPT means none of them ran.
     pub async fn pipe<T: FromRedisValue>(&self, what: &'static str, pipe: &Pipeline) -> Result<T> {
-        self.bounded(what, |mut c| async move {
-            match pipe.query_async::<T>(&mut c).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    let mut load = redis::pipe();
-                    for src in scripts::ALL_SOURCES {
-                        load.cmd("SCRIPT").arg("LOAD").arg(*src).ignore();
-                    }
-                    load.query_async::<()>(&mut c)
-                        .await
-                        .map_err(|source| StoreError::Redis {
-                            what: "SCRIPT LOAD",
-                            source,
-                        })?;
-                    pipe.query_async::<T>(&mut c)
-                        .await
-                        .map_err(|source| StoreError::Redis { what, source })
-                }
-                other => other.map_err(|source| StoreError::Redis { what, source }),
-            }
-        })
-        .await
+        let r = self.conn.pipe(what, pipe).await;
+        self.record(r).await
     }
 
-    /// One script call (EVALSHA, loading the script on NOSCRIPT).
-    pub async fn script<T: FromRedisValue>(
-        &self,
-        what: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Result<T> {
-        self.bounded(what, |mut c| async move {
-            inv.invoke_async(&mut c)
-                .await
-                .map_err(|source| StoreError::Redis { what, source })
-        })
-        .await
+    /// One typed script call (EVALSHA, loading the script on NOSCRIPT), its reply parsed.
+    pub async fn call<C: Call>(&self, keys: &Keys, call: &C) -> Result<C::Reply> {
+        let r = self.conn.call(keys, call).await;
+        self.record(r).await
     }
-}
-
-/// Appends the EVALSHA call of `script` with these keys and args to `pipe`.
-pub fn eval<'a>(
-    pipe: &'a mut Pipeline,
-    script: &redis::Script,
-    keys: &[&str],
-    args: &[&str],
-) -> &'a mut Pipeline {
-    let cmd = pipe
-        .cmd("EVALSHA")
-        .arg(script.get_hash())
-        .arg(keys.len())
-        .arg(keys);
-    cmd.arg(args)
 }
 
 /// `TIME` as milliseconds.

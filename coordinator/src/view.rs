@@ -1,5 +1,6 @@
 //! How the coordinator and farmctl see nodes, and where a channel goes when it needs a node.
 
+use farm_proto::records::NodeRecord;
 use farm_proto::{placement, Keys};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -21,8 +22,7 @@ pub struct NodeView {
 
 impl NodeView {
     /// Builds a view from the zset member, the alive flag and the node hash (missing fields = 0).
-    pub fn new(id: &str, heartbeat: f64, alive: bool, hash: &HashMap<String, String>) -> Self {
-        let num = |f: &str| hash.get(f).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pub fn new(id: &str, heartbeat: f64, alive: bool, record: &NodeRecord) -> Self {
         Self {
             id: id.to_string(),
             heartbeat_ms: if heartbeat.is_finite() && heartbeat > 0.0 {
@@ -31,14 +31,11 @@ impl NodeView {
                 0
             },
             alive,
-            capacity: num("capacity"),
+            capacity: record.capacity.unwrap_or(0),
             // Capacity is in weight units (a transcode counts its profile's weight): use the
             // node's load when it reports one, its channel count otherwise.
-            running: hash
-                .get("load")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| num("running")),
-            draining: matches!(hash.get("draining").map(String::as_str), Some("1" | "true")),
+            running: record.used().unwrap_or(0),
+            draining: record.draining.unwrap_or(false),
         }
     }
 
@@ -55,21 +52,18 @@ impl NodeView {
 
     /// The view from the replies [`NodeView::queue_reads`] queued (a reply that cannot be read
     /// counts as absent), with the node's hash.
-    pub fn from_reads(
-        id: &str,
-        heartbeat: f64,
-        reads: &[redis::Value],
-    ) -> (Self, HashMap<String, String>) {
+    pub fn from_reads(id: &str, heartbeat: f64, reads: &[redis::Value]) -> (Self, NodeRecord) {
         fn read<T: redis::FromRedisValue>(v: Option<&redis::Value>) -> Option<T> {
             v.and_then(|v| redis::from_redis_value(v.clone()).ok())
         }
         let alive = read(reads.first()).unwrap_or(false);
         let hash: HashMap<String, String> = read(reads.get(1)).unwrap_or_default();
-        let mut view = NodeView::new(id, heartbeat, alive, &hash);
+        let record = NodeRecord::from_fields(&hash);
+        let mut view = NodeView::new(id, heartbeat, alive, &record);
         // The heartbeat's count lags by up to a keepalive; the set is current.
         let listed: u64 = read(reads.get(2)).unwrap_or(0);
         view.running = view.running.max(listed);
-        (view, hash)
+        (view, record)
     }
 
     /// Channels it can still take.
@@ -188,10 +182,10 @@ mod tests {
         let (v, h) = NodeView::from_reads("n1", 5.0, &[Value::Int(1), hash, Value::Int(3)]);
         assert!(v.alive);
         assert_eq!((v.capacity, v.running, v.heartbeat_ms), (8, 3, 5));
-        assert_eq!(h.get("capacity").map(String::as_str), Some("8"));
+        assert_eq!(h.capacity, Some(8));
         let wrong = Value::Int(7); // not a hash
         let (v, h) = NodeView::from_reads("n2", 1.0, &[Value::Int(0), wrong, Value::Int(2)]);
-        assert!(!v.alive && h.is_empty());
+        assert!(!v.alive && h == NodeRecord::default());
         assert_eq!((v.capacity, v.running), (0, 2));
         assert_eq!(NodeView::from_reads("n3", 1.0, &[]).0.running, 0);
     }
@@ -202,11 +196,16 @@ mod tests {
             .into_iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
-        let v = NodeView::new("n1", 1_700_000_000_000.0, true, &h);
+        let v = NodeView::new(
+            "n1",
+            1_700_000_000_000.0,
+            true,
+            &NodeRecord::from_fields(&h),
+        );
         assert_eq!(v.free(), 5);
         assert_eq!(v.heartbeat_ms, 1_700_000_000_000);
         assert_eq!(
-            NodeView::new("n2", f64::NAN, false, &HashMap::new()).capacity,
+            NodeView::new("n2", f64::NAN, false, &NodeRecord::default()).capacity,
             0
         );
     }

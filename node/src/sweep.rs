@@ -58,10 +58,8 @@ pub async fn sweep_redis(
 ) -> Result<SweepReport, crate::store::StoreError> {
     let mut report = SweepReport::default();
     for (id, h) in store.leftovers(node).await? {
-        if h.get("node").map(String::as_str) == Some(node) {
-            let pid = h.get("pid").and_then(|p| p.parse().ok());
-            let start = h.get("pid_start").and_then(|p| p.parse().ok());
-            if let (Some(pid), Some(start)) = (pid, start) {
+        if h.node.as_deref() == Some(node) {
+            if let (Some(pid), Some(start)) = (h.pid, h.pid_start) {
                 let dir = ffmpeg::channel_dir(root, &id);
                 if ffmpeg::kill_if_ours(pid, start, &dir) {
                     wait_gone(pid);

@@ -3,6 +3,7 @@
 //! - [`keys`]: one constructor per Redis key; the schema with redis-cli examples is in `proto/README.md`.
 //! - [`scripts`]: the Lua scripts (`proto/lua/*.lua`) that claim, renew and release leases and make
 //!   gen-checked writes. Times inside them come from Redis `TIME`, never from a node's clock.
+//! - [`records`]: the node heartbeat hash and the stream hash as typed records.
 //! - [`types`]: catalog entries, stream states, commands and event names.
 //! - [`validate`]: every id, file name and URL that comes from outside is checked here.
 //! - [`redact`]: credentials out of every URL that is shown, stored or put in FFmpeg's argv.
@@ -10,6 +11,7 @@
 pub mod duration;
 pub mod keys;
 pub mod placement;
+pub mod records;
 pub mod redact;
 pub mod redis_url;
 pub mod scripts;

@@ -122,6 +122,19 @@ impl StreamState {
             Self::Stopping => "stopping",
         }
     }
+
+    /// The state a stream hash names, if it is one of the five.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Starting,
+            Self::Running,
+            Self::Restarting,
+            Self::Failed,
+            Self::Stopping,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
 }
 
 impl fmt::Display for StreamState {

@@ -170,3 +170,55 @@ fn every_event_kind_is_documented() {
         );
     }
 }
+
+/// Every field of the typed records is in its key's row.
+#[test]
+fn every_record_field_is_documented() {
+    use farm_proto::records::{NodeRecord, StreamRecord};
+    let text = readme();
+    let full_node = NodeRecord {
+        public_url: Some(String::new()),
+        addr: Some(String::new()),
+        incarnation: Some(String::new()),
+        pid: Some(1),
+        started_at: Some(1),
+        version: Some(String::new()),
+        capacity: Some(1),
+        running: Some(1),
+        load: Some(1),
+        disk_free: Some(1),
+        draining: Some(true),
+        drained: Some(true),
+        heartbeat_at: Some(1),
+    };
+    let node_row = row(&text, "farm:node:<node>");
+    let mut node_fields: Vec<&str> = full_node.to_fields().iter().map(|(f, _)| *f).collect();
+    node_fields.push("heartbeat_at");
+    for field in node_fields {
+        assert!(
+            node_row.contains(&format!("`{field}`")),
+            "node field {field:?} is not in the farm:node row"
+        );
+    }
+    let full_stream = StreamRecord {
+        node: Some(String::new()),
+        gen: Some(1),
+        state: Some(String::new()),
+        pid: Some(1),
+        pid_start: Some(1),
+        started_at: Some(1),
+        restarts: Some(1),
+        source: Some(String::new()),
+        last_error: Some(String::new()),
+        last_segment_at: Some(1),
+        provider: Some(String::new()),
+        lease_until: Some(1),
+    };
+    let stream_row = row(&text, "farm:stream:<id>");
+    for (field, _) in full_stream.to_fields() {
+        assert!(
+            stream_row.contains(&format!("`{field}`")),
+            "stream field {field:?} is not in the farm:stream row"
+        );
+    }
+}

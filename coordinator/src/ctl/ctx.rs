@@ -1,26 +1,24 @@
 //! What every farmctl command gets: the key names, the allowed URL schemes and a lazily opened
-//! Redis connection whose every call is bounded by `--redis-timeout`.
+//! Redis connection (the runtime's [`Conn`]) whose every call is bounded by `--redis-timeout`.
 //!
 //! The connection is opened on first use, so commands validate their input before touching the
 //! network (bad input exits 2 even when Redis is down) and commands that need no Redis never dial.
 
 use super::error::CtlError;
 use super::GlobalArgs;
+use farm_proto::scripts::Call;
 use farm_proto::Keys;
-use redis::aio::MultiplexedConnection;
+use farm_runtime::conn::{Conn, ConnError};
 use redis::{FromRedisValue, Pipeline};
-use std::future::Future;
 use std::time::Duration;
 
 pub struct Ctx {
     keys: Keys,
     allowed_schemes: Vec<String>,
-    /// A plain URL or a Sentinel set.
-    target: farm_proto::redis_url::Target,
     /// The URL with any password masked, for messages.
     shown_url: String,
-    timeout: Duration,
-    conn: Option<MultiplexedConnection>,
+    /// Dialled on first use; every call bounded by `--redis-timeout`.
+    conn: Conn,
 }
 
 impl Ctx {
@@ -44,10 +42,8 @@ impl Ctx {
         Ok(Self {
             keys: Keys::new(global.prefix),
             allowed_schemes,
-            target,
             shown_url,
-            timeout: global.redis_timeout,
-            conn: None,
+            conn: Conn::new(target, global.redis_timeout),
         })
     }
 
@@ -59,46 +55,35 @@ impl Ctx {
         &self.allowed_schemes
     }
 
-    async fn conn(&mut self) -> Result<&mut MultiplexedConnection, CtlError> {
-        if self.conn.is_none() {
-            // tokio's timeout below is the bound that fires (the connection's own is set a second
-            // later), so every timeout surfaces as CtlError::Timeout with the same wording.
-            let connect = self.target.connect(self.timeout + Duration::from_secs(1));
-            let conn = match tokio::time::timeout(self.timeout, connect).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(source)) => {
-                    return Err(CtlError::Connect {
-                        url: self.shown_url.clone(),
-                        source,
-                    })
-                }
-                Err(_) => return Err(self.timed_out("the connection attempt")),
-            };
-            self.conn = Some(conn);
-        }
-        match self.conn.as_mut() {
-            Some(c) => Ok(c),
-            None => Err(CtlError::Usage("no Redis connection".into())), // unreachable: set above
-        }
-    }
-
-    fn timed_out(&self, what: &'static str) -> CtlError {
-        CtlError::Timeout {
-            url: self.shown_url.clone(),
-            what,
-            after: self.timeout,
-        }
-    }
-
-    async fn bounded<T>(
-        &self,
-        what: &'static str,
-        fut: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, CtlError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(CtlError::Redis { what, source }),
-            Err(_) => Err(self.timed_out(what)),
+    /// A runtime error as farmctl reports it (the URL shown with its password masked).
+    fn error(&self, e: ConnError) -> CtlError {
+        match e {
+            ConnError::Connect(source) => CtlError::Connect {
+                url: self.shown_url.clone(),
+                source,
+            },
+            ConnError::Timeout {
+                what,
+                after,
+                dialling,
+            } => CtlError::Timeout {
+                url: self.shown_url.clone(),
+                what: if dialling {
+                    "the connection attempt"
+                } else {
+                    what
+                },
+                after,
+            },
+            ConnError::Redis { what, source } => CtlError::Redis { what, source },
+            ConnError::Reply(e) => CtlError::Redis {
+                what: e.script,
+                source: redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "unexpected reply",
+                    e.detail,
+                )),
+            },
         }
     }
 
@@ -108,23 +93,20 @@ impl Ctx {
         what: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, CtlError> {
-        let mut conn = self.conn().await?.clone();
-        self.bounded(what, cmd.query_async(&mut conn)).await
+        self.conn.query(what, cmd).await.map_err(|e| self.error(e))
     }
 
-    /// Runs one Lua script (EVALSHA, loading it on NOSCRIPT).
-    pub async fn script<T: FromRedisValue>(
-        &mut self,
-        what: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Result<T, CtlError> {
-        let mut conn = self.conn().await?.clone();
-        self.bounded(what, inv.invoke_async(&mut conn)).await
+    /// Runs one typed script call (EVALSHA, loading the script on NOSCRIPT), its reply parsed.
+    pub async fn call<C: Call>(&mut self, call: &C) -> Result<C::Reply, CtlError> {
+        self.conn
+            .call(&self.keys, call)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     /// The bound on every Redis call (`--redis-timeout`).
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.conn.timeout()
     }
 
     /// Runs a pipeline (or a MULTI/EXEC transaction when it is `atomic()`).
@@ -133,8 +115,7 @@ impl Ctx {
         what: &'static str,
         pipe: &Pipeline,
     ) -> Result<T, CtlError> {
-        let mut conn = self.conn().await?.clone();
-        self.bounded(what, pipe.query_async(&mut conn)).await
+        self.conn.pipe(what, pipe).await.map_err(|e| self.error(e))
     }
 }
 

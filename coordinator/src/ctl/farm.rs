@@ -5,15 +5,15 @@ use super::ctx::Ctx;
 use super::error::CtlError;
 use crate::store::time_ms;
 use crate::view::NodeView;
+use farm_proto::records::NodeRecord;
 use farm_proto::scripts::split_owner;
 use farm_proto::types::Command;
-use std::collections::HashMap;
 
 /// A node with everything its hash says.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
     pub view: NodeView,
-    pub hash: HashMap<String, String>,
+    pub record: NodeRecord,
 }
 
 /// Redis `TIME` in ms (the farm's clock; this machine's may differ).
@@ -46,8 +46,8 @@ pub async fn nodes(ctx: &mut Ctx) -> Result<Vec<NodeInfo>, CtlError> {
         .iter()
         .zip(replies.chunks(NodeView::READS))
         .map(|((id, score), reads)| {
-            let (view, hash) = NodeView::from_reads(id, *score, reads);
-            NodeInfo { view, hash }
+            let (view, record) = NodeView::from_reads(id, *score, reads);
+            NodeInfo { view, record }
         })
         .collect();
     out.sort_by(|a, b| a.view.id.cmp(&b.view.id));

@@ -11,7 +11,8 @@ use super::farm;
 use super::output::safe;
 use crate::view::pick_target;
 use clap::Args;
-use farm_proto::types::{Command, Op};
+use farm_proto::records::StreamRecord;
+use farm_proto::types::{Command, Op, StreamState};
 use farm_proto::{scripts, validate};
 use std::collections::HashMap;
 use std::io::Write;
@@ -173,10 +174,11 @@ async fn wait_running(
         let h: HashMap<String, String> = ctx
             .query("HGETALL stream", redis::cmd("HGETALL").arg(&key))
             .await?;
-        match h.get("state").map(String::as_str) {
-            Some("running") => {
-                let node = h.get("node").cloned().unwrap_or_default();
-                let gen = h.get("gen").cloned().unwrap_or_default();
+        let stream = StreamRecord::from_fields(&h);
+        match stream.stream_state() {
+            Some(StreamState::Running) => {
+                let node = stream.node.unwrap_or_default();
+                let gen = stream.gen.map_or(String::new(), |g| g.to_string());
                 writeln!(
                     out,
                     "channel {} runs on node {} (gen {gen})",
@@ -185,11 +187,11 @@ async fn wait_running(
                 )?;
                 return Ok(());
             }
-            Some("failed") => {
+            Some(StreamState::Failed) => {
                 return Err(CtlError::ChannelFailed {
                     id: id.to_string(),
                     reason: safe(&farm_proto::redact::text(
-                        h.get("last_error").map_or("", String::as_str),
+                        stream.last_error.as_deref().unwrap_or_default(),
                     ))
                     .into_owned(),
                 })
@@ -213,13 +215,8 @@ pub async fn pin(
     out: &mut impl Write,
 ) -> Result<(), CtlError> {
     validate::channel_id(&a.id)?;
-    let mut inv = scripts::PIN.prepare_invoke();
-    inv.key(ctx.keys().channel(&a.id))
-        .key(ctx.keys().pinned())
-        .arg(if pinned { "1" } else { "0" })
-        .arg(&a.id);
-    let written: i64 = ctx.script("pin.lua", inv).await?;
-    if written == 0 {
+    let written = ctx.call(&scripts::Pin { id: &a.id, pinned }).await?;
+    if !written {
         return Err(CtlError::NotFound(a.id));
     }
     if !pinned {

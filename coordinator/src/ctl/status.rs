@@ -9,6 +9,7 @@ use super::error::CtlError;
 use super::farm;
 use super::output::{fmt_ago, fmt_bytes, or_dash, safe, table};
 use clap::Args;
+use farm_proto::records::StreamRecord;
 use farm_proto::scripts::split_owner;
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
@@ -109,19 +110,16 @@ fn node_rows(nodes: &[farm::NodeInfo], now: u64) -> Vec<NodeRow> {
     nodes
         .iter()
         .map(|n| {
-            let h = &n.hash;
-            let get = |f: &str| h.get(f).cloned().unwrap_or_default();
-            let address = Some(get("public_url"))
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| get("addr"));
+            let r = &n.record;
+            let address = r.address().unwrap_or_default().to_string();
             NodeRow {
                 id: n.view.id.clone(),
                 address,
                 alive: n.view.alive,
                 running: n.view.running,
                 capacity: n.view.capacity,
-                disk_free: h.get("disk_free").and_then(|v| v.parse().ok()),
-                version: get("version"),
+                disk_free: r.disk_free,
+                version: r.version.clone().unwrap_or_default(),
                 heartbeat_ms_ago: (n.view.heartbeat_ms > 0)
                     .then(|| now.saturating_sub(n.view.heartbeat_ms)),
             }
@@ -157,15 +155,16 @@ async fn channel_rows(
                     .cloned()
                     .unwrap_or(redis::Value::Nil)
             };
-            let stream: HashMap<String, String> =
+            let hash: HashMap<String, String> =
                 redis::from_redis_value(conv(0)).unwrap_or_default();
+            let stream = (!hash.is_empty()).then(|| StreamRecord::from_fields(&hash));
             let owner: Option<String> = redis::from_redis_value(conv(1)).unwrap_or(None);
             let pinned: Option<String> = redis::from_redis_value(conv(2)).unwrap_or(None);
             let last = access.get(id).copied();
-            if stream.is_empty() && owner.is_none() && last.is_none() && !all {
+            if stream.is_none() && owner.is_none() && last.is_none() && !all {
                 continue;
             }
-            channels.push(channel_row(id, &stream, owner, pinned, last, now));
+            channels.push(channel_row(id, stream, owner, pinned, last, now));
         }
     }
     Ok(channels)
@@ -210,33 +209,33 @@ async fn channel_ids(
 /// One channel's row from its stream hash, lease value, catalog `pinned` field and last access.
 fn channel_row(
     id: &str,
-    stream: &HashMap<String, String>,
+    stream: Option<StreamRecord>,
     owner: Option<String>,
     pinned: Option<String>,
     last: Option<u64>,
     now: u64,
 ) -> ChannelRow {
     let owner = owner.as_deref().and_then(split_owner);
-    let get = |f: &str| stream.get(f).cloned().unwrap_or_default();
-    let state = if !stream.is_empty() {
-        get("state")
+    let state = if let Some(s) = &stream {
+        s.state.clone().unwrap_or_default()
     } else if owner.is_some() {
         "claimed".into()
     } else {
         "stopped".into()
     };
+    let stream = stream.unwrap_or_default();
     ChannelRow {
         id: id.to_string(),
         state,
         node: owner
             .map(|(n, _)| n.to_string())
-            .or_else(|| Some(get("node")).filter(|s| !s.is_empty())),
-        gen: owner.map(|(_, g)| g).or_else(|| get("gen").parse().ok()),
-        pid: get("pid").parse().ok(),
+            .or_else(|| stream.node.clone().filter(|s| !s.is_empty())),
+        gen: owner.map(|(_, g)| g).or(stream.gen),
+        pid: stream.pid.map(u64::from),
         last_access_ms_ago: last.map(|t| now.saturating_sub(t)),
-        restarts: get("restarts").parse().unwrap_or(0),
+        restarts: stream.restarts.unwrap_or(0),
         // Nodes store it redacted; redacted again here for older or hand-written data.
-        last_error: farm_proto::redact::text(&get("last_error")),
+        last_error: farm_proto::redact::text(stream.last_error.as_deref().unwrap_or_default()),
         pinned: matches!(pinned.as_deref(), Some("1" | "true")),
     }
 }

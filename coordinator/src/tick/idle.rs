@@ -5,12 +5,12 @@
 //! Invariant: a stop is sent once per gen; it is considered in flight (not sent again) for
 //! `stop_resend_after`.
 
-use super::fenced::IdleStop;
 use super::{Pass, TickError};
 use crate::events::Event;
 use crate::shared::Shared;
 use crate::store::StoreError;
 use farm_proto::scripts::split_owner;
+use farm_proto::scripts::IdleStopReply;
 use farm_proto::types::event;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -131,14 +131,14 @@ async fn stop(
     let mut dropped = 0;
     for (c, reply) in todo.iter().zip(&replies.done) {
         match reply {
-            IdleStop::Stop => {
+            IdleStopReply::Stop => {
                 let (node, gen) = c.owner.as_deref().and_then(split_owner).unwrap_or(("", 0));
                 st.in_flight.insert(c.id.clone(), (gen, resend_at));
                 pass.report.idle_stops += 1;
                 pass.sh.metrics.idle_stops.inc();
                 info!(channel = %c.id, node, gen, "idle: stop sent");
             }
-            IdleStop::Dropped => {
+            IdleStopReply::Dropped => {
                 dropped += 1;
                 pass.report.stale_access += 1;
                 pass.sh.metrics.reaped("stale_access", 1);
@@ -149,7 +149,7 @@ async fn stop(
                         .field("reason", "stale_access"),
                 );
             }
-            IdleStop::Pinned | IdleStop::Fresh | IdleStop::Changed => {}
+            IdleStopReply::Pinned | IdleStopReply::Fresh | IdleStopReply::Changed => {}
         }
     }
     replies.finish()?;

@@ -2,11 +2,12 @@
 //! wrong-typed key (an operator's mistake) is reported every tick (log, metric) and, by the leader,
 //! replaced when the farm can rebuild it. The catalog is only reported: it is the operator's data.
 
-use super::fenced::{Fence, Repair};
+use super::fenced::Fence;
 use super::TickError;
 use crate::events::{self, Event};
 use crate::shared::Shared;
 use crate::store::StoreError;
+use farm_proto::scripts::Repair;
 use farm_proto::types::event;
 use farm_proto::Keys;
 use std::time::Instant;

@@ -6,13 +6,13 @@
 //! network problem is more likely than a mass failure); a node whose alive key comes back while it
 //! is being reaped is left alone; at most the tick's reap budget of channels goes per tick.
 
-use super::fenced::{ReapChannel, ReapNode};
 use super::{Pass, TickError};
 use crate::events::Event;
 use crate::shared::Shared;
 use crate::store::StoreError;
 use crate::view::{NodeView, Placement};
 use farm_proto::scripts::split_owner;
+use farm_proto::scripts::{ReapChannelReply, ReapNodeReply};
 use farm_proto::types::event;
 use std::collections::HashSet;
 use tracing::{debug, error, info, warn};
@@ -162,8 +162,8 @@ async fn release(
     let mut rehome = Vec::new();
     for (plan, reply) in plans.iter().zip(&replies.done) {
         match reply {
-            ReapChannel::Alive => came_back = true,
-            ReapChannel::Released | ReapChannel::Cleared => {
+            ReapChannelReply::Alive => came_back = true,
+            ReapChannelReply::Released | ReapChannelReply::Cleared => {
                 pass.budget = pass.budget.saturating_sub(1);
                 pass.report.channels_reaped += 1;
                 pass.sh.metrics.reaped("node_dead", 1);
@@ -223,7 +223,7 @@ async fn remove_node(
     channels: usize,
 ) -> Result<(), TickError> {
     match pass.fence.reap_node(node, hb_cutoff).await? {
-        ReapNode::Reaped => {
+        ReapNodeReply::Reaped => {
             pass.report.nodes_reaped += 1;
             pass.sh.metrics.reaped("node_dead", 1);
             st.announced.remove(node);
@@ -235,7 +235,7 @@ async fn remove_node(
                     .field("what", "node"),
             );
         }
-        r @ (ReapNode::Alive | ReapNode::Busy) => {
+        r @ (ReapNodeReply::Alive | ReapNodeReply::Busy) => {
             debug!(node, reply = ?r, "node not reaped this tick")
         }
     }

@@ -8,6 +8,7 @@ use crate::events::Event;
 use crate::shared::Shared;
 use crate::store::StoreError;
 use crate::view::NodeView;
+use farm_proto::records::StreamRecord;
 use farm_proto::scripts::split_owner;
 use farm_proto::types::event;
 use std::collections::{HashMap, HashSet};
@@ -196,7 +197,7 @@ async fn read_facts(sh: &Shared, cands: &[Candidate]) -> Result<Vec<Facts>, Stor
     let mut p = redis::pipe();
     for c in cands {
         p.get(k.owner(&c.id))
-            .hget(k.stream(&c.id), "node")
+            .hgetall(k.stream(&c.id))
             .pttl(k.stream(&c.id));
     }
     let replies: Vec<redis::Value> = sh.store.pipe("reconcile facts", &p).await?;
@@ -207,7 +208,10 @@ async fn read_facts(sh: &Shared, cands: &[Candidate]) -> Result<Vec<Facts>, Stor
         .chunks(3)
         .map(|f| Facts {
             owner: redis::from_redis_value(f[0].clone()).unwrap_or(None),
-            hash_node: redis::from_redis_value(f[1].clone()).unwrap_or(None),
+            hash_node: StreamRecord::from_fields(
+                &redis::from_redis_value(f[1].clone()).unwrap_or_default(),
+            )
+            .node,
             pttl: redis::from_redis_value(f[2].clone()).unwrap_or(-2),
         })
         .collect())

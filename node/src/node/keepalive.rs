@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::store::{Keepalive, Renewal, StoreError};
+use farm_proto::records::NodeRecord;
 use farm_proto::scripts::owner_value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -122,24 +123,24 @@ fn heartbeat(
     node: &Node,
     entries: &[Arc<ChannelEntry>],
     (draining, drained): (bool, bool),
-) -> [(&'static str, String); 12] {
+) -> NodeRecord {
     let cfg = &node.cfg;
     let load: u32 = entries.iter().map(|e| e.state().weight).sum();
-    let flag = |b: bool| if b { "1" } else { "0" }.to_string();
-    [
-        ("public_url", cfg.public_url.clone()),
-        ("addr", cfg.listen.to_string()),
-        ("incarnation", node.incarnation.clone()),
-        ("pid", std::process::id().to_string()),
-        ("started_at", node.started_ms.to_string()),
-        ("version", env!("CARGO_PKG_VERSION").to_string()),
-        ("capacity", cfg.max_streams.to_string()),
-        ("running", entries.len().to_string()),
-        ("load", load.to_string()),
-        ("disk_free", node.disk_free().unwrap_or(0).to_string()),
-        ("draining", flag(draining)),
-        ("drained", flag(drained)),
-    ]
+    NodeRecord {
+        public_url: Some(cfg.public_url.clone()),
+        addr: Some(cfg.listen.to_string()),
+        incarnation: Some(node.incarnation.clone()),
+        pid: Some(std::process::id()),
+        started_at: Some(node.started_ms),
+        version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        capacity: Some(cfg.max_streams.into()),
+        running: Some(entries.len() as u64),
+        load: Some(load.into()),
+        disk_free: Some(node.disk_free().unwrap_or(0)),
+        draining: Some(draining),
+        drained: Some(drained),
+        heartbeat_at: None,
+    }
 }
 
 /// One round trip: heartbeat and renewals, raced against the fence time (a call that hangs past
@@ -161,7 +162,7 @@ async fn renew(
             last_segment_at: e.last_segment_ms(),
         })
         .collect();
-    let fields = heartbeat(node, entries, draining);
+    let record = heartbeat(node, entries, draining);
     let sent_at = Instant::now();
     let beat = crate::store::Beat {
         before: beats.before,
@@ -174,7 +175,7 @@ async fn renew(
         &cfg.node_id,
         cfg.node_ttl,
         &node.incarnation,
-        &fields,
+        &record,
         cfg.lease_ttl,
         &renewals,
         &beat,

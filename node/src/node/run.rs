@@ -5,6 +5,7 @@ use super::supervise::Plan;
 use super::*;
 use crate::ffmpeg;
 use crate::watcher::Progress;
+use farm_proto::records::StreamField;
 use farm_proto::StreamState;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -78,12 +79,11 @@ async fn begin(plan: &Plan<'_>, run: &Run<'_>, mut child: Child) -> Result<Runni
             &entry.id,
             plan.owner,
             &[
-                ("state", state.as_str().into()),
-                ("pid", pid.to_string()),
-                ("pid_start", pid_start.to_string()),
-                ("source", farm_proto::redact::url(run.url)),
-                ("restarts", run.restarts.to_string()),
-                ("last_error", run.last_error.to_string()),
+                StreamField::State(state),
+                StreamField::Process(Some((pid, pid_start))),
+                StreamField::Source(farm_proto::redact::url(run.url)),
+                StreamField::Restarts(run.restarts),
+                StreamField::LastError(run.last_error.to_string()),
             ],
         )
         .await
@@ -244,8 +244,8 @@ async fn published(
             &entry.id,
             plan.owner,
             &[
-                ("state", StreamState::Running.as_str().into()),
-                ("last_segment_at", "$now".into()),
+                StreamField::State(StreamState::Running),
+                StreamField::LastSegmentAt(None),
             ],
         )
         .await;
@@ -279,7 +279,7 @@ async fn on_message(plan: &Plan<'_>, r: &mut Running, msg: Option<Ctl>) -> RunEn
                 .stream_set(
                     &entry.id,
                     plan.owner,
-                    &[("state", StreamState::Stopping.as_str().into())],
+                    &[StreamField::State(StreamState::Stopping)],
                 )
                 .await;
             terminate(&mut r.child, pid, grace).await;

@@ -7,6 +7,7 @@ use crate::config::Profile;
 use crate::ffmpeg;
 use crate::guard::{GatewayHandle, Guard};
 use crate::watcher::Progress;
+use farm_proto::records::StreamField;
 use farm_proto::types::event;
 use farm_proto::{ChannelSpec, StreamState};
 use nix::sys::signal::Signal;
@@ -291,11 +292,10 @@ async fn restart_after_crash(
             &entry.id,
             plan.owner,
             &[
-                ("state", StreamState::Restarting.as_str().into()),
-                ("restarts", history.restarts.to_string()),
-                ("last_error", reason.clone()),
-                ("pid", String::new()),
-                ("pid_start", String::new()),
+                StreamField::State(StreamState::Restarting),
+                StreamField::Restarts(history.restarts),
+                StreamField::LastError(reason.clone()),
+                StreamField::Process(None),
             ],
         )
         .await;

@@ -1,0 +1,444 @@
+//! The coordinator's calls: leadership (acquire, renew, release) and the leader's writes. Every
+//! write first checks that `farm:leader` still holds the caller's value (`held`) and answers
+//! [`Fenced::NotLeader`] otherwise, having changed nothing.
+
+use super::{decode, flag, ms, split_owner, Call, Invocation, ReplyError};
+use crate::keys::CMD_MAXLEN;
+use crate::types::Command;
+use crate::Keys;
+use redis::Value;
+use std::time::Duration;
+
+/// A fenced script's answer: its own, or `notleader` (the caller no longer leads; nothing done).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced<T> {
+    Done(T),
+    NotLeader,
+}
+
+/// The replies of one pipeline of fenced calls of script `C`, in call order, up to the first
+/// `notleader`: the calls before it took effect, the rest did not (`lost`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FencedReplies<T> {
+    pub done: Vec<T>,
+    /// A call found another leader.
+    pub lost: bool,
+}
+
+impl<T> FencedReplies<T> {
+    /// Parses a pipeline's replies of `C`; an undocumented reply is an error.
+    pub fn parse<C>(raw: Vec<Value>) -> Result<Self, ReplyError>
+    where
+        C: Call<Reply = Fenced<T>>,
+    {
+        let mut done = Vec::with_capacity(raw.len());
+        for r in raw {
+            match C::parse(r)? {
+                Fenced::Done(t) => done.push(t),
+                Fenced::NotLeader => return Ok(Self { done, lost: true }),
+            }
+        }
+        Ok(Self { done, lost: false })
+    }
+}
+
+/// Reads a fenced script's string answer with `f`; `notleader` is [`Fenced::NotLeader`].
+fn fenced<T>(
+    script: &'static str,
+    reply: Value,
+    f: impl FnOnce(&str) -> Option<T>,
+) -> Result<Fenced<T>, ReplyError> {
+    let s: String = decode(script, reply)?;
+    if s == "notleader" {
+        return Ok(Fenced::NotLeader);
+    }
+    f(&s)
+        .map(Fenced::Done)
+        .ok_or_else(|| ReplyError::new(script, format!("{s:?}")))
+}
+
+/// `leader.lua`: acquire or renew coordinator leadership.
+///
+/// KEYS: leader, leader epoch. ARGV: coordinator id, lease ms, the value the caller believes it
+/// holds ("" for none). Replies [`LeaderReply`].
+#[derive(Debug, Clone)]
+pub struct Leader<'a> {
+    pub id: &'a str,
+    pub ttl: Duration,
+    pub held: &'a str,
+}
+
+/// What `leader.lua` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaderReply {
+    /// `{"renewed", value}`: our lease was extended.
+    Renewed { value: String },
+    /// `{"acquired", "<id>:<epoch>"}`: the lease is ours with a new epoch.
+    Acquired { value: String, epoch: u64 },
+    /// `{"follower", value, pttl}`: another coordinator leads; its lease has `pttl_ms` left (`None`
+    /// when Redis gave no TTL).
+    Follower { value: String, pttl_ms: Option<u64> },
+}
+
+impl Call for Leader<'_> {
+    type Reply = LeaderReply;
+    const FILE: &'static str = "leader.lua";
+    fn invocation(&self, k: &Keys) -> Invocation {
+        Invocation::new(&super::LEADER)
+            .key(k.leader())
+            .key(k.leader_epoch())
+            .arg(self.id)
+            .arg(ms(self.ttl))
+            .arg(self.held)
+    }
+    fn parse(reply: Value) -> Result<LeaderReply, ReplyError> {
+        let v: Vec<String> = decode(Self::FILE, reply)?;
+        match <[String; 2]>::try_from(v.clone()) {
+            Ok([tag, value]) if tag == "renewed" => return Ok(LeaderReply::Renewed { value }),
+            Ok([tag, value]) if tag == "acquired" => {
+                let epoch = value
+                    .rsplit_once(':')
+                    .and_then(|(_, e)| e.parse().ok())
+                    .unwrap_or(0);
+                return Ok(LeaderReply::Acquired { value, epoch });
+            }
+            _ => {}
+        }
+        match <[String; 3]>::try_from(v) {
+            Ok([tag, value, pttl]) if tag == "follower" => Ok(LeaderReply::Follower {
+                value,
+                pttl_ms: pttl.parse::<i64>().ok().and_then(|t| u64::try_from(t).ok()),
+            }),
+            other => Err(ReplyError::new(Self::FILE, format!("{other:?}"))),
+        }
+    }
+}
+
+/// `leader_release.lua`: give leadership up by compare-and-delete.
+///
+/// KEYS: leader. ARGV: the value held. Replies `true` when released, `false` when it was not ours.
+#[derive(Debug, Clone)]
+pub struct LeaderRelease<'a> {
+    pub held: &'a str,
+}
+
+impl Call for LeaderRelease<'_> {
+    type Reply = bool;
+    const FILE: &'static str = "leader_release.lua";
+    fn invocation(&self, k: &Keys) -> Invocation {
+        Invocation::new(&super::LEADER_RELEASE)
+            .key(k.leader())
+            .arg(self.held)
+    }
+    fn parse(reply: Value) -> Result<bool, ReplyError> {
+        flag(Self::FILE, reply)
+    }
+}
+
+/// `idle_stop.lua`: stop `id` when it is still idle (last access before `cutoff_ms`) and still
+/// owned as the caller saw it (`owner`, `<node>:<gen>`); the stop goes to that owner's command
+/// stream.
+///
+/// KEYS: leader, owner, access, channel, the owner node's cmd stream (`farm:cmd:` without one).
+/// ARGV: leader value, channel, cutoff ms, owner seen ("" none), cmd MAXLEN, by.
+/// Replies [`IdleStopReply`].
+#[derive(Debug, Clone)]
+pub struct IdleStop<'a> {
+    pub held: &'a str,
+    pub id: &'a str,
+    pub cutoff_ms: u64,
+    pub owner: Option<&'a str>,
+    pub by: &'a str,
+}
+
+/// What `idle_stop.lua` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleStopReply {
+    /// `stop`: a stop with the owner's gen was sent.
+    Stop,
+    /// `dropped`: nobody owns the channel: its stale access entry was removed.
+    Dropped,
+    /// `pinned`.
+    Pinned,
+    /// `fresh`: accessed since the caller looked, or no access entry.
+    Fresh,
+    /// `changed`: the owner changed since the caller looked.
+    Changed,
+}
+
+impl Call for IdleStop<'_> {
+    type Reply = Fenced<IdleStopReply>;
+    const FILE: &'static str = "idle_stop.lua";
+    fn invocation(&self, k: &Keys) -> Invocation {
+        let id = self.id;
+        // The command goes to the owner seen; without one the script only drops the entry.
+        let node = self.owner.and_then(split_owner).map_or("", |(n, _)| n);
+        Invocation::new(&super::IDLE_STOP)
+            .key(k.leader())
+            .key(k.owner(id))
+            .key(k.access())
+            .key(k.channel(id))
+            .key(k.cmd(node))
+            .arg(self.held)
+            .arg(id)
+            .arg(self.cutoff_ms)
+            .arg(self.owner.unwrap_or(""))
+            .arg(CMD_MAXLEN)
+            .arg(self.by)
+    }
+    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
+        fenced(Self::FILE, reply, |s| {
+            Some(match s {
+                "stop" => IdleStopReply::Stop,
+                "dropped" => IdleStopReply::Dropped,
+                "pinned" => IdleStopReply::Pinned,
+                "fresh" => IdleStopReply::Fresh,
+                "changed" => IdleStopReply::Changed,
+                _ => return None,
+            })
+        })
+    }
+}
+
+/// `reap_channel.lua`: release channel `id` of the dead `node`.
+///
+/// KEYS: leader, node alive, owner, node streams, stream, access, provider conns (`farm:access`
+/// stands in without a provider), node load. ARGV: leader value, node, channel, "1" with a
+/// provider. Replies [`ReapChannelReply`].
+#[derive(Debug, Clone)]
+pub struct ReapChannel<'a> {
+    pub held: &'a str,
+    pub node: &'a str,
+    pub id: &'a str,
+    pub provider: Option<&'a str>,
+}
+
+/// What `reap_channel.lua` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReapChannelReply {
+    /// `released`: the dead node's lease was deleted.
+    Released,
+    /// `cleared`: only leftovers were removed (the lease was gone or another node's).
+    Cleared,
+    /// `alive`: the node's alive key is back: nothing was done.
+    Alive,
+}
+
+impl Call for ReapChannel<'_> {
+    type Reply = Fenced<ReapChannelReply>;
+    const FILE: &'static str = "reap_channel.lua";
+    fn invocation(&self, k: &Keys) -> Invocation {
+        let (node, id) = (self.node, self.id);
+        // Without a provider the conns key is unused: any key of the farm's slot will do.
+        let conns = self
+            .provider
+            .map_or_else(|| k.access(), |p| k.provider_conns(p));
+        Invocation::new(&super::REAP_CHANNEL)
+            .key(k.leader())
+            .key(k.node_alive(node))
+            .key(k.owner(id))
+            .key(k.node_streams(node))
+            .key(k.stream(id))
+            .key(k.access())
+            .key(conns)
+            .key(k.node_load(node))
+            .arg(self.held)
+            .arg(node)
+            .arg(id)
+            .arg(if self.provider.is_some() { "1" } else { "0" })
+    }
+    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
+        fenced(Self::FILE, reply, |s| {
+            Some(match s {
+                "released" => ReapChannelReply::Released,
+                "cleared" => ReapChannelReply::Cleared,
+                "alive" => ReapChannelReply::Alive,
+                _ => return None,
+            })
+        })
+    }
+}
+
+/// `reap_node.lua`: remove the dead `node`'s own keys when its last heartbeat is older than
+/// `hb_cutoff_ms` and it lists no channel any more.
+///
+/// KEYS: leader, node, node alive, nodes, node streams, cmd, node load. ARGV: leader value, node,
+/// cutoff ms. Replies [`ReapNodeReply`].
+#[derive(Debug, Clone)]
+pub struct ReapNode<'a> {
+    pub held: &'a str,
+    pub node: &'a str,
+    pub hb_cutoff_ms: u64,
+}
+
+/// What `reap_node.lua` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReapNodeReply {
+    /// `reaped`.
+    Reaped,
+    /// `alive`: its alive key is back, or a newer heartbeat.
+    Alive,
+    /// `busy`: channels are still listed in its set.
+    Busy,
+}
+
+impl Call for ReapNode<'_> {
+    type Reply = Fenced<ReapNodeReply>;
+    const FILE: &'static str = "reap_node.lua";
+    fn invocation(&self, k: &Keys) -> Invocation {
+        let node = self.node;
+        Invocation::new(&super::REAP_NODE)
+            .key(k.leader())
+            .key(k.node(node))
+            .key(k.node_alive(node))
+            .key(k.nodes())
+            .key(k.node_streams(node))
+            .key(k.cmd(node))
+            .key(k.node_load(node))
+            .arg(self.held)
+            .arg(node)
+            .arg(self.hb_cutoff_ms)
+    }
+    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
+        fenced(Self::FILE, reply, |s| {
+            Some(match s {
+                "reaped" => ReapNodeReply::Reaped,
+                "alive" => ReapNodeReply::Alive,
+                "busy" => ReapNodeReply::Busy,
+                _ => return None,
+            })
+        })
+    }
+}
+
+/// `reconcile.lua`: drop runtime keys of channel `id` that no lease of `node` backs.
+///
+/// KEYS: leader, owner, node streams, stream, node load. ARGV: leader value, node, channel.
+/// Replies what was removed ([`Removed`]: "" nothing, "u" the set entry, "s" the stream hash).
+#[derive(Debug, Clone)]
+pub struct Reconcile<'a> {
+    pub held: &'a str,
+    pub node: &'a str,
+    pub id: &'a str,
+}
+
+/// What `reconcile.lua` removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// The node's set entry.
+    pub set: bool,
+    /// The stream hash.
+    pub stream: bool,
+}
+
+impl Removed {
+    /// How the audit trail names what went; `None` when nothing did.
+    pub fn label(self) -> Option<&'static str> {
+        match (self.set, self.stream) {
+            (false, false) => None,
+            (true, false) => Some("set"),
+            (false, true) => Some("stream"),
+            (true, true) => Some("set,stream"),
+        }
+    }
+}
+
+impl Call for Reconcile<'_> {
+    type Reply = Fenced<Removed>;
+    const FILE: &'static str = "reconcile.lua";
+    fn invocation(&self, k: &Keys) -> Invocation {
+        let (node, id) = (self.node, self.id);
+        Invocation::new(&super::RECONCILE)
+            .key(k.leader())
+            .key(k.owner(id))
+            .key(k.node_streams(node))
+            .key(k.stream(id))
+            .key(k.node_load(node))
+            .arg(self.held)
+            .arg(node)
+            .arg(id)
+    }
+    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
+        fenced(Self::FILE, reply, |s| {
+            let (set, stream) = match s {
+                "" => (false, false),
+                "u" => (true, false),
+                "s" => (false, true),
+                "us" => (true, true),
+                _ => return None,
+            };
+            Some(Removed { set, stream })
+        })
+    }
+}
+
+/// `repair_key.lua`: replace the farm-wide `key` when it does not have the type `wanted` (TYPE's
+/// answer).
+///
+/// KEYS: leader, the key. ARGV: leader value, wanted type. Replies [`Repair`].
+#[derive(Debug, Clone)]
+pub struct RepairKey<'a> {
+    pub held: &'a str,
+    pub key: &'a str,
+    pub wanted: &'a str,
+}
+
+/// What `repair_key.lua` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    /// `ok`: the key has the right type by now, or is gone.
+    Fine,
+    /// The type found: the wrong-typed key was deleted; the farm rebuilds it.
+    Deleted(String),
+}
+
+impl Call for RepairKey<'_> {
+    type Reply = Fenced<Repair>;
+    const FILE: &'static str = "repair_key.lua";
+    fn invocation(&self, k: &Keys) -> Invocation {
+        Invocation::new(&super::REPAIR_KEY)
+            .key(k.leader())
+            .key(self.key.to_string())
+            .arg(self.held)
+            .arg(self.wanted)
+    }
+    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
+        fenced(Self::FILE, reply, |s| match s {
+            "ok" => Some(Repair::Fine),
+            "" => None,
+            found => Some(Repair::Deleted(found.to_string())),
+        })
+    }
+}
+
+/// `command.lua`: append `cmd` to `node`'s command stream, fenced by the leader lease.
+///
+/// KEYS: leader, cmd stream. ARGV: leader value, MAXLEN (~, [`CMD_MAXLEN`]), then the command's
+/// field, value pairs ([`Command::to_fields`]). Replies the entry id, or [`Fenced::NotLeader`]
+/// (nothing written).
+#[derive(Debug, Clone)]
+pub struct SendCommand<'a> {
+    pub held: &'a str,
+    pub node: &'a str,
+    pub cmd: &'a Command,
+}
+
+impl Call for SendCommand<'_> {
+    type Reply = Fenced<String>;
+    const FILE: &'static str = "command.lua";
+    fn invocation(&self, k: &Keys) -> Invocation {
+        let mut inv = Invocation::new(&super::COMMAND)
+            .key(k.leader())
+            .key(k.cmd(self.node))
+            .arg(self.held)
+            .arg(CMD_MAXLEN);
+        for (field, value) in self.cmd.to_fields() {
+            inv = inv.arg(field).arg(value);
+        }
+        inv
+    }
+    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
+        let id: Option<String> = decode(Self::FILE, reply)?;
+        Ok(id.map_or(Fenced::NotLeader, Fenced::Done))
+    }
+}
