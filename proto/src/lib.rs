@@ -4,6 +4,7 @@
 //! - [`scripts`]: the Lua scripts (`proto/lua/*.lua`) that claim, renew and release leases and make
 //!   gen-checked writes. Times inside them come from Redis `TIME`, never from a node's clock.
 //! - [`types`]: catalog entries, stream states, commands and event names.
+//! - [`timing`]: the farm-wide timing relations (fence, keepalive, stall, leader renewal).
 //! - [`validate`]: every id, file name and URL that comes from outside is checked here.
 //! - [`redact`]: credentials out of every URL that is shown, stored or put in FFmpeg's argv.
 
@@ -13,6 +14,7 @@ pub mod placement;
 pub mod redact;
 pub mod redis_url;
 pub mod scripts;
+pub mod timing;
 pub mod token;
 pub mod types;
 pub mod validate;
