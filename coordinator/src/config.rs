@@ -180,24 +180,7 @@ impl Config {
 
 /// `<host>-<pid>`, made to fit the id alphabet.
 fn default_id() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let host: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(48)
-        .collect();
-    let host = if host.is_empty() {
-        "coordinator".to_string()
-    } else {
-        host
-    };
+    let host = farm_runtime::config::host_name(48, "coordinator");
     format!("{host}-{}", std::process::id())
 }
 

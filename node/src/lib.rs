@@ -269,11 +269,7 @@ fn stop_running(n: &Node, reason: &str) {
 /// FFmpegs; past it, kills what is left and removes their folders.
 async fn stop_channels(node: &Node) {
     let grace = node.cfg.shutdown_grace;
-    node.tracker.close();
-    if tokio::time::timeout(grace, node.tracker.wait())
-        .await
-        .is_err()
-    {
+    if !farm_runtime::tasks::close_and_wait(&node.tracker, grace).await {
         warn!(
             ?grace,
             "channels did not stop within the shutdown grace; killing their FFmpegs"

@@ -68,6 +68,15 @@ impl Value for Duration {
     }
 }
 
+/// A TOML integer as is, a string read as text (`what` names the expected kind in errors).
+fn integer_or_text<T: Value + TryFrom<i64>>(value: toml::Value, what: &str) -> Result<T, String> {
+    match value {
+        toml::Value::Integer(n) => T::try_from(n).map_err(|_| format!("{n} is out of range")),
+        toml::Value::String(s) => T::parse(&s),
+        other => Err(format!("expected {what}, found {}", other.type_str())),
+    }
+}
+
 /// A count: a whole number, in the file also as a TOML integer.
 macro_rules! count {
     ($($t:ty),*) => {$(
@@ -79,12 +88,7 @@ macro_rules! count {
             }
 
             fn from_toml(value: toml::Value) -> Result<Self, String> {
-                match value {
-                    toml::Value::Integer(n) => <$t>::try_from(n)
-                        .map_err(|_| format!("{n} is out of range")),
-                    toml::Value::String(s) => Self::parse(&s),
-                    other => Err(format!("expected a number, found {}", other.type_str())),
-                }
+                integer_or_text(value, "a number")
             }
         }
     )*};
@@ -99,11 +103,7 @@ impl Value for u64 {
     }
 
     fn from_toml(value: toml::Value) -> Result<Self, String> {
-        match value {
-            toml::Value::Integer(n) => u64::try_from(n).map_err(|_| format!("{n} is out of range")),
-            toml::Value::String(s) => parse_size(&s),
-            other => Err(format!("expected a size, found {}", other.type_str())),
-        }
+        integer_or_text(value, "a size")
     }
 }
 
@@ -253,6 +253,26 @@ pub fn show_default(arg: clap::Arg, defaults: &[(&str, &str)]) -> clap::Arg {
         "."
     };
     arg.help(format!("{help}{end} [default: {default}]"))
+}
+
+/// The machine's host name, made to fit the id alphabet (A-Z a-z 0-9 _ - .; others become `-`),
+/// at most `max` characters; `fallback` when it has none. A default for node and coordinator ids.
+pub fn host_name(max: usize, fallback: &str) -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| match c {
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '-' | '_' | '.' => c,
+            _ => '-',
+        })
+        .take(max)
+        .collect();
+    if id.is_empty() {
+        fallback.into()
+    } else {
+        id
+    }
 }
 
 /// The declared default `text` of the setting `name`, read like the flag's text.

@@ -127,11 +127,7 @@ impl Tasks {
     /// task ended with meanwhile (each is logged); a task that outlives the grace is left behind
     /// with a warning.
     pub async fn stop(mut self, grace: Duration) -> Option<TaskFailed> {
-        self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        if !close_and_wait(&self.tracker, grace).await {
             warn!(
                 ?grace,
                 "background tasks did not stop within the shutdown grace"
@@ -146,6 +142,12 @@ impl Tasks {
         }
         first
     }
+}
+
+/// Closes `tracker` and waits for its tasks, at most `grace`: false when some are still running.
+pub async fn close_and_wait(tracker: &TaskTracker, grace: Duration) -> bool {
+    tracker.close();
+    tokio::time::timeout(grace, tracker.wait()).await.is_ok()
 }
 
 /// `fut`'s output, or `Err` when it panicked.

@@ -53,7 +53,7 @@ starting one FFmpeg per channel for the whole farm on the first viewer"
 
     /// This node's id, unique in the farm (A-Z a-z 0-9 _ - .). [default: the host name]
     #[arg(long, env = "FARM_NODE_ID")]
-    node_id: String => hostname(),
+    node_id: String => farm_runtime::config::host_name(64, "node"),
 
     /// Address the HTTP server listens on.
     #[arg(long, env = "FARM_LISTEN")]
@@ -439,28 +439,6 @@ or leave it unset to turn the admin API off",
 
 fn bad(sentence: impl Into<String>) -> Result<(), ConfigError> {
     Err(ConfigError(sentence.into()))
-}
-
-/// The host name, made to fit the node id alphabet.
-fn hostname() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let id: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(64)
-        .collect();
-    if id.is_empty() {
-        "node".into()
-    } else {
-        id
-    }
 }
 
 #[cfg(test)]
