@@ -1,15 +1,13 @@
 //! IP networks in settings: trusted proxies and the egress allow and deny lists.
 
-/// An IP network (`10.0.0.0/8`, `192.168.1.7`, `::1`).
+/// An IP network (`10.0.0.0/8`, `192.168.1.7`, `::1`): the `ipnet` crate's, read as operators
+/// write it (an IP alone is a network of one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: std::net::IpAddr,
-    prefix: u8,
-}
+pub struct IpNet(ipnet::IpNet);
 
 impl std::fmt::Display for IpNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        self.0.fmt(f)
     }
 }
 
@@ -30,26 +28,14 @@ impl IpNet {
             None => (s, None),
         };
         let addr: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Self { addr, prefix })
+        let net = match prefix {
+            Some(p) => ipnet::IpNet::new(addr, p).map_err(|_| bad())?,
+            None => ipnet::IpNet::from(addr),
+        };
+        Ok(Self(net))
     }
 
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        use std::net::IpAddr::{V4, V6};
-        match (self.addr, ip) {
-            (V4(net), V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (V6(net), V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&ip)
     }
 }

@@ -203,3 +203,16 @@ fn http_and_admission_settings_have_safe_defaults_and_checks() {
     .expect("a 16-byte token");
     assert_eq!(ok.http_max_connections, Some(300));
 }
+
+#[test]
+fn networks_read_as_before() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    let net = IpNet::parse(" 10.1.2.3/8 ").expect("host bits kept, spaces ignored");
+    assert!(net.contains(ip("10.9.9.9")) && !net.contains(ip("11.0.0.1")));
+    assert_eq!(net.to_string(), "10.1.2.3/8");
+    assert!(!IpNet::parse("0.0.0.0/0").expect("v4").contains(ip("::1")));
+    assert_eq!(IpNet::parse("::1").expect("v6").to_string(), "::1/128");
+    for bad in ["10.0.0.0/33", "::/129", "10.0.0.0/", "nope", ""] {
+        assert!(IpNet::parse(bad).is_err(), "{bad:?}");
+    }
+}
