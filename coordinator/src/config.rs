@@ -1,157 +1,113 @@
 //! The coordinator's settings, parsed once: command-line flag, then `FARM_*` environment variable,
-//! then the default. Nothing else in the coordinator reads the environment.
+//! then the optional TOML file (`--config`, keys as the long flag names with `_` for `-`, as the
+//! node's), then the default (the mechanism is `farm_runtime::config`). Nothing else in the
+//! coordinator reads the environment.
 //!
 //! The TTLs are the farm's, not the coordinator's own: `--node-ttl` and `--lease-ttl` must match
-//! what the nodes run with (they read the same `FARM_NODE_TTL` / `FARM_LEASE_TTL`).
+//! what the nodes run with (they read the same `FARM_NODE_TTL` / `FARM_LEASE_TTL`). The timing
+//! relations built on them are `farm_proto::timing`'s.
 
-use clap::Parser;
-use farm_proto::duration;
+use farm_proto::{duration, timing};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Command-line flags of `farm-coordinator`.
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "farm-coordinator",
-    version,
-    max_term_width = 100,
-    about = "streamfarm coordinator: stops idle channels, reaps dead nodes and stale keys, \
+pub use farm_runtime::config::ConfigError;
+
+farm_runtime::settings! {
+    /// Command-line flags of `farm-coordinator`.
+    #[derive(Debug, Clone, Default, clap::Parser)]
+    #[command(
+        name = "farm-coordinator",
+        version,
+        max_term_width = 100,
+        about = "streamfarm coordinator: stops idle channels, reaps dead nodes and stale keys, \
 re-homes watched channels; several may run, one leads"
-)]
-pub struct Args {
-    /// Redis URL (redis://[user:password@]host:port/db).
-    #[arg(
-        long,
-        env = "FARM_REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379/"
     )]
-    pub redis_url: String,
+    pub struct Args;
+    /// The coordinator's resolved configuration.
+    #[derive(Debug, Clone)]
+    pub struct Config {
+        /// How long a new leader (or one whose Redis view was disturbed) waits before it reaps.
+        /// One `node_ttl` unless a test or benchmark says otherwise.
+        pub reap_settle: Duration,
+    }
+    /// TOML file with any of the settings below (keys as the long flag names, with '_' for '-').
+    /// Flags and environment win over the file.
+    #[arg(long, env = "FARM_COORDINATOR_CONFIG")]
+    config;
+    /// Redis URL (redis://[user:password@]host:port/db).
+    #[arg(long, env = "FARM_REDIS_URL", hide_env_values = true)]
+    redis_url: String = "redis://127.0.0.1:6379/",
     /// Key prefix in Redis.
-    #[arg(long, env = "FARM_PREFIX", default_value = farm_proto::keys::DEFAULT_PREFIX)]
-    pub prefix: String,
+    #[arg(long, env = "FARM_PREFIX")]
+    prefix: String = "farm",
     /// This coordinator's id, unique among coordinators (A-Z a-z 0-9 _ - .). [default: <host>-<pid>]
     #[arg(long, env = "FARM_COORDINATOR_ID")]
-    pub id: Option<String>,
+    id: String => default_id(),
     /// Address of the HTTP server (/metrics, /healthz).
-    #[arg(long, env = "FARM_LISTEN", default_value = "127.0.0.1:9180")]
-    pub listen: SocketAddr,
+    #[arg(long, env = "FARM_LISTEN")]
+    listen: SocketAddr = "127.0.0.1:9180",
     /// A channel nobody requested for this long is stopped (unless pinned).
-    #[arg(long, env = "FARM_IDLE_TIMEOUT", default_value = "60s", value_parser = duration::parse)]
-    pub idle_timeout: Duration,
+    #[arg(long, env = "FARM_IDLE_TIMEOUT", value_parser = duration::parse)]
+    idle_timeout: Duration = "60s",
     /// How often the leader looks for idle channels, dead nodes and stale keys.
-    #[arg(long, env = "FARM_TICK", default_value = "1s", value_parser = duration::parse)]
-    pub tick: Duration,
+    #[arg(long, env = "FARM_TICK", value_parser = duration::parse)]
+    tick: Duration = "1s",
     /// Node liveness TTL, as the nodes use it: a node silent for this long is dead.
-    #[arg(long, env = "FARM_NODE_TTL", default_value = "10s", value_parser = duration::parse)]
-    pub node_ttl: Duration,
+    #[arg(long, env = "FARM_NODE_TTL", value_parser = duration::parse)]
+    node_ttl: Duration = "10s",
     /// Channel owner lease TTL, as the nodes use it.
-    #[arg(long, env = "FARM_LEASE_TTL", default_value = "10s", value_parser = duration::parse)]
-    pub lease_ttl: Duration,
+    #[arg(long, env = "FARM_LEASE_TTL", value_parser = duration::parse)]
+    lease_ttl: Duration = "10s",
     /// TTL of the leader lease (farm:leader); renewed every third of it.
-    #[arg(long, env = "FARM_LEADER_TTL", default_value = "10s", value_parser = duration::parse)]
-    pub leader_ttl: Duration,
+    #[arg(long, env = "FARM_LEADER_TTL", value_parser = duration::parse)]
+    leader_ttl: Duration = "10s",
     /// Bound on every Redis call.
-    #[arg(long, env = "FARM_REDIS_TIMEOUT", default_value = "2s", value_parser = duration::parse)]
-    pub redis_timeout: Duration,
+    #[arg(long, env = "FARM_REDIS_TIMEOUT", value_parser = duration::parse)]
+    redis_timeout: Duration = "2s",
     /// Idle channels read from farm:access per round trip.
-    #[arg(long, env = "FARM_IDLE_BATCH", default_value_t = 500)]
-    pub idle_batch: usize,
+    #[arg(long, env = "FARM_IDLE_BATCH")]
+    idle_batch: usize = "500",
     /// Most stop commands sent per tick (the rest wait for the next tick).
-    #[arg(long, env = "FARM_MAX_IDLE_STOPS", default_value_t = 5000)]
-    pub max_idle_stops: usize,
+    #[arg(long, env = "FARM_MAX_IDLE_STOPS")]
+    max_idle_stops: usize = "5000",
     /// Most keys reaped per tick (dead nodes' channels and stale keys); reaping is rate-limited.
-    #[arg(long, env = "FARM_MAX_REAPS", default_value_t = 500)]
-    pub max_reaps: usize,
+    #[arg(long, env = "FARM_MAX_REAPS")]
+    max_reaps: usize = "500",
     /// Channels checked per tick by the stale-key reconciliation (it cycles through them).
-    #[arg(long, env = "FARM_RECONCILE_BATCH", default_value_t = 200)]
-    pub reconcile_batch: usize,
+    #[arg(long, env = "FARM_RECONCILE_BATCH")]
+    reconcile_batch: usize = "200",
     /// Bound on a graceful shutdown.
-    #[arg(long, env = "FARM_SHUTDOWN_GRACE", default_value = "5s", value_parser = duration::parse)]
-    pub shutdown_grace: Duration,
+    #[arg(long, env = "FARM_SHUTDOWN_GRACE", value_parser = duration::parse)]
+    shutdown_grace: Duration = "5s",
 }
-
-/// The coordinator's resolved configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub redis_url: String,
-    pub prefix: String,
-    pub id: String,
-    pub listen: SocketAddr,
-    pub idle_timeout: Duration,
-    pub tick: Duration,
-    pub node_ttl: Duration,
-    pub lease_ttl: Duration,
-    pub leader_ttl: Duration,
-    pub redis_timeout: Duration,
-    pub idle_batch: usize,
-    pub max_idle_stops: usize,
-    pub max_reaps: usize,
-    pub reconcile_batch: usize,
-    pub shutdown_grace: Duration,
-    /// How long a new leader (or one whose Redis view was disturbed) waits before it reaps.
-    /// One `node_ttl` unless a test or benchmark says otherwise.
-    pub reap_settle: Duration,
-}
-
-/// A setting that cannot be used, with the sentence to show the operator.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
 
 impl Config {
-    /// Resolves and checks the flags.
+    /// Resolves flags/env over the optional file over defaults, and checks the result.
     pub fn from_args(a: Args) -> Result<Self, ConfigError> {
-        let id = a.id.unwrap_or_else(default_id);
-        farm_proto::validate::node_id(&id).map_err(|e| {
+        let (mut cfg, file) = a.resolve()?;
+        file.finish()?;
+        farm_proto::validate::node_id(&cfg.id).map_err(|e| {
             ConfigError(format!(
                 "--id: {}",
                 e.to_string().replace("node id", "coordinator id")
             ))
         })?;
-        let cfg = Config {
-            redis_url: a.redis_url,
-            prefix: a.prefix,
-            id,
-            listen: a.listen,
-            idle_timeout: a.idle_timeout,
-            tick: a.tick,
-            node_ttl: a.node_ttl,
-            lease_ttl: a.lease_ttl,
-            leader_ttl: a.leader_ttl,
-            redis_timeout: a.redis_timeout,
-            idle_batch: a.idle_batch,
-            max_idle_stops: a.max_idle_stops,
-            max_reaps: a.max_reaps,
-            reconcile_batch: a.reconcile_batch,
-            shutdown_grace: a.shutdown_grace,
-            reap_settle: a.node_ttl,
-        };
+        cfg.reap_settle = cfg.node_ttl;
         cfg.check()?;
         Ok(cfg)
     }
 
     /// A configuration with the defaults for this Redis and id (tests and benchmarks adjust fields).
-    /// Same values as the flags' defaults; reads no environment.
+    /// The flags' defaults; reads no environment and no file.
     pub fn new(redis_url: impl Into<String>, id: impl Into<String>) -> Self {
-        Config {
-            redis_url: redis_url.into(),
-            prefix: farm_proto::keys::DEFAULT_PREFIX.into(),
-            id: id.into(),
-            listen: SocketAddr::from(([127, 0, 0, 1], 9180)),
-            idle_timeout: Duration::from_secs(60),
-            tick: Duration::from_secs(1),
-            node_ttl: Duration::from_secs(10),
-            lease_ttl: Duration::from_secs(10),
-            leader_ttl: Duration::from_secs(10),
-            redis_timeout: Duration::from_secs(2),
-            idle_batch: 500,
-            max_idle_stops: 5000,
-            max_reaps: 500,
-            reconcile_batch: 200,
-            shutdown_grace: Duration::from_secs(5),
-            reap_settle: Duration::from_secs(10),
-        }
+        let (mut cfg, _) = Args::default()
+            .resolve()
+            .expect("the declared defaults are valid (a unit test checks it)");
+        cfg.redis_url = redis_url.into();
+        cfg.id = id.into();
+        cfg.reap_settle = cfg.node_ttl;
+        cfg
     }
 
     /// Checks the relations between settings; the error says which one to change.
@@ -202,21 +158,18 @@ impl Config {
 
     /// How often the leader renews (and a follower retries) the leader lease.
     pub fn leader_renew_interval(&self) -> Duration {
-        self.leader_ttl / 3
+        timing::leader_renew_interval(self.leader_ttl)
     }
 
-    /// The longest pause between two successful Redis round trips that is still normal. A longer one
-    /// means Redis (or this process) stalled: heartbeats may look old for reasons that are not the
-    /// nodes', so reaping waits `reap_settle`. A stall shorter than this cannot make a live node look
-    /// dead: its heartbeat age stays below a third of the node TTL plus the stall.
+    /// The longest pause between two successful Redis round trips that is still normal; see
+    /// [`timing::stall_threshold`]. A longer one makes reaping wait `reap_settle`.
     pub fn stall_threshold(&self) -> Duration {
-        // Every coordinator makes a round trip each tick (followers too), so 2 ticks is abnormal.
-        (self.node_ttl / 3).max(self.tick * 2)
+        timing::stall_threshold(self.node_ttl, self.tick)
     }
 
     /// How long a stop command is considered in flight before it may be sent again.
     pub fn stop_resend_after(&self) -> Duration {
-        self.lease_ttl + self.node_ttl
+        timing::stop_resend_after(self.lease_ttl, self.node_ttl)
     }
 
     /// `by` in the commands this coordinator sends.
@@ -227,30 +180,14 @@ impl Config {
 
 /// `<host>-<pid>`, made to fit the id alphabet.
 fn default_id() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let host: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(48)
-        .collect();
-    let host = if host.is_empty() {
-        "coordinator".to_string()
-    } else {
-        host
-    };
+    let host = farm_runtime::config::host_name(48, "coordinator");
     format!("{host}-{}", std::process::id())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     #[test]
     fn defaults_pass_and_bad_relations_are_refused() {
@@ -288,5 +225,53 @@ mod tests {
         assert_eq!(cfg.id, "bench");
         assert_eq!(cfg.redis_url, "redis://127.0.0.1:1/");
         assert_eq!(cfg.by(), "coordinator:bench");
+        assert_eq!(cfg.prefix, farm_proto::keys::DEFAULT_PREFIX);
+        assert_eq!(cfg.reap_settle, Duration::from_secs(10));
+        assert_eq!(
+            (cfg.idle_batch, cfg.max_idle_stops, cfg.max_reaps),
+            (500, 5000, 500)
+        );
+        assert_eq!(cfg.listen, SocketAddr::from(([127, 0, 0, 1], 9180)));
+        cfg.check().expect("the defaults are valid");
+    }
+
+    #[test]
+    fn the_file_sits_between_flags_and_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(
+            &path,
+            "id = \"from-file\"\ntick = \"500ms\"\nidle_batch = 50\nlisten = \"127.0.0.1:9999\"\n",
+        )
+        .expect("write");
+        let path = path.to_str().expect("utf8");
+        let cfg = Config::from_args(Args::parse_from(["farm-coordinator", "--config", path]))
+            .expect("valid");
+        assert_eq!(cfg.id, "from-file");
+        assert_eq!(cfg.tick, Duration::from_millis(500));
+        assert_eq!(cfg.idle_batch, 50);
+        assert_eq!(cfg.listen.port(), 9999);
+        assert_eq!(cfg.node_ttl, Duration::from_secs(10), "default");
+        let cfg = Config::from_args(Args::parse_from([
+            "farm-coordinator",
+            "--config",
+            path,
+            "--tick",
+            "2s",
+        ]))
+        .expect("valid");
+        assert_eq!(cfg.tick, Duration::from_secs(2), "the flag wins");
+
+        std::fs::write(path, "tick = \"soon\"\n").expect("write");
+        let err = Config::from_args(Args::parse_from(["farm-coordinator", "--config", path]))
+            .expect_err("bad duration");
+        assert!(err.to_string().contains("tick: invalid duration"), "{err}");
+        std::fs::write(path, "node_id = \"x\"\n").expect("write");
+        let err = Config::from_args(Args::parse_from(["farm-coordinator", "--config", path]))
+            .expect_err("a node setting");
+        assert!(
+            err.to_string().contains("unknown setting `node_id`"),
+            "{err}"
+        );
     }
 }

@@ -13,17 +13,12 @@ use crate::leader::{self, Campaign};
 use crate::shared::Shared;
 use crate::store::StoreError;
 use crate::tick::{self, TickError, TickReport, TickState};
-use futures::future::BoxFuture;
-use futures::FutureExt;
+use farm_runtime::tasks::{Policy, Tasks};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// A coordinator driven step by step: [`Coordinator::campaign`] and [`Coordinator::tick`]. [`run`]
 /// drives one with timers; tests and benchmarks call the steps themselves.
@@ -81,97 +76,43 @@ pub async fn run(
         "farm-coordinator starting"
     );
     let cancel = CancellationToken::new();
+    // Each runs until cancelled: an earlier end stops the coordinator.
     let mut tasks = Tasks::new();
+    let c = cancel.clone();
+    let s = sh.clone();
+    let span = |name: &'static str| info_span!("task", name);
     tasks.spawn(
         "leader",
-        leader::leader_loop(sh.clone(), cancel.clone())
-            .map(Ok)
-            .boxed(),
+        Policy::Critical,
+        leader::leader_loop(s, c).instrument(span("leader")),
     );
     let c = cancel.clone();
     tasks.spawn(
         "tick",
-        async move {
-            tick_loop(&mut coord, c).await;
-            Ok(())
-        }
-        .boxed(),
+        Policy::Critical,
+        async move { tick_loop(&mut coord, c).await }.instrument(span("tick")),
     );
     let server = axum::serve(listener, http::app(sh.clone()))
         .with_graceful_shutdown(cancel.clone().cancelled_owned());
     tasks.spawn(
         "http",
-        async move { server.await.map_err(|e| format!("http server: {e}")) }.boxed(),
+        Policy::Critical,
+        async move { server.await.map_err(|e| format!("http server: {e}")) }
+            .instrument(span("http")),
     );
     let failure = tasks.until(shutdown).await;
     cancel.cancel();
-    tasks.stop(cfg.shutdown_grace).await;
+    // Errors while stopping were logged; they do not change how the coordinator ends.
+    let _ = tasks.stop(cfg.shutdown_grace).await;
     // Only after the tick task stopped: no write of ours can follow the release.
     leader::resign(&sh).await;
     info!("farm-coordinator stopped");
-    failure.map_or(Ok(()), Err)
-}
-
-/// The process's named background tasks. Each reports its end; an end before shutdown was asked
-/// for is a failure of the process.
-struct Tasks {
-    tracker: TaskTracker,
-    ended_tx: mpsc::Sender<(&'static str, Result<(), String>)>,
-    ended_rx: mpsc::Receiver<(&'static str, Result<(), String>)>,
-}
-
-impl Tasks {
-    fn new() -> Self {
-        let (ended_tx, ended_rx) = mpsc::channel(4);
-        Self {
-            tracker: TaskTracker::new(),
-            ended_tx,
-            ended_rx,
-        }
-    }
-
-    /// Runs `fut` as the task `name` (in its span); a panic counts as its end with an error.
-    fn spawn(&self, name: &'static str, fut: BoxFuture<'static, Result<(), String>>) {
-        let ended = self.ended_tx.clone();
-        self.tracker.spawn(
-            async move {
-                let r = match AssertUnwindSafe(fut).catch_unwind().await {
-                    Ok(r) => r,
-                    Err(_) => Err("panicked".to_string()),
-                };
-                let _ = ended.send((name, r)).await;
-            }
-            .instrument(info_span!("task", name)),
-        );
-    }
-
-    /// Waits for `shutdown` or the first task's end, which is returned as the failure.
-    async fn until(&mut self, shutdown: impl Future<Output = ()>) -> Option<CoordinatorError> {
-        tokio::select! {
-            _ = shutdown => {
-                info!("shutdown requested");
-                None
-            }
-            Some((task, r)) = self.ended_rx.recv() => {
-                let why = r.err().unwrap_or_else(|| "returned".into());
-                error!(task, %why, "background task ended unexpectedly; shutting down");
-                Some(CoordinatorError::Task { task, why })
-            }
-        }
-    }
-
-    /// Waits (at most `grace`) for the tasks, which were told to stop.
-    async fn stop(self, grace: Duration) {
-        self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                ?grace,
-                "background tasks did not stop within the shutdown grace"
-            );
-        }
+    match failure {
+        Some(f) => Err(CoordinatorError::Task {
+            task: f.task,
+            why: f.why,
+        }),
+        None => Ok(()),
     }
 }
 

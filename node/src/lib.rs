@@ -29,14 +29,17 @@ pub mod sweep;
 pub mod watcher;
 
 use crate::config::Config;
+use crate::guard::GuardTask;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::store::Store;
-use crate::watcher::HlsWatcher;
+use crate::watcher::{Dispatcher, HlsWatcher};
+use farm_runtime::tasks::{Policy, Tasks};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,17 +57,75 @@ pub enum NodeError {
     #[error("{0}")]
     Guard(String),
     #[error("http server failed: {0}")]
-    Http(std::io::Error),
+    Http(String),
+    #[error(transparent)]
+    Task(#[from] farm_runtime::tasks::TaskFailed),
 }
 
-/// Runs the node on `listener` until `shutdown` completes, then stops every channel, releases
-/// leases and deregisters, within `shutdown_grace`.
+/// Runs the node on `listener` until `shutdown` completes (or a critical background task ends),
+/// then stops every channel, releases leases and deregisters, within `shutdown_grace`.
 pub async fn run(
     cfg: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let cfg = Arc::new(cfg);
+    let (node, dispatcher, guard_task) = start(&cfg, &listener).await?;
+    info!(node = %cfg.node_id, incarnation = %node.incarnation, listen = %cfg.listen, ffmpeg_sandbox = node.sandbox.enforced(), "farm-node starting");
+    let mut tasks = Tasks::new();
+    // The guard outlives the channels (it must fence them until they are stopped): its own token,
+    // cancelled after they are.
+    let guard_cancel = CancellationToken::new();
+    spawn_tasks(&tasks, &node, dispatcher, guard_task, guard_cancel.clone())?;
+    // What a connection may cost, the connection cap fitted under this process's fd limit.
+    let limits = server::Limits::new(&cfg, server::fd_limit());
+    let server = server::serve(
+        listener,
+        http::app(node.clone()),
+        limits,
+        node.metrics.clone(),
+        node.cancel.clone(),
+        cfg.shutdown_grace,
+    );
+    tasks.spawn(
+        "http",
+        Policy::Critical,
+        server.instrument(info_span!("http")),
+    );
+    let cancel = node.cancel.clone();
+    let failure = tasks
+        .until(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = cancel.cancelled() => {}
+            }
+        })
+        .await;
+    node.cancel.cancel();
+    stop_channels(&node).await;
+    guard_cancel.cancel();
+    if let Err(e) = node.store.deregister(&cfg.node_id).await {
+        error!(error = %e, "could not deregister; the node's keys expire or are reaped");
+    }
+    node.watcher.close();
+    // The HTTP server drains within `shutdown_grace` from the cancellation; the others end at once.
+    let stopped = tasks
+        .stop(cfg.shutdown_grace.max(Duration::from_secs(5)))
+        .await;
+    info!("farm-node stopped");
+    match (failure, stopped) {
+        (Some(f), _) => Err(f.into()),
+        (None, Some(f)) if f.task == "http" => Err(NodeError::Http(f.why)),
+        _ => Ok(()),
+    }
+}
+
+/// Everything the node needs before it serves: the HLS folder (swept), Redis, the file watcher,
+/// the sandbox, the egress policy and the guard process.
+async fn start(
+    cfg: &Arc<Config>,
+    listener: &TcpListener,
+) -> Result<(Arc<Node>, Dispatcher, GuardTask), NodeError> {
     std::fs::create_dir_all(&cfg.hls_root)
         .map_err(|e| NodeError::HlsRoot(cfg.hls_root.display().to_string(), e))?;
     let root = cfg.hls_root.clone();
@@ -96,117 +157,123 @@ pub async fn run(
         std::process::id(),
         cfg.hls_root.clone(),
         egress.spec(),
-        guard::Limits::from_config(&cfg),
+        guard::Limits::from_config(cfg),
         metrics.clone(),
     )
     .await
     .map_err(NodeError::Guard)?;
-    let node = Node::new(
-        cfg.clone(),
-        store,
-        watcher.clone(),
-        metrics,
-        egress,
-        sandbox,
-        guard,
-    );
-    info!(node = %cfg.node_id, incarnation = %node.incarnation, listen = %cfg.listen, ffmpeg_sandbox = sandbox.enforced(), "farm-node starting");
+    let node = Node::new(cfg.clone(), store, watcher, metrics, egress, sandbox, guard);
+    Ok((node, dispatcher, guard_task))
+}
 
-    // Named background tasks; each ends on cancellation (the watcher's when the watcher closes).
-    let background = tokio_util::task::TaskTracker::new();
-    background.spawn(dispatcher.run().instrument(info_span!("watcher")));
-    background.spawn(node::access_flush_loop(node.clone()).instrument(info_span!("access_flush")));
+/// The node's background tasks but the HTTP server. Each ends when told to (the node's token; the
+/// watcher's when the watcher closes; the guard's on `guard_cancel`), so all are critical but the
+/// memory release, which is best effort.
+fn spawn_tasks(
+    tasks: &Tasks,
+    node: &Arc<Node>,
+    dispatcher: Dispatcher,
+    guard_task: GuardTask,
+    guard_cancel: CancellationToken,
+) -> Result<(), NodeError> {
+    tasks.spawn(
+        "watcher",
+        Policy::Critical,
+        dispatcher.run().instrument(info_span!("watcher")),
+    );
+    tasks.spawn(
+        "access_flush",
+        Policy::Critical,
+        node::access_flush_loop(node.clone()).instrument(info_span!("access_flush")),
+    );
     // After a burst (connections, channel starts), freed memory goes back to the system.
-    background.spawn(
+    tasks.spawn(
+        "memory_release",
+        Policy::Helper,
         memory::release_loop(node.metrics.clone(), node.cancel.clone())
             .instrument(info_span!("memory_release")),
     );
-    // The guard outlives the channels (it must fence them until they are stopped): its own token,
-    // cancelled after they are.
-    let guard_cancel = tokio_util::sync::CancellationToken::new();
     let n = node.clone();
-    background.spawn(
+    // Their gateways died with the guard: stop the running channels (a viewer starts them again).
+    let on_lost = move || stop_running(&n, "guard_lost");
+    tasks.spawn(
+        "guard",
+        Policy::Critical,
         guard_task
-            .run(guard_cancel.clone(), move || {
-                // Their gateways died with the guard: stop them (a viewer starts them again).
-                let running = |e: &node::ChannelEntry| {
-                    e.gen() > 0
-                        && matches!(
-                            e.phase(),
-                            node::Phase::Starting | node::Phase::Ready | node::Phase::Restarting
-                        )
-                };
-                for e in n.entries().iter().filter(|e| running(e)) {
-                    let _ = e.inbox.try_send(node::Ctl::Stop {
-                        reason: "guard_lost".into(),
-                        done: None,
-                    });
-                }
-            })
+            .run(guard_cancel, on_lost)
             .instrument(info_span!("guard")),
     );
-    let n = node.clone();
-    background.spawn(
-        async move {
-            // The Redis half of the sweep must finish before this incarnation renews or takes commands.
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match sweep::sweep_redis(&n.store, &n.cfg.node_id, &n.cfg.hls_root).await {
-                    Ok(r) => {
-                        if r != sweep::SweepReport::default() {
-                            info!(report = ?r, "start-up sweep of redis leftovers");
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, retry_in = ?delay, "start-up sweep: redis unavailable");
-                        tokio::select! {
-                            _ = n.cancel.cancelled() => return,
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-            tokio::join!(
-                node::keepalive_loop(n.clone()).instrument(info_span!("keepalive")),
-                commands::command_loop(n.clone()).instrument(info_span!("commands")),
-            );
-        }
-        .instrument(info_span!("startup")),
+    tasks.spawn(
+        "startup",
+        Policy::Critical,
+        startup(node.clone()).instrument(info_span!("startup")),
     );
-
-    if let Some(path) = &cfg.access_socket {
+    if let Some(path) = &node.cfg.access_socket {
         let sock = access_log::bind(path)
             .map_err(|e| NodeError::AccessSocket(path.display().to_string(), e))?;
-        background.spawn(access_log::run(node.clone(), sock).instrument(info_span!("access_log")));
+        tasks.spawn(
+            "access_log",
+            Policy::Critical,
+            access_log::run(node.clone(), sock).instrument(info_span!("access_log")),
+        );
     }
+    Ok(())
+}
 
-    let cancel = node.cancel.clone();
-    // What a connection may cost, the connection cap fitted under this process's fd limit.
-    let limits = server::Limits::new(&cfg, server::fd_limit());
-    let server = server::serve(
-        listener,
-        http::app(node.clone()),
-        limits,
-        node.metrics.clone(),
-        cancel.clone(),
-        cfg.shutdown_grace,
+/// The `startup` task: the Redis half of the start-up sweep, which must finish before this
+/// incarnation renews or takes commands, then the keepalive and the command consumer.
+async fn startup(n: Arc<Node>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match sweep::sweep_redis(&n.store, &n.cfg.node_id, &n.cfg.hls_root).await {
+            Ok(r) => {
+                if r != sweep::SweepReport::default() {
+                    info!(report = ?r, "start-up sweep of redis leftovers");
+                }
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?delay, "start-up sweep: redis unavailable");
+                tokio::select! {
+                    _ = n.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tokio::join!(
+        node::keepalive_loop(n.clone()).instrument(info_span!("keepalive")),
+        commands::command_loop(n.clone()).instrument(info_span!("commands")),
     );
-    let server = tokio::spawn(server.instrument(info_span!("http")));
-    tokio::select! {
-        _ = shutdown => info!("shutdown requested"),
-        _ = cancel.cancelled() => {}
-    }
-    cancel.cancel();
+}
 
-    // Channels see the cancellation and stop their FFmpegs; wait for them, bounded.
-    node.tracker.close();
-    if tokio::time::timeout(cfg.shutdown_grace, node.tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(grace = ?cfg.shutdown_grace, "channels did not stop within the shutdown grace; killing their FFmpegs");
+/// Tells every channel that runs (or is starting) to stop, with `reason`.
+fn stop_running(n: &Node, reason: &str) {
+    let running = |e: &node::ChannelEntry| {
+        e.gen() > 0
+            && matches!(
+                e.phase(),
+                node::Phase::Starting | node::Phase::Ready | node::Phase::Restarting
+            )
+    };
+    for e in n.entries().iter().filter(|e| running(e)) {
+        let _ = e.inbox.try_send(node::Ctl::Stop {
+            reason: reason.into(),
+            done: None,
+        });
+    }
+}
+
+/// Waits (at most `shutdown_grace`) for the channels, which saw the cancellation and stop their
+/// FFmpegs; past it, kills what is left and removes their folders.
+async fn stop_channels(node: &Node) {
+    let grace = node.cfg.shutdown_grace;
+    if !farm_runtime::tasks::close_and_wait(&node.tracker, grace).await {
+        warn!(
+            ?grace,
+            "channels did not stop within the shutdown grace; killing their FFmpegs"
+        );
         for e in node.entries() {
             let pid = e.state().pid;
             if pid > 0 {
@@ -215,23 +282,4 @@ pub async fn run(
             let _ = std::fs::remove_dir_all(&e.dir);
         }
     }
-    guard_cancel.cancel();
-    if let Err(e) = node.store.deregister(&cfg.node_id).await {
-        error!(error = %e, "could not deregister; the node's keys expire or are reaped");
-    }
-    watcher.close();
-    background.close();
-    if tokio::time::timeout(Duration::from_secs(5), background.wait())
-        .await
-        .is_err()
-    {
-        warn!("background tasks did not end within 5s");
-    }
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(NodeError::Http(e)),
-        Err(e) => error!(error = %e, "http task panicked"),
-    }
-    info!("farm-node stopped");
-    Ok(())
 }

@@ -1,5 +1,6 @@
-//! The `farm-node` binary: parse settings, set up logging, run until SIGTERM or Ctrl-C. Run as
-//! `farm-node __guard` by the node itself, it is the node's guard process.
+//! The `farm-node` binary: parse settings, set up logging, run until SIGTERM or Ctrl-C (see
+//! `farm_runtime::daemon`). Run as `farm-node __guard` by the node itself, it is the node's guard
+//! process.
 
 use clap::Parser;
 use farm_node::config::{Args, Config};
@@ -10,57 +11,12 @@ fn main() -> ExitCode {
     if farm_node::guard::is_guard_invocation() {
         return farm_node::guard::main();
     }
-    let cfg = match Config::from_args(Args::parse()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("farm-node: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    tracing_subscriber::fmt()
+    farm_runtime::daemon::main(
+        "farm-node",
+        Config::from_args(Args::parse()),
+        |cfg| cfg.listen,
         // One line per event, whatever a field holds (a command's reason, an FFmpeg line...).
-        .with_writer(farm_node::logging::Escaping(std::io::stderr))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("farm-node: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("farm-node: cannot listen on {}: {e}", cfg.listen);
-                return ExitCode::FAILURE;
-            }
-        };
-        match farm_node::run(cfg, listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("farm-node: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+        farm_node::logging::Escaping(std::io::stderr),
+        farm_node::run,
+    )
 }

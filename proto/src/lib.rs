@@ -5,6 +5,7 @@
 //!   gen-checked writes. Times inside them come from Redis `TIME`, never from a node's clock.
 //! - [`records`]: the node heartbeat hash and the stream hash as typed records.
 //! - [`types`]: catalog entries, stream states, commands and event names.
+//! - [`timing`]: the farm-wide timing relations (fence, keepalive, stall, leader renewal).
 //! - [`validate`]: every id, file name and URL that comes from outside is checked here.
 //! - [`redact`]: credentials out of every URL that is shown, stored or put in FFmpeg's argv.
 
@@ -15,6 +16,7 @@ pub mod records;
 pub mod redact;
 pub mod redis_url;
 pub mod scripts;
+pub mod timing;
 pub mod token;
 pub mod types;
 pub mod validate;

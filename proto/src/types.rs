@@ -245,7 +245,7 @@ impl Command {
 
     /// The `XADD` that appends this command to `farm:cmd:<node>`, capped at
     /// [`CMD_MAXLEN`](crate::keys::CMD_MAXLEN) like every writer's.
-    pub fn xadd(&self, keys: &crate::Keys, node: &str) -> redis::Cmd {
+    pub fn xadd(&self, keys: &crate::keys::Keys, node: &str) -> redis::Cmd {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(keys.cmd(node))
             .arg("MAXLEN")

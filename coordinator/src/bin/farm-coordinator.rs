@@ -1,60 +1,16 @@
-//! The `farm-coordinator` binary: parse settings, set up logging, run until SIGTERM or Ctrl-C.
+//! The `farm-coordinator` binary: parse settings, set up logging, run until SIGTERM or Ctrl-C (see
+//! `farm_runtime::daemon`).
 
 use clap::Parser;
 use farm_coordinator::config::{Args, Config};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cfg = match Config::from_args(Args::parse()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("farm-coordinator: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("farm-coordinator: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("farm-coordinator: cannot listen on {}: {e}", cfg.listen);
-                return ExitCode::FAILURE;
-            }
-        };
-        match farm_coordinator::run(cfg, listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("farm-coordinator: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    farm_runtime::daemon::main(
+        "farm-coordinator",
+        Config::from_args(Args::parse()),
+        |cfg| cfg.listen,
+        std::io::stderr,
+        farm_coordinator::run,
+    )
 }

@@ -151,7 +151,7 @@ async fn watch_run(
     let (node, entry, cfg) = (plan.node, plan.entry, &plan.node.cfg);
     let pid = r.pid;
     let spawned = Instant::now();
-    let first_allowance = cfg.hls_time * 3 + cfg.read_timeout;
+    let first_allowance = cfg.stall_after() + cfg.read_timeout;
     let mut running_written = false;
     // FFmpeg's playlist as of the previous run: only a new rename publishes.
     let mut seen_playlist = progress.borrow().ffmpeg_playlist;
@@ -159,7 +159,7 @@ async fn watch_run(
         let (deadline, waiting_for) = {
             let p = progress.borrow();
             match p.last_segment {
-                Some(t) => (t + cfg.hls_time * 3, "a new segment"),
+                Some(t) => (t + cfg.stall_after(), "a new segment"),
                 None => (spawned + first_allowance, "the first segment"),
             }
         };

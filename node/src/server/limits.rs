@@ -59,7 +59,9 @@ impl Limits {
         Self {
             header_timeout: cfg.http_header_timeout,
             idle_timeout: cfg.http_idle_timeout,
-            max_header_bytes: cfg.http_max_header_bytes.max(8 << 10),
+            max_header_bytes: usize::try_from(cfg.http_max_header_bytes)
+                .unwrap_or(usize::MAX)
+                .max(8 << 10),
             max_connections: usize::try_from(max).unwrap_or(usize::MAX).max(1),
             max_per_addr: cfg.http_max_connections_per_addr as usize,
             trusted: cfg.trusted_proxies.clone(),
