@@ -451,7 +451,7 @@ impl AbuseFarm {
                 .map(|n| fd_count(n.pid()).unwrap_or(0))
                 .collect(),
         };
-        let pids: Vec<i32> = self.nodes.iter().map(NodeProcess::pid).collect();
+        let pids: Vec<i32> = self.nodes.iter().map(|n| n.pid()).collect();
         let (peaks, stop) = (self.peaks.clone(), self.stop.clone());
         let rt = self.viewer_rt.as_ref().expect("viewer runtime");
         rt.spawn(async move {

@@ -3,28 +3,18 @@
 //! [`owner`]), [`ffmpegs_for`] (a channel's FFmpegs on one node), [`node_args`] (short TTLs) and
 //! [`fake_source`] (a fake-ffmpeg URL).
 //!
-//! A coordinator runs with a cleared environment (PATH, HOME, `RUST_LOG=info,farm_coordinator=debug`,
-//! plus what the test adds), logs stdout+stderr to a file in its own temp dir, and is ready once its
-//! `/healthz` answers (200 or 503: it answers before it has reached Redis). On drop it is SIGKILLed
-//! and reaped; when the test panics, its log tail goes to stderr.
+//! A coordinator runs as a [`Daemon`] with `RUST_LOG=info,farm_coordinator=debug`, and is ready once
+//! its `/healthz` answers (200 or 503: it answers before it has reached Redis). On drop it is
+//! SIGKILLed and reaped; when the test panics, its log tail goes to stderr.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::ffi::OsString;
+use std::path::Path;
 
 use redis::aio::MultiplexedConnection;
 
-use crate::bins::bin_path;
-use crate::ports::free_port;
-use crate::procs::tail;
-use crate::signal;
-
-/// How long [`CoordinatorProcess::spawn`] waits for `/healthz`.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub use crate::daemon::{http_get, metric_value, READY_TIMEOUT};
+use crate::daemon::{Daemon, DaemonSpec, Ready};
 
 /// How to start a coordinator.
 #[derive(Debug, Clone)]
@@ -64,286 +54,61 @@ impl CoordinatorOpts {
     }
 }
 
-/// A running `farm-coordinator`.
+/// A running `farm-coordinator`: a [`Daemon`] (signals, log, `/metrics`, exit; reached through
+/// `Deref`) with its options.
 pub struct CoordinatorProcess {
-    child: Child,
-    exit: Option<ExitStatus>,
-    addr: SocketAddr,
+    daemon: Daemon,
     opts: CoordinatorOpts,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl CoordinatorProcess {
     /// Starts `farm-coordinator` and waits until `/healthz` answers. Panics with its log if it exits
     /// first or never answers.
     pub fn spawn(opts: CoordinatorOpts) -> CoordinatorProcess {
-        let bin = bin_path("farm-coordinator");
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("farm-coordinator-{}-", opts.id))
-            .tempdir()
-            .expect("create temp dir for farm-coordinator");
-        let log_path = dir.path().join("coordinator.log");
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let mut child = start_child(&bin, &opts, addr, &log_path);
-            match wait_ready(&mut child, addr, READY_TIMEOUT) {
-                Ok(()) => {
-                    return CoordinatorProcess {
-                        child,
-                        exit: None,
-                        addr,
-                        opts,
-                        log_path,
-                        _dir: dir,
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    if log.contains("ddress already in use") && attempt < 3 {
-                        continue;
-                    }
-                    panic!(
-                        "farm-coordinator {} not ready: {e}\n--- coordinator log ({}) ---\n{}\n--- end ---",
-                        opts.id,
-                        log_path.display(),
-                        tail(&log, 60)
-                    );
-                }
-            }
-        }
-    }
-
-    /// `http://127.0.0.1:<port>`.
-    pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        let spec = DaemonSpec {
+            bin: "farm-coordinator",
+            label: &opts.id,
+            rust_log: "info,farm_coordinator=debug",
+            env: &opts.env,
+            listen: None,
+            ready: Ready::Answers,
+        };
+        let daemon = Daemon::spawn(spec, |addr| {
+            let mut args: Vec<OsString> = [
+                "--id".into(),
+                opts.id.clone().into(),
+                "--redis-url".into(),
+                opts.redis_url.clone().into(),
+                "--listen".into(),
+                addr.to_string().into(),
+            ]
+            .into();
+            args.extend(opts.extra_args.iter().map(OsString::from));
+            args
+        });
+        CoordinatorProcess { daemon, opts }
     }
 
     pub fn id(&self) -> &str {
         &self.opts.id
     }
 
-    pub fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("pid fits in i32")
-    }
-
     pub fn opts(&self) -> &CoordinatorOpts {
         &self.opts
     }
+}
 
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
-    /// Its log so far (stdout + stderr).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// `(status, body)` of `GET path` on its HTTP server, `None` if it does not answer within 1 s.
-    pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.addr, path)
-    }
-
-    /// Its `/metrics` text ("" when it does not answer).
-    pub fn metrics(&self) -> String {
-        self.get("/metrics").map(|(_, b)| b).unwrap_or_default()
-    }
-
-    /// Sum of the samples of one series in `/metrics` whose name (with labels) starts with `name`,
-    /// e.g. `farm_coordinator_idle_stops_total` or `farm_coordinator_reaps_total{reason="node_dead"}`.
-    pub fn metric(&self, name: &str) -> f64 {
-        metric_value(&self.metrics(), name)
-    }
-
-    /// SIGTERM (graceful shutdown). Use [`CoordinatorProcess::wait_exit`] to wait for it.
-    pub fn sigterm(&self) {
-        self.signal(signal::Sig::TERM, "SIGTERM");
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
-        if self.running() {
-            self.signal(signal::Sig::KILL, "SIGKILL");
-            if let Ok(status) = self.child.wait() {
-                self.exit = Some(status);
-            }
-        }
-    }
-
-    /// SIGSTOP: it freezes, keeping its sockets.
-    pub fn sigstop(&self) {
-        self.signal(signal::Sig::STOP, "SIGSTOP");
-    }
-
-    /// SIGCONT after [`CoordinatorProcess::sigstop`].
-    pub fn sigcont(&self) {
-        self.signal(signal::Sig::CONT, "SIGCONT");
-    }
-
-    fn signal(&self, sig: signal::Sig, name: &str) {
-        if self.exit.is_none() {
-            signal::send(self.pid(), sig)
-                .unwrap_or_else(|e| panic!("{name} farm-coordinator {}: {e}", self.pid()));
-        }
-    }
-
-    /// True until it has exited (and been reaped by this handle).
-    pub fn running(&mut self) -> bool {
-        if self.exit.is_none() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.exit = Some(status);
-            }
-        }
-        self.exit.is_none()
-    }
-
-    /// Waits up to `timeout` for it to exit; its exit status, or `None` if it still runs.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if !self.running() {
-                return self.exit;
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+impl std::ops::Deref for CoordinatorProcess {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
     }
 }
 
-impl Drop for CoordinatorProcess {
-    fn drop(&mut self) {
-        // A stopped process cannot die of SIGKILL until it is continued on some kernels' views; be sure.
-        if self.exit.is_none() {
-            let _ = signal::cont(self.pid());
-        }
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- farm-coordinator {} log tail ({}) ---\n{}\n--- end ---",
-                self.opts.id,
-                self.log_path.display(),
-                tail(&self.log(), 60)
-            );
-        }
+impl std::ops::DerefMut for CoordinatorProcess {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
     }
-}
-
-fn start_child(bin: &Path, opts: &CoordinatorOpts, addr: SocketAddr, log_path: &Path) -> Child {
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(log_path)
-        .unwrap_or_else(|e| panic!("open coordinator log {}: {e}", log_path.display()));
-    let log_err = log.try_clone().expect("clone coordinator log handle");
-    let mut cmd = Command::new(bin);
-    cmd.arg("--id")
-        .arg(&opts.id)
-        .arg("--redis-url")
-        .arg(&opts.redis_url)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .args(&opts.extra_args)
-        .env_clear()
-        .env("RUST_LOG", "info,farm_coordinator=debug")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
-    for key in ["PATH", "HOME"] {
-        if let Some(v) = std::env::var_os(key) {
-            cmd.env(key, v);
-        }
-    }
-    for (k, v) in &opts.env {
-        cmd.env(k, v);
-    }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()))
-}
-
-fn wait_ready(child: &mut Child, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited with {status} before /healthz answered"));
-        }
-        if http_get(addr, "/healthz").is_some() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "GET http://{addr}/healthz gave no answer within {timeout:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `(status, body)` of a plain blocking `GET path` (HTTP/1.1, `Connection: close`), or `None` if the
-/// request fails within 1 s. Usable from sync code and inside async tests alike.
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    s.set_write_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Some((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// Sum of the samples in a Prometheus text whose series (name plus labels) starts with `name`.
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, v) = l.rsplit_once(' ')?;
-            let matches = series == name
-                || (series.starts_with(name)
-                    && (name.ends_with('}') || series[name.len()..].starts_with('{')));
-            matches.then(|| v.parse::<f64>().ok()).flatten()
-        })
-        .sum()
 }
 
 /// One entry of `farm:events`.
@@ -470,32 +235,4 @@ pub async fn owner(
     let v = v?;
     let (n, g) = v.rsplit_once(':')?;
     Some((n.to_string(), g.parse().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metric_values_match_names_and_labels() {
-        let text = "# HELP x\nfarm_coordinator_idle_stops_total 3\n\
-farm_coordinator_reaps_total{reason=\"node_dead\"} 2\n\
-farm_coordinator_reaps_total{reason=\"no_lease\"} 1\n\
-farm_coordinator_reaps_total_other 9\n";
-        assert_eq!(metric_value(text, "farm_coordinator_idle_stops_total"), 3.0);
-        assert_eq!(metric_value(text, "farm_coordinator_reaps_total"), 3.0);
-        assert_eq!(
-            metric_value(text, "farm_coordinator_reaps_total{reason=\"node_dead\"}"),
-            2.0
-        );
-        assert_eq!(metric_value(text, "farm_coordinator_missing"), 0.0);
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
-        );
-    }
 }

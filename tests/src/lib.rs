@@ -12,6 +12,7 @@ pub mod abuse;
 pub mod bench;
 pub mod bins;
 pub mod coordinator;
+pub mod daemon;
 pub mod hls;
 pub mod invariants;
 pub mod launch;
