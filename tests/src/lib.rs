@@ -9,7 +9,6 @@
 //! No fixture synchronises with `sleep`: waits poll a condition with a deadline ([`wait::eventually`]).
 
 pub mod abuse;
-pub mod bench;
 pub mod bins;
 pub mod coordinator;
 pub mod daemon;

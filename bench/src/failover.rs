@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::report::{num, percentile, Figure, Goal, PhaseOutput};
-use super::{add_channel, coordinator_bin, get, Settings};
-use crate::coordinator::{events, leader, owner, CoordinatorOpts, CoordinatorProcess};
-use crate::hls::MediaPlaylist;
-use crate::node::{NodeOpts, NodeProcess};
-use crate::provider::FakeProvider;
-use crate::redis::RedisServer;
+use crate::report::{num, percentile, Figure, Goal, PhaseOutput};
+use crate::{add_channel, coordinator_bin, get, Settings};
+use farm_tests::coordinator::{events, leader, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::hls::MediaPlaylist;
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::provider::FakeProvider;
+use farm_tests::redis::RedisServer;
 
 const NODE_TTL_S: f64 = 3.0;
 const TICK_S: f64 = 1.0;
@@ -110,7 +110,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         if Instant::now() > deadline {
             return Err("the coordinator did not become leader within 20 s".into());
         }
-        super::pause(Duration::from_millis(100)).await;
+        crate::pause(Duration::from_millis(100)).await;
     }
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -253,7 +253,7 @@ async fn owned_by(
                 "{node} did not own the channel within {TRIAL_LIMIT:?} after the kill (no coordinator failover)"
             ));
         }
-        super::pause(Duration::from_millis(50)).await;
+        crate::pause(Duration::from_millis(50)).await;
     }
 }
 
@@ -284,7 +284,7 @@ async fn settle(
             .map_err(|e| format!("EXISTS: {e}"))?;
         if segments >= 3 && alive {
             // The access flush (500 ms) carries this request to Redis.
-            super::pause(Duration::from_millis(700)).await;
+            crate::pause(Duration::from_millis(700)).await;
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -294,7 +294,7 @@ async fn settle(
                 nodes[other].node_id()
             ));
         }
-        super::pause(Duration::from_millis(200)).await;
+        crate::pause(Duration::from_millis(200)).await;
     }
 }
 
@@ -330,6 +330,6 @@ async fn first_segment_from(
                 }
             }
         }
-        super::pause(Duration::from_millis(100)).await;
+        crate::pause(Duration::from_millis(100)).await;
     }
 }

@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::report::{num, percentile, Figure, Goal, PhaseOutput};
-use super::{add_channel, coordinator_bin, Settings};
-use crate::coordinator::{leader, owner, CoordinatorOpts, CoordinatorProcess};
-use crate::nginx::{NginxOpts, NginxServer};
-use crate::node::{NodeOpts, NodeProcess};
-use crate::player::BrowserPlayer;
-use crate::provider::FakeProvider;
-use crate::redis::RedisServer;
+use crate::report::{num, percentile, Figure, Goal, PhaseOutput};
+use crate::{add_channel, coordinator_bin, Settings};
+use farm_tests::coordinator::{leader, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::nginx::{NginxOpts, NginxServer};
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::player::BrowserPlayer;
+use farm_tests::provider::FakeProvider;
+use farm_tests::redis::RedisServer;
 
 const NODE_TTL_S: f64 = 3.0;
 const TICK_S: f64 = 1.0;
@@ -71,7 +71,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let opts: Vec<NodeOpts> = ["v1", "v2"]
         .iter()
         .map(|id| {
-            let addr = SocketAddr::from(([127, 0, 0, 1], crate::ports::free_port()));
+            let addr = SocketAddr::from(([127, 0, 0, 1], farm_tests::ports::free_port()));
             NodeOpts::new(*id, url.clone(), root.path().join(id))
                 .args(node_args())
                 .listen(addr)
@@ -109,7 +109,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         if Instant::now() > deadline {
             return Err("the coordinator did not become leader within 20 s".into());
         }
-        super::pause(Duration::from_millis(100)).await;
+        crate::pause(Duration::from_millis(100)).await;
     }
     let nginx = {
         let o = NginxOpts::for_nodes(nodes.iter());

@@ -23,9 +23,9 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::nginx::{render_cmd, template_path, NginxOpts};
-use crate::ports::free_port;
-use crate::signal;
+use farm_tests::nginx::{render_cmd, template_path, NginxOpts};
+use farm_tests::ports::free_port;
+use farm_tests::signal;
 
 /// Which front.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,7 +279,7 @@ http {{
 }
 
 fn spawn(dir: &Path, conf: &Path, addr: SocketAddr) -> Result<Child, String> {
-    crate::nginx::start_and_wait(
+    farm_tests::nginx::start_and_wait(
         dir,
         conf,
         &dir.join("logs/error.log"),

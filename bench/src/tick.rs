@@ -16,10 +16,10 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
-use super::report::{num, Figure, Goal, PhaseOutput};
-use super::{coordinator_bin, get, http, metric_sum, Settings};
-use crate::coordinator::{CoordinatorOpts, CoordinatorProcess};
-use crate::redis::RedisServer;
+use crate::report::{num, Figure, Goal, PhaseOutput};
+use crate::{coordinator_bin, get, http, metric_sum, Settings};
+use farm_tests::coordinator::{CoordinatorOpts, CoordinatorProcess};
+use farm_tests::redis::RedisServer;
 
 const IDLE_TIMEOUT_MS: u64 = 60_000;
 
@@ -173,7 +173,7 @@ async fn measure(n: usize, s: &Settings) -> Result<SizeResult, String> {
         50,
     )
     .await?;
-    let cpu = |pid: i32| super::sys::cpu_seconds(pid).unwrap_or(f64::NAN);
+    let cpu = |pid: i32| crate::sys::cpu_seconds(pid).unwrap_or(f64::NAN);
     let (redis0, co0) = (cpu(redis.pid()), cpu(co.pid()));
     let (s1, c1) = wait_ticks(
         &client,
@@ -237,7 +237,7 @@ async fn wait_ticks(
                 snap.1
             ));
         }
-        super::pause(Duration::from_millis(poll_ms)).await;
+        crate::pause(Duration::from_millis(poll_ms)).await;
     }
 }
 

@@ -1,6 +1,6 @@
 //! What hostile load does to the farm's promises (issue 14), as figures.
 //!
-//! - `burst_worst_gap_s`: the abuse tests' farm ([`crate::abuse::AbuseFarm`]: redis-server, two
+//! - `burst_worst_gap_s`: the abuse tests' farm ([`farm_tests::abuse::AbuseFarm`]: redis-server, two
 //!   farm-nodes with real FFmpeg reading the fake IPTV provider, `--hls-time 1s`, `--max-streams
 //!   20`, a coordinator, nginx from the shipped template, 3 watched channels each played through
 //!   nginx by a player-like viewer that polls the playlist and downloads every new segment, noting
@@ -28,12 +28,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::report::{num, Figure, Goal, PhaseOutput};
-use super::Settings;
-use crate::abuse::{
+use crate::report::{num, Figure, Goal, PhaseOutput};
+use crate::Settings;
+use farm_tests::abuse::{
     attacker_ip, connect_from, AbuseFarm, AbuseOpts, HLS_TIME, MAX_GAP, MAX_STREAMS,
 };
-use crate::redis::RedisServer;
+use farm_tests::redis::RedisServer;
 
 /// First requests of the burst.
 const BURST: usize = 500;
@@ -60,7 +60,7 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     let addrs: Vec<SocketAddr> = farm.nodes.iter().map(|n| n.addr()).collect();
     // The anchor: the same viewers over a window as long as the burst's, with nothing else going on.
     farm.reset_gaps();
-    super::pause(CALM).await;
+    crate::pause(CALM).await;
     let calm = farm.worst_gap();
     farm.reset_gaps();
     let starts_before = farm.metric("farm_node_channel_starts_total").await;
@@ -87,14 +87,18 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     let answered = t0.elapsed();
     let starts = farm.metric("farm_node_channel_starts_total").await - starts_before;
     // The FFmpegs the burst started run now: watch on.
-    super::pause(AFTER_BURST).await;
+    crate::pause(AFTER_BURST).await;
     let stats = farm.viewer_stats();
     let worst = farm.worst_gap();
     let viewer_errors: usize = stats.iter().map(|s| s.errors.len()).sum();
     let running: Vec<usize> = farm
         .nodes
         .iter()
-        .map(|n| crate::procs::children_of(n.pid()).len().saturating_sub(1))
+        .map(|n| {
+            farm_tests::procs::children_of(n.pid())
+                .len()
+                .saturating_sub(1)
+        })
         .collect();
     out.set(
         "burst",
@@ -203,9 +207,10 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
     let url = redis.url();
     let path = file.display().to_string();
     let t = Instant::now();
-    let res = tokio::task::spawn_blocking(move || crate::node::farmctl(&url, &["import", &path]))
-        .await
-        .map_err(|e| format!("farmctl: {e}"))?;
+    let res =
+        tokio::task::spawn_blocking(move || farm_tests::node::farmctl(&url, &["import", &path]))
+            .await
+            .map_err(|e| format!("farmctl: {e}"))?;
     let took = t.elapsed();
     let (max, pings, over) = pinger.finish()?;
     let imported = {
@@ -227,7 +232,7 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
             "pings": pings,
             "pings_over_100ms": over,
             "max_ping_ms": max.as_secs_f64() * 1000.0,
-            "farmctl_stdout_tail": crate::procs::tail(&String::from_utf8_lossy(&res.stdout), 3),
+            "farmctl_stdout_tail": farm_tests::procs::tail(&String::from_utf8_lossy(&res.stdout), 3),
         }),
     );
     let mut f = Figure::new("import_redis_max_latency_ms", "ms", Goal::AtMost(100.0)).detail(
@@ -244,7 +249,7 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
         f = f.note(format!(
             "farmctl import failed ({}): {}",
             res.status,
-            crate::procs::tail(&String::from_utf8_lossy(&res.stderr), 3)
+            farm_tests::procs::tail(&String::from_utf8_lossy(&res.stderr), 3)
         ));
     }
     out.fig(f);

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 
-use crate::bins::bin_dir;
+use farm_tests::bins::bin_dir;
 use report::{cpu_jiffies, Machine, PhaseOutput, PhaseRun, Report};
 
 /// The benchmark's phases, in the order they run.
@@ -299,7 +299,7 @@ pub fn build_binaries(build: bool) -> Result<Vec<String>, String> {
                 }
                 eprintln!("farm-bench: building {} ...", pkgs.join(", "));
                 let status = cmd
-                    .current_dir(crate::nginx::repo_root())
+                    .current_dir(farm_tests::nginx::repo_root())
                     .stdin(Stdio::null())
                     .status()
                     .map_err(|e| format!("run cargo build: {e}"))?;
@@ -341,7 +341,7 @@ pub fn add_channels(redis_url: &str, channels: &[(String, String)]) -> Result<()
     let path = dir.path().join("channels.m3u");
     std::fs::write(&path, m3u).map_err(|e| format!("write {}: {e}", path.display()))?;
     let path = path.to_string_lossy().into_owned();
-    let out = crate::node::farmctl(redis_url, &["import", &path]);
+    let out = farm_tests::node::farmctl(redis_url, &["import", &path]);
     if !out.status.success() {
         return Err(format!(
             "farmctl import failed ({}): {}",
@@ -354,7 +354,7 @@ pub fn add_channels(redis_url: &str, channels: &[(String, String)]) -> Result<()
 
 /// Adds one channel with `farmctl channel add`.
 pub fn add_channel(redis_url: &str, id: &str, url: &str) -> Result<(), String> {
-    let out = crate::node::farmctl(redis_url, &["channel", "add", id, url]);
+    let out = farm_tests::node::farmctl(redis_url, &["channel", "add", id, url]);
     if !out.status.success() {
         return Err(format!(
             "farmctl channel add {id} failed ({}): {}",
