@@ -167,28 +167,12 @@ pub async fn leader(conn: &mut MultiplexedConnection, prefix: &str) -> Option<St
     v.and_then(|v| v.rsplit_once(':').map(|(id, _)| id.to_string()))
 }
 
-/// `farm-node` arguments for coordinator tests: 1 s segments, lease and node TTL `ttl`, 500 ms
-/// access flush, quick backoff and stop grace.
+/// `farm-node` arguments for coordinator tests: [`crate::farm::FAST`] with lease and node TTL `ttl`.
 pub fn node_args(ttl: &str) -> Vec<String> {
-    [
-        "--hls-time",
-        "1s",
-        "--lease-ttl",
-        ttl,
-        "--node-ttl",
-        ttl,
-        "--access-flush",
-        "500ms",
-        "--backoff-base",
-        "200ms",
-        "--backoff-max",
-        "2s",
-        "--stop-grace",
-        "2s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    crate::farm::with_values(
+        crate::farm::FAST,
+        &[("--lease-ttl", ttl), ("--node-ttl", ttl)],
+    )
 }
 
 /// A fake-ffmpeg source URL: a segment every `seg_ms` (the fake never opens it).

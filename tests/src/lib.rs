@@ -12,6 +12,8 @@ pub mod abuse;
 pub mod bins;
 pub mod coordinator;
 pub mod daemon;
+pub mod farm;
+pub mod fixtures;
 pub mod hls;
 pub mod invariants;
 pub mod launch;

@@ -6,10 +6,8 @@
 //! 500 ms segments) by player-like viewers, which must see no error and no gap, and whose owners
 //! and gens must not change (nothing fenced).
 
-mod common;
-
-use common::*;
 use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::node::NodeProcess;
 use farm_tests::redis::RedisServer;

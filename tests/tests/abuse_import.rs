@@ -13,11 +13,9 @@
 //!   killed while staging, Redis killed while staging (AOF, restarted): the catalog is exactly what
 //!   it was each time; farmctl killed after its commit: the next farmctl finishes the import.
 
-mod common;
-
-use common::*;
 use farm_tests::bins::bin_path;
 use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::netproxy::TcpProxy;
 use farm_tests::node::farmctl;

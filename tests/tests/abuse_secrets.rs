@@ -9,10 +9,8 @@
 //! (events, stream hashes, ...), farmctl's outputs, both `/metrics`, and `/proc/*/cmdline` of every
 //! process while FFmpeg runs. And the channel played: the provider saw the credentials.
 
-mod common;
-
-use common::*;
 use farm_tests::coordinator::{CoordinatorOpts, CoordinatorProcess};
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{raw_request, NginxOpts, NginxServer};
 use farm_tests::node::{farmctl, NodeOpts, NodeProcess};

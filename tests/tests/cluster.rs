@@ -1,9 +1,7 @@
 //! Several nodes on one Redis behave as one server: any node answers for any channel, one FFmpeg
 //! per channel in the farm, capacity-aware forwarding, provider connection limits as leases.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::node::NodeProcess;
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;

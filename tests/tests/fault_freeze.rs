@@ -16,12 +16,10 @@
 //! - The guard's cost per stream: its RSS with N gateways relaying vs none, and its CPU per stream
 //!   and per relayed megabyte.
 
-mod common;
-
-use common::metric;
 use farm_tests::coordinator::{
     farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
 };
+use farm_tests::fixtures::metric;
 use farm_tests::hls::HlsClient;
 use farm_tests::invariants::{self, farm_ffmpegs, settle_time, FarmNode};
 use farm_tests::node::{NodeOpts, NodeProcess};
@@ -146,7 +144,7 @@ fn cpu_secs(pid: i32) -> f64 {
 fn viewer_on_n2(n2: &NodeProcess, since: Instant) -> tokio::task::JoinHandle<(Duration, String)> {
     let url = format!("{}/live/ch/index.m3u8", n2.base_url());
     tokio::spawn(async move {
-        let http = common::client();
+        let http = farm_tests::fixtures::client();
         loop {
             assert!(
                 since.elapsed() < Duration::from_secs(30),

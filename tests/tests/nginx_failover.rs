@@ -9,10 +9,8 @@
 //! `Access-Control-Allow-Origin`, so a browser player sees the status, not a CORS failure. The
 //! dead node's folder is removed at the kill, as the launcher and the systemd unit do.
 
-mod common;
-
-use common::*;
 use farm_tests::coordinator::{owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::fixtures::*;
 use farm_tests::hls::MediaPlaylist;
 use farm_tests::nginx::{NginxOpts, NginxServer};
 use farm_tests::node::NodeProcess;

@@ -8,10 +8,8 @@
 //! - Tampered, expired, wrong-channel, client-bound-elsewhere and missing tokens get 403 through
 //!   nginx; the channel's access time does not move and nothing starts.
 
-mod common;
-
-use common::*;
 use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{raw_request, NginxOpts, NginxServer};
 use farm_tests::redis::RedisServer;

@@ -6,10 +6,8 @@
 //! - Side by side with auth_request on the same node: request rate, latency and how many accesses
 //!   each mode reported (datagrams can be dropped when the node falls behind; subrequests cannot).
 
-mod common;
-
-use common::*;
 use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{NginxOpts, NginxServer};
 use farm_tests::redis::RedisServer;

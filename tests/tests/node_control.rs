@@ -2,9 +2,7 @@
 //! channels, a stale gen changes nothing, and a command left unacked by an earlier incarnation is
 //! picked up after a restart.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::node::http_status;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;

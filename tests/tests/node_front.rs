@@ -1,9 +1,7 @@
 //! The node's side of the nginx front: signed playback URLs, the `auth_request` endpoint, routing
 //! to the owner (307, or X-Accel-Redirect behind nginx) and the zero-cost access socket.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::node::farmctl;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;

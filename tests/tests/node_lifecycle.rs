@@ -4,9 +4,7 @@
 //! time + marker) and never a reused pid; the disk guard refuses starts. Each test ends with the
 //! invariant checker.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
@@ -96,7 +94,7 @@ async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregist
     println!("keys after shutdown: {stopped:?}");
     // The node's command stream stays for its next life (commands sent meanwhile are claimed
     // then): the node comes back, and the farm is clean.
-    let again = common::node(&redis, "n1", root.path(), false, &[]);
+    let again = farm_tests::fixtures::node(&redis, "n1", root.path(), false, &[]);
     leaves_nothing(&redis, &[FarmNode::of(&again)]).await;
 }
 

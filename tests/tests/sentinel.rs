@@ -2,9 +2,7 @@
 //! channels are watched; the farm follows the failover, no channel ever runs twice, and commands
 //! work against the new primary.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::ports::free_port;

@@ -1,45 +1,21 @@
-//! Fixtures shared by the end-to-end test binaries: one Redis, an optional fake provider, and
-//! farm-node processes on temp folders, plus small HTTP and Redis helpers.
-#![allow(dead_code)]
+//! Small fixtures shared by the end-to-end tests: nodes with the fast timing profile
+//! ([`crate::farm::Timing::Fast`]), farmctl channel adds, and HTTP and Redis helpers for assertions.
+//! A whole farm (Redis, provider, nodes, coordinators, nginx) is [`crate::farm::Farm`].
 
-use farm_tests::node::{farmctl, NodeOpts, NodeProcess};
-use farm_tests::procs;
-use farm_tests::redis::RedisServer;
+use crate::node::{farmctl, NodeOpts, NodeProcess};
+use crate::procs;
+use crate::redis::RedisServer;
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-/// Settings that keep end-to-end tests quick: 1 s segments, short TTLs, fast backoff.
-pub const FAST: &[&str] = &[
-    "--hls-time",
-    "1s",
-    "--lease-ttl",
-    "3s",
-    "--node-ttl",
-    "3s",
-    "--access-flush",
-    "500ms",
-    "--backoff-base",
-    "200ms",
-    "--backoff-max",
-    "2s",
-    "--stop-grace",
-    "2s",
-];
+pub use crate::farm::FAST;
 
 /// [`FAST`] with some of its values replaced, e.g. `fast_with(&[("--backoff-base", "1s")])` (a flag
 /// may be given once).
 pub fn fast_with(overrides: &[(&str, &str)]) -> Vec<String> {
-    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
-    for (flag, value) in overrides {
-        let i = args
-            .iter()
-            .position(|a| a == flag)
-            .unwrap_or_else(|| panic!("{flag} is not in FAST"));
-        args[i + 1] = value.to_string();
-    }
-    args
+    crate::farm::with_values(FAST, overrides)
 }
 
 /// A node with [`fast_with`]`(overrides)` and `extra` arguments.
@@ -126,11 +102,11 @@ pub async fn get(url: &str) -> Resp {
 }
 
 /// [`get`] of a playlist whose 200 body goes to the strict RFC 8216 checker of its channel
-/// ([`farm_tests::hls::observe`]: panics on a violation). For one viewer's sequence of fetches.
+/// ([`crate::hls::observe`]: panics on a violation). For one viewer's sequence of fetches.
 pub async fn get_observed(url: &str) -> Resp {
     let r = get(url).await;
     if r.status == 200 {
-        farm_tests::hls::observe(url, &r.text());
+        crate::hls::observe(url, &r.text());
     }
     r
 }
