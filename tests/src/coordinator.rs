@@ -175,6 +175,21 @@ pub fn node_args(ttl: &str) -> Vec<String> {
     )
 }
 
+/// Waits up to `timeout` until `farm:owner:<channel>` is gone (the channel runs nowhere); panics
+/// naming `what` otherwise.
+pub async fn wait_unowned(
+    conn: &MultiplexedConnection,
+    channel: &str,
+    what: &str,
+    timeout: std::time::Duration,
+) {
+    crate::wait::eventually(what, timeout, || {
+        let mut c = conn.clone();
+        async move { owner(&mut c, "farm", channel).await.is_none().then_some(()) }
+    })
+    .await;
+}
+
 /// A fake-ffmpeg source URL: a segment every `seg_ms` (the fake never opens it).
 pub fn fake_source(name: &str, seg_ms: u64) -> String {
     format!("http://127.0.0.1:9/{name}.ts?mode=normal&seg_ms={seg_ms}")

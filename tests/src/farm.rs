@@ -112,13 +112,15 @@ enum Source {
 pub struct FarmBuilder {
     timing: Timing,
     provider: bool,
-    channels: Vec<(String, Source)>,
+    channels: Vec<(String, Source, Vec<String>)>,
     nodes: Vec<String>,
     fake_ffmpeg: bool,
     node_values: Vec<(String, String)>,
     node_extra: Vec<String>,
     coordinators: Vec<String>,
     coordinator_values: Vec<(String, String)>,
+    coordinator_extra: Vec<String>,
+    access_sockets: bool,
     nginx: bool,
 }
 
@@ -138,15 +140,41 @@ impl FarmBuilder {
     /// Adds a channel reading `path` on the fake provider (which this turns on).
     pub fn provider_channel(mut self, id: &str, path: &str) -> Self {
         self.provider = true;
-        self.channels
-            .push((id.to_string(), Source::Provider(path.to_string())));
+        self.channels.push((
+            id.to_string(),
+            Source::Provider(path.to_string()),
+            Vec::new(),
+        ));
         self
     }
 
     /// Adds a channel reading `url`.
-    pub fn channel(mut self, id: &str, url: impl Into<String>) -> Self {
-        self.channels
-            .push((id.to_string(), Source::Url(url.into())));
+    pub fn channel(self, id: &str, url: impl Into<String>) -> Self {
+        self.channel_with(id, url, &[])
+    }
+
+    /// Adds a channel reading `url`, with more `farmctl channel add` arguments (e.g. `--pinned`).
+    pub fn channel_with(mut self, id: &str, url: impl Into<String>, extra: &[&str]) -> Self {
+        self.channels.push((
+            id.to_string(),
+            Source::Url(url.into()),
+            extra.iter().map(|s| s.to_string()).collect(),
+        ));
+        self
+    }
+
+    /// Adds channels reading the fake FFmpeg's source ([`crate::coordinator::fake_source`]), a
+    /// segment every `seg_ms`.
+    pub fn fake_channels(self, ids: &[&str], seg_ms: u64) -> Self {
+        ids.iter().fold(self, |b, id| {
+            b.channel(id, crate::coordinator::fake_source(id, seg_ms))
+        })
+    }
+
+    /// Every node takes access records on a datagram socket, `--access-socket <root>/<id>-access.sock`
+    /// ([`Farm::access_socket`]).
+    pub fn access_sockets(mut self) -> Self {
+        self.access_sockets = true;
         self
     }
 
@@ -187,6 +215,13 @@ impl FarmBuilder {
         self
     }
 
+    /// Appends arguments to every coordinator's command line.
+    pub fn coordinator_args(mut self, args: &[&str]) -> Self {
+        self.coordinator_extra
+            .extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
     /// Starts nginx (auth mode) in front of all the nodes.
     pub fn nginx(mut self) -> Self {
         self.nginx = true;
@@ -211,12 +246,14 @@ impl FarmBuilder {
             redis,
             builder: self,
         };
-        for (id, source) in farm.builder.channels.clone() {
+        for (id, source, extra) in farm.builder.channels.clone() {
             let url = match source {
                 Source::Url(url) => url,
                 Source::Provider(path) => farm.provider().url(&path),
             };
-            farm.add_channel(&id, &url);
+            let mut args = vec!["channel", "add", &id, &url];
+            args.extend(extra.iter().map(String::as_str));
+            crate::coordinator::farmctl_ok(&farm.url(), &args);
         }
         for id in farm.builder.nodes.clone() {
             let node = NodeProcess::spawn(farm.node_opts(&id));
@@ -250,6 +287,11 @@ impl Farm {
         FarmBuilder::default()
     }
 
+    /// The farm most tests want: nodes n1 and n2 and coordinator c1, [`Timing::Fast`].
+    pub fn pair() -> FarmBuilder {
+        Farm::builder().nodes(&["n1", "n2"]).coordinators(&["c1"])
+    }
+
     /// The farm's Redis URL.
     pub fn url(&self) -> String {
         self.redis.url()
@@ -271,14 +313,30 @@ impl Farm {
             .iter()
             .map(|(f, v)| (f.as_str(), v.as_str()))
             .collect();
-        let opts = NodeOpts::new(id, self.url(), self.root.path().join(id))
+        let mut opts = NodeOpts::new(id, self.url(), self.root.path().join(id))
             .args(with_values(self.builder.timing.node_args(), &values))
             .args(self.builder.node_extra.iter().cloned());
+        if self.builder.access_sockets {
+            let sock = self.access_socket(id).to_string_lossy().to_string();
+            opts = opts.args(["--access-socket".to_string(), sock]);
+        }
         if self.builder.fake_ffmpeg {
             opts.with_fake_ffmpeg()
         } else {
             opts
         }
+    }
+
+    /// The access socket of node `id` ([`FarmBuilder::access_sockets`]).
+    pub fn access_socket(&self, id: &str) -> std::path::PathBuf {
+        self.root.path().join(format!("{id}-access.sock"))
+    }
+
+    /// Its nginx. Panics when the farm has none.
+    pub fn nginx(&self) -> &NginxServer {
+        self.nginx
+            .as_ref()
+            .expect("the farm has no nginx: Farm::builder().nginx()")
     }
 
     /// The options a coordinator `id` of this farm starts with.
@@ -291,6 +349,7 @@ impl Farm {
             .collect();
         CoordinatorOpts::new(id, self.url())
             .args(with_values(self.builder.timing.coordinator_args(), &values))
+            .args(self.builder.coordinator_extra.iter().cloned())
     }
 
     /// Starts one more node `id` with the farm's node options (not kept in [`Farm::nodes`]).

@@ -176,3 +176,45 @@ pub async fn all_keys(redis: &RedisServer) -> Vec<String> {
     keys.sort();
     keys
 }
+
+/// A client that does not follow redirects, with a 15 s timeout per request.
+pub fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("http client")
+}
+
+/// GET of a playlist; a 200 body goes to the strict checker ([`crate::hls::observe`]). The status
+/// and body; `(0, "")` when the request fails.
+pub async fn observed_playlist(http: &reqwest::Client, url: &str) -> (u16, String) {
+    match http.get(url).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            if status == 200 {
+                crate::hls::observe(url, &body);
+            }
+            (status, body)
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The gen in a segment URI `seg_<gen>_<msn>.ts`.
+pub fn segment_gen(uri: &str) -> Option<u64> {
+    uri.strip_prefix("seg_")?.split('_').next()?.parse().ok()
+}
+
+/// Redis's clock, ms (the clock `farm:access` is written with).
+pub async fn redis_now_ms(redis: &RedisServer) -> u64 {
+    let mut c = redis.conn().await;
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.expect("TIME");
+    s * 1000 + us / 1000
+}
+
+/// A channel's last access in `farm:access`, ms of Redis's clock.
+pub async fn access(redis: &RedisServer, id: &str) -> Option<u64> {
+    zscore(redis, "farm:access", id).await.map(|v| v as u64)
+}

@@ -9,13 +9,10 @@
 //! node_ttl + tick + 0.5 s of the kill; its first segment within two segment durations of that).
 //! The player keeps playing after a bounded gap, and nothing of the dead node remains.
 
-use farm_tests::coordinator::{
-    events, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
-};
+use farm_tests::coordinator::{events, ffmpegs_for, owner};
+use farm_tests::farm::Farm;
+use farm_tests::fixtures::segment_gen;
 use farm_tests::hls::HlsClient;
-use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::provider::FakeProvider;
-use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use redis::AsyncCommands;
 use std::collections::HashMap;
@@ -26,41 +23,16 @@ const TICK: Duration = Duration::from_secs(1);
 const HLS_TIME: Duration = Duration::from_secs(1);
 const SLACK: Duration = Duration::from_millis(500);
 
-/// The gen in a segment URI `seg_<gen>_<msn>.ts`.
-fn segment_gen(uri: &str) -> Option<u64> {
-    uri.strip_prefix("seg_")?.split('_').next()?.parse().ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_moves_watched_channels_off_a_killed_node() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(
-        &url,
-        &["channel", "add", "news", &provider.url("/live/news.ts")],
-    );
-    farmctl_ok(
-        &url,
-        &["channel", "add", "sports", &provider.url("/live/sports.ts")],
-    );
-    let mut n1 =
-        NodeProcess::spawn(NodeOpts::new("n1", &url, root.path().join("n1")).args(node_args("3s")));
-    let n2 =
-        NodeProcess::spawn(NodeOpts::new("n2", &url, root.path().join("n2")).args(node_args("3s")));
-    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "1s",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let mut farm = Farm::pair()
+        .provider_channel("news", "/live/news.ts")
+        .provider_channel("sports", "/live/sports.ts")
+        .start()
+        .await;
+    let [mut n1, n2] = farm.take_nodes();
+    let [co] = farm.take_coordinators();
+    let (redis, root) = (&farm.redis, &farm.root);
     let mut c = redis.conn().await;
 
     // Both channels start on n1 (their first request goes there).
@@ -285,7 +257,7 @@ new FFmpeg started {spawned:?} after it (bound node_ttl + tick + 0.5 s = {:?}), 
         co.metrics()
     );
     let report = farm_tests::invariants::check_nodes(
-        &redis,
+        redis,
         &[&n1, &n2],
         farm_tests::invariants::settle_time(NODE_TTL, TICK),
     )

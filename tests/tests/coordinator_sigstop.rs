@@ -10,14 +10,10 @@
 //! never two. After SIGCONT the old node runs nothing of the channel, none of its writes land (its
 //! gen is refused), and it rejoins cleanly.
 
-use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts,
-    CoordinatorProcess,
-};
+use farm_tests::coordinator::{events, fake_source, ffmpegs_for, owner};
+use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
-use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::procs;
-use farm_tests::redis::RedisServer;
 use farm_tests::signal;
 use farm_tests::wait::eventually;
 use redis::AsyncCommands;
@@ -39,32 +35,15 @@ fn live(roots: &[&std::path::Path]) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_moves_a_channel_off_a_frozen_node_and_the_node_fences_on_wake() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 500)]);
-    let n1 = NodeProcess::spawn(
-        NodeOpts::new("n1", &url, root.path().join("n1"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let n2 = NodeProcess::spawn(
-        NodeOpts::new("n2", &url, root.path().join("n2"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let mut farm = Farm::pair()
+        .fake_ffmpeg()
+        .coordinator_value("--tick", "500ms")
+        .channel("ch", fake_source("ch", 500))
+        .start()
+        .await;
+    let [n1, n2] = farm.take_nodes();
+    let [_co] = farm.take_coordinators();
+    let redis = &farm.redis;
     let mut c = redis.conn().await;
     let (status, body) = HlsClient::new(&format!("{}/live/ch/index.m3u8", n1.base_url()))
         .get_playlist()
@@ -171,7 +150,7 @@ ch owned by n2 {moved_after:?} into it; {samples} samples, {stopped_samples} wit
         "n1 wrote events for its fenced gen: {late:?}"
     );
     let report = farm_tests::invariants::check_nodes(
-        &redis,
+        redis,
         &[&n1, &n2],
         farm_tests::invariants::settle_time(LEASE, Duration::from_millis(500)),
     )
