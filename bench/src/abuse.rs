@@ -26,12 +26,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::report::{num, Figure, Goal, PhaseOutput};
 use crate::Settings;
 use farm_tests::abuse::{
-    attacker_ip, connect_from, AbuseFarm, AbuseOpts, HLS_TIME, MAX_GAP, MAX_STREAMS,
+    attacker_ip, raw_get, AbuseFarm, AbuseOpts, HLS_TIME, MAX_GAP, MAX_STREAMS,
 };
 use farm_tests::redis::RedisServer;
 
@@ -162,36 +161,14 @@ async fn first_request(
     dst: SocketAddr,
     path: String,
 ) -> Result<(u16, bool, bool), String> {
-    let exchange = async {
-        let mut s = connect_from(src, dst)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
+    let answer = tokio::time::timeout(Duration::from_secs(30), raw_get(src, dst, &path, ""))
         .await
-        .map_err(|e| format!("send: {e}"))?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let end = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| format!("no answer head in {} bytes", raw.len()))?;
-        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line: {head}"))?;
-        let retry = head.lines().any(|l| l.starts_with("retry-after:"));
-        let accel = head.lines().any(|l| l.starts_with("x-accel-redirect:"));
-        Ok((status, retry, accel))
-    };
-    tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .unwrap_or_else(|_| Err("timeout: no answer within 30 s".into()))
+        .unwrap_or_else(|_| Err("timeout: no answer within 30 s".into()))?;
+    Ok((
+        answer.status,
+        answer.header("retry-after").is_some(),
+        answer.header("x-accel-redirect").is_some(),
+    ))
 }
 
 async fn import(out: &mut PhaseOutput) -> Result<(), String> {

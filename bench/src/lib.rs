@@ -22,6 +22,7 @@
 
 pub mod abuse;
 pub mod failover;
+pub mod killfarm;
 pub mod load;
 pub mod nginx;
 pub mod report;

@@ -276,39 +276,13 @@ async fn seed(c: &mut MultiplexedConnection, n: usize, now: u64) -> Result<Vec<S
             .await
             .map_err(|e| format!("seed node: {e}"))?;
     }
-    let mut idle = Vec::new();
-    let ids: Vec<usize> = (0..n).collect();
-    for chunk in ids.chunks(5000) {
-        let mut p = redis::pipe();
-        for &i in chunk {
-            let id = format!("ch{i}");
-            let node = if i % 2 == 0 { "n1" } else { "n2" };
-            let access = if i % 100 == 0 {
-                idle.push(id.clone());
-                now - 2 * IDLE_TIMEOUT_MS
-            } else {
-                now
-            };
-            p.cmd("SET")
-                .arg(format!("farm:owner:{id}"))
-                .arg(format!("{node}:1"))
-                .arg("PX")
-                .arg(600_000)
-                .ignore()
-                .sadd(format!("farm:node:{node}:streams"), &id)
-                .ignore()
-                .hset_multiple(
-                    format!("farm:stream:{id}"),
-                    &[("node", node), ("gen", "1"), ("state", "running")],
-                )
-                .ignore()
-                .zadd("farm:access", &id, access)
-                .ignore();
-        }
-        let _: () = p
-            .query_async(c)
-            .await
-            .map_err(|e| format!("seed channels: {e}"))?;
-    }
-    Ok(idle)
+    farm_tests::coordinator::seed_running_channels(
+        c,
+        n,
+        now,
+        IDLE_TIMEOUT_MS,
+        &[("gen", "1"), ("state", "running")],
+    )
+    .await
+    .map_err(|e| format!("seed channels: {e}"))
 }

@@ -453,34 +453,9 @@ async fn seed_farm(
         .expect("FLUSHALL");
     node(c, "n1", now, true, 0, (n / 2) as u64).await;
     node(c, "n2", now, true, 0, (n / 2) as u64).await;
-    let mut idle = Vec::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-        let mut p = redis::pipe();
-        for &i in chunk {
-            let id = format!("ch{i}");
-            let node = if i % 2 == 0 { "n1" } else { "n2" };
-            let access = if i % 100 == 0 {
-                idle.push(id.clone());
-                now - 2 * idle_timeout_ms
-            } else {
-                now
-            };
-            p.cmd("SET")
-                .arg(format!("farm:owner:{id}"))
-                .arg(format!("{node}:1"))
-                .arg("PX")
-                .arg(600_000)
-                .ignore()
-                .sadd(format!("farm:node:{node}:streams"), &id)
-                .ignore()
-                .hset(format!("farm:stream:{id}"), "node", node)
-                .ignore()
-                .zadd("farm:access", &id, access)
-                .ignore();
-        }
-        let _: () = p.query_async(c).await.expect("seed chunk");
-    }
-    idle
+    farm_tests::coordinator::seed_running_channels(c, n, now, idle_timeout_ms, &[])
+        .await
+        .expect("seed channels")
 }
 
 /// Tick cost with 1k, 10k and 100k channels, 1 % idle: the first tick (which sends the stops) and

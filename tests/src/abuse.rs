@@ -141,6 +141,64 @@ pub fn attacker_ip(net: u8, i: usize) -> IpAddr {
     ))
 }
 
+/// One answer read by [`raw_get`].
+#[derive(Debug, Clone, Default)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    /// A header's value (name case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let name = format!("{}:", name.to_ascii_lowercase());
+        self.head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&name))
+            .map(|l| l[name.len()..].trim().to_string())
+    }
+}
+
+/// `GET path` from `src` to `dst` with `Connection: close` and `extra` header lines (each ending in
+/// `\r\n`); the whole answer, or what went wrong. Unbounded in time: callers put a timeout on it.
+pub async fn raw_get(
+    src: IpAddr,
+    dst: SocketAddr,
+    path: &str,
+    extra: &str,
+) -> Result<RawAnswer, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect_from(src, dst)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .map_err(|e| format!("send: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no answer head in {} bytes", raw.len()))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head}"))?;
+    Ok(RawAnswer {
+        status,
+        head,
+        body: raw[split + 4..].to_vec(),
+    })
+}
+
 /// A TCP connection to `dst` from the loopback address `src`.
 pub async fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     let s = match src {

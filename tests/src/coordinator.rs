@@ -190,6 +190,49 @@ pub async fn wait_unowned(
     .await;
 }
 
+/// Seeds `n` running channels `ch<i>`, owned alternately by n1 and n2 at gen 1 (lease 600 s), as
+/// `claim.lua` leaves them: owner key, the node's stream set, the stream hash (`node` and `fields`)
+/// and an access time `now`, or `now - 2 × idle_timeout_ms` for every 100th channel. Returns those
+/// idle channels.
+pub async fn seed_running_channels(
+    c: &mut MultiplexedConnection,
+    n: usize,
+    now: u64,
+    idle_timeout_ms: u64,
+    fields: &[(&str, &str)],
+) -> redis::RedisResult<Vec<String>> {
+    let mut idle = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let mut p = redis::pipe();
+        for &i in chunk {
+            let id = format!("ch{i}");
+            let node = if i % 2 == 0 { "n1" } else { "n2" };
+            let access = if i % 100 == 0 {
+                idle.push(id.clone());
+                now - 2 * idle_timeout_ms
+            } else {
+                now
+            };
+            let mut hash = vec![("node", node)];
+            hash.extend_from_slice(fields);
+            p.cmd("SET")
+                .arg(format!("farm:owner:{id}"))
+                .arg(format!("{node}:1"))
+                .arg("PX")
+                .arg(600_000)
+                .ignore()
+                .sadd(format!("farm:node:{node}:streams"), &id)
+                .ignore()
+                .hset_multiple(format!("farm:stream:{id}"), &hash)
+                .ignore()
+                .zadd("farm:access", &id, access)
+                .ignore();
+        }
+        let _: () = p.query_async(c).await?;
+    }
+    Ok(idle)
+}
+
 /// A fake-ffmpeg source URL: a segment every `seg_ms` (the fake never opens it).
 pub fn fake_source(name: &str, seg_ms: u64) -> String {
     format!("http://127.0.0.1:9/{name}.ts?mode=normal&seg_ms={seg_ms}")

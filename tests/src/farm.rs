@@ -87,6 +87,15 @@ pub fn with_values(base: &[&str], overrides: &[(&str, &str)]) -> Vec<String> {
     args
 }
 
+/// `base` (flag, value pairs) without the pairs of these flags.
+pub fn without(base: &[&str], flags: &[&str]) -> Vec<String> {
+    base.chunks(2)
+        .filter(|pair| !flags.contains(&pair[0]))
+        .flatten()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// A coordinator with [`FAST_COORDINATOR`] settings, some replaced by `overrides`.
 pub fn fast_coordinator(
     id: &str,
@@ -230,7 +239,11 @@ impl FarmBuilder {
 
     /// Starts the farm: Redis, provider, channels, nodes, coordinators, nginx, in that order.
     pub async fn start(self) -> Farm {
-        let redis = RedisServer::start();
+        self.start_with(RedisServer::start()).await
+    }
+
+    /// [`FarmBuilder::start`] on a Redis the test started itself (e.g. with its own arguments).
+    pub async fn start_with(self, redis: RedisServer) -> Farm {
         let provider = if self.provider {
             Some(FakeProvider::start().await)
         } else {
@@ -352,6 +365,22 @@ impl Farm {
             .args(self.builder.coordinator_extra.iter().cloned())
     }
 
+    /// Node `id` of [`Farm::nodes`]. Panics when there is none.
+    pub fn node(&self, id: &str) -> &NodeProcess {
+        self.nodes
+            .iter()
+            .find(|n| n.node_id() == id)
+            .unwrap_or_else(|| panic!("the farm has no node {id}"))
+    }
+
+    /// Coordinator `id` of [`Farm::coordinators`]. Panics when there is none.
+    pub fn coordinator(&self, id: &str) -> &CoordinatorProcess {
+        self.coordinators
+            .iter()
+            .find(|c| c.id() == id)
+            .unwrap_or_else(|| panic!("the farm has no coordinator {id}"))
+    }
+
     /// Starts one more node `id` with the farm's node options (not kept in [`Farm::nodes`]).
     pub fn spawn_node(&self, id: &str) -> NodeProcess {
         NodeProcess::spawn(self.node_opts(id))
@@ -381,5 +410,20 @@ impl Farm {
             .unwrap_or_else(|v: Vec<CoordinatorProcess>| {
                 panic!("{} coordinators, not {N}", v.len())
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_replaced_and_flags_dropped_in_place() {
+        let base = &["--a", "1", "--b", "2", "--c", "3"];
+        assert_eq!(
+            with_values(base, &[("--b", "9")]),
+            ["--a", "1", "--b", "9", "--c", "3"]
+        );
+        assert_eq!(without(base, &["--a", "--c"]), ["--b", "2"]);
     }
 }

@@ -24,18 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FAST: &[&str] = &[
-    "--hls-time",
-    "1s",
-    "--lease-ttl",
-    "3s",
-    "--node-ttl",
-    "3s",
-    "--access-flush",
-    "500ms",
-    "--stop-grace",
-    "2s",
-];
+/// The fast node settings ([`farm_tests::farm::FAST`]) with the default restart backoff.
+fn fast() -> Vec<String> {
+    farm_tests::farm::without(farm_tests::farm::FAST, &["--backoff-base", "--backoff-max"])
+}
 
 fn repo() -> PathBuf {
     farm_tests::nginx::repo_root()
@@ -219,7 +211,7 @@ fn node_as_acl_user(redis: &ConfRedis, id: &str, root: &Path) -> NodeProcess {
     NodeProcess::spawn(
         NodeOpts::new(id, redis.url("farm-node"), root.join(id))
             .with_fake_ffmpeg()
-            .args(FAST.iter().copied()),
+            .args(fast()),
     )
 }
 
@@ -726,7 +718,7 @@ async fn the_sentinel_example_monitors_the_primary_as_its_acl_user() {
     let node = NodeProcess::spawn(
         NodeOpts::new("n1", via_sentinel, root.path().join("n1"))
             .with_fake_ffmpeg()
-            .args(FAST.iter().copied()),
+            .args(fast()),
     );
     let r = reqwest::get(format!("{}/live/c1/index.m3u8", node.base_url()))
         .await
