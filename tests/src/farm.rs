@@ -96,15 +96,12 @@ pub fn without(base: &[&str], flags: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// A coordinator with [`FAST_COORDINATOR`] settings, some replaced by `overrides`.
-pub fn fast_coordinator(
-    id: &str,
-    redis_url: impl Into<String>,
-    overrides: &[(&str, &str)],
-) -> CoordinatorProcess {
-    CoordinatorProcess::spawn(
-        CoordinatorOpts::new(id, redis_url).args(with_values(FAST_COORDINATOR, overrides)),
-    )
+/// [`FAST_COORDINATOR`] with some values replaced and the flags `left_out` left out (the
+/// coordinator's default then holds), e.g. `coordinator_args(&[("--tick", "500ms")], &[])`.
+pub fn coordinator_args(values: &[(&str, &str)], left_out: &[&str]) -> Vec<String> {
+    let kept = without(FAST_COORDINATOR, left_out);
+    let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
+    with_values(&kept, values)
 }
 
 /// Where a channel added by the builder reads from.

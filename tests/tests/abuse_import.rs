@@ -15,6 +15,7 @@
 
 use farm_tests::bins::bin_path;
 use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
 use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::netproxy::TcpProxy;
@@ -161,16 +162,9 @@ async fn a_100k_import_never_blocks_redis_and_watched_channels_play_on() {
     }
     let n1 = node(&redis, "n1", dir.path(), true, &[]);
     let n2 = node(&redis, "n2", dir.path(), true, &[]);
-    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("co1", redis.url()).args([
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("co1", redis.url()).args(
+        coordinator_args(&[("--tick", "500ms")], &["--idle-timeout"]),
+    ));
     let file = dir.path().join("provider.m3u");
     write_m3u(&file, "c", CHANNELS, None);
     {

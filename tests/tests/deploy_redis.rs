@@ -11,6 +11,7 @@
 //!   finds the primary through it (`redis+sentinel://`) works as `farm-node`.
 
 use farm_tests::coordinator::{owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
 use farm_tests::node::{farmctl, NodeOpts, NodeProcess};
 use farm_tests::ports::free_port;
 use farm_tests::procs::tail;
@@ -377,18 +378,10 @@ async fn coordinator_farmctl_and_ops_work_as_their_acl_users() {
     // A second node: a coordinator reaps nothing while most nodes look dead.
     let _n2 = node_as_acl_user(&redis, "n2", root.path());
     let co = CoordinatorProcess::spawn(
-        CoordinatorOpts::new("co1", redis.url("farm-coordinator")).args([
-            "--idle-timeout",
-            "2s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-            "--leader-ttl",
-            "3s",
-        ]),
+        CoordinatorOpts::new("co1", redis.url("farm-coordinator")).args(coordinator_args(
+            &[("--idle-timeout", "2s"), ("--tick", "500ms")],
+            &[],
+        )),
     );
     for id in ["idle", "kept"] {
         let r = reqwest::get(format!("{}/live/{id}/index.m3u8", n1.base_url()))

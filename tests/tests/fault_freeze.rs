@@ -19,6 +19,7 @@
 use farm_tests::coordinator::{
     farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
 };
+use farm_tests::farm::coordinator_args;
 use farm_tests::fixtures::metric;
 use farm_tests::hls::HlsClient;
 use farm_tests::invariants::{self, farm_ffmpegs, settle_time, FarmNode};
@@ -56,18 +57,9 @@ impl Farm {
             NodeProcess::spawn(NodeOpts::new(id, &url, root.path().join(id)).args(node_args("3s")))
         };
         let (n1, n2) = (node("n1"), node("n2"));
-        let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-            "--idle-timeout",
-            "30s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-            "--leader-ttl",
-            "3s",
-        ]));
+        let co = CoordinatorProcess::spawn(
+            CoordinatorOpts::new("c1", &url).args(coordinator_args(&[("--tick", "500ms")], &[])),
+        );
         Farm {
             redis,
             provider,
