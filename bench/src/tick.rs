@@ -19,6 +19,7 @@ use serde_json::json;
 use crate::report::{num, Figure, Goal, PhaseOutput};
 use crate::{coordinator_bin, get, http, metric_sum, Settings};
 use farm_tests::coordinator::{CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
 use farm_tests::redis::RedisServer;
 
 const IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -114,18 +115,15 @@ async fn measure(n: usize, s: &Settings) -> Result<SizeResult, String> {
     let co = tokio::task::spawn_blocking(move || {
         CoordinatorProcess::spawn(
             CoordinatorOpts::new("bench", url)
-                .args([
-                    "--tick",
-                    "100ms",
-                    "--node-ttl",
-                    "1s",
-                    "--lease-ttl",
-                    "10s",
-                    "--leader-ttl",
-                    "3s",
-                    "--idle-timeout",
-                    "60s",
-                ])
+                .args(coordinator_args(
+                    &[
+                        ("--tick", "100ms"),
+                        ("--node-ttl", "1s"),
+                        ("--lease-ttl", "10s"),
+                        ("--idle-timeout", "60s"),
+                    ],
+                    &[],
+                ))
                 .env("RUST_LOG", "info"),
         )
     })
@@ -146,21 +144,7 @@ async fn measure(n: usize, s: &Settings) -> Result<SizeResult, String> {
         stops_sent += len;
     }
     // The nodes' part: they stop the idle channels and release them.
-    let mut p = redis::pipe();
-    for id in &idle {
-        p.del(format!("farm:owner:{id}"))
-            .ignore()
-            .del(format!("farm:stream:{id}"))
-            .ignore()
-            .zrem("farm:access", id)
-            .ignore()
-            .srem("farm:node:n1:streams", id)
-            .ignore()
-            .srem("farm:node:n2:streams", id)
-            .ignore();
-    }
-    let _: () = p
-        .query_async(&mut c)
+    farm_tests::coordinator::release_channels(&mut c, &idle)
         .await
         .map_err(|e| format!("release idle channels: {e}"))?;
     // Past the new-leader settle time (node_ttl 1 s = 10 ticks), with margin.

@@ -482,20 +482,9 @@ async fn coordinator_tick_cost_grows_with_idle_channels_not_with_all_channels() 
         assert_eq!(r.idle_stops, n / 100, "{r:?}");
         assert_eq!((r.reconciled, r.channels_reaped), (0, 0), "{r:?}");
         // The nodes stop them: release.lua's effect.
-        let mut p = redis::pipe();
-        for id in &idle {
-            p.del(format!("farm:owner:{id}"))
-                .ignore()
-                .del(format!("farm:stream:{id}"))
-                .ignore()
-                .zrem("farm:access", id)
-                .ignore()
-                .srem("farm:node:n1:streams", id)
-                .ignore()
-                .srem("farm:node:n2:streams", id)
-                .ignore();
-        }
-        let _: () = p.query_async(&mut c).await.expect("release");
+        farm_tests::coordinator::release_channels(&mut c, &idle)
+            .await
+            .expect("release");
         let mut steady = Vec::new();
         for _ in 0..7 {
             let t = Instant::now();

@@ -233,6 +233,56 @@ pub async fn seed_running_channels(
     Ok(idle)
 }
 
+/// Releases channels of n1 and n2 as the nodes' `release.lua` does after a stop: owner key, stream
+/// hash, access entry and stream-set membership go.
+pub async fn release_channels(
+    c: &mut MultiplexedConnection,
+    ids: &[String],
+) -> redis::RedisResult<()> {
+    let mut p = redis::pipe();
+    for id in ids {
+        p.del(format!("farm:owner:{id}"))
+            .ignore()
+            .del(format!("farm:stream:{id}"))
+            .ignore()
+            .zrem("farm:access", id)
+            .ignore()
+            .srem("farm:node:n1:streams", id)
+            .ignore()
+            .srem("farm:node:n2:streams", id)
+            .ignore();
+    }
+    p.query_async(c).await
+}
+
+/// Waits up to `timeout` until `farm:node:<node>:alive` exists (the node heartbeats); panics naming
+/// `what` otherwise.
+pub async fn wait_alive(
+    conn: &MultiplexedConnection,
+    node: &str,
+    what: &str,
+    timeout: std::time::Duration,
+) {
+    let key = format!("farm:node:{node}:alive");
+    crate::wait::eventually(what, timeout, || {
+        let (mut c, key) = (conn.clone(), key.clone());
+        async move {
+            let alive: bool = redis::AsyncCommands::exists(&mut c, key).await.ok()?;
+            alive.then_some(())
+        }
+    })
+    .await;
+}
+
+/// Waits up to 10 s for a leader other than `previous`; its id.
+pub async fn wait_new_leader(conn: &MultiplexedConnection, previous: &str) -> String {
+    crate::wait::eventually("another leader", std::time::Duration::from_secs(10), || {
+        let mut c = conn.clone();
+        async move { leader(&mut c, "farm").await.filter(|l| l != previous) }
+    })
+    .await
+}
+
 /// A fake-ffmpeg source URL: a segment every `seg_ms` (the fake never opens it).
 pub fn fake_source(name: &str, seg_ms: u64) -> String {
     format!("http://127.0.0.1:9/{name}.ts?mode=normal&seg_ms={seg_ms}")

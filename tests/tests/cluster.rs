@@ -1,6 +1,7 @@
 //! Several nodes on one Redis behave as one server: any node answers for any channel, one FFmpeg
 //! per channel in the farm, capacity-aware forwarding, provider connection limits as leases.
 
+use farm_tests::farm::coordinator_args;
 use farm_tests::fixtures::*;
 use farm_tests::node::NodeProcess;
 use farm_tests::provider::FakeProvider;
@@ -147,16 +148,8 @@ async fn a_provider_at_its_limit_refuses_new_channels_and_a_dead_nodes_holding_e
     let mut ns = nodes(&redis, root.path(), 3, true, &[]);
     // The farm's coordinator reaps the node killed below (node TTL 3 s).
     let _co = farm_tests::coordinator::CoordinatorProcess::spawn(
-        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url()).args([
-            "--idle-timeout",
-            "30s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-        ]),
+        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url())
+            .args(coordinator_args(&[("--tick", "500ms")], &["--leader-ttl"])),
     );
     let http = following();
     let mut tasks = Vec::new();

@@ -4,6 +4,7 @@
 //! time + marker) and never a reused pid; the disk guard refuses starts. Each test ends with the
 //! invariant checker.
 
+use farm_tests::farm::coordinator_args;
 use farm_tests::fixtures::*;
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::provider::FakeProvider;
@@ -123,16 +124,8 @@ async fn after_sigkill(sandbox: &str) {
     let args = ["--ffmpeg-sandbox", sandbox];
     // A farm has a coordinator: it reaps what no node of the farm would (a stale access entry).
     let _co = farm_tests::coordinator::CoordinatorProcess::spawn(
-        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url()).args([
-            "--idle-timeout",
-            "30s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-        ]),
+        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url())
+            .args(coordinator_args(&[("--tick", "500ms")], &["--leader-ttl"])),
     );
     let mut first = node(&redis, "n1", root.path(), true, &args);
     let sandboxed = metric(&first, "farm_node_ffmpeg_sandbox").await;
