@@ -93,13 +93,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         } else {
             Mode::Viewer
         };
-        let (owner_id, _) = owner(&mut c, "farm", CHANNEL)
-            .await
-            .ok_or("the channel has no owner before the kill")?;
-        let victim = nodes
-            .iter()
-            .position(|n| n.node_id() == owner_id)
-            .ok_or_else(|| format!("owner {owner_id} is not one of the bench's nodes"))?;
+        let (victim, _) = killfarm::owner_index(&mut c, &nodes, CHANNEL).await?;
         let survivor = 1 - victim;
         // Watched, and a few segments into its run, on a farm where both nodes are alive.
         settle(&client, &mut c, &nodes, victim, survivor).await?;

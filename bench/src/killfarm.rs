@@ -82,3 +82,19 @@ pub async fn restart(nodes: &mut [NodeProcess], i: usize) -> Result<(), String> 
         .map_err(|e| format!("restart node: {e}"))?;
     Ok(())
 }
+
+/// The index in `nodes` of the node that owns `channel`, and the owner's gen.
+pub async fn owner_index(
+    c: &mut redis::aio::MultiplexedConnection,
+    nodes: &[NodeProcess],
+    channel: &str,
+) -> Result<(usize, u64), String> {
+    let (owner_id, gen) = farm_tests::coordinator::owner(c, "farm", channel)
+        .await
+        .ok_or("the channel has no owner before the kill")?;
+    let i = nodes
+        .iter()
+        .position(|n| n.node_id() == owner_id)
+        .ok_or_else(|| format!("owner {owner_id} is not one of the bench's nodes"))?;
+    Ok((i, gen))
+}

@@ -86,13 +86,8 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let mut freezes = Vec::new();
     let mut trials = Vec::new();
     for trial in 0..trials_wanted {
-        let (owner_id, gen) = owner(&mut c, "farm", CHANNEL)
-            .await
-            .ok_or("the channel has no owner before the kill")?;
-        let victim = nodes
-            .iter()
-            .position(|n| n.node_id() == owner_id)
-            .ok_or_else(|| format!("owner {owner_id} is not one of the bench's nodes"))?;
+        let (victim, gen) = killfarm::owner_index(&mut c, &nodes, CHANNEL).await?;
+        let owner_id = nodes[victim].node_id().to_string();
         let before = player.report();
         let played_at_kill = before.played;
         player.mark(format!("trial {trial}: kill -9 {owner_id}"));

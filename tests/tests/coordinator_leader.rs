@@ -2,7 +2,9 @@
 //! FFmpeg. kill -9 of the leader: another leads within the leader TTL, idle cleanup goes on under
 //! the new leader, and the events show no channel stopped twice. A graceful stop hands over at once.
 
-use farm_tests::coordinator::{events, fake_source, farmctl_ok, leader, owner, CoordinatorProcess};
+use farm_tests::coordinator::{
+    events, fake_source, farmctl_ok, leader, owner, wait_new_leader, CoordinatorProcess,
+};
 use farm_tests::farm::Farm;
 use farm_tests::node::NodeProcess;
 use farm_tests::wait::eventually;
@@ -73,12 +75,7 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
     }
     coords.get_mut(&first).expect("leader process").kill9();
     let killed = Instant::now();
-    let second = eventually("another leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        let first = first.clone();
-        async move { leader(&mut c, "farm").await.filter(|l| *l != first) }
-    })
-    .await;
+    let second = wait_new_leader(&c, &first).await;
     let took = killed.elapsed();
     println!("leader {first} killed; {second} leads {took:?} later (leader TTL {LEADER_TTL:?})");
     assert!(

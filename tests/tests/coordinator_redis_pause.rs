@@ -15,6 +15,7 @@ use farm_tests::coordinator::{
 use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
 use farm_tests::wait::eventually;
+use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use std::time::Duration;
 
@@ -68,6 +69,24 @@ async fn farm() -> Farm {
         .await
 }
 
+/// The farm with kept started on n2 and a player that has watched 2 s of watched through n1: the
+/// farm, a connection and the player.
+async fn playing() -> (Farm, MultiplexedConnection, HlsClient) {
+    let f = farm().await;
+    let url = f.redis.url();
+    let c = f.redis.conn().await;
+    farmctl_ok(&url, &["start", "kept", "--node", "n2", "--wait"]);
+    let mut player = HlsClient::new(&format!(
+        "{}/live/watched/index.m3u8",
+        f.node("n1").base_url()
+    ));
+    player
+        .pull(Duration::from_secs(2), Duration::from_secs(20))
+        .await
+        .expect("watched plays");
+    (f, c, player)
+}
+
 /// Waits until the coordinator has run `n` more ticks as leader.
 async fn ticks(co: &CoordinatorProcess, n: f64) {
     let start = co.metric("farm_coordinator_ticks_total");
@@ -85,18 +104,7 @@ fn after<'a>(ev: &'a [FarmEvent], mark: &str) -> Vec<&'a FarmEvent> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_nothing() {
-    let f = farm().await;
-    let url = f.redis.url();
-    let mut c = f.redis.conn().await;
-    farmctl_ok(&url, &["start", "kept", "--node", "n2", "--wait"]);
-    let mut player = HlsClient::new(&format!(
-        "{}/live/watched/index.m3u8",
-        f.node("n1").base_url()
-    ));
-    player
-        .pull(Duration::from_secs(2), Duration::from_secs(20))
-        .await
-        .expect("watched plays");
+    let (f, mut c, mut player) = playing().await;
     eventually(
         "the coordinator to lead",
         Duration::from_secs(10),
@@ -220,18 +228,7 @@ async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_farm_recovers() {
-    let f = farm().await;
-    let url = f.redis.url();
-    let mut c = f.redis.conn().await;
-    farmctl_ok(&url, &["start", "kept", "--node", "n2", "--wait"]);
-    let mut player = HlsClient::new(&format!(
-        "{}/live/watched/index.m3u8",
-        f.node("n1").base_url()
-    ));
-    player
-        .pull(Duration::from_secs(2), Duration::from_secs(20))
-        .await
-        .expect("watched plays");
+    let (f, mut c, mut player) = playing().await;
     let (_, gen_before) = owner(&mut c, "farm", "watched")
         .await
         .expect("watched runs");

@@ -10,12 +10,11 @@
 //! never two. After SIGCONT the old node runs nothing of the channel, none of its writes land (its
 //! gen is refused), and it rejoins cleanly.
 
-use farm_tests::coordinator::{events, fake_source, ffmpegs_for, owner};
+use farm_tests::coordinator::{events, fake_source, ffmpegs_for, owner, wait_alive};
 use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
 use farm_tests::procs;
 use farm_tests::signal;
-use farm_tests::wait::eventually;
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -120,14 +119,7 @@ ch owned by n2 {moved_after:?} into it; {samples} samples, {stopped_samples} wit
     n1.sigcont();
     let _ = signal::cont(old);
     // n1 is back (alive again) and none of its writes landed: the hash and lease are n2's.
-    eventually("n1 to heartbeat again", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            let alive: bool = c.exists("farm:node:n1:alive").await.ok()?;
-            alive.then_some(())
-        }
-    })
-    .await;
+    wait_alive(&c, "n1", "n1 to heartbeat again", Duration::from_secs(10)).await;
     assert_eq!(
         owner(&mut c, "farm", "ch").await,
         Some(("n2".to_string(), new_gen))

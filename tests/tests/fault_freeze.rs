@@ -17,7 +17,7 @@
 //!   and per relayed megabyte.
 
 use farm_tests::coordinator::{
-    farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
+    farmctl_ok, ffmpegs_for, node_args, owner, wait_alive, CoordinatorOpts, CoordinatorProcess,
 };
 use farm_tests::farm::coordinator_args;
 use farm_tests::fixtures::metric;
@@ -170,14 +170,7 @@ fn viewer_on_n2(n2: &NodeProcess, since: Instant) -> tokio::task::JoinHandle<(Du
 /// with `gen`, one provider connection; then the invariant checker.
 async fn n1_rejoins_cleanly(f: &Farm, gen: u64, what: &str, woke: Instant) {
     let mut c = f.redis.conn().await;
-    eventually("n1 to heartbeat again", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            let alive: bool = c.exists("farm:node:n1:alive").await.ok()?;
-            alive.then_some(())
-        }
-    })
-    .await;
+    wait_alive(&c, "n1", "n1 to heartbeat again", Duration::from_secs(10)).await;
     let rejoined = woke.elapsed();
     let watch = Instant::now();
     while watch.elapsed() < Duration::from_secs(2) {

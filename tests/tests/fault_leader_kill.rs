@@ -6,7 +6,9 @@
 //! over within the leader TTL and finishes the cleanup: every channel is stopped exactly once (one
 //! `stopped` event per channel), and the checker finds nothing left.
 
-use farm_tests::coordinator::{events, fake_source, farmctl_ok, leader, CoordinatorProcess};
+use farm_tests::coordinator::{
+    events, fake_source, farmctl_ok, leader, wait_new_leader, CoordinatorProcess,
+};
 use farm_tests::farm::Farm;
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::node::NodeProcess;
@@ -84,12 +86,7 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
     .await;
     coords.get_mut(&first).expect("leader").kill9();
     let killed = Instant::now();
-    let second = eventually("another leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        let first = first.clone();
-        async move { leader(&mut c, "farm").await.filter(|l| *l != first) }
-    })
-    .await;
+    let second = wait_new_leader(&c, &first).await;
     let took_over = killed.elapsed();
     eventually("every channel stopped", Duration::from_secs(30), || {
         let mut c = c.clone();

@@ -11,7 +11,7 @@
 //! the invariant checker finds nothing left. Every playlist a viewer gets goes to the strict
 //! RFC 8216 checker.
 
-use farm_tests::coordinator::{fake_source, ffmpegs_for, owner};
+use farm_tests::coordinator::{fake_source, ffmpegs_for, owner, wait_alive};
 use farm_tests::farm::{Farm, FarmBuilder};
 use farm_tests::fixtures::{no_redirects, observed_playlist, segment_gen};
 use farm_tests::invariants::{self, settle_time, FarmNode};
@@ -165,14 +165,7 @@ viewer on n2 served after {served:?} ({statuses:?}); {doubles} of {samples} samp
     // Heal: n1 comes back by itself, registers and serves again.
     proxy.pass();
     let healed = Instant::now();
-    eventually("n1 to register again", Duration::from_secs(15), || {
-        let mut c = c.clone();
-        async move {
-            let alive: bool = c.exists("farm:node:n1:alive").await.ok()?;
-            alive.then_some(())
-        }
-    })
-    .await;
+    wait_alive(&c, "n1", "n1 to register again", Duration::from_secs(15)).await;
     let rejoined = healed.elapsed();
     let (status, _) =
         observed_playlist(&http, &format!("{}/live/after/index.m3u8", n1.base_url())).await;
