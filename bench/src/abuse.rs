@@ -21,8 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -32,7 +30,7 @@ use crate::Settings;
 use farm_tests::abuse::{
     attacker_ip, raw_get, AbuseFarm, AbuseOpts, HLS_TIME, MAX_GAP, MAX_STREAMS,
 };
-use farm_tests::redis::RedisServer;
+use farm_tests::redis::{Pinger, RedisServer};
 
 /// First requests of the burst.
 const BURST: usize = 500;
@@ -244,47 +242,4 @@ fn write_m3u(path: &std::path::Path, n: usize) -> std::io::Result<()> {
         ));
     }
     std::fs::write(path, text)
-}
-
-/// A thread that PINGs every 5 ms on its own connection: `(max round trip, pings, pings > 100 ms)`.
-struct Pinger {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<(Duration, u64, u64), String>>,
-}
-
-impl Pinger {
-    fn start(url: &str) -> Result<Pinger, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis url: {e}"))?;
-        let mut c = client
-            .get_connection()
-            .map_err(|e| format!("pinger connects: {e}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let (mut max, mut n, mut over) = (Duration::ZERO, 0u64, 0u64);
-            while !s.load(Ordering::SeqCst) {
-                let t = Instant::now();
-                let _: String = redis::cmd("PING")
-                    .query(&mut c)
-                    .map_err(|e| format!("PING: {e}"))?;
-                let d = t.elapsed();
-                max = max.max(d);
-                n += 1;
-                if d > Duration::from_millis(100) {
-                    over += 1;
-                }
-                // Pacing, not synchronisation: one PING per 5 ms.
-                std::thread::sleep(Duration::from_millis(5).saturating_sub(d));
-            }
-            Ok((max, n, over))
-        });
-        Ok(Pinger { stop, thread })
-    }
-
-    fn finish(self) -> Result<(Duration, u64, u64), String> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .join()
-            .map_err(|_| "the pinger panicked".to_string())?
-    }
 }

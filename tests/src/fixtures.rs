@@ -58,6 +58,13 @@ pub fn add_channel(redis: &RedisServer, id: &str, url: &str, extra: &[&str]) {
     );
 }
 
+/// Adds channels reading the fake FFmpeg's source, a segment every `seg_ms`.
+pub fn add_fake_channels(redis: &RedisServer, ids: &[&str], seg_ms: u64) {
+    for id in ids {
+        add_channel(redis, id, &crate::coordinator::fake_source(id, seg_ms), &[]);
+    }
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -217,4 +224,21 @@ pub async fn redis_now_ms(redis: &RedisServer) -> u64 {
 /// A channel's last access in `farm:access`, ms of Redis's clock.
 pub async fn access(redis: &RedisServer, id: &str) -> Option<u64> {
     zscore(redis, "farm:access", id).await.map(|v| v as u64)
+}
+
+/// Waits up to `timeout` until `field` of node `node`'s hash (`farm:node:<node>`, its heartbeat) is
+/// `value`; panics naming `what` otherwise.
+pub async fn wait_node_field(
+    redis: &RedisServer,
+    node: &str,
+    field: &str,
+    value: &str,
+    what: &str,
+    timeout: Duration,
+) {
+    let key = format!("farm:node:{node}");
+    crate::wait::eventually(what, timeout, || async {
+        (hgetall(redis, &key).await.get(field).map(String::as_str) == Some(value)).then_some(())
+    })
+    .await;
 }

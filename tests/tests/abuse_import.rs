@@ -20,7 +20,7 @@ use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::netproxy::TcpProxy;
 use farm_tests::node::farmctl;
-use farm_tests::redis::RedisServer;
+use farm_tests::redis::{Pinger, RedisServer};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -111,43 +111,6 @@ async fn scard(redis: &RedisServer, key: &str) -> u64 {
         .expect("SCARD")
 }
 
-/// Max PING round trip seen by a thread that pings every 5 ms until stopped, and the count.
-struct Pinger {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(Duration, u64, u64)>,
-}
-
-impl Pinger {
-    fn start(url: &str) -> Pinger {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let client = redis::Client::open(url).expect("url");
-        let thread = std::thread::spawn(move || {
-            let mut c = client.get_connection().expect("pinger connects");
-            let (mut max, mut n, mut over) = (Duration::ZERO, 0u64, 0u64);
-            while !s.load(Ordering::SeqCst) {
-                let t = Instant::now();
-                let _: String = redis::cmd("PING").query(&mut c).expect("PING");
-                let d = t.elapsed();
-                max = max.max(d);
-                n += 1;
-                if d > Duration::from_millis(100) {
-                    over += 1;
-                }
-                // Pacing, not synchronisation: one PING per 5 ms.
-                std::thread::sleep(Duration::from_millis(5).saturating_sub(d));
-            }
-            (max, n, over)
-        });
-        Pinger { stop, thread }
-    }
-
-    fn finish(self) -> (Duration, u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().expect("pinger")
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100k_import_never_blocks_redis_and_watched_channels_play_on() {
     let redis = RedisServer::start();
@@ -219,7 +182,7 @@ async fn a_100k_import_never_blocks_redis_and_watched_channels_play_on() {
     }
     let events_before = events(&mut c, "farm").await.len();
 
-    let pinger = Pinger::start(&redis.url());
+    let pinger = Pinger::start(&redis.url()).expect("pinger");
     let url = redis.url();
     let f = file.display().to_string();
     let t = Instant::now();
@@ -229,7 +192,7 @@ async fn a_100k_import_never_blocks_redis_and_watched_channels_play_on() {
     let import_time = t.elapsed();
     // A few more segments after the import, then the viewers stop.
     tokio::time::sleep(Duration::from_secs(3)).await; // let the viewers play on: not a sync point
-    let (max_ping, pings, over) = pinger.finish();
+    let (max_ping, pings, over) = pinger.finish().expect("pinger");
     stop.store(true, Ordering::SeqCst);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

@@ -275,17 +275,13 @@ async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
     farm_tests::hls::observe(&c2, &r.text().await.expect("playlist"));
     assert_eq!(running_on(&redis, "n2").await, 1);
     // Both full: a clear 503, nothing spawned.
-    eventually(
+    wait_node_field(
+        &redis,
+        "n2",
+        "running",
+        "1",
         "n2's heartbeat shows it full",
         Duration::from_secs(5),
-        || async {
-            (hgetall(&redis, "farm:node:n2")
-                .await
-                .get("running")
-                .map(String::as_str)
-                == Some("1"))
-            .then_some(())
-        },
     )
     .await;
     let r = http
@@ -427,17 +423,13 @@ async fn a_transcode_counts_its_weight_against_capacity() {
     println!("{} {}", r.status, r.text().trim());
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("farm is full"), "{}", r.text());
-    eventually(
+    wait_node_field(
+        &redis,
+        "n1",
+        "load",
+        "6",
         "the heartbeat reports the weighted load",
         Duration::from_secs(5),
-        || async {
-            (hgetall(&redis, "farm:node:n1")
-                .await
-                .get("load")
-                .map(String::as_str)
-                == Some("6"))
-            .then_some(())
-        },
     )
     .await;
     // Stopping the transcode frees its whole weight.
