@@ -98,18 +98,7 @@ impl CoordinatorProcess {
     }
 }
 
-impl std::ops::Deref for CoordinatorProcess {
-    type Target = Daemon;
-    fn deref(&self) -> &Daemon {
-        &self.daemon
-    }
-}
-
-impl std::ops::DerefMut for CoordinatorProcess {
-    fn deref_mut(&mut self) -> &mut Daemon {
-        &mut self.daemon
-    }
-}
+crate::daemon::deref_to_daemon!(CoordinatorProcess);
 
 /// One entry of `farm:events`.
 #[derive(Debug, Clone, PartialEq, Eq)]

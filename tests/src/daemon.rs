@@ -20,6 +20,26 @@ use crate::ports::free_port;
 use crate::procs::tail;
 use crate::signal;
 
+/// `Deref`/`DerefMut` of a handle to its field `daemon`: a node or coordinator handle is a [`Daemon`]
+/// plus what is its own.
+macro_rules! deref_to_daemon {
+    ($t:ty) => {
+        impl std::ops::Deref for $t {
+            type Target = $crate::daemon::Daemon;
+            fn deref(&self) -> &$crate::daemon::Daemon {
+                &self.daemon
+            }
+        }
+
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut $crate::daemon::Daemon {
+                &mut self.daemon
+            }
+        }
+    };
+}
+pub(crate) use deref_to_daemon;
+
 /// How long [`Daemon::spawn`] waits for `/healthz`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 

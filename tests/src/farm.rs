@@ -87,6 +87,15 @@ pub fn with_values(base: &[&str], overrides: &[(&str, &str)]) -> Vec<String> {
     args
 }
 
+/// [`with_values`] with owned overrides (the builder's).
+fn with_owned_values(base: &[&str], values: &[(String, String)]) -> Vec<String> {
+    let values: Vec<(&str, &str)> = values
+        .iter()
+        .map(|(f, v)| (f.as_str(), v.as_str()))
+        .collect();
+    with_values(base, &values)
+}
+
 /// `base` (flag, value pairs) without the pairs of these flags.
 pub fn without(base: &[&str], flags: &[&str]) -> Vec<String> {
     base.chunks(2)
@@ -317,14 +326,11 @@ impl Farm {
     /// The options a node `id` of this farm starts with: its folder `<root>/<id>`, the profile's
     /// node arguments (with the builder's values) and the builder's extra arguments.
     pub fn node_opts(&self, id: &str) -> NodeOpts {
-        let values: Vec<(&str, &str)> = self
-            .builder
-            .node_values
-            .iter()
-            .map(|(f, v)| (f.as_str(), v.as_str()))
-            .collect();
         let mut opts = NodeOpts::new(id, self.url(), self.root.path().join(id))
-            .args(with_values(self.builder.timing.node_args(), &values))
+            .args(with_owned_values(
+                self.builder.timing.node_args(),
+                &self.builder.node_values,
+            ))
             .args(self.builder.node_extra.iter().cloned());
         if self.builder.access_sockets {
             let sock = self.access_socket(id).to_string_lossy().to_string();
@@ -351,14 +357,11 @@ impl Farm {
 
     /// The options a coordinator `id` of this farm starts with.
     pub fn coordinator_opts(&self, id: &str) -> CoordinatorOpts {
-        let values: Vec<(&str, &str)> = self
-            .builder
-            .coordinator_values
-            .iter()
-            .map(|(f, v)| (f.as_str(), v.as_str()))
-            .collect();
         CoordinatorOpts::new(id, self.url())
-            .args(with_values(self.builder.timing.coordinator_args(), &values))
+            .args(with_owned_values(
+                self.builder.timing.coordinator_args(),
+                &self.builder.coordinator_values,
+            ))
             .args(self.builder.coordinator_extra.iter().cloned())
     }
 
@@ -398,6 +401,13 @@ impl Farm {
         std::mem::take(&mut self.nodes)
             .try_into()
             .unwrap_or_else(|v: Vec<NodeProcess>| panic!("{} nodes, not {N}", v.len()))
+    }
+
+    /// [`Farm::take_nodes`] and [`Farm::take_coordinators`] at once.
+    pub fn take_daemons<const N: usize, const M: usize>(
+        &mut self,
+    ) -> ([NodeProcess; N], [CoordinatorProcess; M]) {
+        (self.take_nodes(), self.take_coordinators())
     }
 
     /// Takes the coordinators out of the farm. Panics unless there are `N`.

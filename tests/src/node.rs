@@ -147,18 +147,7 @@ impl NodeProcess {
     }
 }
 
-impl std::ops::Deref for NodeProcess {
-    type Target = Daemon;
-    fn deref(&self) -> &Daemon {
-        &self.daemon
-    }
-}
-
-impl std::ops::DerefMut for NodeProcess {
-    fn deref_mut(&mut self) -> &mut Daemon {
-        &mut self.daemon
-    }
-}
+crate::daemon::deref_to_daemon!(NodeProcess);
 
 impl std::fmt::Debug for NodeProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -45,8 +45,7 @@ async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_
         .provider_channel("news", "/live/news.ts")
         .start()
         .await;
-    let [n1, _n2] = farm.take_nodes();
-    let [co] = farm.take_coordinators();
+    let ([n1, _n2], [co]) = farm.take_daemons();
     let provider = farm.provider();
     let mut c = farm.redis.conn().await;
 
@@ -152,8 +151,7 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
         .fake_ffmpeg()
         .start()
         .await;
-    let [n1, _n2] = farm.take_nodes();
-    let [co] = farm.take_coordinators();
+    let ([n1, _n2], [co]) = farm.take_daemons();
     let url = farm.url();
     let mut c = farm.redis.conn().await;
 
