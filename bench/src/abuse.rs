@@ -233,13 +233,5 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
 
 /// `n` channels `c0..` with provider-like attributes (the shape of tests/tests/abuse_import.rs).
 fn write_m3u(path: &std::path::Path, n: usize) -> std::io::Result<()> {
-    let mut text = String::with_capacity(n * 200);
-    text.push_str("#EXTM3U url-tvg=\"http://epg.example/guide.xml\"\n");
-    for i in 0..n {
-        text.push_str(&format!(
-            "#EXTINF:-1 tvg-id=\"c{i}\" tvg-name=\"Channel {i}\" tvg-logo=\"http://logo.example/{i}.png\" group-title=\"Group {}\",Channel {i} HD\nhttp://provider.example/live/u/p/{i}.ts\n",
-            i % 40
-        ));
-    }
-    std::fs::write(path, text)
+    std::fs::write(path, farm_tests::abuse::provider_m3u("c", n, None))
 }

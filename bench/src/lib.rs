@@ -342,23 +342,24 @@ pub fn add_channels(redis_url: &str, channels: &[(String, String)]) -> Result<()
     let path = dir.path().join("channels.m3u");
     std::fs::write(&path, m3u).map_err(|e| format!("write {}: {e}", path.display()))?;
     let path = path.to_string_lossy().into_owned();
-    let out = farm_tests::node::farmctl(redis_url, &["import", &path]);
-    if !out.status.success() {
-        return Err(format!(
-            "farmctl import failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    farmctl(redis_url, &["import", &path], "farmctl import")
 }
 
 /// Adds one channel with `farmctl channel add`.
 pub fn add_channel(redis_url: &str, id: &str, url: &str) -> Result<(), String> {
-    let out = farm_tests::node::farmctl(redis_url, &["channel", "add", id, url]);
+    farmctl(
+        redis_url,
+        &["channel", "add", id, url],
+        &format!("farmctl channel add {id}"),
+    )
+}
+
+/// Runs farmctl; `<what> failed (<status>): <stderr>` unless it succeeds.
+fn farmctl(redis_url: &str, args: &[&str], what: &str) -> Result<(), String> {
+    let out = farm_tests::node::farmctl(redis_url, args);
     if !out.status.success() {
         return Err(format!(
-            "farmctl channel add {id} failed ({}): {}",
+            "{what} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ));

@@ -141,6 +141,26 @@ pub fn attacker_ip(net: u8, i: usize) -> IpAddr {
     ))
 }
 
+/// The text of a playlist of `n` channels `<prefix>0..` with provider-like attributes; line `bad_at` (1-based
+/// line number of a URL line), if given, names a file: URL.
+pub fn provider_m3u(prefix: &str, n: usize, bad_at: Option<usize>) -> String {
+    let mut text = String::with_capacity(n * 120);
+    text.push_str("#EXTM3U url-tvg=\"http://epg.example/guide.xml\"\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "#EXTINF:-1 tvg-id=\"{prefix}{i}\" tvg-name=\"Channel {i}\" tvg-logo=\"http://logo.example/{i}.png\" group-title=\"Group {}\",Channel {i} HD\n",
+            i % 40
+        ));
+        let line = 2 * i + 3;
+        if Some(line) == bad_at {
+            text.push_str("file:///etc/passwd\n");
+        } else {
+            text.push_str(&format!("http://provider.example/live/u/p/{i}.ts\n"));
+        }
+    }
+    text
+}
+
 /// One answer read by [`raw_get`].
 #[derive(Debug, Clone, Default)]
 pub struct RawAnswer {

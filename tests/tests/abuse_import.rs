@@ -13,6 +13,7 @@
 //!   killed while staging, Redis killed while staging (AOF, restarted): the catalog is exactly what
 //!   it was each time; farmctl killed after its commit: the next farmctl finishes the import.
 
+use farm_tests::abuse::provider_m3u;
 use farm_tests::bins::bin_path;
 use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
 use farm_tests::farm::coordinator_args;
@@ -31,24 +32,9 @@ use std::time::{Duration, Instant};
 const CHANNELS: usize = 100_000;
 const WATCHED: [&str; 3] = ["w1", "w2", "w3"];
 
-/// A playlist of `n` channels `<prefix>0..` with provider-like attributes; line `bad_at` (1-based
-/// line number of a URL line), if given, names a file: URL.
+/// Writes [`provider_m3u`]`(prefix, n, bad_at)` to `path`.
 fn write_m3u(path: &Path, prefix: &str, n: usize, bad_at: Option<usize>) {
-    let mut text = String::with_capacity(n * 120);
-    text.push_str("#EXTM3U url-tvg=\"http://epg.example/guide.xml\"\n");
-    for i in 0..n {
-        text.push_str(&format!(
-            "#EXTINF:-1 tvg-id=\"{prefix}{i}\" tvg-name=\"Channel {i}\" tvg-logo=\"http://logo.example/{i}.png\" group-title=\"Group {}\",Channel {i} HD\n",
-            i % 40
-        ));
-        let line = 2 * i + 3;
-        if Some(line) == bad_at {
-            text.push_str("file:///etc/passwd\n");
-        } else {
-            text.push_str(&format!("http://provider.example/live/u/p/{i}.ts\n"));
-        }
-    }
-    std::fs::write(path, text).expect("write playlist");
+    std::fs::write(path, provider_m3u(prefix, n, bad_at)).expect("write playlist");
 }
 
 /// farmctl with its stdout piped, for tests that read its progress while it runs.
