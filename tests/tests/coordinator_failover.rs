@@ -13,7 +13,7 @@ use farm_tests::coordinator::{events, ffmpegs_for, owner};
 use farm_tests::farm::Farm;
 use farm_tests::fixtures::segment_gen;
 use farm_tests::hls::HlsClient;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -54,17 +54,15 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
             .pull(Duration::from_secs(30), Duration::from_secs(90))
             .await
     });
-    eventually(
+    eventually_with(
+        &c,
         "the player to get a few segments from n1",
         Duration::from_secs(30),
-        || {
-            let mut c = c.clone();
-            async move {
-                let h: HashMap<String, String> = c.hgetall("farm:stream:news").await.ok()?;
-                let started: u64 = h.get("started_at")?.parse().ok()?;
-                let last: u64 = h.get("last_segment_at")?.parse().ok()?;
-                (last >= started + 6000).then_some(())
-            }
+        |mut c| async move {
+            let h: HashMap<String, String> = c.hgetall("farm:stream:news").await.ok()?;
+            let started: u64 = h.get("started_at")?.parse().ok()?;
+            let last: u64 = h.get("last_segment_at")?.parse().ok()?;
+            (last >= started + 6000).then_some(())
         },
     )
     .await;
@@ -141,13 +139,15 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
         }
         tokio::time::sleep(farm_tests::wait::POLL_INTERVAL).await;
     }
-    eventually("sports to run on n2", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move {
+    eventually_with(
+        &c,
+        "sports to run on n2",
+        Duration::from_secs(20),
+        |mut c| async move {
             let state: Option<String> = c.hget("farm:stream:sports", "state").await.ok()?;
             (state.as_deref() == Some("running")).then_some(())
-        }
-    })
+        },
+    )
     .await;
     let running = killed.elapsed();
     println!(

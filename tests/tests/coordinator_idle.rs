@@ -11,7 +11,7 @@
 use farm_tests::coordinator::{events, fake_source, farmctl_ok, ffmpegs_for, owner};
 use farm_tests::farm::{Farm, FarmBuilder};
 use farm_tests::hls::HlsClient;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use redis::AsyncCommands;
 use std::time::Duration;
 
@@ -105,10 +105,12 @@ async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_
         latest <= bound,
         "FFmpeg still ran {latest:?} after the viewer's last request (bound {bound:?})"
     );
-    eventually("news's lease released", Duration::from_secs(2), || {
-        let mut c = c.clone();
-        async move { owner(&mut c, "farm", "news").await.is_none().then_some(()) }
-    })
+    eventually_with(
+        &c,
+        "news's lease released",
+        Duration::from_secs(2),
+        |mut c| async move { owner(&mut c, "farm", "news").await.is_none().then_some(()) },
+    )
     .await;
 
     let ev = events(&mut c, "farm").await;
@@ -181,15 +183,17 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
         "a never-watched channel was stopped {earliest:?} after its claim: before idle_timeout"
     );
     assert!(latest <= bound, "{latest:?} > {bound:?}");
-    eventually("its lease released", Duration::from_secs(5), || {
-        let mut c = c.clone();
-        async move {
+    eventually_with(
+        &c,
+        "its lease released",
+        Duration::from_secs(5),
+        |mut c| async move {
             owner(&mut c, "farm", "unwatched")
                 .await
                 .is_none()
                 .then_some(())
-        }
-    })
+        },
+    )
     .await;
 
     // The pinned channel, idle even longer, survives two more ticks.
@@ -212,13 +216,11 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
 
     // Unpinned, it goes too.
     farmctl_ok(&url, &["unpin", "kept"]);
-    eventually(
+    eventually_with(
+        &c,
         "the unpinned channel to be stopped",
         Duration::from_secs(10),
-        || {
-            let mut c = c.clone();
-            async move { owner(&mut c, "farm", "kept").await.is_none().then_some(()) }
-        },
+        |mut c| async move { owner(&mut c, "farm", "kept").await.is_none().then_some(()) },
     )
     .await;
 }

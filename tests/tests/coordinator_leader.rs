@@ -7,7 +7,7 @@ use farm_tests::coordinator::{
 };
 use farm_tests::farm::Farm;
 use farm_tests::node::NodeProcess;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -34,10 +34,12 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
         .collect();
     let (redis, url) = (&farm.redis, farm.url());
     let mut c = redis.conn().await;
-    let first = eventually("a leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move { leader(&mut c, "farm").await }
-    })
+    let first = eventually_with(
+        &c,
+        "a leader",
+        Duration::from_secs(10),
+        |mut c| async move { leader(&mut c, "farm").await },
+    )
     .await;
     eventually(
         "exactly one coordinator to report is_leader",
@@ -58,13 +60,11 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
         farmctl_ok(&url, &["start", ch, "--wait"]);
     }
     for ch in ["a1", "a2"] {
-        eventually(
+        eventually_with(
+            &c,
             &format!("{ch} to be stopped by the first leader"),
             Duration::from_secs(15),
-            || {
-                let mut c = c.clone();
-                async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) }
-            },
+            |mut c| async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) },
         )
         .await;
     }
@@ -84,13 +84,11 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
     );
 
     for ch in ["b1", "b2", "b3"] {
-        eventually(
+        eventually_with(
+            &c,
             &format!("{ch} to be stopped by the new leader"),
             Duration::from_secs(15),
-            || {
-                let mut c = c.clone();
-                async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) }
-            },
+            |mut c| async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) },
         )
         .await;
     }

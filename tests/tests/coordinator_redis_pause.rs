@@ -14,7 +14,7 @@ use farm_tests::coordinator::{
 };
 use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use std::time::Duration;
@@ -266,19 +266,17 @@ async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_fa
     assert!(gen_after > gen_before);
     // The fenced, unwatched channel's leftovers on n2 are reconciled once the coordinator has
     // settled, and (it is pinned) the coordinator starts it again somewhere.
-    eventually(
+    eventually_with(
+        &c,
         "kept's stale n2 keys reaped and kept running again",
         Duration::from_secs(30),
-        || {
-            let mut c = c.clone();
-            async move {
-                let member: bool = c.sismember("farm:node:n2:streams", "kept").await.ok()?;
-                let hash_node: Option<String> = c.hget("farm:stream:kept", "node").await.ok()?;
-                let owner: Option<String> = c.get("farm:owner:kept").await.ok()?;
-                let gen: u64 = owner?.rsplit_once(':')?.1.parse().ok()?;
-                let stale = member || (hash_node.as_deref() == Some("n2") && gen == 1);
-                (!stale && gen > 1).then_some(())
-            }
+        |mut c| async move {
+            let member: bool = c.sismember("farm:node:n2:streams", "kept").await.ok()?;
+            let hash_node: Option<String> = c.hget("farm:stream:kept", "node").await.ok()?;
+            let owner: Option<String> = c.get("farm:owner:kept").await.ok()?;
+            let gen: u64 = owner?.rsplit_once(':')?.1.parse().ok()?;
+            let stale = member || (hash_node.as_deref() == Some("n2") && gen == 1);
+            (!stale && gen > 1).then_some(())
         },
     )
     .await;

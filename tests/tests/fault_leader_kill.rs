@@ -12,7 +12,7 @@ use farm_tests::coordinator::{
 use farm_tests::farm::Farm;
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::node::NodeProcess;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -44,10 +44,12 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
         .map(|id| (id.to_string(), farm.spawn_coordinator(id)))
         .into();
     let mut c = redis.conn().await;
-    let first = eventually("a leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move { leader(&mut c, "farm").await }
-    })
+    let first = eventually_with(
+        &c,
+        "a leader",
+        Duration::from_secs(10),
+        |mut c| async move { leader(&mut c, "farm").await },
+    )
     .await;
 
     // All channels start within a moment of each other (and nobody watches them afterwards).
@@ -88,9 +90,11 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
     let killed = Instant::now();
     let second = wait_new_leader(&c, &first).await;
     let took_over = killed.elapsed();
-    eventually("every channel stopped", Duration::from_secs(30), || {
-        let mut c = c.clone();
-        async move {
+    eventually_with(
+        &c,
+        "every channel stopped",
+        Duration::from_secs(30),
+        |mut c| async move {
             let owned: usize = redis::cmd("EVAL")
                 .arg("return #redis.call('KEYS', 'farm:owner:*')")
                 .arg(0)
@@ -98,8 +102,8 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
                 .await
                 .ok()?;
             (owned == 0).then_some(())
-        }
-    })
+        },
+    )
     .await;
     let all_stopped = killed.elapsed();
     let mut stops: BTreeMap<String, usize> = BTreeMap::new();

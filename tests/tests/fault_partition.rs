@@ -17,7 +17,7 @@ use farm_tests::fixtures::{no_redirects, observed_playlist, segment_gen};
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::netproxy::TcpProxy;
 use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use redis::AsyncCommands;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,16 @@ fn farm() -> FarmBuilder {
         .coordinator_value("--tick", "500ms")
 }
 
+/// A proxy in front of the farm's Redis and node n1 reaching Redis through it.
+fn proxied_n1(farm: &Farm) -> (TcpProxy, NodeProcess) {
+    let proxy = TcpProxy::start(farm.redis.port());
+    let n1 = NodeProcess::spawn(NodeOpts {
+        redis_url: proxy.redis_url(),
+        ..farm.node_opts("n1")
+    });
+    (proxy, n1)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_after_the_heal() {
     let farm = farm()
@@ -44,11 +54,7 @@ async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_
         .start()
         .await;
     let redis = &farm.redis;
-    let proxy = TcpProxy::start(redis.port());
-    let n1 = NodeProcess::spawn(NodeOpts {
-        redis_url: proxy.redis_url(),
-        ..farm.node_opts("n1")
-    });
+    let (proxy, n1) = proxied_n1(&farm);
     let n2 = farm.spawn_node("n2");
     let _co = farm.spawn_coordinator("c1");
     let mut c = redis.conn().await;
@@ -223,16 +229,14 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
             .expect("TIME");
         let since_ms = secs * 1000 + micros / 1000;
         let t = Instant::now();
-        eventually(
+        eventually_with(
+            c,
             &format!("n1 to renew {when}"),
             Duration::from_secs(5),
-            || {
-                let mut c = c.clone();
-                async move {
-                    let beat: Option<f64> = c.zscore("farm:nodes", "n1").await.ok()?;
-                    let pttl: i64 = c.pttl("farm:owner:ch").await.ok()?;
-                    (beat? as u64 >= since_ms + 1000 && pttl > 2500).then_some(())
-                }
+            |mut c| async move {
+                let beat: Option<f64> = c.zscore("farm:nodes", "n1").await.ok()?;
+                let pttl: i64 = c.pttl("farm:owner:ch").await.ok()?;
+                (beat? as u64 >= since_ms + 1000 && pttl > 2500).then_some(())
             },
         )
         .await;
@@ -240,11 +244,7 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
     }
     let farm = farm().channel("ch", fake_source("ch", 500)).start().await;
     let redis = &farm.redis;
-    let proxy = TcpProxy::start(redis.port());
-    let n1 = NodeProcess::spawn(NodeOpts {
-        redis_url: proxy.redis_url(),
-        ..farm.node_opts("n1")
-    });
+    let (proxy, n1) = proxied_n1(&farm);
     let _co = farm.spawn_coordinator("c1");
     let mut c = redis.conn().await;
     let http = no_redirects();

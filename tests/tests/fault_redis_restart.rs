@@ -9,12 +9,12 @@
 //!   itself: nodes register again, the command streams work again, a viewer gets the channel back,
 //!   no channel ever runs twice (sampled every 50 ms), and the checker finds nothing left.
 
-use farm_tests::coordinator::{events, farmctl_ok, ffmpegs_for, leader, owner};
+use farm_tests::coordinator::{events, farmctl_ok, ffmpegs_for, leader, owner, wait_alive};
 use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::wait::eventually_with;
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -110,10 +110,12 @@ async fn fault_redis_restart_with_aof_costs_nothing() {
         .pull(Duration::from_secs(2), Duration::from_secs(20))
         .await
         .expect("watched plays");
-    eventually("a leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move { leader(&mut c, "farm").await }
-    })
+    eventually_with(
+        &c,
+        "a leader",
+        Duration::from_secs(10),
+        |mut c| async move { leader(&mut c, "farm").await },
+    )
     .await;
     let before = owner(&mut c, "farm", "watched")
         .await
@@ -180,10 +182,12 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
         watch(&http, &format!("{}/live/watched/index.m3u8", n1.base_url())).await,
         (200, true)
     );
-    eventually("a leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move { leader(&mut c, "farm").await }
-    })
+    eventually_with(
+        &c,
+        "a leader",
+        Duration::from_secs(10),
+        |mut c| async move { leader(&mut c, "farm").await },
+    )
     .await;
     // The catalog as a replica or a backup would hold it.
     let mut catalog: Vec<(String, Vec<u8>)> = Vec::new();
@@ -219,16 +223,11 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     }
     let () = p.query_async(&mut c).await.expect("RESTORE catalog");
     let restored = t0.elapsed();
-    eventually(
+    wait_alive(
+        &c,
+        "n2",
         "n2 to heartbeat into the empty Redis",
         Duration::from_secs(10),
-        || {
-            let mut c = c.clone();
-            async move {
-                let alive: bool = c.exists("farm:node:n2:alive").await.ok()?;
-                alive.then_some(())
-            }
-        },
     )
     .await;
     let window: i64 = redis::cmd("PTTL")
@@ -320,14 +319,16 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
     );
 
     // The command streams and their groups were lost too: a stop must still reach the owner.
-    let (node, gen) = eventually("watched to run somewhere", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move {
+    let (node, gen) = eventually_with(
+        &c,
+        "watched to run somewhere",
+        Duration::from_secs(20),
+        |mut c| async move {
             let o = owner(&mut c, "farm", "watched").await?;
             let state: Option<String> = c.hget("farm:stream:watched", "state").await.ok()?;
             (state.as_deref() == Some("running")).then_some(o)
-        }
-    })
+        },
+    )
     .await;
     let sent = Instant::now();
     let _: String = redis::cmd("XADD")
@@ -344,17 +345,15 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
         .query_async(&mut c)
         .await
         .expect("XADD stop");
-    eventually(
+    eventually_with(
+        &c,
         "the stop sent after the restart to take effect",
         Duration::from_secs(15),
-        || {
-            let mut c = c.clone();
-            async move {
-                owner(&mut c, "farm", "watched")
-                    .await
-                    .is_none()
-                    .then_some(())
-            }
+        |mut c| async move {
+            owner(&mut c, "farm", "watched")
+                .await
+                .is_none()
+                .then_some(())
         },
     )
     .await;
