@@ -8,7 +8,6 @@
 //! SIGKILLed and reaped; when the test panics, its log tail goes to stderr.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::path::Path;
 
 use redis::aio::MultiplexedConnection;
@@ -65,26 +64,17 @@ impl CoordinatorProcess {
     /// Starts `farm-coordinator` and waits until `/healthz` answers. Panics with its log if it exits
     /// first or never answers.
     pub fn spawn(opts: CoordinatorOpts) -> CoordinatorProcess {
-        let spec = DaemonSpec {
+        let daemon = Daemon::spawn(DaemonSpec {
             bin: "farm-coordinator",
+            id_flag: "--id",
             label: &opts.id,
+            redis_url: &opts.redis_url,
+            own_args: Vec::new(),
+            extra_args: &opts.extra_args,
             rust_log: "info,farm_coordinator=debug",
             env: &opts.env,
             listen: None,
             ready: Ready::Answers,
-        };
-        let daemon = Daemon::spawn(spec, |addr| {
-            let mut args: Vec<OsString> = [
-                "--id".into(),
-                opts.id.clone().into(),
-                "--redis-url".into(),
-                opts.redis_url.clone().into(),
-                "--listen".into(),
-                addr.to_string().into(),
-            ]
-            .into();
-            args.extend(opts.extra_args.iter().map(OsString::from));
-            args
         });
         CoordinatorProcess { daemon, opts }
     }

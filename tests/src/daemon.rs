@@ -52,13 +52,20 @@ pub enum Ready {
     Answers,
 }
 
-/// How to start a daemon: the binary, a label for logs and temp dirs, its arguments (the listen
-/// address is passed in, so a retry on another port can rebuild them) and its environment.
+/// How to start a daemon: the binary, its id, Redis and arguments, and its environment. Its command
+/// line is `<id_flag> <label> --redis-url <redis_url> --listen <addr> <own_args> <extra_args>`.
 pub struct DaemonSpec<'a> {
     /// The binary's name, e.g. `farm-node`.
     pub bin: &'static str,
-    /// Its id, for the temp dir, the log and panic messages.
+    /// The flag that takes its id, e.g. `--node-id`.
+    pub id_flag: &'static str,
+    /// Its id, also for the temp dir, the log and panic messages.
     pub label: &'a str,
+    pub redis_url: &'a str,
+    /// The harness's own arguments for this kind of daemon.
+    pub own_args: Vec<OsString>,
+    /// The test's arguments.
+    pub extra_args: &'a [String],
     /// The `RUST_LOG` it runs with.
     pub rust_log: &'static str,
     /// Added to the cleared environment (after PATH, HOME, `RUST_LOG`).
@@ -80,9 +87,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `spec.bin` with `args(listen address)` and waits until it is ready (up to
-    /// [`READY_TIMEOUT`]). Panics with its log if it exits first or never gets ready.
-    pub fn spawn(spec: DaemonSpec<'_>, args: impl Fn(SocketAddr) -> Vec<OsString>) -> Daemon {
+    /// Starts `spec.bin` and waits until it is ready (up to [`READY_TIMEOUT`]). Panics with its log
+    /// if it exits first or never gets ready.
+    pub fn spawn(spec: DaemonSpec<'_>) -> Daemon {
         let bin = bin_path(spec.bin);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}-{}-", spec.bin, spec.label))
@@ -97,7 +104,7 @@ impl Daemon {
             let addr = spec
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
-            let mut child = start_child(&bin, &spec, &args(addr), &log_path);
+            let mut child = start_child(&bin, &spec, &command_line(&spec, addr), &log_path);
             match wait_ready(&mut child, addr, spec.ready, READY_TIMEOUT) {
                 Ok(()) => {
                     return Daemon {
@@ -257,6 +264,22 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+fn command_line(spec: &DaemonSpec<'_>, addr: SocketAddr) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        spec.id_flag,
+        spec.label,
+        "--redis-url",
+        spec.redis_url,
+        "--listen",
+        &addr.to_string(),
+    ]
+    .map(OsString::from)
+    .into();
+    args.extend(spec.own_args.iter().cloned());
+    args.extend(spec.extra_args.iter().map(OsString::from));
+    args
 }
 
 fn start_child(bin: &Path, spec: &DaemonSpec<'_>, args: &[OsString], log_path: &Path) -> Child {

@@ -6,7 +6,6 @@
 //! leaks processes. When the test panics, the node's log tail goes to stderr.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -102,30 +101,22 @@ impl NodeProcess {
         let mut env = opts.env.clone();
         // The log goes to a file that tests read and print: no ANSI colour codes in it.
         env.insert(0, ("NO_COLOR".to_string(), "1".to_string()));
-        let spec = DaemonSpec {
+        let daemon = Daemon::spawn(DaemonSpec {
             bin: "farm-node",
+            id_flag: "--node-id",
             label: &opts.node_id,
-            rust_log: "info,farm_node=debug",
-            env: &env,
-            listen: opts.listen,
-            ready: Ready::Ok200,
-        };
-        let daemon = Daemon::spawn(spec, |addr| {
-            let mut args: Vec<OsString> = [
-                "--node-id".into(),
-                opts.node_id.clone().into(),
-                "--redis-url".into(),
-                opts.redis_url.clone().into(),
-                "--listen".into(),
-                addr.to_string().into(),
+            redis_url: &opts.redis_url,
+            own_args: vec![
                 "--hls-root".into(),
                 opts.hls_root.clone().into(),
                 "--ffmpeg".into(),
                 opts.ffmpeg.clone().into(),
-            ]
-            .into();
-            args.extend(opts.extra_args.iter().map(OsString::from));
-            args
+            ],
+            extra_args: &opts.extra_args,
+            rust_log: "info,farm_node=debug",
+            env: &env,
+            listen: opts.listen,
+            ready: Ready::Ok200,
         });
         *lock_roots().entry(opts.hls_root.clone()).or_default() += 1;
         NodeProcess { daemon, opts }
