@@ -38,6 +38,14 @@ async fn running_on(redis: &RedisServer, node: &str) -> usize {
     s.len()
 }
 
+/// The invariant checker over the nodes, after 7 s to settle: its figure, and nothing may be wrong.
+async fn assert_clean(redis: &RedisServer, ns: &[NodeProcess], what: &str) {
+    let nodes: Vec<&NodeProcess> = ns.iter().collect();
+    let report = farm_tests::invariants::check_nodes(redis, &nodes, Duration::from_secs(7)).await;
+    println!("{what}: {}", report.figure());
+    report.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
     let redis = RedisServer::start();
@@ -86,10 +94,7 @@ async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
         s
     };
     assert_eq!(spawns, 1.0);
-    let nodes: Vec<&NodeProcess> = ns.iter().collect();
-    let report = farm_tests::invariants::check_nodes(&redis, &nodes, Duration::from_secs(7)).await;
-    println!("fifty first requests: {}", report.figure());
-    report.assert_clean();
+    assert_clean(&redis, &ns, "fifty first requests").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,10 +394,7 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
         .to_str()
         .expect("loc")
         .starts_with(&n1));
-    let nodes: Vec<&NodeProcess> = ns.iter().collect();
-    let report = farm_tests::invariants::check_nodes(&redis, &nodes, Duration::from_secs(7)).await;
-    println!("drain: {}", report.figure());
-    report.assert_clean();
+    assert_clean(&redis, &ns, "drain").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
