@@ -65,12 +65,18 @@ pub fn add_fake_channels(redis: &RedisServer, ids: &[&str], seg_ms: u64) {
     }
 }
 
+/// A client that does not follow redirects, with a 30 s timeout per request.
 pub fn client() -> reqwest::Client {
+    no_redirects_within(Duration::from_secs(30))
+}
+
+/// A client that does not follow redirects, with `timeout` per request.
+pub fn no_redirects_within(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .build()
-        .expect("client")
+        .expect("http client")
 }
 
 pub struct Resp {
@@ -186,11 +192,7 @@ pub async fn all_keys(redis: &RedisServer) -> Vec<String> {
 
 /// A client that does not follow redirects, with a 15 s timeout per request.
 pub fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(15))
-        .build()
-        .expect("http client")
+    no_redirects_within(Duration::from_secs(15))
 }
 
 /// GET of a playlist; a 200 body goes to the strict checker ([`crate::hls::observe`]). The status
