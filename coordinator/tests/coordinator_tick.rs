@@ -453,34 +453,9 @@ async fn seed_farm(
         .expect("FLUSHALL");
     node(c, "n1", now, true, 0, (n / 2) as u64).await;
     node(c, "n2", now, true, 0, (n / 2) as u64).await;
-    let mut idle = Vec::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-        let mut p = redis::pipe();
-        for &i in chunk {
-            let id = format!("ch{i}");
-            let node = if i % 2 == 0 { "n1" } else { "n2" };
-            let access = if i % 100 == 0 {
-                idle.push(id.clone());
-                now - 2 * idle_timeout_ms
-            } else {
-                now
-            };
-            p.cmd("SET")
-                .arg(format!("farm:owner:{id}"))
-                .arg(format!("{node}:1"))
-                .arg("PX")
-                .arg(600_000)
-                .ignore()
-                .sadd(format!("farm:node:{node}:streams"), &id)
-                .ignore()
-                .hset(format!("farm:stream:{id}"), "node", node)
-                .ignore()
-                .zadd("farm:access", &id, access)
-                .ignore();
-        }
-        let _: () = p.query_async(c).await.expect("seed chunk");
-    }
-    idle
+    farm_tests::coordinator::seed_running_channels(c, n, now, idle_timeout_ms, &[])
+        .await
+        .expect("seed channels")
 }
 
 /// Tick cost with 1k, 10k and 100k channels, 1 % idle: the first tick (which sends the stops) and
@@ -507,20 +482,9 @@ async fn coordinator_tick_cost_grows_with_idle_channels_not_with_all_channels() 
         assert_eq!(r.idle_stops, n / 100, "{r:?}");
         assert_eq!((r.reconciled, r.channels_reaped), (0, 0), "{r:?}");
         // The nodes stop them: release.lua's effect.
-        let mut p = redis::pipe();
-        for id in &idle {
-            p.del(format!("farm:owner:{id}"))
-                .ignore()
-                .del(format!("farm:stream:{id}"))
-                .ignore()
-                .zrem("farm:access", id)
-                .ignore()
-                .srem("farm:node:n1:streams", id)
-                .ignore()
-                .srem("farm:node:n2:streams", id)
-                .ignore();
-        }
-        let _: () = p.query_async(&mut c).await.expect("release");
+        farm_tests::coordinator::release_channels(&mut c, &idle)
+            .await
+            .expect("release");
         let mut steady = Vec::new();
         for _ in 0..7 {
             let t = Instant::now();

@@ -141,6 +141,84 @@ pub fn attacker_ip(net: u8, i: usize) -> IpAddr {
     ))
 }
 
+/// The text of a playlist of `n` channels `<prefix>0..` with provider-like attributes; line `bad_at` (1-based
+/// line number of a URL line), if given, names a file: URL.
+pub fn provider_m3u(prefix: &str, n: usize, bad_at: Option<usize>) -> String {
+    let mut text = String::with_capacity(n * 120);
+    text.push_str("#EXTM3U url-tvg=\"http://epg.example/guide.xml\"\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "#EXTINF:-1 tvg-id=\"{prefix}{i}\" tvg-name=\"Channel {i}\" tvg-logo=\"http://logo.example/{i}.png\" group-title=\"Group {}\",Channel {i} HD\n",
+            i % 40
+        ));
+        let line = 2 * i + 3;
+        if Some(line) == bad_at {
+            text.push_str("file:///etc/passwd\n");
+        } else {
+            text.push_str(&format!("http://provider.example/live/u/p/{i}.ts\n"));
+        }
+    }
+    text
+}
+
+/// One answer read by [`raw_get`].
+#[derive(Debug, Clone, Default)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    /// A header's value (name case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let name = format!("{}:", name.to_ascii_lowercase());
+        self.head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&name))
+            .map(|l| l[name.len()..].trim().to_string())
+    }
+}
+
+/// `GET path` from `src` to `dst` with `Connection: close` and `extra` header lines (each ending in
+/// `\r\n`); the whole answer, or what went wrong. Unbounded in time: callers put a timeout on it.
+pub async fn raw_get(
+    src: IpAddr,
+    dst: SocketAddr,
+    path: &str,
+    extra: &str,
+) -> Result<RawAnswer, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect_from(src, dst)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .map_err(|e| format!("send: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no answer head in {} bytes", raw.len()))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head}"))?;
+    Ok(RawAnswer {
+        status,
+        head,
+        body: raw[split + 4..].to_vec(),
+    })
+}
+
 /// A TCP connection to `dst` from the loopback address `src`.
 pub async fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     let s = match src {
@@ -451,7 +529,7 @@ impl AbuseFarm {
                 .map(|n| fd_count(n.pid()).unwrap_or(0))
                 .collect(),
         };
-        let pids: Vec<i32> = self.nodes.iter().map(NodeProcess::pid).collect();
+        let pids: Vec<i32> = self.nodes.iter().map(|n| n.pid()).collect();
         let (peaks, stop) = (self.peaks.clone(), self.stop.clone());
         let rt = self.viewer_rt.as_ref().expect("viewer runtime");
         rt.spawn(async move {

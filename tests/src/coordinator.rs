@@ -3,28 +3,17 @@
 //! [`owner`]), [`ffmpegs_for`] (a channel's FFmpegs on one node), [`node_args`] (short TTLs) and
 //! [`fake_source`] (a fake-ffmpeg URL).
 //!
-//! A coordinator runs with a cleared environment (PATH, HOME, `RUST_LOG=info,farm_coordinator=debug`,
-//! plus what the test adds), logs stdout+stderr to a file in its own temp dir, and is ready once its
-//! `/healthz` answers (200 or 503: it answers before it has reached Redis). On drop it is SIGKILLed
-//! and reaped; when the test panics, its log tail goes to stderr.
+//! A coordinator runs as a [`Daemon`] with `RUST_LOG=info,farm_coordinator=debug`, and is ready once
+//! its `/healthz` answers (200 or 503: it answers before it has reached Redis). On drop it is
+//! SIGKILLed and reaped; when the test panics, its log tail goes to stderr.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use redis::aio::MultiplexedConnection;
 
-use crate::bins::bin_path;
-use crate::ports::free_port;
-use crate::procs::tail;
-use crate::signal;
-
-/// How long [`CoordinatorProcess::spawn`] waits for `/healthz`.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub use crate::daemon::{http_get, metric_value, READY_TIMEOUT};
+use crate::daemon::{Daemon, DaemonSpec, Ready};
 
 /// How to start a coordinator.
 #[derive(Debug, Clone)]
@@ -64,287 +53,42 @@ impl CoordinatorOpts {
     }
 }
 
-/// A running `farm-coordinator`.
+/// A running `farm-coordinator`: a [`Daemon`] (signals, log, `/metrics`, exit; reached through
+/// `Deref`) with its options.
 pub struct CoordinatorProcess {
-    child: Child,
-    exit: Option<ExitStatus>,
-    addr: SocketAddr,
+    daemon: Daemon,
     opts: CoordinatorOpts,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl CoordinatorProcess {
     /// Starts `farm-coordinator` and waits until `/healthz` answers. Panics with its log if it exits
     /// first or never answers.
     pub fn spawn(opts: CoordinatorOpts) -> CoordinatorProcess {
-        let bin = bin_path("farm-coordinator");
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("farm-coordinator-{}-", opts.id))
-            .tempdir()
-            .expect("create temp dir for farm-coordinator");
-        let log_path = dir.path().join("coordinator.log");
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let mut child = start_child(&bin, &opts, addr, &log_path);
-            match wait_ready(&mut child, addr, READY_TIMEOUT) {
-                Ok(()) => {
-                    return CoordinatorProcess {
-                        child,
-                        exit: None,
-                        addr,
-                        opts,
-                        log_path,
-                        _dir: dir,
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    if log.contains("ddress already in use") && attempt < 3 {
-                        continue;
-                    }
-                    panic!(
-                        "farm-coordinator {} not ready: {e}\n--- coordinator log ({}) ---\n{}\n--- end ---",
-                        opts.id,
-                        log_path.display(),
-                        tail(&log, 60)
-                    );
-                }
-            }
-        }
-    }
-
-    /// `http://127.0.0.1:<port>`.
-    pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        let daemon = Daemon::spawn(DaemonSpec {
+            bin: "farm-coordinator",
+            id_flag: "--id",
+            label: &opts.id,
+            redis_url: &opts.redis_url,
+            own_args: Vec::new(),
+            extra_args: &opts.extra_args,
+            rust_log: "info,farm_coordinator=debug",
+            env: &opts.env,
+            listen: None,
+            ready: Ready::Answers,
+        });
+        CoordinatorProcess { daemon, opts }
     }
 
     pub fn id(&self) -> &str {
         &self.opts.id
     }
 
-    pub fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("pid fits in i32")
-    }
-
     pub fn opts(&self) -> &CoordinatorOpts {
         &self.opts
     }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
-    /// Its log so far (stdout + stderr).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// `(status, body)` of `GET path` on its HTTP server, `None` if it does not answer within 1 s.
-    pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.addr, path)
-    }
-
-    /// Its `/metrics` text ("" when it does not answer).
-    pub fn metrics(&self) -> String {
-        self.get("/metrics").map(|(_, b)| b).unwrap_or_default()
-    }
-
-    /// Sum of the samples of one series in `/metrics` whose name (with labels) starts with `name`,
-    /// e.g. `farm_coordinator_idle_stops_total` or `farm_coordinator_reaps_total{reason="node_dead"}`.
-    pub fn metric(&self, name: &str) -> f64 {
-        metric_value(&self.metrics(), name)
-    }
-
-    /// SIGTERM (graceful shutdown). Use [`CoordinatorProcess::wait_exit`] to wait for it.
-    pub fn sigterm(&self) {
-        self.signal(signal::Sig::TERM, "SIGTERM");
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
-        if self.running() {
-            self.signal(signal::Sig::KILL, "SIGKILL");
-            if let Ok(status) = self.child.wait() {
-                self.exit = Some(status);
-            }
-        }
-    }
-
-    /// SIGSTOP: it freezes, keeping its sockets.
-    pub fn sigstop(&self) {
-        self.signal(signal::Sig::STOP, "SIGSTOP");
-    }
-
-    /// SIGCONT after [`CoordinatorProcess::sigstop`].
-    pub fn sigcont(&self) {
-        self.signal(signal::Sig::CONT, "SIGCONT");
-    }
-
-    fn signal(&self, sig: signal::Sig, name: &str) {
-        if self.exit.is_none() {
-            signal::send(self.pid(), sig)
-                .unwrap_or_else(|e| panic!("{name} farm-coordinator {}: {e}", self.pid()));
-        }
-    }
-
-    /// True until it has exited (and been reaped by this handle).
-    pub fn running(&mut self) -> bool {
-        if self.exit.is_none() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.exit = Some(status);
-            }
-        }
-        self.exit.is_none()
-    }
-
-    /// Waits up to `timeout` for it to exit; its exit status, or `None` if it still runs.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if !self.running() {
-                return self.exit;
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
-impl Drop for CoordinatorProcess {
-    fn drop(&mut self) {
-        // A stopped process cannot die of SIGKILL until it is continued on some kernels' views; be sure.
-        if self.exit.is_none() {
-            let _ = signal::cont(self.pid());
-        }
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- farm-coordinator {} log tail ({}) ---\n{}\n--- end ---",
-                self.opts.id,
-                self.log_path.display(),
-                tail(&self.log(), 60)
-            );
-        }
-    }
-}
-
-fn start_child(bin: &Path, opts: &CoordinatorOpts, addr: SocketAddr, log_path: &Path) -> Child {
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(log_path)
-        .unwrap_or_else(|e| panic!("open coordinator log {}: {e}", log_path.display()));
-    let log_err = log.try_clone().expect("clone coordinator log handle");
-    let mut cmd = Command::new(bin);
-    cmd.arg("--id")
-        .arg(&opts.id)
-        .arg("--redis-url")
-        .arg(&opts.redis_url)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .args(&opts.extra_args)
-        .env_clear()
-        .env("RUST_LOG", "info,farm_coordinator=debug")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
-    for key in ["PATH", "HOME"] {
-        if let Some(v) = std::env::var_os(key) {
-            cmd.env(key, v);
-        }
-    }
-    for (k, v) in &opts.env {
-        cmd.env(k, v);
-    }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()))
-}
-
-fn wait_ready(child: &mut Child, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited with {status} before /healthz answered"));
-        }
-        if http_get(addr, "/healthz").is_some() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "GET http://{addr}/healthz gave no answer within {timeout:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `(status, body)` of a plain blocking `GET path` (HTTP/1.1, `Connection: close`), or `None` if the
-/// request fails within 1 s. Usable from sync code and inside async tests alike.
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    s.set_write_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Some((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// Sum of the samples in a Prometheus text whose series (name plus labels) starts with `name`.
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, v) = l.rsplit_once(' ')?;
-            let matches = series == name
-                || (series.starts_with(name)
-                    && (name.ends_with('}') || series[name.len()..].starts_with('{')));
-            matches.then(|| v.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
+crate::daemon::deref_to_daemon!(CoordinatorProcess);
 
 /// One entry of `farm:events`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,28 +146,120 @@ pub async fn leader(conn: &mut MultiplexedConnection, prefix: &str) -> Option<St
     v.and_then(|v| v.rsplit_once(':').map(|(id, _)| id.to_string()))
 }
 
-/// `farm-node` arguments for coordinator tests: 1 s segments, lease and node TTL `ttl`, 500 ms
-/// access flush, quick backoff and stop grace.
+/// `farm-node` arguments for coordinator tests: [`crate::farm::FAST`] with lease and node TTL `ttl`.
 pub fn node_args(ttl: &str) -> Vec<String> {
-    [
-        "--hls-time",
-        "1s",
-        "--lease-ttl",
-        ttl,
-        "--node-ttl",
-        ttl,
-        "--access-flush",
-        "500ms",
-        "--backoff-base",
-        "200ms",
-        "--backoff-max",
-        "2s",
-        "--stop-grace",
-        "2s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    crate::farm::with_values(
+        crate::farm::FAST,
+        &[("--lease-ttl", ttl), ("--node-ttl", ttl)],
+    )
+}
+
+/// Waits up to `timeout` until `farm:owner:<channel>` is gone (the channel runs nowhere); panics
+/// naming `what` otherwise.
+pub async fn wait_unowned(
+    conn: &MultiplexedConnection,
+    channel: &str,
+    what: &str,
+    timeout: std::time::Duration,
+) {
+    crate::wait::eventually(what, timeout, || {
+        let mut c = conn.clone();
+        async move { owner(&mut c, "farm", channel).await.is_none().then_some(()) }
+    })
+    .await;
+}
+
+/// Seeds `n` running channels `ch<i>`, owned alternately by n1 and n2 at gen 1 (lease 600 s), as
+/// `claim.lua` leaves them: owner key, the node's stream set, the stream hash (`node` and `fields`)
+/// and an access time `now`, or `now - 2 × idle_timeout_ms` for every 100th channel. Returns those
+/// idle channels.
+pub async fn seed_running_channels(
+    c: &mut MultiplexedConnection,
+    n: usize,
+    now: u64,
+    idle_timeout_ms: u64,
+    fields: &[(&str, &str)],
+) -> redis::RedisResult<Vec<String>> {
+    let mut idle = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let mut p = redis::pipe();
+        for &i in chunk {
+            let id = format!("ch{i}");
+            let node = if i % 2 == 0 { "n1" } else { "n2" };
+            let access = if i % 100 == 0 {
+                idle.push(id.clone());
+                now - 2 * idle_timeout_ms
+            } else {
+                now
+            };
+            let mut hash = vec![("node", node)];
+            hash.extend_from_slice(fields);
+            p.cmd("SET")
+                .arg(format!("farm:owner:{id}"))
+                .arg(format!("{node}:1"))
+                .arg("PX")
+                .arg(600_000)
+                .ignore()
+                .sadd(format!("farm:node:{node}:streams"), &id)
+                .ignore()
+                .hset_multiple(format!("farm:stream:{id}"), &hash)
+                .ignore()
+                .zadd("farm:access", &id, access)
+                .ignore();
+        }
+        let _: () = p.query_async(c).await?;
+    }
+    Ok(idle)
+}
+
+/// Releases channels of n1 and n2 as the nodes' `release.lua` does after a stop: owner key, stream
+/// hash, access entry and stream-set membership go.
+pub async fn release_channels(
+    c: &mut MultiplexedConnection,
+    ids: &[String],
+) -> redis::RedisResult<()> {
+    let mut p = redis::pipe();
+    for id in ids {
+        p.del(format!("farm:owner:{id}"))
+            .ignore()
+            .del(format!("farm:stream:{id}"))
+            .ignore()
+            .zrem("farm:access", id)
+            .ignore()
+            .srem("farm:node:n1:streams", id)
+            .ignore()
+            .srem("farm:node:n2:streams", id)
+            .ignore();
+    }
+    p.query_async(c).await
+}
+
+/// Waits up to `timeout` until `farm:node:<node>:alive` exists (the node heartbeats); panics naming
+/// `what` otherwise.
+pub async fn wait_alive(
+    conn: &MultiplexedConnection,
+    node: &str,
+    what: &str,
+    timeout: std::time::Duration,
+) {
+    let key = format!("farm:node:{node}:alive");
+    crate::wait::eventually(what, timeout, || {
+        let (mut c, key) = (conn.clone(), key.clone());
+        async move {
+            let alive: bool = redis::AsyncCommands::exists(&mut c, key).await.ok()?;
+            alive.then_some(())
+        }
+    })
+    .await;
+}
+
+/// Waits up to 10 s for a leader other than `previous`; its id.
+pub async fn wait_new_leader(conn: &MultiplexedConnection, previous: &str) -> String {
+    crate::wait::eventually("another leader", std::time::Duration::from_secs(10), || {
+        let mut c = conn.clone();
+        async move { leader(&mut c, "farm").await.filter(|l| l != previous) }
+    })
+    .await
 }
 
 /// A fake-ffmpeg source URL: a segment every `seg_ms` (the fake never opens it).
@@ -470,32 +306,4 @@ pub async fn owner(
     let v = v?;
     let (n, g) = v.rsplit_once(':')?;
     Some((n.to_string(), g.parse().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metric_values_match_names_and_labels() {
-        let text = "# HELP x\nfarm_coordinator_idle_stops_total 3\n\
-farm_coordinator_reaps_total{reason=\"node_dead\"} 2\n\
-farm_coordinator_reaps_total{reason=\"no_lease\"} 1\n\
-farm_coordinator_reaps_total_other 9\n";
-        assert_eq!(metric_value(text, "farm_coordinator_idle_stops_total"), 3.0);
-        assert_eq!(metric_value(text, "farm_coordinator_reaps_total"), 3.0);
-        assert_eq!(
-            metric_value(text, "farm_coordinator_reaps_total{reason=\"node_dead\"}"),
-            2.0
-        );
-        assert_eq!(metric_value(text, "farm_coordinator_missing"), 0.0);
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
-        );
-    }
 }

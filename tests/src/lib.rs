@@ -9,9 +9,11 @@
 //! No fixture synchronises with `sleep`: waits poll a condition with a deadline ([`wait::eventually`]).
 
 pub mod abuse;
-pub mod bench;
 pub mod bins;
 pub mod coordinator;
+pub mod daemon;
+pub mod farm;
+pub mod fixtures;
 pub mod hls;
 pub mod invariants;
 pub mod launch;

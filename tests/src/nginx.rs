@@ -338,19 +338,7 @@ impl NginxServer {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let pid = i32::try_from(child.id()).expect("pid fits in i32");
-        let _ = signal::term(pid);
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Workers are in the master's group: none may outlive it.
-        let _ = signal::send_group(pid, signal::Sig::KILL);
-        let _ = child.kill();
-        let _ = child.wait();
+        signal::term_then_kill_group(&mut child, STOP_GRACE);
     }
 }
 

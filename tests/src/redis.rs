@@ -446,6 +446,51 @@ fn spawn_and_wait(port: u16, dir: &Path, extra_args: &[String]) -> Result<Child,
     }
 }
 
+/// A thread that PINGs every 5 ms on its own connection: `(max round trip, pings, pings > 100 ms)`.
+pub struct Pinger {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(Duration, u64, u64), String>>,
+}
+
+impl Pinger {
+    /// Connects to `url` and starts pinging.
+    pub fn start(url: &str) -> Result<Pinger, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis url: {e}"))?;
+        let mut c = client
+            .get_connection()
+            .map_err(|e| format!("pinger connects: {e}"))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut max, mut n, mut over) = (Duration::ZERO, 0u64, 0u64);
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                let _: String = redis::cmd("PING")
+                    .query(&mut c)
+                    .map_err(|e| format!("PING: {e}"))?;
+                let d = t.elapsed();
+                max = max.max(d);
+                n += 1;
+                if d > Duration::from_millis(100) {
+                    over += 1;
+                }
+                // Pacing, not synchronisation: one PING per 5 ms.
+                std::thread::sleep(Duration::from_millis(5).saturating_sub(d));
+            }
+            Ok((max, n, over))
+        });
+        Ok(Pinger { stop, thread })
+    }
+
+    /// Stops the thread; what it saw.
+    pub fn finish(self) -> Result<(Duration, u64, u64), String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .join()
+            .map_err(|_| "the pinger panicked".to_string())?
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,3 +54,22 @@ pub fn kill_group_and_reap(child: &mut std::process::Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// SIGTERM to `child`, up to `grace` for it to exit, then SIGKILL to the process group it leads
+/// (its workers may not outlive it); always reaped.
+pub fn term_then_kill_group(child: &mut std::process::Child, grace: std::time::Duration) {
+    let Ok(pid) = i32::try_from(child.id()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    };
+    let _ = term(pid);
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    kill_group_and_reap(child);
+}

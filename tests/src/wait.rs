@@ -69,3 +69,14 @@ where
         std::thread::sleep(POLL_INTERVAL.min(deadline - now));
     }
 }
+
+/// [`eventually`] with a fresh clone of `conn` for each try of `f` (the usual shape of a wait on
+/// Redis state).
+pub async fn eventually_with<C, F, Fut, T>(conn: &C, what: &str, timeout: Duration, mut f: F) -> T
+where
+    C: Clone,
+    F: FnMut(C) -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually(what, timeout, || f(conn.clone())).await
+}

@@ -6,10 +6,9 @@
 //! 500 ms segments) by player-like viewers, which must see no error and no gap, and whose owners
 //! and gens must not change (nothing fenced).
 
-mod common;
-
-use common::*;
 use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::node::NodeProcess;
 use farm_tests::redis::RedisServer;
@@ -47,18 +46,9 @@ impl Farm {
             node(&redis, "n1", root.path(), true, &[]),
             node(&redis, "n2", root.path(), true, &[]),
         ];
-        let co = CoordinatorProcess::spawn(CoordinatorOpts::new("co", redis.url()).args([
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-            "--leader-ttl",
-            "3s",
-            "--idle-timeout",
-            "60s",
-        ]));
+        let co = CoordinatorProcess::spawn(CoordinatorOpts::new("co", redis.url()).args(
+            coordinator_args(&[("--tick", "500ms"), ("--idle-timeout", "60s")], &[]),
+        ));
         // Watched channels and the victim run on n1.
         for id in WATCHED.iter().chain(["victim"].iter()) {
             let url = format!("{}/live/{id}/index.m3u8", nodes[0].base_url());

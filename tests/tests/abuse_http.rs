@@ -12,6 +12,7 @@
 //! Figures printed (`--no-capture`): answers per status, node connection counters, time until the
 //! attack's connections were closed, Redis lookups, peak and final memory, worst viewer gap.
 
+use farm_tests::abuse::RawAnswer;
 use farm_tests::abuse::{
     attacker_ip, connect_from, raise_fd_limit, still_open, wait_all_closed, AbuseFarm, AbuseOpts,
     ADMIN_TOKEN, MAX_STREAMS, WATCHED,
@@ -24,24 +25,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// One answer read by [`raw_get`].
-#[derive(Debug, Clone, Default)]
-struct RawAnswer {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl RawAnswer {
-    fn header(&self, name: &str) -> Option<String> {
-        let name = format!("{}:", name.to_ascii_lowercase());
-        self.head
-            .lines()
-            .find(|l| l.to_ascii_lowercase().starts_with(&name))
-            .map(|l| l[name.len()..].trim().to_string())
-    }
-}
-
 /// `GET path` from `src` to `dst` with `Connection: close` and `extra` header lines; the whole
 /// answer, or what went wrong.
 async fn raw_get(
@@ -51,37 +34,7 @@ async fn raw_get(
     extra: &str,
     timeout: Duration,
 ) -> Result<RawAnswer, String> {
-    let exchange = async {
-        let mut s = connect_from(src, dst)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\n{extra}Connection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| format!("no answer head in {} bytes", raw.len()))?;
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line: {head}"))?;
-        Ok(RawAnswer {
-            status,
-            head,
-            body: raw[split + 4..].to_vec(),
-        })
-    };
-    tokio::time::timeout(timeout, exchange)
+    tokio::time::timeout(timeout, farm_tests::abuse::raw_get(src, dst, path, extra))
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }

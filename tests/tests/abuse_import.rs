@@ -13,15 +13,15 @@
 //!   killed while staging, Redis killed while staging (AOF, restarted): the catalog is exactly what
 //!   it was each time; farmctl killed after its commit: the next farmctl finishes the import.
 
-mod common;
-
-use common::*;
+use farm_tests::abuse::provider_m3u;
 use farm_tests::bins::bin_path;
 use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::netproxy::TcpProxy;
 use farm_tests::node::farmctl;
-use farm_tests::redis::RedisServer;
+use farm_tests::redis::{Pinger, RedisServer};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -32,24 +32,9 @@ use std::time::{Duration, Instant};
 const CHANNELS: usize = 100_000;
 const WATCHED: [&str; 3] = ["w1", "w2", "w3"];
 
-/// A playlist of `n` channels `<prefix>0..` with provider-like attributes; line `bad_at` (1-based
-/// line number of a URL line), if given, names a file: URL.
+/// Writes [`provider_m3u`]`(prefix, n, bad_at)` to `path`.
 fn write_m3u(path: &Path, prefix: &str, n: usize, bad_at: Option<usize>) {
-    let mut text = String::with_capacity(n * 120);
-    text.push_str("#EXTM3U url-tvg=\"http://epg.example/guide.xml\"\n");
-    for i in 0..n {
-        text.push_str(&format!(
-            "#EXTINF:-1 tvg-id=\"{prefix}{i}\" tvg-name=\"Channel {i}\" tvg-logo=\"http://logo.example/{i}.png\" group-title=\"Group {}\",Channel {i} HD\n",
-            i % 40
-        ));
-        let line = 2 * i + 3;
-        if Some(line) == bad_at {
-            text.push_str("file:///etc/passwd\n");
-        } else {
-            text.push_str(&format!("http://provider.example/live/u/p/{i}.ts\n"));
-        }
-    }
-    std::fs::write(path, text).expect("write playlist");
+    std::fs::write(path, provider_m3u(prefix, n, bad_at)).expect("write playlist");
 }
 
 /// farmctl with its stdout piped, for tests that read its progress while it runs.
@@ -112,43 +97,6 @@ async fn scard(redis: &RedisServer, key: &str) -> u64 {
         .expect("SCARD")
 }
 
-/// Max PING round trip seen by a thread that pings every 5 ms until stopped, and the count.
-struct Pinger {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(Duration, u64, u64)>,
-}
-
-impl Pinger {
-    fn start(url: &str) -> Pinger {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let client = redis::Client::open(url).expect("url");
-        let thread = std::thread::spawn(move || {
-            let mut c = client.get_connection().expect("pinger connects");
-            let (mut max, mut n, mut over) = (Duration::ZERO, 0u64, 0u64);
-            while !s.load(Ordering::SeqCst) {
-                let t = Instant::now();
-                let _: String = redis::cmd("PING").query(&mut c).expect("PING");
-                let d = t.elapsed();
-                max = max.max(d);
-                n += 1;
-                if d > Duration::from_millis(100) {
-                    over += 1;
-                }
-                // Pacing, not synchronisation: one PING per 5 ms.
-                std::thread::sleep(Duration::from_millis(5).saturating_sub(d));
-            }
-            (max, n, over)
-        });
-        Pinger { stop, thread }
-    }
-
-    fn finish(self) -> (Duration, u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().expect("pinger")
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100k_import_never_blocks_redis_and_watched_channels_play_on() {
     let redis = RedisServer::start();
@@ -163,16 +111,9 @@ async fn a_100k_import_never_blocks_redis_and_watched_channels_play_on() {
     }
     let n1 = node(&redis, "n1", dir.path(), true, &[]);
     let n2 = node(&redis, "n2", dir.path(), true, &[]);
-    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("co1", redis.url()).args([
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("co1", redis.url()).args(
+        coordinator_args(&[("--tick", "500ms")], &["--idle-timeout"]),
+    ));
     let file = dir.path().join("provider.m3u");
     write_m3u(&file, "c", CHANNELS, None);
     {
@@ -227,7 +168,7 @@ async fn a_100k_import_never_blocks_redis_and_watched_channels_play_on() {
     }
     let events_before = events(&mut c, "farm").await.len();
 
-    let pinger = Pinger::start(&redis.url());
+    let pinger = Pinger::start(&redis.url()).expect("pinger");
     let url = redis.url();
     let f = file.display().to_string();
     let t = Instant::now();
@@ -237,7 +178,7 @@ async fn a_100k_import_never_blocks_redis_and_watched_channels_play_on() {
     let import_time = t.elapsed();
     // A few more segments after the import, then the viewers stop.
     tokio::time::sleep(Duration::from_secs(3)).await; // let the viewers play on: not a sync point
-    let (max_ping, pings, over) = pinger.finish();
+    let (max_ping, pings, over) = pinger.finish().expect("pinger");
     stop.store(true, Ordering::SeqCst);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

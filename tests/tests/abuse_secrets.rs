@@ -9,10 +9,9 @@
 //! (events, stream hashes, ...), farmctl's outputs, both `/metrics`, and `/proc/*/cmdline` of every
 //! process while FFmpeg runs. And the channel played: the provider saw the credentials.
 
-mod common;
-
-use common::*;
 use farm_tests::coordinator::{CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{raw_request, NginxOpts, NginxServer};
 use farm_tests::node::{farmctl, NodeOpts, NodeProcess};
@@ -172,16 +171,9 @@ async fn credentials_in_a_catalog_url_reach_the_provider_and_nobody_else() {
             // FFmpeg's own stderr lines are logged at debug under target "ffmpeg": log them too.
             .env("RUST_LOG", "info,farm_node=debug,ffmpeg=debug"),
     );
-    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("co1", redis.url()).args([
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("co1", redis.url()).args(
+        coordinator_args(&[("--tick", "500ms")], &["--idle-timeout"]),
+    ));
     let nginx = NginxServer::start(&NginxOpts::for_nodes([&node]));
     let mut bodies = String::new();
 

@@ -14,9 +14,7 @@
 //!   and no core dumps (`/proc/<pid>/limits`), and a local process that connects to a channel's
 //!   gateway port is refused (403) without the upstream seeing a request.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::hls::{HlsClient, PullReport};
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::procs;

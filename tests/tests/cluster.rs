@@ -1,9 +1,8 @@
 //! Several nodes on one Redis behave as one server: any node answers for any channel, one FFmpeg
 //! per channel in the farm, capacity-aware forwarding, provider connection limits as leases.
 
-mod common;
-
-use common::*;
+use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::*;
 use farm_tests::node::NodeProcess;
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
@@ -37,6 +36,14 @@ async fn running_on(redis: &RedisServer, node: &str) -> usize {
         .await
         .expect("SMEMBERS");
     s.len()
+}
+
+/// The invariant checker over the nodes, after 7 s to settle: its figure, and nothing may be wrong.
+async fn assert_clean(redis: &RedisServer, ns: &[NodeProcess], what: &str) {
+    let nodes: Vec<&NodeProcess> = ns.iter().collect();
+    let report = farm_tests::invariants::check_nodes(redis, &nodes, Duration::from_secs(7)).await;
+    println!("{what}: {}", report.figure());
+    report.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,10 +94,7 @@ async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
         s
     };
     assert_eq!(spawns, 1.0);
-    let nodes: Vec<&NodeProcess> = ns.iter().collect();
-    let report = farm_tests::invariants::check_nodes(&redis, &nodes, Duration::from_secs(7)).await;
-    println!("fifty first requests: {}", report.figure());
-    report.assert_clean();
+    assert_clean(&redis, &ns, "fifty first requests").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,16 +153,8 @@ async fn a_provider_at_its_limit_refuses_new_channels_and_a_dead_nodes_holding_e
     let mut ns = nodes(&redis, root.path(), 3, true, &[]);
     // The farm's coordinator reaps the node killed below (node TTL 3 s).
     let _co = farm_tests::coordinator::CoordinatorProcess::spawn(
-        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url()).args([
-            "--idle-timeout",
-            "30s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-        ]),
+        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url())
+            .args(coordinator_args(&[("--tick", "500ms")], &["--leader-ttl"])),
     );
     let http = following();
     let mut tasks = Vec::new();
@@ -284,17 +280,13 @@ async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
     farm_tests::hls::observe(&c2, &r.text().await.expect("playlist"));
     assert_eq!(running_on(&redis, "n2").await, 1);
     // Both full: a clear 503, nothing spawned.
-    eventually(
+    wait_node_field(
+        &redis,
+        "n2",
+        "running",
+        "1",
         "n2's heartbeat shows it full",
         Duration::from_secs(5),
-        || async {
-            (hgetall(&redis, "farm:node:n2")
-                .await
-                .get("running")
-                .map(String::as_str)
-                == Some("1"))
-            .then_some(())
-        },
     )
     .await;
     let r = http
@@ -402,10 +394,7 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
         .to_str()
         .expect("loc")
         .starts_with(&n1));
-    let nodes: Vec<&NodeProcess> = ns.iter().collect();
-    let report = farm_tests::invariants::check_nodes(&redis, &nodes, Duration::from_secs(7)).await;
-    println!("drain: {}", report.figure());
-    report.assert_clean();
+    assert_clean(&redis, &ns, "drain").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,17 +425,13 @@ async fn a_transcode_counts_its_weight_against_capacity() {
     println!("{} {}", r.status, r.text().trim());
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("farm is full"), "{}", r.text());
-    eventually(
+    wait_node_field(
+        &redis,
+        "n1",
+        "load",
+        "6",
         "the heartbeat reports the weighted load",
         Duration::from_secs(5),
-        || async {
-            (hgetall(&redis, "farm:node:n1")
-                .await
-                .get("load")
-                .map(String::as_str)
-                == Some("6"))
-            .then_some(())
-        },
     )
     .await;
     // Stopping the transcode frees its whole weight.

@@ -9,14 +9,11 @@
 //! node_ttl + tick + 0.5 s of the kill; its first segment within two segment durations of that).
 //! The player keeps playing after a bounded gap, and nothing of the dead node remains.
 
-use farm_tests::coordinator::{
-    events, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
-};
+use farm_tests::coordinator::{events, ffmpegs_for, owner};
+use farm_tests::farm::Farm;
+use farm_tests::fixtures::segment_gen;
 use farm_tests::hls::HlsClient;
-use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::provider::FakeProvider;
-use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,41 +23,16 @@ const TICK: Duration = Duration::from_secs(1);
 const HLS_TIME: Duration = Duration::from_secs(1);
 const SLACK: Duration = Duration::from_millis(500);
 
-/// The gen in a segment URI `seg_<gen>_<msn>.ts`.
-fn segment_gen(uri: &str) -> Option<u64> {
-    uri.strip_prefix("seg_")?.split('_').next()?.parse().ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_moves_watched_channels_off_a_killed_node() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(
-        &url,
-        &["channel", "add", "news", &provider.url("/live/news.ts")],
-    );
-    farmctl_ok(
-        &url,
-        &["channel", "add", "sports", &provider.url("/live/sports.ts")],
-    );
-    let mut n1 =
-        NodeProcess::spawn(NodeOpts::new("n1", &url, root.path().join("n1")).args(node_args("3s")));
-    let n2 =
-        NodeProcess::spawn(NodeOpts::new("n2", &url, root.path().join("n2")).args(node_args("3s")));
-    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "1s",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let mut farm = Farm::pair()
+        .provider_channel("news", "/live/news.ts")
+        .provider_channel("sports", "/live/sports.ts")
+        .start()
+        .await;
+    let [mut n1, n2] = farm.take_nodes();
+    let [co] = farm.take_coordinators();
+    let (redis, root) = (&farm.redis, &farm.root);
     let mut c = redis.conn().await;
 
     // Both channels start on n1 (their first request goes there).
@@ -82,17 +54,15 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
             .pull(Duration::from_secs(30), Duration::from_secs(90))
             .await
     });
-    eventually(
+    eventually_with(
+        &c,
         "the player to get a few segments from n1",
         Duration::from_secs(30),
-        || {
-            let mut c = c.clone();
-            async move {
-                let h: HashMap<String, String> = c.hgetall("farm:stream:news").await.ok()?;
-                let started: u64 = h.get("started_at")?.parse().ok()?;
-                let last: u64 = h.get("last_segment_at")?.parse().ok()?;
-                (last >= started + 6000).then_some(())
-            }
+        |mut c| async move {
+            let h: HashMap<String, String> = c.hgetall("farm:stream:news").await.ok()?;
+            let started: u64 = h.get("started_at")?.parse().ok()?;
+            let last: u64 = h.get("last_segment_at")?.parse().ok()?;
+            (last >= started + 6000).then_some(())
         },
     )
     .await;
@@ -169,13 +139,15 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
         }
         tokio::time::sleep(farm_tests::wait::POLL_INTERVAL).await;
     }
-    eventually("sports to run on n2", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move {
+    eventually_with(
+        &c,
+        "sports to run on n2",
+        Duration::from_secs(20),
+        |mut c| async move {
             let state: Option<String> = c.hget("farm:stream:sports", "state").await.ok()?;
             (state.as_deref() == Some("running")).then_some(())
-        }
-    })
+        },
+    )
     .await;
     let running = killed.elapsed();
     println!(
@@ -285,7 +257,7 @@ new FFmpeg started {spawned:?} after it (bound node_ttl + tick + 0.5 s = {:?}), 
         co.metrics()
     );
     let report = farm_tests::invariants::check_nodes(
-        &redis,
+        redis,
         &[&n1, &n2],
         farm_tests::invariants::settle_time(NODE_TTL, TICK),
     )

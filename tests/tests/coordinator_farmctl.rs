@@ -7,6 +7,7 @@ use farm_tests::bins::bin_path;
 use farm_tests::coordinator::{
     events, fake_source, farmctl_ok, node_args, owner, CoordinatorOpts, CoordinatorProcess,
 };
+use farm_tests::farm::coordinator_args;
 use farm_tests::node::{farmctl, NodeOpts, NodeProcess};
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
@@ -34,16 +35,10 @@ async fn coordinator_farmctl_ops_commands_drive_a_live_farm() {
             .with_fake_ffmpeg()
             .args(node_args("3s")),
     );
-    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "2m",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-    ]));
+    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args(coordinator_args(
+        &[("--idle-timeout", "2m"), ("--tick", "500ms")],
+        &["--leader-ttl"],
+    )));
     let mut c = redis.conn().await;
 
     // start: on a named node, then wherever there is room.

@@ -8,22 +8,17 @@
 //! - A channel started by ops and never watched: its FFmpeg exits within the same bounds counted
 //!   from its claim (a start counts as an access); a pinned one is not stopped.
 
-use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts,
-    CoordinatorProcess,
-};
+use farm_tests::coordinator::{events, fake_source, farmctl_ok, ffmpegs_for, owner};
+use farm_tests::farm::{Farm, FarmBuilder};
 use farm_tests::hls::HlsClient;
-use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::provider::FakeProvider;
-use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use redis::AsyncCommands;
 use std::time::Duration;
 
 const IDLE: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_secs(1);
 const FLUSH: Duration = Duration::from_millis(500);
-/// The nodes' `--stop-grace` (`node_args`).
+/// The nodes' `--stop-grace` ([`farm_tests::farm::FAST`]).
 const STOP_GRACE: Duration = Duration::from_secs(2);
 const SLACK: Duration = Duration::from_millis(500);
 
@@ -39,37 +34,20 @@ fn ms(d: u64) -> Duration {
     Duration::from_millis(d)
 }
 
-fn coordinator(redis: &RedisServer) -> CoordinatorProcess {
-    CoordinatorProcess::spawn(CoordinatorOpts::new("c1", redis.url()).args([
-        "--idle-timeout",
-        "5s",
-        "--tick",
-        "1s",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]))
+/// [`Farm::pair`] with idle_timeout 5 s.
+fn farm() -> FarmBuilder {
+    Farm::pair().coordinator_value("--idle-timeout", "5s")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_leaves() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(
-        &url,
-        &["channel", "add", "news", &provider.url("/live/news.ts")],
-    );
-    let n1 =
-        NodeProcess::spawn(NodeOpts::new("n1", &url, root.path().join("n1")).args(node_args("3s")));
-    let _n2 =
-        NodeProcess::spawn(NodeOpts::new("n2", &url, root.path().join("n2")).args(node_args("3s")));
-    let co = coordinator(&redis);
-    let mut c = redis.conn().await;
+    let mut farm = farm()
+        .provider_channel("news", "/live/news.ts")
+        .start()
+        .await;
+    let ([n1, _n2], [co]) = farm.take_daemons();
+    let provider = farm.provider();
+    let mut c = farm.redis.conn().await;
 
     // A player watches for 25 s of media.
     let mut hls = HlsClient::new(&format!("{}/live/news/index.m3u8", n1.base_url()));
@@ -127,10 +105,12 @@ async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_
         latest <= bound,
         "FFmpeg still ran {latest:?} after the viewer's last request (bound {bound:?})"
     );
-    eventually("news's lease released", Duration::from_secs(2), || {
-        let mut c = c.clone();
-        async move { owner(&mut c, "farm", "news").await.is_none().then_some(()) }
-    })
+    eventually_with(
+        &c,
+        "news's lease released",
+        Duration::from_secs(2),
+        |mut c| async move { owner(&mut c, "farm", "news").await.is_none().then_some(()) },
+    )
     .await;
 
     let ev = events(&mut c, "farm").await;
@@ -167,40 +147,15 @@ async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(
-        &url,
-        &[
-            "channel",
-            "add",
-            "kept",
-            &fake_source("kept", 500),
-            "--pinned",
-        ],
-    );
-    farmctl_ok(
-        &url,
-        &[
-            "channel",
-            "add",
-            "unwatched",
-            &fake_source("unwatched", 500),
-        ],
-    );
-    let n1 = NodeProcess::spawn(
-        NodeOpts::new("n1", &url, root.path().join("n1"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let _n2 = NodeProcess::spawn(
-        NodeOpts::new("n2", &url, root.path().join("n2"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let co = coordinator(&redis);
-    let mut c = redis.conn().await;
+    let mut farm = farm()
+        .channel_with("kept", fake_source("kept", 500), &["--pinned"])
+        .channel("unwatched", fake_source("unwatched", 500))
+        .fake_ffmpeg()
+        .start()
+        .await;
+    let ([n1, _n2], [co]) = farm.take_daemons();
+    let url = farm.url();
+    let mut c = farm.redis.conn().await;
 
     farmctl_ok(&url, &["start", "kept", "--node", "n1", "--wait"]);
     let (_, kept_gen) = owner(&mut c, "farm", "kept").await.expect("kept runs");
@@ -228,15 +183,17 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
         "a never-watched channel was stopped {earliest:?} after its claim: before idle_timeout"
     );
     assert!(latest <= bound, "{latest:?} > {bound:?}");
-    eventually("its lease released", Duration::from_secs(5), || {
-        let mut c = c.clone();
-        async move {
+    eventually_with(
+        &c,
+        "its lease released",
+        Duration::from_secs(5),
+        |mut c| async move {
             owner(&mut c, "farm", "unwatched")
                 .await
                 .is_none()
                 .then_some(())
-        }
-    })
+        },
+    )
     .await;
 
     // The pinned channel, idle even longer, survives two more ticks.
@@ -259,13 +216,11 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
 
     // Unpinned, it goes too.
     farmctl_ok(&url, &["unpin", "kept"]);
-    eventually(
+    eventually_with(
+        &c,
         "the unpinned channel to be stopped",
         Duration::from_secs(10),
-        || {
-            let mut c = c.clone();
-            async move { owner(&mut c, "farm", "kept").await.is_none().then_some(()) }
-        },
+        |mut c| async move { owner(&mut c, "farm", "kept").await.is_none().then_some(()) },
     )
     .await;
 }

@@ -3,59 +3,43 @@
 //! the new leader, and the events show no channel stopped twice. A graceful stop hands over at once.
 
 use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, leader, node_args, owner, CoordinatorOpts, CoordinatorProcess,
+    events, fake_source, farmctl_ok, leader, owner, wait_new_leader, CoordinatorProcess,
 };
-use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::farm::Farm;
+use farm_tests::node::NodeProcess;
+use farm_tests::wait::{eventually, eventually_with};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const LEADER_TTL: Duration = Duration::from_secs(3);
 
-fn coordinator(redis: &RedisServer, id: &str) -> CoordinatorProcess {
-    CoordinatorProcess::spawn(CoordinatorOpts::new(id, redis.url()).args([
-        "--idle-timeout",
-        "3s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stops_twice() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
     let channels = ["a1", "a2", "b1", "b2", "b3"];
-    for ch in channels {
-        farmctl_ok(&url, &["channel", "add", ch, &fake_source(ch, 500)]);
-    }
-    let _nodes: Vec<NodeProcess> = ["n1", "n2"]
+    let mut farm = channels
         .iter()
-        .map(|id| {
-            NodeProcess::spawn(
-                NodeOpts::new(*id, &url, root.path().join(id))
-                    .with_fake_ffmpeg()
-                    .args(node_args("3s")),
-            )
-        })
+        .fold(Farm::builder(), |f, ch| f.channel(ch, fake_source(ch, 500)))
+        .nodes(&["n1", "n2"])
+        .fake_ffmpeg()
+        .coordinators(&["c1", "c2", "c3"])
+        .coordinator_value("--idle-timeout", "3s")
+        .coordinator_value("--tick", "500ms")
+        .start()
+        .await;
+    let _nodes = farm.take_nodes::<2>();
+    let mut coords: HashMap<String, CoordinatorProcess> = farm
+        .take_coordinators::<3>()
+        .into_iter()
+        .map(|co| (co.id().to_string(), co))
         .collect();
-    let mut coords: HashMap<String, CoordinatorProcess> = ["c1", "c2", "c3"]
-        .iter()
-        .map(|id| (id.to_string(), coordinator(&redis, id)))
-        .collect();
+    let (redis, url) = (&farm.redis, farm.url());
     let mut c = redis.conn().await;
-    let first = eventually("a leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move { leader(&mut c, "farm").await }
-    })
+    let first = eventually_with(
+        &c,
+        "a leader",
+        Duration::from_secs(10),
+        |mut c| async move { leader(&mut c, "farm").await },
+    )
     .await;
     eventually(
         "exactly one coordinator to report is_leader",
@@ -76,13 +60,11 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
         farmctl_ok(&url, &["start", ch, "--wait"]);
     }
     for ch in ["a1", "a2"] {
-        eventually(
+        eventually_with(
+            &c,
             &format!("{ch} to be stopped by the first leader"),
             Duration::from_secs(15),
-            || {
-                let mut c = c.clone();
-                async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) }
-            },
+            |mut c| async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) },
         )
         .await;
     }
@@ -93,12 +75,7 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
     }
     coords.get_mut(&first).expect("leader process").kill9();
     let killed = Instant::now();
-    let second = eventually("another leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        let first = first.clone();
-        async move { leader(&mut c, "farm").await.filter(|l| *l != first) }
-    })
-    .await;
+    let second = wait_new_leader(&c, &first).await;
     let took = killed.elapsed();
     println!("leader {first} killed; {second} leads {took:?} later (leader TTL {LEADER_TTL:?})");
     assert!(
@@ -107,13 +84,11 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
     );
 
     for ch in ["b1", "b2", "b3"] {
-        eventually(
+        eventually_with(
+            &c,
             &format!("{ch} to be stopped by the new leader"),
             Duration::from_secs(15),
-            || {
-                let mut c = c.clone();
-                async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) }
-            },
+            |mut c| async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) },
         )
         .await;
     }
@@ -168,7 +143,7 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
     assert!(status.success(), "{status}");
     let nodes: Vec<&NodeProcess> = _nodes.iter().collect();
     let report = farm_tests::invariants::check_nodes(
-        &redis,
+        redis,
         &nodes,
         farm_tests::invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500)),
     )

@@ -1,41 +1,22 @@
 //! Pinned channels (keep-warm): running somewhere at all times without a viewer, started again
 //! when they run nowhere, never idle-stopped; unpinned, they go idle like any other.
 
-use farm_tests::coordinator::{
-    fake_source, farmctl_ok, node_args, owner, CoordinatorOpts, CoordinatorProcess,
-};
-use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::redis::RedisServer;
+use farm_tests::coordinator::{fake_source, farmctl_ok, owner};
+use farm_tests::farm::Farm;
 use farm_tests::wait::eventually;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_keeps_a_pinned_channel_running_and_lets_it_go_once_unpinned() {
-    let redis = RedisServer::start();
-    let url = redis.url();
-    let root = tempfile::tempdir().expect("tempdir");
-    let _nodes: Vec<NodeProcess> = ["n1", "n2"]
-        .iter()
-        .map(|n| {
-            NodeProcess::spawn(
-                NodeOpts::new(*n, &url, root.path().join(n))
-                    .with_fake_ffmpeg()
-                    .args(node_args("3s")),
-            )
-        })
-        .collect();
-    let _coord = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "4s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let mut farm = Farm::pair()
+        .fake_ffmpeg()
+        .coordinator_value("--idle-timeout", "4s")
+        .coordinator_value("--tick", "500ms")
+        .start()
+        .await;
+    let _nodes = farm.take_nodes::<2>();
+    let [_coord] = farm.take_coordinators();
+    let (redis, url) = (&farm.redis, farm.url());
     farmctl_ok(
         &url,
         &[

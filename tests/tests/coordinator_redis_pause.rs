@@ -10,15 +10,13 @@
 //!   once Redis returns the farm serves again by itself while the fenced leftovers are reconciled.
 
 use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts,
-    CoordinatorProcess, FarmEvent,
+    events, fake_source, farmctl_ok, ffmpegs_for, owner, CoordinatorProcess, FarmEvent,
 };
+use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
-use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
+use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
-use std::path::Path;
 use std::time::Duration;
 
 const LEASE: Duration = Duration::from_secs(4);
@@ -53,60 +51,40 @@ async fn next_keepalive(monitor: &farm_tests::redis::Monitor, node: &str, after_
     }
 }
 
-struct Farm {
-    redis: RedisServer,
-    n1: NodeProcess,
-    n2: NodeProcess,
-    co: CoordinatorProcess,
-    _root: tempfile::TempDir,
+/// Nodes n1 and n2 (fake FFmpeg) and coordinator c1 (idle timeout 10 s, tick 500 ms), TTLs 4 s;
+/// channels watched and kept (pinned).
+async fn farm() -> Farm {
+    Farm::pair()
+        .fake_ffmpeg()
+        .channel("watched", fake_source("watched", 500))
+        .channel_with("kept", fake_source("kept", 500), &["--pinned"])
+        .node_value("--lease-ttl", "4s")
+        .node_value("--node-ttl", "4s")
+        .coordinator_value("--idle-timeout", "10s")
+        .coordinator_value("--tick", "500ms")
+        .coordinator_value("--node-ttl", "4s")
+        .coordinator_value("--lease-ttl", "4s")
+        .coordinator_value("--leader-ttl", "4s")
+        .start()
+        .await
 }
 
-fn farm() -> Farm {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(
-        &url,
-        &["channel", "add", "watched", &fake_source("watched", 500)],
-    );
-    farmctl_ok(
-        &url,
-        &[
-            "channel",
-            "add",
-            "kept",
-            &fake_source("kept", 500),
-            "--pinned",
-        ],
-    );
-    let node = |id: &str, root: &Path| {
-        NodeProcess::spawn(
-            NodeOpts::new(id, &url, root.join(id))
-                .with_fake_ffmpeg()
-                .args(node_args("4s")),
-        )
-    };
-    let n1 = node("n1", root.path());
-    let n2 = node("n2", root.path());
-    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "10s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "4s",
-        "--lease-ttl",
-        "4s",
-        "--leader-ttl",
-        "4s",
-    ]));
-    Farm {
-        redis,
-        n1,
-        n2,
-        co,
-        _root: root,
-    }
+/// The farm with kept started on n2 and a player that has watched 2 s of watched through n1: the
+/// farm, a connection and the player.
+async fn playing() -> (Farm, MultiplexedConnection, HlsClient) {
+    let f = farm().await;
+    let url = f.redis.url();
+    let c = f.redis.conn().await;
+    farmctl_ok(&url, &["start", "kept", "--node", "n2", "--wait"]);
+    let mut player = HlsClient::new(&format!(
+        "{}/live/watched/index.m3u8",
+        f.node("n1").base_url()
+    ));
+    player
+        .pull(Duration::from_secs(2), Duration::from_secs(20))
+        .await
+        .expect("watched plays");
+    (f, c, player)
 }
 
 /// Waits until the coordinator has run `n` more ticks as leader.
@@ -126,19 +104,13 @@ fn after<'a>(ev: &'a [FarmEvent], mark: &str) -> Vec<&'a FarmEvent> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_nothing() {
-    let f = farm();
-    let url = f.redis.url();
-    let mut c = f.redis.conn().await;
-    farmctl_ok(&url, &["start", "kept", "--node", "n2", "--wait"]);
-    let mut player = HlsClient::new(&format!("{}/live/watched/index.m3u8", f.n1.base_url()));
-    player
-        .pull(Duration::from_secs(2), Duration::from_secs(20))
-        .await
-        .expect("watched plays");
+    let (f, mut c, mut player) = playing().await;
     eventually(
         "the coordinator to lead",
         Duration::from_secs(10),
-        || async { (f.co.metric("farm_coordinator_is_leader") == 1.0).then_some(()) },
+        || async {
+            (f.coordinator("c1").metric("farm_coordinator_is_leader") == 1.0).then_some(())
+        },
     )
     .await;
     let before_watched = owner(&mut c, "farm", "watched")
@@ -146,8 +118,8 @@ async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_no
         .expect("watched runs");
     let before_kept = owner(&mut c, "farm", "kept").await.expect("kept runs");
     let pids = (
-        ffmpegs_for(f.n1.hls_root(), "watched"),
-        ffmpegs_for(f.n2.hls_root(), "kept"),
+        ffmpegs_for(f.node("n1").hls_root(), "watched"),
+        ffmpegs_for(f.node("n2").hls_root(), "kept"),
     );
     let mark = events(&mut c, "farm")
         .await
@@ -205,7 +177,7 @@ async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_no
     }
     println!("Redis paused {outage:?} (½ lease TTL) four times: {phases:?}");
     // Long enough for any wrong decision to show: node_ttl + a few ticks.
-    ticks(&f.co, 12.0).await;
+    ticks(f.coordinator("c1"), 12.0).await;
     let report = pull
         .await
         .expect("player task")
@@ -220,8 +192,8 @@ async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_no
     assert_eq!(owner(&mut c, "farm", "kept").await, Some(before_kept));
     assert_eq!(
         (
-            ffmpegs_for(f.n1.hls_root(), "watched"),
-            ffmpegs_for(f.n2.hls_root(), "kept")
+            ffmpegs_for(f.node("n1").hls_root(), "watched"),
+            ffmpegs_for(f.node("n2").hls_root(), "kept")
         ),
         pids,
         "an FFmpeg was replaced"
@@ -235,17 +207,18 @@ async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_no
         )),
         "something happened during a Redis pause of ½ the lease TTL: {since:?}"
     );
-    let held =
-        f.co.metric("farm_coordinator_reaps_refused_total{reason=\"redis_disturbed\"}");
+    let held = f
+        .coordinator("c1")
+        .metric("farm_coordinator_reaps_refused_total{reason=\"redis_disturbed\"}");
     println!("ticks that held their reaps after the stall: {held}");
     assert!(
         held >= 1.0,
         "the coordinator did not notice the stall:\n{}",
-        f.co.metrics()
+        f.coordinator("c1").metrics()
     );
     let report = farm_tests::invariants::check_nodes(
         &f.redis,
-        &[&f.n1, &f.n2],
+        &[f.node("n1"), f.node("n2")],
         farm_tests::invariants::settle_time(Duration::from_secs(4), Duration::from_millis(500)),
     )
     .await;
@@ -255,15 +228,7 @@ async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_farm_recovers() {
-    let f = farm();
-    let url = f.redis.url();
-    let mut c = f.redis.conn().await;
-    farmctl_ok(&url, &["start", "kept", "--node", "n2", "--wait"]);
-    let mut player = HlsClient::new(&format!("{}/live/watched/index.m3u8", f.n1.base_url()));
-    player
-        .pull(Duration::from_secs(2), Duration::from_secs(20))
-        .await
-        .expect("watched plays");
+    let (f, mut c, mut player) = playing().await;
     let (_, gen_before) = owner(&mut c, "farm", "watched")
         .await
         .expect("watched runs");
@@ -279,8 +244,8 @@ async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_fa
         "the nodes to fence their FFmpegs",
         Duration::from_secs(15),
         || async {
-            (ffmpegs_for(f.n1.hls_root(), "watched").is_empty()
-                && ffmpegs_for(f.n2.hls_root(), "kept").is_empty())
+            (ffmpegs_for(f.node("n1").hls_root(), "watched").is_empty()
+                && ffmpegs_for(f.node("n2").hls_root(), "kept").is_empty())
             .then_some(())
         },
     )
@@ -301,19 +266,17 @@ async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_fa
     assert!(gen_after > gen_before);
     // The fenced, unwatched channel's leftovers on n2 are reconciled once the coordinator has
     // settled, and (it is pinned) the coordinator starts it again somewhere.
-    eventually(
+    eventually_with(
+        &c,
         "kept's stale n2 keys reaped and kept running again",
         Duration::from_secs(30),
-        || {
-            let mut c = c.clone();
-            async move {
-                let member: bool = c.sismember("farm:node:n2:streams", "kept").await.ok()?;
-                let hash_node: Option<String> = c.hget("farm:stream:kept", "node").await.ok()?;
-                let owner: Option<String> = c.get("farm:owner:kept").await.ok()?;
-                let gen: u64 = owner?.rsplit_once(':')?.1.parse().ok()?;
-                let stale = member || (hash_node.as_deref() == Some("n2") && gen == 1);
-                (!stale && gen > 1).then_some(())
-            }
+        |mut c| async move {
+            let member: bool = c.sismember("farm:node:n2:streams", "kept").await.ok()?;
+            let hash_node: Option<String> = c.hget("farm:stream:kept", "node").await.ok()?;
+            let owner: Option<String> = c.get("farm:owner:kept").await.ok()?;
+            let gen: u64 = owner?.rsplit_once(':')?.1.parse().ok()?;
+            let stale = member || (hash_node.as_deref() == Some("n2") && gen == 1);
+            (!stale && gen > 1).then_some(())
         },
     )
     .await;
@@ -340,7 +303,7 @@ async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_fa
     }
     let report = farm_tests::invariants::check_nodes(
         &f.redis,
-        &[&f.n1, &f.n2],
+        &[f.node("n1"), f.node("n2")],
         farm_tests::invariants::settle_time(Duration::from_secs(4), Duration::from_millis(500)),
     )
     .await;

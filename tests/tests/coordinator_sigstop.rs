@@ -10,16 +10,11 @@
 //! never two. After SIGCONT the old node runs nothing of the channel, none of its writes land (its
 //! gen is refused), and it rejoins cleanly.
 
-use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts,
-    CoordinatorProcess,
-};
+use farm_tests::coordinator::{events, fake_source, ffmpegs_for, owner, wait_alive};
+use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
-use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::procs;
-use farm_tests::redis::RedisServer;
 use farm_tests::signal;
-use farm_tests::wait::eventually;
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -39,32 +34,15 @@ fn live(roots: &[&std::path::Path]) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_moves_a_channel_off_a_frozen_node_and_the_node_fences_on_wake() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 500)]);
-    let n1 = NodeProcess::spawn(
-        NodeOpts::new("n1", &url, root.path().join("n1"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let n2 = NodeProcess::spawn(
-        NodeOpts::new("n2", &url, root.path().join("n2"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let mut farm = Farm::pair()
+        .fake_ffmpeg()
+        .coordinator_value("--tick", "500ms")
+        .channel("ch", fake_source("ch", 500))
+        .start()
+        .await;
+    let [n1, n2] = farm.take_nodes();
+    let [_co] = farm.take_coordinators();
+    let redis = &farm.redis;
     let mut c = redis.conn().await;
     let (status, body) = HlsClient::new(&format!("{}/live/ch/index.m3u8", n1.base_url()))
         .get_playlist()
@@ -141,14 +119,7 @@ ch owned by n2 {moved_after:?} into it; {samples} samples, {stopped_samples} wit
     n1.sigcont();
     let _ = signal::cont(old);
     // n1 is back (alive again) and none of its writes landed: the hash and lease are n2's.
-    eventually("n1 to heartbeat again", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            let alive: bool = c.exists("farm:node:n1:alive").await.ok()?;
-            alive.then_some(())
-        }
-    })
-    .await;
+    wait_alive(&c, "n1", "n1 to heartbeat again", Duration::from_secs(10)).await;
     assert_eq!(
         owner(&mut c, "farm", "ch").await,
         Some(("n2".to_string(), new_gen))
@@ -171,7 +142,7 @@ ch owned by n2 {moved_after:?} into it; {samples} samples, {stopped_samples} wit
         "n1 wrote events for its fenced gen: {late:?}"
     );
     let report = farm_tests::invariants::check_nodes(
-        &redis,
+        redis,
         &[&n1, &n2],
         farm_tests::invariants::settle_time(LEASE, Duration::from_millis(500)),
     )

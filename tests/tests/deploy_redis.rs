@@ -11,6 +11,7 @@
 //!   finds the primary through it (`redis+sentinel://`) works as `farm-node`.
 
 use farm_tests::coordinator::{owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
 use farm_tests::node::{farmctl, NodeOpts, NodeProcess};
 use farm_tests::ports::free_port;
 use farm_tests::procs::tail;
@@ -24,18 +25,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FAST: &[&str] = &[
-    "--hls-time",
-    "1s",
-    "--lease-ttl",
-    "3s",
-    "--node-ttl",
-    "3s",
-    "--access-flush",
-    "500ms",
-    "--stop-grace",
-    "2s",
-];
+/// The fast node settings ([`farm_tests::farm::FAST`]) with the default restart backoff.
+fn fast() -> Vec<String> {
+    farm_tests::farm::without(farm_tests::farm::FAST, &["--backoff-base", "--backoff-max"])
+}
 
 fn repo() -> PathBuf {
     farm_tests::nginx::repo_root()
@@ -219,7 +212,7 @@ fn node_as_acl_user(redis: &ConfRedis, id: &str, root: &Path) -> NodeProcess {
     NodeProcess::spawn(
         NodeOpts::new(id, redis.url("farm-node"), root.join(id))
             .with_fake_ffmpeg()
-            .args(FAST.iter().copied()),
+            .args(fast()),
     )
 }
 
@@ -385,18 +378,10 @@ async fn coordinator_farmctl_and_ops_work_as_their_acl_users() {
     // A second node: a coordinator reaps nothing while most nodes look dead.
     let _n2 = node_as_acl_user(&redis, "n2", root.path());
     let co = CoordinatorProcess::spawn(
-        CoordinatorOpts::new("co1", redis.url("farm-coordinator")).args([
-            "--idle-timeout",
-            "2s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-            "--leader-ttl",
-            "3s",
-        ]),
+        CoordinatorOpts::new("co1", redis.url("farm-coordinator")).args(coordinator_args(
+            &[("--idle-timeout", "2s"), ("--tick", "500ms")],
+            &[],
+        )),
     );
     for id in ["idle", "kept"] {
         let r = reqwest::get(format!("{}/live/{id}/index.m3u8", n1.base_url()))
@@ -726,7 +711,7 @@ async fn the_sentinel_example_monitors_the_primary_as_its_acl_user() {
     let node = NodeProcess::spawn(
         NodeOpts::new("n1", via_sentinel, root.path().join("n1"))
             .with_fake_ffmpeg()
-            .args(FAST.iter().copied()),
+            .args(fast()),
     );
     let r = reqwest::get(format!("{}/live/c1/index.m3u8", node.base_url()))
         .await

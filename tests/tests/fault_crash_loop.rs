@@ -11,66 +11,42 @@
 //! must be at least ½ × base × 2^(k-1) (capped at `backoff_max`) and at most 1.5 × that plus the
 //! node's own work between the two (0.5 s).
 
-use farm_tests::coordinator::{
-    events, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
-};
+use farm_tests::coordinator::{events, ffmpegs_for, owner};
+use farm_tests::farm::Farm;
 use farm_tests::invariants::{self, settle_time, FarmNode};
-use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::procs;
-use farm_tests::redis::RedisServer;
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// The nodes' backoff base and cap (`node_args`).
+/// The nodes' backoff base and cap ([`farm_tests::farm::FAST`]).
 const BASE: Duration = Duration::from_millis(200);
 const CAP: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_ffmpeg_crash_loop_ends_failed_with_the_reason_and_leaves_nothing() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    // The fake FFmpegs log their starts and exits above the nodes' HLS roots.
-    let spawnlog = root.path().join("spawns.log");
-    farmctl_ok(
-        &url,
-        &[
-            "channel",
-            "add",
+    let mut farm = Farm::pair()
+        .fake_ffmpeg()
+        .coordinator_value("--tick", "500ms")
+        .channel(
             "bad",
             "http://127.0.0.1:9/bad.ts?mode=crash&after_ms=500&seg_ms=100&spawnlog=1",
-        ],
-    );
-    let node = |id: &str| {
-        NodeProcess::spawn(
-            NodeOpts::new(id, &url, root.path().join(id))
-                .with_fake_ffmpeg()
-                .args(node_args("3s"))
-                .args([
-                    "--max-crashes",
-                    "4",
-                    "--crash-window",
-                    "60s",
-                    "--failed-hold",
-                    "3s",
-                ]),
         )
-    };
-    let n1 = node("n1");
-    let n2 = node("n2");
-    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+        .node_args(&[
+            "--max-crashes",
+            "4",
+            "--crash-window",
+            "60s",
+            "--failed-hold",
+            "3s",
+        ])
+        .start()
+        .await;
+    let [n1, n2] = farm.take_nodes();
+    let [_co] = farm.take_coordinators();
+    let (redis, root) = (&farm.redis, &farm.root);
+    // The fake FFmpegs log their starts and exits above the nodes' HLS roots.
+    let spawnlog = root.path().join("spawns.log");
     let mut c = redis.conn().await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -178,7 +154,7 @@ reason: {reason}; failed hash kept {ttl} ms; a viewer during the hold: {held_sta
     assert!(!n1.hls_root().join("bad").exists(), "folder removed");
     assert!(procs::zombies_of(n1.pid()).is_empty());
     let report = invariants::check(
-        &redis,
+        redis,
         &[FarmNode::of(&n1), FarmNode::of(&n2)],
         settle_time(Duration::from_secs(3), Duration::from_millis(500)),
     )

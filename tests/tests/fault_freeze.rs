@@ -16,12 +16,11 @@
 //! - The guard's cost per stream: its RSS with N gateways relaying vs none, and its CPU per stream
 //!   and per relayed megabyte.
 
-mod common;
-
-use common::metric;
 use farm_tests::coordinator::{
-    farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
+    farmctl_ok, ffmpegs_for, node_args, owner, wait_alive, CoordinatorOpts, CoordinatorProcess,
 };
+use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::metric;
 use farm_tests::hls::HlsClient;
 use farm_tests::invariants::{self, farm_ffmpegs, settle_time, FarmNode};
 use farm_tests::node::{NodeOpts, NodeProcess};
@@ -58,18 +57,9 @@ impl Farm {
             NodeProcess::spawn(NodeOpts::new(id, &url, root.path().join(id)).args(node_args("3s")))
         };
         let (n1, n2) = (node("n1"), node("n2"));
-        let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-            "--idle-timeout",
-            "30s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-            "--leader-ttl",
-            "3s",
-        ]));
+        let co = CoordinatorProcess::spawn(
+            CoordinatorOpts::new("c1", &url).args(coordinator_args(&[("--tick", "500ms")], &[])),
+        );
         Farm {
             redis,
             provider,
@@ -146,7 +136,7 @@ fn cpu_secs(pid: i32) -> f64 {
 fn viewer_on_n2(n2: &NodeProcess, since: Instant) -> tokio::task::JoinHandle<(Duration, String)> {
     let url = format!("{}/live/ch/index.m3u8", n2.base_url());
     tokio::spawn(async move {
-        let http = common::client();
+        let http = farm_tests::fixtures::client();
         loop {
             assert!(
                 since.elapsed() < Duration::from_secs(30),
@@ -180,14 +170,7 @@ fn viewer_on_n2(n2: &NodeProcess, since: Instant) -> tokio::task::JoinHandle<(Du
 /// with `gen`, one provider connection; then the invariant checker.
 async fn n1_rejoins_cleanly(f: &Farm, gen: u64, what: &str, woke: Instant) {
     let mut c = f.redis.conn().await;
-    eventually("n1 to heartbeat again", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            let alive: bool = c.exists("farm:node:n1:alive").await.ok()?;
-            alive.then_some(())
-        }
-    })
-    .await;
+    wait_alive(&c, "n1", "n1 to heartbeat again", Duration::from_secs(10)).await;
     let rejoined = woke.elapsed();
     let watch = Instant::now();
     while watch.elapsed() < Duration::from_secs(2) {

@@ -7,12 +7,12 @@
 //! `stopped` event per channel), and the checker finds nothing left.
 
 use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, leader, node_args, CoordinatorOpts, CoordinatorProcess,
+    events, fake_source, farmctl_ok, leader, wait_new_leader, CoordinatorProcess,
 };
+use farm_tests::farm::Farm;
 use farm_tests::invariants::{self, settle_time, FarmNode};
-use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::node::NodeProcess;
+use farm_tests::wait::{eventually, eventually_with};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -21,9 +21,14 @@ const LEADER_TTL: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_stops_twice() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
+    let farm = Farm::builder()
+        .fake_ffmpeg()
+        .coordinator_value("--idle-timeout", "3s")
+        .coordinator_value("--tick", "500ms")
+        .coordinator_args(&["--max-idle-stops", "8"])
+        .start()
+        .await;
+    let (redis, root, url) = (&farm.redis, &farm.root, farm.url());
     let mut m3u = String::from("#EXTM3U\n");
     for i in 0..CHANNELS {
         m3u.push_str(&format!(
@@ -34,41 +39,17 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
     let m3u_path = root.path().join("idle.m3u");
     std::fs::write(&m3u_path, m3u).expect("write m3u");
     farmctl_ok(&url, &["import", &m3u_path.to_string_lossy()]);
-    let nodes: Vec<NodeProcess> = ["n1", "n2"]
-        .iter()
-        .map(|id| {
-            NodeProcess::spawn(
-                NodeOpts::new(*id, &url, root.path().join(id))
-                    .with_fake_ffmpeg()
-                    .args(node_args("3s")),
-            )
-        })
-        .collect();
+    let nodes: Vec<NodeProcess> = ["n1", "n2"].map(|id| farm.spawn_node(id)).into();
     let mut coords: BTreeMap<String, CoordinatorProcess> = ["c1", "c2"]
-        .iter()
-        .map(|id| {
-            let co = CoordinatorProcess::spawn(CoordinatorOpts::new(*id, &url).args([
-                "--idle-timeout",
-                "3s",
-                "--tick",
-                "500ms",
-                "--node-ttl",
-                "3s",
-                "--lease-ttl",
-                "3s",
-                "--leader-ttl",
-                "3s",
-                "--max-idle-stops",
-                "8",
-            ]));
-            (id.to_string(), co)
-        })
-        .collect();
+        .map(|id| (id.to_string(), farm.spawn_coordinator(id)))
+        .into();
     let mut c = redis.conn().await;
-    let first = eventually("a leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move { leader(&mut c, "farm").await }
-    })
+    let first = eventually_with(
+        &c,
+        "a leader",
+        Duration::from_secs(10),
+        |mut c| async move { leader(&mut c, "farm").await },
+    )
     .await;
 
     // All channels start within a moment of each other (and nobody watches them afterwards).
@@ -107,16 +88,13 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
     .await;
     coords.get_mut(&first).expect("leader").kill9();
     let killed = Instant::now();
-    let second = eventually("another leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        let first = first.clone();
-        async move { leader(&mut c, "farm").await.filter(|l| *l != first) }
-    })
-    .await;
+    let second = wait_new_leader(&c, &first).await;
     let took_over = killed.elapsed();
-    eventually("every channel stopped", Duration::from_secs(30), || {
-        let mut c = c.clone();
-        async move {
+    eventually_with(
+        &c,
+        "every channel stopped",
+        Duration::from_secs(30),
+        |mut c| async move {
             let owned: usize = redis::cmd("EVAL")
                 .arg("return #redis.call('KEYS', 'farm:owner:*')")
                 .arg(0)
@@ -124,8 +102,8 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
                 .await
                 .ok()?;
             (owned == 0).then_some(())
-        }
-    })
+        },
+    )
     .await;
     let all_stopped = killed.elapsed();
     let mut stops: BTreeMap<String, usize> = BTreeMap::new();
@@ -151,7 +129,7 @@ all {CHANNELS} channels stopped {all_stopped:?} after the kill; channels stopped
     assert_eq!(stops.len(), CHANNELS, "{stops:?}");
     assert!(twice.is_empty(), "stopped twice: {twice:?}");
     let report = invariants::check(
-        &redis,
+        redis,
         &nodes.iter().map(FarmNode::of).collect::<Vec<_>>(),
         settle_time(Duration::from_secs(3), Duration::from_millis(500)),
     )

@@ -11,14 +11,13 @@
 //! the invariant checker finds nothing left. Every playlist a viewer gets goes to the strict
 //! RFC 8216 checker.
 
-use farm_tests::coordinator::{
-    fake_source, farmctl_ok, ffmpegs_for, node_args, owner, CoordinatorOpts, CoordinatorProcess,
-};
+use farm_tests::coordinator::{fake_source, ffmpegs_for, owner, wait_alive};
+use farm_tests::farm::{Farm, FarmBuilder};
+use farm_tests::fixtures::{no_redirects, observed_playlist, segment_gen};
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::netproxy::TcpProxy;
 use farm_tests::node::{NodeOpts, NodeProcess};
-use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use redis::AsyncCommands;
 use std::time::{Duration, Instant};
 
@@ -30,70 +29,38 @@ const SAMPLE: Duration = Duration::from_millis(100);
 const FIRST_SEGMENT: Duration = Duration::from_millis(500);
 const SLACK: Duration = Duration::from_millis(500);
 
-/// GET of a playlist; a 200 body goes to the strict checker. The status and body.
-async fn playlist(http: &reqwest::Client, url: &str) -> (u16, String) {
-    match http.get(url).send().await {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            let body = r.text().await.unwrap_or_default();
-            if status == 200 {
-                farm_tests::hls::observe(url, &body);
-            }
-            (status, body)
-        }
-        Err(_) => (0, String::new()),
-    }
+/// Fake FFmpeg and a coordinator ticking every 500 ms ([`Farm::builder`] adds the daemons).
+fn farm() -> FarmBuilder {
+    Farm::builder()
+        .fake_ffmpeg()
+        .coordinator_value("--tick", "500ms")
 }
 
-/// The gen in a segment URI `seg_<gen>_<msn>.ts`.
-fn segment_gen(uri: &str) -> Option<u64> {
-    uri.strip_prefix("seg_")?.split('_').next()?.parse().ok()
-}
-
-fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(15))
-        .build()
-        .expect("http client")
+/// A proxy in front of the farm's Redis and node n1 reaching Redis through it.
+fn proxied_n1(farm: &Farm) -> (TcpProxy, NodeProcess) {
+    let proxy = TcpProxy::start(farm.redis.port());
+    let n1 = NodeProcess::spawn(NodeOpts {
+        redis_url: proxy.redis_url(),
+        ..farm.node_opts("n1")
+    });
+    (proxy, n1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_after_the_heal() {
-    let redis = RedisServer::start();
-    let proxy = TcpProxy::start(redis.port());
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 500)]);
-    farmctl_ok(
-        &url,
-        &["channel", "add", "after", &fake_source("after", 500)],
-    );
-    let n1 = NodeProcess::spawn(
-        NodeOpts::new("n1", proxy.redis_url(), root.path().join("n1"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let n2 = NodeProcess::spawn(
-        NodeOpts::new("n2", &url, root.path().join("n2"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let farm = farm()
+        .channel("ch", fake_source("ch", 500))
+        .channel("after", fake_source("after", 500))
+        .start()
+        .await;
+    let redis = &farm.redis;
+    let (proxy, n1) = proxied_n1(&farm);
+    let n2 = farm.spawn_node("n2");
+    let _co = farm.spawn_coordinator("c1");
     let mut c = redis.conn().await;
     let http = no_redirects();
-    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
+    let (status, _) =
+        observed_playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
     assert_eq!(status, 200);
     let (_, gen_before) = owner(&mut c, "farm", "ch").await.expect("ch runs on n1");
     assert_eq!(ffmpegs_for(n1.hls_root(), "ch").len(), 1);
@@ -123,7 +90,7 @@ async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_
         async move {
             let mut statuses = std::collections::BTreeMap::new();
             while cut.elapsed() < Duration::from_secs(30) {
-                let (s, body) = playlist(&http, &probe_url).await;
+                let (s, body) = observed_playlist(&http, &probe_url).await;
                 *statuses.entry(s).or_insert(0u32) += 1;
                 if s == 200 {
                     let pl = farm_tests::hls::MediaPlaylist::parse(&body).expect("playlist");
@@ -204,22 +171,17 @@ viewer on n2 served after {served:?} ({statuses:?}); {doubles} of {samples} samp
     // Heal: n1 comes back by itself, registers and serves again.
     proxy.pass();
     let healed = Instant::now();
-    eventually("n1 to register again", Duration::from_secs(15), || {
-        let mut c = c.clone();
-        async move {
-            let alive: bool = c.exists("farm:node:n1:alive").await.ok()?;
-            alive.then_some(())
-        }
-    })
-    .await;
+    wait_alive(&c, "n1", "n1 to register again", Duration::from_secs(15)).await;
     let rejoined = healed.elapsed();
-    let (status, _) = playlist(&http, &format!("{}/live/after/index.m3u8", n1.base_url())).await;
+    let (status, _) =
+        observed_playlist(&http, &format!("{}/live/after/index.m3u8", n1.base_url())).await;
     assert_eq!(status, 200, "n1 serves a new channel after the heal");
     assert_eq!(
         owner(&mut c, "farm", "after").await.map(|o| o.0).as_deref(),
         Some("n1")
     );
-    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
+    let (status, _) =
+        observed_playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
     assert_eq!(
         status, 200,
         "n1 answers ch's playlist as its owner n2 recorded it"
@@ -235,7 +197,7 @@ viewer on n2 served after {served:?} ({statuses:?}); {doubles} of {samples} samp
     );
 
     let report = invariants::check(
-        &redis,
+        redis,
         &[FarmNode::of(&n1), FarmNode::of(&n2)],
         settle_time(NODE_TTL, TICK),
     )
@@ -267,46 +229,27 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
             .expect("TIME");
         let since_ms = secs * 1000 + micros / 1000;
         let t = Instant::now();
-        eventually(
+        eventually_with(
+            c,
             &format!("n1 to renew {when}"),
             Duration::from_secs(5),
-            || {
-                let mut c = c.clone();
-                async move {
-                    let beat: Option<f64> = c.zscore("farm:nodes", "n1").await.ok()?;
-                    let pttl: i64 = c.pttl("farm:owner:ch").await.ok()?;
-                    (beat? as u64 >= since_ms + 1000 && pttl > 2500).then_some(())
-                }
+            |mut c| async move {
+                let beat: Option<f64> = c.zscore("farm:nodes", "n1").await.ok()?;
+                let pttl: i64 = c.pttl("farm:owner:ch").await.ok()?;
+                (beat? as u64 >= since_ms + 1000 && pttl > 2500).then_some(())
             },
         )
         .await;
         println!("n1 renewed {when} in {:?}", t.elapsed());
     }
-    let redis = RedisServer::start();
-    let proxy = TcpProxy::start(redis.port());
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 500)]);
-    let n1 = NodeProcess::spawn(
-        NodeOpts::new("n1", proxy.redis_url(), root.path().join("n1"))
-            .with_fake_ffmpeg()
-            .args(node_args("3s")),
-    );
-    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let farm = farm().channel("ch", fake_source("ch", 500)).start().await;
+    let redis = &farm.redis;
+    let (proxy, n1) = proxied_n1(&farm);
+    let _co = farm.spawn_coordinator("c1");
     let mut c = redis.conn().await;
     let http = no_redirects();
-    let (status, _) = playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
+    let (status, _) =
+        observed_playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
     assert_eq!(status, 200);
     let before = owner(&mut c, "farm", "ch").await.expect("ch runs on n1");
     let pid = ffmpegs_for(n1.hls_root(), "ch");
@@ -364,7 +307,7 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
         proxy.stats()
     );
     assert!(since.is_empty(), "{since:?}");
-    let report = invariants::check(&redis, &[FarmNode::of(&n1)], settle_time(NODE_TTL, TICK)).await;
+    let report = invariants::check(redis, &[FarmNode::of(&n1)], settle_time(NODE_TTL, TICK)).await;
     println!("slow link: {}", report.figure());
     report.assert_clean();
 }
@@ -379,34 +322,19 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
     const KEEPALIVE: Duration = Duration::from_millis(500);
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    farmctl_ok(&url, &["channel", "add", "ch", &fake_source("ch", 2500)]);
-    let node = |id: &str| {
-        NodeProcess::spawn(
-            NodeOpts::new(id, &url, root.path().join(id))
-                .with_fake_ffmpeg()
-                .args(node_args("3s")),
-        )
-    };
-    let (n1, n2) = (node("n1"), node("n2"));
-    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
+    let mut farm = farm()
+        .channel("ch", fake_source("ch", 2500))
+        .nodes(&["n1", "n2"])
+        .coordinators(&["c1"])
+        .start()
+        .await;
+    let [n1, n2] = farm.take_nodes();
+    let [_co] = farm.take_coordinators();
+    let redis = &farm.redis;
     let mut c = redis.conn().await;
     let http = no_redirects();
     let on_n1 = format!("{}/live/ch/index.m3u8", n1.base_url());
-    let (status, first) = playlist(&http, &on_n1).await;
+    let (status, first) = observed_playlist(&http, &on_n1).await;
     assert_eq!(status, 200);
     let (_, gen1) = owner(&mut c, "farm", "ch").await.expect("ch on n1");
     // Right after n1 published its next segment.
@@ -437,7 +365,7 @@ async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
     let taken = Instant::now();
     let taken_ms = farm_tests::procs::now_ms();
     let on_n2 = format!("{}/live/ch/index.m3u8", n2.base_url());
-    let (status, _) = playlist(&http, &on_n2).await;
+    let (status, _) = observed_playlist(&http, &on_n2).await;
     assert_eq!(
         status, 200,
         "n2 answers ch's playlist at once (the recorded window)"
@@ -450,7 +378,7 @@ async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
         let (http, on_n2) = (http.clone(), on_n2.clone());
         let redis = &redis;
         async move {
-            let (st, _) = playlist(&http, &on_n2).await;
+            let (st, _) = observed_playlist(&http, &on_n2).await;
             let o = owner(&mut redis.conn().await, "farm", "ch").await?;
             (st == 200 && o.0 == "n2").then_some(o)
         }
@@ -487,7 +415,7 @@ async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
     }
     assert_eq!(ffmpegs_for(n2.hls_root(), "ch").len(), 1);
     let report = invariants::check(
-        &redis,
+        redis,
         &[FarmNode::of(&n1), FarmNode::of(&n2)],
         settle_time(NODE_TTL, TICK),
     )

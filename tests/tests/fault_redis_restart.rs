@@ -9,65 +9,28 @@
 //!   itself: nodes register again, the command streams work again, a viewer gets the channel back,
 //!   no channel ever runs twice (sampled every 50 ms), and the checker finds nothing left.
 
-use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, ffmpegs_for, leader, node_args, owner, CoordinatorOpts,
-    CoordinatorProcess,
-};
+use farm_tests::coordinator::{events, farmctl_ok, ffmpegs_for, leader, owner, wait_alive};
+use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
 use farm_tests::invariants::{self, settle_time, FarmNode};
-use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::wait::eventually_with;
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const NODE_TTL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
 
-struct Farm {
-    redis: RedisServer,
-    n1: NodeProcess,
-    n2: NodeProcess,
-    co: CoordinatorProcess,
-    _root: tempfile::TempDir,
-}
-
-fn farm(redis: RedisServer) -> Farm {
-    let root = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    for ch in ["watched", "spare"] {
-        farmctl_ok(&url, &["channel", "add", ch, &fake_source(ch, 500)]);
-    }
-    let node = |id: &str, root: &Path| {
-        NodeProcess::spawn(
-            NodeOpts::new(id, &url, root.join(id))
-                .with_fake_ffmpeg()
-                .args(node_args("3s")),
-        )
-    };
-    let n1 = node("n1", root.path());
-    let n2 = node("n2", root.path());
-    let co = CoordinatorProcess::spawn(CoordinatorOpts::new("c1", &url).args([
-        "--idle-timeout",
-        "30s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]));
-    Farm {
-        redis,
-        n1,
-        n2,
-        co,
-        _root: root,
-    }
+/// Nodes n1 and n2 (fake FFmpeg) and coordinator c1 ticking every 500 ms on `redis`; channels
+/// watched and spare.
+async fn farm(redis: RedisServer) -> Farm {
+    Farm::pair()
+        .fake_ffmpeg()
+        .coordinator_value("--tick", "500ms")
+        .fake_channels(&["watched", "spare"], 500)
+        .start_with(redis)
+        .await
 }
 
 fn no_redirects() -> reqwest::Client {
@@ -133,27 +96,31 @@ fn assert_rfc8216(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_redis_restart_with_aof_costs_nothing() {
-    let f = farm(RedisServer::start_with_args(&[
+    let mut f = farm(RedisServer::start_with_args(&[
         "--appendonly",
         "yes",
         "--appendfsync",
         "always",
-    ]));
+    ]))
+    .await;
+    let ([n1, n2], [co]) = (f.take_nodes(), f.take_coordinators());
     let mut c = f.redis.conn().await;
-    let mut player = HlsClient::new(&format!("{}/live/watched/index.m3u8", f.n1.base_url()));
+    let mut player = HlsClient::new(&format!("{}/live/watched/index.m3u8", n1.base_url()));
     player
         .pull(Duration::from_secs(2), Duration::from_secs(20))
         .await
         .expect("watched plays");
-    eventually("a leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move { leader(&mut c, "farm").await }
-    })
+    eventually_with(
+        &c,
+        "a leader",
+        Duration::from_secs(10),
+        |mut c| async move { leader(&mut c, "farm").await },
+    )
     .await;
     let before = owner(&mut c, "farm", "watched")
         .await
         .expect("watched runs");
-    let pids = ffmpegs_for(f.n1.hls_root(), "watched");
+    let pids = ffmpegs_for(n1.hls_root(), "watched");
     assert_eq!(pids.len(), 1);
     let mark = events(&mut c, "farm")
         .await
@@ -180,7 +147,7 @@ async fn fault_redis_restart_with_aof_costs_nothing() {
     assert_eq!(report.sequence_resets, 0, "{report:?}");
     assert_eq!(owner(&mut c, "farm", "watched").await, Some(before));
     assert_eq!(
-        ffmpegs_for(f.n1.hls_root(), "watched"),
+        ffmpegs_for(n1.hls_root(), "watched"),
         pids,
         "FFmpeg replaced"
     );
@@ -195,33 +162,32 @@ async fn fault_redis_restart_with_aof_costs_nothing() {
     );
     let report = invariants::check(
         &redis,
-        &[FarmNode::of(&f.n1), FarmNode::of(&f.n2)],
+        &[FarmNode::of(&n1), FarmNode::of(&n2)],
         settle_time(NODE_TTL, TICK),
     )
     .await;
     println!("redis restart (AOF): {}", report.figure());
     report.assert_clean();
-    let _ = &f.co;
+    let _ = &co;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_running_a_channel_twice(
 ) {
-    let f = farm(RedisServer::start());
+    let mut f = farm(RedisServer::start()).await;
+    let ([n1, n2], [co]) = (f.take_nodes(), f.take_coordinators());
     let mut c = f.redis.conn().await;
     let http = no_redirects();
     assert_eq!(
-        watch(
-            &http,
-            &format!("{}/live/watched/index.m3u8", f.n1.base_url())
-        )
-        .await,
+        watch(&http, &format!("{}/live/watched/index.m3u8", n1.base_url())).await,
         (200, true)
     );
-    eventually("a leader", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move { leader(&mut c, "farm").await }
-    })
+    eventually_with(
+        &c,
+        "a leader",
+        Duration::from_secs(10),
+        |mut c| async move { leader(&mut c, "farm").await },
+    )
     .await;
     // The catalog as a replica or a backup would hold it.
     let mut catalog: Vec<(String, Vec<u8>)> = Vec::new();
@@ -246,7 +212,7 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     // n1, the owner, is frozen across the restart so that n2, which runs nothing, is the first to
     // find Redis empty: the order in which an owner learns last, and the one that once let n2 claim
     // while n1's FFmpeg still ran (n2's heartbeat opened no recovery window because it ran nothing).
-    f.n1.sigstop();
+    n1.sigstop();
     let mut redis = f.redis;
     let t0 = Instant::now();
     redis.restart();
@@ -257,16 +223,11 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     }
     let () = p.query_async(&mut c).await.expect("RESTORE catalog");
     let restored = t0.elapsed();
-    eventually(
+    wait_alive(
+        &c,
+        "n2",
         "n2 to heartbeat into the empty Redis",
         Duration::from_secs(10),
-        || {
-            let mut c = c.clone();
-            async move {
-                let alive: bool = c.exists("farm:node:n2:alive").await.ok()?;
-                alive.then_some(())
-            }
-        },
     )
     .await;
     let window: i64 = redis::cmd("PTTL")
@@ -274,10 +235,10 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
         .query_async(&mut c)
         .await
         .expect("PTTL");
-    let url2 = format!("{}/live/watched/index.m3u8", f.n2.base_url());
+    let url2 = format!("{}/live/watched/index.m3u8", n2.base_url());
     let first = status(&http, &url2).await;
     let claimed: Option<String> = c.get("farm:owner:watched").await.expect("GET owner");
-    f.n1.sigcont();
+    n1.sigcont();
     println!(
         "n2 heartbeated first after {:?}: recovery window {window} ms left, a viewer on n2 got {first}, owner {claimed:?}",
         t0.elapsed()
@@ -297,7 +258,7 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
 
     // A viewer asks n2 every 50 ms while FFmpegs are sampled: n1's FFmpeg keeps running until n1
     // learns that its lease is gone; n2 must not start a second one meanwhile.
-    let roots = [FarmNode::of(&f.n1).hls_root, FarmNode::of(&f.n2).hls_root];
+    let roots = [FarmNode::of(&n1).hls_root, FarmNode::of(&n2).hls_root];
     let viewer = tokio::spawn({
         let http = http.clone();
         let url2 = url2.clone();
@@ -358,14 +319,16 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
     );
 
     // The command streams and their groups were lost too: a stop must still reach the owner.
-    let (node, gen) = eventually("watched to run somewhere", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move {
+    let (node, gen) = eventually_with(
+        &c,
+        "watched to run somewhere",
+        Duration::from_secs(20),
+        |mut c| async move {
             let o = owner(&mut c, "farm", "watched").await?;
             let state: Option<String> = c.hget("farm:stream:watched", "state").await.ok()?;
             (state.as_deref() == Some("running")).then_some(o)
-        }
-    })
+        },
+    )
     .await;
     let sent = Instant::now();
     let _: String = redis::cmd("XADD")
@@ -382,17 +345,15 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
         .query_async(&mut c)
         .await
         .expect("XADD stop");
-    eventually(
+    eventually_with(
+        &c,
         "the stop sent after the restart to take effect",
         Duration::from_secs(15),
-        || {
-            let mut c = c.clone();
-            async move {
-                owner(&mut c, "farm", "watched")
-                    .await
-                    .is_none()
-                    .then_some(())
-            }
+        |mut c| async move {
+            owner(&mut c, "farm", "watched")
+                .await
+                .is_none()
+                .then_some(())
         },
     )
     .await;
@@ -404,7 +365,7 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
 
     let report = invariants::check(
         &redis,
-        &[FarmNode::of(&f.n1), FarmNode::of(&f.n2)],
+        &[FarmNode::of(&n1), FarmNode::of(&n2)],
         settle_time(NODE_TTL, TICK),
     )
     .await;
@@ -419,5 +380,5 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
         "two FFmpegs ran for one channel after the Redis restart"
     );
     assert_rfc8216(&url2);
-    let _ = &f.co;
+    let _ = &co;
 }

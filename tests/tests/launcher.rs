@@ -1,9 +1,7 @@
 //! The README's run command (`deploy/local/run`): it starts redis, a node and a live demo source,
 //! prints a playback URL that plays, and Ctrl-C leaves no process behind.
 
-mod common;
-
-use common::get;
+use farm_tests::fixtures::get;
 use farm_tests::hls::HlsClient;
 use farm_tests::ports::free_port;
 use farm_tests::procs;

@@ -9,10 +9,9 @@
 //! `Access-Control-Allow-Origin`, so a browser player sees the status, not a CORS failure. The
 //! dead node's folder is removed at the kill, as the launcher and the systemd unit do.
 
-mod common;
-
-use common::*;
 use farm_tests::coordinator::{owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::*;
 use farm_tests::hls::MediaPlaylist;
 use farm_tests::nginx::{NginxOpts, NginxServer};
 use farm_tests::node::NodeProcess;
@@ -131,18 +130,9 @@ async fn scenario(topology: Topology, access: Access) {
     };
     let mut n1 = node_of(0);
     let n2 = node_of(1);
-    let _co = CoordinatorProcess::spawn(CoordinatorOpts::new("co", redis.url()).args([
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-        "--idle-timeout",
-        "30s",
-    ]));
+    let _co = CoordinatorProcess::spawn(
+        CoordinatorOpts::new("co", redis.url()).args(coordinator_args(&[("--tick", "500ms")], &[])),
+    );
     let with_mode = |o: NginxOpts, which: &[usize]| match access {
         Access::Auth => o,
         Access::Log => o.access_log(which.iter().map(|i| socks[*i].clone())),

@@ -3,9 +3,7 @@
 //! right types and cache headers; the node's 503 + Retry-After passes through; nothing but strict
 //! `/live/` paths is served.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::nginx::{raw_request, NginxOpts, NginxServer};
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;

@@ -3,9 +3,7 @@
 //! internal location fetches it from the owner. The viewer never leaves nginx and never sees a
 //! redirect; the signed token travels along and is checked by the owner.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{NginxOpts, NginxServer};
 use farm_tests::redis::RedisServer;

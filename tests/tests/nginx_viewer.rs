@@ -8,13 +8,11 @@
 //! - Tampered, expired, wrong-channel, client-bound-elsewhere and missing tokens get 403 through
 //!   nginx; the channel's access time does not move and nothing starts.
 
-mod common;
-
-use common::*;
-use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::coordinator::{events, owner, wait_unowned};
+use farm_tests::farm::{Farm, FarmBuilder};
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
-use farm_tests::nginx::{raw_request, NginxOpts, NginxServer};
-use farm_tests::redis::RedisServer;
+use farm_tests::nginx::raw_request;
 use farm_tests::wait::eventually;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,47 +32,30 @@ fn token(channel: &str) -> String {
     farm_proto::token::mint(SECRET.as_bytes(), channel, now() + 600, None).expect("mint")
 }
 
-fn coordinator(redis: &RedisServer) -> CoordinatorProcess {
-    CoordinatorProcess::spawn(CoordinatorOpts::new("co1", redis.url()).args([
-        "--idle-timeout",
-        "4s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]))
-}
-
-/// Redis's clock, ms (the clock `farm:access` is written with).
-async fn redis_now_ms(redis: &RedisServer) -> u64 {
-    let mut c = redis.conn().await;
-    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.expect("TIME");
-    s * 1000 + us / 1000
-}
-
-async fn access(redis: &RedisServer, id: &str) -> Option<u64> {
-    zscore(redis, "farm:access", id).await.map(|v| v as u64)
+/// Node n1 (fake FFmpeg, signed URLs) behind nginx, channels `ids` on the fake FFmpeg's source.
+fn farm(ids: &[&str]) -> FarmBuilder {
+    Farm::builder()
+        .fake_channels(ids, 500)
+        .nodes(&["n1"])
+        .fake_ffmpeg()
+        .node_args(&["--token-secret", SECRET])
+        .nginx()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_after_they_leave() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    for id in ["watched", "unwatched"] {
-        add_channel(
-            &redis,
-            id,
-            &format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
-    let node = node(&redis, "n1", root.path(), true, &["--token-secret", SECRET]);
-    let co = coordinator(&redis);
-    let nginx = NginxServer::start(&NginxOpts::for_nodes([&node]));
+    let farm = farm(&["watched", "unwatched"])
+        .coordinators(&["co1"])
+        .coordinator_value("--idle-timeout", "4s")
+        .coordinator_value("--tick", "500ms")
+        .start()
+        .await;
+    let (redis, node, co, nginx) = (
+        &farm.redis,
+        &farm.nodes[0],
+        &farm.coordinators[0],
+        farm.nginx(),
+    );
     let mut c = redis.conn().await;
     let url = |id: &str| format!("{}/live/{}/{id}/index.m3u8", nginx.base_url(), token(id));
 
@@ -86,10 +67,10 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
     let (_, gen) = owner(&mut c, "farm", "watched")
         .await
         .expect("watched runs");
-    let started_bytes = metric(&node, "farm_node_segment_bytes_total").await;
+    let started_bytes = metric(node, "farm_node_segment_bytes_total").await;
 
     let mut viewer = HlsClient::new(&url("watched"));
-    let mut last_access = access(&redis, "watched").await.expect("access entry");
+    let mut last_access = access(redis, "watched").await.expect("access entry");
     let mut total = farm_tests::hls::PullReport::default();
     let mut unwatched_stopped_at = None;
     let began = Instant::now();
@@ -107,10 +88,10 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
         total.sequence_resets += r.sequence_resets;
         // The node flushes every 500 ms: a viewer of 5 s moved the access time.
         let a = eventually("farm:access to advance", Duration::from_secs(5), || async {
-            access(&redis, "watched").await.filter(|a| *a > last_access)
+            access(redis, "watched").await.filter(|a| *a > last_access)
         })
         .await;
-        let age = redis_now_ms(&redis).await.saturating_sub(a);
+        let age = redis_now_ms(redis).await.saturating_sub(a);
         let still = owner(&mut c, "farm", "watched").await;
         if unwatched_stopped_at.is_none() && owner(&mut c, "farm", "unwatched").await.is_none() {
             unwatched_stopped_at = Some(began.elapsed());
@@ -137,7 +118,7 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
     );
 
     // nginx sent every segment byte from disk; the node sent none.
-    let node_bytes = metric(&node, "farm_node_segment_bytes_total").await - started_bytes;
+    let node_bytes = metric(node, "farm_node_segment_bytes_total").await - started_bytes;
     let entries = nginx.access_entries();
     let segs: Vec<_> = entries
         .iter()
@@ -148,7 +129,7 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
         .filter(|e| e.via == "disk" && e.status == 200)
         .map(|e| e.bytes)
         .sum();
-    let allowed = metric(&node, "farm_node_auth_allowed_total").await;
+    let allowed = metric(node, "farm_node_auth_allowed_total").await;
     println!(
         "segments: {} requests, {from_disk} bytes sent by nginx from disk, {node_bytes} by the node; {allowed} auth subrequests allowed",
         segs.len()
@@ -183,18 +164,11 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
         .any(|e| e.get("channel") == "unwatched" && e.get("reason") == "idle"));
 
     // The viewer left: the channel goes within idle_timeout + tick + flush (+ the stop).
-    eventually(
+    wait_unowned(
+        &c,
+        "watched",
         "the watched channel to stop after its viewer left",
         Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move {
-                owner(&mut c, "farm", "watched")
-                    .await
-                    .is_none()
-                    .then_some(())
-            }
-        },
     )
     .await;
     let took = left.elapsed();
@@ -210,18 +184,8 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    for id in ["c1", "probe", "idle"] {
-        add_channel(
-            &redis,
-            id,
-            &format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
-    let node = node(&redis, "n1", root.path(), true, &["--token-secret", SECRET]);
-    let nginx = NginxServer::start(&NginxOpts::for_nodes([&node]));
+    let farm = farm(&["c1", "probe", "idle"]).start().await;
+    let (redis, node, nginx) = (&farm.redis, &farm.nodes[0], farm.nginx());
     let base = nginx.base_url();
     let good = |id: &str, file: &str| format!("{base}/live/{}/{id}/{file}", token(id));
 
@@ -250,12 +214,12 @@ async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing(
             .await
         }
     };
-    let p0 = probe(access(&redis, "probe").await.unwrap_or(0)).await;
-    let c1_before = access(&redis, "c1").await.expect("c1 access");
+    let p0 = probe(access(redis, "probe").await.unwrap_or(0)).await;
+    let c1_before = access(redis, "c1").await.expect("c1 access");
     // Segments are checked by the auth subrequest, playlists by the node answering them.
     let denied_now = || async {
-        metric(&node, "farm_node_auth_denied_total").await
-            + metric(&node, "farm_node_playback_refused_total").await
+        metric(node, "farm_node_auth_denied_total").await
+            + metric(node, "farm_node_playback_refused_total").await
     };
     let denied_before = denied_now().await;
 
@@ -296,7 +260,7 @@ async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing(
     assert_eq!(denied, f64::from(sent), "each was checked by the node");
 
     let p1 = probe(p0).await;
-    let c1_after = access(&redis, "c1").await.expect("c1 access");
+    let c1_after = access(redis, "c1").await.expect("c1 access");
     println!(
         "c1 access before {c1_before}, after {c1_after} (probe advanced {} ms meanwhile)",
         p1 - p0
@@ -311,7 +275,7 @@ async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing(
             .is_none(),
         "a refused request started a channel"
     );
-    assert!(access(&redis, "idle").await.is_none());
+    assert!(access(redis, "idle").await.is_none());
     assert!(!node.hls_root().join("idle").exists());
     let bad_entries = nginx
         .access_entries()

@@ -6,59 +6,45 @@
 //! - Side by side with auth_request on the same node: request rate, latency and how many accesses
 //!   each mode reported (datagrams can be dropped when the node falls behind; subrequests cannot).
 
-mod common;
-
-use common::*;
-use farm_tests::coordinator::{events, owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::coordinator::{events, owner, wait_unowned};
+use farm_tests::farm::{Farm, FarmBuilder};
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{NginxOpts, NginxServer};
-use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
-fn coordinator(redis: &RedisServer) -> CoordinatorProcess {
-    CoordinatorProcess::spawn(CoordinatorOpts::new("co1", redis.url()).args([
-        "--idle-timeout",
-        "4s",
-        "--tick",
-        "500ms",
-        "--node-ttl",
-        "3s",
-        "--lease-ttl",
-        "3s",
-        "--leader-ttl",
-        "3s",
-    ]))
+/// Node n1 (fake FFmpeg) taking access records on its socket, channels `ids` (a segment every
+/// `seg_ms`).
+fn farm(ids: &[&str], seg_ms: u64) -> FarmBuilder {
+    Farm::builder()
+        .fake_channels(ids, seg_ms)
+        .nodes(&["n1"])
+        .fake_ffmpeg()
+        .access_sockets()
 }
 
-async fn access(redis: &RedisServer, id: &str) -> Option<u64> {
-    zscore(redis, "farm:access", id).await.map(|v| v as u64)
+/// nginx in front of the farm's nodes; in access-log mode when `zero_cost`.
+fn nginx(farm: &Farm, zero_cost: bool) -> NginxServer {
+    let opts = NginxOpts::for_nodes(&farm.nodes);
+    NginxServer::start(&if zero_cost {
+        opts.access_log([&farm.access_socket("n1")])
+    } else {
+        opts
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one_stop() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    for id in ["watched", "unwatched"] {
-        add_channel(
-            &redis,
-            id,
-            &format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
-    let sock = root.path().join("n1-access.sock");
-    let sock_arg = sock.to_string_lossy().to_string();
-    let node = node(
-        &redis,
-        "n1",
-        root.path(),
-        true,
-        &["--access-socket", &sock_arg],
-    );
-    let co = coordinator(&redis);
-    let nginx = NginxServer::start(&NginxOpts::for_nodes([&node]).access_log([&sock]));
+    let farm = farm(&["watched", "unwatched"], 500)
+        .coordinators(&["co1"])
+        .coordinator_value("--idle-timeout", "4s")
+        .coordinator_value("--tick", "500ms")
+        .start()
+        .await;
+    let (redis, node, co) = (&farm.redis, &farm.nodes[0], &farm.coordinators[0]);
+    let nginx = nginx(&farm, true);
     let mut c = redis.conn().await;
     let url = |id: &str| format!("{}/live/{id}/index.m3u8", nginx.base_url());
 
@@ -70,14 +56,14 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
         .await
         .expect("watched runs");
     let node_segment_requests =
-        || async { metric(&node, "farm_node_requests_total{kind=\"segment\"}").await };
+        || async { metric(node, "farm_node_requests_total{kind=\"segment\"}").await };
     let node_playlist_requests =
-        || async { metric(&node, "farm_node_requests_total{kind=\"playlist\"}").await };
+        || async { metric(node, "farm_node_requests_total{kind=\"playlist\"}").await };
     let requests_at_start = node_segment_requests().await;
     let playlists_at_start = node_playlist_requests().await;
 
     let mut viewer = HlsClient::new(&url("watched"));
-    let mut last_access = access(&redis, "watched").await.expect("access entry");
+    let mut last_access = access(redis, "watched").await.expect("access entry");
     let (mut segments, mut bytes, mut playlist_loads) = (0, 0, 0);
     let began = Instant::now();
     for round in 1..=4 {
@@ -94,10 +80,10 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
         bytes += r.bytes;
         playlist_loads += r.playlist_loads;
         let a = eventually("farm:access to advance", Duration::from_secs(5), || async {
-            access(&redis, "watched").await.filter(|a| *a > last_access)
+            access(redis, "watched").await.filter(|a| *a > last_access)
         })
         .await;
-        let lines = metric(&node, "farm_node_access_log_lines_total").await;
+        let lines = metric(node, "farm_node_access_log_lines_total").await;
         println!(
             "round {round}: {} segments through nginx, access advanced {} ms, {lines} access-log lines read by the node",
             r.segments,
@@ -115,12 +101,12 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
 
     // No subrequest and no segment request reached the node: nginx sent every byte. Playlists
     // are the node's (from memory): one answer per playlist load, nothing more.
-    let auth_calls = metric(&node, "farm_node_auth_allowed_total").await
-        + metric(&node, "farm_node_auth_denied_total").await;
+    let auth_calls = metric(node, "farm_node_auth_allowed_total").await
+        + metric(node, "farm_node_auth_denied_total").await;
     let extra_requests = node_segment_requests().await - requests_at_start;
     let playlist_requests = node_playlist_requests().await - playlists_at_start;
-    let node_bytes = metric(&node, "farm_node_segment_bytes_total").await;
-    let lines = metric(&node, "farm_node_access_log_lines_total").await;
+    let node_bytes = metric(node, "farm_node_segment_bytes_total").await;
+    let lines = metric(node, "farm_node_access_log_lines_total").await;
     let served = nginx
         .access_entries()
         .iter()
@@ -151,18 +137,11 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
         .collect();
     assert_eq!(stops, [("unwatched".to_string(), "idle".to_string())]);
 
-    eventually(
+    wait_unowned(
+        &c,
+        "watched",
         "the watched channel to stop after its viewer left",
         Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move {
-                owner(&mut c, "farm", "watched")
-                    .await
-                    .is_none()
-                    .then_some(())
-            }
-        },
     )
     .await;
     let took = left.elapsed();
@@ -212,26 +191,11 @@ async fn hammer(url: &str, requests: usize, concurrency: usize) -> (Duration, Ve
 async fn auth_request_and_access_log_side_by_side() {
     const REQUESTS: usize = 2000;
     const CONCURRENCY: usize = 8;
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
     // Long segments: the measured segment stays on disk for the whole run.
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=5000",
-        &[],
-    );
-    let sock = root.path().join("n1-access.sock");
-    let sock_arg = sock.to_string_lossy().to_string();
-    let node = node(
-        &redis,
-        "n1",
-        root.path(),
-        true,
-        &["--access-socket", &sock_arg],
-    );
-    let auth = NginxServer::start(&NginxOpts::for_nodes([&node]));
-    let zero = NginxServer::start(&NginxOpts::for_nodes([&node]).access_log([&sock]));
+    let farm = farm(&["c1"], 5000).start().await;
+    let node = &farm.nodes[0];
+    let auth = nginx(&farm, false);
+    let zero = nginx(&farm, true);
     let playlist = get_observed(&format!("{}/live/c1/index.m3u8", auth.base_url())).await;
     assert_eq!(playlist.status, 200, "{}", playlist.text());
     let seg = farm_tests::hls::MediaPlaylist::parse(&playlist.text())
@@ -247,13 +211,13 @@ async fn auth_request_and_access_log_side_by_side() {
     ] {
         let url = format!("{}/live/c1/{seg}", nginx.base_url());
         hammer(&url, 100, CONCURRENCY).await; // warm-up: connections, page cache
-        let before = metric(&node, counter).await;
+        let before = metric(node, counter).await;
         let (elapsed, lat) = hammer(&url, REQUESTS, CONCURRENCY).await;
         // Datagrams still in the socket are read within a moment; lost ones never arrive.
         let target = before + REQUESTS as f64;
         let deadline = Instant::now() + Duration::from_secs(2);
         let reported = loop {
-            let n = metric(&node, counter).await;
+            let n = metric(node, counter).await;
             if n >= target || Instant::now() >= deadline {
                 break n - before;
             }
@@ -282,5 +246,5 @@ async fn auth_request_and_access_log_side_by_side() {
     // drop some under load, which only matters if a viewer's every request were lost.
     assert_eq!(runs[0].reported, REQUESTS as f64);
     assert!(runs[1].reported > 0.0, "{:?}", runs[1]);
-    assert_eq!(metric(&node, "farm_node_segment_bytes_total").await, 0.0);
+    assert_eq!(metric(node, "farm_node_segment_bytes_total").await, 0.0);
 }

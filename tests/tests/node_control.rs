@@ -2,9 +2,7 @@
 //! channels, a stale gen changes nothing, and a command left unacked by an earlier incarnation is
 //! picked up after a restart.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::node::http_status;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
@@ -130,14 +128,7 @@ async fn catalog_urls_with_forbidden_schemes_never_reach_ffmpeg() {
 async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_nothing() {
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
-    for id in ["c1", "c2"] {
-        add_channel(
-            &redis,
-            id,
-            &format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
+    add_fake_channels(&redis, &["c1", "c2"], 500);
     let node = node(
         &redis,
         "n1",

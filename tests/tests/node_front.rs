@@ -1,9 +1,7 @@
 //! The node's side of the nginx front: signed playback URLs, the `auth_request` endpoint, routing
 //! to the owner (307, or X-Accel-Redirect behind nginx) and the zero-cost access socket.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::node::farmctl;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
@@ -39,14 +37,7 @@ async fn auth(node: &farm_tests::node::NodeProcess, uri: &str) -> u16 {
 async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
-    for id in ["c1", "c2"] {
-        add_channel(
-            &redis,
-            id,
-            &format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
+    add_fake_channels(&redis, &["c1", "c2"], 500);
     let node = node(&redis, "n1", root.path(), true, &["--token-secret", SECRET]);
     let base = node.base_url();
 

@@ -4,9 +4,8 @@
 //! time + marker) and never a reused pid; the disk guard refuses starts. Each test ends with the
 //! invariant checker.
 
-mod common;
-
-use common::*;
+use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::*;
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
@@ -96,7 +95,7 @@ async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregist
     println!("keys after shutdown: {stopped:?}");
     // The node's command stream stays for its next life (commands sent meanwhile are claimed
     // then): the node comes back, and the farm is clean.
-    let again = common::node(&redis, "n1", root.path(), false, &[]);
+    let again = farm_tests::fixtures::node(&redis, "n1", root.path(), false, &[]);
     leaves_nothing(&redis, &[FarmNode::of(&again)]).await;
 }
 
@@ -125,16 +124,8 @@ async fn after_sigkill(sandbox: &str) {
     let args = ["--ffmpeg-sandbox", sandbox];
     // A farm has a coordinator: it reaps what no node of the farm would (a stale access entry).
     let _co = farm_tests::coordinator::CoordinatorProcess::spawn(
-        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url()).args([
-            "--idle-timeout",
-            "30s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-        ]),
+        farm_tests::coordinator::CoordinatorOpts::new("c1", redis.url())
+            .args(coordinator_args(&[("--tick", "500ms")], &["--leader-ttl"])),
     );
     let mut first = node(&redis, "n1", root.path(), true, &args);
     let sandboxed = metric(&first, "farm_node_ffmpeg_sandbox").await;

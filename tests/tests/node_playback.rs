@@ -2,9 +2,7 @@
 //! single flight under 50 concurrent first requests, and access recording without Redis on the
 //! request path.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::hls::{ffprobe_codecs, HlsClient, MediaPlaylist};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;

@@ -5,9 +5,7 @@
 //! 10 ms grain of /proc start times is small next to them; the backoff function itself has a unit
 //! test here too.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::invariants::{self, settle_time};
 use farm_tests::node::NodeProcess;
 use farm_tests::provider::{FakeProvider, Mode};

@@ -6,11 +6,9 @@
 //!
 //! These tests fail, not skip, when Chromium or the pinned hls.js is missing.
 
-mod common;
-
 use axum::routing::get;
 use axum::Router;
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::hls::{HlsClient, MediaPlaylist};
 use farm_tests::player::BrowserPlayer;
 use farm_tests::procs;

@@ -8,9 +8,7 @@
 //! (A node's Redis ACL user being refused FLUSHALL and CONFIG SET is proven by
 //! `deploy_redis::a_node_works_as_its_acl_user_while_flushall_and_config_are_refused`.)
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;

@@ -10,9 +10,7 @@
 //! reading one at the end), and nothing starts: one FFmpeg (the channel that was running) before
 //! and after.
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::nginx::{NginxOpts, NginxServer};
 use farm_tests::node::NodeProcess;
 use farm_tests::redis::RedisServer;

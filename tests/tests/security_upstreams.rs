@@ -15,12 +15,10 @@
 //!   holds only with the node's egress gateway and FFmpeg's network sandbox: without them nothing
 //!   stops a URL inside an upstream playlist from naming 127.0.0.1 and any port.
 
-mod common;
-
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;

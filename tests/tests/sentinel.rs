@@ -2,9 +2,8 @@
 //! channels are watched; the farm follows the failover, no channel ever runs twice, and commands
 //! work against the new primary.
 
-mod common;
-
-use common::*;
+use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::ports::free_port;
@@ -159,18 +158,16 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
         .collect();
     // A coordinator through the same sentinels: idle stops must work after the failover too.
     let _coordinator = farm_tests::coordinator::CoordinatorProcess::spawn(
-        farm_tests::coordinator::CoordinatorOpts::new("c1", url.clone()).args([
-            "--idle-timeout",
-            "4s",
-            "--tick",
-            "500ms",
-            "--node-ttl",
-            "10s",
-            "--lease-ttl",
-            "10s",
-            "--leader-ttl",
-            "6s",
-        ]),
+        farm_tests::coordinator::CoordinatorOpts::new("c1", url.clone()).args(coordinator_args(
+            &[
+                ("--idle-timeout", "4s"),
+                ("--tick", "500ms"),
+                ("--node-ttl", "10s"),
+                ("--lease-ttl", "10s"),
+                ("--leader-ttl", "6s"),
+            ],
+            &[],
+        )),
     );
     for (i, id) in ids.iter().enumerate() {
         let r = get_observed(&format!("{}/live/{id}/index.m3u8", nodes[i % 2].base_url())).await;

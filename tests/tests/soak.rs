@@ -24,6 +24,7 @@
 //! (`FARM_SOAK_SEED=<n>` replays a run's random choices; the seed is printed).
 
 use farm_tests::coordinator::{events, farmctl_ok, node_args, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
 use farm_tests::invariants::{self, settle_time, FarmNode};
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::redis::RedisServer;
@@ -462,18 +463,16 @@ async fn soak(chaos_for: Duration) {
         .collect();
     let mut coords: Vec<CoordinatorProcess> = (1..=2)
         .map(|i| {
-            CoordinatorProcess::spawn(CoordinatorOpts::new(format!("c{i}"), &url).args([
-                "--idle-timeout",
-                "5s",
-                "--tick",
-                "500ms",
-                "--node-ttl",
-                "3s",
-                "--lease-ttl",
-                "3s",
-                "--leader-ttl",
-                &format!("{}s", LEADER_TTL.as_secs()),
-            ]))
+            CoordinatorProcess::spawn(CoordinatorOpts::new(format!("c{i}"), &url).args(
+                coordinator_args(
+                    &[
+                        ("--idle-timeout", "5s"),
+                        ("--tick", "500ms"),
+                        ("--leader-ttl", &format!("{}s", LEADER_TTL.as_secs())),
+                    ],
+                    &[],
+                ),
+            ))
         })
         .collect();
     let farm: Vec<FarmNode> = nodes

@@ -8,9 +8,7 @@
 //! itself fetched the playlist and the segments over TLS from that nginx, whether it connects
 //! directly or through the node's egress gateway (`CONNECT`: the TLS session still ends at nginx).
 
-mod common;
-
-use common::*;
+use farm_tests::fixtures::*;
 use farm_tests::hls::{ffprobe_codecs, HlsClient, MediaPlaylist};
 use farm_tests::ports::free_port;
 use farm_tests::procs::tail;

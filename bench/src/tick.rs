@@ -16,10 +16,11 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
-use super::report::{num, Figure, Goal, PhaseOutput};
-use super::{coordinator_bin, get, http, metric_sum, Settings};
-use crate::coordinator::{CoordinatorOpts, CoordinatorProcess};
-use crate::redis::RedisServer;
+use crate::report::{num, Figure, Goal, PhaseOutput};
+use crate::{coordinator_bin, get, http, metric_sum, Settings};
+use farm_tests::coordinator::{CoordinatorOpts, CoordinatorProcess};
+use farm_tests::farm::coordinator_args;
+use farm_tests::redis::RedisServer;
 
 const IDLE_TIMEOUT_MS: u64 = 60_000;
 
@@ -114,18 +115,15 @@ async fn measure(n: usize, s: &Settings) -> Result<SizeResult, String> {
     let co = tokio::task::spawn_blocking(move || {
         CoordinatorProcess::spawn(
             CoordinatorOpts::new("bench", url)
-                .args([
-                    "--tick",
-                    "100ms",
-                    "--node-ttl",
-                    "1s",
-                    "--lease-ttl",
-                    "10s",
-                    "--leader-ttl",
-                    "3s",
-                    "--idle-timeout",
-                    "60s",
-                ])
+                .args(coordinator_args(
+                    &[
+                        ("--tick", "100ms"),
+                        ("--node-ttl", "1s"),
+                        ("--lease-ttl", "10s"),
+                        ("--idle-timeout", "60s"),
+                    ],
+                    &[],
+                ))
                 .env("RUST_LOG", "info"),
         )
     })
@@ -146,21 +144,7 @@ async fn measure(n: usize, s: &Settings) -> Result<SizeResult, String> {
         stops_sent += len;
     }
     // The nodes' part: they stop the idle channels and release them.
-    let mut p = redis::pipe();
-    for id in &idle {
-        p.del(format!("farm:owner:{id}"))
-            .ignore()
-            .del(format!("farm:stream:{id}"))
-            .ignore()
-            .zrem("farm:access", id)
-            .ignore()
-            .srem("farm:node:n1:streams", id)
-            .ignore()
-            .srem("farm:node:n2:streams", id)
-            .ignore();
-    }
-    let _: () = p
-        .query_async(&mut c)
+    farm_tests::coordinator::release_channels(&mut c, &idle)
         .await
         .map_err(|e| format!("release idle channels: {e}"))?;
     // Past the new-leader settle time (node_ttl 1 s = 10 ticks), with margin.
@@ -173,7 +157,7 @@ async fn measure(n: usize, s: &Settings) -> Result<SizeResult, String> {
         50,
     )
     .await?;
-    let cpu = |pid: i32| super::sys::cpu_seconds(pid).unwrap_or(f64::NAN);
+    let cpu = |pid: i32| crate::sys::cpu_seconds(pid).unwrap_or(f64::NAN);
     let (redis0, co0) = (cpu(redis.pid()), cpu(co.pid()));
     let (s1, c1) = wait_ticks(
         &client,
@@ -237,7 +221,7 @@ async fn wait_ticks(
                 snap.1
             ));
         }
-        super::pause(Duration::from_millis(poll_ms)).await;
+        crate::pause(Duration::from_millis(poll_ms)).await;
     }
 }
 
@@ -276,39 +260,13 @@ async fn seed(c: &mut MultiplexedConnection, n: usize, now: u64) -> Result<Vec<S
             .await
             .map_err(|e| format!("seed node: {e}"))?;
     }
-    let mut idle = Vec::new();
-    let ids: Vec<usize> = (0..n).collect();
-    for chunk in ids.chunks(5000) {
-        let mut p = redis::pipe();
-        for &i in chunk {
-            let id = format!("ch{i}");
-            let node = if i % 2 == 0 { "n1" } else { "n2" };
-            let access = if i % 100 == 0 {
-                idle.push(id.clone());
-                now - 2 * IDLE_TIMEOUT_MS
-            } else {
-                now
-            };
-            p.cmd("SET")
-                .arg(format!("farm:owner:{id}"))
-                .arg(format!("{node}:1"))
-                .arg("PX")
-                .arg(600_000)
-                .ignore()
-                .sadd(format!("farm:node:{node}:streams"), &id)
-                .ignore()
-                .hset_multiple(
-                    format!("farm:stream:{id}"),
-                    &[("node", node), ("gen", "1"), ("state", "running")],
-                )
-                .ignore()
-                .zadd("farm:access", &id, access)
-                .ignore();
-        }
-        let _: () = p
-            .query_async(c)
-            .await
-            .map_err(|e| format!("seed channels: {e}"))?;
-    }
-    Ok(idle)
+    farm_tests::coordinator::seed_running_channels(
+        c,
+        n,
+        now,
+        IDLE_TIMEOUT_MS,
+        &[("gen", "1"), ("state", "running")],
+    )
+    .await
+    .map_err(|e| format!("seed channels: {e}"))
 }

@@ -15,35 +15,24 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::report::{num, percentile, Figure, Goal, PhaseOutput};
-use super::{add_channel, coordinator_bin, Settings};
-use crate::coordinator::{leader, owner, CoordinatorOpts, CoordinatorProcess};
-use crate::nginx::{NginxOpts, NginxServer};
-use crate::node::{NodeOpts, NodeProcess};
-use crate::player::BrowserPlayer;
-use crate::provider::FakeProvider;
-use crate::redis::RedisServer;
+use crate::report::{num, percentile, Figure, Goal, PhaseOutput};
+use crate::{coordinator_bin, killfarm, Settings};
+use farm_tests::coordinator::owner;
+use farm_tests::farm::{without, FAST};
+use farm_tests::nginx::{NginxOpts, NginxServer};
+use farm_tests::node::NodeOpts;
+use farm_tests::player::BrowserPlayer;
 
 const NODE_TTL_S: f64 = 3.0;
 const TICK_S: f64 = 1.0;
 const HLS_TIME_S: f64 = 1.0;
 const CHANNEL: &str = "tv";
 
-fn node_args() -> Vec<&'static str> {
-    vec![
-        "--hls-time",
-        "1s",
-        "--lease-ttl",
-        "3s",
-        "--node-ttl",
-        "3s",
-        "--access-flush",
-        "500ms",
-        "--stop-grace",
-        "2s",
-        "--start-timeout",
-        "15s",
-    ]
+/// [`FAST`] with the default restart backoff, and a 15 s start timeout.
+fn node_args() -> Vec<String> {
+    let mut args = without(FAST, &["--backoff-base", "--backoff-max"]);
+    args.extend(["--start-timeout".to_string(), "15s".to_string()]);
+    args
 }
 
 pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
@@ -60,57 +49,26 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         out.fig(Figure::missing("viewer_freeze_s_p99", "s", goal, why));
         return Ok(out);
     }
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::Builder::new()
-        .prefix("farm-bench-viewer-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
-    let url = redis.url();
-    add_channel(&url, CHANNEL, &provider.url("/live/tv.ts"))?;
-    let opts: Vec<NodeOpts> = ["v1", "v2"]
-        .iter()
-        .map(|id| {
-            let addr = SocketAddr::from(([127, 0, 0, 1], crate::ports::free_port()));
-            NodeOpts::new(*id, url.clone(), root.path().join(id))
+    let killfarm::KillFarm {
+        redis,
+        provider: _provider,
+        root: _root,
+        mut nodes,
+        co: _co,
+    } = killfarm::start(
+        "farm-bench-viewer-",
+        CHANNEL,
+        "/live/tv.ts",
+        ["v1", "v2"],
+        |id, url, root| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], farm_tests::ports::free_port()));
+            NodeOpts::new(id, url, root.join(id))
                 .args(node_args())
                 .listen(addr)
-        })
-        .collect();
-    let mut nodes: Vec<NodeProcess> = Vec::new();
-    for o in &opts {
-        let o = o.clone();
-        nodes.push(
-            tokio::task::spawn_blocking(move || NodeProcess::spawn(o))
-                .await
-                .map_err(|e| format!("start node: {e}"))?,
-        );
-    }
-    let co_url = url.clone();
-    let _co = tokio::task::spawn_blocking(move || {
-        CoordinatorProcess::spawn(CoordinatorOpts::new("c1", co_url).args([
-            "--idle-timeout",
-            "60s",
-            "--tick",
-            "1s",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-            "--leader-ttl",
-            "3s",
-        ]))
-    })
-    .await
-    .map_err(|e| format!("start farm-coordinator: {e}"))?;
+        },
+    )
+    .await?;
     let mut c = redis.conn().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while leader(&mut c, "farm").await.is_none() {
-        if Instant::now() > deadline {
-            return Err("the coordinator did not become leader within 20 s".into());
-        }
-        super::pause(Duration::from_millis(100)).await;
-    }
     let nginx = {
         let o = NginxOpts::for_nodes(nodes.iter());
         tokio::task::spawn_blocking(move || NginxServer::start(&o))
@@ -128,13 +86,8 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let mut freezes = Vec::new();
     let mut trials = Vec::new();
     for trial in 0..trials_wanted {
-        let (owner_id, gen) = owner(&mut c, "farm", CHANNEL)
-            .await
-            .ok_or("the channel has no owner before the kill")?;
-        let victim = nodes
-            .iter()
-            .position(|n| n.node_id() == owner_id)
-            .ok_or_else(|| format!("owner {owner_id} is not one of the bench's nodes"))?;
+        let (victim, gen) = killfarm::owner_index(&mut c, &nodes, CHANNEL).await?;
+        let owner_id = nodes[victim].node_id().to_string();
         let before = player.report();
         let played_at_kill = before.played;
         player.mark(format!("trial {trial}: kill -9 {owner_id}"));
@@ -179,10 +132,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             "backward_jumps": after.backward_jumps.len(),
         }));
         // The killed node comes back (same port for nginx, same folder: its sweep cleans it).
-        let o = opts[victim].clone();
-        nodes[victim] = tokio::task::spawn_blocking(move || NodeProcess::spawn(o))
-            .await
-            .map_err(|e| format!("restart node: {e}"))?;
+        killfarm::restart(&mut nodes, victim).await?;
         // A few seconds of ordinary playback between trials.
         let played = player.report().played;
         player

@@ -1,13 +1,13 @@
 //! `farm-bench`: the farm's performance figures, each side by side with its anchor, in one run.
 //!
-//! `cargo run --release -p farm-tests --bin farm-bench -- [--quick]` builds what it runs, measures,
-//! prints a table and writes `target/farm-bench/report.json`. The logic is in `farm_tests::bench`.
+//! `cargo run --release -p farm-bench -- [--quick]` builds what it runs, measures,
+//! prints a table and writes `target/farm-bench/report.json`. The logic is in the `farm_bench` library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use farm_tests::bench::{self, Options, Phase};
+use farm_bench::{self as bench, Options, Phase};
 
 #[derive(Debug, Parser)]
 #[command(

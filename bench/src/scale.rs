@@ -3,7 +3,7 @@
 //! player-like viewer per stream.
 //!
 //! The node runs with its defaults (hls_time 2 s, list size 6, access flush 1 s, TTLs 10 s) and no
-//! stream limit. Every channel's upstream is the fake IPTV provider ([`crate::provider`]: the test
+//! stream limit. Every channel's upstream is the fake IPTV provider ([`farm_tests::provider`]: the test
 //! source looped at real-time pace, ~2 Mbit/s) with `read=1`, so each fake FFmpeg reads its input
 //! through `-http_proxy`, i.e. the channel's egress gateway in the node's guard process, and
 //! discards it: the gateways relay real bytes. First the idle baseline (no stream) is measured over
@@ -34,13 +34,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::report::{num, Figure, Goal, PhaseOutput};
-use super::sys::{cpu_seconds, guard_of, pss_kb, rss_kb, threads};
-use super::{add_channels, get, http, Settings};
-use crate::hls::MediaPlaylist;
-use crate::node::{NodeOpts, NodeProcess};
-use crate::provider::FakeProvider;
-use crate::redis::RedisServer;
+use crate::report::{num, Figure, Goal, PhaseOutput};
+use crate::sys::{cpu_seconds, guard_of, pss_kb, rss_kb, threads};
+use crate::{add_channels, get, http, Settings};
+use farm_tests::hls::MediaPlaylist;
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::provider::FakeProvider;
+use farm_tests::redis::RedisServer;
 
 const SEGMENT_BYTES: u64 = 100_000;
 
@@ -264,7 +264,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
 
 /// Whether `farm-node --help` lists `flag`.
 fn node_has_flag(flag: &str) -> bool {
-    std::process::Command::new(crate::bins::bin_path("farm-node"))
+    std::process::Command::new(farm_tests::bins::bin_path("farm-node"))
         .arg("--help")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
@@ -311,7 +311,7 @@ async fn measure(
     let client = http();
 
     // Idle baseline.
-    super::pause(Duration::from_secs(2)).await;
+    crate::pause(Duration::from_secs(2)).await;
     let mut guard = Guard {
         pid_idle: guard_of(pid).unwrap_or(0),
         ..Guard::default()
@@ -379,7 +379,7 @@ async fn measure(
         viewers.spawn(v.run());
     }
     // A full playlist window of segments goes by before the window starts.
-    super::pause(Duration::from_secs(4)).await;
+    crate::pause(Duration::from_secs(4)).await;
     let req0 = viewer_requests.load(Ordering::Relaxed);
     let c0 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
     let gc0 = cpu_seconds(guard.pid_idle);
@@ -387,7 +387,7 @@ async fn measure(
     let t0 = Instant::now();
     let mut rss_series_kb = Vec::new();
     while t0.elapsed() < window {
-        super::pause((window - t0.elapsed()).min(Duration::from_secs(1))).await;
+        crate::pause((window - t0.elapsed()).min(Duration::from_secs(1))).await;
         rss_series_kb.extend(rss_kb(pid));
     }
     let busy_cpu = cpu_seconds(pid).ok_or("node CPU time unreadable")? - c0;
@@ -400,7 +400,7 @@ async fn measure(
     };
     let req1 = viewer_requests.load(Ordering::Relaxed);
     while viewing_since.elapsed() < min_viewing {
-        super::pause((min_viewing - viewing_since.elapsed()).min(Duration::from_secs(1))).await;
+        crate::pause((min_viewing - viewing_since.elapsed()).min(Duration::from_secs(1))).await;
         rss_series_kb.extend(rss_kb(pid));
     }
     let busy_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
@@ -409,7 +409,7 @@ async fn measure(
     guard.busy_pss_kb = pss_kb(guard.pid_busy);
     let viewing_s = viewing_since.elapsed().as_secs_f64();
     let node_threads = threads(pid);
-    let ffmpegs = crate::procs::children_of(pid)
+    let ffmpegs = farm_tests::procs::children_of(pid)
         .into_iter()
         .filter(|c| *c != guard.pid_busy)
         .count();
@@ -441,7 +441,7 @@ async fn measure(
 async fn cpu_over(pid: i32, window: Duration) -> Result<(f64, Duration), String> {
     let c0 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
     let t0 = Instant::now();
-    super::pause(window).await;
+    crate::pause(window).await;
     let c1 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
     Ok((c1 - c0, t0.elapsed()))
 }
@@ -458,7 +458,7 @@ struct Viewer {
 
 impl Viewer {
     async fn run(self) {
-        super::pause(self.offset).await;
+        crate::pause(self.offset).await;
         let mut interval = tokio::time::interval(Duration::from_secs(2));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_seq: Option<u64> = None;

@@ -1,7 +1,7 @@
 //! Throughput of the viewer path, node vs nginx, and what a viewer request costs in Redis.
 //!
 //! One farm-node (fake FFmpeg writing a ~500 KB segment every 2 s into a live channel), three nginx
-//! over the same HLS root ([`super::nginx`]: plain nginx at its best — sendfile, tcp_nopush,
+//! over the same HLS root ([`crate::nginx`]: plain nginx at its best — sendfile, tcp_nopush,
 //! `access_log off`, `open_file_cache` on, one prefix location —, the shipped template as shipped
 //! with `auth_request` to the node, and the template without `auth_request`), the same
 //! 64-connection load generator for everything. Five comparisons, each in ABBA rounds (A first in
@@ -16,7 +16,7 @@
 //! - `auth_segment_rps_ratio`: the template with `auth_request` / the same template without it.
 //!
 //! While an A side runs (every A request reaches the node: a file, or the `/auth` subrequest), a Redis
-//! `MONITOR` counts the commands clients send ([`super::sys::Monitor`]) and the node's
+//! `MONITOR` counts the commands clients send ([`crate::sys::Monitor`]) and the node's
 //! `farm_node_request_path_redis_calls_total` is read before and after.
 
 use std::collections::BTreeMap;
@@ -25,14 +25,14 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::load::{self, LoadResult, LoadSpec};
-use super::nginx::{self as bnginx, BenchNginx, Variant};
-use super::report::{num, Figure, Goal, PhaseOutput};
-use super::sys::{self, Monitor};
-use super::{get, http, metric_sum, node_metrics, Settings, ADMIN_TOKEN};
-use crate::hls::MediaPlaylist;
-use crate::node::{NodeOpts, NodeProcess};
-use crate::redis::RedisServer;
+use crate::load::{self, LoadResult, LoadSpec};
+use crate::nginx::{self as bnginx, BenchNginx, Variant};
+use crate::report::{num, Figure, Goal, PhaseOutput};
+use crate::sys::{self, Monitor};
+use crate::{get, http, metric_sum, node_metrics, Settings, ADMIN_TOKEN};
+use farm_tests::hls::MediaPlaylist;
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::redis::RedisServer;
 
 const CHANNEL: &str = "live";
 /// FFmpeg's own playlist in the channel folder (farm-node's `playlist::FFMPEG_PLAYLIST`): the node
@@ -146,7 +146,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         .map_err(|e| format!("temp dir: {e}"))?;
     let node_root = root.path().join("n1");
     let chan_dir = node_root.join(CHANNEL);
-    super::add_channel(
+    crate::add_channel(
         &redis.url(),
         CHANNEL,
         &format!("http://127.0.0.1:9/{CHANNEL}.ts?mode=normal&bytes={SEGMENT_BYTES}"),
@@ -171,7 +171,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         if tokio::time::Instant::now() > deadline {
             return Err("the channel did not list 2 segments within 20 s".into());
         }
-        super::pause(std::time::Duration::from_millis(100)).await;
+        crate::pause(std::time::Duration::from_millis(100)).await;
     }
     let node_addr = node.addr();
     // Every target serves the right bytes before anything is measured.
@@ -523,7 +523,7 @@ fn newest_segment(dir: &Path) -> Result<(String, u64, usize), String> {
 /// nginx master and workers.
 fn server_pids(n: &BenchNginx) -> Vec<i32> {
     let mut v = vec![n.pid()];
-    v.extend(crate::procs::children_of(n.pid()));
+    v.extend(farm_tests::procs::children_of(n.pid()));
     v
 }
 

@@ -39,9 +39,11 @@ pub fn pss_kb(pid: i32) -> Option<u64> {
 
 /// The node's guard: its child re-executed as `farm-node __guard` (see node/src/guard).
 pub fn guard_of(node_pid: i32) -> Option<i32> {
-    crate::procs::children_of(node_pid).into_iter().find(|c| {
-        crate::procs::cmdline(*c).is_some_and(|cl| cl.split(' ').nth(1) == Some("__guard"))
-    })
+    farm_tests::procs::children_of(node_pid)
+        .into_iter()
+        .find(|c| {
+            farm_tests::procs::cmdline(*c).is_some_and(|cl| cl.split(' ').nth(1) == Some("__guard"))
+        })
 }
 
 /// Threads of `pid`.

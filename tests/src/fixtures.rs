@@ -1,45 +1,21 @@
-//! Fixtures shared by the end-to-end test binaries: one Redis, an optional fake provider, and
-//! farm-node processes on temp folders, plus small HTTP and Redis helpers.
-#![allow(dead_code)]
+//! Small fixtures shared by the end-to-end tests: nodes with the fast timing profile
+//! ([`crate::farm::Timing::Fast`]), farmctl channel adds, and HTTP and Redis helpers for assertions.
+//! A whole farm (Redis, provider, nodes, coordinators, nginx) is [`crate::farm::Farm`].
 
-use farm_tests::node::{farmctl, NodeOpts, NodeProcess};
-use farm_tests::procs;
-use farm_tests::redis::RedisServer;
+use crate::node::{farmctl, NodeOpts, NodeProcess};
+use crate::procs;
+use crate::redis::RedisServer;
 use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-/// Settings that keep end-to-end tests quick: 1 s segments, short TTLs, fast backoff.
-pub const FAST: &[&str] = &[
-    "--hls-time",
-    "1s",
-    "--lease-ttl",
-    "3s",
-    "--node-ttl",
-    "3s",
-    "--access-flush",
-    "500ms",
-    "--backoff-base",
-    "200ms",
-    "--backoff-max",
-    "2s",
-    "--stop-grace",
-    "2s",
-];
+pub use crate::farm::FAST;
 
 /// [`FAST`] with some of its values replaced, e.g. `fast_with(&[("--backoff-base", "1s")])` (a flag
 /// may be given once).
 pub fn fast_with(overrides: &[(&str, &str)]) -> Vec<String> {
-    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
-    for (flag, value) in overrides {
-        let i = args
-            .iter()
-            .position(|a| a == flag)
-            .unwrap_or_else(|| panic!("{flag} is not in FAST"));
-        args[i + 1] = value.to_string();
-    }
-    args
+    crate::farm::with_values(FAST, overrides)
 }
 
 /// A node with [`fast_with`]`(overrides)` and `extra` arguments.
@@ -82,12 +58,25 @@ pub fn add_channel(redis: &RedisServer, id: &str, url: &str, extra: &[&str]) {
     );
 }
 
+/// Adds channels reading the fake FFmpeg's source, a segment every `seg_ms`.
+pub fn add_fake_channels(redis: &RedisServer, ids: &[&str], seg_ms: u64) {
+    for id in ids {
+        add_channel(redis, id, &crate::coordinator::fake_source(id, seg_ms), &[]);
+    }
+}
+
+/// A client that does not follow redirects, with a 30 s timeout per request.
 pub fn client() -> reqwest::Client {
+    no_redirects_within(Duration::from_secs(30))
+}
+
+/// A client that does not follow redirects, with `timeout` per request.
+pub fn no_redirects_within(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .build()
-        .expect("client")
+        .expect("http client")
 }
 
 pub struct Resp {
@@ -126,11 +115,11 @@ pub async fn get(url: &str) -> Resp {
 }
 
 /// [`get`] of a playlist whose 200 body goes to the strict RFC 8216 checker of its channel
-/// ([`farm_tests::hls::observe`]: panics on a violation). For one viewer's sequence of fetches.
+/// ([`crate::hls::observe`]: panics on a violation). For one viewer's sequence of fetches.
 pub async fn get_observed(url: &str) -> Resp {
     let r = get(url).await;
     if r.status == 200 {
-        farm_tests::hls::observe(url, &r.text());
+        crate::hls::observe(url, &r.text());
     }
     r
 }
@@ -199,4 +188,59 @@ pub async fn all_keys(redis: &RedisServer) -> Vec<String> {
         .expect("KEYS");
     keys.sort();
     keys
+}
+
+/// A client that does not follow redirects, with a 15 s timeout per request.
+pub fn no_redirects() -> reqwest::Client {
+    no_redirects_within(Duration::from_secs(15))
+}
+
+/// GET of a playlist; a 200 body goes to the strict checker ([`crate::hls::observe`]). The status
+/// and body; `(0, "")` when the request fails.
+pub async fn observed_playlist(http: &reqwest::Client, url: &str) -> (u16, String) {
+    match http.get(url).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            if status == 200 {
+                crate::hls::observe(url, &body);
+            }
+            (status, body)
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The gen in a segment URI `seg_<gen>_<msn>.ts`.
+pub fn segment_gen(uri: &str) -> Option<u64> {
+    uri.strip_prefix("seg_")?.split('_').next()?.parse().ok()
+}
+
+/// Redis's clock, ms (the clock `farm:access` is written with).
+pub async fn redis_now_ms(redis: &RedisServer) -> u64 {
+    let mut c = redis.conn().await;
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.expect("TIME");
+    s * 1000 + us / 1000
+}
+
+/// A channel's last access in `farm:access`, ms of Redis's clock.
+pub async fn access(redis: &RedisServer, id: &str) -> Option<u64> {
+    zscore(redis, "farm:access", id).await.map(|v| v as u64)
+}
+
+/// Waits up to `timeout` until `field` of node `node`'s hash (`farm:node:<node>`, its heartbeat) is
+/// `value`; panics naming `what` otherwise.
+pub async fn wait_node_field(
+    redis: &RedisServer,
+    node: &str,
+    field: &str,
+    value: &str,
+    what: &str,
+    timeout: Duration,
+) {
+    let key = format!("farm:node:{node}");
+    crate::wait::eventually(what, timeout, || async {
+        (hgetall(redis, &key).await.get(field).map(String::as_str) == Some(value)).then_some(())
+    })
+    .await;
 }

@@ -22,6 +22,7 @@
 
 pub mod abuse;
 pub mod failover;
+pub mod killfarm;
 pub mod load;
 pub mod nginx;
 pub mod report;
@@ -38,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 
-use crate::bins::bin_dir;
+use farm_tests::bins::bin_dir;
 use report::{cpu_jiffies, Machine, PhaseOutput, PhaseRun, Report};
 
 /// The benchmark's phases, in the order they run.
@@ -299,7 +300,7 @@ pub fn build_binaries(build: bool) -> Result<Vec<String>, String> {
                 }
                 eprintln!("farm-bench: building {} ...", pkgs.join(", "));
                 let status = cmd
-                    .current_dir(crate::nginx::repo_root())
+                    .current_dir(farm_tests::nginx::repo_root())
                     .stdin(Stdio::null())
                     .status()
                     .map_err(|e| format!("run cargo build: {e}"))?;
@@ -341,23 +342,24 @@ pub fn add_channels(redis_url: &str, channels: &[(String, String)]) -> Result<()
     let path = dir.path().join("channels.m3u");
     std::fs::write(&path, m3u).map_err(|e| format!("write {}: {e}", path.display()))?;
     let path = path.to_string_lossy().into_owned();
-    let out = crate::node::farmctl(redis_url, &["import", &path]);
-    if !out.status.success() {
-        return Err(format!(
-            "farmctl import failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    farmctl(redis_url, &["import", &path], "farmctl import")
 }
 
 /// Adds one channel with `farmctl channel add`.
 pub fn add_channel(redis_url: &str, id: &str, url: &str) -> Result<(), String> {
-    let out = crate::node::farmctl(redis_url, &["channel", "add", id, url]);
+    farmctl(
+        redis_url,
+        &["channel", "add", id, url],
+        &format!("farmctl channel add {id}"),
+    )
+}
+
+/// Runs farmctl; `<what> failed (<status>): <stderr>` unless it succeeds.
+fn farmctl(redis_url: &str, args: &[&str], what: &str) -> Result<(), String> {
+    let out = farm_tests::node::farmctl(redis_url, args);
     if !out.status.success() {
         return Err(format!(
-            "farmctl channel add {id} failed ({}): {}",
+            "{what} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ));

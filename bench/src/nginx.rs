@@ -21,11 +21,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::nginx::{render_cmd, template_path, NginxOpts};
-use crate::ports::free_port;
-use crate::signal;
+use farm_tests::nginx::{render_cmd, template_path, NginxOpts};
+use farm_tests::ports::free_port;
+use farm_tests::signal;
 
 /// Which front.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,22 +103,7 @@ impl BenchNginx {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let Ok(pid) = i32::try_from(child.id()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return;
-        };
-        let _ = signal::term(pid);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = signal::send_group(pid, signal::Sig::KILL);
-        let _ = child.kill();
-        let _ = child.wait();
+        signal::term_then_kill_group(&mut child, Duration::from_secs(5));
     }
 }
 
@@ -279,7 +264,7 @@ http {{
 }
 
 fn spawn(dir: &Path, conf: &Path, addr: SocketAddr) -> Result<Child, String> {
-    crate::nginx::start_and_wait(
+    farm_tests::nginx::start_and_wait(
         dir,
         conf,
         &dir.join("logs/error.log"),

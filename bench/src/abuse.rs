@@ -1,6 +1,6 @@
 //! What hostile load does to the farm's promises (issue 14), as figures.
 //!
-//! - `burst_worst_gap_s`: the abuse tests' farm ([`crate::abuse::AbuseFarm`]: redis-server, two
+//! - `burst_worst_gap_s`: the abuse tests' farm ([`farm_tests::abuse::AbuseFarm`]: redis-server, two
 //!   farm-nodes with real FFmpeg reading the fake IPTV provider, `--hls-time 1s`, `--max-streams
 //!   20`, a coordinator, nginx from the shipped template, 3 watched channels each played through
 //!   nginx by a player-like viewer that polls the playlist and downloads every new segment, noting
@@ -21,19 +21,16 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::report::{num, Figure, Goal, PhaseOutput};
-use super::Settings;
-use crate::abuse::{
-    attacker_ip, connect_from, AbuseFarm, AbuseOpts, HLS_TIME, MAX_GAP, MAX_STREAMS,
+use crate::report::{num, Figure, Goal, PhaseOutput};
+use crate::Settings;
+use farm_tests::abuse::{
+    attacker_ip, raw_get, AbuseFarm, AbuseOpts, HLS_TIME, MAX_GAP, MAX_STREAMS,
 };
-use crate::redis::RedisServer;
+use farm_tests::redis::{Pinger, RedisServer};
 
 /// First requests of the burst.
 const BURST: usize = 500;
@@ -60,7 +57,7 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     let addrs: Vec<SocketAddr> = farm.nodes.iter().map(|n| n.addr()).collect();
     // The anchor: the same viewers over a window as long as the burst's, with nothing else going on.
     farm.reset_gaps();
-    super::pause(CALM).await;
+    crate::pause(CALM).await;
     let calm = farm.worst_gap();
     farm.reset_gaps();
     let starts_before = farm.metric("farm_node_channel_starts_total").await;
@@ -87,14 +84,18 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     let answered = t0.elapsed();
     let starts = farm.metric("farm_node_channel_starts_total").await - starts_before;
     // The FFmpegs the burst started run now: watch on.
-    super::pause(AFTER_BURST).await;
+    crate::pause(AFTER_BURST).await;
     let stats = farm.viewer_stats();
     let worst = farm.worst_gap();
     let viewer_errors: usize = stats.iter().map(|s| s.errors.len()).sum();
     let running: Vec<usize> = farm
         .nodes
         .iter()
-        .map(|n| crate::procs::children_of(n.pid()).len().saturating_sub(1))
+        .map(|n| {
+            farm_tests::procs::children_of(n.pid())
+                .len()
+                .saturating_sub(1)
+        })
         .collect();
     out.set(
         "burst",
@@ -158,36 +159,14 @@ async fn first_request(
     dst: SocketAddr,
     path: String,
 ) -> Result<(u16, bool, bool), String> {
-    let exchange = async {
-        let mut s = connect_from(src, dst)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
+    let answer = tokio::time::timeout(Duration::from_secs(30), raw_get(src, dst, &path, ""))
         .await
-        .map_err(|e| format!("send: {e}"))?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let end = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| format!("no answer head in {} bytes", raw.len()))?;
-        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line: {head}"))?;
-        let retry = head.lines().any(|l| l.starts_with("retry-after:"));
-        let accel = head.lines().any(|l| l.starts_with("x-accel-redirect:"));
-        Ok((status, retry, accel))
-    };
-    tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .unwrap_or_else(|_| Err("timeout: no answer within 30 s".into()))
+        .unwrap_or_else(|_| Err("timeout: no answer within 30 s".into()))?;
+    Ok((
+        answer.status,
+        answer.header("retry-after").is_some(),
+        answer.header("x-accel-redirect").is_some(),
+    ))
 }
 
 async fn import(out: &mut PhaseOutput) -> Result<(), String> {
@@ -203,9 +182,10 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
     let url = redis.url();
     let path = file.display().to_string();
     let t = Instant::now();
-    let res = tokio::task::spawn_blocking(move || crate::node::farmctl(&url, &["import", &path]))
-        .await
-        .map_err(|e| format!("farmctl: {e}"))?;
+    let res =
+        tokio::task::spawn_blocking(move || farm_tests::node::farmctl(&url, &["import", &path]))
+            .await
+            .map_err(|e| format!("farmctl: {e}"))?;
     let took = t.elapsed();
     let (max, pings, over) = pinger.finish()?;
     let imported = {
@@ -227,7 +207,7 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
             "pings": pings,
             "pings_over_100ms": over,
             "max_ping_ms": max.as_secs_f64() * 1000.0,
-            "farmctl_stdout_tail": crate::procs::tail(&String::from_utf8_lossy(&res.stdout), 3),
+            "farmctl_stdout_tail": farm_tests::procs::tail(&String::from_utf8_lossy(&res.stdout), 3),
         }),
     );
     let mut f = Figure::new("import_redis_max_latency_ms", "ms", Goal::AtMost(100.0)).detail(
@@ -244,7 +224,7 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
         f = f.note(format!(
             "farmctl import failed ({}): {}",
             res.status,
-            crate::procs::tail(&String::from_utf8_lossy(&res.stderr), 3)
+            farm_tests::procs::tail(&String::from_utf8_lossy(&res.stderr), 3)
         ));
     }
     out.fig(f);
@@ -253,56 +233,5 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
 
 /// `n` channels `c0..` with provider-like attributes (the shape of tests/tests/abuse_import.rs).
 fn write_m3u(path: &std::path::Path, n: usize) -> std::io::Result<()> {
-    let mut text = String::with_capacity(n * 200);
-    text.push_str("#EXTM3U url-tvg=\"http://epg.example/guide.xml\"\n");
-    for i in 0..n {
-        text.push_str(&format!(
-            "#EXTINF:-1 tvg-id=\"c{i}\" tvg-name=\"Channel {i}\" tvg-logo=\"http://logo.example/{i}.png\" group-title=\"Group {}\",Channel {i} HD\nhttp://provider.example/live/u/p/{i}.ts\n",
-            i % 40
-        ));
-    }
-    std::fs::write(path, text)
-}
-
-/// A thread that PINGs every 5 ms on its own connection: `(max round trip, pings, pings > 100 ms)`.
-struct Pinger {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<(Duration, u64, u64), String>>,
-}
-
-impl Pinger {
-    fn start(url: &str) -> Result<Pinger, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis url: {e}"))?;
-        let mut c = client
-            .get_connection()
-            .map_err(|e| format!("pinger connects: {e}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let (mut max, mut n, mut over) = (Duration::ZERO, 0u64, 0u64);
-            while !s.load(Ordering::SeqCst) {
-                let t = Instant::now();
-                let _: String = redis::cmd("PING")
-                    .query(&mut c)
-                    .map_err(|e| format!("PING: {e}"))?;
-                let d = t.elapsed();
-                max = max.max(d);
-                n += 1;
-                if d > Duration::from_millis(100) {
-                    over += 1;
-                }
-                // Pacing, not synchronisation: one PING per 5 ms.
-                std::thread::sleep(Duration::from_millis(5).saturating_sub(d));
-            }
-            Ok((max, n, over))
-        });
-        Ok(Pinger { stop, thread })
-    }
-
-    fn finish(self) -> Result<(Duration, u64, u64), String> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .join()
-            .map_err(|_| "the pinger panicked".to_string())?
-    }
+    std::fs::write(path, farm_tests::abuse::provider_m3u("c", n, None))
 }

@@ -21,13 +21,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::report::{num, percentile, Figure, Goal, PhaseOutput};
-use super::{add_channel, coordinator_bin, get, Settings};
-use crate::coordinator::{events, leader, owner, CoordinatorOpts, CoordinatorProcess};
-use crate::hls::MediaPlaylist;
-use crate::node::{NodeOpts, NodeProcess};
-use crate::provider::FakeProvider;
-use crate::redis::RedisServer;
+use crate::report::{num, percentile, Figure, Goal, PhaseOutput};
+use crate::{coordinator_bin, get, killfarm, Settings};
+use farm_tests::coordinator::{events, owner};
+use farm_tests::farm::FAST;
+use farm_tests::hls::MediaPlaylist;
+use farm_tests::node::{NodeOpts, NodeProcess};
 
 const NODE_TTL_S: f64 = 3.0;
 const TICK_S: f64 = 1.0;
@@ -35,25 +34,9 @@ const CHANNEL: &str = "fo";
 /// Bound of one trial.
 const TRIAL_LIMIT: Duration = Duration::from_secs(40);
 
+/// [`FAST`] and a 15 s start timeout.
 fn node_args() -> Vec<&'static str> {
-    vec![
-        "--hls-time",
-        "1s",
-        "--lease-ttl",
-        "3s",
-        "--node-ttl",
-        "3s",
-        "--access-flush",
-        "500ms",
-        "--backoff-base",
-        "200ms",
-        "--backoff-max",
-        "2s",
-        "--stop-grace",
-        "2s",
-        "--start-timeout",
-        "15s",
-    ]
+    [FAST, &["--start-timeout", "15s"]].concat()
 }
 
 pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
@@ -66,52 +49,21 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         out.fig(Figure::missing("failover_s_p99", "s", goal, why));
         return Ok(out);
     }
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::Builder::new()
-        .prefix("farm-bench-failover-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
-    let url = redis.url();
-    add_channel(&url, CHANNEL, &provider.url("/live/fo.ts"))?;
-    let opts: Vec<NodeOpts> = ["n1", "n2"]
-        .iter()
-        .map(|id| NodeOpts::new(*id, url.clone(), root.path().join(id)).args(node_args()))
-        .collect();
-    let mut nodes: Vec<NodeProcess> = Vec::new();
-    for o in &opts {
-        let o = o.clone();
-        nodes.push(
-            tokio::task::spawn_blocking(move || NodeProcess::spawn(o))
-                .await
-                .map_err(|e| format!("start node: {e}"))?,
-        );
-    }
-    let co_url = url.clone();
-    let co = tokio::task::spawn_blocking(move || {
-        CoordinatorProcess::spawn(CoordinatorOpts::new("c1", co_url).args([
-            "--idle-timeout",
-            "60s",
-            "--tick",
-            "1s",
-            "--node-ttl",
-            "3s",
-            "--lease-ttl",
-            "3s",
-            "--leader-ttl",
-            "3s",
-        ]))
-    })
-    .await
-    .map_err(|e| format!("start farm-coordinator: {e}"))?;
+    let killfarm::KillFarm {
+        redis,
+        provider,
+        root: _root,
+        mut nodes,
+        co,
+    } = killfarm::start(
+        "farm-bench-failover-",
+        CHANNEL,
+        "/live/fo.ts",
+        ["n1", "n2"],
+        |id, url, root| NodeOpts::new(id, url, root.join(id)).args(node_args()),
+    )
+    .await?;
     let mut c = redis.conn().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while leader(&mut c, "farm").await.is_none() {
-        if Instant::now() > deadline {
-            return Err("the coordinator did not become leader within 20 s".into());
-        }
-        super::pause(Duration::from_millis(100)).await;
-    }
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(20))
@@ -141,13 +93,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         } else {
             Mode::Viewer
         };
-        let (owner_id, _) = owner(&mut c, "farm", CHANNEL)
-            .await
-            .ok_or("the channel has no owner before the kill")?;
-        let victim = nodes
-            .iter()
-            .position(|n| n.node_id() == owner_id)
-            .ok_or_else(|| format!("owner {owner_id} is not one of the bench's nodes"))?;
+        let (victim, _) = killfarm::owner_index(&mut c, &nodes, CHANNEL).await?;
         let survivor = 1 - victim;
         // Watched, and a few segments into its run, on a farm where both nodes are alive.
         settle(&client, &mut c, &nodes, victim, survivor).await?;
@@ -184,10 +130,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             "statuses_while_waiting": statuses,
         }));
         // The killed node comes back (new incarnation, same folder).
-        let o = opts[victim].clone();
-        nodes[victim] = tokio::task::spawn_blocking(move || NodeProcess::spawn(o))
-            .await
-            .map_err(|e| format!("restart node: {e}"))?;
+        killfarm::restart(&mut nodes, victim).await?;
     }
     drop(co);
     drop(nodes);
@@ -253,7 +196,7 @@ async fn owned_by(
                 "{node} did not own the channel within {TRIAL_LIMIT:?} after the kill (no coordinator failover)"
             ));
         }
-        super::pause(Duration::from_millis(50)).await;
+        crate::pause(Duration::from_millis(50)).await;
     }
 }
 
@@ -284,7 +227,7 @@ async fn settle(
             .map_err(|e| format!("EXISTS: {e}"))?;
         if segments >= 3 && alive {
             // The access flush (500 ms) carries this request to Redis.
-            super::pause(Duration::from_millis(700)).await;
+            crate::pause(Duration::from_millis(700)).await;
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -294,7 +237,7 @@ async fn settle(
                 nodes[other].node_id()
             ));
         }
-        super::pause(Duration::from_millis(200)).await;
+        crate::pause(Duration::from_millis(200)).await;
     }
 }
 
@@ -330,6 +273,6 @@ async fn first_segment_from(
                 }
             }
         }
-        super::pause(Duration::from_millis(100)).await;
+        crate::pause(Duration::from_millis(100)).await;
     }
 }

@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::report::{num, percentile, Figure, Goal, PhaseOutput};
-use super::{add_channel, admin_stop, get, http, Settings, ADMIN_TOKEN};
-use crate::node::{NodeOpts, NodeProcess};
-use crate::provider::FakeProvider;
-use crate::redis::RedisServer;
-use crate::signal;
+use crate::report::{num, percentile, Figure, Goal, PhaseOutput};
+use crate::{add_channel, admin_stop, get, http, Settings, ADMIN_TOKEN};
+use farm_tests::node::{NodeOpts, NodeProcess};
+use farm_tests::provider::FakeProvider;
+use farm_tests::redis::RedisServer;
+use farm_tests::signal;
 
 /// The node's default segment length, which the figures are relative to.
 const HLS_TIME_S: f64 = 2.0;

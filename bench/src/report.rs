@@ -148,7 +148,7 @@ impl Machine {
                 })
                 .unwrap_or_else(|| "not found".into())
         };
-        let nginx = crate::nginx::nginx_bin();
+        let nginx = farm_tests::nginx::nginx_bin();
         let versions = vec![
             (
                 "redis-server".to_string(),
@@ -160,7 +160,7 @@ impl Machine {
             ),
             ("ffmpeg".to_string(), first_line("ffmpeg", &["-version"])),
         ];
-        let root = crate::nginx::repo_root();
+        let root = farm_tests::nginx::repo_root();
         let git = first_line(
             "git",
             &[
