@@ -50,6 +50,16 @@ async fn wait_until(mut f: impl FnMut() -> bool) {
     }
 }
 
+/// An upstream that answers every request with a short `200 OK`.
+async fn ok_upstream() -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+    scripted_upstream(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .await;
+    })
+    .await
+}
+
 /// The request FFmpeg sends the gateway for `path` on the upstream at `port`.
 fn proxy_get(port: u16, path: &str) -> String {
     format!("GET http://127.0.0.1:{port}{path} HTTP/1.1\r\n\r\n")
@@ -331,12 +341,7 @@ async fn an_endless_or_missing_response_head_is_cut_and_ffmpeg_gets_an_error() {
 
 #[tokio::test]
 async fn requests_over_the_rate_get_429_and_the_upstream_sees_the_rate_only() {
-    let (port, hits) = scripted_upstream(|mut s| async move {
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            .await;
-    })
-    .await;
+    let (port, hits) = ok_upstream().await;
     let (gw, seen) = gateway_with(port, Limits::new(0, 10), Duration::from_secs(2)).await;
     let get = proxy_get(port, "/self.m3u8");
     // A hot loop, as FFmpeg on a playlist naming itself: one request after the other for 1.5 s.
@@ -431,12 +436,7 @@ async fn a_fast_upstream_is_throttled_to_the_channel_bandwidth() {
 
 #[tokio::test]
 async fn only_the_channels_own_ffmpeg_may_use_its_gateway() {
-    let (port, hits) = scripted_upstream(|mut s| async move {
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            .await;
-    })
-    .await;
+    let (port, hits) = ok_upstream().await;
     let table = Arc::new(PeerTable::default());
     let (gw, seen) = gateway(port, open(), |cfg| cfg.peers = Some(table.clone())).await;
     let get = proxy_get(port, "/live.ts");
