@@ -258,34 +258,23 @@ async fn published(
 
 /// A message to the actor ends the run: FFmpeg is stopped the way the message asks.
 async fn on_message(plan: &Plan<'_>, r: &mut Running, msg: Option<Ctl>) -> RunEnd {
-    let (entry, grace) = (plan.entry, plan.node.cfg.stop_grace);
-    let pid = r.pid;
-    match msg {
+    let grace = plan.node.cfg.stop_grace;
+    let (grace, end) = match msg {
         Some(Ctl::Stop { reason, done }) => {
-            entry.phase.send_replace(Phase::Gone);
+            plan.entry.phase.send_replace(Phase::Gone);
             let _ = plan
                 .record(&[StreamField::State(StreamState::Stopping)])
                 .await;
-            terminate(&mut r.child, pid, grace).await;
-            RunEnd::Stop(reason, done)
+            (grace, RunEnd::Stop(reason, done))
         }
-        Some(Ctl::Restart) => {
-            terminate(&mut r.child, pid, grace).await;
-            RunEnd::Restart
-        }
-        Some(Ctl::Pause { done }) => {
-            terminate(&mut r.child, pid, grace).await;
-            RunEnd::Paused(done)
-        }
-        Some(Ctl::Fenced) => {
-            terminate(&mut r.child, pid, Duration::ZERO).await;
-            RunEnd::Fenced
-        }
-        None => {
-            terminate(&mut r.child, pid, grace).await;
-            RunEnd::Stop("shutdown".into(), None)
-        }
-    }
+        Some(Ctl::Restart) => (grace, RunEnd::Restart),
+        Some(Ctl::Pause { done }) => (grace, RunEnd::Paused(done)),
+        // The lease is gone: no grace for an FFmpeg that must not write another segment.
+        Some(Ctl::Fenced) => (Duration::ZERO, RunEnd::Fenced),
+        None => (grace, RunEnd::Stop("shutdown".into(), None)),
+    };
+    terminate(&mut r.child, r.pid, grace).await;
+    end
 }
 
 fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
