@@ -123,7 +123,17 @@ pub fn ffmpeg_children_of(parent: u32, root: &Path) -> Vec<(u32, u64)> {
 mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
+    use std::process::{Child, Command, Stdio};
+
+    /// A `sleep` in its own process group, like an FFmpeg, with a channel folder's marker or none.
+    fn sleeper(marker: Option<&str>) -> Child {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30").process_group(0).stdin(Stdio::null());
+        if let Some(dir) = marker {
+            cmd.env(MARKER_VAR, dir);
+        }
+        cmd.spawn().expect("sleep")
+    }
 
     #[test]
     fn stat_lines_parse_with_odd_names_and_bad_ones_do_not() {
@@ -150,19 +160,8 @@ mod tests {
 
     #[test]
     fn only_the_recorded_process_is_killed_and_unannounced_children_are_found() {
-        let mut marked = Command::new("sleep")
-            .arg("30")
-            .env(MARKER_VAR, "/nowhere/procs-test/ch")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("sleep");
-        let mut plain = Command::new("sleep")
-            .arg("30")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("sleep");
+        let mut marked = sleeper(Some("/nowhere/procs-test/ch"));
+        let mut plain = sleeper(None);
         let me = std::process::id();
         let found = ffmpeg_children_of(me, Path::new("/nowhere/procs-test"));
         assert!(ffmpeg_children_of(me, Path::new("/nowhere/procs")).is_empty());
@@ -187,13 +186,7 @@ mod tests {
         assert!(start_time(me).is_some() && alive(me));
         assert!(!has_marker(me, Path::new("/nowhere")));
         assert!(!kill_if_ours(me, 0, Path::new("/nowhere")));
-        let mut marked = Command::new("sleep")
-            .arg("30")
-            .env(MARKER_VAR, "/nowhere/procs-test/ch")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("sleep");
+        let mut marked = sleeper(Some("/nowhere/procs-test/ch"));
         let (pid, start) = (marked.id(), start_time(marked.id()).expect("start"));
         let dir = Path::new("/nowhere/procs-test/ch");
         // spawn returns once the child's exec has let go of our memory (vfork), which is before

@@ -8,6 +8,7 @@
 //! The notify callback only `try_send`s into a bounded channel; on overflow the event is counted and
 //! the dispatcher rescans every watched folder once, so a burst can delay progress but never lose it.
 
+use crate::playlist::now_ms;
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use prometheus_client::metrics::counter::Counter;
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
 /// What FFmpeg has produced in one channel folder so far.
@@ -168,13 +169,6 @@ fn finishes_a_file(kind: &EventKind) -> bool {
             ))
             | EventKind::Access(AccessKind::Close(AccessMode::Write))
     )
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn apply(tx: &watch::Sender<Progress>, name: &str) {

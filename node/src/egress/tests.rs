@@ -50,6 +50,21 @@ async fn wait_until(mut f: impl FnMut() -> bool) {
     }
 }
 
+/// An upstream that answers every request with a short `200 OK`.
+async fn ok_upstream() -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+    scripted_upstream(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .await;
+    })
+    .await
+}
+
+/// The request FFmpeg sends the gateway for `path` on the upstream at `port`.
+fn proxy_get(port: u16, path: &str) -> String {
+    format!("GET http://127.0.0.1:{port}{path} HTTP/1.1\r\n\r\n")
+}
+
 async fn ask(port: u16, req: String) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port))
         .await
@@ -165,7 +180,7 @@ async fn at_the_fence_the_gateway_drops_its_connections_and_relays_nothing_more(
     let (up_port, open) = streaming_upstream().await;
     let fence = Arc::new(FenceClock::closed());
     let (gw, _) = gateway(up_port, fence.clone(), |_| {}).await;
-    let get = format!("GET http://127.0.0.1:{up_port}/live.ts HTTP/1.1\r\n\r\n");
+    let get = proxy_get(up_port, "/live.ts");
     // No deadline yet: closed.
     let r = ask(gw.port(), get.clone()).await;
     assert!(r.starts_with("HTTP/1.1 503") && r.contains("fenced"), "{r}");
@@ -271,11 +286,7 @@ async fn an_endless_or_missing_response_head_is_cut_and_ffmpeg_gets_an_error() {
     .await;
     let (gw, seen) = gateway_with(endless, Limits::default(), Duration::from_secs(5)).await;
     let t = Instant::now();
-    let r = ask(
-        gw.port(),
-        format!("GET http://127.0.0.1:{endless}/live.ts HTTP/1.1\r\n\r\n"),
-    )
-    .await;
+    let r = ask(gw.port(), proxy_get(endless, "/live.ts")).await;
     assert!(r.starts_with("HTTP/1.1 502"), "{r}");
     assert!(r.contains("response head over 65536 bytes"), "{r}");
     assert!(
@@ -303,11 +314,7 @@ async fn an_endless_or_missing_response_head_is_cut_and_ffmpeg_gets_an_error() {
     for port in [trickle, silent] {
         let (gw, seen) = gateway_with(port, Limits::default(), Duration::from_millis(500)).await;
         let t = Instant::now();
-        let r = ask(
-            gw.port(),
-            format!("GET http://127.0.0.1:{port}/live.ts HTTP/1.1\r\n\r\n"),
-        )
-        .await;
+        let r = ask(gw.port(), proxy_get(port, "/live.ts")).await;
         assert!(r.starts_with("HTTP/1.1 504"), "{r}");
         assert!(r.contains("no response head within 500ms"), "{r}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
@@ -322,11 +329,7 @@ async fn an_endless_or_missing_response_head_is_cut_and_ffmpeg_gets_an_error() {
     })
     .await;
     let (gw, seen) = gateway_with(normal, Limits::default(), Duration::from_secs(2)).await;
-    let r = ask(
-        gw.port(),
-        format!("GET http://127.0.0.1:{normal}/a HTTP/1.1\r\n\r\n"),
-    )
-    .await;
+    let r = ask(gw.port(), proxy_get(normal, "/a")).await;
     assert_eq!(
         r,
         "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
@@ -338,14 +341,9 @@ async fn an_endless_or_missing_response_head_is_cut_and_ffmpeg_gets_an_error() {
 
 #[tokio::test]
 async fn requests_over_the_rate_get_429_and_the_upstream_sees_the_rate_only() {
-    let (port, hits) = scripted_upstream(|mut s| async move {
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            .await;
-    })
-    .await;
+    let (port, hits) = ok_upstream().await;
     let (gw, seen) = gateway_with(port, Limits::new(0, 10), Duration::from_secs(2)).await;
-    let get = format!("GET http://127.0.0.1:{port}/self.m3u8 HTTP/1.1\r\n\r\n");
+    let get = proxy_get(port, "/self.m3u8");
     // A hot loop, as FFmpeg on a playlist naming itself: one request after the other for 1.5 s.
     let t = Instant::now();
     let (mut ok, mut too_many) = (0u64, 0u64);
@@ -390,7 +388,7 @@ async fn a_fast_upstream_is_throttled_to_the_channel_bandwidth() {
     let (gw, seen) = gateway_with(port, Limits::new(16, 0), Duration::from_secs(2)).await;
     let read_for = |d: Duration| {
         let gw_port = gw.port();
-        let get = format!("GET http://127.0.0.1:{port}/fast.ts HTTP/1.1\r\n\r\n");
+        let get = proxy_get(port, "/fast.ts");
         async move {
             let mut s = TcpStream::connect(("127.0.0.1", gw_port))
                 .await
@@ -438,15 +436,10 @@ async fn a_fast_upstream_is_throttled_to_the_channel_bandwidth() {
 
 #[tokio::test]
 async fn only_the_channels_own_ffmpeg_may_use_its_gateway() {
-    let (port, hits) = scripted_upstream(|mut s| async move {
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            .await;
-    })
-    .await;
+    let (port, hits) = ok_upstream().await;
     let table = Arc::new(PeerTable::default());
     let (gw, seen) = gateway(port, open(), |cfg| cfg.peers = Some(table.clone())).await;
-    let get = format!("GET http://127.0.0.1:{port}/live.ts HTTP/1.1\r\n\r\n");
+    let get = proxy_get(port, "/live.ts");
 
     // Another process runs as the channel's FFmpeg: this one is a stranger, refused at once.
     let mut ffmpeg = std::process::Command::new("sleep")

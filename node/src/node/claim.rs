@@ -176,15 +176,22 @@ async fn while_draining(node: &Node, id: &str) -> Refusal {
                 }
             }
         }
-        Ok(match node.store.roomiest_node(node_id).await? {
-            Some((_, url)) => Refusal::Forwarded(NodeUrl::new(url)),
-            None => Refusal::DrainingNoRoom {
-                id: id.to_string(),
-                node: node_id.clone(),
-            },
-        })
+        let none = Refusal::DrainingNoRoom {
+            id: id.to_string(),
+            node: node_id.clone(),
+        };
+        forwarded(node, none).await
     };
     route.await.unwrap_or_else(|e| redis_down(node, id, e))
+}
+
+/// Sends the viewer to the live node with the most room (that node starts the channel), or
+/// answers `none` when no node has room.
+async fn forwarded(node: &Node, none: Refusal) -> Result<Refusal, StoreError> {
+    Ok(match node.store.roomiest_node(&node.cfg.node_id).await? {
+        Some((_, url)) => Refusal::Forwarded(NodeUrl::new(url)),
+        None => none,
+    })
 }
 
 /// The claim script: the lease (and the provider's connection) for this node, or why not.
@@ -212,16 +219,17 @@ async fn lease(node: &Node, id: &str, spec: &ChannelSpec, weight: u32) -> Result
             Err(e) => redis_down(node, &id, e),
         },
         // Another node has room: the viewer goes there and that node starts the channel.
-        ClaimResult::Full { running } => match node.store.roomiest_node(&cfg.node_id).await {
-            Ok(Some((_, url))) => Refusal::Forwarded(NodeUrl::new(url)),
-            Ok(None) => Refusal::FarmFull {
-                id,
+        ClaimResult::Full { running } => {
+            let none = Refusal::FarmFull {
+                id: id.clone(),
                 node: cfg.node_id.clone(),
                 running,
                 capacity: cfg.max_streams,
-            },
-            Err(e) => redis_down(node, &id, e),
-        },
+            };
+            forwarded(node, none)
+                .await
+                .unwrap_or_else(|e| redis_down(node, &id, e))
+        }
         ClaimResult::Busy { node: prev } => Refusal::JustReleased { id, node: prev },
         ClaimResult::Recovering { not_alive: false } => Refusal::Recovering { id },
         ClaimResult::Recovering { not_alive: true } => Refusal::Registering {

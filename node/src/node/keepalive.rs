@@ -21,6 +21,14 @@ struct Beats {
     last_reply: Option<(u64, Instant)>,
 }
 
+impl Beats {
+    /// Fences every channel, remembered until Redis answers again.
+    fn fence_all(&mut self, node: &Node, why: &str) {
+        fence_all(node, why);
+        self.fenced_all = true;
+    }
+}
+
 /// Keepalive: heartbeat, lease renewals and last-segment times in one pipeline per interval.
 /// Fences channels whose lease is gone, and all of them when Redis was unreachable for 2/3 of the lease TTL.
 pub async fn keepalive_loop(node: Arc<Node>) {
@@ -34,8 +42,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
             _ = node.cancel.cancelled() => return,
             _ = tick.tick() => {}
             _ = tokio::time::sleep_until(fence_deadline(&node)), if !beats.fenced_all => {
-                fence_all(&node, "no lease renewal for 2/3 of the lease TTL");
-                beats.fenced_all = true;
+                beats.fence_all(&node, "no lease renewal for 2/3 of the lease TTL");
                 continue;
             }
         }
@@ -43,11 +50,10 @@ pub async fn keepalive_loop(node: Arc<Node>) {
         // Woken after a freeze (SIGSTOP, a stalled VM) past the fence time: our leases may belong to
         // others by now. Stop the FFmpegs before anything else, without waiting for Redis to say so.
         if since_redis_ok(&node) >= cfg.fence_after() && !beats.fenced_all && !entries.is_empty() {
-            fence_all(
+            beats.fence_all(
                 &node,
                 "no lease renewal for 2/3 of the lease TTL (woken after a freeze)",
             );
-            beats.fenced_all = true;
         }
         match renew(&node, &mut beats, &entries, draining).await {
             Ok((ka, sent_at)) => renewed(&node, &mut beats, &entries, ka, sent_at),
@@ -58,8 +64,7 @@ pub async fn keepalive_loop(node: Arc<Node>) {
                 let since = since_redis_ok(&node);
                 warn!(error = %err, ?since, "keepalive failed");
                 if since >= cfg.fence_after() && !entries.is_empty() {
-                    fence_all(&node, "cannot renew leases for 2/3 of the lease TTL");
-                    beats.fenced_all = true;
+                    beats.fence_all(&node, "cannot renew leases for 2/3 of the lease TTL");
                 }
             }
         }
@@ -185,8 +190,7 @@ async fn renew(
         tokio::select! {
             r = &mut call => break r,
             _ = tokio::time::sleep_until(fence_deadline(node)), if !beats.fenced_all => {
-                fence_all(node, "no lease renewal for 2/3 of the lease TTL (a renewal is still pending)");
-                beats.fenced_all = true;
+                beats.fence_all(node, "no lease renewal for 2/3 of the lease TTL (a renewal is still pending)");
             }
         }
     };

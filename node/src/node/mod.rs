@@ -25,6 +25,7 @@
 use crate::config::Config;
 use crate::ffmpeg;
 use crate::metrics::{CarryRequestPath, Metrics};
+use crate::playlist::now_ms;
 use crate::store::Store;
 use crate::watcher::{HlsWatcher, Progress};
 use nix::sys::signal::Signal;
@@ -198,6 +199,13 @@ impl ChannelEntry {
     pub fn phase(&self) -> Phase {
         self.phase.borrow().clone()
     }
+    /// Moves the channel to `phase`; waiters are woken only when it changes.
+    fn enter(&self, phase: Phase) {
+        self.phase.send_if_modified(|p| {
+            let was = std::mem::replace(p, phase);
+            *p != was
+        });
+    }
     /// The watcher's view of the folder (playlist version, newest segment).
     pub fn progress(&self) -> Progress {
         let g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,13 +328,6 @@ pub struct Node {
 pub const REMOTE_FRESH: Duration = Duration::from_millis(100);
 /// Channels remembered by [`Node::remote_view`] at most.
 const REMOTE_MAX: usize = 10_000;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 impl Node {
     /// The node's state. Without a guard (`None`: the router's tests) it claims, serves, routes

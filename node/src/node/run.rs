@@ -73,32 +73,14 @@ async fn begin(plan: &Plan<'_>, run: &Run<'_>, mut child: Child) -> Result<Runni
     } else {
         StreamState::Restarting
     };
-    match node
-        .store
-        .stream_set(
-            &entry.id,
-            plan.owner,
-            &[
-                StreamField::State(state),
-                StreamField::Process(Some((pid, pid_start))),
-                StreamField::Source(farm_proto::redact::url(run.url)),
-                StreamField::Restarts(run.restarts),
-                StreamField::LastError(run.last_error.to_string()),
-            ],
-        )
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            terminate(&mut child, pid, node.cfg.stop_grace).await;
-            return Err(RunEnd::Fenced);
-        }
-        Err(e) => {
-            // The keepalive decides about fencing; a lost write here is repaired by the next one.
-            node.metrics.redis_errors.inc();
-            warn!(error = %e, "could not record ffmpeg pid");
-        }
-    }
+    let fields = [
+        StreamField::State(state),
+        StreamField::Process(Some((pid, pid_start))),
+        StreamField::Source(farm_proto::redact::url(run.url)),
+        StreamField::Restarts(run.restarts),
+        StreamField::LastError(run.last_error.to_string()),
+    ];
+    record(plan, &mut child, pid, &fields, "ffmpeg pid").await?;
     debug!(pid, url = %farm_proto::redact::Redacted(run.url), "ffmpeg started");
     Ok(Running {
         child,
@@ -106,6 +88,31 @@ async fn begin(plan: &Plan<'_>, run: &Run<'_>, mut child: Child) -> Result<Runni
         reader,
         tail,
     })
+}
+
+/// Records the run in the stream hash. A lease found lost stops FFmpeg and ends the run; a Redis
+/// error is counted and logged (the keepalive decides about fencing; a lost write here is repaired
+/// by the next one).
+async fn record(
+    plan: &Plan<'_>,
+    child: &mut Child,
+    pid: u32,
+    fields: &[StreamField],
+    what: &str,
+) -> Result<(), RunEnd> {
+    let node = plan.node;
+    match plan.record(fields).await {
+        Ok(true) => {}
+        Ok(false) => {
+            terminate(child, pid, node.cfg.stop_grace).await;
+            return Err(RunEnd::Fenced);
+        }
+        Err(e) => {
+            node.metrics.redis_errors.inc();
+            warn!(error = %e, "could not record {what}");
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the last lines of FFmpeg's stderr (redacted) and logs them at debug.
@@ -221,7 +228,7 @@ async fn published(
     r: &mut Running,
     running_written: &mut bool,
 ) -> Option<RunEnd> {
-    let (node, entry, cfg) = (plan.node, plan.entry, &plan.node.cfg);
+    let (node, entry) = (plan.node, plan.entry);
     match publish(node, entry, plan.owner).await {
         Publish::Nothing => return None,
         Publish::Done => {}
@@ -230,35 +237,17 @@ async fn published(
             return Some(RunEnd::Fenced);
         }
     }
-    entry.phase.send_if_modified(|p| {
-        let was = std::mem::replace(p, Phase::Ready);
-        was != Phase::Ready
-    });
+    entry.enter(Phase::Ready);
     if *running_written {
         return None;
     }
     *running_written = true;
-    let w = node
-        .store
-        .stream_set(
-            &entry.id,
-            plan.owner,
-            &[
-                StreamField::State(StreamState::Running),
-                StreamField::LastSegmentAt(None),
-            ],
-        )
-        .await;
-    match w {
-        Ok(true) => {}
-        Ok(false) => {
-            terminate(&mut r.child, r.pid, cfg.stop_grace).await;
-            return Some(RunEnd::Fenced);
-        }
-        Err(e) => {
-            node.metrics.redis_errors.inc();
-            warn!(error = %e, "could not record running state");
-        }
+    let fields = [
+        StreamField::State(StreamState::Running),
+        StreamField::LastSegmentAt(None),
+    ];
+    if let Err(end) = record(plan, &mut r.child, r.pid, &fields, "running state").await {
+        return Some(end);
     }
     if run.restarts > 0 {
         // Files an earlier run wrote but never got published.
@@ -269,39 +258,23 @@ async fn published(
 
 /// A message to the actor ends the run: FFmpeg is stopped the way the message asks.
 async fn on_message(plan: &Plan<'_>, r: &mut Running, msg: Option<Ctl>) -> RunEnd {
-    let (node, entry, grace) = (plan.node, plan.entry, plan.node.cfg.stop_grace);
-    let pid = r.pid;
-    match msg {
+    let grace = plan.node.cfg.stop_grace;
+    let (grace, end) = match msg {
         Some(Ctl::Stop { reason, done }) => {
-            entry.phase.send_replace(Phase::Gone);
-            let _ = node
-                .store
-                .stream_set(
-                    &entry.id,
-                    plan.owner,
-                    &[StreamField::State(StreamState::Stopping)],
-                )
+            plan.entry.phase.send_replace(Phase::Gone);
+            let _ = plan
+                .record(&[StreamField::State(StreamState::Stopping)])
                 .await;
-            terminate(&mut r.child, pid, grace).await;
-            RunEnd::Stop(reason, done)
+            (grace, RunEnd::Stop(reason, done))
         }
-        Some(Ctl::Restart) => {
-            terminate(&mut r.child, pid, grace).await;
-            RunEnd::Restart
-        }
-        Some(Ctl::Pause { done }) => {
-            terminate(&mut r.child, pid, grace).await;
-            RunEnd::Paused(done)
-        }
-        Some(Ctl::Fenced) => {
-            terminate(&mut r.child, pid, Duration::ZERO).await;
-            RunEnd::Fenced
-        }
-        None => {
-            terminate(&mut r.child, pid, grace).await;
-            RunEnd::Stop("shutdown".into(), None)
-        }
-    }
+        Some(Ctl::Restart) => (grace, RunEnd::Restart),
+        Some(Ctl::Pause { done }) => (grace, RunEnd::Paused(done)),
+        // The lease is gone: no grace for an FFmpeg that must not write another segment.
+        Some(Ctl::Fenced) => (Duration::ZERO, RunEnd::Fenced),
+        None => (grace, RunEnd::Stop("shutdown".into(), None)),
+    };
+    terminate(&mut r.child, r.pid, grace).await;
+    end
 }
 
 fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {

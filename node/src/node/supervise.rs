@@ -37,6 +37,15 @@ pub(super) struct Plan<'a> {
     pub recorded: &'a crate::playlist::Recorded,
 }
 
+impl Plan<'_> {
+    /// Writes fields of the channel's stream hash, checked against its lease: `Ok(false)` when
+    /// the lease is no longer ours (nothing written).
+    pub async fn record(&self, fields: &[StreamField]) -> crate::store::Result<bool> {
+        let (node, entry) = (self.node, self.entry);
+        node.store.stream_set(&entry.id, self.owner, fields).await
+    }
+}
+
 /// What the runs so far say: crashes in the window, runs in a row without a segment, the source
 /// next in turn, restarts and the last error (as recorded in the stream hash).
 #[derive(Default)]
@@ -277,27 +286,19 @@ async fn restart_after_crash(
     history.restarted(entry);
     history.last_error = reason.clone();
     history.source_idx += 1;
-    entry.phase.send_if_modified(|p| {
-        let was = std::mem::replace(p, Phase::Restarting);
-        was != Phase::Restarting
-    });
+    entry.enter(Phase::Restarting);
     let backoff = backoff(
         cfg.backoff_base,
         cfg.backoff_max,
         history.crashes.len() as u32,
     );
-    let wrote = node
-        .store
-        .stream_set(
-            &entry.id,
-            plan.owner,
-            &[
-                StreamField::State(StreamState::Restarting),
-                StreamField::Restarts(history.restarts),
-                StreamField::LastError(reason.clone()),
-                StreamField::Process(None),
-            ],
-        )
+    let wrote = plan
+        .record(&[
+            StreamField::State(StreamState::Restarting),
+            StreamField::Restarts(history.restarts),
+            StreamField::LastError(reason.clone()),
+            StreamField::Process(None),
+        ])
         .await;
     if let Ok(false) = wrote {
         return Some(Outcome::Fenced);
