@@ -209,14 +209,17 @@ fn decode<T: redis::FromRedisValue>(script: &'static str, reply: Value) -> Resul
     redis::from_redis_value(reply).map_err(|e| ReplyError::new(script, format!("{shown}: {e}")))
 }
 
-/// A `{tag, value}` answer read by `parse`.
-fn tagged<T>(
-    script: &'static str,
-    reply: Value,
-    parse: impl FnOnce(&[String]) -> Result<T, String>,
-) -> Result<T, ReplyError> {
-    let v: Vec<String> = decode(script, reply)?;
-    parse(&v).map_err(|d| ReplyError::new(script, d))
+/// A script's `{tag, value}` answer.
+pub trait Tagged: Sized {
+    /// Parses the answer's strings; the error describes what was wrong.
+    fn parse(reply: &[String]) -> Result<Self, String>;
+}
+
+impl<T: Tagged> FromReply for T {
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
+        let v: Vec<String> = decode(script, reply)?;
+        T::parse(&v).map_err(|d| ReplyError::new(script, d))
+    }
 }
 
 /// An [`Invocation`] of the script in static `$script`, with KEYS in the order of the script's

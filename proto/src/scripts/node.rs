@@ -3,7 +3,7 @@
 //! script's header in `proto/lua/`; each call below names its replies.
 
 use super::{
-    decode, invoke, ms, owner_value, split_owner, tagged, Call, FromReply, Invocation, ReplyError,
+    decode, invoke, ms, owner_value, split_owner, Call, FromReply, Invocation, ReplyError, Tagged,
 };
 use crate::records::{NodeRecord, StreamField};
 use crate::Keys;
@@ -38,12 +38,6 @@ impl Call for Claim<'_> {
     }
 }
 
-impl FromReply for ClaimResult {
-    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
-        tagged(script, reply, Self::parse)
-    }
-}
-
 /// What the claim script answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimResult {
@@ -64,9 +58,8 @@ pub enum ClaimResult {
     Busy { node: String },
 }
 
-impl ClaimResult {
-    /// Parses the script's `{tag, value}` reply.
-    pub fn parse(reply: &[String]) -> Result<Self, String> {
+impl Tagged for ClaimResult {
+    fn parse(reply: &[String]) -> Result<Self, String> {
         match reply {
             [tag, v] if tag == "ok" => v
                 .parse()
@@ -309,12 +302,6 @@ impl Call for Handover<'_> {
     }
 }
 
-impl FromReply for HandoverResult {
-    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
-        tagged(script, reply, Self::parse)
-    }
-}
-
 /// What the handover script answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HandoverResult {
@@ -328,9 +315,8 @@ pub enum HandoverResult {
     Full { running: u64 },
 }
 
-impl HandoverResult {
-    /// Parses the script's `{tag, value}` reply.
-    pub fn parse(reply: &[String]) -> Result<Self, String> {
+impl Tagged for HandoverResult {
+    fn parse(reply: &[String]) -> Result<Self, String> {
         match reply {
             [tag, v] if tag == "ok" => v
                 .parse()
