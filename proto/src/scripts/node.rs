@@ -61,17 +61,11 @@ pub enum ClaimResult {
 impl Tagged for ClaimResult {
     fn parse(reply: &[String]) -> Result<Self, String> {
         match reply {
-            [tag, v] if tag == "ok" => v
-                .parse()
-                .map(|gen| Self::Claimed { gen })
-                .map_err(|_| format!("claim: bad gen {v:?}")),
+            [tag, v] if tag == "ok" => Ok(Self::Claimed {
+                gen: lease_gen("claim", v)?,
+            }),
             [tag, v] if tag == "owned" => {
-                let (node, gen) =
-                    split_owner(v).ok_or_else(|| format!("claim: bad owner {v:?}"))?;
-                Ok(Self::Owned {
-                    node: node.to_string(),
-                    gen,
-                })
+                lease_owner("claim", v).map(|(node, gen)| Self::Owned { node, gen })
             }
             [tag, v] if tag == "full" => Ok(Self::Full {
                 running: v.parse().unwrap_or(0),
@@ -86,6 +80,18 @@ impl Tagged for ClaimResult {
             other => Err(format!("claim: unexpected reply {other:?}")),
         }
     }
+}
+
+/// The fencing token of a lease answer (`ok <gen>`).
+fn lease_gen(script: &str, v: &str) -> Result<u64, String> {
+    v.parse().map_err(|_| format!("{script}: bad gen {v:?}"))
+}
+
+/// The `<node>:<gen>` holder a lease answer names.
+fn lease_owner(script: &str, v: &str) -> Result<(String, u64), String> {
+    split_owner(v)
+        .map(|(node, gen)| (node.to_string(), gen))
+        .ok_or_else(|| format!("{script}: bad owner {v:?}"))
 }
 
 /// `renew.lua`: extend a lease we hold, and with it the provider holding.
@@ -318,18 +324,13 @@ pub enum HandoverResult {
 impl Tagged for HandoverResult {
     fn parse(reply: &[String]) -> Result<Self, String> {
         match reply {
-            [tag, v] if tag == "ok" => v
-                .parse()
-                .map(|gen| Self::Moved { gen })
-                .map_err(|_| format!("handover: bad gen {v:?}")),
+            [tag, v] if tag == "ok" => Ok(Self::Moved {
+                gen: lease_gen("handover", v)?,
+            }),
             [tag, v] if tag == "stale" && v.is_empty() => Ok(Self::Stale { owner: None }),
-            [tag, v] if tag == "stale" => {
-                let (node, gen) =
-                    split_owner(v).ok_or_else(|| format!("handover: bad owner {v:?}"))?;
-                Ok(Self::Stale {
-                    owner: Some((node.to_string(), gen)),
-                })
-            }
+            [tag, v] if tag == "stale" => Ok(Self::Stale {
+                owner: Some(lease_owner("handover", v)?),
+            }),
             [tag, v] if tag == "full" => Ok(Self::Full {
                 running: v.parse().unwrap_or(0),
             }),
