@@ -28,118 +28,84 @@ impl Keys {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+}
 
+/// One constructor per key: `name(args) => "format after the prefix"`.
+macro_rules! keys {
+    ($($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) => $fmt:literal;)*) => {
+        impl Keys {
+            $(
+                $(#[$doc])*
+                pub fn $name(&self, $($arg: $ty),*) -> String {
+                    format!(concat!("{}:", $fmt), self.prefix, $($arg = $arg),*)
+                }
+            )*
+        }
+    };
+}
+
+keys! {
     /// `farm:channel:<id>` hash: the catalog entry (`name`, `url`, `backup_urls`, `profile`, `provider`, `pinned`, `group`).
-    pub fn channel(&self, id: &str) -> String {
-        format!("{}:channel:{id}", self.prefix)
-    }
+    channel(id: &str) => "channel:{id}";
     /// `farm:channels` set: the catalog index.
-    pub fn channels(&self) -> String {
-        format!("{}:channels", self.prefix)
-    }
+    channels() => "channels";
     /// `farm:catalog:version` counter: bumped by every farmctl catalog write (add, rm, an import's
     /// commit), so an import that checked for existing ids sees a concurrent write and refuses.
-    pub fn catalog_version(&self) -> String {
-        format!("{}:catalog:version", self.prefix)
-    }
+    catalog_version() => "catalog:version";
     /// `farm:catalog:gen` counter: numbers imports (their staging lists).
-    pub fn catalog_gen(&self) -> String {
-        format!("{}:catalog:gen", self.prefix)
-    }
+    catalog_gen() => "catalog:gen";
     /// `farm:catalog:import:<gen>` list: one import's channels (JSON), staged in chunks before its
     /// commit, with a TTL until then (an abandoned import disappears by itself); consumed chunk by
     /// chunk as it is applied.
-    pub fn catalog_staging(&self, gen: u64) -> String {
-        format!("{}:catalog:import:{gen}", self.prefix)
-    }
+    catalog_staging(gen: u64) => "catalog:import:{gen}";
     /// `farm:catalog:importing` string: the gen of the committed import being applied. While it
     /// exists, every farmctl catalog write first finishes applying it.
-    pub fn catalog_importing(&self) -> String {
-        format!("{}:catalog:importing", self.prefix)
-    }
+    catalog_importing() => "catalog:importing";
     /// `farm:pinned` set: the pinned channels (kept running by the coordinator), maintained with the
     /// catalog's `pinned` field.
-    pub fn pinned(&self) -> String {
-        format!("{}:pinned", self.prefix)
-    }
+    pinned() => "pinned";
     /// `farm:provider:<name>` hash: `max_connections`.
-    pub fn provider(&self, name: &str) -> String {
-        format!("{}:provider:{name}", self.prefix)
-    }
+    provider(name: &str) => "provider:{name}";
     /// `farm:provider:<name>:conns` zset: channel -> lease expiry (ms).
-    pub fn provider_conns(&self, name: &str) -> String {
-        format!("{}:provider:{name}:conns", self.prefix)
-    }
+    provider_conns(name: &str) => "provider:{name}:conns";
     /// `farm:owner:<id>` string with a PX lease: `<node>:<gen>`.
-    pub fn owner(&self, id: &str) -> String {
-        format!("{}:owner:{id}", self.prefix)
-    }
+    owner(id: &str) => "owner:{id}";
     /// `farm:gen:<id>` counter: the fencing token, INCR on every claim.
-    pub fn gen(&self, id: &str) -> String {
-        format!("{}:gen:{id}", self.prefix)
-    }
+    gen(id: &str) => "gen:{id}";
     /// `farm:stream:<id>` hash: runtime state of a running channel.
-    pub fn stream(&self, id: &str) -> String {
-        format!("{}:stream:{id}", self.prefix)
-    }
+    stream(id: &str) => "stream:{id}";
     /// `farm:timeline:<id>` hash with a TTL: the channel's published HLS timeline (`target`, `last`,
     /// `disc`, `gen`, `at`, `playlist`), recorded by the owner before it publishes a segment, so a new
     /// owner continues it and any node can answer the current playlist.
-    pub fn timeline(&self, id: &str) -> String {
-        format!("{}:timeline:{id}", self.prefix)
-    }
+    timeline(id: &str) => "timeline:{id}";
     /// `farm:access` zset: channel -> last viewer access (ms, Redis time).
-    pub fn access(&self) -> String {
-        format!("{}:access", self.prefix)
-    }
+    access() => "access";
     /// `farm:node:<node>` hash: the node's description.
-    pub fn node(&self, node: &str) -> String {
-        format!("{}:node:{node}", self.prefix)
-    }
+    node(node: &str) => "node:{node}";
     /// `farm:node:<node>:alive` string with a PX TTL: the node's incarnation; gone = dead.
-    pub fn node_alive(&self, node: &str) -> String {
-        format!("{}:node:{node}:alive", self.prefix)
-    }
+    node_alive(node: &str) => "node:{node}:alive";
     /// `farm:nodes` zset: node -> last heartbeat (ms).
-    pub fn nodes(&self) -> String {
-        format!("{}:nodes", self.prefix)
-    }
+    nodes() => "nodes";
     /// `farm:node:<node>:streams` set: channels the node runs.
-    pub fn node_streams(&self, node: &str) -> String {
-        format!("{}:node:{node}:streams", self.prefix)
-    }
+    node_streams(node: &str) => "node:{node}:streams";
     /// `farm:node:<node>:load` hash: channel -> weight (a copy 1, a transcode its profile's weight),
     /// for the channels in the node's set; the claim script sums it over the set's members only.
-    pub fn node_load(&self, node: &str) -> String {
-        format!("{}:node:{node}:load", self.prefix)
-    }
+    node_load(node: &str) => "node:{node}:load";
     /// `farm:cmd:<node>` stream: commands to one node, read through the consumer group [`CMD_GROUP`].
-    pub fn cmd(&self, node: &str) -> String {
-        format!("{}:cmd:{node}", self.prefix)
-    }
+    cmd(node: &str) => "cmd:{node}";
     /// `farm:recovering` string with a PX TTL: set when a node finds that Redis lost its keys; no
     /// channel is claimed while it exists (every old owner fences first).
-    pub fn recovering(&self) -> String {
-        format!("{}:recovering", self.prefix)
-    }
+    recovering() => "recovering";
     /// `farm:since` string, no TTL: Redis time (ms) of the first node heartbeat this data set saw.
     /// A node that heartbeated before and finds it gone knows Redis lost every key (restarted
     /// empty), not just its own (reaped), and opens the recovery window even if it runs nothing.
-    pub fn since(&self) -> String {
-        format!("{}:since", self.prefix)
-    }
+    since() => "since";
     /// `farm:events` capped stream: the audit trail.
-    pub fn events(&self) -> String {
-        format!("{}:events", self.prefix)
-    }
+    events() => "events";
     /// `farm:leader` string with a PX lease: the leading coordinator.
-    pub fn leader(&self) -> String {
-        format!("{}:leader", self.prefix)
-    }
+    leader() => "leader";
     /// `farm:leader:epoch` counter: the leader's fencing token.
-    pub fn leader_epoch(&self) -> String {
-        format!("{}:leader:epoch", self.prefix)
-    }
+    leader_epoch() => "leader:epoch";
 }
 
 /// The consumer group every node uses on its own command stream.

@@ -23,3 +23,13 @@ pub mod validate;
 
 pub use keys::Keys;
 pub use types::{ChannelSpec, Command, Op, StreamState};
+
+/// How many cases a property test runs: `PROPTEST_CASES` when set (a deeper run), else `default`
+/// (kept modest so CI is quick). For the property tests of every crate.
+#[doc(hidden)]
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

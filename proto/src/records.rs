@@ -8,92 +8,113 @@
 use crate::types::StreamState;
 use std::collections::HashMap;
 
-fn num<T: std::str::FromStr>(h: &HashMap<String, String>, f: &str) -> Option<T> {
-    h.get(f).and_then(|v| v.parse().ok())
+/// A field's value as the hash holds it.
+trait FieldValue: Sized {
+    /// The value in the hash; `None` when it does not parse.
+    fn read(v: &str) -> Option<Self>;
+    fn write(&self) -> String;
 }
 
-fn text(h: &HashMap<String, String>, f: &str) -> Option<String> {
-    h.get(f).cloned()
-}
-
-/// `1` (or `true`) is set.
-fn flag(h: &HashMap<String, String>, f: &str) -> Option<bool> {
-    h.get(f).map(|v| matches!(v.as_str(), "1" | "true"))
-}
-
-/// Pushes `(field, value)` when the value is set.
-fn put<T: ToString>(out: &mut Vec<(&'static str, String)>, f: &'static str, v: &Option<T>) {
-    if let Some(v) = v {
-        out.push((f, v.to_string()));
+impl FieldValue for String {
+    fn read(v: &str) -> Option<Self> {
+        Some(v.to_string())
+    }
+    fn write(&self) -> String {
+        self.clone()
     }
 }
 
-/// `farm:node:<node>`: what a node says of itself in every heartbeat (`heartbeat.lua` adds
-/// `heartbeat_at`, Redis time of the heartbeat).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeRecord {
-    /// Where viewers and peers reach it.
-    pub public_url: Option<String>,
-    /// The address it listens on.
-    pub addr: Option<String>,
-    pub incarnation: Option<String>,
-    pub pid: Option<u32>,
-    /// Wall time it started, ms.
-    pub started_at: Option<u64>,
-    pub version: Option<String>,
-    /// Most channel weight it runs at once; 0 = unlimited.
-    pub capacity: Option<u64>,
-    /// Channels it runs.
-    pub running: Option<u64>,
-    /// Sum of its channels' weights (a copy 1, a transcode its profile's weight).
-    pub load: Option<u64>,
-    /// Free bytes on its HLS disk.
-    pub disk_free: Option<u64>,
-    /// It takes no new channels.
-    pub draining: Option<bool>,
-    /// Its drain finished: it runs nothing.
-    pub drained: Option<bool>,
-    /// Redis time (ms) of its last heartbeat, written by `heartbeat.lua`.
-    pub heartbeat_at: Option<u64>,
+/// `1` (or `true`) is set; written as `1`/`0`.
+impl FieldValue for bool {
+    fn read(v: &str) -> Option<Self> {
+        Some(matches!(v, "1" | "true"))
+    }
+    fn write(&self) -> String {
+        if *self { "1" } else { "0" }.to_string()
+    }
+}
+
+macro_rules! numbers {
+    ($($t:ty),*) => {$(
+        impl FieldValue for $t {
+            fn read(v: &str) -> Option<Self> {
+                v.parse().ok()
+            }
+            fn write(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+numbers!(u32, u64);
+
+/// A record whose every field is an optional value stored under the field's own name: the struct,
+/// its reading from a hash and its set fields, from one list of fields.
+macro_rules! record {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { $($(#[$doc:meta])* pub $field:ident: Option<$t:ty>,)* }
+    ) => {
+        $(#[$meta])*
+        pub struct $name { $($(#[$doc])* pub $field: Option<$t>,)* }
+
+        impl $name {
+            /// Reads the hash (HGETALL).
+            pub fn from_fields(h: &HashMap<String, String>) -> Self {
+                Self { $($field: h.get(stringify!($field)).and_then(|v| FieldValue::read(v)),)* }
+            }
+
+            /// Every field that is set, as the hash holds it, in declaration order.
+            fn set_fields(&self) -> Vec<(&'static str, String)> {
+                let mut out = Vec::new();
+                $(
+                    if let Some(v) = &self.$field {
+                        out.push((stringify!($field), v.write()));
+                    }
+                )*
+                out
+            }
+        }
+    };
+}
+
+record! {
+    /// `farm:node:<node>`: what a node says of itself in every heartbeat (`heartbeat.lua` adds
+    /// `heartbeat_at`, Redis time of the heartbeat).
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct NodeRecord {
+        /// Where viewers and peers reach it.
+        pub public_url: Option<String>,
+        /// The address it listens on.
+        pub addr: Option<String>,
+        pub incarnation: Option<String>,
+        pub pid: Option<u32>,
+        /// Wall time it started, ms.
+        pub started_at: Option<u64>,
+        pub version: Option<String>,
+        /// Most channel weight it runs at once; 0 = unlimited.
+        pub capacity: Option<u64>,
+        /// Channels it runs.
+        pub running: Option<u64>,
+        /// Sum of its channels' weights (a copy 1, a transcode its profile's weight).
+        pub load: Option<u64>,
+        /// Free bytes on its HLS disk.
+        pub disk_free: Option<u64>,
+        /// It takes no new channels.
+        pub draining: Option<bool>,
+        /// Its drain finished: it runs nothing.
+        pub drained: Option<bool>,
+        /// Redis time (ms) of its last heartbeat, written by `heartbeat.lua`.
+        pub heartbeat_at: Option<u64>,
+    }
 }
 
 impl NodeRecord {
     /// The hash's field, value pairs the node writes (`heartbeat_at` is the script's).
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
-        let bit = |b: &Option<bool>| b.map(|b| if b { "1" } else { "0" });
-        let mut out = Vec::with_capacity(12);
-        put(&mut out, "public_url", &self.public_url);
-        put(&mut out, "addr", &self.addr);
-        put(&mut out, "incarnation", &self.incarnation);
-        put(&mut out, "pid", &self.pid);
-        put(&mut out, "started_at", &self.started_at);
-        put(&mut out, "version", &self.version);
-        put(&mut out, "capacity", &self.capacity);
-        put(&mut out, "running", &self.running);
-        put(&mut out, "load", &self.load);
-        put(&mut out, "disk_free", &self.disk_free);
-        put(&mut out, "draining", &bit(&self.draining));
-        put(&mut out, "drained", &bit(&self.drained));
+        let mut out = self.set_fields();
+        out.retain(|(f, _)| *f != "heartbeat_at");
         out
-    }
-
-    /// Reads a node hash (HGETALL).
-    pub fn from_fields(h: &HashMap<String, String>) -> Self {
-        Self {
-            public_url: text(h, "public_url"),
-            addr: text(h, "addr"),
-            incarnation: text(h, "incarnation"),
-            pid: num(h, "pid"),
-            started_at: num(h, "started_at"),
-            version: text(h, "version"),
-            capacity: num(h, "capacity"),
-            running: num(h, "running"),
-            load: num(h, "load"),
-            disk_free: num(h, "disk_free"),
-            draining: flag(h, "draining"),
-            drained: flag(h, "drained"),
-            heartbeat_at: num(h, "heartbeat_at"),
-        }
     }
 
     /// What counts against its capacity: its load when it reports one (capacity is in weight
@@ -111,53 +132,37 @@ impl NodeRecord {
     }
 }
 
-/// `farm:stream:<id>`: a running channel's state, written by its owner (`claim.lua`,
-/// `stream_set.lua`, `renew.lua`, `release.lua`) and read by farmctl and by the node's next
-/// incarnation.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StreamRecord {
-    /// The owner node.
-    pub node: Option<String>,
-    pub gen: Option<u64>,
-    /// starting, running, restarting, failed, stopping.
-    pub state: Option<String>,
-    /// The FFmpeg's pid and kernel start time ("" while none runs: reads as `None`).
-    pub pid: Option<u32>,
-    pub pid_start: Option<u64>,
-    /// Redis time (ms) of the claim.
-    pub started_at: Option<u64>,
-    pub restarts: Option<u64>,
-    /// The URL in use (redacted).
-    pub source: Option<String>,
-    /// Why it last restarted or failed (redacted).
-    pub last_error: Option<String>,
-    /// Time (ms) of the last finished segment.
-    pub last_segment_at: Option<u64>,
-    /// The provider account it holds a connection of.
-    pub provider: Option<String>,
-    /// Redis time (ms) its lease runs to.
-    pub lease_until: Option<u64>,
+record! {
+    /// `farm:stream:<id>`: a running channel's state, written by its owner (`claim.lua`,
+    /// `stream_set.lua`, `renew.lua`, `release.lua`) and read by farmctl and by the node's next
+    /// incarnation.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct StreamRecord {
+        /// The owner node.
+        pub node: Option<String>,
+        pub gen: Option<u64>,
+        /// starting, running, restarting, failed, stopping.
+        pub state: Option<String>,
+        /// The FFmpeg's pid and kernel start time ("" while none runs: reads as `None`).
+        pub pid: Option<u32>,
+        pub pid_start: Option<u64>,
+        /// Redis time (ms) of the claim.
+        pub started_at: Option<u64>,
+        pub restarts: Option<u64>,
+        /// The URL in use (redacted).
+        pub source: Option<String>,
+        /// Why it last restarted or failed (redacted).
+        pub last_error: Option<String>,
+        /// Time (ms) of the last finished segment.
+        pub last_segment_at: Option<u64>,
+        /// The provider account it holds a connection of.
+        pub provider: Option<String>,
+        /// Redis time (ms) its lease runs to.
+        pub lease_until: Option<u64>,
+    }
 }
 
 impl StreamRecord {
-    /// Reads a stream hash (HGETALL).
-    pub fn from_fields(h: &HashMap<String, String>) -> Self {
-        Self {
-            node: text(h, "node"),
-            gen: num(h, "gen"),
-            state: text(h, "state"),
-            pid: num(h, "pid"),
-            pid_start: num(h, "pid_start"),
-            started_at: num(h, "started_at"),
-            restarts: num(h, "restarts"),
-            source: text(h, "source"),
-            last_error: text(h, "last_error"),
-            last_segment_at: num(h, "last_segment_at"),
-            provider: text(h, "provider"),
-            lease_until: num(h, "lease_until"),
-        }
-    }
-
     /// `state` as one of the five states (`None`: absent or unknown).
     pub fn stream_state(&self) -> Option<StreamState> {
         self.state.as_deref().and_then(StreamState::parse)
@@ -165,20 +170,7 @@ impl StreamRecord {
 
     /// Every field that is set, as the hash holds it.
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::with_capacity(12);
-        put(&mut out, "node", &self.node);
-        put(&mut out, "gen", &self.gen);
-        put(&mut out, "state", &self.state);
-        put(&mut out, "pid", &self.pid);
-        put(&mut out, "pid_start", &self.pid_start);
-        put(&mut out, "started_at", &self.started_at);
-        put(&mut out, "restarts", &self.restarts);
-        put(&mut out, "source", &self.source);
-        put(&mut out, "last_error", &self.last_error);
-        put(&mut out, "last_segment_at", &self.last_segment_at);
-        put(&mut out, "provider", &self.provider);
-        put(&mut out, "lease_until", &self.lease_until);
-        out
+        self.set_fields()
     }
 }
 

@@ -8,11 +8,7 @@ use proptest::prelude::*;
 use std::collections::HashMap;
 
 fn config(cases: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(cases);
-    ProptestConfig::with_cases(cases)
+    ProptestConfig::with_cases(farm_proto::proptest_cases(cases))
 }
 
 const OPS: [Op; 5] = [Op::Stop, Op::Start, Op::Restart, Op::Drain, Op::Undrain];

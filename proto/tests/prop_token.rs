@@ -7,11 +7,7 @@ use farm_proto::token::{self, TokenError};
 use proptest::prelude::*;
 
 fn config(cases: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(cases);
-    ProptestConfig::with_cases(cases)
+    ProptestConfig::with_cases(farm_proto::proptest_cases(cases))
 }
 
 fn secret() -> impl Strategy<Value = Vec<u8>> {

@@ -9,11 +9,7 @@ use farm_proto::validate::{self, HlsFile, DEFAULT_ALLOWED_SCHEMES};
 use proptest::prelude::*;
 
 fn config(cases: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(cases);
-    ProptestConfig::with_cases(cases)
+    ProptestConfig::with_cases(farm_proto::proptest_cases(cases))
 }
 
 /// The reference model of `[A-Za-z0-9_-]`, spelled out byte by byte.

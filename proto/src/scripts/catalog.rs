@@ -1,8 +1,7 @@
 //! farmctl's scripted catalog write.
 
-use super::{flag, Call, Invocation, ReplyError};
+use super::{invoke, Call, Invocation};
 use crate::Keys;
-use redis::Value;
 
 /// `pin.lua`: set or clear channel `id`'s `pinned` flag, only if it is in the catalog, and keep
 /// `farm:pinned` in step.
@@ -19,13 +18,7 @@ impl Call for Pin<'_> {
     type Reply = bool;
     const FILE: &'static str = "pin.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        Invocation::new(&super::PIN)
-            .key(k.channel(self.id))
-            .key(k.pinned())
-            .arg(if self.pinned { "1" } else { "0" })
-            .arg(self.id)
-    }
-    fn parse(reply: Value) -> Result<bool, ReplyError> {
-        flag(Self::FILE, reply)
+        let flag = if self.pinned { "1" } else { "0" };
+        invoke!(PIN; keys: k.channel(self.id), k.pinned(); args: flag, self.id)
     }
 }

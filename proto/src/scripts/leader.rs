@@ -2,7 +2,7 @@
 //! write first checks that `farm:leader` still holds the caller's value (`held`) and answers
 //! [`Fenced::NotLeader`] otherwise, having changed nothing.
 
-use super::{decode, flag, ms, split_owner, Call, Invocation, ReplyError};
+use super::{decode, invoke, ms, split_owner, Call, FromReply, Invocation, ReplyError};
 use crate::keys::CMD_MAXLEN;
 use crate::types::Command;
 use crate::Keys;
@@ -42,19 +42,43 @@ impl<T> FencedReplies<T> {
     }
 }
 
-/// Reads a fenced script's string answer with `f`; `notleader` is [`Fenced::NotLeader`].
-fn fenced<T>(
-    script: &'static str,
-    reply: Value,
-    f: impl FnOnce(&str) -> Option<T>,
-) -> Result<Fenced<T>, ReplyError> {
-    let s: String = decode(script, reply)?;
-    if s == "notleader" {
-        return Ok(Fenced::NotLeader);
+/// The answers of a fenced script that answers one string (besides `notleader`).
+pub trait FencedAnswer: Sized {
+    /// The answer `s`; `None` when the script does not document it.
+    fn from_answer(s: &str) -> Option<Self>;
+}
+
+/// A fenced script's string answer; `notleader` is [`Fenced::NotLeader`].
+impl<T: FencedAnswer> FromReply for Fenced<T> {
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
+        let s: String = decode(script, reply)?;
+        if s == "notleader" {
+            return Ok(Fenced::NotLeader);
+        }
+        T::from_answer(&s)
+            .map(Fenced::Done)
+            .ok_or_else(|| ReplyError::new(script, format!("{s:?}")))
     }
-    f(&s)
-        .map(Fenced::Done)
-        .ok_or_else(|| ReplyError::new(script, format!("{s:?}")))
+}
+
+/// An enum of a fenced script's one-word answers, each variant with its word.
+macro_rules! answers {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$doc:meta])* $variant:ident = $word:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl FencedAnswer for $name {
+            fn from_answer(s: &str) -> Option<Self> {
+                match s {
+                    $($word => Some(Self::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
 /// `leader.lua`: acquire or renew coordinator leadership.
@@ -84,32 +108,30 @@ impl Call for Leader<'_> {
     type Reply = LeaderReply;
     const FILE: &'static str = "leader.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        Invocation::new(&super::LEADER)
-            .key(k.leader())
-            .key(k.leader_epoch())
-            .arg(self.id)
-            .arg(ms(self.ttl))
-            .arg(self.held)
+        invoke!(LEADER; keys: k.leader(), k.leader_epoch(); args: self.id, ms(self.ttl), self.held)
     }
-    fn parse(reply: Value) -> Result<LeaderReply, ReplyError> {
-        let v: Vec<String> = decode(Self::FILE, reply)?;
+}
+
+impl FromReply for LeaderReply {
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
+        let v: Vec<String> = decode(script, reply)?;
         match <[String; 2]>::try_from(v.clone()) {
-            Ok([tag, value]) if tag == "renewed" => return Ok(LeaderReply::Renewed { value }),
+            Ok([tag, value]) if tag == "renewed" => return Ok(Self::Renewed { value }),
             Ok([tag, value]) if tag == "acquired" => {
                 let epoch = value
                     .rsplit_once(':')
                     .and_then(|(_, e)| e.parse().ok())
                     .unwrap_or(0);
-                return Ok(LeaderReply::Acquired { value, epoch });
+                return Ok(Self::Acquired { value, epoch });
             }
             _ => {}
         }
         match <[String; 3]>::try_from(v) {
-            Ok([tag, value, pttl]) if tag == "follower" => Ok(LeaderReply::Follower {
+            Ok([tag, value, pttl]) if tag == "follower" => Ok(Self::Follower {
                 value,
                 pttl_ms: pttl.parse::<i64>().ok().and_then(|t| u64::try_from(t).ok()),
             }),
-            other => Err(ReplyError::new(Self::FILE, format!("{other:?}"))),
+            other => Err(ReplyError::new(script, format!("{other:?}"))),
         }
     }
 }
@@ -126,12 +148,7 @@ impl Call for LeaderRelease<'_> {
     type Reply = bool;
     const FILE: &'static str = "leader_release.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        Invocation::new(&super::LEADER_RELEASE)
-            .key(k.leader())
-            .arg(self.held)
-    }
-    fn parse(reply: Value) -> Result<bool, ReplyError> {
-        flag(Self::FILE, reply)
+        invoke!(LEADER_RELEASE; keys: k.leader(); args: self.held)
     }
 }
 
@@ -151,19 +168,20 @@ pub struct IdleStop<'a> {
     pub by: &'a str,
 }
 
-/// What `idle_stop.lua` answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdleStopReply {
-    /// `stop`: a stop with the owner's gen was sent.
-    Stop,
-    /// `dropped`: nobody owns the channel: its stale access entry was removed.
-    Dropped,
-    /// `pinned`.
-    Pinned,
-    /// `fresh`: accessed since the caller looked, or no access entry.
-    Fresh,
-    /// `changed`: the owner changed since the caller looked.
-    Changed,
+answers! {
+    /// What `idle_stop.lua` answered.
+    pub enum IdleStopReply {
+        /// `stop`: a stop with the owner's gen was sent.
+        Stop = "stop",
+        /// `dropped`: nobody owns the channel: its stale access entry was removed.
+        Dropped = "dropped",
+        /// `pinned`.
+        Pinned = "pinned",
+        /// `fresh`: accessed since the caller looked, or no access entry.
+        Fresh = "fresh",
+        /// `changed`: the owner changed since the caller looked.
+        Changed = "changed",
+    }
 }
 
 impl Call for IdleStop<'_> {
@@ -173,30 +191,9 @@ impl Call for IdleStop<'_> {
         let id = self.id;
         // The command goes to the owner seen; without one the script only drops the entry.
         let node = self.owner.and_then(split_owner).map_or("", |(n, _)| n);
-        Invocation::new(&super::IDLE_STOP)
-            .key(k.leader())
-            .key(k.owner(id))
-            .key(k.access())
-            .key(k.channel(id))
-            .key(k.cmd(node))
-            .arg(self.held)
-            .arg(id)
-            .arg(self.cutoff_ms)
-            .arg(self.owner.unwrap_or(""))
-            .arg(CMD_MAXLEN)
-            .arg(self.by)
-    }
-    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
-        fenced(Self::FILE, reply, |s| {
-            Some(match s {
-                "stop" => IdleStopReply::Stop,
-                "dropped" => IdleStopReply::Dropped,
-                "pinned" => IdleStopReply::Pinned,
-                "fresh" => IdleStopReply::Fresh,
-                "changed" => IdleStopReply::Changed,
-                _ => return None,
-            })
-        })
+        invoke!(IDLE_STOP;
+            keys: k.leader(), k.owner(id), k.access(), k.channel(id), k.cmd(node);
+            args: self.held, id, self.cutoff_ms, self.owner.unwrap_or(""), CMD_MAXLEN, self.by)
     }
 }
 
@@ -213,15 +210,16 @@ pub struct ReapChannel<'a> {
     pub provider: Option<&'a str>,
 }
 
-/// What `reap_channel.lua` answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReapChannelReply {
-    /// `released`: the dead node's lease was deleted.
-    Released,
-    /// `cleared`: only leftovers were removed (the lease was gone or another node's).
-    Cleared,
-    /// `alive`: the node's alive key is back: nothing was done.
-    Alive,
+answers! {
+    /// What `reap_channel.lua` answered.
+    pub enum ReapChannelReply {
+        /// `released`: the dead node's lease was deleted.
+        Released = "released",
+        /// `cleared`: only leftovers were removed (the lease was gone or another node's).
+        Cleared = "cleared",
+        /// `alive`: the node's alive key is back: nothing was done.
+        Alive = "alive",
+    }
 }
 
 impl Call for ReapChannel<'_> {
@@ -233,29 +231,11 @@ impl Call for ReapChannel<'_> {
         let conns = self
             .provider
             .map_or_else(|| k.access(), |p| k.provider_conns(p));
-        Invocation::new(&super::REAP_CHANNEL)
-            .key(k.leader())
-            .key(k.node_alive(node))
-            .key(k.owner(id))
-            .key(k.node_streams(node))
-            .key(k.stream(id))
-            .key(k.access())
-            .key(conns)
-            .key(k.node_load(node))
-            .arg(self.held)
-            .arg(node)
-            .arg(id)
-            .arg(if self.provider.is_some() { "1" } else { "0" })
-    }
-    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
-        fenced(Self::FILE, reply, |s| {
-            Some(match s {
-                "released" => ReapChannelReply::Released,
-                "cleared" => ReapChannelReply::Cleared,
-                "alive" => ReapChannelReply::Alive,
-                _ => return None,
-            })
-        })
+        let with_provider = if self.provider.is_some() { "1" } else { "0" };
+        invoke!(REAP_CHANNEL;
+            keys: k.leader(), k.node_alive(node), k.owner(id), k.node_streams(node), k.stream(id),
+                k.access(), conns, k.node_load(node);
+            args: self.held, node, id, with_provider)
     }
 }
 
@@ -271,15 +251,16 @@ pub struct ReapNode<'a> {
     pub hb_cutoff_ms: u64,
 }
 
-/// What `reap_node.lua` answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReapNodeReply {
-    /// `reaped`.
-    Reaped,
-    /// `alive`: its alive key is back, or a newer heartbeat.
-    Alive,
-    /// `busy`: channels are still listed in its set.
-    Busy,
+answers! {
+    /// What `reap_node.lua` answered.
+    pub enum ReapNodeReply {
+        /// `reaped`.
+        Reaped = "reaped",
+        /// `alive`: its alive key is back, or a newer heartbeat.
+        Alive = "alive",
+        /// `busy`: channels are still listed in its set.
+        Busy = "busy",
+    }
 }
 
 impl Call for ReapNode<'_> {
@@ -287,27 +268,10 @@ impl Call for ReapNode<'_> {
     const FILE: &'static str = "reap_node.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
         let node = self.node;
-        Invocation::new(&super::REAP_NODE)
-            .key(k.leader())
-            .key(k.node(node))
-            .key(k.node_alive(node))
-            .key(k.nodes())
-            .key(k.node_streams(node))
-            .key(k.cmd(node))
-            .key(k.node_load(node))
-            .arg(self.held)
-            .arg(node)
-            .arg(self.hb_cutoff_ms)
-    }
-    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
-        fenced(Self::FILE, reply, |s| {
-            Some(match s {
-                "reaped" => ReapNodeReply::Reaped,
-                "alive" => ReapNodeReply::Alive,
-                "busy" => ReapNodeReply::Busy,
-                _ => return None,
-            })
-        })
+        invoke!(REAP_NODE;
+            keys: k.leader(), k.node(node), k.node_alive(node), k.nodes(), k.node_streams(node),
+                k.cmd(node), k.node_load(node);
+            args: self.held, node, self.hb_cutoff_ms)
     }
 }
 
@@ -348,27 +312,22 @@ impl Call for Reconcile<'_> {
     const FILE: &'static str = "reconcile.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
         let (node, id) = (self.node, self.id);
-        Invocation::new(&super::RECONCILE)
-            .key(k.leader())
-            .key(k.owner(id))
-            .key(k.node_streams(node))
-            .key(k.stream(id))
-            .key(k.node_load(node))
-            .arg(self.held)
-            .arg(node)
-            .arg(id)
+        invoke!(RECONCILE;
+            keys: k.leader(), k.owner(id), k.node_streams(node), k.stream(id), k.node_load(node);
+            args: self.held, node, id)
     }
-    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
-        fenced(Self::FILE, reply, |s| {
-            let (set, stream) = match s {
-                "" => (false, false),
-                "u" => (true, false),
-                "s" => (false, true),
-                "us" => (true, true),
-                _ => return None,
-            };
-            Some(Removed { set, stream })
-        })
+}
+
+impl FencedAnswer for Removed {
+    fn from_answer(s: &str) -> Option<Self> {
+        let (set, stream) = match s {
+            "" => (false, false),
+            "u" => (true, false),
+            "s" => (false, true),
+            "us" => (true, true),
+            _ => return None,
+        };
+        Some(Self { set, stream })
     }
 }
 
@@ -396,18 +355,17 @@ impl Call for RepairKey<'_> {
     type Reply = Fenced<Repair>;
     const FILE: &'static str = "repair_key.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        Invocation::new(&super::REPAIR_KEY)
-            .key(k.leader())
-            .key(self.key.to_string())
-            .arg(self.held)
-            .arg(self.wanted)
+        invoke!(REPAIR_KEY; keys: k.leader(), self.key.to_string(); args: self.held, self.wanted)
     }
-    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
-        fenced(Self::FILE, reply, |s| match s {
-            "ok" => Some(Repair::Fine),
+}
+
+impl FencedAnswer for Repair {
+    fn from_answer(s: &str) -> Option<Self> {
+        match s {
+            "ok" => Some(Self::Fine),
             "" => None,
-            found => Some(Repair::Deleted(found.to_string())),
-        })
+            found => Some(Self::Deleted(found.to_string())),
+        }
     }
 }
 
@@ -427,18 +385,15 @@ impl Call for SendCommand<'_> {
     type Reply = Fenced<String>;
     const FILE: &'static str = "command.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        let mut inv = Invocation::new(&super::COMMAND)
-            .key(k.leader())
-            .key(k.cmd(self.node))
-            .arg(self.held)
-            .arg(CMD_MAXLEN);
-        for (field, value) in self.cmd.to_fields() {
-            inv = inv.arg(field).arg(value);
-        }
-        inv
+        invoke!(COMMAND; keys: k.leader(), k.cmd(self.node); args: self.held, CMD_MAXLEN)
+            .pairs(self.cmd.to_fields())
     }
-    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
-        let id: Option<String> = decode(Self::FILE, reply)?;
+}
+
+/// `command.lua`'s answer: the entry id, or nil (false) when the caller no longer leads.
+impl FromReply for Fenced<String> {
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
+        let id: Option<String> = decode(script, reply)?;
         Ok(id.map_or(Fenced::NotLeader, Fenced::Done))
     }
 }

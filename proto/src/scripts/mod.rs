@@ -27,9 +27,9 @@ pub mod node;
 
 pub use catalog::Pin;
 pub use leader::{
-    Fenced, FencedReplies, IdleStop, IdleStopReply, Leader, LeaderRelease, LeaderReply,
-    ReapChannel, ReapChannelReply, ReapNode, ReapNodeReply, Reconcile, Removed, Repair, RepairKey,
-    SendCommand,
+    Fenced, FencedAnswer, FencedReplies, IdleStop, IdleStopReply, Leader, LeaderRelease,
+    LeaderReply, ReapChannel, ReapChannelReply, ReapNode, ReapNodeReply, Reconcile, Removed,
+    Repair, RepairKey, SendCommand,
 };
 pub use node::{
     Claim, ClaimResult, Handover, HandoverResult, Heartbeat, HeartbeatReply, Release, ReleaseNode,
@@ -115,6 +115,22 @@ impl Invocation {
         self
     }
 
+    /// Appends KEYS[n+1] when there is one.
+    fn key_if(mut self, key: Option<String>) -> Self {
+        self.keys.extend(key);
+        self
+    }
+
+    /// Appends field, value pairs to ARGV.
+    fn pairs<F: ToRedisArgs, V: ToRedisArgs>(
+        self,
+        pairs: impl IntoIterator<Item = (F, V)>,
+    ) -> Self {
+        pairs
+            .into_iter()
+            .fold(self, |inv, (f, v)| inv.arg(f).arg(v))
+    }
+
     /// The call on its own (EVALSHA, and the script loaded again on NOSCRIPT).
     pub fn prepare(&self) -> ScriptInvocation<'static> {
         let mut inv = self.script.prepare_invoke();
@@ -151,13 +167,40 @@ impl Invocation {
 /// A typed call of one script: its KEYS and ARGV from typed fields, its reply parsed once.
 pub trait Call {
     /// What the script answers.
-    type Reply;
+    type Reply: FromReply;
     /// The script's file in `proto/lua/`.
     const FILE: &'static str;
     /// KEYS in the order of the script's header, then ARGV.
     fn invocation(&self, keys: &Keys) -> Invocation;
     /// Reads the script's reply.
-    fn parse(reply: Value) -> Result<Self::Reply, ReplyError>;
+    fn parse(reply: Value) -> Result<Self::Reply, ReplyError> {
+        Self::Reply::from_reply(Self::FILE, reply)
+    }
+}
+
+/// A reply type: how a script's answer reads, once for every script that answers this way.
+pub trait FromReply: Sized {
+    /// Reads `reply` of `script` (named in the error).
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError>;
+}
+
+/// A `0`/`1` answer: `1` is true.
+impl FromReply for bool {
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
+        match decode::<i64>(script, reply)? {
+            1 => Ok(true),
+            0 => Ok(false),
+            n => Err(ReplyError::new(script, n.to_string())),
+        }
+    }
+}
+
+/// A Redis time in ms, or `None` when the script answers a negative number (it did nothing).
+impl FromReply for Option<u64> {
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
+        let t: i64 = decode(script, reply)?;
+        Ok(u64::try_from(t).ok())
+    }
 }
 
 /// `reply` as `T`, or a [`ReplyError`] naming `script`.
@@ -166,14 +209,29 @@ fn decode<T: redis::FromRedisValue>(script: &'static str, reply: Value) -> Resul
     redis::from_redis_value(reply).map_err(|e| ReplyError::new(script, format!("{shown}: {e}")))
 }
 
-/// A `0`/`1` answer: `1` is true.
-fn flag(script: &'static str, reply: Value) -> Result<bool, ReplyError> {
-    match decode::<i64>(script, reply)? {
-        1 => Ok(true),
-        0 => Ok(false),
-        n => Err(ReplyError::new(script, n.to_string())),
+/// A script's `{tag, value}` answer.
+pub trait Tagged: Sized {
+    /// Parses the answer's strings; the error describes what was wrong.
+    fn parse(reply: &[String]) -> Result<Self, String>;
+}
+
+impl<T: Tagged> FromReply for T {
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
+        let v: Vec<String> = decode(script, reply)?;
+        T::parse(&v).map_err(|d| ReplyError::new(script, d))
     }
 }
+
+/// An [`Invocation`] of the script in static `$script`, with KEYS in the order of the script's
+/// header, then ARGV: `invoke!(PIN; keys: k.channel(id), k.pinned(); args: "1", id)`.
+macro_rules! invoke {
+    ($script:ident; keys: $($key:expr),+ $(; args: $($arg:expr),+)? $(,)?) => {
+        $crate::scripts::Invocation::new(&$crate::scripts::$script)
+            $(.key($key))+
+            $($(.arg($arg))+)?
+    };
+}
+use invoke;
 
 /// Lease and TTL lengths go to the scripts in ms.
 fn ms(d: std::time::Duration) -> u64 {

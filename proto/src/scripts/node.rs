@@ -2,7 +2,9 @@
 //! (stream hash, timeline), its heartbeat and viewer access. KEYS and ARGV are documented in each
 //! script's header in `proto/lua/`; each call below names its replies.
 
-use super::{decode, flag, ms, owner_value, split_owner, Call, Invocation, ReplyError};
+use super::{
+    decode, invoke, ms, owner_value, split_owner, Call, FromReply, Invocation, ReplyError, Tagged,
+};
 use crate::records::{NodeRecord, StreamField};
 use crate::Keys;
 use redis::Value;
@@ -27,29 +29,12 @@ impl Call for Claim<'_> {
     type Reply = ClaimResult;
     const FILE: &'static str = "claim.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        let (id, node) = (self.id, self.node);
-        let p = self.provider.unwrap_or("");
-        Invocation::new(&super::CLAIM)
-            .key(k.owner(id))
-            .key(k.gen(id))
-            .key(k.node_streams(node))
-            .key(k.stream(id))
-            .key(k.access())
-            .key(k.provider(p))
-            .key(k.provider_conns(p))
-            .key(k.node_load(node))
-            .key(k.recovering())
-            .key(k.node_alive(node))
-            .arg(node)
-            .arg(ms(self.lease))
-            .arg(self.capacity)
-            .arg(id)
-            .arg(p)
-            .arg(self.weight)
-    }
-    fn parse(reply: Value) -> Result<ClaimResult, ReplyError> {
-        let v: Vec<String> = decode(Self::FILE, reply)?;
-        ClaimResult::parse(&v).map_err(|d| ReplyError::new(Self::FILE, d))
+        let (id, node, p) = (self.id, self.node, self.provider.unwrap_or(""));
+        invoke!(CLAIM;
+            keys: k.owner(id), k.gen(id), k.node_streams(node), k.stream(id), k.access(),
+                k.provider(p), k.provider_conns(p), k.node_load(node), k.recovering(),
+                k.node_alive(node);
+            args: node, ms(self.lease), self.capacity, id, p, self.weight)
     }
 }
 
@@ -73,21 +58,14 @@ pub enum ClaimResult {
     Busy { node: String },
 }
 
-impl ClaimResult {
-    /// Parses the script's `{tag, value}` reply.
-    pub fn parse(reply: &[String]) -> Result<Self, String> {
+impl Tagged for ClaimResult {
+    fn parse(reply: &[String]) -> Result<Self, String> {
         match reply {
-            [tag, v] if tag == "ok" => v
-                .parse()
-                .map(|gen| Self::Claimed { gen })
-                .map_err(|_| format!("claim: bad gen {v:?}")),
+            [tag, v] if tag == "ok" => Ok(Self::Claimed {
+                gen: lease_gen("claim", v)?,
+            }),
             [tag, v] if tag == "owned" => {
-                let (node, gen) =
-                    split_owner(v).ok_or_else(|| format!("claim: bad owner {v:?}"))?;
-                Ok(Self::Owned {
-                    node: node.to_string(),
-                    gen,
-                })
+                lease_owner("claim", v).map(|(node, gen)| Self::Owned { node, gen })
             }
             [tag, v] if tag == "full" => Ok(Self::Full {
                 running: v.parse().unwrap_or(0),
@@ -102,6 +80,18 @@ impl ClaimResult {
             other => Err(format!("claim: unexpected reply {other:?}")),
         }
     }
+}
+
+/// The fencing token of a lease answer (`ok <gen>`).
+fn lease_gen(script: &str, v: &str) -> Result<u64, String> {
+    v.parse().map_err(|_| format!("{script}: bad gen {v:?}"))
+}
+
+/// The `<node>:<gen>` holder a lease answer names.
+fn lease_owner(script: &str, v: &str) -> Result<(String, u64), String> {
+    split_owner(v)
+        .map(|(node, gen)| (node.to_string(), gen))
+        .ok_or_else(|| format!("{script}: bad owner {v:?}"))
 }
 
 /// `renew.lua`: extend a lease we hold, and with it the provider holding.
@@ -124,20 +114,11 @@ impl Call for Renew<'_> {
     type Reply = bool;
     const FILE: &'static str = "renew.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        let mut inv = Invocation::new(&super::RENEW)
-            .key(k.owner(self.id))
-            .key(k.stream(self.id));
-        if let Some(p) = self.provider {
-            inv = inv.key(k.provider_conns(p));
-        }
-        inv.arg(self.owner)
-            .arg(ms(self.lease))
-            .arg(self.id)
-            .arg(or_empty(self.expected_now_ms))
-            .arg(ms(self.max_lag))
-    }
-    fn parse(reply: Value) -> Result<bool, ReplyError> {
-        flag(Self::FILE, reply)
+        let id = self.id;
+        invoke!(RENEW;
+            keys: k.owner(id), k.stream(id);
+            args: self.owner, ms(self.lease), id, or_empty(self.expected_now_ms), ms(self.max_lag))
+        .key_if(self.provider.map(|p| k.provider_conns(p)))
     }
 }
 
@@ -168,24 +149,11 @@ impl Call for Release<'_> {
     fn invocation(&self, k: &Keys) -> Invocation {
         let (id, node) = (self.id, self.node);
         let (state, reason) = self.final_state.unwrap_or(("", ""));
-        let mut inv = Invocation::new(&super::RELEASE)
-            .key(k.owner(id))
-            .key(k.node_streams(node))
-            .key(k.stream(id))
-            .key(k.access())
-            .key(k.node_load(node))
-            .key(k.timeline(id));
-        if let Some(p) = self.provider {
-            inv = inv.key(k.provider_conns(p));
-        }
-        inv.arg(self.owner)
-            .arg(id)
-            .arg(state)
-            .arg(reason)
-            .arg(ms(self.keep).max(1))
-    }
-    fn parse(reply: Value) -> Result<bool, ReplyError> {
-        flag(Self::FILE, reply)
+        invoke!(RELEASE;
+            keys: k.owner(id), k.node_streams(node), k.stream(id), k.access(), k.node_load(node),
+                k.timeline(id);
+            args: self.owner, id, state, reason, ms(self.keep).max(1))
+        .key_if(self.provider.map(|p| k.provider_conns(p)))
     }
 }
 
@@ -205,17 +173,8 @@ impl Call for StreamSet<'_> {
     type Reply = bool;
     const FILE: &'static str = "stream_set.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        let mut inv = Invocation::new(&super::STREAM_SET)
-            .key(k.owner(self.id))
-            .key(k.stream(self.id))
-            .arg(self.owner);
-        for (f, v) in StreamField::to_fields(self.fields) {
-            inv = inv.arg(f).arg(v);
-        }
-        inv
-    }
-    fn parse(reply: Value) -> Result<bool, ReplyError> {
-        flag(Self::FILE, reply)
+        invoke!(STREAM_SET; keys: k.owner(self.id), k.stream(self.id); args: self.owner)
+            .pairs(StreamField::to_fields(self.fields))
     }
 }
 
@@ -235,18 +194,11 @@ impl Call for Touch<'_> {
     type Reply = Option<u64>;
     const FILE: &'static str = "touch.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        let mut inv = Invocation::new(&super::TOUCH).key(k.access());
+        let mut inv = invoke!(TOUCH; keys: k.access());
         for id in self.ids {
-            inv = inv.key(k.owner(id));
-        }
-        for id in self.ids {
-            inv = inv.arg(id);
+            inv = inv.key(k.owner(id)).arg(id);
         }
         inv
-    }
-    fn parse(reply: Value) -> Result<Option<u64>, ReplyError> {
-        let t: i64 = decode(Self::FILE, reply)?;
-        Ok(u64::try_from(t).ok())
     }
 }
 
@@ -275,33 +227,11 @@ impl Call for Heartbeat<'_> {
     fn invocation(&self, k: &Keys) -> Invocation {
         let one = |b: bool| if b { "1" } else { "0" };
         let node = self.node;
-        let mut inv = Invocation::new(&super::HEARTBEAT)
-            .key(k.node(node))
-            .key(k.node_alive(node))
-            .key(k.nodes())
-            .key(k.recovering())
-            .key(k.since())
-            .arg(node)
-            .arg(ms(self.ttl))
-            .arg(self.incarnation)
-            .arg(one(self.before))
-            .arg(one(self.runs_channels))
-            .arg(ms(self.lease))
-            .arg(or_empty(self.expected_now_ms))
-            .arg(ms(self.max_lag));
-        for (f, v) in self.record.to_fields() {
-            inv = inv.arg(f).arg(v);
-        }
-        inv
-    }
-    fn parse(reply: Value) -> Result<HeartbeatReply, ReplyError> {
-        let (now_ms, lost, repaired, stale): (u64, i64, i64, i64) = decode(Self::FILE, reply)?;
-        Ok(HeartbeatReply {
-            now_ms,
-            lost: lost == 1,
-            repaired,
-            stale: stale == 1,
-        })
+        invoke!(HEARTBEAT;
+            keys: k.node(node), k.node_alive(node), k.nodes(), k.recovering(), k.since();
+            args: node, ms(self.ttl), self.incarnation, one(self.before), one(self.runs_channels),
+                ms(self.lease), or_empty(self.expected_now_ms), ms(self.max_lag))
+        .pairs(self.record.to_fields())
     }
 }
 
@@ -316,6 +246,18 @@ pub struct HeartbeatReply {
     pub repaired: i64,
     /// It arrived later than allowed and changed nothing.
     pub stale: bool,
+}
+
+impl FromReply for HeartbeatReply {
+    fn from_reply(script: &'static str, reply: Value) -> Result<Self, ReplyError> {
+        let (now_ms, lost, repaired, stale): (u64, i64, i64, i64) = decode(script, reply)?;
+        Ok(Self {
+            now_ms,
+            lost: lost == 1,
+            repaired,
+            stale: stale == 1,
+        })
+    }
 }
 
 /// `release_node.lua`: clear what an old incarnation of `node` left for one channel.
@@ -333,17 +275,9 @@ impl Call for ReleaseNode<'_> {
     const FILE: &'static str = "release_node.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
         let (id, node) = (self.id, self.node);
-        Invocation::new(&super::RELEASE_NODE)
-            .key(k.owner(id))
-            .key(k.node_streams(node))
-            .key(k.stream(id))
-            .key(k.node_load(node))
-            .key(k.access())
-            .arg(node)
-            .arg(id)
-    }
-    fn parse(reply: Value) -> Result<bool, ReplyError> {
-        flag(Self::FILE, reply)
+        invoke!(RELEASE_NODE;
+            keys: k.owner(id), k.node_streams(node), k.stream(id), k.node_load(node), k.access();
+            args: node, id)
     }
 }
 
@@ -367,24 +301,10 @@ impl Call for Handover<'_> {
     const FILE: &'static str = "handover.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
         let (id, from, to) = (self.id, self.from, self.to);
-        Invocation::new(&super::HANDOVER)
-            .key(k.owner(id))
-            .key(k.gen(id))
-            .key(k.node_streams(from))
-            .key(k.node_streams(to))
-            .key(k.stream(id))
-            .key(k.node_load(from))
-            .key(k.node_load(to))
-            .arg(owner_value(from, self.gen))
-            .arg(to)
-            .arg(ms(self.lease))
-            .arg(id)
-            .arg(self.capacity)
-            .arg(self.weight)
-    }
-    fn parse(reply: Value) -> Result<HandoverResult, ReplyError> {
-        let v: Vec<String> = decode(Self::FILE, reply)?;
-        HandoverResult::parse(&v).map_err(|d| ReplyError::new(Self::FILE, d))
+        invoke!(HANDOVER;
+            keys: k.owner(id), k.gen(id), k.node_streams(from), k.node_streams(to), k.stream(id),
+                k.node_load(from), k.node_load(to);
+            args: owner_value(from, self.gen), to, ms(self.lease), id, self.capacity, self.weight)
     }
 }
 
@@ -401,22 +321,16 @@ pub enum HandoverResult {
     Full { running: u64 },
 }
 
-impl HandoverResult {
-    /// Parses the script's `{tag, value}` reply.
-    pub fn parse(reply: &[String]) -> Result<Self, String> {
+impl Tagged for HandoverResult {
+    fn parse(reply: &[String]) -> Result<Self, String> {
         match reply {
-            [tag, v] if tag == "ok" => v
-                .parse()
-                .map(|gen| Self::Moved { gen })
-                .map_err(|_| format!("handover: bad gen {v:?}")),
+            [tag, v] if tag == "ok" => Ok(Self::Moved {
+                gen: lease_gen("handover", v)?,
+            }),
             [tag, v] if tag == "stale" && v.is_empty() => Ok(Self::Stale { owner: None }),
-            [tag, v] if tag == "stale" => {
-                let (node, gen) =
-                    split_owner(v).ok_or_else(|| format!("handover: bad owner {v:?}"))?;
-                Ok(Self::Stale {
-                    owner: Some((node.to_string(), gen)),
-                })
-            }
+            [tag, v] if tag == "stale" => Ok(Self::Stale {
+                owner: Some(lease_owner("handover", v)?),
+            }),
             [tag, v] if tag == "full" => Ok(Self::Full {
                 running: v.parse().unwrap_or(0),
             }),
@@ -446,18 +360,9 @@ impl Call for Timeline<'_> {
     type Reply = bool;
     const FILE: &'static str = "timeline.lua";
     fn invocation(&self, k: &Keys) -> Invocation {
-        Invocation::new(&super::TIMELINE)
-            .key(k.owner(self.id))
-            .key(k.timeline(self.id))
-            .arg(self.owner)
-            .arg(self.gen)
-            .arg(self.target)
-            .arg(or_empty(self.last))
-            .arg(self.disc)
-            .arg(self.playlist)
-            .arg(ms(self.keep).max(1))
-    }
-    fn parse(reply: Value) -> Result<bool, ReplyError> {
-        flag(Self::FILE, reply)
+        invoke!(TIMELINE;
+            keys: k.owner(self.id), k.timeline(self.id);
+            args: self.owner, self.gen, self.target, or_empty(self.last), self.disc, self.playlist,
+                ms(self.keep).max(1))
     }
 }
