@@ -31,16 +31,19 @@ pub struct ConfigError(pub String);
 
 /// How a setting's value is read from text (a default, or a string in the file), from a TOML
 /// value in the file, and from its flag or environment variable.
-pub trait Value: Sized {
+pub trait Value: Sized + Clone + Send + Sync + 'static {
     /// The delimiter of the flag's text when a setting is a list of values.
     const DELIMITER: Option<char> = None;
 
-    /// Reads the value from text, as the flag's value parser does.
+    /// Reads the value from text: a default, a string in the file, and the flag's text unless
+    /// [`Value::value_parser`] reads that its own way.
     fn parse(text: &str) -> Result<Self, String>;
 
-    /// The flag's clap value parser (of an item, for a list); it reads text as [`Value::parse`]
-    /// does, or is clap's own parser for the type where that reads it the same way.
-    fn value_parser() -> clap::builder::ValueParser;
+    /// The flag's clap value parser (of an item, for a list): [`Value::parse`], unless the flag
+    /// reads the text its own way (clap's parser for the type, or other messages).
+    fn value_parser() -> clap::builder::ValueParser {
+        clap::builder::ValueParser::new(Self::parse)
+    }
 
     /// Reads the value from the file. A string is read as text; other TOML types where they fit.
     fn from_toml(value: toml::Value) -> Result<Self, String> {
@@ -73,9 +76,9 @@ impl Value for PathBuf {
 
 impl Value for SocketAddr {
     fn parse(text: &str) -> Result<Self, String> {
-        text.trim()
-            .parse()
-            .map_err(|_| format!("invalid address {text:?}: use e.g. 127.0.0.1:8080"))
+        trimmed(text, || {
+            format!("invalid address {text:?}: use e.g. 127.0.0.1:8080")
+        })
     }
 
     fn value_parser() -> clap::builder::ValueParser {
@@ -88,10 +91,11 @@ impl Value for Duration {
     fn parse(text: &str) -> Result<Self, String> {
         farm_proto::duration::parse(text)
     }
+}
 
-    fn value_parser() -> clap::builder::ValueParser {
-        clap::builder::ValueParser::new(farm_proto::duration::parse)
-    }
+/// `text` without the white space around it, read with `FromStr`; `error` says why not.
+fn trimmed<T: std::str::FromStr>(text: &str, error: impl FnOnce() -> String) -> Result<T, String> {
+    text.trim().parse().map_err(|_| error())
 }
 
 /// A TOML integer as is, a string read as text (`what` names the expected kind in errors).
@@ -108,9 +112,7 @@ macro_rules! count {
     ($($t:ty),*) => {$(
         impl Value for $t {
             fn parse(text: &str) -> Result<Self, String> {
-                text.trim()
-                    .parse()
-                    .map_err(|_| format!("invalid number {text:?}: use a whole number from 0"))
+                trimmed(text, || format!("invalid number {text:?}: use a whole number from 0"))
             }
 
             fn from_toml(value: toml::Value) -> Result<Self, String> {
@@ -135,17 +137,11 @@ impl Value for u64 {
     fn from_toml(value: toml::Value) -> Result<Self, String> {
         integer_or_text(value, "a size")
     }
-
-    fn value_parser() -> clap::builder::ValueParser {
-        clap::builder::ValueParser::new(parse_size)
-    }
 }
 
 impl Value for f64 {
     fn parse(text: &str) -> Result<Self, String> {
-        text.trim()
-            .parse()
-            .map_err(|_| format!("invalid number {text:?}"))
+        trimmed(text, || format!("invalid number {text:?}"))
     }
 
     fn value_parser() -> clap::builder::ValueParser {

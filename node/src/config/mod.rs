@@ -222,10 +222,6 @@ impl Value for Mode {
     fn parse(text: &str) -> Result<Self, String> {
         text.parse()
     }
-
-    fn value_parser() -> clap::builder::ValueParser {
-        clap::value_parser!(Mode).into()
-    }
 }
 
 impl Config {
