@@ -36,49 +36,36 @@ re-homes watched channels; several may run, one leads"
     #[arg(long, env = "FARM_COORDINATOR_CONFIG")]
     config;
     /// Redis URL (redis://[user:password@]host:port/db).
-    #[arg(long, env = "FARM_REDIS_URL", hide_env_values = true)]
+    #[arg(hide_env_values = true)]
     redis_url: String = "redis://127.0.0.1:6379/",
     /// Key prefix in Redis.
-    #[arg(long, env = "FARM_PREFIX")]
     prefix: String = "farm",
     /// This coordinator's id, unique among coordinators (A-Z a-z 0-9 _ - .). [default: <host>-<pid>]
-    #[arg(long, env = "FARM_COORDINATOR_ID")]
+    #[arg(env = "FARM_COORDINATOR_ID")]
     id: String => default_id(),
     /// Address of the HTTP server (/metrics, /healthz).
-    #[arg(long, env = "FARM_LISTEN")]
     listen: SocketAddr = "127.0.0.1:9180",
     /// A channel nobody requested for this long is stopped (unless pinned).
-    #[arg(long, env = "FARM_IDLE_TIMEOUT", value_parser = duration::parse)]
     idle_timeout: Duration = "60s",
     /// How often the leader looks for idle channels, dead nodes and stale keys.
-    #[arg(long, env = "FARM_TICK", value_parser = duration::parse)]
     tick: Duration = "1s",
     /// Node liveness TTL, as the nodes use it: a node silent for this long is dead.
-    #[arg(long, env = "FARM_NODE_TTL", value_parser = duration::parse)]
     node_ttl: Duration = "10s",
     /// Channel owner lease TTL, as the nodes use it.
-    #[arg(long, env = "FARM_LEASE_TTL", value_parser = duration::parse)]
     lease_ttl: Duration = "10s",
     /// TTL of the leader lease (farm:leader); renewed every third of it.
-    #[arg(long, env = "FARM_LEADER_TTL", value_parser = duration::parse)]
     leader_ttl: Duration = "10s",
     /// Bound on every Redis call.
-    #[arg(long, env = "FARM_REDIS_TIMEOUT", value_parser = duration::parse)]
     redis_timeout: Duration = "2s",
     /// Idle channels read from farm:access per round trip.
-    #[arg(long, env = "FARM_IDLE_BATCH")]
     idle_batch: usize = "500",
     /// Most stop commands sent per tick (the rest wait for the next tick).
-    #[arg(long, env = "FARM_MAX_IDLE_STOPS")]
     max_idle_stops: usize = "5000",
     /// Most keys reaped per tick (dead nodes' channels and stale keys); reaping is rate-limited.
-    #[arg(long, env = "FARM_MAX_REAPS")]
     max_reaps: usize = "500",
     /// Channels checked per tick by the stale-key reconciliation (it cycles through them).
-    #[arg(long, env = "FARM_RECONCILE_BATCH")]
     reconcile_batch: usize = "200",
     /// Bound on a graceful shutdown.
-    #[arg(long, env = "FARM_SHUTDOWN_GRACE", value_parser = duration::parse)]
     shutdown_grace: Duration = "5s",
 }
 

@@ -56,32 +56,26 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
+    /// GET `path` from `app`: the status and the body.
+    async fn fetch(app: Router, path: &str) -> (StatusCode, Vec<u8>) {
+        let r = app
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("answer");
+        let status = r.status();
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        (status, body.to_vec())
+    }
+
     #[tokio::test]
     async fn metrics_and_health_answer_without_redis() {
         let sh = Arc::new(Shared::new(Config::new("redis://127.0.0.1:1/", "c1")).expect("shared"));
         let app = app(sh);
-        let r = app
-            .clone()
-            .oneshot(
-                Request::get("/metrics")
-                    .body(Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("answer");
-        assert_eq!(r.status(), StatusCode::OK);
-        let body = r.into_body().collect().await.expect("body").to_bytes();
+        let (status, body) = fetch(app.clone(), "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
         assert!(String::from_utf8_lossy(&body).contains("farm_coordinator_is_leader 0"));
-        let r = app
-            .oneshot(
-                Request::get("/healthz")
-                    .body(Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("answer");
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let body = r.into_body().collect().await.expect("body").to_bytes();
+        let (status, body) = fetch(app, "/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(v["coordinator"], "c1");
         assert_eq!(v["leader"], false);

@@ -189,20 +189,17 @@ mod tests {
         assert_eq!(time_ms(&("x".into(), "1".into())), None);
     }
 
+    /// That the call fails within the timeout is the runtime's `Conn`'s test; the store notes it.
     #[tokio::test]
-    async fn unreachable_redis_fails_within_the_timeout_and_counts_as_disturbed() {
+    async fn a_failed_call_counts_as_disturbed() {
         let store = Store::new(
             "redis://127.0.0.1:1/",
             Duration::from_millis(300),
             Duration::from_secs(1),
         )
         .expect("valid url");
-        let t0 = Instant::now();
-        let err = store
-            .query::<String>("PING", &redis::cmd("PING"))
-            .await
-            .expect_err("nothing listens on port 1");
-        assert!(t0.elapsed() < Duration::from_secs(2), "{err}");
+        let err = store.query::<String>("PING", &redis::cmd("PING")).await;
+        assert!(err.is_err(), "nothing listens on port 1");
         assert!(store.disturbed_at().is_some());
         assert!(store.last_ok().is_none());
     }

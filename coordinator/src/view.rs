@@ -122,6 +122,11 @@ mod tests {
         }
     }
 
+    /// The id of [`pick_target`]'s node.
+    fn picked<'a>(nodes: &'a [NodeView], exclude: &[&str]) -> Option<&'a str> {
+        pick_target(nodes, exclude).map(|n| n.id.as_str())
+    }
+
     #[test]
     fn picks_the_live_node_with_most_room() {
         let nodes = [
@@ -131,24 +136,15 @@ mod tests {
             node("d", true, 10, 2),
             node("e", true, 5, 5),
         ];
-        assert_eq!(pick_target(&nodes, &[]).map(|n| n.id.as_str()), Some("b"));
-        assert_eq!(
-            pick_target(&nodes, &["b"]).map(|n| n.id.as_str()),
-            Some("d")
-        );
-        assert_eq!(pick_target(&nodes, &["b", "d", "a"]), None);
+        assert_eq!(picked(&nodes, &[]), Some("b"));
+        assert_eq!(picked(&nodes, &["b"]), Some("d"));
+        assert_eq!(picked(&nodes, &["b", "d", "a"]), None);
         let mut draining = node("x", true, 100, 0);
         draining.draining = true;
         let with_draining = [node("a", true, 10, 5), draining];
-        assert_eq!(
-            pick_target(&with_draining, &[]).map(|n| n.id.as_str()),
-            Some("a")
-        );
+        assert_eq!(picked(&with_draining, &[]), Some("a"));
         let unlimited = [node("a", true, 10, 0), node("z", true, 0, 50)];
-        assert_eq!(
-            pick_target(&unlimited, &[]).map(|n| n.id.as_str()),
-            Some("z")
-        );
+        assert_eq!(picked(&unlimited, &[]), Some("z"));
     }
 
     #[test]

@@ -2,10 +2,14 @@
 //! else its `FARM_*` environment variable, else the optional TOML file (`--config`), else its
 //! default, and each setting is declared once, in a [`settings!`](crate::settings) list.
 //!
-//! A declaration is a clap field (doc comment = `--help` text, `#[arg(...)]` = flag, env variable
-//! and value parser) with its type and its default. The macro makes of the list:
+//! A declaration is a clap field (doc comment = `--help` text) with its type and its default. The
+//! macro makes of the list:
 //! - the clap `Args` struct, every field an `Option` (clap reads flag and environment), plus the
-//!   `config` flag; a literal default is added to the help text as `[default: ...]`;
+//!   `config` flag. Each setting is the long flag of its name (`hls_time`: `--hls-time`), reads the
+//!   environment variable `FARM_<NAME>` (`FARM_HLS_TIME`) and its text with its type's
+//!   [`Value::value_parser`]; an `#[arg(...)]` on the setting adds to that or overrides it (e.g.
+//!   `hide_env_values = true`, another `env`). A literal default is added to the help text as
+//!   `[default: ...]`;
 //! - the resolved struct, every setting with a default as its plain type, the others as `Option`;
 //! - `Args::resolve`, which fills what flag and environment left empty from the file (its keys are
 //!   the field names, i.e. the long flag names with `_` for `-`), then from the default.
@@ -13,8 +17,7 @@
 //! A default is either a literal, parsed like the flag's text (`= "2s"`), or an expression for a
 //! default that depends on the machine or on settings declared before it (`=> hostname()`; its help
 //! text then says the default in words). How a setting's text and its file value are read is its
-//! type's [`Value`] implementation; the flag's clap value parser must read text the same way (for
-//! durations both are [`farm_proto::duration::parse`], for sizes [`parse_size`]).
+//! type's [`Value`] implementation, its flag's value parser included.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,11 +29,21 @@ use std::time::Duration;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// How a setting's value is read from text (a default, or a string in the file) and from a TOML
-/// value in the file.
-pub trait Value: Sized {
-    /// Reads the value from text, as the flag's value parser does.
+/// How a setting's value is read from text (a default, or a string in the file), from a TOML
+/// value in the file, and from its flag or environment variable.
+pub trait Value: Sized + Clone + Send + Sync + 'static {
+    /// The delimiter of the flag's text when a setting is a list of values.
+    const DELIMITER: Option<char> = None;
+
+    /// Reads the value from text: a default, a string in the file, and the flag's text unless
+    /// [`Value::value_parser`] reads that its own way.
     fn parse(text: &str) -> Result<Self, String>;
+
+    /// The flag's clap value parser (of an item, for a list): [`Value::parse`], unless the flag
+    /// reads the text its own way (clap's parser for the type, or other messages).
+    fn value_parser() -> clap::builder::ValueParser {
+        clap::builder::ValueParser::new(Self::parse)
+    }
 
     /// Reads the value from the file. A string is read as text; other TOML types where they fit.
     fn from_toml(value: toml::Value) -> Result<Self, String> {
@@ -45,19 +58,31 @@ impl Value for String {
     fn parse(text: &str) -> Result<Self, String> {
         Ok(text.to_string())
     }
+
+    fn value_parser() -> clap::builder::ValueParser {
+        clap::value_parser!(String)
+    }
 }
 
 impl Value for PathBuf {
     fn parse(text: &str) -> Result<Self, String> {
         Ok(PathBuf::from(text))
     }
+
+    fn value_parser() -> clap::builder::ValueParser {
+        clap::value_parser!(PathBuf)
+    }
 }
 
 impl Value for SocketAddr {
     fn parse(text: &str) -> Result<Self, String> {
-        text.trim()
-            .parse()
-            .map_err(|_| format!("invalid address {text:?}: use e.g. 127.0.0.1:8080"))
+        trimmed(text, || {
+            format!("invalid address {text:?}: use e.g. 127.0.0.1:8080")
+        })
+    }
+
+    fn value_parser() -> clap::builder::ValueParser {
+        clap::value_parser!(SocketAddr).into()
     }
 }
 
@@ -66,6 +91,11 @@ impl Value for Duration {
     fn parse(text: &str) -> Result<Self, String> {
         farm_proto::duration::parse(text)
     }
+}
+
+/// `text` without the white space around it, read with `FromStr`; `error` says why not.
+fn trimmed<T: std::str::FromStr>(text: &str, error: impl FnOnce() -> String) -> Result<T, String> {
+    text.trim().parse().map_err(|_| error())
 }
 
 /// A TOML integer as is, a string read as text (`what` names the expected kind in errors).
@@ -82,13 +112,15 @@ macro_rules! count {
     ($($t:ty),*) => {$(
         impl Value for $t {
             fn parse(text: &str) -> Result<Self, String> {
-                text.trim()
-                    .parse()
-                    .map_err(|_| format!("invalid number {text:?}: use a whole number from 0"))
+                trimmed(text, || format!("invalid number {text:?}: use a whole number from 0"))
             }
 
             fn from_toml(value: toml::Value) -> Result<Self, String> {
                 integer_or_text(value, "a number")
+            }
+
+            fn value_parser() -> clap::builder::ValueParser {
+                clap::value_parser!($t).into()
             }
         }
     )*};
@@ -109,9 +141,11 @@ impl Value for u64 {
 
 impl Value for f64 {
     fn parse(text: &str) -> Result<Self, String> {
-        text.trim()
-            .parse()
-            .map_err(|_| format!("invalid number {text:?}"))
+        trimmed(text, || format!("invalid number {text:?}"))
+    }
+
+    fn value_parser() -> clap::builder::ValueParser {
+        clap::value_parser!(f64).into()
     }
 
     fn from_toml(value: toml::Value) -> Result<Self, String> {
@@ -126,6 +160,8 @@ impl Value for f64 {
 
 /// A list: comma-separated text (empty items skipped), in the file a TOML array.
 impl<T: Value> Value for Vec<T> {
+    const DELIMITER: Option<char> = Some(',');
+
     fn parse(text: &str) -> Result<Self, String> {
         text.split(',')
             .map(str::trim)
@@ -140,6 +176,10 @@ impl<T: Value> Value for Vec<T> {
             toml::Value::String(s) => Self::parse(&s),
             other => Err(format!("expected a list, found {}", other.type_str())),
         }
+    }
+
+    fn value_parser() -> clap::builder::ValueParser {
+        T::value_parser()
     }
 }
 
@@ -280,6 +320,34 @@ pub fn default_value<T: Value>(name: &str, text: &str) -> Result<T, ConfigError>
     T::parse(text).map_err(|e| ConfigError(format!("the default of {name}: {e}")))
 }
 
+/// `FARM_` and `name` in upper case, at compile time: the environment variable of a setting.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! env_name {
+    ($name:ident) => {{
+        const NAME: &str = concat!("FARM_", stringify!($name));
+        const UPPER: [u8; NAME.len()] = $crate::config::ascii_upper(NAME);
+        const TEXT: &str = match ::std::str::from_utf8(&UPPER) {
+            Ok(text) => text,
+            Err(_) => panic!("a setting's name is ASCII"),
+        };
+        TEXT
+    }};
+}
+
+/// `text` in upper case (ASCII letters), as an array of its `N` bytes; for [`env_name!`].
+#[doc(hidden)]
+pub const fn ascii_upper<const N: usize>(text: &str) -> [u8; N] {
+    let bytes = text.as_bytes();
+    let mut upper = [0; N];
+    let mut i = 0;
+    while i < N {
+        upper[i] = bytes[i].to_ascii_uppercase();
+        i += 1;
+    }
+    upper
+}
+
 /// Declares a daemon's settings once; see the [module docs](crate::config). Input:
 ///
 /// ```text
@@ -297,15 +365,13 @@ pub fn default_value<T: Value>(name: &str, text: &str) -> Result<T, ConfigError>
 ///     /// help of --config
 ///     #[arg(long, env = "FARM_CONFIG")]
 ///     config;
-///     /// help of --hls-time
-///     #[arg(long, env = "FARM_HLS_TIME", value_parser = duration::parse)]
+///     /// help of --hls-time (its variable is FARM_HLS_TIME)
 ///     hls_time: Duration = "2s",
 ///     /// help of --node-id ... [default: the host name]
-///     #[arg(long, env = "FARM_NODE_ID")]
 ///     node_id: String => hostname(),
-///     /// help of --access-socket (no default: `Option<PathBuf>` in Config)
-///     #[arg(long, env = "FARM_ACCESS_SOCKET")]
-///     access_socket: PathBuf,
+///     /// help of --admin-token (no default: `Option<String>` in Config)
+///     #[arg(hide_env_values = true)]
+///     admin_token: String,
 /// }
 /// ```
 #[macro_export]
@@ -328,6 +394,12 @@ macro_rules! settings {
             $(#[$fm])*
             pub config: Option<::std::path::PathBuf>,
             $(
+                #[arg(
+                    long,
+                    env = $crate::env_name!($field),
+                    value_parser = <$ty as $crate::config::Value>::value_parser(),
+                    value_delimiter = <$ty as $crate::config::Value>::DELIMITER,
+                )]
                 $(#[$m])*
                 // Plain `Option`: clap recognises it by name.
                 pub $field: Option<$ty>,

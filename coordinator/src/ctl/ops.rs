@@ -59,17 +59,7 @@ pub async fn stop(ctx: &mut Ctx, a: StopArgs, out: &mut impl Write) -> Result<()
     let Some((node, gen)) = farm::owner(ctx, &a.id).await? else {
         return Err(CtlError::NotRunning(a.id));
     };
-    farm::send_command(
-        ctx,
-        &node,
-        &Command {
-            gen: Some(gen),
-            reason: "ops".into(),
-            by: "farmctl".into(),
-            ..Command::new(Op::Stop, a.id.clone())
-        },
-    )
-    .await?;
+    send_ops(ctx, &node, Op::Stop, &a.id, Some(gen)).await?;
     if !a.wait {
         writeln!(
             out,
@@ -138,16 +128,7 @@ pub async fn start(ctx: &mut Ctx, a: StartArgs, out: &mut impl Write) -> Result<
                 .ok_or_else(|| CtlError::NoLiveNode(a.id.clone()))?
         }
     };
-    farm::send_command(
-        ctx,
-        &target,
-        &Command {
-            reason: "ops".into(),
-            by: "farmctl".into(),
-            ..Command::new(Op::Start, a.id.clone())
-        },
-    )
-    .await?;
+    send_ops(ctx, &target, Op::Start, &a.id, None).await?;
     if !a.wait {
         writeln!(
             out,
@@ -158,6 +139,25 @@ pub async fn start(ctx: &mut Ctx, a: StartArgs, out: &mut impl Write) -> Result<
         return Ok(());
     }
     wait_running(ctx, &a.id, &target, a.timeout, out).await
+}
+
+/// Queues `op` of channel `id` on `node`'s command stream as an operator's (reason "ops", by
+/// farmctl); a stop names the owner's `gen`.
+async fn send_ops(
+    ctx: &mut Ctx,
+    node: &str,
+    op: Op,
+    id: &str,
+    gen: Option<u64>,
+) -> Result<(), CtlError> {
+    let cmd = Command {
+        gen,
+        reason: "ops".into(),
+        by: "farmctl".into(),
+        ..Command::new(op, id)
+    };
+    farm::send_command(ctx, node, &cmd).await?;
+    Ok(())
 }
 
 /// Polls the channel's stream hash until it runs (on any node), failed, or `timeout` passed.

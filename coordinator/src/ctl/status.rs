@@ -241,77 +241,73 @@ fn channel_row(
 }
 
 fn print_nodes(out: &mut impl Write, nodes: &[NodeRow]) -> Result<(), CtlError> {
-    writeln!(out, "nodes: {}", nodes.len())?;
-    let rows: Vec<Vec<String>> = nodes
-        .iter()
-        .map(|n| {
-            vec![
-                safe(&n.id).into_owned(),
-                safe(or_dash(&n.address)).into_owned(),
-                if n.alive { "yes" } else { "NO" }.to_string(),
-                if n.capacity == 0 {
-                    format!("{}/unlimited", n.running)
-                } else {
-                    format!("{}/{}", n.running, n.capacity)
-                },
-                n.disk_free.map_or("-".into(), fmt_bytes),
-                safe(or_dash(&n.version)).into_owned(),
-                n.heartbeat_ms_ago
-                    .map_or("-".into(), |ms| format!("{} ago", fmt_ago(ms))),
-            ]
-        })
-        .collect();
-    table(
-        out,
-        &[
-            "ID",
-            "ADDRESS",
-            "ALIVE",
-            "RUNNING",
-            "DISK FREE",
-            "VERSION",
-            "HEARTBEAT",
-        ],
-        &rows,
-    )?;
-    Ok(())
+    let header = [
+        "ID",
+        "ADDRESS",
+        "ALIVE",
+        "RUNNING",
+        "DISK FREE",
+        "VERSION",
+        "HEARTBEAT",
+    ];
+    counted_table(out, "nodes", &header, nodes, |n| {
+        vec![
+            safe(&n.id).into_owned(),
+            safe(or_dash(&n.address)).into_owned(),
+            if n.alive { "yes" } else { "NO" }.to_string(),
+            if n.capacity == 0 {
+                format!("{}/unlimited", n.running)
+            } else {
+                format!("{}/{}", n.running, n.capacity)
+            },
+            n.disk_free.map_or("-".into(), fmt_bytes),
+            safe(or_dash(&n.version)).into_owned(),
+            n.heartbeat_ms_ago
+                .map_or("-".into(), |ms| format!("{} ago", fmt_ago(ms))),
+        ]
+    })
 }
 
 fn print_channels(out: &mut impl Write, channels: &[ChannelRow]) -> Result<(), CtlError> {
-    writeln!(out, "channels: {}", channels.len())?;
-    let rows: Vec<Vec<String>> = channels
-        .iter()
-        .map(|c| {
-            vec![
-                safe(&c.id).into_owned(),
-                safe(or_dash(&c.state)).into_owned(),
-                c.node
-                    .as_deref()
-                    .map_or("-".into(), |n| safe(n).into_owned()),
-                c.gen.map_or("-".into(), |g| g.to_string()),
-                c.pid.map_or("-".into(), |p| p.to_string()),
-                c.last_access_ms_ago
-                    .map_or("-".into(), |ms| format!("{} ago", fmt_ago(ms))),
-                c.restarts.to_string(),
-                if c.pinned { "yes" } else { "no" }.to_string(),
-                safe(or_dash(&c.last_error)).chars().take(80).collect(),
-            ]
-        })
-        .collect();
-    table(
-        out,
-        &[
-            "ID",
-            "STATE",
-            "NODE",
-            "GEN",
-            "PID",
-            "LAST ACCESS",
-            "RESTARTS",
-            "PINNED",
-            "LAST ERROR",
-        ],
-        &rows,
-    )?;
+    let header = [
+        "ID",
+        "STATE",
+        "NODE",
+        "GEN",
+        "PID",
+        "LAST ACCESS",
+        "RESTARTS",
+        "PINNED",
+        "LAST ERROR",
+    ];
+    counted_table(out, "channels", &header, channels, |c| {
+        vec![
+            safe(&c.id).into_owned(),
+            safe(or_dash(&c.state)).into_owned(),
+            c.node
+                .as_deref()
+                .map_or("-".into(), |n| safe(n).into_owned()),
+            c.gen.map_or("-".into(), |g| g.to_string()),
+            c.pid.map_or("-".into(), |p| p.to_string()),
+            c.last_access_ms_ago
+                .map_or("-".into(), |ms| format!("{} ago", fmt_ago(ms))),
+            c.restarts.to_string(),
+            if c.pinned { "yes" } else { "no" }.to_string(),
+            safe(or_dash(&c.last_error)).chars().take(80).collect(),
+        ]
+    })
+}
+
+/// `<what>: <count>`, then a table of the items, one row each.
+fn counted_table<T>(
+    out: &mut impl Write,
+    what: &str,
+    header: &[&str],
+    items: &[T],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<(), CtlError> {
+    writeln!(out, "{what}: {}", items.len())?;
+    let rows: Vec<Vec<String>> = items.iter().map(row).collect();
+    table(out, header, &rows)?;
     Ok(())
 }

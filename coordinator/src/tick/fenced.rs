@@ -50,14 +50,19 @@ impl<'a> Fence<'a> {
         Self { sh, held }
     }
 
-    /// Sends `calls` (of one script) in one pipeline and parses their replies.
-    async fn send<C, T>(&self, calls: &[C]) -> Result<Replies<T>, TickError>
+    /// Sends the `call` (of one script) of each item of `batch` in one pipeline and parses their
+    /// replies.
+    async fn send<'b, I, C, T>(
+        &self,
+        batch: &'b [I],
+        call: impl Fn(&'b I) -> C,
+    ) -> Result<Replies<T>, TickError>
     where
         C: Call<Reply = Fenced<T>>,
     {
         let mut p = redis::pipe();
-        for c in calls {
-            c.invocation(&self.sh.keys).add_to(&mut p);
+        for item in batch {
+            call(item).invocation(&self.sh.keys).add_to(&mut p);
         }
         let raw: Vec<redis::Value> = self.sh.store.pipe(C::FILE, &p).await?;
         let r = FencedReplies::parse::<C>(raw).map_err(StoreError::from)?;
@@ -86,17 +91,14 @@ impl<'a> Fence<'a> {
         batch: &[(&str, Option<&str>)],
     ) -> Result<Replies<IdleStopReply>, TickError> {
         let by = self.sh.cfg.by();
-        let calls: Vec<IdleStop> = batch
-            .iter()
-            .map(|&(id, owner)| IdleStop {
-                held: self.held,
-                id,
-                cutoff_ms,
-                owner,
-                by: &by,
-            })
-            .collect();
-        self.send(&calls).await
+        self.send(batch, |&(id, owner)| IdleStop {
+            held: self.held,
+            id,
+            cutoff_ms,
+            owner,
+            by: &by,
+        })
+        .await
     }
 
     /// `reap_channel.lua` for each `(channel, provider)` of the dead `node`.
@@ -105,16 +107,13 @@ impl<'a> Fence<'a> {
         node: &str,
         batch: &[(&str, Option<&str>)],
     ) -> Result<Replies<ReapChannelReply>, TickError> {
-        let calls: Vec<ReapChannel> = batch
-            .iter()
-            .map(|&(id, provider)| ReapChannel {
-                held: self.held,
-                node,
-                id,
-                provider,
-            })
-            .collect();
-        self.send(&calls).await
+        self.send(batch, |&(id, provider)| ReapChannel {
+            held: self.held,
+            node,
+            id,
+            provider,
+        })
+        .await
     }
 
     /// `reap_node.lua`: removes the dead `node`'s own keys when its last heartbeat is older than
@@ -134,15 +133,12 @@ impl<'a> Fence<'a> {
 
     /// `reconcile.lua` for each `(node, channel)`: drops what no lease of the node backs.
     pub async fn reconcile(&self, batch: &[(&str, &str)]) -> Result<Replies<Removed>, TickError> {
-        let calls: Vec<Reconcile> = batch
-            .iter()
-            .map(|&(node, id)| Reconcile {
-                held: self.held,
-                node,
-                id,
-            })
-            .collect();
-        self.send(&calls).await
+        self.send(batch, |&(node, id)| Reconcile {
+            held: self.held,
+            node,
+            id,
+        })
+        .await
     }
 
     /// `repair_key.lua`: replaces the farm-wide `key` when it does not have the type `wanted`.

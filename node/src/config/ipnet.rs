@@ -16,6 +16,11 @@ impl farm_runtime::config::Value for IpNet {
     fn parse(text: &str) -> Result<Self, String> {
         IpNet::parse(text).map_err(|e| format!("invalid network {e}"))
     }
+
+    /// The flag's errors say the text without "invalid network": clap says "invalid value".
+    fn value_parser() -> clap::builder::ValueParser {
+        clap::builder::ValueParser::new(IpNet::parse)
+    }
 }
 
 impl IpNet {

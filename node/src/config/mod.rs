@@ -13,7 +13,7 @@ pub use self::profiles::{builtin_profiles, Profile};
 pub use farm_runtime::config::{parse_size, ConfigError};
 
 use crate::sandbox::Mode;
-use farm_proto::{duration, timing};
+use farm_proto::timing;
 use farm_runtime::config::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,222 +44,175 @@ starting one FFmpeg per channel for the whole farm on the first viewer"
 
     /// Redis URL: redis://[user:password@]host:port/db, or a Sentinel set as
     /// redis+sentinel://[user:password@]host1:port1,host2:port2/<master>[/db].
-    #[arg(long, env = "FARM_REDIS_URL")]
     redis_url: String = "redis://127.0.0.1:6379/",
 
     /// Key prefix in Redis.
-    #[arg(long, env = "FARM_PREFIX")]
     prefix: String = "farm",
 
     /// This node's id, unique in the farm (A-Z a-z 0-9 _ - .). [default: the host name]
-    #[arg(long, env = "FARM_NODE_ID")]
     node_id: String => farm_runtime::config::host_name(64, "node"),
 
     /// Address the HTTP server listens on.
-    #[arg(long, env = "FARM_LISTEN")]
     listen: SocketAddr = "127.0.0.1:8080",
 
     /// URL other nodes and viewers use to reach this node (for redirects). [default: http://<listen>]
-    #[arg(long, env = "FARM_PUBLIC_URL")]
     public_url: String => format!("http://{listen}"),
 
     /// Folder for HLS output; one sub-folder per running channel. Must belong to this node alone.
-    #[arg(long, env = "FARM_HLS_ROOT")]
     hls_root: PathBuf = "/var/lib/streamfarm/hls",
 
     /// FFmpeg binary.
-    #[arg(long, env = "FARM_FFMPEG")]
     ffmpeg: PathBuf = "ffmpeg",
 
     /// Bearer token for /admin; the admin API is disabled without one.
-    #[arg(long, env = "FARM_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(hide_env_values = true)]
     admin_token: String,
 
     /// How long a first playlist request waits for the first segment before 503.
-    #[arg(long, env = "FARM_START_TIMEOUT", value_parser = duration::parse)]
     start_timeout: Duration = "10s",
 
     /// HLS segment duration.
-    #[arg(long, env = "FARM_HLS_TIME", value_parser = duration::parse)]
     hls_time: Duration = "2s",
 
     /// Segments kept in the live playlist (older ones are deleted from disk).
-    #[arg(long, env = "FARM_HLS_LIST_SIZE")]
     hls_list_size: u32 = "6",
 
     /// How often viewer access is flushed to Redis in one call.
-    #[arg(long, env = "FARM_ACCESS_FLUSH", value_parser = duration::parse)]
     access_flush: Duration = "1s",
 
     /// Owner lease TTL; a node that cannot renew for 2/3 of it stops its FFmpegs.
-    #[arg(long, env = "FARM_LEASE_TTL", value_parser = duration::parse)]
     lease_ttl: Duration = "10s",
 
     /// Node liveness TTL (`farm:node:<id>:alive`).
-    #[arg(long, env = "FARM_NODE_TTL", value_parser = duration::parse)]
     node_ttl: Duration = "10s",
 
     /// Timeout of every Redis call.
-    #[arg(long, env = "FARM_REDIS_TIMEOUT", value_parser = duration::parse)]
     redis_timeout: Duration = "2s",
 
     /// New starts are refused while HLS_ROOT has less free space than this (e.g. 512M, 2G).
-    #[arg(long, env = "FARM_MIN_FREE", value_parser = parse_size)]
     min_free: u64 = "256M",
 
     /// Capacity in weight units: a copy counts 1, a transcode its profile's weight (h264-720p: 4);
     /// the claim script refuses past it. 0 = unlimited.
-    #[arg(long, env = "FARM_MAX_STREAMS")]
     max_streams: u32 = "100",
 
     /// Grace between SIGTERM and SIGKILL when stopping an FFmpeg.
-    #[arg(long, env = "FARM_STOP_GRACE", value_parser = duration::parse)]
     stop_grace: Duration = "3s",
 
     /// Bound on a graceful shutdown of the whole node.
-    #[arg(long, env = "FARM_SHUTDOWN_GRACE", value_parser = duration::parse)]
     shutdown_grace: Duration = "15s",
 
     /// Upstream read timeout handed to FFmpeg (-rw_timeout).
-    #[arg(long, env = "FARM_READ_TIMEOUT", value_parser = duration::parse)]
     read_timeout: Duration = "10s",
 
     /// First restart delay after a crash; doubles per crash, with jitter.
-    #[arg(long, env = "FARM_BACKOFF_BASE", value_parser = duration::parse)]
     backoff_base: Duration = "500ms",
 
     /// Largest restart delay.
-    #[arg(long, env = "FARM_BACKOFF_MAX", value_parser = duration::parse)]
     backoff_max: Duration = "30s",
 
     /// This many crashes inside --crash-window end a channel in state `failed`.
-    #[arg(long, env = "FARM_MAX_CRASHES")]
     max_crashes: u32 = "5",
 
     /// Window for counting crashes.
-    #[arg(long, env = "FARM_CRASH_WINDOW", value_parser = duration::parse)]
     crash_window: Duration = "60s",
 
     /// How long a failed channel answers 503 with its reason before a new request may retry it.
-    #[arg(long, env = "FARM_FAILED_HOLD", value_parser = duration::parse)]
     failed_hold: Duration = "30s",
 
     /// This many FFmpeg runs in a row that publish no segment end a channel in state `failed`,
     /// however long each run lasted (a stalled upstream).
-    #[arg(long, env = "FARM_MAX_EMPTY_RUNS")]
     max_empty_runs: u32 = "5",
 
     /// Bandwidth one channel's upstreams may send FFmpeg, in Mbit/s (0 = no cap).
-    #[arg(long, env = "FARM_EGRESS_BANDWIDTH")]
     egress_bandwidth: u32 = "50",
 
     /// Upstream requests one channel's FFmpeg may make per second, with a burst of twice as many;
     /// beyond, it gets 429 (0 = no cap).
-    #[arg(long, env = "FARM_EGRESS_RATE")]
     egress_rate: u32 = "20",
 
     /// Memory one FFmpeg may allocate (RLIMIT_DATA; also memory.max when the node has a delegated
     /// cgroup), e.g. 1G (0 = no limit).
-    #[arg(long, env = "FARM_FFMPEG_MEMORY", value_parser = parse_size)]
     ffmpeg_memory: u64 = "2G",
 
     /// CPU one FFmpeg may use, in cores (cgroup cpu.max; only when the node has a delegated cgroup
     /// v2, e.g. systemd Delegate=yes), e.g. 1.5 (0 = no limit).
-    #[arg(long, env = "FARM_FFMPEG_CPU")]
     ffmpeg_cpu: f64 = "2",
 
     /// Upstream URL schemes a channel may use (comma list).
-    #[arg(long, env = "FARM_ALLOWED_SCHEMES", value_delimiter = ',')]
     allowed_schemes: Vec<String> = "http,https,rtmp,rtmps,udp,rtp,srt",
 
     /// Secret for signed playback URLs (at least 16 bytes). When set, playback is
     /// `/live/<token>/<id>/<file>` and a request without a valid token gets 403.
-    #[arg(long, env = "FARM_TOKEN_SECRET", hide_env_values = true)]
+    #[arg(hide_env_values = true)]
     token_secret: String,
 
     /// Behind nginx: answer requests for channels another node owns with
     /// `X-Accel-Redirect: <prefix>/<owner host:port>/live/...` instead of a 307 (e.g. /_farm_owner).
-    #[arg(long, env = "FARM_ACCEL_REDIRECT")]
     accel_redirect: String,
 
     /// Memory for copies of hot playlists and segments (e.g. 256M; 0 serves every file from disk).
-    #[arg(long, env = "FARM_SEGMENT_CACHE", value_parser = parse_size)]
     segment_cache: u64 = "256M",
 
     /// FFmpeg input probing: how much of a new upstream it analyses before the first segment.
-    #[arg(long, env = "FARM_PROBE_DURATION", value_parser = duration::parse)]
     probe_duration: Duration = "1s",
 
     /// Peers whose `X-Real-IP` header is believed as the viewer's address (for client-bound
     /// tokens and per-client limits): IPs or CIDRs, comma list.
-    #[arg(long, env = "FARM_TRUSTED_PROXIES", value_delimiter = ',', value_parser = IpNet::parse)]
     trusted_proxies: Vec<IpNet> = "127.0.0.1,::1",
 
     /// Time a client has to send a whole request head, counted from the connection's accept (or
     /// from the first byte after an idle pause); the connection is closed after it.
-    #[arg(long, env = "FARM_HTTP_HEADER_TIMEOUT", value_parser = duration::parse)]
     http_header_timeout: Duration = "10s",
 
     /// A keep-alive connection that moves no byte for this long (no request in progress) is
     /// closed. Keep it above nginx's upstream `keepalive_timeout`.
-    #[arg(long, env = "FARM_HTTP_IDLE_TIMEOUT", value_parser = duration::parse)]
     http_idle_timeout: Duration = "75s",
 
     /// Largest request head (request line and headers) a connection may buffer; larger gets
     /// 431 and the connection closed (at least 8K).
-    #[arg(long, env = "FARM_HTTP_MAX_HEADER_BYTES", value_parser = parse_size)]
     http_max_header_bytes: u64 = "16K",
 
     /// Open HTTP connections at most; past it the longest-idle connection that never completed a
     /// request (then the longest-idle one) is closed to make room, else the new one is refused.
     /// [default: the fd limit (RLIMIT_NOFILE) minus a reserve for FFmpeg pipes, files and Redis,
     /// at most 10000]
-    #[arg(long, env = "FARM_HTTP_MAX_CONNECTIONS")]
     http_max_connections: u32,
 
     /// Open HTTP connections per client address at most (trusted proxies are exempt: nginx
     /// limits its own clients); 0 = no per-address cap.
-    #[arg(long, env = "FARM_HTTP_MAX_CONNECTIONS_PER_ADDR")]
     http_max_connections_per_addr: u32 = "64",
 
     /// Channel starts this node claims at once (catalog, upstream check, lease: the Redis work of
     /// a start); more wait their turn, up to --start-timeout, then get 503 with Retry-After.
-    #[arg(long, env = "FARM_MAX_CONCURRENT_STARTS")]
     max_concurrent_starts: u32 = "8",
 
     /// Requests per second that would start a channel (or look up one nobody runs) allowed per
     /// client; more get 429 with Retry-After. 0 = no limit.
-    #[arg(long, env = "FARM_START_RATE")]
     start_rate: u32 = "5",
 
     /// Burst of such requests a client may make at once before --start-rate applies.
-    #[arg(long, env = "FARM_START_BURST")]
     start_burst: u32 = "20",
 
     /// How long a channel id the catalog does not know is answered 404 from memory, without
     /// asking Redis again. 0 = no cache.
-    #[arg(long, env = "FARM_UNKNOWN_CHANNEL_TTL", value_parser = duration::parse)]
     unknown_channel_ttl: Duration = "5s",
 
     /// Zero-cost access mode: a unix datagram socket where nginx sends its access log (syslog);
     /// every logged playback URI counts as a viewer access.
-    #[arg(long, env = "FARM_ACCESS_SOCKET")]
     access_socket: PathBuf,
 
     /// Internal networks (loopback, private, link-local) FFmpeg may reach when an upstream sends
     /// it there (playlist URIs, redirects): IPs or CIDRs, comma list. A `host:port` the catalog
     /// names is always allowed; the farm's own Redis and ports never. [default: none]
-    #[arg(long, env = "FARM_EGRESS_ALLOW", value_delimiter = ',', value_parser = IpNet::parse)]
     egress_allow: Vec<IpNet> => Vec::new(),
 
     /// Networks FFmpeg never reaches, even when the catalog names them: IPs or CIDRs, comma list.
     /// [default: none]
-    #[arg(long, env = "FARM_EGRESS_DENY", value_delimiter = ',', value_parser = IpNet::parse)]
     egress_deny: Vec<IpNet> => Vec::new(),
 
     /// The FFmpeg network sandbox (Landlock, Linux 6.7+): `auto` uses it where the kernel has it,
     /// `require` refuses to start without it, `off` never uses it.
-    #[arg(long, env = "FARM_FFMPEG_SANDBOX")]
     ffmpeg_sandbox: Mode = "auto",
 
 }

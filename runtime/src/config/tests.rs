@@ -16,22 +16,18 @@ crate::settings! {
     #[arg(long)]
     config;
     /// A duration.
-    #[arg(long, env = "FARM_RUNTIME_TEST_WAIT", value_parser = farm_proto::duration::parse)]
+    #[arg(env = "FARM_RUNTIME_TEST_WAIT")]
     wait: Duration = "2s",
     /// A count.
-    #[arg(long, env = "FARM_RUNTIME_TEST_COUNT")]
+    #[arg(env = "FARM_RUNTIME_TEST_COUNT")]
     count: u32 = "6",
     /// A size.
-    #[arg(long, value_parser = parse_size)]
     size: u64 = "256M",
     /// A list.
-    #[arg(long, value_delimiter = ',')]
     names: Vec<String> = "a,b",
     /// No default.
-    #[arg(long)]
     socket: PathBuf,
     /// Depends on `count`. [default: count + 1]
-    #[arg(long)]
     more: u32 => count + 1,
 }
 
@@ -75,7 +71,11 @@ fn the_file_wins_over_defaults_and_flags_over_the_file() {
     assert_eq!(s.size, 1 << 30);
     assert_eq!(s.names, ["x"]);
     assert_eq!(s.socket, Some(PathBuf::from("/run/s")));
-    let s = resolve(&["--config", &path, "--wait", "500ms", "--names", "p,q"]).expect("flags");
+    let s = resolve(&[
+        "--config", &path, "--wait", "500ms", "--names", "p,q", "--size", "2K",
+    ])
+    .expect("flags");
+    assert_eq!(s.size, 2 << 10);
     assert_eq!(s.wait, Duration::from_millis(500));
     assert_eq!(s.names, ["p", "q"]);
     assert_eq!(s.count, 9);
@@ -146,7 +146,10 @@ fn help_shows_literal_defaults() {
         .render_help()
         .to_string();
     assert!(help.contains("A duration. [default: 2s]"), "{help}");
-    assert!(help.contains("No default\n"), "{help}");
+    assert!(
+        help.contains("No default [env: FARM_SOCKET=]"),
+        "the variable is the name's: {help}"
+    );
     assert!(
         help.contains("A count. [default: 6] [env: FARM_RUNTIME_TEST_COUNT=]"),
         "{help}"

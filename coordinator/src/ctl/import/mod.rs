@@ -37,7 +37,7 @@ pub struct ImportArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_CHANNELS)]
     pub max_channels: usize,
     /// Refuse files larger than this (bytes, or with K, M, G).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = parse_max_bytes)]
     pub max_bytes: u64,
     /// Only finish applying an import that was committed but not applied to the end (farmctl
     /// stopped half way); takes no file.
@@ -45,27 +45,12 @@ pub struct ImportArgs {
     pub resume: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("invalid size {s:?}: use bytes or K, M, G")),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: use bytes or K, M, G"))?;
-    n.checked_mul(mult)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| format!("invalid size {s:?}: must be above 0 and fit in 64 bits"))
+/// `--max-bytes`: a size as the daemons' settings read it, above 0.
+fn parse_max_bytes(s: &str) -> Result<u64, String> {
+    match farm_runtime::config::parse_size(s)? {
+        0 => Err(format!("invalid size {s:?}: must be above 0")),
+        n => Ok(n),
+    }
 }
 
 /// Reads at most `max` bytes of `path`; a larger file is refused before it is read whole.
@@ -159,12 +144,11 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("10k"), Ok(10 << 10));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        for bad in ["", "0", "x", "5T", "-1M", "99999999999999999999G"] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
+        assert_eq!(parse_max_bytes("256M"), Ok(256 << 20));
+        assert_eq!(parse_max_bytes("10k"), Ok(10 << 10));
+        assert_eq!(parse_max_bytes("4096"), Ok(4096));
+        for bad in ["", "0", "0K", "x", "-1M", "99999999999999999999G"] {
+            assert!(parse_max_bytes(bad).is_err(), "{bad:?}");
         }
     }
 }
