@@ -89,15 +89,8 @@ async fn consume(node: &Arc<Node>) -> Result<(), redis::RedisError> {
             continue;
         }
         for entry in entries {
-            let fields: HashMap<String, String> = entry
-                .map
-                .iter()
-                .filter_map(|(k, v)| {
-                    redis::from_redis_value::<String>(v.clone())
-                        .ok()
-                        .map(|v| (k.clone(), v))
-                })
-                .collect();
+            let fields: HashMap<String, String> =
+                farm_proto::types::entry_text_fields(&entry.map).collect();
             apply(node, &entry.id, &fields).await;
             let _: () = tokio::time::timeout(
                 t,

@@ -198,6 +198,18 @@ pub struct Command {
     pub seq: Option<u64>,
 }
 
+/// The text fields of one stream entry (`farm:cmd:<node>`, `farm:events`) as redis-rs reads it; a
+/// field whose value is not text is left out.
+pub fn entry_text_fields(
+    map: &HashMap<String, redis::Value>,
+) -> impl Iterator<Item = (String, String)> + '_ {
+    map.iter().filter_map(|(k, v)| {
+        redis::from_redis_value::<String>(v.clone())
+            .ok()
+            .map(|v| (k.clone(), v))
+    })
+}
+
 impl Command {
     /// Parses a stream entry's fields; the error says what is wrong, for the log and the event.
     pub fn from_fields(f: &HashMap<String, String>) -> Result<Self, String> {

@@ -138,14 +138,10 @@ async fn follow(
 }
 
 fn fields(map: &std::collections::HashMap<String, redis::Value>) -> BTreeMap<String, String> {
-    map.iter()
-        .filter_map(|(k, v)| {
-            redis::from_redis_value::<String>(v.clone())
-                .ok()
-                // Events written by nodes are redacted already; older or hand-written ones may
-                // still quote an upstream URL with its credentials.
-                .map(|v| (k.clone(), farm_proto::redact::text(&v)))
-        })
+    farm_proto::types::entry_text_fields(map)
+        // Events written by nodes are redacted already; older or hand-written ones may still
+        // quote an upstream URL with its credentials.
+        .map(|(k, v)| (k, farm_proto::redact::text(&v)))
         .collect()
 }
 
