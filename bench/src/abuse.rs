@@ -210,10 +210,7 @@ async fn first_request(
 
 async fn import(out: &mut PhaseOutput) -> Result<(), String> {
     let redis = RedisServer::start();
-    let dir = tempfile::Builder::new()
-        .prefix("farm-bench-import-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
+    let dir = crate::temp_dir("farm-bench-import-")?;
     let file = dir.path().join("provider.m3u");
     write_m3u(&file, IMPORT_CHANNELS).map_err(|e| format!("write {}: {e}", file.display()))?;
     let file_bytes = std::fs::metadata(&file).map_or(0, |m| m.len());

@@ -70,11 +70,9 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     Ok(report(goal, &times, &viewer_times, trials))
 }
 
-/// The kill farm, a Redis connection to watch it and an HTTP client that does not follow
-/// redirects. Fields drop in this order: the farm last.
+/// The kill farm and an HTTP client that does not follow redirects.
 struct FailoverFarm {
     client: reqwest::Client,
-    c: redis::aio::MultiplexedConnection,
     farm: killfarm::KillFarm,
 }
 
@@ -89,7 +87,6 @@ impl FailoverFarm {
             |id, url, root| NodeOpts::new(id, url, root.join(id)).args(node_args()),
         )
         .await?;
-        let c = farm.redis.conn().await;
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(20))
@@ -106,7 +103,7 @@ impl FailoverFarm {
                 String::from_utf8_lossy(&body)
             ));
         }
-        Ok(FailoverFarm { client, c, farm })
+        Ok(FailoverFarm { client, farm })
     }
 
     /// One trial: `kill -9` of the owner of the watched channel, the time until the other node
@@ -117,7 +114,7 @@ impl FailoverFarm {
         trial: usize,
         mode: Mode,
     ) -> Result<(f64, serde_json::Value), String> {
-        let (client, c, nodes) = (&self.client, &mut self.c, &mut self.farm.nodes);
+        let (client, c, nodes) = (&self.client, &mut self.farm.c, &mut self.farm.nodes);
         let (victim, _) = killfarm::owner_index(c, nodes, CHANNEL).await?;
         let survivor = 1 - victim;
         // Watched, and a few segments into its run, on a farm where both nodes are alive.

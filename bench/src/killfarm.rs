@@ -14,8 +14,11 @@ use farm_tests::redis::RedisServer;
 use crate::report::{percentile, Figure, Goal, PhaseOutput};
 use crate::{add_channel, coordinator_bin};
 
-/// The running farm; fields in drop order (coordinator first, Redis last).
+/// The running farm; fields in drop order (the watching connection and the coordinator first, Redis
+/// last).
 pub struct KillFarm {
+    /// A connection to watch the farm with.
+    pub c: redis::aio::MultiplexedConnection,
     pub co: CoordinatorProcess,
     pub nodes: Vec<NodeProcess>,
     pub root: tempfile::TempDir,
@@ -34,10 +37,7 @@ pub async fn start(
 ) -> Result<KillFarm, String> {
     let redis = RedisServer::start();
     let provider = FakeProvider::start().await;
-    let root = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
+    let root = crate::temp_dir(prefix)?;
     let url = redis.url();
     add_channel(&url, channel, &provider.url(path))?;
     let mut nodes: Vec<NodeProcess> = Vec::new();
@@ -67,6 +67,7 @@ pub async fn start(
         crate::pause(Duration::from_millis(100)).await;
     }
     Ok(KillFarm {
+        c,
         co,
         nodes,
         root,

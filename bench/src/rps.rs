@@ -200,10 +200,7 @@ impl LiveNode {
     /// a couple of segments, so the newest one stays listed for a whole round pair.
     async fn start() -> Result<LiveNode, String> {
         let redis = RedisServer::start();
-        let root = tempfile::Builder::new()
-            .prefix("farm-bench-rps-")
-            .tempdir()
-            .map_err(|e| format!("temp dir: {e}"))?;
+        let root = crate::temp_dir("farm-bench-rps-")?;
         let node_root = root.path().join("n1");
         let chan_dir = node_root.join(CHANNEL);
         crate::add_channel(

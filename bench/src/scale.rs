@@ -361,10 +361,7 @@ impl ScaleFarm {
     async fn start(n: usize, extra: &[&str]) -> Result<ScaleFarm, String> {
         let redis = RedisServer::start();
         let provider = FakeProvider::start().await;
-        let root = tempfile::Builder::new()
-            .prefix("farm-bench-scale-")
-            .tempdir()
-            .map_err(|e| format!("temp dir: {e}"))?;
+        let root = crate::temp_dir("farm-bench-scale-")?;
         let node_root = root.path().join("n1");
         let channels: Vec<(String, String)> = (0..n)
             .map(|i| {

@@ -113,10 +113,7 @@ impl TtfpFarm {
     async fn start() -> Result<TtfpFarm, String> {
         let redis = RedisServer::start();
         let provider = FakeProvider::start().await;
-        let root = tempfile::Builder::new()
-            .prefix("farm-bench-ttfp-")
-            .tempdir()
-            .map_err(|e| format!("temp dir: {e}"))?;
+        let root = crate::temp_dir("farm-bench-ttfp-")?;
         let node_root = root.path().join("n1");
         let anchor_root = root.path().join("raw");
         std::fs::create_dir_all(&anchor_root).map_err(|e| format!("create anchor dir: {e}"))?;

@@ -61,7 +61,6 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
 struct Watched {
     player: BrowserPlayer,
     _nginx: NginxServer,
-    c: redis::aio::MultiplexedConnection,
     farm: killfarm::KillFarm,
 }
 
@@ -82,7 +81,6 @@ impl Watched {
             },
         )
         .await?;
-        let c = farm.redis.conn().await;
         let nginx = {
             let o = NginxOpts::for_nodes(farm.nodes.iter());
             tokio::task::spawn_blocking(move || NginxServer::start(&o))
@@ -98,7 +96,6 @@ impl Watched {
         Ok(Watched {
             player,
             _nginx: nginx,
-            c,
             farm,
         })
     }
@@ -109,8 +106,8 @@ impl Watched {
         &mut self,
         trial: usize,
     ) -> Result<(usize, f64, serde_json::Value), String> {
-        let nodes = &mut self.farm.nodes;
-        let (victim, gen) = killfarm::owner_index(&mut self.c, nodes, CHANNEL).await?;
+        let (c, nodes) = (&mut self.farm.c, &mut self.farm.nodes);
+        let (victim, gen) = killfarm::owner_index(c, nodes, CHANNEL).await?;
         let owner_id = nodes[victim].node_id().to_string();
         let before = self.player.report();
         let played_at_kill = before.played;
@@ -145,7 +142,7 @@ impl Watched {
             .max()
             .unwrap_or_default()
             .as_secs_f64();
-        let new_owner = owner(&mut self.c, "farm", CHANNEL).await;
+        let new_owner = owner(c, "farm", CHANNEL).await;
         let record = json!({
             "trial": trial,
             "killed": owner_id,
