@@ -28,7 +28,7 @@ use serde_json::json;
 use crate::report::{num, Figure, Goal, PhaseOutput};
 use crate::Settings;
 use farm_tests::abuse::{
-    attacker_ip, raw_get, AbuseFarm, AbuseOpts, HLS_TIME, MAX_GAP, MAX_STREAMS,
+    attacker_ip, raw_get, AbuseFarm, AbuseOpts, ViewerStats, HLS_TIME, MAX_GAP, MAX_STREAMS,
 };
 use farm_tests::redis::{Pinger, RedisServer};
 
@@ -55,13 +55,68 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     })
     .await;
     let addrs: Vec<SocketAddr> = farm.nodes.iter().map(|n| n.addr()).collect();
-    // The anchor: the same viewers over a window as long as the burst's, with nothing else going on.
+    let calm = calm_worst_gap(&farm).await;
+    let starts_before = farm.metric("farm_node_channel_starts_total").await;
+    let t0 = Instant::now();
+    let tally = fire_burst(&addrs).await;
+    let answered = t0.elapsed();
+    let starts = farm.metric("farm_node_channel_starts_total").await - starts_before;
+    // The FFmpegs the burst started run now: watch on.
+    crate::pause(AFTER_BURST).await;
+    let stats = farm.viewer_stats();
+    let worst = farm.worst_gap();
+    let running: Vec<usize> = farm
+        .nodes
+        .iter()
+        .map(|n| {
+            farm_tests::procs::children_of(n.pid())
+                .len()
+                .saturating_sub(1)
+        })
+        .collect();
+    let b = Burst {
+        tally,
+        answered,
+        calm,
+        starts,
+        nodes: addrs.len(),
+    };
+    out.set(
+        "burst",
+        json!({
+            "answers": b.tally,
+            "answered_s": b.answered.as_secs_f64(),
+            "calm_worst_gap_s": b.calm.as_secs_f64(),
+            "channel_starts_during_burst": b.starts,
+            "watched_after_s": AFTER_BURST.as_secs_f64(),
+            "node_children_except_guard_after": running,
+            "viewers": stats.iter().map(|s| json!({
+                "channel": s.channel,
+                "segments": s.segments,
+                "max_gap_s": s.max_gap.as_secs_f64(),
+                "statuses": s.statuses,
+                "errors": s.errors.iter().take(5).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }),
+    );
+    out.fig(burst_figure(&b, &stats, worst));
+    drop(farm);
+    Ok(())
+}
+
+/// The anchor: the worst gap of the same viewers over a window as long as the burst's, with nothing
+/// else going on.
+async fn calm_worst_gap(farm: &AbuseFarm) -> Duration {
     farm.reset_gaps();
     crate::pause(CALM).await;
     let calm = farm.worst_gap();
     farm.reset_gaps();
-    let starts_before = farm.metric("farm_node_channel_starts_total").await;
-    let t0 = Instant::now();
+    calm
+}
+
+/// [`BURST`] concurrent first requests for different channels, split over `addrs`, each from its own
+/// source address; the answers tallied by kind.
+async fn fire_burst(addrs: &[SocketAddr]) -> BTreeMap<String, u64> {
     let tasks: Vec<_> = (0..BURST)
         .map(|i| {
             let half = i * addrs.len() / BURST;
@@ -81,40 +136,26 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
         };
         *tally.entry(key).or_default() += 1;
     }
-    let answered = t0.elapsed();
-    let starts = farm.metric("farm_node_channel_starts_total").await - starts_before;
-    // The FFmpegs the burst started run now: watch on.
-    crate::pause(AFTER_BURST).await;
-    let stats = farm.viewer_stats();
-    let worst = farm.worst_gap();
+    tally
+}
+
+/// What the burst measured.
+struct Burst {
+    /// Answers by kind.
+    tally: BTreeMap<String, u64>,
+    /// From the first request to the last answer.
+    answered: Duration,
+    /// The viewers' worst gap just before the burst.
+    calm: Duration,
+    /// Channel starts the burst caused.
+    starts: f64,
+    nodes: usize,
+}
+
+/// `burst_worst_gap_s`: the viewers' worst gap during and after the burst.
+fn burst_figure(b: &Burst, stats: &[ViewerStats], worst: Duration) -> Figure {
+    let (tally, starts) = (&b.tally, b.starts);
     let viewer_errors: usize = stats.iter().map(|s| s.errors.len()).sum();
-    let running: Vec<usize> = farm
-        .nodes
-        .iter()
-        .map(|n| {
-            farm_tests::procs::children_of(n.pid())
-                .len()
-                .saturating_sub(1)
-        })
-        .collect();
-    out.set(
-        "burst",
-        json!({
-            "answers": tally,
-            "answered_s": answered.as_secs_f64(),
-            "calm_worst_gap_s": calm.as_secs_f64(),
-            "channel_starts_during_burst": starts,
-            "watched_after_s": AFTER_BURST.as_secs_f64(),
-            "node_children_except_guard_after": running,
-            "viewers": stats.iter().map(|s| json!({
-                "channel": s.channel,
-                "segments": s.segments,
-                "max_gap_s": s.max_gap.as_secs_f64(),
-                "statuses": s.statuses,
-                "errors": s.errors.iter().take(5).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        }),
-    );
     let ok = tally.get("200").copied().unwrap_or(0);
     let accel = tally.get("200+accel").copied().unwrap_or(0);
     let busy = tally.get("503+retry-after").copied().unwrap_or(0);
@@ -129,13 +170,13 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
         .detail(format!(
             "worst wait between two new segments of {} watched channels (through nginx) from a burst of {BURST} first requests for {BURST} catalog channels ({} per node, one source address each) until {} s after its last answer; answers in {} s: {ok} x 200 from the node asked, {accel} x 200 with X-Accel-Redirect to the owner (nginx would send the file), {busy} x 503+Retry-After{}; {starts} channel starts; 2 nodes, max streams {MAX_STREAMS} each, real FFmpeg, hls_time {} s (goal: the cadence plus one segment, as the abuse tests assert); anchor: the same viewers without a burst, {} s just before it: worst wait {} s",
             stats.len(),
-            BURST / addrs.len().max(1),
+            BURST / b.nodes.max(1),
             AFTER_BURST.as_secs(),
-            num(answered.as_secs_f64()),
+            num(b.answered.as_secs_f64()),
             if other.is_empty() { String::new() } else { format!(", {}", other.join(", ")) },
             HLS_TIME.as_secs_f64(),
             CALM.as_secs(),
-            num(calm.as_secs_f64()),
+            num(b.calm.as_secs_f64()),
         ));
     if stats.iter().any(|s| s.segments == 0) {
         f = f.note("a watched viewer got no segment during the burst: no gap to report");
@@ -148,9 +189,7 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
             stats.iter().flat_map(|s| s.errors.first()).next()
         ));
     }
-    out.fig(f);
-    drop(farm);
-    Ok(())
+    f
 }
 
 /// A first request with `Connection: close`: `(status, has Retry-After, has X-Accel-Redirect)`.
@@ -171,10 +210,7 @@ async fn first_request(
 
 async fn import(out: &mut PhaseOutput) -> Result<(), String> {
     let redis = RedisServer::start();
-    let dir = tempfile::Builder::new()
-        .prefix("farm-bench-import-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
+    let dir = crate::temp_dir("farm-bench-import-")?;
     let file = dir.path().join("provider.m3u");
     write_m3u(&file, IMPORT_CHANNELS).map_err(|e| format!("write {}: {e}", file.display()))?;
     let file_bytes = std::fs::metadata(&file).map_or(0, |m| m.len());

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::report::{num, percentile, Figure, Goal, PhaseOutput};
-use crate::{coordinator_bin, get, killfarm, Settings};
+use crate::report::{num, percentile, Goal, PhaseOutput};
+use crate::{get, killfarm, Settings};
 use farm_tests::coordinator::{events, owner};
 use farm_tests::farm::FAST;
 use farm_tests::hls::MediaPlaylist;
@@ -41,48 +41,14 @@ fn node_args() -> Vec<&'static str> {
 
 pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let goal = Goal::AtMost(NODE_TTL_S + TICK_S + 2.0);
-    let mut out = PhaseOutput::default();
-    if coordinator_bin().is_none() {
-        let why =
-            "farm-coordinator is not built in this checkout (issue 3): not measured".to_string();
-        out.fig(Figure::missing("failover_s_p50", "s", goal, why.clone()));
-        out.fig(Figure::missing("failover_s_p99", "s", goal, why));
+    if let Some(out) = killfarm::unmeasured_without_coordinator(
+        ["failover_s_p50", "failover_s_p99"],
+        goal,
+        "farm-coordinator is not built in this checkout (issue 3): not measured",
+    ) {
         return Ok(out);
     }
-    let killfarm::KillFarm {
-        redis,
-        provider,
-        root: _root,
-        mut nodes,
-        co,
-    } = killfarm::start(
-        "farm-bench-failover-",
-        CHANNEL,
-        "/live/fo.ts",
-        ["n1", "n2"],
-        |id, url, root| NodeOpts::new(id, url, root.join(id)).args(node_args()),
-    )
-    .await?;
-    let mut c = redis.conn().await;
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .map_err(|e| format!("http client: {e}"))?;
-
-    // The channel starts on n1.
-    let (st, body) = get(
-        &client,
-        &format!("{}/live/{CHANNEL}/index.m3u8", nodes[0].base_url()),
-    )
-    .await?;
-    if st != 200 {
-        return Err(format!(
-            "first start on n1: {st}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-
+    let mut f = FailoverFarm::start().await?;
     let mut times = Vec::new();
     let mut viewer_times = Vec::new();
     let mut trials = Vec::new();
@@ -93,11 +59,67 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         } else {
             Mode::Viewer
         };
-        let (victim, _) = killfarm::owner_index(&mut c, &nodes, CHANNEL).await?;
+        let (took, record) = f.kill_owner(trial, mode).await?;
+        match mode {
+            Mode::Coordinator => times.push(took),
+            Mode::Viewer => viewer_times.push(took),
+        }
+        trials.push(record);
+    }
+    drop(f);
+    Ok(report(goal, &times, &viewer_times, trials))
+}
+
+/// The kill farm and an HTTP client that does not follow redirects.
+struct FailoverFarm {
+    client: reqwest::Client,
+    farm: killfarm::KillFarm,
+}
+
+impl FailoverFarm {
+    /// Starts the farm, and the channel on n1.
+    async fn start() -> Result<FailoverFarm, String> {
+        let farm = killfarm::start(
+            "farm-bench-failover-",
+            CHANNEL,
+            "/live/fo.ts",
+            ["n1", "n2"],
+            |id, url, root| NodeOpts::new(id, url, root.join(id)).args(node_args()),
+        )
+        .await?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(20))
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        let (st, body) = get(
+            &client,
+            &format!("{}/live/{CHANNEL}/index.m3u8", farm.nodes[0].base_url()),
+        )
+        .await?;
+        if st != 200 {
+            return Err(format!(
+                "first start on n1: {st}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        Ok(FailoverFarm { client, farm })
+    }
+
+    /// One trial: `kill -9` of the owner of the watched channel, the time until the other node
+    /// served its newest segment (noticed the `mode` way), and the trial's record. The killed node
+    /// comes back (new incarnation, same folder) afterwards.
+    async fn kill_owner(
+        &mut self,
+        trial: usize,
+        mode: Mode,
+    ) -> Result<(f64, serde_json::Value), String> {
+        let (client, c, nodes) = (&self.client, &mut self.farm.c, &mut self.farm.nodes);
+        let (victim, _) = killfarm::owner_index(c, nodes, CHANNEL).await?;
         let survivor = 1 - victim;
         // Watched, and a few segments into its run, on a farm where both nodes are alive.
-        settle(&client, &mut c, &nodes, victim, survivor).await?;
-        let events_before = events(&mut c, "farm").await.len();
+        settle(client, c, nodes, victim, survivor).await?;
+        let events_before = events(c, "farm").await.len();
 
         nodes[victim].kill9();
         let t0 = Instant::now();
@@ -105,22 +127,18 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         let served = match mode {
             Mode::Coordinator => {
                 let survivor_id = nodes[survivor].node_id().to_string();
-                owned_by(&mut c, &survivor_id, t0).await?;
-                first_segment_from(&client, &base, t0).await
+                owned_by(c, &survivor_id, t0).await?;
+                first_segment_from(client, &base, t0).await
             }
-            Mode::Viewer => first_segment_from(&client, &base, t0).await,
+            Mode::Viewer => first_segment_from(client, &base, t0).await,
         };
         let took = t0.elapsed().as_secs_f64();
-        let ev = events(&mut c, "farm").await;
+        let ev = events(c, "farm").await;
         let by_coordinator = ev[events_before.min(ev.len())..]
             .iter()
             .any(|e| e.kind() == "failover" && e.get("channel") == CHANNEL);
         let statuses = served?;
-        match mode {
-            Mode::Coordinator => times.push(took),
-            Mode::Viewer => viewer_times.push(took),
-        }
-        trials.push(json!({
+        let record = json!({
             "trial": trial,
             "mode": mode.name(),
             "killed": nodes[victim].node_id(),
@@ -128,14 +146,20 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             "seconds": took,
             "coordinator_failover_event_by_then": by_coordinator,
             "statuses_while_waiting": statuses,
-        }));
-        // The killed node comes back (new incarnation, same folder).
-        killfarm::restart(&mut nodes, victim).await?;
+        });
+        killfarm::restart(nodes, victim).await?;
+        Ok((took, record))
     }
-    drop(co);
-    drop(nodes);
-    drop(provider);
+}
 
+/// The trials under `failover`, and the coordinator failover's p50 and p99 against the anchor.
+fn report(
+    goal: Goal,
+    times: &[f64],
+    viewer_times: &[f64],
+    trials: Vec<serde_json::Value>,
+) -> PhaseOutput {
+    let mut out = PhaseOutput::default();
     out.set(
         "failover",
         json!({
@@ -146,20 +170,21 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         }),
     );
     let anchor = NODE_TTL_S + TICK_S;
-    for (name, p) in [("failover_s_p50", 50.0), ("failover_s_p99", 99.0)] {
-        let mut f = Figure::new(name, "s", goal).detail(format!(
-            "kill -9 of the owner -> coordinator failover -> newest segment served by the other node, {} trials; anchor node_ttl + tick = {} s (real ffmpeg, hls_time 1 s); a viewer retrying on the other node gets it after p50 {} s (lease expiry, {} trials)",
-            times.len(),
-            num(anchor),
-            num(percentile(&viewer_times, 50.0).unwrap_or(f64::NAN)),
-            viewer_times.len()
-        ));
-        if let Some(v) = percentile(&times, p) {
-            f = f.value(v);
-        }
-        out.fig(f);
-    }
-    Ok(out)
+    let detail = format!(
+        "kill -9 of the owner -> coordinator failover -> newest segment served by the other node, {} trials; anchor node_ttl + tick = {} s (real ffmpeg, hls_time 1 s); a viewer retrying on the other node gets it after p50 {} s (lease expiry, {} trials)",
+        times.len(),
+        num(anchor),
+        num(percentile(viewer_times, 50.0).unwrap_or(f64::NAN)),
+        viewer_times.len()
+    );
+    killfarm::p50_p99(
+        &mut out,
+        ["failover_s_p50", "failover_s_p99"],
+        goal,
+        times,
+        &detail,
+    );
+    out
 }
 
 /// How a trial notices the failover.

@@ -11,10 +11,14 @@ use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
 
-use crate::add_channel;
+use crate::report::{percentile, Figure, Goal, PhaseOutput};
+use crate::{add_channel, coordinator_bin};
 
-/// The running farm; fields in drop order (coordinator first, Redis last).
+/// The running farm; fields in drop order (the watching connection and the coordinator first, Redis
+/// last).
 pub struct KillFarm {
+    /// A connection to watch the farm with.
+    pub c: redis::aio::MultiplexedConnection,
     pub co: CoordinatorProcess,
     pub nodes: Vec<NodeProcess>,
     pub root: tempfile::TempDir,
@@ -33,10 +37,7 @@ pub async fn start(
 ) -> Result<KillFarm, String> {
     let redis = RedisServer::start();
     let provider = FakeProvider::start().await;
-    let root = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
+    let root = crate::temp_dir(prefix)?;
     let url = redis.url();
     add_channel(&url, channel, &provider.url(path))?;
     let mut nodes: Vec<NodeProcess> = Vec::new();
@@ -66,6 +67,7 @@ pub async fn start(
         crate::pause(Duration::from_millis(100)).await;
     }
     Ok(KillFarm {
+        c,
         co,
         nodes,
         root,
@@ -97,4 +99,38 @@ pub async fn owner_index(
         .position(|n| n.node_id() == owner_id)
         .ok_or_else(|| format!("owner {owner_id} is not one of the bench's nodes"))?;
     Ok((i, gen))
+}
+
+/// Without farm-coordinator in this checkout, the phase's two figures (`names`) are missing for
+/// `why`: that output, or `None` when the coordinator is built.
+pub fn unmeasured_without_coordinator(
+    names: [&'static str; 2],
+    goal: Goal,
+    why: &str,
+) -> Option<PhaseOutput> {
+    if coordinator_bin().is_some() {
+        return None;
+    }
+    let mut out = PhaseOutput::default();
+    for name in names {
+        out.fig(Figure::missing(name, "s", goal, why.to_string()));
+    }
+    Some(out)
+}
+
+/// The p50 and p99 figures (`names`, in seconds) of `values`, both with `detail`.
+pub fn p50_p99(
+    out: &mut PhaseOutput,
+    names: [&'static str; 2],
+    goal: Goal,
+    values: &[f64],
+    detail: &str,
+) {
+    for (name, p) in [(names[0], 50.0), (names[1], 99.0)] {
+        let mut f = Figure::new(name, "s", goal).detail(detail.to_string());
+        if let Some(v) = percentile(values, p) {
+            f = f.value(v);
+        }
+        out.fig(f);
+    }
 }

@@ -434,6 +434,14 @@ pub async fn node_metrics(client: &reqwest::Client, base: &str) -> Result<String
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A temp dir named `prefix…` for what a phase starts; removed when dropped.
+pub fn temp_dir(prefix: &str) -> Result<tempfile::TempDir, String> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))
+}
+
 /// Sleeps without blocking the runtime (pacing of the benchmark's own steps, not synchronisation).
 pub async fn pause(d: Duration) {
     tokio::time::sleep(d).await;

@@ -168,33 +168,8 @@ fn minimal_config(
         Variant::Template => "auth_request /_farm_auth;",
         Variant::TemplateNoAuth | Variant::Best => "",
     };
-    let user = if rustix::process::geteuid().is_root() {
-        "user root;"
-    } else {
-        ""
-    };
-    let _ = std::fs::create_dir_all(run_dir.join("logs"));
-    let _ = std::fs::create_dir_all(run_dir.join("tmp"));
-    format!(
-        r#"{user}
-worker_processes auto;
-pid {run}/nginx.pid;
-error_log {run}/logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    server_tokens off;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_timeout 65s;
-    open_file_cache off;
-    client_body_temp_path {run}/tmp/body;
-    proxy_temp_path {run}/tmp/proxy;
-    fastcgi_temp_path {run}/tmp/fastcgi;
-    uwsgi_temp_path {run}/tmp/uwsgi;
-    scgi_temp_path {run}/tmp/scgi;
-    types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; }}
-    access_log {run}/logs/access.log;
+    let server = format!(
+        r#"    access_log {run}/logs/access.log;
     upstream farm_nodes {{ server {node}; keepalive 32; }}
     server {{
         listen {listen};
@@ -214,15 +189,36 @@ http {{
         }}
         location / {{ return 404; }}
     }}
-}}
 "#
-    )
+    );
+    built_in_config(run_dir, "    open_file_cache off;\n", &server)
 }
 
 /// Plain nginx at its best for static files under `/live/`: see the module docs.
 fn best_config(root: &Path, listen: SocketAddr, run_dir: &Path) -> String {
-    let run = run_dir.display();
     let root = root.display();
+    let tuning = "    keepalive_requests 1000000;
+    access_log off;
+    open_file_cache max=10000 inactive=20s;
+    open_file_cache_valid 1s;
+    open_file_cache_min_uses 1;
+    open_file_cache_errors on;
+";
+    let server = format!(
+        "    server {{
+        listen {listen};
+        location /live/ {{ alias {root}/; }}
+    }}
+"
+    );
+    built_in_config(run_dir, tuning, &server)
+}
+
+/// What the built-in configs share: nginx running from `run_dir` (created), sendfile on, the temp
+/// paths and types; `tuning` goes after the keep-alive timeout, `server` (the server block and what
+/// it needs) ends the `http` block.
+fn built_in_config(run_dir: &Path, tuning: &str, server: &str) -> String {
+    let run = run_dir.display();
     let user = if rustix::process::geteuid().is_root() {
         "user root;"
     } else {
@@ -242,23 +238,13 @@ http {{
     tcp_nopush on;
     tcp_nodelay on;
     keepalive_timeout 65s;
-    keepalive_requests 1000000;
-    access_log off;
-    open_file_cache max=10000 inactive=20s;
-    open_file_cache_valid 1s;
-    open_file_cache_min_uses 1;
-    open_file_cache_errors on;
-    client_body_temp_path {run}/tmp/body;
+{tuning}    client_body_temp_path {run}/tmp/body;
     proxy_temp_path {run}/tmp/proxy;
     fastcgi_temp_path {run}/tmp/fastcgi;
     uwsgi_temp_path {run}/tmp/uwsgi;
     scgi_temp_path {run}/tmp/scgi;
     types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; }}
-    server {{
-        listen {listen};
-        location /live/ {{ alias {root}/; }}
-    }}
-}}
+{server}}}
 "#
     )
 }

@@ -19,6 +19,8 @@
 //! `MONITOR` counts the commands clients send ([`crate::sys::Monitor`]) and the node's
 //! `farm_node_request_path_redis_calls_total` is read before and after.
 
+mod figures;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,12 +29,13 @@ use serde_json::json;
 
 use crate::load::{self, LoadResult, LoadSpec};
 use crate::nginx::{self as bnginx, BenchNginx, Variant};
-use crate::report::{num, Figure, Goal, PhaseOutput};
+use crate::report::PhaseOutput;
 use crate::sys::{self, Monitor};
 use crate::{get, http, metric_sum, node_metrics, Settings, ADMIN_TOKEN};
 use farm_tests::hls::MediaPlaylist;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::redis::RedisServer;
+use figures::{report_comparisons, report_redis, request_path_figure};
 
 const CHANNEL: &str = "live";
 /// FFmpeg's own playlist in the channel folder (farm-node's `playlist::FFMPEG_PLAYLIST`): the node
@@ -139,67 +142,191 @@ impl Side {
 }
 
 pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
-    let redis = RedisServer::start();
-    let root = tempfile::Builder::new()
-        .prefix("farm-bench-rps-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
-    let node_root = root.path().join("n1");
-    let chan_dir = node_root.join(CHANNEL);
-    crate::add_channel(
-        &redis.url(),
-        CHANNEL,
-        &format!("http://127.0.0.1:9/{CHANNEL}.ts?mode=normal&bytes={SEGMENT_BYTES}"),
-    )?;
-    let node = NodeProcess::spawn(
-        NodeOpts::new("bench-n1", redis.url(), &node_root)
-            .with_fake_ffmpeg()
-            .args(["--admin-token", ADMIN_TOKEN]),
-    );
-    let base = node.base_url();
-    let client = http();
-    let (status, body) = get(&client, &format!("{base}/live/{CHANNEL}/index.m3u8")).await?;
-    if status != 200 {
-        return Err(format!(
-            "first playlist request: {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-    // A couple of segments on disk, so the newest one stays listed for a whole round pair.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    while newest_segment(&chan_dir).map(|p| p.2).unwrap_or(0) < 2 {
-        if tokio::time::Instant::now() > deadline {
-            return Err("the channel did not list 2 segments within 20 s".into());
-        }
-        crate::pause(std::time::Duration::from_millis(100)).await;
-    }
-    let node_addr = node.addr();
+    let live = LiveNode::start().await?;
+    let node_addr = live.node.addr();
     // Every target serves the right bytes before anything is measured.
-    let (seg, seg_size, _) = newest_segment(&chan_dir)?;
-    check_target(&client, "node", node_addr, &seg, seg_size, "index.m3u8").await?;
+    let (seg, seg_size, _) = newest_segment(&live.chan_dir)?;
+    check_target(
+        &live.client,
+        "node",
+        node_addr,
+        &seg,
+        seg_size,
+        "index.m3u8",
+    )
+    .await?;
     // Without nginx (not installed, or a template the benchmark cannot use) the node-only
     // figures are still measured; the ratios say why they are missing.
-    let fronts = start_fronts(node_addr, &node_root, &client, &seg, seg_size).await;
-    let node_pid = node.pid();
-    let pids_of = |f: fn(&Fronts) -> &BenchNginx| {
-        fronts
-            .as_ref()
-            .map(|x| server_pids(f(x)))
-            .unwrap_or_default()
-    };
-    let auth_pids = pids_of(|f| &f.template);
-    let noauth_pids = pids_of(|f| &f.template_no_auth);
-    let best_pids = pids_of(|f| &f.best);
-    let auth_addr = fronts.as_ref().ok().map(|f| f.template.addr());
-    let noauth_addr = fronts.as_ref().ok().map(|f| f.template_no_auth.addr());
-    let best_addr = fronts.as_ref().ok().map(|f| f.best.addr());
-    let metrics_before = node_metrics(&client, &base).await?;
+    let fronts = start_fronts(node_addr, &live.node_root, &live.client, &seg, seg_size).await;
+    let targets = Targets::new(&live.node, &fronts);
+    let metrics_before = node_metrics(&live.client, &live.base).await?;
     let rp_before = metric_sum(&metrics_before, "farm_node_request_path_redis_calls_total");
-    let stats_before = redis.command_calls().await;
+    let stats_before = live.redis.command_calls().await;
 
-    let mut sides: BTreeMap<(&'static str, char), Side> = BTreeMap::new();
-    let mut redis_cmds: BTreeMap<String, u64> = BTreeMap::new();
-    let mut segment_sizes = Vec::new();
+    let rounds = measure_rounds(s, &live, &targets).await?;
+
+    let stats_after = live.redis.command_calls().await;
+    let metrics_after = node_metrics(&live.client, &live.base).await?;
+    let rp_after = metric_sum(&metrics_after, "farm_node_request_path_redis_calls_total");
+
+    let mut out = PhaseOutput::default();
+    report_comparisons(&mut out, s, &rounds.sides, fronts.as_ref().err());
+    let a_responses = report_redis(&mut out, &rounds, &stats_before, &stats_after);
+    out.fig(request_path_figure(rp_before, rp_after, a_responses));
+    out.set(
+        "setup",
+        json!({
+            "nginx_config": bnginx::config_source(),
+            "segment_bytes": rounds.segment_sizes,
+            "node_rss_kb_after": sys::rss_kb(targets.node_pid),
+        }),
+    );
+    drop(fronts);
+    drop(live);
+    Ok(out)
+}
+
+/// The measured farm: one node with a live channel on fake FFmpeg, its Redis and folder. Fields drop
+/// in this order: the node first, the folder, Redis last.
+struct LiveNode {
+    node: NodeProcess,
+    client: reqwest::Client,
+    base: String,
+    chan_dir: PathBuf,
+    node_root: PathBuf,
+    _root: tempfile::TempDir,
+    redis: RedisServer,
+}
+
+impl LiveNode {
+    /// Starts the node, asks for the channel's playlist once and waits until FFmpeg's playlist lists
+    /// a couple of segments, so the newest one stays listed for a whole round pair.
+    async fn start() -> Result<LiveNode, String> {
+        let redis = RedisServer::start();
+        let root = crate::temp_dir("farm-bench-rps-")?;
+        let node_root = root.path().join("n1");
+        let chan_dir = node_root.join(CHANNEL);
+        crate::add_channel(
+            &redis.url(),
+            CHANNEL,
+            &format!("http://127.0.0.1:9/{CHANNEL}.ts?mode=normal&bytes={SEGMENT_BYTES}"),
+        )?;
+        let node = NodeProcess::spawn(
+            NodeOpts::new("bench-n1", redis.url(), &node_root)
+                .with_fake_ffmpeg()
+                .args(["--admin-token", ADMIN_TOKEN]),
+        );
+        let base = node.base_url();
+        let client = http();
+        let (status, body) = get(&client, &format!("{base}/live/{CHANNEL}/index.m3u8")).await?;
+        if status != 200 {
+            return Err(format!(
+                "first playlist request: {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while newest_segment(&chan_dir).map(|p| p.2).unwrap_or(0) < 2 {
+            if tokio::time::Instant::now() > deadline {
+                return Err("the channel did not list 2 segments within 20 s".into());
+            }
+            crate::pause(std::time::Duration::from_millis(100)).await;
+        }
+        Ok(LiveNode {
+            node,
+            client,
+            base,
+            chan_dir,
+            node_root,
+            _root: root,
+            redis,
+        })
+    }
+}
+
+/// Where one side of a comparison sends its load, and whose CPU is the server's.
+struct Target {
+    addr: SocketAddr,
+    path: String,
+    pids: Vec<i32>,
+}
+
+/// The node and each nginx (address and server pids; `None`: no nginx).
+struct Targets {
+    node_addr: SocketAddr,
+    node_pid: i32,
+    best: Option<(SocketAddr, Vec<i32>)>,
+    template: Option<(SocketAddr, Vec<i32>)>,
+    template_no_auth: Option<(SocketAddr, Vec<i32>)>,
+}
+
+impl Targets {
+    fn new(node: &NodeProcess, fronts: &Result<Fronts, String>) -> Targets {
+        let front = |f: fn(&Fronts) -> &BenchNginx| {
+            fronts
+                .as_ref()
+                .ok()
+                .map(|x| (f(x).addr(), server_pids(f(x))))
+        };
+        Targets {
+            node_addr: node.addr(),
+            node_pid: node.pid(),
+            best: front(|f| &f.best),
+            template: front(|f| &f.template),
+            template_no_auth: front(|f| &f.template_no_auth),
+        }
+    }
+
+    /// The A and B sides of `cmp` on the segment `seg`; `None`: that side's nginx is missing.
+    fn sides(&self, cmp: Cmp, seg: &str) -> (Option<Target>, Option<Target>) {
+        let seg_path = format!("/live/{CHANNEL}/{seg}");
+        let pl_path = format!("/live/{CHANNEL}/index.m3u8");
+        let best_pl_path = format!("/live/{CHANNEL}/{FFMPEG_PLAYLIST}");
+        let on = |front: &Option<(SocketAddr, Vec<i32>)>, path: &str, with_node: bool| {
+            front.as_ref().map(|(addr, pids)| {
+                let mut pids = pids.clone();
+                if with_node {
+                    pids.push(self.node_pid);
+                }
+                Target {
+                    addr: *addr,
+                    path: path.to_string(),
+                    pids,
+                }
+            })
+        };
+        let node = Some((self.node_addr, Vec::new()));
+        let a = match cmp {
+            Cmp::Segment => on(&node, &seg_path, true),
+            Cmp::Playlist => on(&node, &pl_path, true),
+            Cmp::TemplatePlaylist => on(&self.template, &pl_path, true),
+            Cmp::AuthSegment | Cmp::TemplateSegment => on(&self.template, &seg_path, true),
+        };
+        let b = match cmp {
+            Cmp::Segment | Cmp::TemplateSegment => on(&self.best, &seg_path, false),
+            Cmp::Playlist | Cmp::TemplatePlaylist => on(&self.best, &best_pl_path, false),
+            Cmp::AuthSegment => on(&self.template_no_auth, &seg_path, false),
+        };
+        (a, b)
+    }
+}
+
+/// What the rounds measured.
+struct Rounds {
+    sides: BTreeMap<(&'static str, char), Side>,
+    /// Commands clients sent to Redis while the A sides ran.
+    redis_cmds: BTreeMap<String, u64>,
+    segment_sizes: Vec<u64>,
+}
+
+/// `s.rounds` ABBA rounds of every comparison, each on the newest segment; a Redis `MONITOR` runs
+/// while an A side does.
+async fn measure_rounds(s: &Settings, live: &LiveNode, t: &Targets) -> Result<Rounds, String> {
+    let mut rounds = Rounds {
+        sides: BTreeMap::new(),
+        redis_cmds: BTreeMap::new(),
+        segment_sizes: Vec::new(),
+    };
     for round in 0..s.rounds {
         for cmp in [
             Cmp::Segment,
@@ -208,233 +335,55 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             Cmp::TemplatePlaylist,
             Cmp::AuthSegment,
         ] {
-            let (seg, size, _) = newest_segment(&chan_dir)?;
-            segment_sizes.push(size);
-            let seg_path = format!("/live/{CHANNEL}/{seg}");
-            let pl_path = format!("/live/{CHANNEL}/index.m3u8");
-            let best_pl_path = format!("/live/{CHANNEL}/{FFMPEG_PLAYLIST}");
-            // (target address, path, pids whose CPU is the server's); None: no nginx.
-            let a = match cmp {
-                Cmp::Segment => Some((node_addr, seg_path.clone(), vec![node_pid])),
-                Cmp::Playlist => Some((node_addr, pl_path.clone(), vec![node_pid])),
-                Cmp::AuthSegment | Cmp::TemplateSegment | Cmp::TemplatePlaylist => {
-                    auth_addr.map(|addr| {
-                        let mut p = auth_pids.clone();
-                        p.push(node_pid);
-                        let path = if cmp == Cmp::TemplatePlaylist {
-                            &pl_path
-                        } else {
-                            &seg_path
-                        };
-                        (addr, path.clone(), p)
-                    })
-                }
-            };
-            let b = match cmp {
-                Cmp::Segment | Cmp::TemplateSegment => {
-                    best_addr.map(|addr| (addr, seg_path.clone(), best_pids.clone()))
-                }
-                Cmp::Playlist | Cmp::TemplatePlaylist => {
-                    best_addr.map(|addr| (addr, best_pl_path.clone(), best_pids.clone()))
-                }
-                Cmp::AuthSegment => {
-                    noauth_addr.map(|addr| (addr, seg_path.clone(), noauth_pids.clone()))
-                }
-            };
+            let (seg, size, _) = newest_segment(&live.chan_dir)?;
+            rounds.segment_sizes.push(size);
+            let (a, b) = t.sides(cmp, &seg);
             let order = if round % 2 == 0 {
                 ['A', 'B']
             } else {
                 ['B', 'A']
             };
             for side in order {
-                let Some((addr, path, pids)) = (if side == 'A' { &a } else { &b }) else {
+                let Some(target) = (if side == 'A' { &a } else { &b }) else {
                     continue;
                 };
-                let spec = LoadSpec {
-                    addr: *addr,
-                    path: path.clone(),
-                    connections: s.connections,
-                    warmup: s.warmup,
-                    duration: s.round,
-                    expect_status: 200,
-                };
                 let monitor = if side == 'A' {
-                    Some(Monitor::start(redis.port())?)
+                    Some(Monitor::start(live.redis.port())?)
                 } else {
                     None
                 };
-                let cpu0 = Cpu::read(pids, node_pid);
-                let r = load::run(&spec).await;
-                let cpu = Cpu::read(pids, node_pid).minus(&cpu0);
-                let all = r.statuses.values().sum::<u64>() + r.warmup_responses;
+                let (r, all, cpu) = load_side(s, target, t.node_pid).await;
                 if let Some(m) = monitor {
                     for (k, v) in m.stop() {
-                        *redis_cmds.entry(k).or_default() += v;
+                        *rounds.redis_cmds.entry(k).or_default() += v;
                     }
                 }
-                sides
+                rounds
+                    .sides
                     .entry((cmp.name(), side))
                     .or_default()
                     .add(&r, all, cpu);
             }
         }
     }
-    let stats_after = redis.command_calls().await;
-    let metrics_after = node_metrics(&client, &base).await?;
-    let rp_after = metric_sum(&metrics_after, "farm_node_request_path_redis_calls_total");
+    Ok(rounds)
+}
 
-    let mut out = PhaseOutput::default();
-    let shape = format!(
-        "{} conns, {} ABBA rounds x {:.1} s per side",
-        s.connections,
-        s.rounds,
-        s.round.as_secs_f64()
-    );
-    for (cmp, fig_name, goal, what_a, what_b) in [
-        (
-            Cmp::Segment,
-            "segment_rps_ratio",
-            Goal::AtLeast(1.0),
-            "node",
-            "plain nginx at its best",
-        ),
-        (
-            Cmp::Playlist,
-            "playlist_rps_ratio",
-            Goal::AtLeast(0.5),
-            "node",
-            "plain nginx at its best",
-        ),
-        (
-            Cmp::TemplateSegment,
-            "template_segment_rps_ratio",
-            Goal::Context,
-            "shipped template (auth_request)",
-            "plain nginx at its best",
-        ),
-        (
-            Cmp::TemplatePlaylist,
-            "template_playlist_rps_ratio",
-            Goal::Context,
-            "shipped template (auth_request)",
-            "plain nginx at its best",
-        ),
-        (
-            Cmp::AuthSegment,
-            "auth_segment_rps_ratio",
-            Goal::AtLeast(0.7),
-            "template with auth_request",
-            "template without auth_request",
-        ),
-    ] {
-        let a = sides.get(&(cmp.name(), 'A')).cloned().unwrap_or_default();
-        let b = sides.get(&(cmp.name(), 'B')).cloned().unwrap_or_default();
-        out.set(
-            cmp.name(),
-            json!({ "a": a.json(), "b": b.json(), "a_is": what_a, "b_is": what_b }),
-        );
-        let node_share = if matches!(
-            cmp,
-            Cmp::AuthSegment | Cmp::TemplateSegment | Cmp::TemplatePlaylist
-        ) {
-            format!(", node's /auth {} us of it", num(a.per_request(a.node_cpu)))
-        } else {
-            String::new()
-        };
-        let node_meanwhile = if fronts.is_ok() {
-            format!(
-                "; the node meanwhile {} us per nginx request",
-                num(b.per_request(b.node_cpu))
-            )
-        } else {
-            String::new()
-        };
-        let mut f = Figure::new(fig_name, "ratio", goal).detail(format!(
-            "{what_a} {} rps ({} us server CPU/req{node_share}) vs {what_b} {} rps ({} us{node_meanwhile}); load generator {} / {} us/req; {shape}",
-            num(a.rps()),
-            num(a.cpu_us_per_request()),
-            num(b.rps()),
-            num(b.cpu_us_per_request()),
-            num(a.per_request(a.client_cpu)),
-            num(b.per_request(b.client_cpu)),
-        ));
-        if let Err(e) = &fronts {
-            f = f.note(format!("no nginx to compare with: {e}"));
-        } else if a.errors + b.errors > 0 || a.requests == 0 || b.requests == 0 {
-            f = f.note(format!(
-                "errors A {} B {} (last: {:?} / {:?})",
-                a.errors, b.errors, a.last_error, b.last_error
-            ));
-        }
-        if b.rps() > 0.0 && a.requests > 0 {
-            f = f.value(a.rps() / b.rps());
-        }
-        out.fig(f);
-    }
-
-    // Redis commands per 1,000 viewer requests (every A request reached the node).
-    let a_responses: u64 = sides
-        .iter()
-        .filter(|((_, side), _)| *side == 'A')
-        .map(|(_, v)| v.all_responses)
-        .sum();
-    let cmds: u64 = redis_cmds.values().sum();
-    let stat_delta: BTreeMap<String, u64> = stats_after
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.saturating_sub(*stats_before.get(k).unwrap_or(&0)),
-            )
-        })
-        .filter(|(_, v)| *v > 0)
-        .collect();
-    out.set(
-        "redis",
-        json!({
-            "viewer_requests_monitored": a_responses,
-            "client_commands": redis_cmds,
-            "commandstats_delta_whole_phase_including_lua_and_bench": stat_delta,
-        }),
-    );
-    let mut f = Figure::new("redis_cmds_per_1k_requests", "", Goal::AtMost(5.0)).detail(format!(
-        "{cmds} commands sent by clients (MONITOR, script-internal ones excluded) during {a_responses} viewer requests to the node, {}",
-        redis_cmds
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    if a_responses > 0 {
-        f = f.value(cmds as f64 * 1000.0 / a_responses as f64);
-    }
-    out.fig(f);
-
-    let rp = match (rp_before, rp_after) {
-        (Some(b), Some(a)) => Figure::new("request_path_redis_rtt", "", Goal::AtMost(0.0))
-            .value(a - b)
-            .detail(format!(
-                "farm_node_request_path_redis_calls_total delta over {a_responses} viewer requests (total since start {a})"
-            )),
-        _ => Figure::missing(
-            "request_path_redis_rtt",
-            "",
-            Goal::AtMost(0.0),
-            "the node exports no farm_node_request_path_redis_calls_total".into(),
-        ),
+/// One side's load: its result, the responses counted (warm-up included) and the CPU it cost.
+async fn load_side(s: &Settings, target: &Target, node_pid: i32) -> (LoadResult, u64, Cpu) {
+    let spec = LoadSpec {
+        addr: target.addr,
+        path: target.path.clone(),
+        connections: s.connections,
+        warmup: s.warmup,
+        duration: s.round,
+        expect_status: 200,
     };
-    out.fig(rp);
-    out.set(
-        "setup",
-        json!({
-            "nginx_config": bnginx::config_source(),
-            "segment_bytes": segment_sizes,
-            "node_rss_kb_after": sys::rss_kb(node_pid),
-        }),
-    );
-    drop(fronts);
-    drop(node);
-    Ok(out)
+    let cpu0 = Cpu::read(&target.pids, node_pid);
+    let r = load::run(&spec).await;
+    let cpu = Cpu::read(&target.pids, node_pid).minus(&cpu0);
+    let all = r.statuses.values().sum::<u64>() + r.warmup_responses;
+    (r, all, cpu)
 }
 
 /// One GET of the segment and the playlist from `addr`: both 200, the segment complete.

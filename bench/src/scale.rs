@@ -28,8 +28,9 @@
 //! A second, shorter run with `--segment-cache 0` (when the node has that flag) separates the memory
 //! of the node's in-memory copies of hot segments from what supervising a stream costs.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+mod viewers;
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -37,10 +38,10 @@ use serde_json::json;
 use crate::report::{num, Figure, Goal, PhaseOutput};
 use crate::sys::{cpu_seconds, guard_of, pss_kb, rss_kb, threads};
 use crate::{add_channels, get, http, Settings};
-use farm_tests::hls::MediaPlaylist;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
+use viewers::Viewers;
 
 const SEGMENT_BYTES: u64 = 100_000;
 
@@ -183,12 +184,22 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     if let Some(r) = &no_cache {
         out.set("segment_cache_0", r.json());
     }
-    let secs = main.window_s;
     let relayed = format!(
         "{} kbit/s relayed per stream through the egress gateways ({} Mbit/s in all)",
         num(main.relayed_bytes_per_s_per_stream * 8.0 / 1000.0),
         num(main.relayed_bytes_per_s_per_stream * 8.0 * n as f64 / 1e6),
     );
+    out.fig(node_cpu_figure(&main, &relayed));
+    let (gcpu, grss) = guard_figures(&main, &relayed);
+    out.fig(gcpu);
+    out.fig(node_rss_figure(&main, no_cache.as_ref()));
+    out.fig(grss);
+    Ok(out)
+}
+
+/// `node_cpu_per_stream_pct`: farm-node + guard over the window, per stream.
+fn node_cpu_figure(main: &Run, relayed: &str) -> Figure {
+    let (n, secs) = (main.streams, main.window_s);
     let mut cpu = Figure::new("node_cpu_per_stream_pct", "%", Goal::AtMost(0.05))
         .value(main.cpu_pct_per_stream())
         .detail(format!(
@@ -215,7 +226,13 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             main.viewer_errors, main.ffmpeg_children
         ));
     }
-    out.fig(cpu);
+    cpu
+}
+
+/// `guard_cpu_per_stream_pct` and `guard_rss_per_stream_kb`: measured only when the same guard ran
+/// throughout.
+fn guard_figures(main: &Run, relayed: &str) -> (Figure, Figure) {
+    let (n, secs) = (main.streams, main.window_s);
     let mut gcpu = Figure::new("guard_cpu_per_stream_pct", "%", Goal::Context).detail(format!(
         "the guard's part of node_cpu_per_stream_pct: {} s over {} s, {relayed}; idle {}% of a core",
         num(main.guard.busy_cpu_s),
@@ -242,24 +259,27 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         gcpu = gcpu.note(why.clone());
         grss = grss.note(why);
     }
-    out.fig(gcpu);
-    let cache_note = no_cache.as_ref().map_or(String::new(), |r| {
+    (gcpu, grss)
+}
+
+/// `node_rss_per_stream_kb`, with what the run without segment cache says about the rest.
+fn node_rss_figure(main: &Run, no_cache: Option<&Run>) -> Figure {
+    let n = main.streams;
+    let cache_note = no_cache.map_or(String::new(), |r| {
         format!(
             "; with --segment-cache 0: {} KB per stream: the rest is the node's in-memory copies of the watched channels' newest {} KB segments (bounded node-wide by --segment-cache)",
             num(r.rss_kb_per_stream()),
             SEGMENT_BYTES / 1000
         )
     });
-    out.fig(
-        Figure::new("node_rss_per_stream_kb", "KB", Goal::AtMost(200.0))
-            .value(main.rss_kb_per_stream())
-            .detail(format!(
-                "RSS {} KB after {} s of viewing {n} streams vs {} KB idle, node defaults{cache_note}",
-                main.busy_rss_kb, main.viewing_s.round(), main.idle_rss_kb
-            )),
-    );
-    out.fig(grss);
-    Ok(out)
+    Figure::new("node_rss_per_stream_kb", "KB", Goal::AtMost(200.0))
+        .value(main.rss_kb_per_stream())
+        .detail(format!(
+            "RSS {} KB after {} s of viewing {n} streams vs {} KB idle, node defaults{cache_note}",
+            main.busy_rss_kb,
+            main.viewing_s.round(),
+            main.idle_rss_kb
+        ))
 }
 
 /// Whether `farm-node --help` lists `flag`.
@@ -271,6 +291,8 @@ fn node_has_flag(flag: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// One node with `n` streams: idle baseline, start every channel, a viewer each, CPU over the
+/// loaded `window`, RSS once the viewers have watched `min_viewing`.
 async fn measure(
     n: usize,
     extra: &[&str],
@@ -278,111 +300,197 @@ async fn measure(
     idle_window: Duration,
     min_viewing: Duration,
 ) -> Result<Run, String> {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::Builder::new()
-        .prefix("farm-bench-scale-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
-    let node_root = root.path().join("n1");
-    let channels: Vec<(String, String)> = (0..n)
-        .map(|i| {
-            (
-                format!("s{i}"),
-                provider.url(&format!(
-                    "/s{i}.ts?read=1&mode=normal&bytes={SEGMENT_BYTES}"
-                )),
-            )
-        })
-        .collect();
-    let url = redis.url();
-    let list = channels.clone();
-    tokio::task::spawn_blocking(move || add_channels(&url, &list))
-        .await
-        .map_err(|e| format!("add channels: {e}"))??;
-    let node = NodeProcess::spawn(
-        NodeOpts::new("bench-n1", redis.url(), &node_root)
-            .with_fake_ffmpeg()
-            .args(["--max-streams", "0", "--start-timeout", "30s"])
-            .args(extra.iter().copied()),
-    );
-    let pid = node.pid();
-    let base = node.base_url();
-    let client = http();
+    let farm = ScaleFarm::start(n, extra).await?;
+    let pid = farm.node.pid();
+    let (mut guard, idle) = idle_baseline(pid, idle_window).await?;
+    let start_all_s = farm.start_channels().await?;
+    let viewers = Viewers::start(&farm);
+    // A full playlist window of segments goes by before the window starts.
+    crate::pause(Duration::from_secs(4)).await;
+    let mut loaded = loaded_window(pid, guard.pid_idle, &farm.provider, &viewers, window).await?;
+    guard.busy_cpu_s = loaded.guard_cpu_s;
+    while viewers.since.elapsed() < min_viewing {
+        crate::pause((min_viewing - viewers.since.elapsed()).min(Duration::from_secs(1))).await;
+        loaded.rss_series_kb.extend(rss_kb(pid));
+    }
+    let busy_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
+    guard.pid_busy = guard_of(pid).unwrap_or(0);
+    guard.busy_rss_kb = rss_kb(guard.pid_busy).unwrap_or(0);
+    guard.busy_pss_kb = pss_kb(guard.pid_busy);
+    let viewing_s = viewers.since.elapsed().as_secs_f64();
+    let node_threads = threads(pid);
+    let ffmpegs = farm_tests::procs::children_of(pid)
+        .into_iter()
+        .filter(|c| *c != guard.pid_busy)
+        .count();
+    let viewer_errors = viewers.stop().await;
+    drop(farm);
+    let window_s = loaded.window.as_secs_f64();
+    Ok(Run {
+        streams: n,
+        window_s,
+        idle_cpu_s: idle.cpu_s,
+        idle_window_s: idle.window.as_secs_f64(),
+        busy_cpu_s: loaded.cpu_s,
+        idle_rss_kb: idle.rss_kb,
+        busy_rss_kb: busy_rss,
+        threads: node_threads,
+        rss_series_kb: loaded.rss_series_kb,
+        ffmpeg_children: ffmpegs,
+        viewer_rps: loaded.viewer_requests as f64 / window_s,
+        viewer_errors,
+        start_all_s,
+        viewing_s,
+        guard,
+        relayed_bytes_per_s_per_stream: loaded.sent as f64 / window_s / n.max(1) as f64,
+    })
+}
 
-    // Idle baseline.
+/// The measured farm: Redis, the fake provider, one node with `n` channels on it. Fields drop in
+/// this order: the node first, Redis last.
+struct ScaleFarm {
+    node: NodeProcess,
+    client: reqwest::Client,
+    base: String,
+    channels: Vec<(String, String)>,
+    _root: tempfile::TempDir,
+    provider: FakeProvider,
+    _redis: RedisServer,
+}
+
+impl ScaleFarm {
+    async fn start(n: usize, extra: &[&str]) -> Result<ScaleFarm, String> {
+        let redis = RedisServer::start();
+        let provider = FakeProvider::start().await;
+        let root = crate::temp_dir("farm-bench-scale-")?;
+        let node_root = root.path().join("n1");
+        let channels: Vec<(String, String)> = (0..n)
+            .map(|i| {
+                (
+                    format!("s{i}"),
+                    provider.url(&format!(
+                        "/s{i}.ts?read=1&mode=normal&bytes={SEGMENT_BYTES}"
+                    )),
+                )
+            })
+            .collect();
+        let url = redis.url();
+        let list = channels.clone();
+        tokio::task::spawn_blocking(move || add_channels(&url, &list))
+            .await
+            .map_err(|e| format!("add channels: {e}"))??;
+        let node = NodeProcess::spawn(
+            NodeOpts::new("bench-n1", redis.url(), &node_root)
+                .with_fake_ffmpeg()
+                .args(["--max-streams", "0", "--start-timeout", "30s"])
+                .args(extra.iter().copied()),
+        );
+        Ok(ScaleFarm {
+            base: node.base_url(),
+            node,
+            client: http(),
+            channels,
+            _root: root,
+            provider,
+            _redis: redis,
+        })
+    }
+
+    /// Starts every channel through its first request, 50 at a time; returns how long it took.
+    async fn start_channels(&self) -> Result<f64, String> {
+        let t = Instant::now();
+        let mut failed = Vec::new();
+        for chunk in self.channels.chunks(50) {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (id, _) in chunk {
+                let url = format!("{}/live/{id}/index.m3u8", self.base);
+                let client = self.client.clone();
+                let id = id.clone();
+                tasks.spawn(async move { (id, get(&client, &url).await) });
+            }
+            while let Some(r) = tasks.join_next().await {
+                match r {
+                    Ok((_, Ok((200, _)))) => {}
+                    Ok((id, Ok((st, body)))) => failed.push(format!(
+                        "{id}: {st} {}",
+                        String::from_utf8_lossy(&body).trim()
+                    )),
+                    Ok((id, Err(e))) => failed.push(format!("{id}: {e}")),
+                    Err(e) => failed.push(format!("start task: {e}")),
+                }
+            }
+        }
+        if !failed.is_empty() {
+            return Err(format!(
+                "{} of {} channels did not start: {}",
+                failed.len(),
+                self.channels.len(),
+                failed
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        Ok(t.elapsed().as_secs_f64())
+    }
+}
+
+/// The node's idle figures.
+struct Idle {
+    cpu_s: f64,
+    window: Duration,
+    rss_kb: u64,
+}
+
+/// The node and its guard with no stream, over `window`; the guard's busy fields are still unset.
+async fn idle_baseline(pid: i32, window: Duration) -> Result<(Guard, Idle), String> {
     crate::pause(Duration::from_secs(2)).await;
     let mut guard = Guard {
         pid_idle: guard_of(pid).unwrap_or(0),
         ..Guard::default()
     };
     let g0 = cpu_seconds(guard.pid_idle).unwrap_or(0.0);
-    let (idle_cpu, idle_window) = cpu_over(pid, idle_window).await?;
+    let (cpu_s, window) = cpu_over(pid, window).await?;
     guard.idle_cpu_s = cpu_seconds(guard.pid_idle).unwrap_or(0.0) - g0;
-    let idle_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
+    let node_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
     guard.idle_rss_kb = rss_kb(guard.pid_idle).unwrap_or(0);
     guard.idle_pss_kb = pss_kb(guard.pid_idle);
+    Ok((
+        guard,
+        Idle {
+            cpu_s,
+            window,
+            rss_kb: node_rss,
+        },
+    ))
+}
 
-    // Start every channel through its first request, 50 at a time.
-    let t = Instant::now();
-    let mut failed = Vec::new();
-    for chunk in channels.chunks(50) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (id, _) in chunk {
-            let url = format!("{base}/live/{id}/index.m3u8");
-            let client = client.clone();
-            let id = id.clone();
-            tasks.spawn(async move { (id, get(&client, &url).await) });
-        }
-        while let Some(r) = tasks.join_next().await {
-            match r {
-                Ok((_, Ok((200, _)))) => {}
-                Ok((id, Ok((st, body)))) => failed.push(format!(
-                    "{id}: {st} {}",
-                    String::from_utf8_lossy(&body).trim()
-                )),
-                Ok((id, Err(e))) => failed.push(format!("{id}: {e}")),
-                Err(e) => failed.push(format!("start task: {e}")),
-            }
-        }
-    }
-    if !failed.is_empty() {
-        return Err(format!(
-            "{} of {n} channels did not start: {}",
-            failed.len(),
-            failed
-                .iter()
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ")
-        ));
-    }
-    let start_all_s = t.elapsed().as_secs_f64();
+/// What the loaded window measured.
+struct Loaded {
+    cpu_s: f64,
+    window: Duration,
+    guard_cpu_s: f64,
+    /// Bytes the provider sent (what the gateways relayed).
+    sent: u64,
+    viewer_requests: u64,
+    /// The node's RSS every second.
+    rss_series_kb: Vec<u64>,
+}
 
-    // One viewer per stream.
-    let stop = Arc::new(AtomicBool::new(false));
-    let viewer_requests = Arc::new(AtomicU64::new(0));
-    let viewer_errors = Arc::new(AtomicU64::new(0));
-    let mut viewers = tokio::task::JoinSet::new();
-    let viewing_since = Instant::now();
-    for (i, (id, _)) in channels.iter().enumerate() {
-        let v = Viewer {
-            client: client.clone(),
-            base: format!("{base}/live/{id}"),
-            stop: stop.clone(),
-            requests: viewer_requests.clone(),
-            errors: viewer_errors.clone(),
-            // Spread over one reload interval.
-            offset: Duration::from_millis((i as u64 * 2000) / n.max(1) as u64),
-        };
-        viewers.spawn(v.run());
-    }
-    // A full playlist window of segments goes by before the window starts.
-    crate::pause(Duration::from_secs(4)).await;
-    let req0 = viewer_requests.load(Ordering::Relaxed);
+/// CPU of the node and of its guard `guard_pid` over `window` with every viewer watching, the bytes
+/// relayed and the viewers' requests meanwhile.
+async fn loaded_window(
+    pid: i32,
+    guard_pid: i32,
+    provider: &FakeProvider,
+    viewers: &Viewers,
+    window: Duration,
+) -> Result<Loaded, String> {
+    let req0 = viewers.requests.load(Ordering::Relaxed);
     let c0 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
-    let gc0 = cpu_seconds(guard.pid_idle);
+    let gc0 = cpu_seconds(guard_pid);
     let sent0 = provider.bytes_sent();
     let t0 = Instant::now();
     let mut rss_series_kb = Vec::new();
@@ -390,50 +498,22 @@ async fn measure(
         crate::pause((window - t0.elapsed()).min(Duration::from_secs(1))).await;
         rss_series_kb.extend(rss_kb(pid));
     }
-    let busy_cpu = cpu_seconds(pid).ok_or("node CPU time unreadable")? - c0;
+    let cpu_s = cpu_seconds(pid).ok_or("node CPU time unreadable")? - c0;
     let sent = provider.bytes_sent() - sent0;
-    let gc1 = cpu_seconds(guard.pid_idle);
-    let busy_window = t0.elapsed();
-    guard.busy_cpu_s = match (gc0, gc1) {
+    let gc1 = cpu_seconds(guard_pid);
+    let window = t0.elapsed();
+    let guard_cpu_s = match (gc0, gc1) {
         (Some(a), Some(b)) => b - a,
         _ => 0.0,
     };
-    let req1 = viewer_requests.load(Ordering::Relaxed);
-    while viewing_since.elapsed() < min_viewing {
-        crate::pause((min_viewing - viewing_since.elapsed()).min(Duration::from_secs(1))).await;
-        rss_series_kb.extend(rss_kb(pid));
-    }
-    let busy_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
-    guard.pid_busy = guard_of(pid).unwrap_or(0);
-    guard.busy_rss_kb = rss_kb(guard.pid_busy).unwrap_or(0);
-    guard.busy_pss_kb = pss_kb(guard.pid_busy);
-    let viewing_s = viewing_since.elapsed().as_secs_f64();
-    let node_threads = threads(pid);
-    let ffmpegs = farm_tests::procs::children_of(pid)
-        .into_iter()
-        .filter(|c| *c != guard.pid_busy)
-        .count();
-    stop.store(true, Ordering::Relaxed);
-    while viewers.join_next().await.is_some() {}
-    drop(node);
-    let window_s = busy_window.as_secs_f64();
-    Ok(Run {
-        streams: n,
-        window_s,
-        idle_cpu_s: idle_cpu,
-        idle_window_s: idle_window.as_secs_f64(),
-        busy_cpu_s: busy_cpu,
-        idle_rss_kb: idle_rss,
-        busy_rss_kb: busy_rss,
-        threads: node_threads,
+    let req1 = viewers.requests.load(Ordering::Relaxed);
+    Ok(Loaded {
+        cpu_s,
+        window,
+        guard_cpu_s,
+        sent,
+        viewer_requests: req1 - req0,
         rss_series_kb,
-        ffmpeg_children: ffmpegs,
-        viewer_rps: (req1 - req0) as f64 / window_s,
-        viewer_errors: viewer_errors.load(Ordering::Relaxed),
-        start_all_s,
-        viewing_s,
-        guard,
-        relayed_bytes_per_s_per_stream: sent as f64 / window_s / n.max(1) as f64,
     })
 }
 
@@ -444,58 +524,4 @@ async fn cpu_over(pid: i32, window: Duration) -> Result<(f64, Duration), String>
     crate::pause(window).await;
     let c1 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
     Ok((c1 - c0, t0.elapsed()))
-}
-
-/// A player: reloads the playlist every 2 s and downloads each new segment once.
-struct Viewer {
-    client: reqwest::Client,
-    base: String,
-    stop: Arc<AtomicBool>,
-    requests: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    offset: Duration,
-}
-
-impl Viewer {
-    async fn run(self) {
-        crate::pause(self.offset).await;
-        let mut interval = tokio::time::interval(Duration::from_secs(2));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_seq: Option<u64> = None;
-        while !self.stop.load(Ordering::Relaxed) {
-            interval.tick().await;
-            let pl = match self.fetch("index.m3u8").await {
-                Some(body) => MediaPlaylist::parse(&String::from_utf8_lossy(&body)).ok(),
-                None => None,
-            };
-            let Some(pl) = pl else {
-                continue;
-            };
-            for seg in &pl.segments {
-                if next_seq.is_some_and(|n| seg.sequence < n) {
-                    continue;
-                }
-                // A new viewer starts at the live edge.
-                if next_seq.is_none() && Some(seg.sequence) != pl.last_sequence() {
-                    continue;
-                }
-                if self.fetch(&seg.uri).await.is_none() {
-                    break;
-                }
-                next_seq = Some(seg.sequence + 1);
-            }
-        }
-    }
-
-    async fn fetch(&self, file: &str) -> Option<Vec<u8>> {
-        let r = get(&self.client, &format!("{}/{file}", self.base)).await;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        match r {
-            Ok((200, body)) => Some(body),
-            _ => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        }
-    }
 }

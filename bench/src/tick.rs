@@ -111,38 +111,13 @@ async fn measure(n: usize, s: &Settings) -> Result<SizeResult, String> {
     let t = std::time::Instant::now();
     let idle = seed(&mut c, n, now).await?;
     let seed_s = t.elapsed().as_secs_f64();
-    let url = redis.url();
-    let co = tokio::task::spawn_blocking(move || {
-        CoordinatorProcess::spawn(
-            CoordinatorOpts::new("bench", url)
-                .args(coordinator_args(
-                    &[
-                        ("--tick", "100ms"),
-                        ("--node-ttl", "1s"),
-                        ("--lease-ttl", "10s"),
-                        ("--idle-timeout", "60s"),
-                    ],
-                    &[],
-                ))
-                .env("RUST_LOG", "info"),
-        )
-    })
-    .await
-    .map_err(|e| format!("start farm-coordinator: {e}"))?;
+    let co = start_coordinator(redis.url()).await?;
     let client = http();
     let base = co.base_url();
     // The first leading tick: caught by polling the tick count quickly.
     let (sum1, count1) = wait_ticks(&client, &base, 1.0, Duration::from_secs(60), 5).await?;
     let first_ms = (count1 == 1.0).then_some(sum1 * 1000.0);
-    let mut stops_sent = 0u64;
-    for node in ["n1", "n2"] {
-        let len: u64 = redis::cmd("XLEN")
-            .arg(format!("farm:cmd:{node}"))
-            .query_async(&mut c)
-            .await
-            .map_err(|e| format!("XLEN: {e}"))?;
-        stops_sent += len;
-    }
+    let stops_sent = stops_sent(&mut c).await?;
     // The nodes' part: they stop the idle channels and release them.
     farm_tests::coordinator::release_channels(&mut c, &idle)
         .await
@@ -184,6 +159,41 @@ async fn measure(n: usize, s: &Settings) -> Result<SizeResult, String> {
         redis_cpu_ms: (redis1 - redis0) * 1000.0 / ticks,
         coordinator_cpu_ms: (co1 - co0) * 1000.0 / ticks,
     })
+}
+
+/// farm-coordinator on `url` with a 100 ms tick (node TTL 1 s, lease TTL 10 s, idle timeout 60 s).
+async fn start_coordinator(url: String) -> Result<CoordinatorProcess, String> {
+    tokio::task::spawn_blocking(move || {
+        CoordinatorProcess::spawn(
+            CoordinatorOpts::new("bench", url)
+                .args(coordinator_args(
+                    &[
+                        ("--tick", "100ms"),
+                        ("--node-ttl", "1s"),
+                        ("--lease-ttl", "10s"),
+                        ("--idle-timeout", "60s"),
+                    ],
+                    &[],
+                ))
+                .env("RUST_LOG", "info"),
+        )
+    })
+    .await
+    .map_err(|e| format!("start farm-coordinator: {e}"))
+}
+
+/// Commands the coordinator sent to the nodes' command streams (the stops of the idle channels).
+async fn stops_sent(c: &mut redis::aio::MultiplexedConnection) -> Result<u64, String> {
+    let mut stops_sent = 0u64;
+    for node in ["n1", "n2"] {
+        let len: u64 = redis::cmd("XLEN")
+            .arg(format!("farm:cmd:{node}"))
+            .query_async(c)
+            .await
+            .map_err(|e| format!("XLEN: {e}"))?;
+        stops_sent += len;
+    }
+    Ok(stops_sent)
 }
 
 /// `(sum, count)` of the coordinator's tick duration histogram.

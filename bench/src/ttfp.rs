@@ -42,47 +42,9 @@ enum Kind {
 }
 
 pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::Builder::new()
-        .prefix("farm-bench-ttfp-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
-    let node_root = root.path().join("n1");
-    let anchor_root = root.path().join("raw");
-    std::fs::create_dir_all(&anchor_root).map_err(|e| format!("create anchor dir: {e}"))?;
-    let node = NodeProcess::spawn(NodeOpts::new("bench-n1", redis.url(), &node_root).args([
-        "--admin-token",
-        ADMIN_TOKEN,
-        "--start-timeout",
-        "30s",
-    ]));
-    let base = node.base_url();
-    let client = http();
-
-    // Warm-up through the node; capture its FFmpeg argv.
-    add_channel(&redis.url(), "warm", &provider.url("/ttfp/warm.ts"))?;
-    let (st, body) = get(&client, &format!("{base}/live/warm/index.m3u8")).await?;
-    if st != 200 {
-        return Err(format!(
-            "warm-up start through the node: {st}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-    let pid = stream_pid(&redis, "warm").await?;
-    let argv = cmdline(pid)?;
-    let warm_dir = node_root.join("warm");
-    admin_stop(&client, &base, "warm").await?;
-    let node_args_text = argv
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-
-    let mut node_s = Vec::new();
-    let mut same_s = Vec::new();
-    let mut default_s = Vec::new();
-    let mut diffs_ms = Vec::new();
+    let farm = TtfpFarm::start().await?;
+    let warm = farm.warm_up().await?;
+    let mut runs = Runs::default();
     let kinds = [Kind::Node, Kind::SameArgv, Kind::DefaultProbe];
     for i in 0..s.ttfp_trials {
         let mut order = kinds;
@@ -91,47 +53,152 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         for kind in order {
             match kind {
                 Kind::Node => {
-                    let id = format!("t{i}");
-                    add_channel(&redis.url(), &id, &provider.url(&format!("/ttfp/n{i}.ts")))?;
-                    let t0 = Instant::now();
-                    let (st, body) = get(&client, &format!("{base}/live/{id}/index.m3u8")).await?;
-                    let took = t0.elapsed().as_secs_f64();
-                    admin_stop(&client, &base, &id).await?;
-                    if st != 200 {
-                        return Err(format!(
-                            "trial {i}: node answered {st}: {}",
-                            String::from_utf8_lossy(&body)
-                        ));
-                    }
-                    node_s.push(took);
+                    let took = farm.start_through_node(i).await?;
+                    runs.node_s.push(took);
                     n = Some(took);
                 }
                 Kind::SameArgv => {
-                    let dir = anchor_root.join(format!("s{i}"));
-                    let args = swap(
-                        &argv,
-                        &warm_dir,
-                        &dir,
-                        &provider.url(&format!("/ttfp/s{i}.ts")),
-                    )?;
+                    let dir = farm.anchor_root.join(format!("s{i}"));
+                    let input = farm.provider.url(&format!("/ttfp/s{i}.ts"));
+                    let args = swap(&warm.argv, &warm.dir, &dir, &input)?;
                     let took = raw_ffmpeg(&args, &dir).await?;
-                    same_s.push(took);
+                    runs.same_s.push(took);
                     a = Some(took);
                 }
                 Kind::DefaultProbe => {
-                    let dir = anchor_root.join(format!("d{i}"));
-                    let args = default_argv(&dir, &provider.url(&format!("/ttfp/d{i}.ts")));
-                    default_s.push(raw_ffmpeg(&args, &dir).await?);
+                    let dir = farm.anchor_root.join(format!("d{i}"));
+                    let args = default_argv(&dir, &farm.provider.url(&format!("/ttfp/d{i}.ts")));
+                    runs.default_s.push(raw_ffmpeg(&args, &dir).await?);
                 }
             }
         }
         if let (Some(n), Some(a)) = (n, a) {
-            diffs_ms.push((n - a) * 1000.0);
+            runs.diffs_ms.push((n - a) * 1000.0);
         }
     }
-    drop(node);
-    drop(provider);
+    drop(farm);
+    Ok(report(&runs, &warm.argv_text()))
+}
 
+/// Redis, the fake provider and one node (admin token, 30 s start timeout); raw FFmpeg writes under
+/// `anchor_root`. Fields drop in this order: the node first, Redis last.
+struct TtfpFarm {
+    _node: NodeProcess,
+    client: reqwest::Client,
+    base: String,
+    node_root: PathBuf,
+    anchor_root: PathBuf,
+    provider: FakeProvider,
+    _root: tempfile::TempDir,
+    redis: RedisServer,
+}
+
+/// The node's FFmpeg argv, captured on the warm-up start, and the folder it wrote to.
+struct Warm {
+    argv: Vec<OsString>,
+    dir: PathBuf,
+}
+
+impl Warm {
+    fn argv_text(&self) -> String {
+        self.argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl TtfpFarm {
+    async fn start() -> Result<TtfpFarm, String> {
+        let redis = RedisServer::start();
+        let provider = FakeProvider::start().await;
+        let root = crate::temp_dir("farm-bench-ttfp-")?;
+        let node_root = root.path().join("n1");
+        let anchor_root = root.path().join("raw");
+        std::fs::create_dir_all(&anchor_root).map_err(|e| format!("create anchor dir: {e}"))?;
+        let node = NodeProcess::spawn(NodeOpts::new("bench-n1", redis.url(), &node_root).args([
+            "--admin-token",
+            ADMIN_TOKEN,
+            "--start-timeout",
+            "30s",
+        ]));
+        Ok(TtfpFarm {
+            base: node.base_url(),
+            _node: node,
+            client: http(),
+            node_root,
+            anchor_root,
+            provider,
+            _root: root,
+            redis,
+        })
+    }
+
+    /// Warm-up start through the node (not counted), capturing its FFmpeg argv.
+    async fn warm_up(&self) -> Result<Warm, String> {
+        let (client, base) = (&self.client, &self.base);
+        add_channel(
+            &self.redis.url(),
+            "warm",
+            &self.provider.url("/ttfp/warm.ts"),
+        )?;
+        let (st, body) = get(client, &format!("{base}/live/warm/index.m3u8")).await?;
+        if st != 200 {
+            return Err(format!(
+                "warm-up start through the node: {st}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let pid = stream_pid(&self.redis, "warm").await?;
+        let argv = cmdline(pid)?;
+        let dir = self.node_root.join("warm");
+        admin_stop(client, base, "warm").await?;
+        Ok(Warm { argv, dir })
+    }
+
+    /// Trial `i` through the node: the first playlist request of a new channel, timed; the channel
+    /// is stopped again.
+    async fn start_through_node(&self, i: usize) -> Result<f64, String> {
+        let (client, base) = (&self.client, &self.base);
+        let id = format!("t{i}");
+        add_channel(
+            &self.redis.url(),
+            &id,
+            &self.provider.url(&format!("/ttfp/n{i}.ts")),
+        )?;
+        let t0 = Instant::now();
+        let (st, body) = get(client, &format!("{base}/live/{id}/index.m3u8")).await?;
+        let took = t0.elapsed().as_secs_f64();
+        admin_stop(client, base, &id).await?;
+        if st != 200 {
+            return Err(format!(
+                "trial {i}: node answered {st}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        Ok(took)
+    }
+}
+
+/// Seconds to the first playlist of every start, per kind, and the paired node - same-argv
+/// differences.
+#[derive(Debug, Default)]
+struct Runs {
+    node_s: Vec<f64>,
+    same_s: Vec<f64>,
+    default_s: Vec<f64>,
+    diffs_ms: Vec<f64>,
+}
+
+/// The runs, the overhead's p50 and p99, and the node's start against `hls_time`.
+fn report(runs: &Runs, node_args_text: &str) -> PhaseOutput {
+    let Runs {
+        node_s,
+        same_s,
+        default_s,
+        diffs_ms,
+    } = runs;
     let mut out = PhaseOutput::default();
     out.set(
         "runs",
@@ -157,27 +224,27 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         };
         let mut f = Figure::new(name, "ms", goal).detail(format!(
             "node p{p:.0} {} s vs raw ffmpeg with the node's argv p{p:.0} {} s, paired per trial; {trials}",
-            num(percentile(&node_s, p).unwrap_or(f64::NAN)),
-            num(percentile(&same_s, p).unwrap_or(f64::NAN)),
+            num(percentile(node_s, p).unwrap_or(f64::NAN)),
+            num(percentile(same_s, p).unwrap_or(f64::NAN)),
         ));
-        if let Some(v) = percentile(&diffs_ms, p) {
+        if let Some(v) = percentile(diffs_ms, p) {
             f = f.value(v);
         }
         out.fig(f);
     }
     out.fig(
         Figure::new("ttfp_ts_over_hls_time", "ratio", Goal::AtMost(0.75))
-            .value(med(&node_s) / HLS_TIME_S)
+            .value(med(node_s) / HLS_TIME_S)
             .detail(format!(
                 "node p50 {} s / hls_time 2 s; raw ffmpeg, node's argv {} s ({}); raw ffmpeg, default probing {} s ({}); {trials}",
-                num(med(&node_s)),
-                num(med(&same_s)),
-                num(med(&same_s) / HLS_TIME_S),
-                num(med(&default_s)),
-                num(med(&default_s) / HLS_TIME_S),
+                num(med(node_s)),
+                num(med(same_s)),
+                num(med(same_s) / HLS_TIME_S),
+                num(med(default_s)),
+                num(med(default_s) / HLS_TIME_S),
             )),
     );
-    Ok(out)
+    out
 }
 
 /// The FFmpeg pid in the channel's stream hash.

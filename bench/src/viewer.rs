@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::report::{num, percentile, Figure, Goal, PhaseOutput};
-use crate::{coordinator_bin, killfarm, Settings};
+use crate::report::{num, Goal, PhaseOutput};
+use crate::{killfarm, Settings};
 use farm_tests::coordinator::owner;
 use farm_tests::farm::{without, FAST};
 use farm_tests::nginx::{NginxOpts, NginxServer};
 use farm_tests::node::NodeOpts;
-use farm_tests::player::BrowserPlayer;
+use farm_tests::player::{BrowserPlayer, PlayerReport};
 
 const NODE_TTL_S: f64 = 3.0;
 const TICK_S: f64 = 1.0;
@@ -37,61 +37,84 @@ fn node_args() -> Vec<String> {
 
 pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let goal = Goal::AtMost(NODE_TTL_S + TICK_S + 2.0 * HLS_TIME_S);
-    let mut out = PhaseOutput::default();
-    if coordinator_bin().is_none() {
-        let why = "farm-coordinator is not built in this checkout: not measured".to_string();
-        out.fig(Figure::missing(
-            "viewer_freeze_s_p50",
-            "s",
-            goal,
-            why.clone(),
-        ));
-        out.fig(Figure::missing("viewer_freeze_s_p99", "s", goal, why));
+    if let Some(out) = killfarm::unmeasured_without_coordinator(
+        ["viewer_freeze_s_p50", "viewer_freeze_s_p99"],
+        goal,
+        "farm-coordinator is not built in this checkout: not measured",
+    ) {
         return Ok(out);
     }
-    let killfarm::KillFarm {
-        redis,
-        provider: _provider,
-        root: _root,
-        mut nodes,
-        co: _co,
-    } = killfarm::start(
-        "farm-bench-viewer-",
-        CHANNEL,
-        "/live/tv.ts",
-        ["v1", "v2"],
-        |id, url, root| {
-            let addr = SocketAddr::from(([127, 0, 0, 1], farm_tests::ports::free_port()));
-            NodeOpts::new(id, url, root.join(id))
-                .args(node_args())
-                .listen(addr)
-        },
-    )
-    .await?;
-    let mut c = redis.conn().await;
-    let nginx = {
-        let o = NginxOpts::for_nodes(nodes.iter());
-        tokio::task::spawn_blocking(move || NginxServer::start(&o))
-            .await
-            .map_err(|e| format!("start nginx: {e}"))?
-    };
-    let stream = format!("{}/live/{CHANNEL}/index.m3u8", nginx.base_url());
-    let player = BrowserPlayer::start(&stream).await;
-    player.wait_first_frame(Duration::from_secs(30)).await;
-    player
-        .wait_played(Duration::from_secs(10), Duration::from_secs(40))
-        .await;
-
-    let trials_wanted = s.failover_trials.max(5);
+    let mut w = Watched::start().await?;
     let mut freezes = Vec::new();
     let mut trials = Vec::new();
-    for trial in 0..trials_wanted {
-        let (victim, gen) = killfarm::owner_index(&mut c, &nodes, CHANNEL).await?;
+    for trial in 0..s.failover_trials.max(5) {
+        let (victim, freeze, record) = w.kill_owner(trial).await?;
+        freezes.push(freeze);
+        trials.push(record);
+        w.between_trials(victim).await?;
+    }
+    Ok(report(goal, &freezes, trials, &w.player.report()))
+}
+
+/// The kill farm with nginx in front and a player watching the channel through it. Fields drop in
+/// this order: the player first, the farm last.
+struct Watched {
+    player: BrowserPlayer,
+    _nginx: NginxServer,
+    farm: killfarm::KillFarm,
+}
+
+impl Watched {
+    /// Starts the farm and nginx, and returns once the player has shown its first frame and played
+    /// a while.
+    async fn start() -> Result<Watched, String> {
+        let farm = killfarm::start(
+            "farm-bench-viewer-",
+            CHANNEL,
+            "/live/tv.ts",
+            ["v1", "v2"],
+            |id, url, root| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], farm_tests::ports::free_port()));
+                NodeOpts::new(id, url, root.join(id))
+                    .args(node_args())
+                    .listen(addr)
+            },
+        )
+        .await?;
+        let nginx = {
+            let o = NginxOpts::for_nodes(farm.nodes.iter());
+            tokio::task::spawn_blocking(move || NginxServer::start(&o))
+                .await
+                .map_err(|e| format!("start nginx: {e}"))?
+        };
+        let stream = format!("{}/live/{CHANNEL}/index.m3u8", nginx.base_url());
+        let player = BrowserPlayer::start(&stream).await;
+        player.wait_first_frame(Duration::from_secs(30)).await;
+        player
+            .wait_played(Duration::from_secs(10), Duration::from_secs(40))
+            .await;
+        Ok(Watched {
+            player,
+            _nginx: nginx,
+            farm,
+        })
+    }
+
+    /// One trial: `kill -9` of the owner, then the longest standstill after the kill until playback
+    /// advanced 3 s past it; returns the killed node's index, the freeze and the trial's record.
+    async fn kill_owner(
+        &mut self,
+        trial: usize,
+    ) -> Result<(usize, f64, serde_json::Value), String> {
+        let (c, nodes) = (&mut self.farm.c, &mut self.farm.nodes);
+        let (victim, gen) = killfarm::owner_index(c, nodes, CHANNEL).await?;
         let owner_id = nodes[victim].node_id().to_string();
-        let before = player.report();
+        let before = self.player.report();
         let played_at_kill = before.played;
-        player.mark(format!("trial {trial}: kill -9 {owner_id}"));
-        let kill_at = player
+        self.player
+            .mark(format!("trial {trial}: kill -9 {owner_id}"));
+        let kill_at = self
+            .player
             .report()
             .marks
             .last()
@@ -100,7 +123,8 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         nodes[victim].kill9();
         let t0 = Instant::now();
         // Played on past the kill: 3 s more of media than at the kill.
-        let after = player
+        let after = self
+            .player
             .wait_until(
                 "playback to advance 3 s past the kill",
                 Duration::from_secs(60),
@@ -118,9 +142,8 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             .max()
             .unwrap_or_default()
             .as_secs_f64();
-        freezes.push(freeze);
-        let new_owner = owner(&mut c, "farm", CHANNEL).await;
-        trials.push(json!({
+        let new_owner = owner(c, "farm", CHANNEL).await;
+        let record = json!({
             "trial": trial,
             "killed": owner_id,
             "gen_before": gen,
@@ -130,18 +153,32 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
             "fatal_errors": after.fatal_errors.len(),
             "frags_out_of_order": after.frags_out_of_order.len(),
             "backward_jumps": after.backward_jumps.len(),
-        }));
-        // The killed node comes back (same port for nginx, same folder: its sweep cleans it).
-        killfarm::restart(&mut nodes, victim).await?;
-        // A few seconds of ordinary playback between trials.
-        let played = player.report().played;
-        player
+        });
+        Ok((victim, freeze, record))
+    }
+
+    /// The killed node comes back (same port for nginx, same folder: its sweep cleans it), then a
+    /// few seconds of ordinary playback.
+    async fn between_trials(&mut self, victim: usize) -> Result<(), String> {
+        killfarm::restart(&mut self.farm.nodes, victim).await?;
+        let played = self.player.report().played;
+        self.player
             .wait_until("playback between trials", Duration::from_secs(40), |r| {
                 r.played >= played + 4.0
             })
             .await;
+        Ok(())
     }
-    let last = player.report();
+}
+
+/// The trials under `viewer`, and the freeze's p50 and p99 against the anchor.
+fn report(
+    goal: Goal,
+    freezes: &[f64],
+    trials: Vec<serde_json::Value>,
+    last: &PlayerReport,
+) -> PhaseOutput {
+    let mut out = PhaseOutput::default();
     out.set(
         "viewer",
         json!({
@@ -157,20 +194,21 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
         }),
     );
     let anchor = NODE_TTL_S + TICK_S + 2.0 * HLS_TIME_S;
-    for (name, p) in [("viewer_freeze_s_p50", 50.0), ("viewer_freeze_s_p99", 99.0)] {
-        let mut f = Figure::new(name, "s", goal).detail(format!(
-            "hls.js {} (default config) in Chromium through nginx: longest standstill of the picture after kill -9 of the owner, {} trials; anchor node_ttl + tick + 2 x hls_time = {} s; whole run: {} fatal errors, {} fragments out of order, {} jumps back",
-            last.hls_version.as_deref().unwrap_or("?"),
-            freezes.len(),
-            num(anchor),
-            last.fatal_errors.len(),
-            last.frags_out_of_order.len(),
-            last.backward_jumps.len()
-        ));
-        if let Some(v) = percentile(&freezes, p) {
-            f = f.value(v);
-        }
-        out.fig(f);
-    }
-    Ok(out)
+    let detail = format!(
+        "hls.js {} (default config) in Chromium through nginx: longest standstill of the picture after kill -9 of the owner, {} trials; anchor node_ttl + tick + 2 x hls_time = {} s; whole run: {} fatal errors, {} fragments out of order, {} jumps back",
+        last.hls_version.as_deref().unwrap_or("?"),
+        freezes.len(),
+        num(anchor),
+        last.fatal_errors.len(),
+        last.frags_out_of_order.len(),
+        last.backward_jumps.len()
+    );
+    killfarm::p50_p99(
+        &mut out,
+        ["viewer_freeze_s_p50", "viewer_freeze_s_p99"],
+        goal,
+        freezes,
+        &detail,
+    );
+    out
 }
