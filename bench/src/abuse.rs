@@ -1,4 +1,4 @@
-//! What hostile load does to the farm's promises (issue 14), as figures.
+//! What hostile load does to the farm's promises, as figures.
 //!
 //! - `burst_worst_gap_s`: the abuse tests' farm ([`farm_tests::abuse::AbuseFarm`]: redis-server, two
 //!   farm-nodes with real FFmpeg reading the fake IPTV provider, `--hls-time 1s`, `--max-streams
@@ -227,7 +227,7 @@ async fn import(out: &mut PhaseOutput) -> Result<(), String> {
     let imported = {
         let mut c = redis.conn().await;
         redis::cmd("SCARD")
-            .arg("farm:channels")
+            .arg(farm_proto::Keys::new("farm").channels())
             .query_async::<u64>(&mut c)
             .await
             .ok()

@@ -44,7 +44,7 @@ pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     if let Some(out) = killfarm::unmeasured_without_coordinator(
         ["failover_s_p50", "failover_s_p99"],
         goal,
-        "farm-coordinator is not built in this checkout (issue 3): not measured",
+        "farm-coordinator is not built in this checkout: not measured",
     ) {
         return Ok(out);
     }
@@ -246,7 +246,7 @@ async fn settle(
             .flatten()
             .map_or(0, |p| p.segments.len());
         let alive: bool = redis::cmd("EXISTS")
-            .arg(format!("farm:node:{}:alive", nodes[other].node_id()))
+            .arg(farm_proto::Keys::new("farm").node_alive(nodes[other].node_id()))
             .query_async(c)
             .await
             .map_err(|e| format!("EXISTS: {e}"))?;

@@ -40,8 +40,7 @@ struct SizeResult {
 pub async fn run(s: &Settings) -> Result<PhaseOutput, String> {
     let mut out = PhaseOutput::default();
     if coordinator_bin().is_none() {
-        let why =
-            "farm-coordinator is not built in this checkout (issue 3): not measured".to_string();
+        let why = "farm-coordinator is not built in this checkout: not measured".to_string();
         out.fig(Figure::missing(
             "tick_ms_100k",
             "ms",
@@ -187,7 +186,7 @@ async fn stops_sent(c: &mut redis::aio::MultiplexedConnection) -> Result<u64, St
     let mut stops_sent = 0u64;
     for node in ["n1", "n2"] {
         let len: u64 = redis::cmd("XLEN")
-            .arg(format!("farm:cmd:{node}"))
+            .arg(farm_proto::Keys::new("farm").cmd(node))
             .query_async(c)
             .await
             .map_err(|e| format!("XLEN: {e}"))?;
@@ -250,7 +249,7 @@ async fn seed(c: &mut MultiplexedConnection, n: usize, now: u64) -> Result<Vec<S
     for node in ["n1", "n2"] {
         let _: () = redis::pipe()
             .hset_multiple(
-                format!("farm:node:{node}"),
+                farm_proto::Keys::new("farm").node(node),
                 &[
                     ("capacity", "0"),
                     ("running", half.as_str()),
@@ -258,10 +257,10 @@ async fn seed(c: &mut MultiplexedConnection, n: usize, now: u64) -> Result<Vec<S
                 ],
             )
             .ignore()
-            .zadd("farm:nodes", node, now)
+            .zadd(farm_proto::Keys::new("farm").nodes(), node, now)
             .ignore()
             .cmd("SET")
-            .arg(format!("farm:node:{node}:alive"))
+            .arg(farm_proto::Keys::new("farm").node_alive(node))
             .arg("bench")
             .arg("EX")
             .arg(600)

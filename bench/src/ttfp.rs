@@ -251,7 +251,7 @@ fn report(runs: &Runs, node_args_text: &str) -> PhaseOutput {
 async fn stream_pid(redis: &RedisServer, id: &str) -> Result<i32, String> {
     let mut c = redis.conn().await;
     let pid: Option<String> = redis::cmd("HGET")
-        .arg(format!("farm:stream:{id}"))
+        .arg(farm_proto::Keys::new("farm").stream(id))
         .arg("pid")
         .query_async(&mut c)
         .await
