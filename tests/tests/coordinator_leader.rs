@@ -3,7 +3,8 @@
 //! the new leader, and the events show no channel stopped twice. A graceful stop hands over at once.
 
 use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, leader, owner, wait_new_leader, CoordinatorProcess,
+    events, fake_source, farmctl_ok, leader, owner, wait_leader, wait_new_leader,
+    CoordinatorProcess,
 };
 use farm_tests::farm::Farm;
 use farm_tests::node::NodeProcess;
@@ -34,13 +35,7 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
         .collect();
     let (redis, url) = (&farm.redis, farm.url());
     let mut c = redis.conn().await;
-    let first = eventually_with(
-        &c,
-        "a leader",
-        Duration::from_secs(10),
-        |mut c| async move { leader(&mut c, "farm").await },
-    )
-    .await;
+    let first = wait_leader(&c).await;
     eventually(
         "exactly one coordinator to report is_leader",
         Duration::from_secs(5),
