@@ -311,6 +311,19 @@ impl Farm {
         Farm::builder().nodes(&["n1", "n2"]).coordinators(&["c1"])
     }
 
+    /// The farm of a single-node test: node n1 ([`Timing::Fast`], real FFmpeg) and the fake provider
+    /// with these channels, `(id, path on the provider)`.
+    pub async fn one_node(channels: &[(&str, &str)]) -> Farm {
+        channels
+            .iter()
+            .fold(Farm::builder(), |b, (id, path)| {
+                b.provider_channel(id, path)
+            })
+            .nodes(&["n1"])
+            .start()
+            .await
+    }
+
     /// The farm's Redis URL.
     pub fn url(&self) -> String {
         self.redis.url()

@@ -1,7 +1,7 @@
 //! Several nodes on one Redis behave as one server: any node answers for any channel, one FFmpeg
 //! per channel in the farm, capacity-aware forwarding, provider connection limits as leases.
 
-use farm_tests::farm::coordinator_args;
+use farm_tests::farm::{coordinator_args, Farm};
 use farm_tests::fixtures::*;
 use farm_tests::node::NodeProcess;
 use farm_tests::provider::FakeProvider;
@@ -48,11 +48,13 @@ async fn assert_clean(redis: &RedisServer, ns: &[NodeProcess], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "big", &provider.url("/big.ts"), &[]);
-    let ns = nodes(&redis, root.path(), 3, false, &[]);
+    let farm = Farm::builder()
+        .provider_channel("big", "/big.ts")
+        .nodes(&["n1", "n2", "n3"])
+        .start()
+        .await;
+    let (redis, provider, root) = (&farm.redis, farm.provider(), &farm.root);
+    let ns = &farm.nodes;
     let urls: Vec<String> = ns
         .iter()
         .map(|n| format!("{}/live/big/index.m3u8", n.base_url()))
@@ -88,13 +90,13 @@ async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
     );
     let spawns: f64 = {
         let mut s = 0.0;
-        for n in &ns {
+        for n in ns {
             s += metric(n, "farm_node_ffmpeg_spawns_total").await;
         }
         s
     };
     assert_eq!(spawns, 1.0);
-    assert_clean(&redis, &ns, "fifty first requests").await;
+    assert_clean(redis, ns, "fifty first requests").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

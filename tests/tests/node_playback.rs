@@ -2,6 +2,7 @@
 //! single flight under 50 concurrent first requests, and access recording without Redis on the
 //! request path.
 
+use farm_tests::farm::Farm;
 use farm_tests::fixtures::*;
 use farm_tests::hls::{ffprobe_codecs, HlsClient, MediaPlaylist};
 use farm_tests::provider::FakeProvider;
@@ -124,11 +125,9 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_first_requests_share_one_ffmpeg_and_one_upstream_connection() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "sport", &provider.url("/live/sport.ts"), &[]);
-    let node = node(&redis, "n1", root.path(), false, &[]);
+    let farm = Farm::one_node(&[("sport", "/live/sport.ts")]).await;
+    let (redis, provider, root) = (&farm.redis, farm.provider(), &farm.root);
+    let node = farm.node("n1");
     let url = format!("{}/live/sport/index.m3u8", node.base_url());
 
     let mut tasks = Vec::new();
@@ -154,7 +153,7 @@ async fn fifty_concurrent_first_requests_share_one_ffmpeg_and_one_upstream_conne
         "one upstream connection"
     );
     assert_eq!(provider.current_connections_for("/live/sport.ts"), 1);
-    assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 1.0);
+    assert_eq!(metric(node, "farm_node_ffmpeg_spawns_total").await, 1.0);
     let gen: String = {
         use redis::AsyncCommands;
         let mut c = redis.conn().await;
