@@ -855,6 +855,24 @@ pub struct PullReport {
 }
 
 impl PullReport {
+    /// Adds a later pull of the same viewer: its counts summed, the longer of the two longest waits,
+    /// its statuses counted in.
+    pub fn add(&mut self, r: &PullReport) {
+        self.segments += r.segments;
+        self.media_seconds += r.media_seconds;
+        self.bytes += r.bytes;
+        self.gaps += r.gaps;
+        self.failed_segments += r.failed_segments;
+        self.sequence_resets += r.sequence_resets;
+        self.playlist_loads += r.playlist_loads;
+        self.max_wall_gap_between_new_segments = self
+            .max_wall_gap_between_new_segments
+            .max(r.max_wall_gap_between_new_segments);
+        for (s, n) in &r.statuses_seen {
+            *self.statuses_seen.entry(*s).or_default() += n;
+        }
+    }
+
     /// Panics with the violations, if any.
     pub fn assert_strict(&self) {
         assert!(
@@ -883,16 +901,7 @@ pub fn pull_until_stopped(
                 .pull(Duration::from_secs(2), Duration::from_secs(10))
                 .await
                 .unwrap_or_else(|e| panic!("{id}: {e}"));
-            total.segments += r.segments;
-            total.gaps += r.gaps;
-            total.failed_segments += r.failed_segments;
-            total.sequence_resets += r.sequence_resets;
-            total.max_wall_gap_between_new_segments = total
-                .max_wall_gap_between_new_segments
-                .max(r.max_wall_gap_between_new_segments);
-            for (s, n) in r.statuses_seen {
-                *total.statuses_seen.entry(s).or_default() += n;
-            }
+            total.add(&r);
         }
         (id, total)
     })
