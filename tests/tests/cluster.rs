@@ -252,14 +252,7 @@ async fn a_provider_at_its_limit_refuses_new_channels_and_a_dead_nodes_holding_e
 async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
-    for i in 1..=3 {
-        add_channel(
-            &redis,
-            &format!("c{i}"),
-            &format!("http://127.0.0.1:9/c{i}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
+    add_fake_channels(&redis, &["c1", "c2", "c3"], 500);
     let ns = nodes(&redis, root.path(), 2, true, &["--max-streams", "1"]);
     let n1 = ns[0].base_url();
     let http = following();
@@ -409,14 +402,7 @@ async fn a_transcode_counts_its_weight_against_capacity() {
         "http://127.0.0.1:9/hd.ts?mode=normal&seg_ms=500",
         &["--profile", "h264-720p"],
     );
-    for i in 1..=3 {
-        add_channel(
-            &redis,
-            &format!("c{i}"),
-            &format!("http://127.0.0.1:9/c{i}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
+    add_fake_channels(&redis, &["c1", "c2", "c3"], 500);
     // Capacity 6: the transcode (weight 4) and two copies fit; a third copy does not.
     let n = node(&redis, "n1", root.path(), true, &["--max-streams", "6"]);
     for id in ["hd", "c1", "c2"] {
