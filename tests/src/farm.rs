@@ -153,12 +153,17 @@ impl FarmBuilder {
     }
 
     /// Adds a channel reading `path` on the fake provider (which this turns on).
-    pub fn provider_channel(mut self, id: &str, path: &str) -> Self {
+    pub fn provider_channel(self, id: &str, path: &str) -> Self {
+        self.provider_channel_with(id, path, &[])
+    }
+
+    /// [`FarmBuilder::provider_channel`] with more `farmctl channel add` arguments (e.g. `--name`).
+    pub fn provider_channel_with(mut self, id: &str, path: &str, extra: &[&str]) -> Self {
         self.provider = true;
         self.channels.push((
             id.to_string(),
             Source::Provider(path.to_string()),
-            Vec::new(),
+            extra.iter().map(|s| s.to_string()).collect(),
         ));
         self
     }
