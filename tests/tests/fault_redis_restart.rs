@@ -10,7 +10,7 @@
 //!   no channel ever runs twice (sampled every 50 ms), and the checker finds nothing left.
 
 use farm_tests::coordinator::{
-    events, farmctl_ok, ffmpegs_for, leader, owner, wait_alive, wait_leader,
+    events, farmctl_ok, ffmpegs_for, leader, owner, wait_alive, wait_leader, wait_unowned,
 };
 use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
@@ -335,16 +335,11 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
         .query_async(&mut c)
         .await
         .expect("XADD stop");
-    eventually_with(
+    wait_unowned(
         &c,
+        "watched",
         "the stop sent after the restart to take effect",
         Duration::from_secs(15),
-        |mut c| async move {
-            owner(&mut c, "farm", "watched")
-                .await
-                .is_none()
-                .then_some(())
-        },
     )
     .await;
     println!(
