@@ -253,6 +253,15 @@ pub async fn wait_alive(
     .await;
 }
 
+/// Waits up to 10 s for a leader (prefix `farm`); its id.
+pub async fn wait_leader(conn: &MultiplexedConnection) -> String {
+    crate::wait::eventually("a leader", std::time::Duration::from_secs(10), || {
+        let mut c = conn.clone();
+        async move { leader(&mut c, "farm").await }
+    })
+    .await
+}
+
 /// Waits up to 10 s for a leader other than `previous`; its id.
 pub async fn wait_new_leader(conn: &MultiplexedConnection, previous: &str) -> String {
     crate::wait::eventually("another leader", std::time::Duration::from_secs(10), || {

@@ -153,12 +153,17 @@ impl FarmBuilder {
     }
 
     /// Adds a channel reading `path` on the fake provider (which this turns on).
-    pub fn provider_channel(mut self, id: &str, path: &str) -> Self {
+    pub fn provider_channel(self, id: &str, path: &str) -> Self {
+        self.provider_channel_with(id, path, &[])
+    }
+
+    /// [`FarmBuilder::provider_channel`] with more `farmctl channel add` arguments (e.g. `--name`).
+    pub fn provider_channel_with(mut self, id: &str, path: &str, extra: &[&str]) -> Self {
         self.provider = true;
         self.channels.push((
             id.to_string(),
             Source::Provider(path.to_string()),
-            Vec::new(),
+            extra.iter().map(|s| s.to_string()).collect(),
         ));
         self
     }
@@ -309,6 +314,19 @@ impl Farm {
     /// The farm most tests want: nodes n1 and n2 and coordinator c1, [`Timing::Fast`].
     pub fn pair() -> FarmBuilder {
         Farm::builder().nodes(&["n1", "n2"]).coordinators(&["c1"])
+    }
+
+    /// The farm of a single-node test: node n1 ([`Timing::Fast`], real FFmpeg) and the fake provider
+    /// with these channels, `(id, path on the provider)`.
+    pub async fn one_node(channels: &[(&str, &str)]) -> Farm {
+        channels
+            .iter()
+            .fold(Farm::builder(), |b, (id, path)| {
+                b.provider_channel(id, path)
+            })
+            .nodes(&["n1"])
+            .start()
+            .await
     }
 
     /// The farm's Redis URL.

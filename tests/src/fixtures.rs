@@ -98,6 +98,18 @@ impl Resp {
     }
 }
 
+/// The first playlist request for channel `id` on `node` is refused: 502, naming an invalid
+/// upstream URL.
+pub async fn assert_invalid_upstream(node: &NodeProcess, id: &str) {
+    let r = get(&format!("{}/live/{id}/index.m3u8", node.base_url())).await;
+    assert_eq!(r.status, 502, "{id}: {}", r.text());
+    assert!(
+        r.text().contains("invalid upstream URL"),
+        "{id}: {}",
+        r.text()
+    );
+}
+
 pub async fn get(url: &str) -> Resp {
     let r = client()
         .get(url)

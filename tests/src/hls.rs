@@ -855,6 +855,24 @@ pub struct PullReport {
 }
 
 impl PullReport {
+    /// Adds a later pull of the same viewer: its counts summed, the longer of the two longest waits,
+    /// its statuses counted in.
+    pub fn add(&mut self, r: &PullReport) {
+        self.segments += r.segments;
+        self.media_seconds += r.media_seconds;
+        self.bytes += r.bytes;
+        self.gaps += r.gaps;
+        self.failed_segments += r.failed_segments;
+        self.sequence_resets += r.sequence_resets;
+        self.playlist_loads += r.playlist_loads;
+        self.max_wall_gap_between_new_segments = self
+            .max_wall_gap_between_new_segments
+            .max(r.max_wall_gap_between_new_segments);
+        for (s, n) in &r.statuses_seen {
+            *self.statuses_seen.entry(*s).or_default() += n;
+        }
+    }
+
     /// Panics with the violations, if any.
     pub fn assert_strict(&self) {
         assert!(
@@ -865,6 +883,54 @@ impl PullReport {
                 .iter()
                 .map(|v| format!("  {v}\n"))
                 .collect::<String>()
+        );
+    }
+}
+
+/// A viewer pulling with `client` (pulls of 2 s, each within 10 s) until `stop` is set; its `id` and
+/// the pulls summed (segments, gaps, failed segments, sequence resets, statuses, longest wait).
+pub fn pull_until_stopped(
+    mut client: HlsClient,
+    id: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(String, PullReport)> {
+    tokio::spawn(async move {
+        let mut total = PullReport::default();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let r = client
+                .pull(Duration::from_secs(2), Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            total.add(&r);
+        }
+        (id, total)
+    })
+}
+
+/// Awaits the viewers of [`pull_until_stopped`] and asserts each saw at least `min_segments`
+/// segments, no gap, failed segment or sequence reset, only 200s, and a new segment at least every
+/// `max_gap`.
+pub async fn assert_viewers_smooth(
+    viewers: Vec<tokio::task::JoinHandle<(String, PullReport)>>,
+    min_segments: u64,
+    max_gap: Duration,
+) {
+    for v in viewers {
+        let (id, total) = v.await.expect("viewer");
+        println!("viewer {id}: {total:?}");
+        assert!(total.segments >= min_segments, "{id}: {total:?}");
+        assert_eq!(
+            (total.gaps, total.failed_segments, total.sequence_resets),
+            (0, 0, 0),
+            "{id}: {total:?}"
+        );
+        assert!(
+            total.statuses_seen.keys().all(|s| *s == 200),
+            "{id}: {total:?}"
+        );
+        assert!(
+            total.max_wall_gap_between_new_segments <= max_gap,
+            "{id}: {total:?}"
         );
     }
 }

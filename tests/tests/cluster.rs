@@ -1,7 +1,7 @@
 //! Several nodes on one Redis behave as one server: any node answers for any channel, one FFmpeg
 //! per channel in the farm, capacity-aware forwarding, provider connection limits as leases.
 
-use farm_tests::farm::coordinator_args;
+use farm_tests::farm::{coordinator_args, Farm};
 use farm_tests::fixtures::*;
 use farm_tests::node::NodeProcess;
 use farm_tests::provider::FakeProvider;
@@ -48,11 +48,13 @@ async fn assert_clean(redis: &RedisServer, ns: &[NodeProcess], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "big", &provider.url("/big.ts"), &[]);
-    let ns = nodes(&redis, root.path(), 3, false, &[]);
+    let farm = Farm::builder()
+        .provider_channel("big", "/big.ts")
+        .nodes(&["n1", "n2", "n3"])
+        .start()
+        .await;
+    let (redis, provider, root) = (&farm.redis, farm.provider(), &farm.root);
+    let ns = &farm.nodes;
     let urls: Vec<String> = ns
         .iter()
         .map(|n| format!("{}/live/big/index.m3u8", n.base_url()))
@@ -88,13 +90,13 @@ async fn fifty_concurrent_first_requests_over_three_nodes_start_one_ffmpeg() {
     );
     let spawns: f64 = {
         let mut s = 0.0;
-        for n in &ns {
+        for n in ns {
             s += metric(n, "farm_node_ffmpeg_spawns_total").await;
         }
         s
     };
     assert_eq!(spawns, 1.0);
-    assert_clean(&redis, &ns, "fifty first requests").await;
+    assert_clean(redis, ns, "fifty first requests").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,14 +252,7 @@ async fn a_provider_at_its_limit_refuses_new_channels_and_a_dead_nodes_holding_e
 async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
     let redis = RedisServer::start();
     let root = tempfile::tempdir().expect("tempdir");
-    for i in 1..=3 {
-        add_channel(
-            &redis,
-            &format!("c{i}"),
-            &format!("http://127.0.0.1:9/c{i}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
+    add_fake_channels(&redis, &["c1", "c2", "c3"], 500);
     let ns = nodes(&redis, root.path(), 2, true, &["--max-streams", "1"]);
     let n1 = ns[0].base_url();
     let http = following();
@@ -407,14 +402,7 @@ async fn a_transcode_counts_its_weight_against_capacity() {
         "http://127.0.0.1:9/hd.ts?mode=normal&seg_ms=500",
         &["--profile", "h264-720p"],
     );
-    for i in 1..=3 {
-        add_channel(
-            &redis,
-            &format!("c{i}"),
-            &format!("http://127.0.0.1:9/c{i}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
+    add_fake_channels(&redis, &["c1", "c2", "c3"], 500);
     // Capacity 6: the transcode (weight 4) and two copies fit; a third copy does not.
     let n = node(&redis, "n1", root.path(), true, &["--max-streams", "6"]);
     for id in ["hd", "c1", "c2"] {

@@ -8,7 +8,7 @@
 //! - A channel started by ops and never watched: its FFmpeg exits within the same bounds counted
 //!   from its claim (a start counts as an access); a pinned one is not stopped.
 
-use farm_tests::coordinator::{events, fake_source, farmctl_ok, ffmpegs_for, owner};
+use farm_tests::coordinator::{events, fake_source, farmctl_ok, ffmpegs_for, owner, wait_unowned};
 use farm_tests::farm::{Farm, FarmBuilder};
 use farm_tests::hls::HlsClient;
 use farm_tests::wait::{eventually, eventually_with};
@@ -183,16 +183,11 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
         "a never-watched channel was stopped {earliest:?} after its claim: before idle_timeout"
     );
     assert!(latest <= bound, "{latest:?} > {bound:?}");
-    eventually_with(
+    wait_unowned(
         &c,
+        "unwatched",
         "its lease released",
         Duration::from_secs(5),
-        |mut c| async move {
-            owner(&mut c, "farm", "unwatched")
-                .await
-                .is_none()
-                .then_some(())
-        },
     )
     .await;
 

@@ -3,11 +3,12 @@
 //! the new leader, and the events show no channel stopped twice. A graceful stop hands over at once.
 
 use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, leader, owner, wait_new_leader, CoordinatorProcess,
+    events, fake_source, farmctl_ok, leader, wait_leader, wait_new_leader, wait_unowned,
+    CoordinatorProcess,
 };
 use farm_tests::farm::Farm;
 use farm_tests::node::NodeProcess;
-use farm_tests::wait::{eventually, eventually_with};
+use farm_tests::wait::eventually;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -34,13 +35,7 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
         .collect();
     let (redis, url) = (&farm.redis, farm.url());
     let mut c = redis.conn().await;
-    let first = eventually_with(
-        &c,
-        "a leader",
-        Duration::from_secs(10),
-        |mut c| async move { leader(&mut c, "farm").await },
-    )
-    .await;
+    let first = wait_leader(&c).await;
     eventually(
         "exactly one coordinator to report is_leader",
         Duration::from_secs(5),
@@ -60,13 +55,8 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
         farmctl_ok(&url, &["start", ch, "--wait"]);
     }
     for ch in ["a1", "a2"] {
-        eventually_with(
-            &c,
-            &format!("{ch} to be stopped by the first leader"),
-            Duration::from_secs(15),
-            |mut c| async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) },
-        )
-        .await;
+        let what = format!("{ch} to be stopped by the first leader");
+        wait_unowned(&c, ch, &what, Duration::from_secs(15)).await;
     }
 
     // b1..b3 start, then the leader dies before they are idle.
@@ -84,13 +74,8 @@ async fn coordinator_leader_killed_another_leads_within_the_ttl_and_nothing_stop
     );
 
     for ch in ["b1", "b2", "b3"] {
-        eventually_with(
-            &c,
-            &format!("{ch} to be stopped by the new leader"),
-            Duration::from_secs(15),
-            |mut c| async move { owner(&mut c, "farm", ch).await.is_none().then_some(()) },
-        )
-        .await;
+        let what = format!("{ch} to be stopped by the new leader");
+        wait_unowned(&c, ch, &what, Duration::from_secs(15)).await;
     }
     let new_leader = coords.get(&second).expect("new leader process");
     assert!(new_leader.metric("farm_coordinator_idle_stops_total") >= 1.0);

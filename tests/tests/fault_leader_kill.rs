@@ -7,7 +7,7 @@
 //! `stopped` event per channel), and the checker finds nothing left.
 
 use farm_tests::coordinator::{
-    events, fake_source, farmctl_ok, leader, wait_new_leader, CoordinatorProcess,
+    events, fake_source, farmctl_ok, wait_leader, wait_new_leader, CoordinatorProcess,
 };
 use farm_tests::farm::Farm;
 use farm_tests::invariants::{self, settle_time, FarmNode};
@@ -44,13 +44,7 @@ async fn fault_leader_killed_mid_cleanup_the_next_one_finishes_it_and_nothing_st
         .map(|id| (id.to_string(), farm.spawn_coordinator(id)))
         .into();
     let mut c = redis.conn().await;
-    let first = eventually_with(
-        &c,
-        "a leader",
-        Duration::from_secs(10),
-        |mut c| async move { leader(&mut c, "farm").await },
-    )
-    .await;
+    let first = wait_leader(&c).await;
 
     // All channels start within a moment of each other (and nobody watches them afterwards).
     let http = reqwest::Client::builder()

@@ -9,7 +9,9 @@
 //!   itself: nodes register again, the command streams work again, a viewer gets the channel back,
 //!   no channel ever runs twice (sampled every 50 ms), and the checker finds nothing left.
 
-use farm_tests::coordinator::{events, farmctl_ok, ffmpegs_for, leader, owner, wait_alive};
+use farm_tests::coordinator::{
+    events, farmctl_ok, ffmpegs_for, leader, owner, wait_alive, wait_leader, wait_unowned,
+};
 use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
 use farm_tests::invariants::{self, settle_time, FarmNode};
@@ -110,13 +112,7 @@ async fn fault_redis_restart_with_aof_costs_nothing() {
         .pull(Duration::from_secs(2), Duration::from_secs(20))
         .await
         .expect("watched plays");
-    eventually_with(
-        &c,
-        "a leader",
-        Duration::from_secs(10),
-        |mut c| async move { leader(&mut c, "farm").await },
-    )
-    .await;
+    wait_leader(&c).await;
     let before = owner(&mut c, "farm", "watched")
         .await
         .expect("watched runs");
@@ -182,13 +178,7 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
         watch(&http, &format!("{}/live/watched/index.m3u8", n1.base_url())).await,
         (200, true)
     );
-    eventually_with(
-        &c,
-        "a leader",
-        Duration::from_secs(10),
-        |mut c| async move { leader(&mut c, "farm").await },
-    )
-    .await;
+    wait_leader(&c).await;
     // The catalog as a replica or a backup would hold it.
     let mut catalog: Vec<(String, Vec<u8>)> = Vec::new();
     let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -345,16 +335,11 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
         .query_async(&mut c)
         .await
         .expect("XADD stop");
-    eventually_with(
+    wait_unowned(
         &c,
+        "watched",
         "the stop sent after the restart to take effect",
         Duration::from_secs(15),
-        |mut c| async move {
-            owner(&mut c, "farm", "watched")
-                .await
-                .is_none()
-                .then_some(())
-        },
     )
     .await;
     println!(

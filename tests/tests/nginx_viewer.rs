@@ -79,13 +79,7 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
             .pull(Duration::from_secs(5), Duration::from_secs(20))
             .await
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        total.segments += r.segments;
-        total.media_seconds += r.media_seconds;
-        total.playlist_loads += r.playlist_loads;
-        total.bytes += r.bytes;
-        total.gaps += r.gaps;
-        total.failed_segments += r.failed_segments;
-        total.sequence_resets += r.sequence_resets;
+        total.add(&r);
         // The node flushes every 500 ms: a viewer of 5 s moved the access time.
         let a = eventually("farm:access to advance", Duration::from_secs(5), || async {
             access(redis, "watched").await.filter(|a| *a > last_access)

@@ -112,13 +112,7 @@ async fn catalog_urls_with_forbidden_schemes_never_reach_ffmpeg() {
     }
     let node = node(&redis, "n1", root.path(), true, &[]);
     for id in ["f1", "f2", "f3", "f4", "f5"] {
-        let r = get(&format!("{}/live/{id}/index.m3u8", node.base_url())).await;
-        assert_eq!(r.status, 502, "{id}: {}", r.text());
-        assert!(
-            r.text().contains("invalid upstream URL"),
-            "{id}: {}",
-            r.text()
-        );
+        assert_invalid_upstream(&node, id).await;
         assert!(!exists(&redis, &format!("farm:owner:{id}")).await);
     }
     assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 0.0);

@@ -5,9 +5,9 @@
 //! invariant checker.
 
 use farm_tests::farm::coordinator_args;
+use farm_tests::farm::Farm;
 use farm_tests::fixtures::*;
 use farm_tests::invariants::{self, settle_time, FarmNode};
-use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use redis::AsyncCommands;
@@ -43,12 +43,9 @@ async fn the_ffmpeg(root: &std::path::Path, not: &[i32]) -> (i32, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregisters() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "a", &provider.url("/a.ts"), &[]);
-    add_channel(&redis, "b", &provider.url("/b.ts"), &[]);
-    let mut node = node(&redis, "n1", root.path(), false, &[]);
+    let mut farm = Farm::one_node(&[("a", "/a.ts"), ("b", "/b.ts")]).await;
+    let [mut node] = farm.take_nodes();
+    let (redis, provider, root) = (&farm.redis, farm.provider(), &farm.root);
     for id in ["a", "b"] {
         assert_eq!(
             get(&format!("{}/live/{id}/index.m3u8", node.base_url()))
@@ -58,7 +55,7 @@ async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregist
         );
     }
     assert_eq!(ffmpegs_under(root.path()).len(), 2);
-    assert!(exists(&redis, "farm:node:n1:alive").await);
+    assert!(exists(redis, "farm:node:n1:alive").await);
 
     let t0 = Instant::now();
     node.sigterm();
@@ -81,7 +78,7 @@ async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregist
         "farm:node:n1:alive",
         "farm:node:n1:streams",
     ] {
-        assert!(!exists(&redis, key).await, "{key} removed");
+        assert!(!exists(redis, key).await, "{key} removed");
     }
     let mut c = redis.conn().await;
     let nodes: Vec<String> = c.zrange("farm:nodes", 0, -1).await.expect("ZRANGE");
@@ -91,12 +88,12 @@ async fn sigterm_stops_every_ffmpeg_removes_folders_releases_leases_and_deregist
         0,
         "upstream connections closed"
     );
-    let stopped: Vec<String> = all_keys(&redis).await;
+    let stopped: Vec<String> = all_keys(redis).await;
     println!("keys after shutdown: {stopped:?}");
     // The node's command stream stays for its next life (commands sent meanwhile are claimed
     // then): the node comes back, and the farm is clean.
-    let again = farm_tests::fixtures::node(&redis, "n1", root.path(), false, &[]);
-    leaves_nothing(&redis, &[FarmNode::of(&again)]).await;
+    let again = farm_tests::fixtures::node(redis, "n1", root.path(), false, &[]);
+    leaves_nothing(redis, &[FarmNode::of(&again)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,17 +294,14 @@ async fn a_pid_record_pointing_at_an_unrelated_process_leaves_it_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_min_free_a_start_is_refused_with_a_clear_error_and_nothing_runs() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "big", &provider.url("/big.ts"), &[]);
-    let node = node(
-        &redis,
-        "n1",
-        root.path(),
-        false,
-        &["--min-free", "1000000T"],
-    );
+    let farm = Farm::builder()
+        .provider_channel("big", "/big.ts")
+        .nodes(&["n1"])
+        .node_args(&["--min-free", "1000000T"])
+        .start()
+        .await;
+    let (redis, provider, root) = (&farm.redis, farm.provider(), &farm.root);
+    let node = farm.node("n1");
     let r = get(&format!("{}/live/big/index.m3u8", node.base_url())).await;
     println!("{} {}", r.status, r.text().trim());
     assert_eq!(r.status, 507);
@@ -318,9 +312,9 @@ async fn below_min_free_a_start_is_refused_with_a_clear_error_and_nothing_runs()
         0,
         "nothing read from upstream"
     );
-    assert!(!exists(&redis, "farm:owner:big").await, "no lease taken");
-    assert!(!exists(&redis, "farm:stream:big").await);
+    assert!(!exists(redis, "farm:owner:big").await, "no lease taken");
+    assert!(!exists(redis, "farm:stream:big").await);
     assert!(!root.path().join("n1/big").exists());
-    assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 0.0);
-    leaves_nothing(&redis, &[FarmNode::of(&node)]).await;
+    assert_eq!(metric(node, "farm_node_ffmpeg_spawns_total").await, 0.0);
+    leaves_nothing(redis, &[FarmNode::of(node)]).await;
 }

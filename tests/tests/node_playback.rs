@@ -2,25 +2,22 @@
 //! single flight under 50 concurrent first requests, and access recording without Redis on the
 //! request path.
 
+use farm_tests::farm::Farm;
 use farm_tests::fixtures::*;
 use farm_tests::hls::{ffprobe_codecs, HlsClient, MediaPlaylist};
-use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_request_plays_live_media_with_headers_state_and_access() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "news",
-        &provider.url("/live/news.ts"),
-        &["--name", "News"],
-    );
-    let node = node(&redis, "n1", root.path(), false, &[]);
+    let farm = Farm::builder()
+        .provider_channel_with("news", "/live/news.ts", &["--name", "News"])
+        .nodes(&["n1"])
+        .start()
+        .await;
+    let (redis, provider, root) = (&farm.redis, farm.provider(), &farm.root);
+    let node = farm.node("n1");
     let base = node.base_url();
 
     let t0 = Instant::now();
@@ -67,7 +64,7 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
     assert!(pre.headers().contains_key("access-control-allow-methods"));
 
     // The stream hash names a live FFmpeg of this node.
-    let stream = hgetall(&redis, "farm:stream:news").await;
+    let stream = hgetall(redis, "farm:stream:news").await;
     assert_eq!(stream.get("node").map(String::as_str), Some("n1"));
     let pid: i32 = stream["pid"].parse().expect("pid recorded");
     assert!(
@@ -78,13 +75,13 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
         stream["pid_start"].parse::<u64>().ok(),
         farm_tests::procs::process_start_time(pid)
     );
-    let first_cost = metric(&node, "farm_node_request_path_redis_calls_total").await;
+    let first_cost = metric(node, "farm_node_request_path_redis_calls_total").await;
     println!("Redis calls made for the first request: {first_cost}");
     assert!(
         first_cost >= 4.0,
         "a lookup, the catalog, the claim and the recorded timeline: {first_cost}"
     );
-    let access_before = zscore(&redis, "farm:access", "news")
+    let access_before = zscore(redis, "farm:access", "news")
         .await
         .expect("access recorded");
 
@@ -104,12 +101,12 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
     assert!(codecs.iter().any(|c| c == "aac"), "{codecs:?}");
 
     // While watched, farm:access moved forward and the stream is running with the same FFmpeg.
-    let access_after = zscore(&redis, "farm:access", "news").await.expect("access");
+    let access_after = zscore(redis, "farm:access", "news").await.expect("access");
     assert!(
         access_after > access_before + 10_000.0,
         "access advanced: {access_before} -> {access_after}"
     );
-    let stream = hgetall(&redis, "farm:stream:news").await;
+    let stream = hgetall(redis, "farm:stream:news").await;
     assert_eq!(stream["state"], "running");
     assert_eq!(stream["restarts"], "0");
     assert!(!stream["last_segment_at"].is_empty());
@@ -117,18 +114,16 @@ async fn first_request_plays_live_media_with_headers_state_and_access() {
     // The first request looked the channel up (nobody ran it) and started it: the lookup and the
     // start's catalog read, claim and recorded timeline; 20 s of viewing added nothing.
     assert_eq!(
-        metric(&node, "farm_node_request_path_redis_calls_total").await,
+        metric(node, "farm_node_request_path_redis_calls_total").await,
         first_cost
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_first_requests_share_one_ffmpeg_and_one_upstream_connection() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "sport", &provider.url("/live/sport.ts"), &[]);
-    let node = node(&redis, "n1", root.path(), false, &[]);
+    let farm = Farm::one_node(&[("sport", "/live/sport.ts")]).await;
+    let (redis, provider, root) = (&farm.redis, farm.provider(), &farm.root);
+    let node = farm.node("n1");
     let url = format!("{}/live/sport/index.m3u8", node.base_url());
 
     let mut tasks = Vec::new();
@@ -154,7 +149,7 @@ async fn fifty_concurrent_first_requests_share_one_ffmpeg_and_one_upstream_conne
         "one upstream connection"
     );
     assert_eq!(provider.current_connections_for("/live/sport.ts"), 1);
-    assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 1.0);
+    assert_eq!(metric(node, "farm_node_ffmpeg_spawns_total").await, 1.0);
     let gen: String = {
         use redis::AsyncCommands;
         let mut c = redis.conn().await;
@@ -351,22 +346,14 @@ async fn redis_time(redis: &RedisServer) -> (u64, (u64, u64)) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transcode_profile_serves_h264_aac_at_720p_and_the_node_publishes_its_liveness() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "hd",
-        &provider.url("/hd.ts"),
-        &["--profile", "h264-720p"],
-    );
-    let node = node(
-        &redis,
-        "n1",
-        root.path(),
-        false,
-        &["--start-timeout", "20s"],
-    );
+    let farm = Farm::builder()
+        .provider_channel_with("hd", "/hd.ts", &["--profile", "h264-720p"])
+        .nodes(&["n1"])
+        .node_args(&["--start-timeout", "20s"])
+        .start()
+        .await;
+    let (redis, root) = (&farm.redis, &farm.root);
+    let node = farm.node("n1");
     let r = get(&format!("{}/live/hd/index.m3u8", node.base_url())).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let pl = MediaPlaylist::parse(&r.text()).expect("playlist");
@@ -396,10 +383,10 @@ async fn transcode_profile_serves_h264_aac_at_720p_and_the_node_publishes_its_li
         ttl > 0 && ttl <= 3000,
         "alive key has a PX TTL of at most node_ttl: {ttl}"
     );
-    let info = hgetall(&redis, "farm:node:n1").await;
+    let info = hgetall(redis, "farm:node:n1").await;
     assert_eq!(info["public_url"], node.base_url());
     assert!(info["disk_free"].parse::<u64>().expect("disk_free") > 0);
-    assert!(zscore(&redis, "farm:nodes", "n1").await.is_some());
+    assert!(zscore(redis, "farm:nodes", "n1").await.is_some());
     let set: Vec<String> = c.smembers("farm:node:n1:streams").await.expect("SMEMBERS");
     assert_eq!(set, vec!["hd".to_string()]);
 }

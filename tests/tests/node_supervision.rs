@@ -5,6 +5,7 @@
 //! 10 ms grain of /proc start times is small next to them; the backoff function itself has a unit
 //! test here too.
 
+use farm_tests::farm::{Farm, FarmBuilder};
 use farm_tests::fixtures::*;
 use farm_tests::invariants::{self, settle_time};
 use farm_tests::node::NodeProcess;
@@ -58,24 +59,22 @@ fn most_backoff(k: u32) -> Duration {
     (BASE * 2u32.pow(k - 1) * 3 / 2).min(CAP)
 }
 
-fn supervised_node(redis: &RedisServer, root: &std::path::Path, extra: &[&str]) -> NodeProcess {
-    node_with(
-        redis,
-        "n1",
-        root,
-        false,
-        &[("--backoff-base", "1s"), ("--backoff-max", "2s")],
-        extra,
-    )
+/// Node n1 with backoff base 1 s and cap 2 s and `extra` arguments, and channel `id` reading
+/// `/<id>.ts` on the fake provider.
+fn supervised(id: &str, extra: &[&str]) -> FarmBuilder {
+    Farm::builder()
+        .provider_channel(id, &format!("/{id}.ts"))
+        .nodes(&["n1"])
+        .node_value("--backoff-base", "1s")
+        .node_value("--backoff-max", "2s")
+        .node_args(extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_ffmpeg_is_restarted_after_a_backoff_and_counted() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "kids", &provider.url("/kids.ts"), &[]);
-    let node = supervised_node(&redis, root.path(), &[]);
+    let farm = supervised("kids", &[]).start().await;
+    let (redis, root) = (&farm.redis, &farm.root);
+    let node = farm.node("n1");
     let url = format!("{}/live/kids/index.m3u8", node.base_url());
     assert_eq!(get_observed(&url).await.status, 200);
     // The victim as /proc shows it: the one FFmpeg under the node's root.
@@ -113,7 +112,7 @@ after 1 crash: {:?}..{:?}, /proc grain {TICK_GRAIN:?})",
         "the new ffmpeg recorded",
         Duration::from_secs(20),
         || async {
-            let h = hgetall(&redis, "farm:stream:kids").await;
+            let h = hgetall(redis, "farm:stream:kids").await;
             let pid: i32 = h.get("pid")?.parse().ok()?;
             (pid == new && h.get("state")? == "running").then_some((pid, h))
         },
@@ -134,7 +133,7 @@ after 1 crash: {:?}..{:?}, /proc grain {TICK_GRAIN:?})",
         vec![new.0],
         "only the new ffmpeg runs"
     );
-    let ev = events(&redis).await;
+    let ev = events(redis).await;
     assert!(
         ev.iter()
             .any(|e| e["event"] == "restarted" && e["channel"] == "kids"),
@@ -158,19 +157,13 @@ after 1 crash: {:?}..{:?}, /proc grain {TICK_GRAIN:?})",
         p.segments[cut].sequence > p.segments[cut - 1].sequence,
         "sequence continues after a restart: {p:?}"
     );
-    leaves_nothing(&redis, &node).await;
+    leaves_nothing(redis, node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_stop() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    provider.set_path_mode("/gone.ts", Mode::Forbidden);
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "gone", &provider.url("/gone.ts"), &[]);
-    let node = supervised_node(
-        &redis,
-        root.path(),
+    let farm = supervised(
+        "gone",
         &[
             "--max-crashes",
             "3",
@@ -181,7 +174,13 @@ async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_sto
             "--start-timeout",
             "20s",
         ],
-    );
+    )
+    .start()
+    .await;
+    let (redis, provider, root) = (&farm.redis, farm.provider(), &farm.root);
+    // Before the first playlist request, which starts the channel.
+    provider.set_path_mode("/gone.ts", Mode::Forbidden);
+    let node = farm.node("n1");
     let url = format!("{}/live/gone/index.m3u8", node.base_url());
     // Every FFmpeg of the node, from /proc, scanned every 5 ms (a refused FFmpeg lives ~100 ms).
     let scan = Duration::from_millis(5);
@@ -208,13 +207,13 @@ async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_sto
         "the stream hash says failed",
         Duration::from_secs(5),
         || async {
-            let h = hgetall(&redis, "farm:stream:gone").await;
+            let h = hgetall(redis, "farm:stream:gone").await;
             (h.get("state").map(String::as_str) == Some("failed")).then_some(h)
         },
     )
     .await;
     assert!(h["last_error"].contains("403"), "{h:?}");
-    assert!(!exists(&redis, "farm:owner:gone").await, "lease released");
+    assert!(!exists(redis, "farm:owner:gone").await, "lease released");
     assert_eq!(
         provider.total_connections_for("/gone.ts"),
         3,
@@ -261,16 +260,16 @@ async fn provider_refusing_forever_ends_in_failed_with_the_reason_and_spawns_sto
         3,
         "spawns stopped"
     );
-    assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 3.0);
+    assert_eq!(metric(node, "farm_node_ffmpeg_spawns_total").await, 3.0);
     assert!(ffmpegs_under(root.path()).is_empty());
     assert!(!root.path().join("n1/gone").exists(), "folder removed");
-    let ev = events(&redis).await;
+    let ev = events(redis).await;
     assert!(
         ev.iter()
             .any(|e| e["event"] == "failed" && e["reason"].contains("403")),
         "{ev:?}"
     );
-    leaves_nothing(&redis, &node).await;
+    leaves_nothing(redis, node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,22 +8,20 @@
 
 use axum::routing::get;
 use axum::Router;
+use farm_tests::farm::Farm;
 use farm_tests::fixtures::*;
 use farm_tests::hls::{HlsClient, MediaPlaylist};
 use farm_tests::player::BrowserPlayer;
 use farm_tests::procs;
-use farm_tests::provider::{FakeProvider, Mode};
+use farm_tests::provider::Mode;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::{eventually, eventually_blocking};
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hls_js_plays_a_live_channel_in_real_time_and_a_stopped_source_shows_as_a_freeze() {
-    let redis = RedisServer::start();
-    let provider = FakeProvider::start().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(&redis, "news", &provider.url("/live/news.ts"), &[]);
-    let node = node(&redis, "n1", root.path(), false, &[]);
+    let farm = Farm::one_node(&[("news", "/live/news.ts")]).await;
+    let (provider, node) = (farm.provider(), farm.node("n1"));
     let stream = format!("{}/live/news/index.m3u8", node.base_url());
 
     // A warm channel: hls.js starts three target durations behind the live edge, so it has a

@@ -328,13 +328,7 @@ async fn hostile_catalog_urls_and_upstream_playlists_never_make_ffmpeg_read_a_lo
 
     let node = hostile_node(&redis, root.path());
     for (id, _, _) in &direct {
-        let r = get(&format!("{}/live/{id}/index.m3u8", node.base_url())).await;
-        assert_eq!(r.status, 502, "{id}: {}", r.text());
-        assert!(
-            r.text().contains("invalid upstream URL"),
-            "{id}: {}",
-            r.text()
-        );
+        assert_invalid_upstream(&node, id).await;
     }
     assert_eq!(metric(&node, "farm_node_ffmpeg_spawns_total").await, 0.0);
 

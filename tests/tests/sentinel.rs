@@ -117,14 +117,7 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
     );
     let root = tempfile::tempdir().expect("tempdir");
     let ids = ["s1", "s2", "s3"];
-    for id in ids {
-        add_channel(
-            &primary,
-            id,
-            &format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
+    add_fake_channels(&primary, &ids, 500);
     eventually(
         "the replica holds the catalog",
         Duration::from_secs(20),
