@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::phase::Settings;
 use crate::report::{num, Figure, Goal, PhaseOutput};
-use crate::Settings;
 use farm_tests::abuse::{
     attacker_ip, raw_get, AbuseFarm, AbuseOpts, ViewerStats, HLS_TIME, MAX_GAP, MAX_STREAMS,
 };
@@ -62,7 +62,7 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
     let answered = t0.elapsed();
     let starts = farm.metric("farm_node_channel_starts_total").await - starts_before;
     // The FFmpegs the burst started run now: watch on.
-    crate::pause(AFTER_BURST).await;
+    crate::util::pause(AFTER_BURST).await;
     let stats = farm.viewer_stats();
     let worst = farm.worst_gap();
     let running: Vec<usize> = farm
@@ -108,7 +108,7 @@ async fn burst(out: &mut PhaseOutput) -> Result<(), String> {
 /// else going on.
 async fn calm_worst_gap(farm: &AbuseFarm) -> Duration {
     farm.reset_gaps();
-    crate::pause(CALM).await;
+    crate::util::pause(CALM).await;
     let calm = farm.worst_gap();
     farm.reset_gaps();
     calm
@@ -210,7 +210,7 @@ async fn first_request(
 
 async fn import(out: &mut PhaseOutput) -> Result<(), String> {
     let redis = RedisServer::start();
-    let dir = crate::temp_dir("farm-bench-import-")?;
+    let dir = crate::util::temp_dir("farm-bench-import-")?;
     let file = dir.path().join("provider.m3u");
     write_m3u(&file, IMPORT_CHANNELS).map_err(|e| format!("write {}: {e}", file.display()))?;
     let file_bytes = std::fs::metadata(&file).map_or(0, |m| m.len());

@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::killfarm;
+use crate::phase::Settings;
 use crate::report::{num, percentile, Goal, PhaseOutput};
-use crate::{get, killfarm, Settings};
+use crate::util::get;
 use farm_tests::coordinator::{events, owner};
 use farm_tests::farm::FAST;
 use farm_tests::hls::MediaPlaylist;
@@ -221,7 +223,7 @@ async fn owned_by(
                 "{node} did not own the channel within {TRIAL_LIMIT:?} after the kill (no coordinator failover)"
             ));
         }
-        crate::pause(Duration::from_millis(50)).await;
+        crate::util::pause(Duration::from_millis(50)).await;
     }
 }
 
@@ -252,7 +254,7 @@ async fn settle(
             .map_err(|e| format!("EXISTS: {e}"))?;
         if segments >= 3 && alive {
             // The access flush (500 ms) carries this request to Redis.
-            crate::pause(Duration::from_millis(700)).await;
+            crate::util::pause(Duration::from_millis(700)).await;
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -262,7 +264,7 @@ async fn settle(
                 nodes[other].node_id()
             ));
         }
-        crate::pause(Duration::from_millis(200)).await;
+        crate::util::pause(Duration::from_millis(200)).await;
     }
 }
 
@@ -298,6 +300,6 @@ async fn first_segment_from(
                 }
             }
         }
-        crate::pause(Duration::from_millis(100)).await;
+        crate::util::pause(Duration::from_millis(100)).await;
     }
 }

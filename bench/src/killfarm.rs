@@ -12,7 +12,7 @@ use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
 
 use crate::report::{percentile, Figure, Goal, PhaseOutput};
-use crate::{add_channel, coordinator_bin};
+use crate::util::{add_channel, coordinator_bin};
 
 /// The running farm; fields in drop order (the watching connection and the coordinator first, Redis
 /// last).
@@ -37,7 +37,7 @@ pub async fn start(
 ) -> Result<KillFarm, String> {
     let redis = RedisServer::start();
     let provider = FakeProvider::start().await;
-    let root = crate::temp_dir(prefix)?;
+    let root = crate::util::temp_dir(prefix)?;
     let url = redis.url();
     add_channel(&url, channel, &provider.url(path))?;
     let mut nodes: Vec<NodeProcess> = Vec::new();
@@ -64,7 +64,7 @@ pub async fn start(
         if Instant::now() > deadline {
             return Err("the coordinator did not become leader within 20 s".into());
         }
-        crate::pause(Duration::from_millis(100)).await;
+        crate::util::pause(Duration::from_millis(100)).await;
     }
     Ok(KillFarm {
         c,

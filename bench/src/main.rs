@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");
-    let warnings = match bench::build_binaries(!cli.no_build) {
+    let warnings = match bench::util::build_binaries(!cli.no_build) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("farm-bench: {e}");

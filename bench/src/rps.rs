@@ -29,9 +29,10 @@ use serde_json::json;
 
 use crate::load::{self, LoadResult, LoadSpec};
 use crate::nginx::{self as bnginx, BenchNginx, Variant};
+use crate::phase::Settings;
 use crate::report::PhaseOutput;
 use crate::sys::{self, Monitor};
-use crate::{get, http, metric_sum, node_metrics, Settings, ADMIN_TOKEN};
+use crate::util::{get, http, metric_sum, node_metrics, ADMIN_TOKEN};
 use farm_tests::hls::MediaPlaylist;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::redis::RedisServer;
@@ -203,10 +204,10 @@ impl LiveNode {
     /// a couple of segments, so the newest one stays listed for a whole round pair.
     async fn start() -> Result<LiveNode, String> {
         let redis = RedisServer::start();
-        let root = crate::temp_dir("farm-bench-rps-")?;
+        let root = crate::util::temp_dir("farm-bench-rps-")?;
         let node_root = root.path().join("n1");
         let chan_dir = node_root.join(CHANNEL);
-        crate::add_channel(
+        crate::util::add_channel(
             &redis.url(),
             CHANNEL,
             &format!("http://127.0.0.1:9/{CHANNEL}.ts?mode=normal&bytes={SEGMENT_BYTES}"),
@@ -230,7 +231,7 @@ impl LiveNode {
             if tokio::time::Instant::now() > deadline {
                 return Err("the channel did not list 2 segments within 20 s".into());
             }
-            crate::pause(std::time::Duration::from_millis(100)).await;
+            crate::util::pause(std::time::Duration::from_millis(100)).await;
         }
         Ok(LiveNode {
             node,

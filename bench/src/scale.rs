@@ -35,9 +35,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::phase::Settings;
 use crate::report::{num, Figure, Goal, PhaseOutput};
 use crate::sys::{cpu_seconds, guard_of, pss_kb, rss_kb, threads};
-use crate::{add_channels, get, http, Settings};
+use crate::util::{add_channels, get, http};
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
@@ -306,11 +307,12 @@ async fn measure(
     let start_all_s = farm.start_channels().await?;
     let viewers = Viewers::start(&farm);
     // A full playlist window of segments goes by before the window starts.
-    crate::pause(Duration::from_secs(4)).await;
+    crate::util::pause(Duration::from_secs(4)).await;
     let mut loaded = loaded_window(pid, guard.pid_idle, &farm.provider, &viewers, window).await?;
     guard.busy_cpu_s = loaded.guard_cpu_s;
     while viewers.since.elapsed() < min_viewing {
-        crate::pause((min_viewing - viewers.since.elapsed()).min(Duration::from_secs(1))).await;
+        crate::util::pause((min_viewing - viewers.since.elapsed()).min(Duration::from_secs(1)))
+            .await;
         loaded.rss_series_kb.extend(rss_kb(pid));
     }
     let busy_rss = rss_kb(pid).ok_or("node RSS unreadable")?;
@@ -362,7 +364,7 @@ impl ScaleFarm {
     async fn start(n: usize, extra: &[&str]) -> Result<ScaleFarm, String> {
         let redis = RedisServer::start();
         let provider = FakeProvider::start().await;
-        let root = crate::temp_dir("farm-bench-scale-")?;
+        let root = crate::util::temp_dir("farm-bench-scale-")?;
         let node_root = root.path().join("n1");
         let channels: Vec<(String, String)> = (0..n)
             .map(|i| {
@@ -446,7 +448,7 @@ struct Idle {
 
 /// The node and its guard with no stream, over `window`; the guard's busy fields are still unset.
 async fn idle_baseline(pid: i32, window: Duration) -> Result<(Guard, Idle), String> {
-    crate::pause(Duration::from_secs(2)).await;
+    crate::util::pause(Duration::from_secs(2)).await;
     let mut guard = Guard {
         pid_idle: guard_of(pid).unwrap_or(0),
         ..Guard::default()
@@ -495,7 +497,7 @@ async fn loaded_window(
     let t0 = Instant::now();
     let mut rss_series_kb = Vec::new();
     while t0.elapsed() < window {
-        crate::pause((window - t0.elapsed()).min(Duration::from_secs(1))).await;
+        crate::util::pause((window - t0.elapsed()).min(Duration::from_secs(1))).await;
         rss_series_kb.extend(rss_kb(pid));
     }
     let cpu_s = cpu_seconds(pid).ok_or("node CPU time unreadable")? - c0;
@@ -521,7 +523,7 @@ async fn loaded_window(
 async fn cpu_over(pid: i32, window: Duration) -> Result<(f64, Duration), String> {
     let c0 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
     let t0 = Instant::now();
-    crate::pause(window).await;
+    crate::util::pause(window).await;
     let c1 = cpu_seconds(pid).ok_or("node CPU time unreadable")?;
     Ok((c1 - c0, t0.elapsed()))
 }

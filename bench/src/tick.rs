@@ -16,8 +16,9 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
+use crate::phase::Settings;
 use crate::report::{num, Figure, Goal, PhaseOutput};
-use crate::{coordinator_bin, get, http, metric_sum, Settings};
+use crate::util::{coordinator_bin, get, http, metric_sum};
 use farm_tests::coordinator::{CoordinatorOpts, CoordinatorProcess};
 use farm_tests::farm::coordinator_args;
 use farm_tests::redis::RedisServer;
@@ -230,7 +231,7 @@ async fn wait_ticks(
                 snap.1
             ));
         }
-        crate::pause(Duration::from_millis(poll_ms)).await;
+        crate::util::pause(Duration::from_millis(poll_ms)).await;
     }
 }
 

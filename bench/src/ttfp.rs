@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::phase::Settings;
 use crate::report::{num, percentile, Figure, Goal, PhaseOutput};
-use crate::{add_channel, admin_stop, get, http, Settings, ADMIN_TOKEN};
+use crate::util::{add_channel, admin_stop, get, http, ADMIN_TOKEN};
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::provider::FakeProvider;
 use farm_tests::redis::RedisServer;
@@ -113,7 +114,7 @@ impl TtfpFarm {
     async fn start() -> Result<TtfpFarm, String> {
         let redis = RedisServer::start();
         let provider = FakeProvider::start().await;
-        let root = crate::temp_dir("farm-bench-ttfp-")?;
+        let root = crate::util::temp_dir("farm-bench-ttfp-")?;
         let node_root = root.path().join("n1");
         let anchor_root = root.path().join("raw");
         std::fs::create_dir_all(&anchor_root).map_err(|e| format!("create anchor dir: {e}"))?;

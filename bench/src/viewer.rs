@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::killfarm;
+use crate::phase::Settings;
 use crate::report::{num, Goal, PhaseOutput};
-use crate::{killfarm, Settings};
 use farm_tests::coordinator::owner;
 use farm_tests::farm::{without, FAST};
 use farm_tests::nginx::{NginxOpts, NginxServer};

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::json;
 
 use super::{Cmp, Rounds, Side};
+use crate::phase::Settings;
 use crate::report::{num, Figure, Goal, PhaseOutput};
-use crate::Settings;
 
 /// One comparison's figure: what A and B are, and the goal of A / B.
 struct Comparison {

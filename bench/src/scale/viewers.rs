@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ScaleFarm;
-use crate::get;
+use crate::util::get;
 use farm_tests::hls::MediaPlaylist;
 
 /// One player-like viewer per stream, spread over one reload interval.
@@ -63,7 +63,7 @@ struct Viewer {
 
 impl Viewer {
     async fn run(self) {
-        crate::pause(self.offset).await;
+        crate::util::pause(self.offset).await;
         let mut interval = tokio::time::interval(Duration::from_secs(2));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_seq: Option<u64> = None;

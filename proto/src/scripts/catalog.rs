@@ -1,7 +1,7 @@
 //! farmctl's scripted catalog write.
 
 use super::{invoke, Call, Invocation};
-use crate::Keys;
+use crate::keys::Keys;
 
 /// `pin.lua`: set or clear channel `id`'s `pinned` flag, only if it is in the catalog, and keep
 /// `farm:pinned` in step.

@@ -3,9 +3,9 @@
 //! [`Fenced::NotLeader`] otherwise, having changed nothing.
 
 use super::{decode, invoke, ms, split_owner, Call, FromReply, Invocation, ReplyError};
+use crate::keys::Keys;
 use crate::keys::CMD_MAXLEN;
 use crate::types::Command;
-use crate::Keys;
 use redis::Value;
 use std::time::Duration;
 

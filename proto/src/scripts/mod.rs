@@ -17,7 +17,7 @@
 //! ([`Invocation::add_to`] appends its EVALSHA; [`Call::parse`] reads its reply from the pipeline's
 //! answers).
 
-use crate::Keys;
+use crate::keys::Keys;
 use redis::{Pipeline, Script, ScriptInvocation, ToRedisArgs, Value};
 use std::sync::LazyLock;
 

@@ -5,8 +5,8 @@
 use super::{
     decode, invoke, ms, owner_value, split_owner, Call, FromReply, Invocation, ReplyError, Tagged,
 };
+use crate::keys::Keys;
 use crate::records::{NodeRecord, StreamField};
-use crate::Keys;
 use redis::Value;
 use std::time::Duration;
 
