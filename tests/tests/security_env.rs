@@ -224,3 +224,23 @@ async fn hgetall_authed(
         .await
         .expect("HGETALL")
 }
+
+/// `--help` shows each setting's environment variable, and by default its value: a daemon started
+/// with its secrets in the environment (systemd's EnvironmentFile) must not print them there.
+#[test]
+fn help_output_names_no_secret_taken_from_the_environment() {
+    let redis_url = format!("redis://farm:{REDIS_PASSWORD}@127.0.0.1:6379/");
+    for bin in ["farm-node", "farm-coordinator"] {
+        let out = std::process::Command::new(farm_tests::bins::bin_path(bin))
+            .arg("--help")
+            .env("FARM_REDIS_URL", &redis_url)
+            .env("FARM_TOKEN_SECRET", TOKEN_SECRET)
+            .env("FARM_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap_or_else(|e| panic!("run {bin} --help: {e}"));
+        assert!(out.status.success(), "{bin} --help failed: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("FARM_REDIS_URL"), "{bin} --help: {text}");
+        assert_no_secret(&format!("{bin} --help"), &text);
+    }
+}

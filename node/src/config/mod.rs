@@ -44,6 +44,7 @@ starting one FFmpeg per channel for the whole farm on the first viewer"
 
     /// Redis URL: redis://[user:password@]host:port/db, or a Sentinel set as
     /// redis+sentinel://[user:password@]host1:port1,host2:port2/<master>[/db].
+    #[arg(hide_env_values = true)]
     redis_url: String = "redis://127.0.0.1:6379/",
 
     /// Key prefix in Redis.
