@@ -184,10 +184,11 @@ async fn start_coordinator(url: String) -> Result<CoordinatorProcess, String> {
 
 /// Commands the coordinator sent to the nodes' command streams (the stops of the idle channels).
 async fn stops_sent(c: &mut redis::aio::MultiplexedConnection) -> Result<u64, String> {
+    let k = farm_proto::Keys::new("farm");
     let mut stops_sent = 0u64;
     for node in ["n1", "n2"] {
         let len: u64 = redis::cmd("XLEN")
-            .arg(farm_proto::Keys::new("farm").cmd(node))
+            .arg(k.cmd(node))
             .query_async(c)
             .await
             .map_err(|e| format!("XLEN: {e}"))?;
@@ -247,10 +248,11 @@ async fn redis_now(c: &mut MultiplexedConnection) -> Result<u64, String> {
 /// idle. Returns the idle channels.
 async fn seed(c: &mut MultiplexedConnection, n: usize, now: u64) -> Result<Vec<String>, String> {
     let half = (n / 2).to_string();
+    let k = farm_proto::Keys::new("farm");
     for node in ["n1", "n2"] {
         let _: () = redis::pipe()
             .hset_multiple(
-                farm_proto::Keys::new("farm").node(node),
+                k.node(node),
                 &[
                     ("capacity", "0"),
                     ("running", half.as_str()),
@@ -258,10 +260,10 @@ async fn seed(c: &mut MultiplexedConnection, n: usize, now: u64) -> Result<Vec<S
                 ],
             )
             .ignore()
-            .zadd(farm_proto::Keys::new("farm").nodes(), node, now)
+            .zadd(k.nodes(), node, now)
             .ignore()
             .cmd("SET")
-            .arg(farm_proto::Keys::new("farm").node_alive(node))
+            .arg(k.node_alive(node))
             .arg("bench")
             .arg("EX")
             .arg(600)
