@@ -9,6 +9,7 @@ use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
+use tempfile::TempDir;
 
 pub use crate::farm::FAST;
 
@@ -44,6 +45,25 @@ pub fn node(redis: &RedisServer, id: &str, root: &Path, fake: bool, extra: &[&st
         opts = opts.with_fake_ffmpeg();
     }
     NodeProcess::spawn(opts)
+}
+
+/// The start of a test that runs its own nodes (each with its own arguments): its own Redis, a temp
+/// root for the nodes' folders, and channel `id` reading `url` (`extra`: more `farmctl channel add`
+/// arguments, e.g. `--profile`). A test that wants the nodes started too uses [`crate::farm::Farm`].
+pub fn redis_with_channel(id: &str, url: &str, extra: &[&str]) -> (RedisServer, TempDir) {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    add_channel(&redis, id, url, extra);
+    (redis, root)
+}
+
+/// [`redis_with_channel`] with channels `ids` reading the fake FFmpeg's source, a segment every
+/// 500 ms.
+pub fn redis_with_fake_channels(ids: &[&str]) -> (RedisServer, TempDir) {
+    let redis = RedisServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    add_fake_channels(&redis, ids, 500);
+    (redis, root)
 }
 
 /// Adds a channel with farmctl and checks that it worked.

@@ -250,9 +250,7 @@ async fn a_provider_at_its_limit_refuses_new_channels_and_a_dead_nodes_holding_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_fake_channels(&redis, &["c1", "c2", "c3"], 500);
+    let (redis, root) = redis_with_fake_channels(&["c1", "c2", "c3"]);
     let ns = nodes(&redis, root.path(), 2, true, &["--max-streams", "1"]);
     let n1 = ns[0].base_url();
     let http = following();
@@ -394,12 +392,9 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transcode_counts_its_weight_against_capacity() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
+    let (redis, root) = redis_with_channel(
         "hd",
-        "http://127.0.0.1:9/hd.ts?mode=normal&seg_ms=500",
+        &farm_tests::coordinator::fake_source("hd", 500),
         &["--profile", "h264-720p"],
     );
     add_fake_channels(&redis, &["c1", "c2", "c3"], 500);

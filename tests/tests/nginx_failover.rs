@@ -103,14 +103,7 @@ fn prober(
 }
 
 async fn scenario(topology: Topology, access: Access) {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "tv",
-        "http://127.0.0.1:9/tv.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["tv"]);
     let socks: Vec<String> = ["n1", "n2"]
         .iter()
         .map(|n| root.path().join(format!("{n}.sock")).display().to_string())

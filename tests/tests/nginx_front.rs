@@ -5,7 +5,6 @@
 
 use farm_tests::fixtures::*;
 use farm_tests::nginx::{raw_request, NginxOpts, NginxServer};
-use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use std::time::Duration;
 
@@ -13,21 +12,9 @@ const SECRET_TEXT: &str = "this-file-must-never-be-served";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_sends_hls_files_from_disk_with_the_right_headers_and_passes_the_nodes_503() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     // First segment after 6 s, start timeout 1 s: its first request gets the node's 503.
-    add_channel(
-        &redis,
-        "slow",
-        "http://127.0.0.1:9/slow.ts?mode=normal&seg_ms=6000",
-        &[],
-    );
+    add_fake_channels(&redis, &["slow"], 6000);
     let node = node(&redis, "n1", root.path(), true, &["--start-timeout", "1s"]);
     let nginx = NginxServer::start(&NginxOpts::for_nodes([&node]));
     let base = nginx.base_url();
@@ -124,14 +111,7 @@ async fn nginx_sends_hls_files_from_disk_with_the_right_headers_and_passes_the_n
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_serves_nothing_but_strict_live_paths() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     let node = node(&redis, "n1", root.path(), true, &[]);
     let nginx = NginxServer::start(&NginxOpts::for_nodes([&node]));
     let status = get_observed(&format!("{}/live/c1/index.m3u8", nginx.base_url()))

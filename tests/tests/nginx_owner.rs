@@ -22,14 +22,7 @@ fn token(channel: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_nginx_sends_to_the_non_owner_is_served_from_the_owner() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     let args = ["--token-secret", SECRET, "--accel-redirect", "/_farm_owner"];
     let owner = node(&redis, "a", root.path(), true, &args);
     let other = node(&redis, "b", root.path(), true, &args);

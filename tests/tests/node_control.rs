@@ -34,14 +34,7 @@ fn raw_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_paths_and_ids_get_a_clear_4xx_and_nothing_starts_or_is_read() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "ok",
-        "http://127.0.0.1:9/ok.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["ok"]);
     // A canary outside the HLS folder that a traversal would reach.
     std::fs::write(root.path().join("secret.ts"), b"canary").expect("canary");
     let node = node(&redis, "n1", root.path(), true, &[]);
@@ -120,9 +113,7 @@ async fn catalog_urls_with_forbidden_schemes_never_reach_ffmpeg() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_nothing() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_fake_channels(&redis, &["c1", "c2"], 500);
+    let (redis, root) = redis_with_fake_channels(&["c1", "c2"]);
     let node = node(
         &redis,
         "n1",
@@ -248,14 +239,7 @@ async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_noth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_left_unacked_by_an_earlier_incarnation_is_handled_after_a_restart() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     let mut conn = redis.conn().await;
     // An earlier incarnation of n1 read this start command and died before acting on it.
     let _: () = conn

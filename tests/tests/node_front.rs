@@ -3,7 +3,6 @@
 
 use farm_tests::fixtures::*;
 use farm_tests::node::farmctl;
-use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,9 +34,7 @@ async fn auth(node: &farm_tests::node::NodeProcess, uri: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_fake_channels(&redis, &["c1", "c2"], 500);
+    let (redis, root) = redis_with_fake_channels(&["c1", "c2"]);
     let node = node(&redis, "n1", root.path(), true, &["--token-secret", SECRET]);
     let base = node.base_url();
 
@@ -131,14 +128,7 @@ async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_request_checks_alone_keep_the_access_time_moving() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     let node = node(&redis, "n1", root.path(), true, &[]);
     assert_eq!(
         get_observed(&format!("{}/live/c1/index.m3u8", node.base_url()))
@@ -173,14 +163,7 @@ async fn auth_request_checks_alone_keep_the_access_time_moving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_owner_redirects_to_the_owner_or_hands_nginx_an_accel_redirect() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     let owner = node(&redis, "n1", root.path(), true, &[]);
     let plain = node(&redis, "n2", root.path(), true, &[]);
     let behind = node(
@@ -221,15 +204,8 @@ async fn a_non_owner_redirects_to_the_owner_or_hands_nginx_an_accel_redirect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_datagrams_count_as_viewer_access() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     let sock = root.path().join("access.sock");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
     let node = node(
         &redis,
         "n1",
@@ -269,14 +245,7 @@ async fn access_log_datagrams_count_as_viewer_access() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_real_ip_counts_only_from_trusted_proxies() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     // n1 trusts loopback (the default); n2 trusts only 10.0.0.0/8, so this test's own requests
     // (from 127.0.0.1) cannot claim another viewer address.
     let n1 = node(&redis, "n1", root.path(), true, &["--token-secret", SECRET]);

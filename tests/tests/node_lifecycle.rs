@@ -110,14 +110,7 @@ async fn after_sigkill_without_the_sandbox_the_ffmpeg_dies_too_and_the_next_star
 /// the first one), and one of the next incarnation; a leftover planted as an earlier incarnation
 /// would leave it is swept by the next start. `sandbox`: the `--ffmpeg-sandbox` spawn path.
 async fn after_sigkill(sandbox: &str) {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     let args = ["--ffmpeg-sandbox", sandbox];
     // A farm has a coordinator: it reaps what no node of the farm would (a stale access entry).
     let _co = farm_tests::coordinator::CoordinatorProcess::spawn(

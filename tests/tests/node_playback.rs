@@ -171,10 +171,7 @@ async fn viewer_requests_for_a_running_channel_cost_no_redis_command() {
     const PERIOD_US: u64 = 10_000_000;
     const WINDOW: Duration = Duration::from_secs(3);
     const MARGIN_US: u64 = 300_000;
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
+    let (redis, root) = redis_with_channel(
         "c1",
         "http://127.0.0.1:9/c1.ts?mode=stall&after_ms=1700&seg_ms=500",
         &[],

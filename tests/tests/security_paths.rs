@@ -13,7 +13,6 @@
 use farm_tests::fixtures::*;
 use farm_tests::nginx::{NginxOpts, NginxServer};
 use farm_tests::node::NodeProcess;
-use farm_tests::redis::RedisServer;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -319,14 +318,7 @@ fn names_a_channel_file(t: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traversal_corpus_gets_4xx_from_node_and_nginx_and_no_canary_outside_the_root_is_read() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    add_channel(
-        &redis,
-        "c1",
-        "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        &[],
-    );
+    let (redis, root) = redis_with_fake_channels(&["c1"]);
     let sock = root.path().join("n1-access.sock");
     let sock_arg = sock.to_string_lossy().to_string();
     let node = node(
