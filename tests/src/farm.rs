@@ -13,6 +13,7 @@ use crate::nginx::{NginxOpts, NginxServer};
 use crate::node::{NodeOpts, NodeProcess};
 use crate::provider::FakeProvider;
 use crate::redis::RedisServer;
+use std::time::Duration;
 
 /// Node settings of [`Timing::Fast`]: 1 s segments, lease and node TTL 3 s, 500 ms access flush,
 /// quick backoff and stop grace.
@@ -111,6 +112,25 @@ pub fn coordinator_args(values: &[(&str, &str)], left_out: &[&str]) -> Vec<Strin
     let kept = without(FAST_COORDINATOR, left_out);
     let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
     with_values(&kept, values)
+}
+
+/// The duration `flag` has in `args` (flag, value pairs; values like `3s` or `500ms`, as the
+/// profiles write them). Panics when the flag is missing or its value is written otherwise.
+fn duration_of(args: &[String], flag: &str) -> Duration {
+    let value = args
+        .iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .unwrap_or_else(|| panic!("{flag} is not in {args:?}"));
+    let number = |digits: &str| -> u64 {
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("{flag} {value}: not a whole number of s or ms"))
+    };
+    match value.strip_suffix("ms") {
+        Some(ms) => Duration::from_millis(number(ms)),
+        None => Duration::from_secs(number(value.strip_suffix('s').unwrap_or(value))),
+    }
 }
 
 /// Where a channel added by the builder reads from.
@@ -246,6 +266,18 @@ impl FarmBuilder {
     pub fn nginx(mut self) -> Self {
         self.nginx = true;
         self
+    }
+
+    /// Promise 9's bound for this farm ([`crate::invariants::settle_time`]): twice its nodes'
+    /// `--node-ttl` plus its coordinators' `--tick`, with the builder's values.
+    pub fn settle_time(&self) -> Duration {
+        let node = with_owned_values(self.timing.node_args(), &self.node_values);
+        let coordinator =
+            with_owned_values(self.timing.coordinator_args(), &self.coordinator_values);
+        crate::invariants::settle_time(
+            duration_of(&node, "--node-ttl"),
+            duration_of(&coordinator, "--tick"),
+        )
     }
 
     /// Starts the farm: Redis, provider, channels, nodes, coordinators, nginx, in that order.
@@ -414,6 +446,13 @@ impl Farm {
         crate::coordinator::farmctl_ok(&self.url(), &["channel", "add", id, url]);
     }
 
+    /// [`crate::fixtures::assert_settled`] over `nodes` (of this farm, or taken out of it) after
+    /// the farm's [`FarmBuilder::settle_time`].
+    pub async fn assert_settled(&self, nodes: &[&NodeProcess], what: &str) {
+        let settle = self.builder.settle_time();
+        crate::fixtures::assert_settled(&self.redis, nodes, settle, what).await;
+    }
+
     /// Takes the nodes out of the farm, to be owned by the test. Panics unless there are `N`.
     pub fn take_nodes<const N: usize>(&mut self) -> [NodeProcess; N] {
         std::mem::take(&mut self.nodes)
@@ -450,5 +489,14 @@ mod tests {
             ["--a", "1", "--b", "9", "--c", "3"]
         );
         assert_eq!(without(base, &["--a", "--c"]), ["--b", "2"]);
+    }
+
+    #[test]
+    fn the_settle_time_follows_the_builders_node_ttl_and_tick() {
+        assert_eq!(Farm::builder().settle_time(), Duration::from_secs(7));
+        let farm = Farm::builder()
+            .node_value("--node-ttl", "4s")
+            .coordinator_value("--tick", "500ms");
+        assert_eq!(farm.settle_time(), Duration::from_millis(8500));
     }
 }

@@ -66,6 +66,20 @@ pub fn redis_with_fake_channels(ids: &[&str]) -> (RedisServer, TempDir) {
     (redis, root)
 }
 
+/// The invariant checker over `nodes` once `settle` has passed (promise 9's bound,
+/// [`crate::invariants::settle_time`]): prints its figure after `what` and panics on anything it
+/// finds. A [`crate::farm::Farm`] knows its own bound: [`crate::farm::Farm::assert_settled`].
+pub async fn assert_settled(
+    redis: &RedisServer,
+    nodes: &[&NodeProcess],
+    settle: Duration,
+    what: &str,
+) {
+    let report = crate::invariants::check_nodes(redis, nodes, settle).await;
+    println!("{what}: {}", report.figure());
+    report.assert_clean();
+}
+
 /// Adds a channel with farmctl and checks that it worked.
 pub fn add_channel(redis: &RedisServer, id: &str, url: &str, extra: &[&str]) {
     let mut args = vec!["channel", "add", id, url];
@@ -241,6 +255,32 @@ pub async fn observed_playlist(http: &reqwest::Client, url: &str) -> (u16, Strin
         }
         Err(_) => (0, String::new()),
     }
+}
+
+/// The first segment that `playlist` (the 200 body of `playlist_url`) lists of a run newer than
+/// `gen`, fetched next to the playlist: its bytes (which go to the strict checker,
+/// [`crate::hls::observe_segment`]) when it answers 200; `None` when the playlist lists none or the
+/// fetch fails. How a viewer learns that a channel was started again elsewhere.
+pub async fn newer_segment(
+    http: &reqwest::Client,
+    playlist_url: &str,
+    playlist: &str,
+    gen: u64,
+) -> Option<bytes::Bytes> {
+    let pl = crate::hls::MediaPlaylist::parse(playlist).expect("playlist");
+    let seg = pl
+        .segments
+        .iter()
+        .find(|s| segment_gen(&s.uri).is_some_and(|g| g > gen))?;
+    let (folder, _) = playlist_url.rsplit_once('/')?;
+    let url = format!("{folder}/{}", seg.uri);
+    let r = http.get(&url).send().await.ok()?;
+    if r.status().as_u16() != 200 {
+        return None;
+    }
+    let bytes = r.bytes().await.unwrap_or_default();
+    crate::hls::observe_segment(&url, &bytes);
+    Some(bytes)
 }
 
 /// The gen in a segment URI `seg_<gen>_<msn>.ts`.

@@ -41,9 +41,7 @@ async fn running_on(redis: &RedisServer, node: &str) -> usize {
 /// The invariant checker over the nodes, after 7 s to settle: its figure, and nothing may be wrong.
 async fn assert_clean(redis: &RedisServer, ns: &[NodeProcess], what: &str) {
     let nodes: Vec<&NodeProcess> = ns.iter().collect();
-    let report = farm_tests::invariants::check_nodes(redis, &nodes, Duration::from_secs(7)).await;
-    println!("{what}: {}", report.figure());
-    report.assert_clean();
+    assert_settled(redis, &nodes, Duration::from_secs(7), what).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,14 +236,15 @@ async fn a_provider_at_its_limit_refuses_new_channels_and_a_dead_nodes_holding_e
         started <= bound,
         "a waiting channel started {started:?} after the kill"
     );
-    let report = farm_tests::invariants::check_nodes(
+    let settle =
+        farm_tests::invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500));
+    assert_settled(
         &redis,
         &ns.iter().collect::<Vec<_>>(),
-        farm_tests::invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500)),
+        settle,
+        "provider limit",
     )
     .await;
-    println!("provider limit: {}", report.figure());
-    report.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@
 
 use farm_tests::coordinator::{events, ffmpegs_for, owner};
 use farm_tests::farm::Farm;
-use farm_tests::fixtures::segment_gen;
+use farm_tests::fixtures::{newer_segment, no_redirects_within, observed_playlist};
 use farm_tests::hls::HlsClient;
 use farm_tests::wait::{eventually, eventually_with};
 use redis::AsyncCommands;
@@ -74,36 +74,16 @@ async fn coordinator_moves_watched_channels_off_a_killed_node() {
     // A second viewer polls through n2 until it is served again: a playlist listing a segment of
     // a newer run (gen) than the dead owner's, and that segment's bytes.
     let probe_url = format!("{}/live/news/index.m3u8", n2.base_url());
-    let base2 = n2.base_url();
     let served_again = tokio::spawn(async move {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("http client");
+        let http = no_redirects_within(Duration::from_secs(10));
         while killed.elapsed() < Duration::from_secs(30) {
-            if let Ok(r) = http.get(&probe_url).send().await {
-                if r.status().as_u16() == 200 {
-                    let body = r.text().await.unwrap_or_default();
-                    farm_tests::hls::observe(&probe_url, &body);
-                    let pl = farm_tests::hls::MediaPlaylist::parse(&body).expect("playlist");
-                    let newer = pl
-                        .segments
-                        .iter()
-                        .find(|s| segment_gen(&s.uri).is_some_and(|g| g > gen_before));
-                    if let Some(seg) = newer {
-                        let seg_url = format!("{base2}/live/news/{}", seg.uri);
-                        if let Ok(r) = http.get(&seg_url).send().await {
-                            if r.status().as_u16() == 200 {
-                                let bytes = r.bytes().await.unwrap_or_default();
-                                farm_tests::hls::observe_segment(&seg_url, &bytes);
-                                if !bytes.is_empty() {
-                                    return Some((killed.elapsed(), farm_tests::procs::now_ms()));
-                                }
-                            }
-                        }
-                    }
-                }
+            let (status, body) = observed_playlist(&http, &probe_url).await;
+            if status == 200
+                && newer_segment(&http, &probe_url, &body, gen_before)
+                    .await
+                    .is_some_and(|bytes| !bytes.is_empty())
+            {
+                return Some((killed.elapsed(), farm_tests::procs::now_ms()));
             }
             tokio::time::sleep(farm_tests::wait::POLL_INTERVAL).await;
         }
@@ -256,14 +236,7 @@ new FFmpeg started {spawned:?} after it (bound node_ttl + tick + 0.5 s = {:?}), 
         "{}",
         co.metrics()
     );
-    let report = farm_tests::invariants::check_nodes(
-        redis,
-        &[&n1, &n2],
-        farm_tests::invariants::settle_time(NODE_TTL, TICK),
-    )
-    .await;
-    println!("failover: {}", report.figure());
-    report.assert_clean();
+    farm.assert_settled(&[&n1, &n2], "failover").await;
     let orphans = farm_tests::node::kill_processes_under(&root.path().join("n1"));
     println!(
         "FFmpegs of the killed node still running (the node's next start would sweep them): {}",

@@ -216,14 +216,8 @@ async fn coordinator_redis_paused_half_the_lease_at_any_phase_stops_and_reaps_no
         "the coordinator did not notice the stall:\n{}",
         f.coordinator("c1").metrics()
     );
-    let report = farm_tests::invariants::check_nodes(
-        &f.redis,
-        &[f.node("n1"), f.node("n2")],
-        farm_tests::invariants::settle_time(Duration::from_secs(4), Duration::from_millis(500)),
-    )
-    .await;
-    println!("short redis pause: {}", report.figure());
-    report.assert_clean();
+    f.assert_settled(&[f.node("n1"), f.node("n2")], "short redis pause")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,12 +295,6 @@ async fn coordinator_redis_paused_longer_than_the_lease_reaps_no_node_and_the_fa
             .expect("EXISTS");
         assert!(alive, "{n} is not alive after the outage");
     }
-    let report = farm_tests::invariants::check_nodes(
-        &f.redis,
-        &[f.node("n1"), f.node("n2")],
-        farm_tests::invariants::settle_time(Duration::from_secs(4), Duration::from_millis(500)),
-    )
-    .await;
-    println!("long redis pause: {}", report.figure());
-    report.assert_clean();
+    f.assert_settled(&[f.node("n1"), f.node("n2")], "long redis pause")
+        .await;
 }

@@ -40,8 +40,7 @@ async fn coordinator_moves_a_channel_off_a_frozen_node_and_the_node_fences_on_wa
         .channel("ch", fake_source("ch", 500))
         .start()
         .await;
-    let [n1, n2] = farm.take_nodes();
-    let [_co] = farm.take_coordinators();
+    let ([n1, n2], [_co]) = farm.take_daemons();
     let redis = &farm.redis;
     let mut c = redis.conn().await;
     let (status, body) = HlsClient::new(&format!("{}/live/ch/index.m3u8", n1.base_url()))
@@ -141,12 +140,5 @@ ch owned by n2 {moved_after:?} into it; {samples} samples, {stopped_samples} wit
         late.is_empty(),
         "n1 wrote events for its fenced gen: {late:?}"
     );
-    let report = farm_tests::invariants::check_nodes(
-        redis,
-        &[&n1, &n2],
-        farm_tests::invariants::settle_time(LEASE, Duration::from_millis(500)),
-    )
-    .await;
-    println!("frozen node: {}", report.figure());
-    report.assert_clean();
+    farm.assert_settled(&[&n1, &n2], "frozen node").await;
 }

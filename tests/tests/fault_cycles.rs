@@ -10,7 +10,8 @@
 //! `FARM_CYCLES=10000 cargo nextest run -p farm-tests --test fault_cycles --no-capture`.
 
 use farm_tests::coordinator::{farmctl_ok, node_args, owner};
-use farm_tests::invariants::{self, FarmNode};
+use farm_tests::fixtures::assert_settled;
+use farm_tests::invariants;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::procs;
 use farm_tests::redis::RedisServer;
@@ -329,14 +330,8 @@ starts answered 503 \"stopping\" after an acknowledged stop {stopping}",
         after.rss_kib <= before.rss_kib + 32 * 1024,
         "RSS grew more than 32 MiB: {before:?} -> {after:?}"
     );
-    let report = invariants::check(
-        &redis,
-        &[FarmNode::of(&node)],
-        invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500)),
-    )
-    .await;
-    println!("cycles: {}", report.figure());
-    report.assert_clean();
+    let settle = invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500));
+    assert_settled(&redis, &[&node], settle, "cycles").await;
     // node.rs run_channel answers the stop (`done`) before the entry leaves the channel map, so a
     // start in between finds the finished entry and answers 503 "stopping; retry".
     assert_eq!(

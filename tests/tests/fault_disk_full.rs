@@ -11,7 +11,8 @@
 //! (a skip would pass without testing anything).
 
 use farm_tests::coordinator::{farmctl_ok, node_args, owner};
-use farm_tests::invariants::{self, FarmNode};
+use farm_tests::fixtures::assert_settled;
+use farm_tests::invariants;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::procs;
 use farm_tests::redis::RedisServer;
@@ -280,14 +281,8 @@ states {states_seen:?}, reason: {reason}",
         .expect("admin stop");
     assert_eq!(r.status().as_u16(), 200);
 
-    let report = invariants::check(
-        &redis,
-        &[FarmNode::of(&node)],
-        invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500)),
-    )
-    .await;
-    println!("disk full: {}", report.figure());
-    report.assert_clean();
+    let settle = invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500));
+    assert_settled(&redis, &[&node], settle, "disk full").await;
     node.kill9();
     drop(node);
     drop(disk);

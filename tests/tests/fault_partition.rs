@@ -13,8 +13,7 @@
 
 use farm_tests::coordinator::{fake_source, ffmpegs_for, owner, wait_alive};
 use farm_tests::farm::{Farm, FarmBuilder};
-use farm_tests::fixtures::{no_redirects, observed_playlist, segment_gen};
-use farm_tests::invariants::{self, settle_time, FarmNode};
+use farm_tests::fixtures::{newer_segment, no_redirects, observed_playlist};
 use farm_tests::netproxy::TcpProxy;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::wait::{eventually, eventually_with};
@@ -22,8 +21,6 @@ use redis::AsyncCommands;
 use std::time::{Duration, Instant};
 
 const LEASE: Duration = Duration::from_secs(3);
-const NODE_TTL: Duration = Duration::from_secs(3);
-const TICK: Duration = Duration::from_millis(500);
 const SAMPLE: Duration = Duration::from_millis(100);
 /// The fake FFmpeg's segment length (`fake_source(.., 500)`): a new run's first segment.
 const FIRST_SEGMENT: Duration = Duration::from_millis(500);
@@ -46,6 +43,13 @@ fn proxied_n1(farm: &Farm) -> (TcpProxy, NodeProcess) {
     (proxy, n1)
 }
 
+/// A first request for channel ch on `node` (answered 200): ch runs there.
+async fn start_ch_on(node: &NodeProcess) {
+    let url = format!("{}/live/ch/index.m3u8", node.base_url());
+    let (status, _) = observed_playlist(&no_redirects(), &url).await;
+    assert_eq!(status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_after_the_heal() {
     let farm = farm()
@@ -59,9 +63,7 @@ async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_
     let _co = farm.spawn_coordinator("c1");
     let mut c = redis.conn().await;
     let http = no_redirects();
-    let (status, _) =
-        observed_playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
-    assert_eq!(status, 200);
+    start_ch_on(&n1).await;
     let (_, gen_before) = owner(&mut c, "farm", "ch").await.expect("ch runs on n1");
     assert_eq!(ffmpegs_for(n1.hls_root(), "ch").len(), 1);
     // Let n1 renew through the proxy a few times, so the partition cuts a steady node.
@@ -84,7 +86,6 @@ async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_
     // A viewer asks n2 for the channel every 100 ms (n1's recorded window, or a 307 to n1, while
     // n1's lease holds) until it gets a segment of a newer run than n1's.
     let probe_url = format!("{}/live/ch/index.m3u8", n2.base_url());
-    let base2 = n2.base_url();
     let probe = tokio::spawn({
         let http = http.clone();
         async move {
@@ -92,22 +93,12 @@ async fn fault_partitioned_node_fences_itself_before_its_lease_ends_and_rejoins_
             while cut.elapsed() < Duration::from_secs(30) {
                 let (s, body) = observed_playlist(&http, &probe_url).await;
                 *statuses.entry(s).or_insert(0u32) += 1;
-                if s == 200 {
-                    let pl = farm_tests::hls::MediaPlaylist::parse(&body).expect("playlist");
-                    let newer = pl
-                        .segments
-                        .iter()
-                        .find(|s| segment_gen(&s.uri).is_some_and(|g| g > gen_before));
-                    if let Some(seg) = newer {
-                        let url = format!("{base2}/live/ch/{}", seg.uri);
-                        if let Ok(r) = http.get(&url).send().await {
-                            if r.status().is_success() {
-                                let bytes = r.bytes().await.unwrap_or_default();
-                                farm_tests::hls::observe_segment(&url, &bytes);
-                                return (Some(cut.elapsed()), statuses);
-                            }
-                        }
-                    }
+                if s == 200
+                    && newer_segment(&http, &probe_url, &body, gen_before)
+                        .await
+                        .is_some()
+                {
+                    return (Some(cut.elapsed()), statuses);
                 }
                 tokio::time::sleep(SAMPLE).await;
             }
@@ -196,14 +187,7 @@ viewer on n2 served after {served:?} ({statuses:?}); {doubles} of {samples} samp
         proxy.stats()
     );
 
-    let report = invariants::check(
-        redis,
-        &[FarmNode::of(&n1), FarmNode::of(&n2)],
-        settle_time(NODE_TTL, TICK),
-    )
-    .await;
-    println!("partition: {}", report.figure());
-    report.assert_clean();
+    farm.assert_settled(&[&n1, &n2], "partition").await;
 
     // Checked last, so that one run also shows the heal and the checker.
     // The promise: a node that cannot renew for 2/3 of the lease TTL stops its FFmpegs. The last
@@ -247,10 +231,7 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
     let (proxy, n1) = proxied_n1(&farm);
     let _co = farm.spawn_coordinator("c1");
     let mut c = redis.conn().await;
-    let http = no_redirects();
-    let (status, _) =
-        observed_playlist(&http, &format!("{}/live/ch/index.m3u8", n1.base_url())).await;
-    assert_eq!(status, 200);
+    start_ch_on(&n1).await;
     let before = owner(&mut c, "farm", "ch").await.expect("ch runs on n1");
     let pid = ffmpegs_for(n1.hls_root(), "ch");
     assert_eq!(pid.len(), 1);
@@ -259,20 +240,25 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
         .last()
         .map(|e| e.id.clone());
 
+    // For `fault` (its duration is the fault's), sampled every SAMPLE: n1's FFmpeg stays the same
+    // one. The least lease TTL left meanwhile, ms.
+    let same_ffmpeg_for = |fault: Duration, during: &'static str| {
+        let (mut c, root, pid) = (c.clone(), n1.hls_root().to_path_buf(), pid.clone());
+        async move {
+            let t = Instant::now();
+            let mut worst_pttl = i64::MAX;
+            while t.elapsed() < fault {
+                let pttl: i64 = c.pttl("farm:owner:ch").await.expect("PTTL");
+                worst_pttl = worst_pttl.min(pttl);
+                assert_eq!(ffmpegs_for(&root, "ch"), pid, "FFmpeg replaced {during}");
+                tokio::time::sleep(SAMPLE).await;
+            }
+            worst_pttl
+        }
+    };
     // 300 ms each way for two lease TTLs (fault injection: the durations are the fault).
     proxy.latency(Duration::from_millis(300));
-    let t = Instant::now();
-    let mut worst_pttl = i64::MAX;
-    while t.elapsed() < LEASE * 2 {
-        let pttl: i64 = c.pttl("farm:owner:ch").await.expect("PTTL");
-        worst_pttl = worst_pttl.min(pttl);
-        assert_eq!(
-            ffmpegs_for(n1.hls_root(), "ch"),
-            pid,
-            "FFmpeg replaced under latency"
-        );
-        tokio::time::sleep(SAMPLE).await;
-    }
+    let worst_pttl = same_ffmpeg_for(LEASE * 2, "under latency").await;
     // Back to normal, and renewed, before the second fault: the two are separate outages, each
     // within what costs nothing (a renewal under 300 ms each way is credited from when it was sent,
     // 600 ms before its answer, so latency running straight into resets is a longer outage).
@@ -281,15 +267,7 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
     // Then every connection reset, and new ones refused, for 1 s (with the reconnect, below half
     // the lease TTL: what a Redis outage may last and cost nothing).
     proxy.reset();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(1) {
-        assert_eq!(
-            ffmpegs_for(n1.hls_root(), "ch"),
-            pid,
-            "FFmpeg replaced during resets"
-        );
-        tokio::time::sleep(SAMPLE).await;
-    }
+    same_ffmpeg_for(Duration::from_secs(1), "during resets").await;
     proxy.pass();
     renewed(&c, "after the resets").await;
     assert_eq!(owner(&mut c, "farm", "ch").await, Some(before));
@@ -307,9 +285,7 @@ async fn fault_slow_or_briefly_reset_redis_link_costs_nothing() {
         proxy.stats()
     );
     assert!(since.is_empty(), "{since:?}");
-    let report = invariants::check(redis, &[FarmNode::of(&n1)], settle_time(NODE_TTL, TICK)).await;
-    println!("slow link: {}", report.figure());
-    report.assert_clean();
+    farm.assert_settled(&[&n1], "slow link").await;
 }
 
 /// A lease taken away while its node renews fine (a lost write on a Redis failover, an operator's
@@ -328,8 +304,7 @@ async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
         .coordinators(&["c1"])
         .start()
         .await;
-    let [n1, n2] = farm.take_nodes();
-    let [_co] = farm.take_coordinators();
+    let ([n1, n2], [_co]) = farm.take_daemons();
     let redis = &farm.redis;
     let mut c = redis.conn().await;
     let http = no_redirects();
@@ -414,12 +389,5 @@ async fn fault_a_lease_taken_away_is_fenced_at_the_next_keepalive() {
         tokio::time::sleep(SAMPLE).await;
     }
     assert_eq!(ffmpegs_for(n2.hls_root(), "ch").len(), 1);
-    let report = invariants::check(
-        redis,
-        &[FarmNode::of(&n1), FarmNode::of(&n2)],
-        settle_time(NODE_TTL, TICK),
-    )
-    .await;
-    println!("lease taken away: {}", report.figure());
-    report.assert_clean();
+    farm.assert_settled(&[&n1, &n2], "lease taken away").await;
 }

@@ -14,7 +14,7 @@ use farm_tests::coordinator::{
 };
 use farm_tests::farm::Farm;
 use farm_tests::hls::HlsClient;
-use farm_tests::invariants::{self, settle_time, FarmNode};
+use farm_tests::invariants::FarmNode;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually_with;
 use redis::AsyncCommands;
@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const NODE_TTL: Duration = Duration::from_secs(3);
-const TICK: Duration = Duration::from_millis(500);
 
 /// Nodes n1 and n2 (fake FFmpeg) and coordinator c1 ticking every 500 ms on `redis`; channels
 /// watched and spare.
@@ -130,15 +129,14 @@ async fn fault_redis_restart_with_aof_costs_nothing() {
             .pull(Duration::from_secs(10), Duration::from_secs(40))
             .await
     });
-    let mut redis = f.redis;
     let t0 = Instant::now();
-    redis.restart();
+    f.redis.restart();
     let down = t0.elapsed();
     let report = pull
         .await
         .expect("player task")
         .expect("the player kept playing across the restart");
-    let mut c = redis.conn().await;
+    let mut c = f.redis.conn().await;
     println!("Redis restart with AOF: down {down:?}; player across it: {report:?}");
     assert_eq!(report.sequence_resets, 0, "{report:?}");
     assert_eq!(owner(&mut c, "farm", "watched").await, Some(before));
@@ -156,14 +154,7 @@ async fn fault_redis_restart_with_aof_costs_nothing() {
         )),
         "a short Redis restart cost something: {since:?}"
     );
-    let report = invariants::check(
-        &redis,
-        &[FarmNode::of(&n1), FarmNode::of(&n2)],
-        settle_time(NODE_TTL, TICK),
-    )
-    .await;
-    println!("redis restart (AOF): {}", report.figure());
-    report.assert_clean();
+    f.assert_settled(&[&n1, &n2], "redis restart (AOF)").await;
     let _ = &co;
 }
 
@@ -203,10 +194,9 @@ async fn fault_redis_restart_losing_every_key_the_farm_rebuilds_itself_without_r
     // find Redis empty: the order in which an owner learns last, and the one that once let n2 claim
     // while n1's FFmpeg still ran (n2's heartbeat opened no recovery window because it ran nothing).
     n1.sigstop();
-    let mut redis = f.redis;
     let t0 = Instant::now();
-    redis.restart();
-    let mut c = redis.conn().await;
+    f.redis.restart();
+    let mut c = f.redis.conn().await;
     let mut p = redis::pipe();
     for (k, d) in &catalog {
         p.cmd("RESTORE").arg(k).arg(0).arg(d.as_slice()).ignore();
@@ -346,16 +336,10 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
         "stop command on the recreated stream farm:cmd:{node} done in {:?}",
         sent.elapsed()
     );
-    farmctl_ok(&redis.url(), &["start", "spare", "--wait"]);
+    farmctl_ok(&f.redis.url(), &["start", "spare", "--wait"]);
 
-    let report = invariants::check(
-        &redis,
-        &[FarmNode::of(&n1), FarmNode::of(&n2)],
-        settle_time(NODE_TTL, TICK),
-    )
-    .await;
-    println!("redis restart (no persistence): {}", report.figure());
-    report.assert_clean();
+    f.assert_settled(&[&n1, &n2], "redis restart (no persistence)")
+        .await;
     assert!(
         served_again.is_some(),
         "the viewer never got the channel back"
