@@ -99,6 +99,31 @@ pub fn add_fake_channels(redis: &RedisServer, ids: &[&str], seg_ms: u64) {
     }
 }
 
+/// A request to `node`'s admin API: `method` on `/admin<path>` with bearer `token` (`None`: no
+/// Authorization header).
+pub async fn admin_request(
+    node: &NodeProcess,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+) -> reqwest::Result<reqwest::Response> {
+    let mut req = client().request(method, format!("{}/admin{path}", node.base_url()));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    req.send().await
+}
+
+/// `POST /admin/streams/<id>/stop` ([`admin_request`]): its status. Panics when the request fails.
+pub async fn admin_stop(node: &NodeProcess, id: &str, token: Option<&str>) -> u16 {
+    let path = format!("/streams/{id}/stop");
+    admin_request(node, reqwest::Method::POST, &path, token)
+        .await
+        .unwrap_or_else(|e| panic!("POST /admin{path}: {e}"))
+        .status()
+        .as_u16()
+}
+
 /// A client that does not follow redirects, with a 30 s timeout per request.
 pub fn client() -> reqwest::Client {
     no_redirects_within(Duration::from_secs(30))
@@ -222,6 +247,32 @@ pub async fn print_egress(node: &NodeProcess) {
         metric(node, "farm_node_egress_refused_total").await,
         metric(node, "farm_node_ffmpeg_sandbox").await
     );
+}
+
+/// Adds a command to node `node`'s command stream (`farm:cmd:<node>`), as an operator with
+/// redis-cli would: its stream id.
+pub async fn send_command(
+    c: &mut redis::aio::MultiplexedConnection,
+    node: &str,
+    fields: &[(&str, &str)],
+) -> String {
+    c.xadd(format!("farm:cmd:{node}"), "*", fields)
+        .await
+        .expect("XADD")
+}
+
+/// [`send_command`] of a stop of `channel`'s run `gen`, with more fields (e.g. `("reason", "ops")`).
+pub async fn send_stop(
+    c: &mut redis::aio::MultiplexedConnection,
+    node: &str,
+    channel: &str,
+    gen: impl std::fmt::Display,
+    extra: &[(&str, &str)],
+) -> String {
+    let gen = gen.to_string();
+    let mut fields = vec![("op", "stop"), ("channel", channel), ("gen", gen.as_str())];
+    fields.extend_from_slice(extra);
+    send_command(c, node, &fields).await
 }
 
 /// Every key in the (test's own) Redis, sorted. Only for assertions in tests.

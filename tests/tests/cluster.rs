@@ -333,10 +333,7 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
     .await;
     let mut c = redis.conn().await;
     let t0 = Instant::now();
-    let _: String = c
-        .xadd("farm:cmd:n1", "*", &[("op", "drain"), ("by", "test")])
-        .await
-        .expect("XADD drain");
+    send_command(&mut c, "n1", &[("op", "drain"), ("by", "test")]).await;
     eventually("n1 drained", Duration::from_secs(60), || async {
         let h = hgetall(&redis, "farm:node:n1").await;
         (h.get("drained").map(String::as_str) == Some("1") && running_on(&redis, "n1").await == 0)
@@ -419,14 +416,7 @@ async fn a_transcode_counts_its_weight_against_capacity() {
     // Stopping the transcode frees its whole weight.
     let mut c = redis.conn().await;
     let gen: String = c.get("farm:gen:hd").await.expect("gen");
-    let _: String = c
-        .xadd(
-            "farm:cmd:n1",
-            "*",
-            &[("op", "stop"), ("channel", "hd"), ("gen", &gen)],
-        )
-        .await
-        .expect("XADD");
+    send_stop(&mut c, "n1", "hd", &gen, &[]).await;
     eventually("hd stopped", Duration::from_secs(10), || async {
         (!exists(&redis, "farm:owner:hd").await).then_some(())
     })

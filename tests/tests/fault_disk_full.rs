@@ -11,18 +11,20 @@
 //! (a skip would pass without testing anything).
 
 use farm_tests::coordinator::{farmctl_ok, node_args, owner};
-use farm_tests::fixtures::assert_settled;
+use farm_tests::fixtures::{admin_request, admin_stop, assert_settled};
 use farm_tests::invariants;
 use farm_tests::node::{NodeOpts, NodeProcess};
 use farm_tests::procs;
 use farm_tests::redis::RedisServer;
 use redis::AsyncCommands;
+use reqwest::Method;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIN_FREE: u64 = 2 << 20;
+const ADMIN: &str = "disk-full-admin-token";
 
 /// A tmpfs mounted for the test, unmounted on drop (after the node that used it is gone).
 struct Tmpfs {
@@ -127,7 +129,7 @@ async fn fault_disk_full_ends_cleanly_refuses_new_starts_and_gives_the_space_bac
                 "--crash-window",
                 "60s",
                 "--admin-token",
-                "disk-full-admin-token",
+                ADMIN,
             ]),
     );
     let http = reqwest::Client::builder()
@@ -183,11 +185,8 @@ async fn fault_disk_full_ends_cleanly_refuses_new_starts_and_gives_the_space_bac
                 507 => refused = Some((t0.elapsed(), body)),
                 // Space came back between the look and the request: it started; stop it again.
                 200 => {
-                    let _ = http
-                        .post(format!("{base}/admin/streams/third/stop"))
-                        .bearer_auth("disk-full-admin-token")
-                        .send()
-                        .await;
+                    let path = "/streams/third/stop";
+                    let _ = admin_request(&node, Method::POST, path, Some(ADMIN)).await;
                 }
                 other => panic!("start below min_free answered {other}: {body}"),
             }
@@ -249,13 +248,7 @@ states {states_seen:?}, reason: {reason}",
         small.get("restarts"),
         small.get("last_error")
     );
-    let r = http
-        .post(format!("{base}/admin/streams/small/stop"))
-        .bearer_auth("disk-full-admin-token")
-        .send()
-        .await
-        .expect("admin stop");
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(admin_stop(&node, "small", Some(ADMIN)).await, 200);
     let free_end = disk.free();
     println!(
         "space: {:.2} MiB free after big failed, {:.2} MiB after small stopped (of {:.2} at start)",
@@ -273,13 +266,7 @@ states {states_seen:?}, reason: {reason}",
     // With space back, a start goes through again.
     let (status, body) = get("third").await;
     assert_eq!(status, 200, "{body}");
-    let r = http
-        .post(format!("{base}/admin/streams/third/stop"))
-        .bearer_auth("disk-full-admin-token")
-        .send()
-        .await
-        .expect("admin stop");
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(admin_stop(&node, "third", Some(ADMIN)).await, 200);
 
     let settle = invariants::settle_time(Duration::from_secs(3), Duration::from_millis(500));
     assert_settled(&redis, &[&node], settle, "disk full").await;

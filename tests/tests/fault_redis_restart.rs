@@ -13,6 +13,7 @@ use farm_tests::coordinator::{
     events, farmctl_ok, ffmpegs_for, leader, owner, wait_alive, wait_leader, wait_unowned,
 };
 use farm_tests::farm::Farm;
+use farm_tests::fixtures::send_stop;
 use farm_tests::hls::HlsClient;
 use farm_tests::invariants::FarmNode;
 use farm_tests::redis::RedisServer;
@@ -311,20 +312,7 @@ leader again after {new_leader:?}; n1's old FFmpeg gone after {n1_fenced:?}; vie
     )
     .await;
     let sent = Instant::now();
-    let _: String = redis::cmd("XADD")
-        .arg(format!("farm:cmd:{node}"))
-        .arg("*")
-        .arg("op")
-        .arg("stop")
-        .arg("channel")
-        .arg("watched")
-        .arg("gen")
-        .arg(gen)
-        .arg("reason")
-        .arg("test")
-        .query_async(&mut c)
-        .await
-        .expect("XADD stop");
+    send_stop(&mut c, &node, "watched", gen, &[("reason", "test")]).await;
     wait_unowned(
         &c,
         "watched",

@@ -5,10 +5,13 @@
 use farm_tests::fixtures::*;
 use farm_tests::node::http_status;
 use farm_tests::redis::RedisServer;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
 use redis::AsyncCommands;
 use std::io::{Read, Write};
 use std::time::Duration;
+
+/// The node's admin token in [`admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_nothing`].
+const TOKEN: &str = "s3cret-admin-token";
 
 /// Sends a raw request line (no client-side normalisation of `..` or `%2e`) and returns status + body.
 fn raw_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -38,38 +41,42 @@ async fn bad_paths_and_ids_get_a_clear_4xx_and_nothing_starts_or_is_read() {
     // A canary outside the HLS folder that a traversal would reach.
     std::fs::write(root.path().join("secret.ts"), b"canary").expect("canary");
     let node = node(&redis, "n1", root.path(), true, &[]);
-    let long = "a".repeat(65);
-    let cases: Vec<(String, u16)> = vec![
-        ("/live/../secret.ts".into(), 400),
-        ("/live/..%2fsecret.ts/index.m3u8".into(), 400),
-        ("/live/%2e%2e/secret.ts".into(), 400),
-        ("/live/%2e%2e/index.m3u8".into(), 400),
-        ("/live/ok/..%2f..%2fsecret.ts".into(), 400),
-        ("/live/ok/%2e%2e%2fsecret.ts".into(), 400),
-        ("/live/a%00b/index.m3u8".into(), 400),
-        ("/live/ok/seg%00.ts".into(), 400),
-        (format!("/live/{long}/index.m3u8"), 400),
-        ("/live/ok/index.m3u8.tmp".into(), 400),
-        ("/live/ok/seg_1.mp4".into(), 400),
-        ("/live/ok/.ffmpeg.pid".into(), 400),
-        ("/live/%C3%A4/index.m3u8".into(), 400),
-        ("/live/ok%E2%80%A4ts/index.m3u8".into(), 400),
-        ("/live/unknown/index.m3u8".into(), 404),
-        ("/live/unknown/seg_1.ts".into(), 404),
-        ("/nope".into(), 404),
+    let long = format!("/live/{}/index.m3u8", "a".repeat(65));
+    let invalid = [
+        "/live/../secret.ts",
+        "/live/..%2fsecret.ts/index.m3u8",
+        "/live/%2e%2e/secret.ts",
+        "/live/%2e%2e/index.m3u8",
+        "/live/ok/..%2f..%2fsecret.ts",
+        "/live/ok/%2e%2e%2fsecret.ts",
+        "/live/a%00b/index.m3u8",
+        "/live/ok/seg%00.ts",
+        &long,
+        "/live/ok/index.m3u8.tmp",
+        "/live/ok/seg_1.mp4",
+        "/live/ok/.ffmpeg.pid",
+        "/live/%C3%A4/index.m3u8",
+        "/live/ok%E2%80%A4ts/index.m3u8",
     ];
-    for (path, want) in &cases {
-        let (status, body) = raw_get(node.addr(), path);
-        assert_eq!(status, *want, "{path}: {body}");
-        assert!(
-            !body.contains("canary"),
-            "{path} leaked a file outside the channel folder"
-        );
-        if *want == 400 {
+    let unknown = [
+        "/live/unknown/index.m3u8",
+        "/live/unknown/seg_1.ts",
+        "/nope",
+    ];
+    for (want, paths) in [(400, &invalid[..]), (404, &unknown[..])] {
+        for path in paths {
+            let (status, body) = raw_get(node.addr(), path);
+            assert_eq!(status, want, "{path}: {body}");
             assert!(
-                body.starts_with("invalid"),
-                "{path}: the 400 says what is wrong: {body}"
+                !body.contains("canary"),
+                "{path} leaked a file outside the channel folder"
             );
+            if want == 400 {
+                assert!(
+                    body.starts_with("invalid"),
+                    "{path}: the 400 says what is wrong: {body}"
+                );
+            }
         }
     }
     assert!(ffmpegs_under(root.path()).is_empty(), "nothing started");
@@ -114,13 +121,7 @@ async fn catalog_urls_with_forbidden_schemes_never_reach_ffmpeg() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_nothing() {
     let (redis, root) = redis_with_fake_channels(&["c1", "c2"]);
-    let node = node(
-        &redis,
-        "n1",
-        root.path(),
-        true,
-        &["--admin-token", "s3cret-admin-token"],
-    );
+    let node = node(&redis, "n1", root.path(), true, &["--admin-token", TOKEN]);
     let base = node.base_url();
     for id in ["c1", "c2"] {
         assert_eq!(
@@ -131,45 +132,24 @@ async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_noth
 
     // The admin API needs its token.
     assert_eq!(http_status(node.addr(), "/admin/streams"), Some(401));
-    let c = client();
-    let bad = c
-        .get(format!("{base}/admin/streams"))
-        .bearer_auth("wrong")
-        .send()
-        .await
-        .expect("GET");
+    let streams = |token| admin_request(&node, reqwest::Method::GET, "/streams", token);
+    let bad = streams(Some("wrong")).await.expect("GET");
     assert_eq!(bad.status().as_u16(), 401);
-    let list: serde_json::Value = c
-        .get(format!("{base}/admin/streams"))
-        .bearer_auth("s3cret-admin-token")
-        .send()
+    let list: serde_json::Value = streams(Some(TOKEN))
         .await
         .expect("GET")
         .json()
         .await
         .expect("json");
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
-    let r = c
-        .post(format!("{base}/admin/streams/c1/stop"))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status().as_u16(), 401, "no token, no stop");
+    assert_eq!(
+        admin_stop(&node, "c1", None).await,
+        401,
+        "no token, no stop"
+    );
     assert!(exists(&redis, "farm:owner:c1").await);
-    let r = c
-        .post(format!("{base}/admin/streams/..%2f/stop"))
-        .bearer_auth("s3cret-admin-token")
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status().as_u16(), 400);
-    let r = c
-        .post(format!("{base}/admin/streams/c1/stop"))
-        .bearer_auth("s3cret-admin-token")
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(admin_stop(&node, "..%2f", Some(TOKEN)).await, 400);
+    assert_eq!(admin_stop(&node, "c1", Some(TOKEN)).await, 200);
     assert!(
         !exists(&redis, "farm:owner:c1").await,
         "lease released when the stop answers"
@@ -180,28 +160,14 @@ async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_noth
     // The command stream, as an operator with redis-cli would use it.
     let mut conn = redis.conn().await;
     let gen: u64 = conn.get("farm:gen:c2").await.expect("gen");
-    let _: String = conn
-        .xadd(
-            "farm:cmd:n1",
-            "*",
-            &[
-                ("op", "stop"),
-                ("channel", "c2"),
-                ("gen", &(gen + 7).to_string()),
-            ],
-        )
-        .await
-        .expect("XADD stale");
-    let _: String = conn
-        .xadd("farm:cmd:n1", "*", &[("op", "explode"), ("channel", "c2")])
-        .await
-        .expect("XADD malformed");
-    eventually(
+    send_stop(&mut conn, "n1", "c2", gen + 7, &[]).await;
+    send_command(&mut conn, "n1", &[("op", "explode"), ("channel", "c2")]).await;
+    eventually_with(
+        &conn,
         "stale and malformed commands consumed",
         Duration::from_secs(10),
-        || async {
-            let mut conn = redis.conn().await;
-            let n: u64 = conn.xlen("farm:cmd:n1").await.ok()?;
+        |mut c| async move {
+            let n: u64 = c.xlen("farm:cmd:n1").await.ok()?;
             (n == 0).then_some(())
         },
     )
@@ -211,19 +177,7 @@ async fn admin_api_and_command_stream_stop_channels_and_a_stale_gen_changes_noth
         "a stale gen changes nothing"
     );
     assert_eq!(ffmpegs_under(root.path()).len(), 1);
-    let _: String = conn
-        .xadd(
-            "farm:cmd:n1",
-            "*",
-            &[
-                ("op", "stop"),
-                ("channel", "c2"),
-                ("gen", &gen.to_string()),
-                ("reason", "ops"),
-            ],
-        )
-        .await
-        .expect("XADD");
+    send_stop(&mut conn, "n1", "c2", gen, &[("reason", "ops")]).await;
     eventually("c2 stopped by command", Duration::from_secs(10), || async {
         (!exists(&redis, "farm:owner:c2").await && ffmpegs_under(root.path()).is_empty())
             .then_some(())
@@ -246,14 +200,12 @@ async fn a_command_left_unacked_by_an_earlier_incarnation_is_handled_after_a_res
         .xgroup_create_mkstream("farm:cmd:n1", "node", "0")
         .await
         .expect("XGROUP");
-    let _: String = conn
-        .xadd(
-            "farm:cmd:n1",
-            "*",
-            &[("op", "start"), ("channel", "c1"), ("by", "test")],
-        )
-        .await
-        .expect("XADD");
+    send_command(
+        &mut conn,
+        "n1",
+        &[("op", "start"), ("channel", "c1"), ("by", "test")],
+    )
+    .await;
     let read: redis::streams::StreamReadReply = conn
         .xread_options(
             &["farm:cmd:n1"],

@@ -289,14 +289,7 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
     // Commands work against the new primary: stop s1 on its node.
     let owner: String = c.get("farm:owner:s1").await.expect("owner");
     let (node, gen) = owner.split_once(':').expect("node:gen");
-    let _: String = c
-        .xadd(
-            format!("farm:cmd:{node}"),
-            "*",
-            &[("op", "stop"), ("channel", "s1"), ("gen", gen)],
-        )
-        .await
-        .expect("XADD");
+    send_stop(&mut c, node, "s1", gen, &[]).await;
     eventually(
         "s1 stopped after the failover",
         Duration::from_secs(15),
