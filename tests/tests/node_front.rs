@@ -2,7 +2,8 @@
 //! to the owner (307, or X-Accel-Redirect behind nginx) and the zero-cost access socket.
 
 use farm_tests::fixtures::*;
-use farm_tests::node::farmctl;
+use farm_tests::node::{farmctl, NodeProcess};
+use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +22,7 @@ fn flip_last(t: &str) -> String {
     format!("{head}{}", if last == "0" { "1" } else { "0" })
 }
 
-async fn auth(node: &farm_tests::node::NodeProcess, uri: &str) -> u16 {
+async fn auth(node: &NodeProcess, uri: &str) -> u16 {
     client()
         .get(format!("{}/auth", node.base_url()))
         .header("X-Original-URI", uri)
@@ -105,20 +106,20 @@ async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
     );
 
     // auth_request: 204 for a good URI, 403 otherwise; a refused check records nothing.
-    assert_eq!(
-        auth(&node, &format!("/live/{token}/c1/index.m3u8")).await,
-        204
-    );
-    assert_eq!(auth(&node, "/live/c1/index.m3u8").await, 403);
-    assert_eq!(
-        auth(&node, &format!("/live/{token}/c2/index.m3u8")).await,
-        403
-    );
-    assert_eq!(
-        auth(&node, &format!("/live/{token}/c1/../../etc/passwd")).await,
-        403
-    );
-    assert_eq!(auth(&node, "/etc/passwd").await, 403);
+    let good = format!("/live/{token}/c1/index.m3u8");
+    let other_channel = format!("/live/{token}/c2/index.m3u8");
+    let traversal = format!("/live/{token}/c1/../../etc/passwd");
+    let refused = [
+        "/live/c1/index.m3u8",
+        &other_channel,
+        &traversal,
+        "/etc/passwd",
+    ];
+    for (want, uris) in [(204, &[good.as_str()][..]), (403, &refused[..])] {
+        for uri in uris {
+            assert_eq!(auth(&node, uri).await, want, "auth of {uri}");
+        }
+    }
     assert!(
         !exists(&redis, "farm:owner:c2").await,
         "auth never starts a channel"
@@ -126,17 +127,18 @@ async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
     assert!(zscore(&redis, "farm:access", "c2").await.is_none());
 }
 
+/// A first viewer request for c1 on `node` (answered 200): the access time it recorded.
+async fn first_access(redis: &RedisServer, node: &NodeProcess) -> f64 {
+    let r = get_observed(&format!("{}/live/c1/index.m3u8", node.base_url())).await;
+    assert_eq!(r.status, 200);
+    zscore(redis, "farm:access", "c1").await.expect("access")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_request_checks_alone_keep_the_access_time_moving() {
     let (redis, root) = redis_with_fake_channels(&["c1"]);
     let node = node(&redis, "n1", root.path(), true, &[]);
-    assert_eq!(
-        get_observed(&format!("{}/live/c1/index.m3u8", node.base_url()))
-            .await
-            .status,
-        200
-    );
-    let first = zscore(&redis, "farm:access", "c1").await.expect("access");
+    let first = first_access(&redis, &node).await;
     // nginx serves the bytes; the node only sees auth subrequests.
     let later = eventually(
         "auth checks advance farm:access",
@@ -213,13 +215,7 @@ async fn access_log_datagrams_count_as_viewer_access() {
         true,
         &["--access-socket", sock.to_str().expect("utf8")],
     );
-    assert_eq!(
-        get_observed(&format!("{}/live/c1/index.m3u8", node.base_url()))
-            .await
-            .status,
-        200
-    );
-    let first = zscore(&redis, "farm:access", "c1").await.expect("access");
+    let first = first_access(&redis, &node).await;
     let tx = std::os::unix::net::UnixDatagram::unbound().expect("socket");
     let later = eventually(
         "access advances from log lines",
