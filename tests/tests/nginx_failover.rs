@@ -234,24 +234,21 @@ async fn scenario(topology: Topology, access: Access) {
     assert!(s.no_cors.is_empty(), "errors without CORS: {:?}", s.no_cors);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_nginx_for_all_nodes_auth_mode_no_playlist_error_on_the_owners_death() {
-    scenario(Topology::Shared, Access::Auth).await;
+/// One test per topology and access mode (each its own farm, so nextest runs them in parallel).
+macro_rules! scenarios {
+    ($($test:ident: $topology:ident, $access:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            scenario(Topology::$topology, Access::$access).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_nginx_for_all_nodes_access_log_mode_no_playlist_error_on_the_owners_death() {
-    scenario(Topology::Shared, Access::Log).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_nginx_per_machine_auth_mode_no_playlist_error_on_the_owners_death() {
-    scenario(Topology::PerMachine, Access::Auth).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_nginx_per_machine_access_log_mode_no_playlist_error_on_the_owners_death() {
-    scenario(Topology::PerMachine, Access::Log).await;
+scenarios! {
+    one_nginx_for_all_nodes_auth_mode_no_playlist_error_on_the_owners_death: Shared, Auth;
+    one_nginx_for_all_nodes_access_log_mode_no_playlist_error_on_the_owners_death: Shared, Log;
+    one_nginx_per_machine_auth_mode_no_playlist_error_on_the_owners_death: PerMachine, Auth;
+    one_nginx_per_machine_access_log_mode_no_playlist_error_on_the_owners_death: PerMachine, Log;
 }
 
 /// Errors nginx makes itself (no node involved) carry CORS headers too.

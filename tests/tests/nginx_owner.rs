@@ -6,7 +6,6 @@
 use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{NginxOpts, NginxServer};
-use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,27 +134,14 @@ async fn a_request_nginx_sends_to_the_non_owner_is_served_from_the_owner() {
 /// channels would land on b.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_subrequests_go_to_the_node_whose_disk_has_the_file() {
-    let redis = RedisServer::start();
-    let root = tempfile::tempdir().expect("tempdir");
-    let ids: Vec<String> = (1..=6).map(|i| format!("ch{i}")).collect();
-    for id in &ids {
-        add_channel(
-            &redis,
-            id,
-            &format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500"),
-            &[],
-        );
-    }
+    let ids = ["ch1", "ch2", "ch3", "ch4", "ch5", "ch6"];
+    let (redis, root) = redis_with_fake_channels(&ids);
     let args = ["--token-secret", SECRET, "--accel-redirect", "/_farm_owner"];
     let a = node(&redis, "a", root.path(), true, &args);
     let b = node(&redis, "b", root.path(), true, &args);
-    for id in &ids {
-        let r = get_observed(&format!(
-            "{}/live/{}/{id}/index.m3u8",
-            a.base_url(),
-            token(id)
-        ))
-        .await;
+    let playlist_on_a = |id: &str| format!("{}/live/{}/{id}/index.m3u8", a.base_url(), token(id));
+    for id in ids {
+        let r = get_observed(&playlist_on_a(id)).await;
         assert_eq!(r.status, 200, "{id} on a: {}", r.text());
     }
     let nginx = NginxServer::start(&NginxOpts::for_nodes([&a, &b]));
@@ -165,12 +151,7 @@ async fn auth_subrequests_go_to_the_node_whose_disk_has_the_file() {
     }
     for id in &ids {
         // The newest segment now (segments leave the disk a few seconds after the playlist).
-        let r = get(&format!(
-            "{}/live/{}/{id}/index.m3u8",
-            a.base_url(),
-            token(id)
-        ))
-        .await;
+        let r = get(&playlist_on_a(id)).await;
         let p = farm_tests::hls::MediaPlaylist::parse(&r.text()).expect("playlist");
         let seg = p.segments.last().expect("a segment").uri.clone();
         let url = format!("{}/live/{}/{id}/{seg}", nginx.base_url(), token(id));

@@ -8,6 +8,7 @@ use farm_tests::farm::coordinator_args;
 use farm_tests::farm::Farm;
 use farm_tests::fixtures::*;
 use farm_tests::invariants::{self, settle_time, FarmNode};
+use farm_tests::node::NodeProcess;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
 use redis::AsyncCommands;
@@ -106,6 +107,19 @@ async fn after_sigkill_without_the_sandbox_the_ffmpeg_dies_too_and_the_next_star
     after_sigkill("off").await;
 }
 
+/// kill -9 of `node`: its FFmpeg `(pid, start time)`, `what`, is gone within 5 s.
+async fn kill9_takes(node: &mut NodeProcess, (pid, start): (i32, u64), what: &str) {
+    let killed = Instant::now();
+    node.kill9();
+    farm_tests::procs::watch_exit(pid, start, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("{what} {pid} did not die with its node"));
+    println!(
+        "{what} {pid} gone {:?} after kill -9 of its node",
+        killed.elapsed()
+    );
+}
+
 /// kill -9 of a node takes its FFmpeg with it: one the node restarted (its spawning thread is not
 /// the first one), and one of the next incarnation; a leftover planted as an earlier incarnation
 /// would leave it is swept by the next start. `sandbox`: the `--ffmpeg-sandbox` spawn path.
@@ -135,16 +149,8 @@ async fn after_sigkill(sandbox: &str) {
         },
     )
     .await;
-    let killed = Instant::now();
-    first.kill9();
     // The parent-death signal and the guard take the FFmpeg with its node, even on SIGKILL.
-    farm_tests::procs::watch_exit(pid, start, Duration::from_secs(5))
-        .await
-        .expect("the restarted FFmpeg dies with its node");
-    println!(
-        "restarted ffmpeg {pid} gone {:?} after kill -9 of its node",
-        killed.elapsed()
-    );
+    kill9_takes(&mut first, (pid, start), "the restarted FFmpeg").await;
 
     // Without that signal (another platform, a wrapper missing) the next start must sweep what is
     // left: start a leftover exactly as an earlier incarnation would have, marker and record included.
@@ -203,16 +209,8 @@ async fn after_sigkill(sandbox: &str) {
     let url = format!("{}/live/c1/index.m3u8", second.base_url());
     assert_eq!(get_observed(&url).await.status, 200);
     // The restarted node's FFmpeg dies with it too.
-    let (pid, start) = the_ffmpeg(root.path(), &[]).await;
-    let killed = Instant::now();
-    second.kill9();
-    farm_tests::procs::watch_exit(pid, start, Duration::from_secs(5))
-        .await
-        .expect("the restarted node's FFmpeg dies with it");
-    println!(
-        "the restarted node's ffmpeg {pid} gone {:?} after kill -9 of the node",
-        killed.elapsed()
-    );
+    let ffmpeg = the_ffmpeg(root.path(), &[]).await;
+    kill9_takes(&mut second, ffmpeg, "the restarted node's FFmpeg").await;
     // A third incarnation sweeps what the second left in Redis, the coordinator what no node
     // owns (the access entry); then nothing is left.
     let third = node(&redis, "n1", root.path(), true, &args);
