@@ -124,6 +124,17 @@ pub async fn admin_stop(node: &NodeProcess, id: &str, token: Option<&str>) -> u1
         .as_u16()
 }
 
+/// A playback token for `channel` signed with `secret` (what `farmctl token` mints), expiring
+/// `expires_in` seconds from now (negative: already expired), bound to `client` when given.
+pub fn signed_token(secret: &str, channel: &str, expires_in: i64, client: Option<&str>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let expiry = now.saturating_add_signed(expires_in);
+    farm_proto::token::mint(secret.as_bytes(), channel, expiry, client).expect("mint")
+}
+
 /// A client that does not follow redirects, with a 30 s timeout per request.
 pub fn client() -> reqwest::Client {
     no_redirects_within(Duration::from_secs(30))
@@ -349,6 +360,43 @@ pub async fn redis_now_ms(redis: &RedisServer) -> u64 {
 /// A channel's last access in `farm:access`, ms of Redis's clock.
 pub async fn access(redis: &RedisServer, id: &str) -> Option<u64> {
     zscore(redis, "farm:access", id).await.map(|v| v as u64)
+}
+
+/// A first request for each of these playlist URLs, each answered 200 (which starts its channel).
+pub async fn assert_all_play(urls: impl IntoIterator<Item = String>) {
+    for url in urls {
+        let r = get_observed(&url).await;
+        assert_eq!(r.status, 200, "{url}: {}", r.text());
+    }
+}
+
+/// Round `round` of a viewer: 5 s of media (within 20 s); panics naming the round on an error.
+pub async fn watch_round(viewer: &mut crate::hls::HlsClient, round: u32) -> crate::hls::PullReport {
+    viewer
+        .pull(Duration::from_secs(5), Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: {e}"))
+}
+
+/// Waits (up to 5 s: a node flushes its access records every 500 ms) until channel `id`'s access time
+/// is past `after`; returns it.
+pub async fn access_after(redis: &RedisServer, id: &str, after: u64) -> u64 {
+    crate::wait::eventually("farm:access to advance", Duration::from_secs(5), || async {
+        access(redis, id).await.filter(|a| *a > after)
+    })
+    .await
+}
+
+/// Waits (up to 20 s) until channel `id` has no owner any more: how long after `left` (when its
+/// last viewer left) it stopped.
+pub async fn stopped_after_its_viewer_left(
+    c: &redis::aio::MultiplexedConnection,
+    id: &str,
+    left: std::time::Instant,
+) -> Duration {
+    let what = format!("{id} to stop after its viewer left");
+    crate::coordinator::wait_unowned(c, id, &what, Duration::from_secs(20)).await;
+    left.elapsed()
 }
 
 /// Waits up to `timeout` until `field` of node `node`'s hash (`farm:node:<node>`, its heartbeat) is

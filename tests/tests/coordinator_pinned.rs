@@ -1,7 +1,7 @@
 //! Pinned channels (keep-warm): running somewhere at all times without a viewer, started again
 //! when they run nowhere, never idle-stopped; unpinned, they go idle like any other.
 
-use farm_tests::coordinator::{fake_source, farmctl_ok, owner};
+use farm_tests::coordinator::{fake_source, farmctl_ok, owner, wait_unowned};
 use farm_tests::farm::Farm;
 use farm_tests::wait::eventually;
 use std::time::{Duration, Instant};
@@ -75,15 +75,8 @@ async fn coordinator_keeps_a_pinned_channel_running_and_lets_it_go_once_unpinned
     // Unpinned: it goes idle like any other.
     farmctl_ok(&url, &["unpin", "warm"]);
     let t1 = Instant::now();
-    eventually(
-        "the unpinned channel is idle-stopped",
-        Duration::from_secs(20),
-        || async {
-            let mut c = redis.conn().await;
-            owner(&mut c, "farm", "warm").await.is_none().then_some(())
-        },
-    )
-    .await;
+    let idle_stopped = "the unpinned channel is idle-stopped";
+    wait_unowned(&c, "warm", idle_stopped, Duration::from_secs(20)).await;
     println!("unpinned channel stopped {:?} after unpin", t1.elapsed());
     let pinned: Vec<String> = redis::cmd("SMEMBERS")
         .arg("farm:pinned")

@@ -7,16 +7,12 @@ use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{NginxOpts, NginxServer};
 use farm_tests::wait::eventually;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const SECRET: &str = "owner-test-secret-0123456789";
 
 fn token(channel: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    farm_proto::token::mint(SECRET.as_bytes(), channel, now + 600, None).expect("mint")
+    signed_token(SECRET, channel, 600, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,28 +8,21 @@
 //! - Tampered, expired, wrong-channel, client-bound-elsewhere and missing tokens get 403 through
 //!   nginx; the channel's access time does not move and nothing starts.
 
-use farm_tests::coordinator::{events, owner, wait_unowned};
+use farm_tests::coordinator::{events, owner};
 use farm_tests::farm::{Farm, FarmBuilder};
 use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::raw_request;
 use farm_tests::wait::eventually;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const SECRET: &str = "viewer-test-secret-0123456789";
 const IDLE: Duration = Duration::from_secs(4);
 const TICK: Duration = Duration::from_millis(500);
 const FLUSH: Duration = Duration::from_millis(500);
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-}
-
 fn token(channel: &str) -> String {
-    farm_proto::token::mint(SECRET.as_bytes(), channel, now() + 600, None).expect("mint")
+    signed_token(SECRET, channel, 600, None)
 }
 
 /// Node n1 (fake FFmpeg, signed URLs) behind nginx, channels `ids` on the fake FFmpeg's source.
@@ -60,10 +53,7 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
     let url = |id: &str| format!("{}/live/{}/{id}/index.m3u8", nginx.base_url(), token(id));
 
     // Both channels start through nginx; only one is watched afterwards.
-    for id in ["watched", "unwatched"] {
-        let r = get_observed(&url(id)).await;
-        assert_eq!(r.status, 200, "{id}: {}", r.text());
-    }
+    assert_all_play(["watched", "unwatched"].map(url)).await;
     let (_, gen) = owner(&mut c, "farm", "watched")
         .await
         .expect("watched runs");
@@ -75,16 +65,10 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
     let mut unwatched_stopped_at = None;
     let began = Instant::now();
     for round in 1..=6 {
-        let r = viewer
-            .pull(Duration::from_secs(5), Duration::from_secs(20))
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let r = watch_round(&mut viewer, round).await;
         total.add(&r);
         // The node flushes every 500 ms: a viewer of 5 s moved the access time.
-        let a = eventually("farm:access to advance", Duration::from_secs(5), || async {
-            access(redis, "watched").await.filter(|a| *a > last_access)
-        })
-        .await;
+        let a = access_after(redis, "watched", last_access).await;
         let age = redis_now_ms(redis).await.saturating_sub(a);
         let still = owner(&mut c, "farm", "watched").await;
         if unwatched_stopped_at.is_none() && owner(&mut c, "farm", "unwatched").await.is_none() {
@@ -158,14 +142,7 @@ async fn a_viewer_served_only_by_nginx_keeps_the_channel_alive_and_it_stops_afte
         .any(|e| e.get("channel") == "unwatched" && e.get("reason") == "idle"));
 
     // The viewer left: the channel goes within idle_timeout + tick + flush (+ the stop).
-    wait_unowned(
-        &c,
-        "watched",
-        "the watched channel to stop after its viewer left",
-        Duration::from_secs(20),
-    )
-    .await;
-    let took = left.elapsed();
+    let took = stopped_after_its_viewer_left(&c, "watched", left).await;
     let bound = IDLE + TICK + FLUSH;
     println!("stopped {took:?} after the viewer left (idle + tick + flush = {bound:?})");
     assert!(took >= IDLE - FLUSH, "stopped too early: {took:?}");
@@ -222,9 +199,8 @@ async fn bad_tokens_get_403_through_nginx_move_no_access_time_and_start_nothing(
         let (head, last) = t.split_at(t.len() - 1);
         format!("{head}{}", if last == "0" { "1" } else { "0" })
     };
-    let expired = farm_proto::token::mint(SECRET.as_bytes(), "c1", now() - 5, None).expect("mint");
-    let elsewhere = farm_proto::token::mint(SECRET.as_bytes(), "c1", now() + 600, Some("10.9.9.9"))
-        .expect("mint");
+    let expired = signed_token(SECRET, "c1", -5, None);
+    let elsewhere = signed_token(SECRET, "c1", 600, Some("10.9.9.9"));
     let bad_tokens = [
         ("tampered", flipped),
         ("expired", expired),

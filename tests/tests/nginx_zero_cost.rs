@@ -6,12 +6,11 @@
 //! - Side by side with auth_request on the same node: request rate, latency and how many accesses
 //!   each mode reported (datagrams can be dropped when the node falls behind; subrequests cannot).
 
-use farm_tests::coordinator::{events, owner, wait_unowned};
+use farm_tests::coordinator::{events, owner};
 use farm_tests::farm::{Farm, FarmBuilder};
 use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
 use farm_tests::nginx::{NginxOpts, NginxServer};
-use farm_tests::wait::eventually;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -48,10 +47,7 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
     let mut c = redis.conn().await;
     let url = |id: &str| format!("{}/live/{id}/index.m3u8", nginx.base_url());
 
-    for id in ["watched", "unwatched"] {
-        let r = get_observed(&url(id)).await;
-        assert_eq!(r.status, 200, "{id}: {}", r.text());
-    }
+    assert_all_play(["watched", "unwatched"].map(url)).await;
     let (_, gen) = owner(&mut c, "farm", "watched")
         .await
         .expect("watched runs");
@@ -67,10 +63,7 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
     let (mut segments, mut bytes, mut playlist_loads) = (0, 0, 0);
     let began = Instant::now();
     for round in 1..=4 {
-        let r = viewer
-            .pull(Duration::from_secs(5), Duration::from_secs(20))
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let r = watch_round(&mut viewer, round).await;
         assert_eq!(
             (r.gaps, r.failed_segments, r.sequence_resets),
             (0, 0, 0),
@@ -79,10 +72,7 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
         segments += r.segments;
         bytes += r.bytes;
         playlist_loads += r.playlist_loads;
-        let a = eventually("farm:access to advance", Duration::from_secs(5), || async {
-            access(redis, "watched").await.filter(|a| *a > last_access)
-        })
-        .await;
+        let a = access_after(redis, "watched", last_access).await;
         let lines = metric(node, "farm_node_access_log_lines_total").await;
         println!(
             "round {round}: {} segments through nginx, access advanced {} ms, {lines} access-log lines read by the node",
@@ -137,14 +127,7 @@ async fn access_log_mode_keeps_a_watched_channel_alive_and_lets_an_unwatched_one
         .collect();
     assert_eq!(stops, [("unwatched".to_string(), "idle".to_string())]);
 
-    wait_unowned(
-        &c,
-        "watched",
-        "the watched channel to stop after its viewer left",
-        Duration::from_secs(20),
-    )
-    .await;
-    let took = left.elapsed();
+    let took = stopped_after_its_viewer_left(&c, "watched", left).await;
     println!("stopped {took:?} after the viewer left (idle 4 s + tick 500 ms + flush 500 ms)");
     assert!(
         (Duration::from_millis(3500)..=Duration::from_secs(7)).contains(&took),

@@ -5,16 +5,9 @@ use farm_tests::fixtures::*;
 use farm_tests::node::{farmctl, NodeProcess};
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::eventually;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const SECRET: &str = "test-secret-0123456789";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-}
 
 /// The token with its last hex digit changed: well formed, wrongly signed.
 fn flip_last(t: &str) -> String {
@@ -61,15 +54,14 @@ async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
         (
             format!(
                 "{base}/live/{}/c1/index.m3u8",
-                farm_proto::token::mint(SECRET.as_bytes(), "c1", now() - 5, None).expect("mint")
+                signed_token(SECRET, "c1", -5, None)
             ),
             "expired",
         ),
         (
             format!(
                 "{base}/live/{}/c1/index.m3u8",
-                farm_proto::token::mint(SECRET.as_bytes(), "c1", now() + 600, Some("10.9.9.9"))
-                    .expect("mint")
+                signed_token(SECRET, "c1", 600, Some("10.9.9.9"))
             ),
             "not valid",
         ),
@@ -96,8 +88,7 @@ async fn signed_urls_open_their_channel_only_and_bad_tokens_start_nothing() {
     let seg = get(&format!("{base}/live/{token}/c1/{}", pl.segments[0].uri)).await;
     assert_eq!(seg.status, 200);
     // A client-bound token works for that client (the test connects from 127.0.0.1).
-    let bound = farm_proto::token::mint(SECRET.as_bytes(), "c1", now() + 600, Some("127.0.0.1"))
-        .expect("mint");
+    let bound = signed_token(SECRET, "c1", 600, Some("127.0.0.1"));
     assert_eq!(
         get_observed(&format!("{base}/live/{bound}/c1/index.m3u8"))
             .await
@@ -253,8 +244,7 @@ async fn x_real_ip_counts_only_from_trusted_proxies() {
         &["--token-secret", SECRET, "--trusted-proxies", "10.0.0.0/8"],
     );
     let viewer = "10.9.9.9";
-    let token =
-        farm_proto::token::mint(SECRET.as_bytes(), "c1", now() + 600, Some(viewer)).expect("mint");
+    let token = signed_token(SECRET, "c1", 600, Some(viewer));
     let uri = format!("/live/{token}/c1/index.m3u8");
     let check = |base: String| {
         let uri = uri.clone();

@@ -2,6 +2,7 @@
 //! channels are watched; the farm follows the failover, no channel ever runs twice, and commands
 //! work against the new primary.
 
+use farm_tests::coordinator::wait_unowned;
 use farm_tests::farm::coordinator_args;
 use farm_tests::fixtures::*;
 use farm_tests::hls::HlsClient;
@@ -267,17 +268,12 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
             .await
     });
     let viewers_left = Instant::now();
-    eventually(
-        "s2 and s3 idle-stopped after the failover",
-        Duration::from_secs(40),
-        || async {
-            let mut conn = replica.conn().await;
-            let a: bool = conn.exists("farm:owner:s2").await.ok()?;
-            let b: bool = conn.exists("farm:owner:s3").await.ok()?;
-            (!a && !b).then_some(())
-        },
-    )
-    .await;
+    // Both within 40 s of the viewers leaving.
+    for id in ["s2", "s3"] {
+        let what = format!("{id} idle-stopped after the failover");
+        let left = Duration::from_secs(40).saturating_sub(viewers_left.elapsed());
+        wait_unowned(&c, id, &what, left).await;
+    }
     println!(
         "idle channels stopped {:?} after their viewers left (after the failover)",
         viewers_left.elapsed()
@@ -290,13 +286,11 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
     let owner: String = c.get("farm:owner:s1").await.expect("owner");
     let (node, gen) = owner.split_once(':').expect("node:gen");
     send_stop(&mut c, node, "s1", gen, &[]).await;
-    eventually(
+    wait_unowned(
+        &c,
+        "s1",
         "s1 stopped after the failover",
         Duration::from_secs(15),
-        || async {
-            let mut conn = replica.conn().await;
-            (!conn.exists::<_, bool>("farm:owner:s1").await.ok()?).then_some(())
-        },
     )
     .await;
     keep.abort();
