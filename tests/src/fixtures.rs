@@ -181,7 +181,12 @@ pub async fn assert_invalid_upstream(node: &NodeProcess, id: &str) {
 }
 
 pub async fn get(url: &str) -> Resp {
-    let r = client()
+    get_with(&client(), url).await
+}
+
+/// [`get`] with this client (e.g. one that follows redirects).
+pub async fn get_with(http: &reqwest::Client, url: &str) -> Resp {
+    let r = http
         .get(url)
         .send()
         .await
@@ -194,6 +199,34 @@ pub async fn get(url: &str) -> Resp {
         headers,
         body,
     }
+}
+
+/// Where `url` sends the viewer: the `Location` of its answer, which must be a 307.
+pub async fn redirect_of(url: &str) -> String {
+    let r = get(url).await;
+    assert_eq!(r.status, 307, "{url}: {}", r.text());
+    r.header("location")
+}
+
+/// Joins viewer tasks (each an [`crate::hls::HlsClient::pull`], one per channel of `ids`): prints
+/// each report and asserts that each played at least `min_media` seconds. The reports.
+pub async fn join_viewers<Id: std::fmt::Display>(
+    ids: impl IntoIterator<Item = Id>,
+    viewers: Vec<tokio::task::JoinHandle<Result<crate::hls::PullReport, String>>>,
+    min_media: f64,
+) -> Vec<crate::hls::PullReport> {
+    let mut reports = Vec::new();
+    for (id, v) in ids.into_iter().zip(viewers) {
+        let r = v.await.expect("join").expect("pull");
+        println!("{id}: {r:?}");
+        assert!(
+            r.media_seconds >= min_media,
+            "{id} played {} s of media, not {min_media}: {r:?}",
+            r.media_seconds
+        );
+        reports.push(r);
+    }
+    reports
 }
 
 /// [`get`] of a playlist whose 200 body goes to the strict RFC 8216 checker of its channel

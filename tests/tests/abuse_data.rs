@@ -104,6 +104,28 @@ impl Farm {
         }
     }
 
+    /// Writes a string over `key` (the wrong type, as a lost write or an operator's redis-cli could
+    /// leave it); the connection it used.
+    async fn garbage_at(&self, key: &str) -> redis::aio::MultiplexedConnection {
+        let mut c = self.conn().await;
+        let _: () = c.set(key, "garbage").await.expect("SET");
+        c
+    }
+
+    /// Waits (10 s) until `key`, overwritten with a string, is a hash again (`what` it is).
+    async fn a_hash_again(&self, key: &str, what: &str) {
+        let what = format!("{what} is a hash again");
+        eventually(&what, Duration::from_secs(10), || async {
+            let ty: String = redis::cmd("TYPE")
+                .arg(key)
+                .query_async(&mut self.conn().await)
+                .await
+                .ok()?;
+            (ty == "hash").then_some(())
+        })
+        .await;
+    }
+
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
         self.redis.conn().await
     }
@@ -145,23 +167,11 @@ impl Farm {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_typed_stream_hash_touches_only_its_channel_and_is_replaced() {
     let farm = Farm::start().await;
-    let mut c = farm.conn().await;
+    let mut c = farm.garbage_at("farm:stream:victim").await;
     let (_, victim_gen) = owner(&mut c, "farm", "victim").await.expect("victim runs");
-    let _: () = c.set("farm:stream:victim", "garbage").await.expect("SET");
     // The owner's next write replaces it (stream_set.lua); the keepalive renews every channel.
-    eventually(
-        "the victim's stream hash is a hash again",
-        Duration::from_secs(10),
-        || async {
-            let ty: String = redis::cmd("TYPE")
-                .arg("farm:stream:victim")
-                .query_async(&mut farm.conn().await)
-                .await
-                .ok()?;
-            (ty == "hash").then_some(())
-        },
-    )
-    .await;
+    farm.a_hash_again("farm:stream:victim", "the victim's stream hash")
+        .await;
     // Keep watching a few keepalive intervals.
     tokio::time::sleep(Duration::from_secs(3)).await; // viewer time
     assert_eq!(
@@ -175,8 +185,7 @@ async fn a_wrong_typed_stream_hash_touches_only_its_channel_and_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_typed_access_zset_is_replaced_and_starts_go_on_meanwhile() {
     let farm = Farm::start().await;
-    let mut c = farm.conn().await;
-    let _: () = c.set("farm:access", "garbage").await.expect("SET");
+    let mut c = farm.garbage_at("farm:access").await;
     // A new start meanwhile works, and its viewer sees no Redis internals.
     let r = get(&format!(
         "{}/live/fresh/index.m3u8",
@@ -216,21 +225,8 @@ async fn a_wrong_typed_access_zset_is_replaced_and_starts_go_on_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_typed_node_hash_is_replaced_by_its_heartbeat() {
     let farm = Farm::start().await;
-    let mut c = farm.conn().await;
-    let _: () = c.set("farm:node:n1", "garbage").await.expect("SET");
-    eventually(
-        "n1's hash is a hash again",
-        Duration::from_secs(10),
-        || async {
-            let ty: String = redis::cmd("TYPE")
-                .arg("farm:node:n1")
-                .query_async(&mut farm.conn().await)
-                .await
-                .ok()?;
-            (ty == "hash").then_some(())
-        },
-    )
-    .await;
+    farm.garbage_at("farm:node:n1").await;
+    farm.a_hash_again("farm:node:n1", "n1's hash").await;
     assert!(metric(&farm.nodes[0], "farm_node_data_errors_total").await >= 1.0);
     tokio::time::sleep(Duration::from_secs(3)).await; // viewer time
     farm.finish(false).await;

@@ -256,16 +256,8 @@ async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
     let c1 = format!("{n1}/live/c1/index.m3u8");
     assert_eq!(get_observed(&c1).await.status, 200);
     // n1 is full: c2 is forwarded to n2, which starts it.
-    let r = client()
-        .get(format!("{n1}/live/c2/index.m3u8"))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(r.status().as_u16(), 307);
-    assert!(r.headers()["location"]
-        .to_str()
-        .expect("location")
-        .starts_with(&ns[1].base_url()));
+    let to = redirect_of(&format!("{n1}/live/c2/index.m3u8")).await;
+    assert!(to.starts_with(&ns[1].base_url()), "{to}");
     let c2 = format!("{n1}/live/c2/index.m3u8");
     let r = http.get(&c2).send().await.expect("GET");
     assert_eq!(r.status().as_u16(), 200);
@@ -281,15 +273,10 @@ async fn a_full_node_forwards_to_one_with_room_and_a_full_farm_says_so() {
         Duration::from_secs(5),
     )
     .await;
-    let r = http
-        .get(format!("{n1}/live/c3/index.m3u8"))
-        .send()
-        .await
-        .expect("GET");
-    let status = r.status().as_u16();
-    let body = r.text().await.unwrap_or_default();
-    println!("{status} {}", body.trim());
-    assert_eq!(status, 503);
+    let r = get_with(&http, &format!("{n1}/live/c3/index.m3u8")).await;
+    let body = r.text();
+    println!("{} {}", r.status, body.trim());
+    assert_eq!(r.status, 503);
     assert!(body.contains("farm is full"), "{body}");
     assert_eq!(
         ffmpegs_under(root.path()).len(),
@@ -311,10 +298,7 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
     }
     let ns = nodes(&redis, root.path(), 3, false, &[]);
     let n1 = ns[0].base_url();
-    for id in &ids {
-        let r = get_observed(&format!("{n1}/live/{id}/index.m3u8")).await;
-        assert_eq!(r.status, 200, "{id}: {}", r.text());
-    }
+    assert_all_play(ids.iter().map(|id| format!("{n1}/live/{id}/index.m3u8"))).await;
     assert_eq!(running_on(&redis, "n1").await, 5);
 
     // Viewers keep watching through n1 while it drains.
@@ -355,13 +339,7 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
         "one FFmpeg per channel after the drain"
     );
     let mut worst = Duration::ZERO;
-    for (id, v) in ids.iter().zip(viewers) {
-        let report = v.await.expect("join").expect("pull");
-        println!("{id}: {report:?}");
-        assert!(
-            report.media_seconds >= 14.0,
-            "{id} kept playing: {report:?}"
-        );
+    for report in join_viewers(&ids, viewers, 14.0).await {
         worst = worst.max(report.max_wall_gap_between_new_segments);
     }
     println!(
@@ -373,16 +351,8 @@ async fn drain_moves_watched_channels_make_before_break_and_the_node_ends_empty(
     );
     // A drained node takes no new channel: it sends the viewer elsewhere.
     add_channel(&redis, "late", &provider.url("/late.ts"), &[]);
-    let r = client()
-        .get(format!("{n1}/live/late/index.m3u8"))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(r.status().as_u16(), 307);
-    assert!(!r.headers()["location"]
-        .to_str()
-        .expect("loc")
-        .starts_with(&n1));
+    let to = redirect_of(&format!("{n1}/live/late/index.m3u8")).await;
+    assert!(!to.starts_with(&n1), "{to}");
     assert_clean(&redis, &ns, "drain").await;
 }
 

@@ -11,7 +11,7 @@
 use farm_tests::coordinator::{events, fake_source, farmctl_ok, ffmpegs_for, owner, wait_unowned};
 use farm_tests::farm::{Farm, FarmBuilder};
 use farm_tests::hls::HlsClient;
-use farm_tests::wait::{eventually, eventually_with};
+use farm_tests::wait::eventually;
 use redis::AsyncCommands;
 use std::time::Duration;
 
@@ -32,6 +32,23 @@ fn victim(root: &std::path::Path, channel: &str) -> (i32, u64) {
 
 fn ms(d: u64) -> Duration {
     Duration::from_millis(d)
+}
+
+/// Waits (30 s) for channel `id`'s FFmpeg `(pid, start time)` to exit, as /proc shows it: how long
+/// it still ran after `ran_after` and how long after `gone_after` it was gone (wall clock, ms).
+async fn ffmpeg_exit(
+    (pid, start): (i32, u64),
+    id: &str,
+    ran_after: u64,
+    gone_after: u64,
+) -> (Duration, Duration) {
+    let exit = farm_tests::procs::watch_exit(pid, start, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("{id}'s FFmpeg did not exit in 30 s"));
+    (
+        ms(exit.last_alive_ms.saturating_sub(ran_after)),
+        ms(exit.gone_ms.saturating_sub(gone_after)),
+    )
 }
 
 /// [`Farm::pair`] with idle_timeout 5 s.
@@ -85,14 +102,8 @@ async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_
     let after = farm_tests::procs::now_ms();
     farm_tests::hls::observe(&last_url, &body);
     // The viewer left: FFmpeg exits, as /proc shows it.
-    let exit = farm_tests::procs::watch_exit(pid, start, Duration::from_secs(30))
-        .await
-        .expect("news's FFmpeg to exit after its viewer left");
+    let (earliest, latest) = ffmpeg_exit((pid, start), "news", after, before).await;
     let bound = IDLE + TICK + FLUSH + STOP_GRACE + SLACK;
-    let (earliest, latest) = (
-        ms(exit.last_alive_ms.saturating_sub(after)),
-        ms(exit.gone_ms.saturating_sub(before)),
-    );
     println!(
         "idle stop: FFmpeg ran {earliest:?} past the viewer's last request and was gone {latest:?} after it \
 (at least idle_timeout {IDLE:?}; at most idle + tick + access_flush + stop_grace + 0.5 s = {bound:?})"
@@ -105,13 +116,7 @@ async fn coordinator_never_stops_a_watched_channel_and_stops_it_once_the_viewer_
         latest <= bound,
         "FFmpeg still ran {latest:?} after the viewer's last request (bound {bound:?})"
     );
-    eventually_with(
-        &c,
-        "news's lease released",
-        Duration::from_secs(2),
-        |mut c| async move { owner(&mut c, "farm", "news").await.is_none().then_some(()) },
-    )
-    .await;
+    wait_unowned(&c, "news", "news's lease released", Duration::from_secs(2)).await;
 
     let ev = events(&mut c, "farm").await;
     let stopped: Vec<_> = ev
@@ -166,14 +171,8 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
         .await
         .expect("HGET started_at");
     let (pid, start) = victim(n1.hls_root(), "unwatched");
-    let exit = farm_tests::procs::watch_exit(pid, start, Duration::from_secs(30))
-        .await
-        .expect("the never-watched channel's FFmpeg to exit");
+    let (earliest, latest) = ffmpeg_exit((pid, start), "unwatched", claimed, claimed).await;
     let bound = IDLE + TICK + FLUSH + STOP_GRACE + SLACK;
-    let (earliest, latest) = (
-        ms(exit.last_alive_ms.saturating_sub(claimed)),
-        ms(exit.gone_ms.saturating_sub(claimed)),
-    );
     println!(
         "never-watched channel: FFmpeg ran {earliest:?} past its claim and was gone {latest:?} after it \
 (at least idle_timeout {IDLE:?}, at most {bound:?})"
@@ -211,11 +210,6 @@ async fn coordinator_stops_never_watched_channels_but_not_pinned_ones() {
 
     // Unpinned, it goes too.
     farmctl_ok(&url, &["unpin", "kept"]);
-    eventually_with(
-        &c,
-        "the unpinned channel to be stopped",
-        Duration::from_secs(10),
-        |mut c| async move { owner(&mut c, "farm", "kept").await.is_none().then_some(()) },
-    )
-    .await;
+    let unpinned_stopped = "the unpinned channel to be stopped";
+    wait_unowned(&c, "kept", unpinned_stopped, Duration::from_secs(10)).await;
 }

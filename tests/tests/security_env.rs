@@ -163,12 +163,7 @@ async fn ffmpeg_gets_no_secret_and_the_admin_api_wants_its_exact_token() {
         let status = r.status().as_u16();
         assert!(status == 401 || status == 429, "stop with {what}: {status}");
     }
-    let r = cl
-        .get(format!("{streams}?token={ADMIN_TOKEN}"))
-        .send()
-        .await
-        .expect("GET");
-    let status = r.status().as_u16();
+    let status = get(&format!("{streams}?token={ADMIN_TOKEN}")).await.status;
     assert!(
         status == 401 || status == 429,
         "a token in the query string: {status}"

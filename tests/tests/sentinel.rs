@@ -237,14 +237,7 @@ async fn the_farm_follows_a_sentinel_failover_and_no_channel_runs_twice() {
         "primary killed: sentinel failover to :{new_port} after {failover:?}; nodes writing again after {:?}",
         killed.elapsed()
     );
-    for (id, v) in ids.iter().zip(viewers) {
-        let r = v.await.expect("join").expect("pull");
-        println!("{id}: {r:?}");
-        assert!(
-            r.media_seconds >= 12.0,
-            "{id} played on through the failover: {r:?}"
-        );
-    }
+    join_viewers(ids, viewers, 12.0).await;
     stop.store(true, Ordering::Release);
     sampler.await.expect("sampler");
     assert_eq!(
