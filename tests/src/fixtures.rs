@@ -1,6 +1,8 @@
-//! Small fixtures shared by the end-to-end tests: nodes with the fast timing profile
-//! ([`crate::farm::Timing::Fast`]), farmctl channel adds, and HTTP and Redis helpers for assertions.
-//! A whole farm (Redis, provider, nodes, coordinators, nginx) is [`crate::farm::Farm`].
+//! Small fixtures shared by the end-to-end tests: a test's own Redis and temp root with channels,
+//! nodes with the fast timing profile ([`crate::farm::Timing::Fast`]), farmctl channel adds,
+//! admin-API and command-stream requests, signed playback tokens, and HTTP, viewer and Redis helpers
+//! for assertions (the invariant checker's verdict included). A whole farm (Redis, provider, nodes,
+//! coordinators, nginx) is [`crate::farm::Farm`].
 
 use crate::node::{farmctl, NodeOpts, NodeProcess};
 use crate::procs;

@@ -81,6 +81,25 @@ struct ChaosReport {
     kills: Vec<(Instant, bool)>,
 }
 
+impl ChaosReport {
+    /// A line of the log, stamped with the seconds since `t0` (the chaos's start).
+    fn note(&mut self, t0: Instant, what: String) {
+        let at = t0.elapsed().as_secs_f64();
+        self.log.push(format!("{at:>6.1}s {what}"));
+    }
+
+    /// A kill -9 of `who`, a coordinator when `coordinator`: counted, timed and logged.
+    fn killed(&mut self, t0: Instant, who: String, coordinator: bool) {
+        if coordinator {
+            self.coordinator_kills += 1;
+        } else {
+            self.node_kills += 1;
+        }
+        self.kills.push((Instant::now(), coordinator));
+        self.note(t0, format!("kill -9 {who}"));
+    }
+}
+
 enum Target {
     Node(usize),
     Coordinator(usize),
@@ -108,20 +127,12 @@ fn chaos(
                 lock(bases)[i] = Some(fresh.base_url());
                 // The new one first: the harness sweeps a root only when its last node goes.
                 let _old = std::mem::replace(&mut nodes[i], fresh);
-                report.log.push(format!(
-                    "{:>6.1}s restart node {}",
-                    t0.elapsed().as_secs_f64(),
-                    nodes[i].node_id()
-                ));
+                report.note(t0, format!("restart node {}", nodes[i].node_id()));
             }
             Target::Coordinator(i) => {
                 let fresh = CoordinatorProcess::spawn(coords[i].opts().clone());
                 let _old = std::mem::replace(&mut coords[i], fresh);
-                report.log.push(format!(
-                    "{:>6.1}s restart coordinator {}",
-                    t0.elapsed().as_secs_f64(),
-                    coords[i].id()
-                ));
+                report.note(t0, format!("restart coordinator {}", coords[i].id()));
             }
         }
         report.restarts += 1;
@@ -139,13 +150,7 @@ fn chaos(
                 let i = rng.below(nodes.len() as u64) as usize;
                 nodes[i].kill9();
                 lock(bases)[i] = None;
-                report.node_kills += 1;
-                report.kills.push((Instant::now(), false));
-                report.log.push(format!(
-                    "{:>6.1}s kill -9 node {}",
-                    t0.elapsed().as_secs_f64(),
-                    nodes[i].node_id()
-                ));
+                report.killed(t0, format!("node {}", nodes[i].node_id()), false);
                 pending.push((now + rng.ms(2000, 6000), Target::Node(i)));
             } else {
                 let up: Vec<usize> = (0..coords.len())
@@ -158,13 +163,7 @@ fn chaos(
                 if !up.is_empty() {
                     let i = up[rng.below(up.len() as u64) as usize];
                     coords[i].kill9();
-                    report.coordinator_kills += 1;
-                    report.kills.push((Instant::now(), true));
-                    report.log.push(format!(
-                        "{:>6.1}s kill -9 coordinator {}",
-                        t0.elapsed().as_secs_f64(),
-                        coords[i].id()
-                    ));
+                    report.killed(t0, format!("coordinator {}", coords[i].id()), true);
                     pending.push((now + rng.ms(1000, 4000), Target::Coordinator(i)));
                 }
             }
