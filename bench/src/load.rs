@@ -216,17 +216,7 @@ async fn one_request(
         if let Some(h) = parse_head(&buf[..filled])? {
             break h;
         }
-        if filled == buf.len() {
-            return Err(bad("response head larger than 64 KiB"));
-        }
-        let n = stream.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed before the response head",
-            ));
-        }
-        filled += n;
+        filled = fill(stream, buf, filled, HEAD).await?;
     };
     let extra = filled - head.len;
     match head.body {
@@ -359,7 +349,7 @@ async fn read_chunked(
             if let Some(p) = buf[..have].windows(2).position(|w| w == b"\r\n") {
                 break p;
             }
-            have = fill(stream, buf, have).await?;
+            have = fill(stream, buf, have, CHUNKED).await?;
         };
         let size_text = std::str::from_utf8(&buf[..line_end]).map_err(|_| bad("bad chunk size"))?;
         let size_hex = size_text.split(';').next().unwrap_or("").trim();
@@ -377,7 +367,7 @@ async fn read_chunked(
                     have -= p + 2;
                     continue;
                 }
-                have = fill(stream, buf, have).await?;
+                have = fill(stream, buf, have, CHUNKED).await?;
             }
         }
         total += size;
@@ -385,7 +375,7 @@ async fn read_chunked(
         let mut need = size + 2;
         while need > 0 {
             if have == 0 {
-                have = fill(stream, buf, 0).await?;
+                have = fill(stream, buf, 0, CHUNKED).await?;
             }
             let take = need.min(have);
             buf.copy_within(take..have, 0);
@@ -395,16 +385,35 @@ async fn read_chunked(
     }
 }
 
-async fn fill(stream: &mut TcpStream, buf: &mut [u8], have: usize) -> io::Result<usize> {
+/// What [`fill`] reads: the errors it gives when the buffer is full, and when the peer closes.
+struct Reading {
+    full: &'static str,
+    closed: &'static str,
+}
+
+const HEAD: Reading = Reading {
+    full: "response head larger than 64 KiB",
+    closed: "connection closed before the response head",
+};
+
+const CHUNKED: Reading = Reading {
+    full: "chunk line too long",
+    closed: "connection closed inside a chunked body",
+};
+
+/// Reads more after the `have` bytes already in `buf`; how many it holds now.
+async fn fill(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    have: usize,
+    reading: Reading,
+) -> io::Result<usize> {
     if have == buf.len() {
-        return Err(bad("chunk line too long"));
+        return Err(bad(reading.full));
     }
     let n = stream.read(&mut buf[have..]).await?;
     if n == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed inside a chunked body",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, reading.closed));
     }
     Ok(have + n)
 }

@@ -30,6 +30,15 @@ async fn leader(cfg: Config) -> Coordinator {
     c
 }
 
+/// A fresh Redis, a connection to it, coordinator `c1` leading it, and Redis's time.
+async fn leading() -> (RedisServer, MultiplexedConnection, Coordinator, u64) {
+    let redis = RedisServer::start();
+    let mut c = redis.conn().await;
+    let co = leader(config(&redis, "c1")).await;
+    let now = redis_now(&mut c).await;
+    (redis, c, co, now)
+}
+
 async fn redis_now(c: &mut MultiplexedConnection) -> u64 {
     let (s, us): (u64, u64) = redis::cmd("TIME").query_async(c).await.expect("TIME");
     s * 1000 + us / 1000
@@ -177,10 +186,7 @@ async fn coordinator_leadership_is_exclusive_and_a_deposed_leader_cannot_write()
 
 #[tokio::test]
 async fn coordinator_idle_cleanup_stops_idle_owned_channels_once_per_gen() {
-    let redis = RedisServer::start();
-    let mut c = redis.conn().await;
-    let mut co = leader(config(&redis, "c1")).await;
-    let now = redis_now(&mut c).await;
+    let (_redis, mut c, mut co, now) = leading().await;
     let old = now - 3_600_000;
     node(&mut c, "n1", now, true, 10, 3).await;
     running(&mut c, "idle1", "n1", 5, old).await;
@@ -239,10 +245,7 @@ async fn coordinator_idle_cleanup_stops_idle_owned_channels_once_per_gen() {
 
 #[tokio::test]
 async fn coordinator_reaps_a_dead_node_and_rehomes_its_watched_and_pinned_channels() {
-    let redis = RedisServer::start();
-    let mut c = redis.conn().await;
-    let mut co = leader(config(&redis, "c1")).await;
-    let now = redis_now(&mut c).await;
+    let (_redis, mut c, mut co, now) = leading().await;
     node(&mut c, "n1", now - 60_000, false, 10, 4).await;
     node(&mut c, "n2", now, true, 10, 1).await;
     node(&mut c, "n3", now, true, 10, 5).await;
@@ -378,10 +381,7 @@ async fn coordinator_refuses_to_reap_when_most_nodes_look_dead_or_while_settling
 
 #[tokio::test]
 async fn coordinator_reconciles_stale_stream_hashes_and_set_entries() {
-    let redis = RedisServer::start();
-    let mut c = redis.conn().await;
-    let mut co = leader(config(&redis, "c1")).await;
-    let now = redis_now(&mut c).await;
+    let (_redis, mut c, mut co, now) = leading().await;
     node(&mut c, "n1", now, true, 10, 3).await;
     node(&mut c, "n2", now, true, 10, 1).await;
     running(&mut c, "mine", "n1", 1, now).await;

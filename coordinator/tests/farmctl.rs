@@ -109,6 +109,20 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Its stdout says `want` (shown whole when it does not).
+#[track_caller]
+fn assert_stdout_has(o: &Output, want: &str) {
+    let out = stdout(o);
+    assert!(out.contains(want), "{out}");
+}
+
+/// Its stderr says `want` (shown whole when it does not).
+#[track_caller]
+fn assert_stderr_has(o: &Output, want: &str) {
+    let err = stderr(o);
+    assert!(err.contains(want), "{err}");
+}
+
 #[track_caller]
 fn assert_exit(o: &Output, code: i32) {
     assert_eq!(
@@ -200,7 +214,7 @@ fn add_list_show_rm() {
         &["channel", "add", "bbc1", "http://other.example/x"],
     );
     assert_exit(&o, 2);
-    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    assert_stderr_has(&o, "already exists");
     assert_one_sentence(&o);
     assert_eq!(
         hash(&r, "farm:channel:bbc1")["url"],
@@ -275,7 +289,7 @@ fn add_list_show_rm() {
 
     let o = farmctl(&r.url, &["channel", "show", "arte"]);
     assert_exit(&o, 0);
-    assert!(stdout(&o).contains("name:        Arte"), "{}", stdout(&o));
+    assert_stdout_has(&o, "name:        Arte");
     let o = farmctl(&r.url, &["channel", "show", "arte", "--json"]);
     assert_exit(&o, 0);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("show --json is JSON");
@@ -296,7 +310,7 @@ fn add_list_show_rm() {
     );
     let o = farmctl(&r.url, &["channel", "rm", "bbc1"]);
     assert_exit(&o, 2);
-    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    assert_stderr_has(&o, "does not exist");
 }
 
 #[test]
@@ -348,7 +362,7 @@ fn bad_input_exits_2_and_writes_nothing() {
         &["channel", "add", "x", "http://a.example/1"],
     );
     assert_exit(&o, 2);
-    assert!(stderr(&o).contains("not allowed"), "{}", stderr(&o));
+    assert_stderr_has(&o, "not allowed");
     assert_eq!(dbsize(&r), 0);
 }
 
@@ -396,11 +410,7 @@ fn import_writes_every_channel() {
     );
     let o = farmctl(&r.url, &["import", &file2]);
     assert_exit(&o, 2);
-    assert!(
-        stderr(&o).contains("\"cnn-us\" already exists"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr_has(&o, "\"cnn-us\" already exists");
     // 3 channels, the index, farm:catalog:version and farm:catalog:gen; no staging list left
     assert_eq!(dbsize(&r), 6);
     assert!(hash(&r, "farm:channel:new-one").is_empty());
@@ -501,11 +511,7 @@ fn unreachable_redis_exits_1() {
     let o = farmctl(&url, &["channel", "list"]);
     assert_exit(&o, 1);
     assert_one_sentence(&o);
-    assert!(
-        stderr(&o).contains("cannot connect to Redis"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr_has(&o, "cannot connect to Redis");
     assert_eq!(stderr(&o).lines().count(), 1);
 }
 
@@ -531,7 +537,7 @@ fn silent_redis_times_out_with_exit_1() {
     );
     assert_exit(&o, 1);
     assert_one_sentence(&o);
-    assert!(stderr(&o).contains("did not answer"), "{}", stderr(&o));
+    assert_stderr_has(&o, "did not answer");
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "took {:?}",
@@ -611,19 +617,11 @@ fn large_imports_go_in_chunks_and_leave_no_staging_behind() {
     // caps: channels and bytes, each with the flag that raises it
     let o = farmctl(&r.url, &["import", &file, "--max-channels", "4999"]);
     assert_exit(&o, 2);
-    assert!(
-        stderr(&o).contains("5000 channels, more than --max-channels 4999"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr_has(&o, "5000 channels, more than --max-channels 4999");
     assert_one_sentence(&o);
     let o = farmctl(&r.url, &["import", &file, "--max-bytes", "10K"]);
     assert_exit(&o, 2);
-    assert!(
-        stderr(&o).contains("more than --max-bytes 10240"),
-        "{}",
-        stderr(&o)
-    );
+    assert_stderr_has(&o, "more than --max-bytes 10240");
 }
 
 #[test]
@@ -654,8 +652,8 @@ fn an_import_that_fails_while_staging_leaves_the_catalog_as_it_was() {
     let file = write_file(dir.path(), "big.m3u", &generated_m3u(20_000, "a.example"));
     let o = farmctl(&r.url, &["import", &file, "--chunk", "200"]);
     assert_exit(&o, 1);
-    assert!(stdout(&o).contains("staged 2000/20000"), "{}", stdout(&o));
-    assert!(stderr(&o).contains("OOM"), "{}", stderr(&o));
+    assert_stdout_has(&o, "staged 2000/20000");
+    assert_stderr_has(&o, "OOM");
     assert_one_sentence(&o);
     assert_eq!(
         (members(&r, "farm:channels"), hash(&r, "farm:channel:keep")),
@@ -703,14 +701,13 @@ fn a_committed_import_is_finished_by_the_next_catalog_write() {
         .expect("plant");
     let o = farmctl(&r.url, &["channel", "list"]);
     assert_exit(&o, 0);
-    assert!(
-        stdout(&o).contains("import 7 is committed but 3 of its channels are not applied yet"),
-        "{}",
-        stdout(&o)
+    assert_stdout_has(
+        &o,
+        "import 7 is committed but 3 of its channels are not applied yet",
     );
     let o = farmctl(&r.url, &["import", "--resume"]);
     assert_exit(&o, 0);
-    assert!(stdout(&o).contains("import 7 applied"), "{}", stdout(&o));
+    assert_stdout_has(&o, "import 7 applied");
     assert_eq!(members(&r, "farm:channels").len(), 3);
     assert_eq!(
         members(&r, "farm:pinned"),
@@ -721,11 +718,7 @@ fn a_committed_import_is_finished_by_the_next_catalog_write() {
         .any(|k| k.starts_with("farm:catalog:import")));
     let o = farmctl(&r.url, &["import", "--resume"]);
     assert_exit(&o, 0);
-    assert!(
-        stdout(&o).contains("no import was waiting"),
-        "{}",
-        stdout(&o)
-    );
+    assert_stdout_has(&o, "no import was waiting");
 
     // A channel add finishes a pending import before its own write (writes apply in order).
     redis::pipe()
@@ -810,10 +803,9 @@ fn odd_data_in_redis_never_breaks_the_list_and_big_names_are_refused() {
     );
     assert_exit(&o, 2);
     assert_one_sentence(&o);
-    assert!(
-        stderr(&o).contains("invalid name: it is 100000 bytes long, at most 256 are allowed"),
-        "{}",
-        stderr(&o)
+    assert_stderr_has(
+        &o,
+        "invalid name: it is 100000 bytes long, at most 256 are allowed",
     );
     assert!(stderr(&o).len() < 300);
     assert!(hash(&r, "farm:channel:n1").is_empty());
@@ -825,10 +817,9 @@ fn odd_data_in_redis_never_breaks_the_list_and_big_names_are_refused() {
     );
     let o = farmctl(&r.url, &["import", &file]);
     assert_exit(&o, 2);
-    assert!(
-        stderr(&o).contains(":2: the channel's invalid name: it is 1048576 bytes long"),
-        "{}",
-        stderr(&o)
+    assert_stderr_has(
+        &o,
+        ":2: the channel's invalid name: it is 1048576 bytes long",
     );
     assert!(stderr(&o).len() < 400);
     assert!(hash(&r, "farm:channel:n2").is_empty());
@@ -872,10 +863,6 @@ fn urls_are_shown_redacted_unless_asked() {
         ],
     );
     assert_exit(&o, 0);
-    assert!(
-        stdout(&o).contains("nodes refuse to start it"),
-        "{}",
-        stdout(&o)
-    );
+    assert_stdout_has(&o, "nodes refuse to start it");
     assert!(!stdout(&o).contains("zz"));
 }

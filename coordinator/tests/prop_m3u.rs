@@ -7,6 +7,7 @@
 use farm_coordinator::ctl::import::m3u::{self, M3uError};
 use farm_proto::validate::{self, DEFAULT_ALLOWED_SCHEMES};
 use farm_proto::ChannelSpec;
+use farm_tests::abuse::m3u_line_count;
 use proptest::prelude::*;
 use std::collections::HashSet;
 
@@ -16,34 +17,6 @@ fn config(cases: u32) -> ProptestConfig {
         .and_then(|v| v.parse().ok())
         .unwrap_or(cases);
     ProptestConfig::with_cases(cases)
-}
-
-/// Number of lines the way the importer documents them (LF, CRLF and a lone CR each end one; a
-/// final unterminated line counts), counted independently of its code. At least 1.
-fn line_count(text: &str) -> usize {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let b = text.as_bytes();
-    let mut n = 0;
-    let mut i = 0;
-    let mut open = false;
-    while i < b.len() {
-        match b[i] {
-            b'\r' => {
-                n += 1;
-                open = false;
-                if b.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-            }
-            b'\n' => {
-                n += 1;
-                open = false;
-            }
-            _ => open = true,
-        }
-        i += 1;
-    }
-    (n + usize::from(open)).max(1)
 }
 
 /// The importer's promises for any input.
@@ -71,7 +44,7 @@ fn check_invariants(text: &str) -> Result<(), TestCaseError> {
         }
         Err(errors) => {
             prop_assert!(!errors.is_empty(), "Err with no error");
-            let max = line_count(text);
+            let max = m3u_line_count(text);
             for e in &errors {
                 prop_assert!(
                     (1..=max).contains(&e.line),

@@ -4,32 +4,9 @@
 
 use farm_coordinator::ctl::import::m3u;
 use farm_proto::validate::{self, DEFAULT_ALLOWED_SCHEMES};
+use farm_tests::abuse::m3u_line_count;
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashSet;
-
-/// Lines as the importer documents them (LF, CRLF, lone CR), counted without its code.
-fn line_count(text: &str) -> usize {
-    let b = text.strip_prefix('\u{feff}').unwrap_or(text).as_bytes();
-    let (mut n, mut open, mut i) = (0, false, 0);
-    while i < b.len() {
-        match b[i] {
-            b'\r' => {
-                n += 1;
-                open = false;
-                if b.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-            }
-            b'\n' => {
-                n += 1;
-                open = false;
-            }
-            _ => open = true,
-        }
-        i += 1;
-    }
-    (n + usize::from(open)).max(1)
-}
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -49,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(errors) => {
             assert!(!errors.is_empty());
-            let max = line_count(&text);
+            let max = m3u_line_count(&text);
             for e in &errors {
                 assert!((1..=max).contains(&e.line), "{e} beyond line {max}");
             }

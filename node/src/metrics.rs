@@ -348,14 +348,12 @@ mod tests {
         m.stopped("x\"} 1\nfarm_node_forged_total 9\n# EOF\n");
         m.stopped(&"y".repeat(10_000));
         let text = m.render();
-        assert!(
-            text.contains("farm_node_channel_stops_total{reason=\"idle\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("farm_node_channel_stops_total{reason=\"other\"} 2"),
-            "{text}"
-        );
+        for want in [
+            "farm_node_channel_stops_total{reason=\"idle\"} 1",
+            "farm_node_channel_stops_total{reason=\"other\"} 2",
+        ] {
+            assert!(text.contains(want), "{text}");
+        }
         assert!(!text.contains("forged"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     }

@@ -64,6 +64,17 @@ macro_rules! record {
                 Self { $($field: h.get(stringify!($field)).and_then(|v| FieldValue::read(v)),)* }
             }
 
+            /// Reads what HMGET answered for `fields` ([`record_fields!`], in that order); the
+            /// fields not asked for read as `None`.
+            pub fn from_values(fields: &[&str], values: Vec<Option<String>>) -> Self {
+                let h = fields
+                    .iter()
+                    .zip(values)
+                    .filter_map(|(f, v)| Some((f.to_string(), v?)))
+                    .collect();
+                Self::from_fields(&h)
+            }
+
             /// Every field that is set, as the hash holds it, in declaration order.
             fn set_fields(&self) -> Vec<(&'static str, String)> {
                 let mut out = Vec::new();
@@ -76,6 +87,18 @@ macro_rules! record {
             }
         }
     };
+}
+
+/// The names of some fields of a record, for HMGET (read the answer with `from_values`), checked
+/// against the struct when it compiles: `record_fields!(NodeRecord: public_url)`.
+#[macro_export]
+macro_rules! record_fields {
+    ($record:ty: $($field:ident),+ $(,)?) => {{
+        let _each_is_a_field = |r: &$record| {
+            $(let _ = &r.$field;)+
+        };
+        [$(stringify!($field)),+]
+    }};
 }
 
 record! {
@@ -225,6 +248,20 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect()
+    }
+
+    #[test]
+    fn a_few_fields_read_from_hmget() {
+        let fields = record_fields!(NodeRecord: public_url, running);
+        assert_eq!(fields, ["public_url", "running"]);
+        let r = NodeRecord::from_values(&fields, vec![Some("http://n1:8080".into()), None]);
+        assert_eq!(
+            r,
+            NodeRecord {
+                public_url: Some("http://n1:8080".into()),
+                ..NodeRecord::default()
+            }
+        );
     }
 
     #[test]

@@ -161,6 +161,33 @@ pub fn provider_m3u(prefix: &str, n: usize, bad_at: Option<usize>) -> String {
     text
 }
 
+/// Number of lines of an M3U text the way the importer behind `farmctl import` documents them (a
+/// leading BOM ignored; LF, CRLF and a lone CR each end one; a final unterminated line counts),
+/// counted independently of its code: the reference its property tests and fuzz target check
+/// error line numbers against. At least 1.
+pub fn m3u_line_count(text: &str) -> usize {
+    let b = text.strip_prefix('\u{feff}').unwrap_or(text).as_bytes();
+    let (mut n, mut open, mut i) = (0, false, 0);
+    while i < b.len() {
+        match b[i] {
+            b'\r' => {
+                n += 1;
+                open = false;
+                if b.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\n' => {
+                n += 1;
+                open = false;
+            }
+            _ => open = true,
+        }
+        i += 1;
+    }
+    (n + usize::from(open)).max(1)
+}
+
 /// One answer read by [`raw_get`].
 #[derive(Debug, Clone, Default)]
 pub struct RawAnswer {

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -1365,22 +1365,13 @@ fn run_ffprobe(input: ProbeInput<'_>, entries: &[&str]) -> Result<String, String
             path
         }
     };
-    let output = Command::new("ffprobe")
-        .args(["-v", "error"])
+    let mut cmd = Command::new("ffprobe");
+    cmd.args(["-v", "error"])
         .args(entries)
         .args(["-of", "csv=p=0"])
-        .arg(&target)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("run ffprobe (is it installed?): {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "ffprobe {} exited with {}: {}",
-            target.to_string_lossy(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
+        .arg(&target);
+    let output =
+        crate::media::run_tool(&mut cmd, &format!("ffprobe {}", target.to_string_lossy()))?;
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 

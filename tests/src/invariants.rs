@@ -579,6 +579,19 @@ fn owner_node(value: &str) -> &str {
     value.rsplit_once(':').map_or(value, |(n, _)| n)
 }
 
+/// Every member of the sorted set `key`.
+async fn zset_members(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+) -> redis::RedisResult<Vec<String>> {
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(conn)
+        .await
+}
+
 async fn scan_keys(
     conn: &mut MultiplexedConnection,
     prefix: &str,
@@ -771,12 +784,7 @@ async fn one_pass(
             );
         }
     }
-    let members: Vec<String> = redis::cmd("ZRANGE")
-        .arg(p("nodes"))
-        .arg(0)
-        .arg(-1)
-        .query_async(conn)
-        .await?;
+    let members = zset_members(conn, &p("nodes")).await?;
     for m in &members {
         if !is_live(m) {
             find(
@@ -836,12 +844,7 @@ async fn one_pass(
     }
 
     // Access entries.
-    let access: Vec<String> = redis::cmd("ZRANGE")
-        .arg(p("access"))
-        .arg(0)
-        .arg(-1)
-        .query_async(conn)
-        .await?;
+    let access = zset_members(conn, &p("access")).await?;
     for ch in &access {
         if !owners.contains_key(ch) {
             find(

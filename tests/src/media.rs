@@ -125,8 +125,8 @@ fn ensure_source(dir: &Path) -> Result<PathBuf, String> {
 
 /// Runs ffmpeg: testsrc2 + 440 Hz sine, H.264 ultrafast with a fixed 1 s GOP, AAC 48 kHz stereo.
 fn generate(out: &Path) -> Result<(), String> {
-    let output = Command::new("ffmpeg")
-        .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-y"])
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-nostdin", "-loglevel", "error", "-y"])
         .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25"])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
         .args([
@@ -148,16 +148,23 @@ fn generate(out: &Path) -> Result<(), String> {
         .args(["-g", "25", "-keyint_min", "25", "-sc_threshold", "0"])
         .args(["-c:a", "aac", "-b:a", "128k", "-ar", "48000", "-ac", "2"])
         .args(["-f", "mpegts"])
-        .arg(out)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("run ffmpeg (is it installed?): {e}"))?;
+        .arg(out);
+    run_tool(&mut cmd, "ffmpeg").map(drop)
+}
+
+/// Runs `cmd` (stdin null) to its end: its output when it exits 0, else an error with `what`, its
+/// exit status and stderr.
+pub(crate) fn run_tool(cmd: &mut Command, what: &str) -> Result<std::process::Output, String> {
+    let output = cmd.stdin(Stdio::null()).output().map_err(|e| {
+        let program = cmd.get_program().to_string_lossy();
+        format!("run {program} (is it installed?): {e}")
+    })?;
     if !output.status.success() {
         return Err(format!(
-            "ffmpeg exited with {}: {}",
+            "{what} exited with {}: {}",
             output.status,
-            String::from_utf8_lossy(&output.stderr)
+            String::from_utf8_lossy(&output.stderr).trim()
         ));
     }
-    Ok(())
+    Ok(output)
 }

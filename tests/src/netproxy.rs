@@ -58,12 +58,10 @@ pub struct ProxyStats {
 
 /// A switchable TCP proxy `127.0.0.1:<port>` → `upstream`.
 pub struct TcpProxy {
-    port: u16,
     upstream: SocketAddr,
     mode: watch::Sender<NetMode>,
     stats: Arc<Stats>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: ServerThread,
 }
 
 impl TcpProxy {
@@ -74,55 +72,28 @@ impl TcpProxy {
 
     /// Starts a proxy to `upstream` on a free port of 127.0.0.1, in `Pass` mode.
     pub fn start_to(upstream: SocketAddr) -> TcpProxy {
-        let std_listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .expect("bind 127.0.0.1:0 for the proxy");
-        std_listener
-            .set_nonblocking(true)
-            .expect("non-blocking proxy listener");
-        let port = std_listener
-            .local_addr()
-            .expect("proxy listener address")
-            .port();
         let (mode, mode_rx) = watch::channel(NetMode::Pass);
         let stats = Arc::new(Stats::default());
-        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
         let st = stats.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("tcp-proxy-{port}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("proxy runtime");
-                rt.block_on(async move {
-                    let listener =
-                        TcpListener::from_std(std_listener).expect("tokio proxy listener");
-                    tokio::select! {
-                        _ = accept_loop(listener, upstream, mode_rx, st) => {}
-                        _ = shutdown_rx => {}
-                    }
-                });
-                // Dropping the runtime drops every connection task and its sockets.
-            })
-            .expect("spawn proxy thread");
+        let server = ServerThread::start("tcp-proxy", 1, move |listener| {
+            accept_loop(listener, upstream, mode_rx, st)
+        });
         TcpProxy {
-            port,
             upstream,
             mode,
             stats,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            server,
         }
     }
 
     /// The port it listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
-        self.port
+        self.server.addr().port()
     }
 
     /// `redis://127.0.0.1:<port>/`: a Redis URL through the proxy.
     pub fn redis_url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://127.0.0.1:{}/", self.server.addr().port())
     }
 
     /// Where it forwards to.
@@ -176,7 +147,7 @@ impl TcpProxy {
 impl std::fmt::Debug for TcpProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpProxy")
-            .field("port", &self.port)
+            .field("port", &self.server.addr().port())
             .field("upstream", &self.upstream)
             .field("mode", &self.mode())
             .field("stats", &self.stats())
@@ -184,14 +155,89 @@ impl std::fmt::Debug for TcpProxy {
     }
 }
 
-impl Drop for TcpProxy {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+/// A server on a free port of 127.0.0.1 in its own thread and tokio runtime, so it answers whatever
+/// the test's thread or runtime is doing. Stopping it (or dropping it) ends the serving future,
+/// drops the runtime with every connection task and its sockets, and joins the thread.
+pub struct ServerThread {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Binds 127.0.0.1:0 and runs `serve(listener)` on thread `<name>-<port>` until stopped, on a
+    /// runtime of `workers` threads (1: the thread itself).
+    pub fn start<F, S>(name: &'static str, workers: usize, serve: F) -> ServerThread
+    where
+        F: FnOnce(TcpListener) -> S + Send + 'static,
+        S: std::future::Future<Output = ()>,
+    {
+        // Binding port 0 here (not a free-port guess) means no race with other processes.
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap_or_else(|e| panic!("{name}: bind 127.0.0.1:0: {e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("{name}: non-blocking listener: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("{name}: listener address: {e}"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-{}", addr.port()))
+            .spawn(move || {
+                let mut rt = if workers > 1 {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(workers);
+                    b
+                } else {
+                    tokio::runtime::Builder::new_current_thread()
+                };
+                let rt = match rt.enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("{name}: cannot build runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => tokio::select! {
+                            () = serve(listener) => {}
+                            _ = stopped => {}
+                        },
+                        Err(e) => eprintln!("{name}: listener: {e}"),
+                    }
+                });
+                // Dropping the runtime cancels every connection task, closing all streams.
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .unwrap_or_else(|e| panic!("{name}: spawn thread: {e}"));
+        ServerThread {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the server and cuts every connection; waits for its thread. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

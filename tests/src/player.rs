@@ -35,6 +35,7 @@ use reqwest::Url;
 use serde::Deserialize;
 
 use crate::hls::{PlaylistChecker, Violation};
+use crate::netproxy::ServerThread;
 use crate::nginx::repo_root;
 use crate::procs::{self, tail};
 use crate::signal;
@@ -706,14 +707,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The page's origin: an HTTP server on 127.0.0.1 in its own thread and runtime, so it answers
-/// whatever the test's runtime is doing.
-struct PageServer {
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
 #[derive(Clone)]
 struct PageState {
     shared: Arc<Shared>,
@@ -721,61 +714,23 @@ struct PageState {
     dir: PathBuf,
 }
 
-impl PageServer {
-    fn start(shared: Arc<Shared>, hls_js: PathBuf) -> PageServer {
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("bind the player page's server");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let addr = listener.local_addr().expect("page server address");
-        let state = PageState {
-            shared,
-            hls_js,
-            dir: player_dir(),
-        };
-        let app = Router::new()
-            .route("/", get(page))
-            .route("/player.js", get(player_js))
-            .route("/hls.min.js", get(serve_hls_js))
-            .route("/events", post(events))
-            .with_state(state);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("player-page".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime for the player page");
-                rt.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stopped.await;
-                        })
-                        .await;
-                });
-            })
-            .expect("spawn the player page's server thread");
-        PageServer {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for PageServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// The page's origin: an HTTP server on 127.0.0.1 in its own thread and runtime, so it answers
+/// whatever the test's runtime is doing.
+fn page_server(shared: Arc<Shared>, hls_js: PathBuf) -> ServerThread {
+    let state = PageState {
+        shared,
+        hls_js,
+        dir: player_dir(),
+    };
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/player.js", get(player_js))
+        .route("/hls.min.js", get(serve_hls_js))
+        .route("/events", post(events))
+        .with_state(state);
+    ServerThread::start("player-page", 1, move |listener| async move {
+        let _ = axum::serve(listener, app).await;
+    })
 }
 
 fn file(path: &Path, content_type: &'static str) -> Response {
@@ -821,7 +776,7 @@ pub struct BrowserPlayer {
     start_ms: f64,
     started: Instant,
     shared: Arc<Shared>,
-    server: Option<PageServer>,
+    server: Option<ServerThread>,
     log_path: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -834,11 +789,13 @@ impl BrowserPlayer {
         let hls_js = hls_js_path();
         let chromium = chromium_bin();
         let shared = Arc::new(Shared::default());
-        let server = PageServer::start(shared.clone(), hls_js);
-        let page_url =
-            Url::parse_with_params(&format!("http://{}/", server.addr), &[("src", stream_url)])
-                .expect("page URL")
-                .to_string();
+        let server = page_server(shared.clone(), hls_js);
+        let page_url = Url::parse_with_params(
+            &format!("http://{}/", server.addr()),
+            &[("src", stream_url)],
+        )
+        .expect("page URL")
+        .to_string();
         let dir = tempfile::Builder::new()
             .prefix("farm-player-")
             .tempdir()
@@ -1269,13 +1226,11 @@ mod tests {
         assert!(v[1].contains("seg_0.ts served with other bytes"), "{v:?}");
         assert_eq!(r.unknown_events.len(), 1, "{r}");
         let shown = r.to_string();
-        assert!(
-            shown.contains("hls.js 1.7.4 in HeadlessChrome/1.0"),
-            "{shown}"
-        );
-        assert!(
-            shown.contains("FATAL networkError levelLoadError (HTTP 503) u"),
-            "{shown}"
-        );
+        for want in [
+            "hls.js 1.7.4 in HeadlessChrome/1.0",
+            "FATAL networkError levelLoadError (HTTP 503) u",
+        ] {
+            assert!(shown.contains(want), "{shown}");
+        }
     }
 }

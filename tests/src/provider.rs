@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -22,10 +21,11 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::media::{self, SourceInfo};
+use crate::netproxy::ServerThread;
 use crate::ts;
 
 /// Bytes per chunk written to a client: 50 TS packets.
@@ -89,10 +89,8 @@ impl Shared {
 /// The running fake provider. Dropping it (or [`FakeProvider::shutdown`]) stops the server and cuts
 /// every stream.
 pub struct FakeProvider {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    server: ServerThread,
 }
 
 impl FakeProvider {
@@ -117,12 +115,6 @@ impl FakeProvider {
 
     fn start_inner(media: &'static SourceInfo, speed: f64) -> FakeProvider {
         assert!(speed > 0.0, "speed must be positive, got {speed}");
-        // Binding port 0 here (not free_port) means no race with other processes.
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind fake provider");
-        listener
-            .set_nonblocking(true)
-            .expect("set fake provider listener non-blocking");
-        let addr = listener.local_addr().expect("fake provider local addr");
         let shared = Arc::new(Shared {
             global: Mutex::new(Mode::Normal),
             per_path: Mutex::new(HashMap::new()),
@@ -134,65 +126,29 @@ impl FakeProvider {
             media,
             speed,
         });
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let app = Router::new().fallback(serve).with_state(shared.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("fake-provider-{}", addr.port()))
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        eprintln!("fake provider: cannot build runtime: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            eprintln!("fake provider: listener: {e}");
-                            return;
-                        }
-                    };
-                    tokio::select! {
-                        r = axum::serve(listener, app) => {
-                            if let Err(e) = r {
-                                eprintln!("fake provider: server error: {e}");
-                            }
-                        }
-                        _ = stop_rx => {}
-                    }
-                });
-                // Dropping the runtime cancels every connection task, closing all streams.
-                rt.shutdown_timeout(Duration::from_secs(2));
-            })
-            .expect("spawn fake provider thread");
-        FakeProvider {
-            addr,
-            shared,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+        let server = ServerThread::start("fake-provider", 2, move |listener| async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("fake provider: server error: {e}");
+            }
+        });
+        FakeProvider { shared, server }
     }
 
     /// Address it listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Port it listens on.
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.server.addr().port()
     }
 
     /// Full URL of `path`, e.g. `url("/live/ch1.ts")` → `http://127.0.0.1:P/live/ch1.ts`.
     /// A missing leading `/` is added. A query string may be included; it does not affect the path key.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, normalize(path))
+        format!("http://{}{}", self.server.addr(), normalize(path))
     }
 
     /// Pace multiplier it was started with.
@@ -255,29 +211,18 @@ impl FakeProvider {
 
     /// Stops the server and cuts every stream; waits for its thread. Idempotent.
     pub fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.server.stop();
     }
 }
 
 impl std::fmt::Debug for FakeProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FakeProvider")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .field("speed", &self.shared.speed)
             .field("current_connections", &self.current_connections())
             .field("total_connections", &self.total_connections())
             .finish()
-    }
-}
-
-impl Drop for FakeProvider {
-    fn drop(&mut self) {
-        self.shutdown();
     }
 }
 
@@ -685,72 +630,36 @@ struct HostileLog {
 /// records every request (path and time) and byte it sends: what reached the provider, not what
 /// the farm says it sent. Runs on its own thread; stops (cutting every connection) on drop.
 pub struct HostileUpstream {
-    addr: SocketAddr,
     log: Arc<Mutex<HostileLog>>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    server: ServerThread,
 }
 
 impl HostileUpstream {
     pub fn start() -> HostileUpstream {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind hostile upstream");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let addr = listener.local_addr().expect("addr");
         let log: Arc<Mutex<HostileLog>> = Arc::default();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let l = log.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("hostile-upstream-{}", addr.port()))
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        eprintln!("hostile upstream: cannot build runtime: {e}");
-                        return;
+        let server = ServerThread::start("hostile-upstream", 1, move |listener| async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        conns.spawn(hostile_conn(s, l.clone()));
                     }
-                };
-                rt.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    let mut conns = tokio::task::JoinSet::new();
-                    let serve = async {
-                        loop {
-                            match listener.accept().await {
-                                Ok((s, _)) => {
-                                    conns.spawn(hostile_conn(s, l.clone()));
-                                }
-                                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                            }
-                            while conns.try_join_next().is_some() {}
-                        }
-                    };
-                    tokio::select! {
-                        _ = serve => {}
-                        _ = stop_rx => {}
-                    }
-                });
-                rt.shutdown_timeout(Duration::from_secs(2));
-            })
-            .expect("spawn hostile upstream thread");
-        HostileUpstream {
-            addr,
-            log,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        HostileUpstream { log, server }
     }
 
     /// The URL of a hostile path.
     pub fn url(&self, h: Hostile) -> String {
-        format!("http://{}{}", self.addr, h.path())
+        format!("http://{}{}", self.server.addr(), h.path())
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Requests received for `h`'s path so far.
@@ -793,17 +702,6 @@ impl HostileUpstream {
     /// Connections open right now.
     pub fn open_connections(&self) -> u64 {
         lock(&self.log).open
-    }
-}
-
-impl Drop for HostileUpstream {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -4,15 +4,19 @@ use rustix::process::{kill_process, Pid, Signal};
 
 pub use rustix::process::Signal as Sig;
 
-/// Sends `sig` to `pid`. Errors (ESRCH: no such process, EPERM) are returned, not panicked on.
-pub fn send(pid: i32, sig: Signal) -> std::io::Result<()> {
-    let pid = Pid::from_raw(pid).ok_or_else(|| {
+/// `raw` as a [`Pid`]; an error naming `what` when it is not one (0 or negative).
+fn valid(raw: i32, what: &str) -> std::io::Result<Pid> {
+    Pid::from_raw(raw).ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("invalid pid {pid}"),
+            format!("invalid {what} {raw}"),
         )
-    })?;
-    kill_process(pid, sig).map_err(std::io::Error::from)
+    })
+}
+
+/// Sends `sig` to `pid`. Errors (ESRCH: no such process, EPERM) are returned, not panicked on.
+pub fn send(pid: i32, sig: Signal) -> std::io::Result<()> {
+    kill_process(valid(pid, "pid")?, sig).map_err(std::io::Error::from)
 }
 
 /// SIGTERM.
@@ -37,13 +41,8 @@ pub fn cont(pid: i32) -> std::io::Result<()> {
 
 /// Sends `sig` to every process of the process group `pgid` (as a terminal's Ctrl-C does).
 pub fn send_group(pgid: i32, sig: Signal) -> std::io::Result<()> {
-    let pid = Pid::from_raw(pgid).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("invalid process group {pgid}"),
-        )
-    })?;
-    rustix::process::kill_process_group(pid, sig).map_err(std::io::Error::from)
+    rustix::process::kill_process_group(valid(pgid, "process group")?, sig)
+        .map_err(std::io::Error::from)
 }
 
 /// SIGKILLs the process group `child` leads, then reaps it: a fixture's `Drop`.

@@ -246,16 +246,24 @@ pub fn scan(data: &[u8]) -> TsScan {
     out
 }
 
+/// Whole packets of `data` with their index and PID, for the checkers: an error at the first one
+/// that lost sync.
+fn checked_packets(data: &[u8]) -> impl Iterator<Item = Result<(usize, u16, &[u8]), String>> {
+    data.chunks_exact(PACKET).enumerate().map(|(i, p)| {
+        if p[0] != SYNC {
+            return Err(format!("packet {i}: lost sync (byte 0x{:02x})", p[0]));
+        }
+        Ok((i, pid(p), p))
+    })
+}
+
 /// Checks that continuity counters of every PID increase by one per packet with payload.
 /// Returns the number of packets checked.
 pub fn check_continuity(data: &[u8]) -> Result<usize, String> {
     let mut last: HashMap<u16, u8> = HashMap::new();
     let mut checked = 0;
-    for (i, p) in data.chunks_exact(PACKET).enumerate() {
-        if p[0] != SYNC {
-            return Err(format!("packet {i}: lost sync (byte 0x{:02x})", p[0]));
-        }
-        let pid = pid(p);
+    for packet in checked_packets(data) {
+        let (i, pid, p) = packet?;
         if pid == 0x1fff {
             continue;
         }
@@ -281,11 +289,8 @@ pub fn check_monotonic(data: &[u8]) -> Result<usize, String> {
     let mut last_dts: HashMap<u16, u64> = HashMap::new();
     let mut last_pcr: HashMap<u16, u64> = HashMap::new();
     let mut checked = 0;
-    for (i, p) in data.chunks_exact(PACKET).enumerate() {
-        if p[0] != SYNC {
-            return Err(format!("packet {i}: lost sync (byte 0x{:02x})", p[0]));
-        }
-        let pid = pid(p);
+    for packet in checked_packets(data) {
+        let (i, pid, p) = packet?;
         if let Some(v) = pcr(p) {
             if let Some(prev) = last_pcr.insert(pid, v) {
                 if !ts_not_before(prev, v) {

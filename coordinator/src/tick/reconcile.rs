@@ -255,21 +255,22 @@ mod tests {
         }
     }
 
+    /// [`plan`] of candidates, each with the facts read for it.
+    fn planned(rows: &[(Candidate, Facts)], nodes: &[NodeView], budget: usize) -> Vec<Stale> {
+        let (cands, facts): (Vec<_>, Vec<_>) = rows.iter().cloned().unzip();
+        plan(&cands, &facts, nodes, budget)
+    }
+
     #[test]
     fn set_entries_the_lease_does_not_back_are_stale() {
         let nodes = [node("n1", true), node("n2", true)];
-        let cands = [
-            cand(Some("n1"), "mine"),
-            cand(Some("n1"), "moved"),
-            cand(Some("n1"), "free"),
-        ];
-        let facts = [
-            facts(Some("n1:3"), None, -2),
-            facts(Some("n2:4"), None, -2),
-            facts(None, None, -2),
+        let rows = [
+            (cand(Some("n1"), "mine"), facts(Some("n1:3"), None, -2)),
+            (cand(Some("n1"), "moved"), facts(Some("n2:4"), None, -2)),
+            (cand(Some("n1"), "free"), facts(None, None, -2)),
         ];
         assert_eq!(
-            plan(&cands, &facts, &nodes, 10),
+            planned(&rows, &nodes, 10),
             [stale("n1", "moved", true), stale("n1", "free", false)]
         );
     }
@@ -277,24 +278,16 @@ mod tests {
     #[test]
     fn stream_hashes_without_a_lease_are_stale_unless_kept_or_a_dead_nodes() {
         let nodes = [node("live", true), node("dead", false)];
-        let cands = [
-            cand(None, "a"),
-            cand(None, "kept"),
-            cand(None, "owned"),
-            cand(None, "of-dead"),
-            cand(None, "of-gone"),
-            cand(None, "no-hash"),
-        ];
-        let facts = [
-            facts(None, Some("live"), -1),
-            facts(None, Some("live"), 5_000), // a final state kept with a TTL
-            facts(Some("live:1"), Some("live"), -1),
-            facts(None, Some("dead"), -1), // the reaper's, which re-homes it
-            facts(None, Some("gone"), -1), // a node no longer in the farm
-            facts(None, None, -2),
+        let rows = [
+            (cand(None, "a"), facts(None, Some("live"), -1)),
+            (cand(None, "kept"), facts(None, Some("live"), 5_000)), // a final state kept with a TTL
+            (cand(None, "owned"), facts(Some("live:1"), Some("live"), -1)),
+            (cand(None, "of-dead"), facts(None, Some("dead"), -1)), // the reaper's, which re-homes it
+            (cand(None, "of-gone"), facts(None, Some("gone"), -1)), // a node no longer in the farm
+            (cand(None, "no-hash"), facts(None, None, -2)),
         ];
         assert_eq!(
-            plan(&cands, &facts, &nodes, 10),
+            planned(&rows, &nodes, 10),
             [stale("live", "a", false), stale("gone", "of-gone", false)]
         );
     }
@@ -302,21 +295,16 @@ mod tests {
     #[test]
     fn each_stale_pair_once_and_within_the_budget() {
         let nodes = [node("n1", true)];
-        let cands = [
-            cand(Some("n1"), "x"),
-            cand(None, "x"),
-            cand(Some("n1"), "y"),
-        ];
-        let facts = [
-            facts(None, None, -2),
-            facts(None, Some("n1"), -1),
-            facts(None, None, -2),
+        let rows = [
+            (cand(Some("n1"), "x"), facts(None, None, -2)),
+            (cand(None, "x"), facts(None, Some("n1"), -1)),
+            (cand(Some("n1"), "y"), facts(None, None, -2)),
         ];
         assert_eq!(
-            plan(&cands, &facts, &nodes, 10),
+            planned(&rows, &nodes, 10),
             [stale("n1", "x", false), stale("n1", "y", false)]
         );
-        assert_eq!(plan(&cands, &facts, &nodes, 1), [stale("n1", "x", false)]);
+        assert_eq!(planned(&rows, &nodes, 1), [stale("n1", "x", false)]);
     }
 
     #[test]

@@ -248,64 +248,76 @@ mod tests {
         s.parse().expect("ip")
     }
 
+    /// A registry under `limits(max, per_addr)` whose connections start at `epoch`.
+    struct Admitting {
+        r: Registry,
+        l: Limits,
+        epoch: Instant,
+    }
+
+    impl Admitting {
+        fn new(max: usize, per_addr: usize, epoch: Instant) -> Self {
+            Self {
+                r: Registry::default(),
+                l: limits(max, per_addr),
+                epoch,
+            }
+        }
+
+        fn admit(&mut self, addr: &str) -> Result<(u64, Arc<ConnState>, bool), Refusal> {
+            self.r.admit(ip(addr), &self.l, self.epoch)
+        }
+    }
+
     #[test]
     fn the_cap_evicts_connections_that_never_sent_a_request_first() {
-        let epoch = Instant::now() - Duration::from_secs(100);
-        let l = limits(3, 0);
-        let mut r = Registry::default();
-        let (a, sa, _) = r.admit(ip("10.0.0.1"), &l, epoch).expect("a");
+        let mut f = Admitting::new(3, 0, Instant::now() - Duration::from_secs(100));
+        let (a, sa, _) = f.admit("10.0.0.1").expect("a");
         sa.begin_request();
         sa.end_request();
         // a served a request and has been idle; b and c never sent one.
         sa.last_io_ms.store(0, Ordering::Relaxed);
-        let (b, _, _) = r.admit(ip("10.0.0.2"), &l, epoch).expect("b");
-        let (c, sc, _) = r.admit(ip("10.0.0.3"), &l, epoch).expect("c");
-        let (_, _, evicted) = r.admit(ip("10.0.0.4"), &l, epoch).expect("d");
+        let (b, _, _) = f.admit("10.0.0.2").expect("b");
+        let (c, sc, _) = f.admit("10.0.0.3").expect("c");
+        let (_, _, evicted) = f.admit("10.0.0.4").expect("d");
         assert!(evicted);
-        assert!(!r.conns.contains_key(&b), "the oldest fresh one goes first");
-        assert!(r.conns.contains_key(&a) && r.conns.contains_key(&c));
+        assert!(
+            !f.r.conns.contains_key(&b),
+            "the oldest fresh one goes first"
+        );
+        assert!(f.r.conns.contains_key(&a) && f.r.conns.contains_key(&c));
         // A connection with a request running is never evicted.
         sc.begin_request();
-        let (_, _, evicted) = r.admit(ip("10.0.0.5"), &l, epoch).expect("e");
+        let (_, _, evicted) = f.admit("10.0.0.5").expect("e");
         assert!(evicted);
-        assert!(r.conns.contains_key(&c));
-        assert_eq!(r.conns.len(), 3);
+        assert!(f.r.conns.contains_key(&c));
+        assert_eq!(f.r.conns.len(), 3);
     }
 
     #[test]
     fn busy_or_just_active_connections_are_not_evicted_and_the_newcomer_is_refused() {
-        let epoch = Instant::now();
-        let l = limits(2, 0);
-        let mut r = Registry::default();
-        let (_, s1, _) = r.admit(ip("10.0.0.1"), &l, epoch).expect("1");
-        let (_, s2, _) = r.admit(ip("10.0.0.2"), &l, epoch).expect("2");
+        let mut f = Admitting::new(2, 0, Instant::now());
+        let (_, s1, _) = f.admit("10.0.0.1").expect("1");
+        let (_, s2, _) = f.admit("10.0.0.2").expect("2");
         s1.begin_request();
         s2.begin_request();
         s2.end_request();
         // s2 was active just now: not evictable yet.
-        assert_eq!(
-            r.admit(ip("10.0.0.3"), &l, epoch).err(),
-            Some(Refusal::Limit)
-        );
+        assert_eq!(f.admit("10.0.0.3").err(), Some(Refusal::Limit));
     }
 
     #[test]
     fn per_address_cap_exempts_trusted_proxies() {
-        let epoch = Instant::now();
-        let l = limits(100, 2);
-        let mut r = Registry::default();
-        let (a, _, _) = r.admit(ip("10.0.0.9"), &l, epoch).expect("1");
-        r.admit(ip("10.0.0.9"), &l, epoch).expect("2");
-        assert_eq!(
-            r.admit(ip("10.0.0.9"), &l, epoch).err(),
-            Some(Refusal::PerAddress)
-        );
+        let mut f = Admitting::new(100, 2, Instant::now());
+        let (a, _, _) = f.admit("10.0.0.9").expect("1");
+        f.admit("10.0.0.9").expect("2");
+        assert_eq!(f.admit("10.0.0.9").err(), Some(Refusal::PerAddress));
         for _ in 0..5 {
-            r.admit(ip("127.0.0.1"), &l, epoch).expect("trusted");
+            f.admit("127.0.0.1").expect("trusted");
         }
-        assert!(r.remove(a));
-        assert!(!r.remove(a), "removed once");
-        r.admit(ip("10.0.0.9"), &l, epoch).expect("room again");
+        assert!(f.r.remove(a));
+        assert!(!f.r.remove(a), "removed once");
+        f.admit("10.0.0.9").expect("room again");
     }
 
     #[test]

@@ -130,17 +130,21 @@ impl Store {
         Ok(v.and_then(|v| scripts::split_owner(&v).map(|(n, _)| n.to_string())))
     }
 
-    /// The public URL of a node if it is alive, for routing a viewer to the owner.
+    /// The public URL of a node if it is alive, for routing a viewer to the owner (only that field
+    /// of its hash is read: this runs on the viewer's request).
     pub async fn live_node_url(&self, node: &str) -> Result<Option<String>> {
         let (alive, node_key) = (self.keys.node_alive(node), self.keys.node(node));
+        let fields = farm_proto::record_fields!(NodeRecord: public_url);
         self.with(|mut c| async move {
-            let (exists, hash): (bool, HashMap<String, String>) = redis::pipe()
+            let (exists, values): (bool, Vec<Option<String>>) = redis::pipe()
                 .exists(alive)
-                .hgetall(node_key)
+                .cmd("HMGET")
+                .arg(node_key)
+                .arg(&fields[..])
                 .query_async(&mut c)
                 .await?;
             Ok(if exists {
-                NodeRecord::from_fields(&hash).public_url
+                NodeRecord::from_values(&fields, values).public_url
             } else {
                 None
             })

@@ -2,8 +2,7 @@
 //! write first checks that `farm:leader` still holds the caller's value (`held`) and answers
 //! [`Fenced::NotLeader`] otherwise, having changed nothing.
 
-use super::{decode, invoke, ms, split_owner, Call, FromReply, Invocation, ReplyError};
-use crate::keys::Keys;
+use super::{call, decode, invoke, ms, split_owner, Call, FromReply, ReplyError};
 use crate::keys::CMD_MAXLEN;
 use crate::types::Command;
 use redis::Value;
@@ -81,15 +80,20 @@ macro_rules! answers {
     };
 }
 
-/// `leader.lua`: acquire or renew coordinator leadership.
-///
-/// KEYS: leader, leader epoch. ARGV: coordinator id, lease ms, the value the caller believes it
-/// holds ("" for none). Replies [`LeaderReply`].
-#[derive(Debug, Clone)]
-pub struct Leader<'a> {
-    pub id: &'a str,
-    pub ttl: Duration,
-    pub held: &'a str,
+call! {
+    /// `leader.lua`: acquire or renew coordinator leadership.
+    ///
+    /// KEYS: leader, leader epoch. ARGV: coordinator id, lease ms, the value the caller believes it
+    /// holds ("" for none). Replies [`LeaderReply`].
+    pub struct Leader<'a>: LEADER -> LeaderReply {
+        pub id: &'a str,
+        pub ttl: Duration,
+        pub held: &'a str,
+    }
+
+    fn invocation(&self, k) {
+        invoke!(keys: k.leader(), k.leader_epoch(); args: self.id, ms(self.ttl), self.held)
+    }
 }
 
 /// What `leader.lua` answered.
@@ -102,14 +106,6 @@ pub enum LeaderReply {
     /// `{"follower", value, pttl}`: another coordinator leads; its lease has `pttl_ms` left (`None`
     /// when Redis gave no TTL).
     Follower { value: String, pttl_ms: Option<u64> },
-}
-
-impl Call for Leader<'_> {
-    type Reply = LeaderReply;
-    const FILE: &'static str = "leader.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        invoke!(LEADER; keys: k.leader(), k.leader_epoch(); args: self.id, ms(self.ttl), self.held)
-    }
 }
 
 impl FromReply for LeaderReply {
@@ -136,36 +132,44 @@ impl FromReply for LeaderReply {
     }
 }
 
-/// `leader_release.lua`: give leadership up by compare-and-delete.
-///
-/// KEYS: leader. ARGV: the value held. Replies `true` when released, `false` when it was not ours.
-#[derive(Debug, Clone)]
-pub struct LeaderRelease<'a> {
-    pub held: &'a str,
-}
+call! {
+    /// `leader_release.lua`: give leadership up by compare-and-delete.
+    ///
+    /// KEYS: leader. ARGV: the value held. Replies `true` when released, `false` when it was not
+    /// ours.
+    pub struct LeaderRelease<'a>: LEADER_RELEASE -> bool {
+        pub held: &'a str,
+    }
 
-impl Call for LeaderRelease<'_> {
-    type Reply = bool;
-    const FILE: &'static str = "leader_release.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        invoke!(LEADER_RELEASE; keys: k.leader(); args: self.held)
+    fn invocation(&self, k) {
+        invoke!(keys: k.leader(); args: self.held)
     }
 }
 
-/// `idle_stop.lua`: stop `id` when it is still idle (last access before `cutoff_ms`) and still
-/// owned as the caller saw it (`owner`, `<node>:<gen>`); the stop goes to that owner's command
-/// stream.
-///
-/// KEYS: leader, owner, access, channel, the owner node's cmd stream (`farm:cmd:` without one).
-/// ARGV: leader value, channel, cutoff ms, owner seen ("" none), cmd MAXLEN, by.
-/// Replies [`IdleStopReply`].
-#[derive(Debug, Clone)]
-pub struct IdleStop<'a> {
-    pub held: &'a str,
-    pub id: &'a str,
-    pub cutoff_ms: u64,
-    pub owner: Option<&'a str>,
-    pub by: &'a str,
+call! {
+    /// `idle_stop.lua`: stop `id` when it is still idle (last access before `cutoff_ms`) and still
+    /// owned as the caller saw it (`owner`, `<node>:<gen>`); the stop goes to that owner's command
+    /// stream.
+    ///
+    /// KEYS: leader, owner, access, channel, the owner node's cmd stream (`farm:cmd:` without one).
+    /// ARGV: leader value, channel, cutoff ms, owner seen ("" none), cmd MAXLEN, by.
+    /// Replies [`IdleStopReply`].
+    pub struct IdleStop<'a>: IDLE_STOP -> Fenced<IdleStopReply> {
+        pub held: &'a str,
+        pub id: &'a str,
+        pub cutoff_ms: u64,
+        pub owner: Option<&'a str>,
+        pub by: &'a str,
+    }
+
+    fn invocation(&self, k) {
+        let id = self.id;
+        // The command goes to the owner seen; without one the script only drops the entry.
+        let node = self.owner.and_then(split_owner).map_or("", |(n, _)| n);
+        invoke!(
+            keys: k.leader(), k.owner(id), k.access(), k.channel(id), k.cmd(node);
+            args: self.held, id, self.cutoff_ms, self.owner.unwrap_or(""), CMD_MAXLEN, self.by)
+    }
 }
 
 answers! {
@@ -184,30 +188,31 @@ answers! {
     }
 }
 
-impl Call for IdleStop<'_> {
-    type Reply = Fenced<IdleStopReply>;
-    const FILE: &'static str = "idle_stop.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        let id = self.id;
-        // The command goes to the owner seen; without one the script only drops the entry.
-        let node = self.owner.and_then(split_owner).map_or("", |(n, _)| n);
-        invoke!(IDLE_STOP;
-            keys: k.leader(), k.owner(id), k.access(), k.channel(id), k.cmd(node);
-            args: self.held, id, self.cutoff_ms, self.owner.unwrap_or(""), CMD_MAXLEN, self.by)
+call! {
+    /// `reap_channel.lua`: release channel `id` of the dead `node`.
+    ///
+    /// KEYS: leader, node alive, owner, node streams, stream, access, provider conns (`farm:access`
+    /// stands in without a provider), node load. ARGV: leader value, node, channel, "1" with a
+    /// provider. Replies [`ReapChannelReply`].
+    pub struct ReapChannel<'a>: REAP_CHANNEL -> Fenced<ReapChannelReply> {
+        pub held: &'a str,
+        pub node: &'a str,
+        pub id: &'a str,
+        pub provider: Option<&'a str>,
     }
-}
 
-/// `reap_channel.lua`: release channel `id` of the dead `node`.
-///
-/// KEYS: leader, node alive, owner, node streams, stream, access, provider conns (`farm:access`
-/// stands in without a provider), node load. ARGV: leader value, node, channel, "1" with a
-/// provider. Replies [`ReapChannelReply`].
-#[derive(Debug, Clone)]
-pub struct ReapChannel<'a> {
-    pub held: &'a str,
-    pub node: &'a str,
-    pub id: &'a str,
-    pub provider: Option<&'a str>,
+    fn invocation(&self, k) {
+        let (node, id) = (self.node, self.id);
+        // Without a provider the conns key is unused: any key of the farm's slot will do.
+        let conns = self
+            .provider
+            .map_or_else(|| k.access(), |p| k.provider_conns(p));
+        let with_provider = if self.provider.is_some() { "1" } else { "0" };
+        invoke!(
+            keys: k.leader(), k.node_alive(node), k.owner(id), k.node_streams(node), k.stream(id),
+                k.access(), conns, k.node_load(node);
+            args: self.held, node, id, with_provider)
+    }
 }
 
 answers! {
@@ -222,33 +227,25 @@ answers! {
     }
 }
 
-impl Call for ReapChannel<'_> {
-    type Reply = Fenced<ReapChannelReply>;
-    const FILE: &'static str = "reap_channel.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        let (node, id) = (self.node, self.id);
-        // Without a provider the conns key is unused: any key of the farm's slot will do.
-        let conns = self
-            .provider
-            .map_or_else(|| k.access(), |p| k.provider_conns(p));
-        let with_provider = if self.provider.is_some() { "1" } else { "0" };
-        invoke!(REAP_CHANNEL;
-            keys: k.leader(), k.node_alive(node), k.owner(id), k.node_streams(node), k.stream(id),
-                k.access(), conns, k.node_load(node);
-            args: self.held, node, id, with_provider)
+call! {
+    /// `reap_node.lua`: remove the dead `node`'s own keys when its last heartbeat is older than
+    /// `hb_cutoff_ms` and it lists no channel any more.
+    ///
+    /// KEYS: leader, node, node alive, nodes, node streams, cmd, node load. ARGV: leader value,
+    /// node, cutoff ms. Replies [`ReapNodeReply`].
+    pub struct ReapNode<'a>: REAP_NODE -> Fenced<ReapNodeReply> {
+        pub held: &'a str,
+        pub node: &'a str,
+        pub hb_cutoff_ms: u64,
     }
-}
 
-/// `reap_node.lua`: remove the dead `node`'s own keys when its last heartbeat is older than
-/// `hb_cutoff_ms` and it lists no channel any more.
-///
-/// KEYS: leader, node, node alive, nodes, node streams, cmd, node load. ARGV: leader value, node,
-/// cutoff ms. Replies [`ReapNodeReply`].
-#[derive(Debug, Clone)]
-pub struct ReapNode<'a> {
-    pub held: &'a str,
-    pub node: &'a str,
-    pub hb_cutoff_ms: u64,
+    fn invocation(&self, k) {
+        let node = self.node;
+        invoke!(
+            keys: k.leader(), k.node(node), k.node_alive(node), k.nodes(), k.node_streams(node),
+                k.cmd(node), k.node_load(node);
+            args: self.held, node, self.hb_cutoff_ms)
+    }
 }
 
 answers! {
@@ -263,27 +260,23 @@ answers! {
     }
 }
 
-impl Call for ReapNode<'_> {
-    type Reply = Fenced<ReapNodeReply>;
-    const FILE: &'static str = "reap_node.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        let node = self.node;
-        invoke!(REAP_NODE;
-            keys: k.leader(), k.node(node), k.node_alive(node), k.nodes(), k.node_streams(node),
-                k.cmd(node), k.node_load(node);
-            args: self.held, node, self.hb_cutoff_ms)
+call! {
+    /// `reconcile.lua`: drop runtime keys of channel `id` that no lease of `node` backs.
+    ///
+    /// KEYS: leader, owner, node streams, stream, node load. ARGV: leader value, node, channel.
+    /// Replies what was removed ([`Removed`]: "" nothing, "u" the set entry, "s" the stream hash).
+    pub struct Reconcile<'a>: RECONCILE -> Fenced<Removed> {
+        pub held: &'a str,
+        pub node: &'a str,
+        pub id: &'a str,
     }
-}
 
-/// `reconcile.lua`: drop runtime keys of channel `id` that no lease of `node` backs.
-///
-/// KEYS: leader, owner, node streams, stream, node load. ARGV: leader value, node, channel.
-/// Replies what was removed ([`Removed`]: "" nothing, "u" the set entry, "s" the stream hash).
-#[derive(Debug, Clone)]
-pub struct Reconcile<'a> {
-    pub held: &'a str,
-    pub node: &'a str,
-    pub id: &'a str,
+    fn invocation(&self, k) {
+        let (node, id) = (self.node, self.id);
+        invoke!(
+            keys: k.leader(), k.owner(id), k.node_streams(node), k.stream(id), k.node_load(node);
+            args: self.held, node, id)
+    }
 }
 
 /// What `reconcile.lua` removed.
@@ -307,17 +300,6 @@ impl Removed {
     }
 }
 
-impl Call for Reconcile<'_> {
-    type Reply = Fenced<Removed>;
-    const FILE: &'static str = "reconcile.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        let (node, id) = (self.node, self.id);
-        invoke!(RECONCILE;
-            keys: k.leader(), k.owner(id), k.node_streams(node), k.stream(id), k.node_load(node);
-            args: self.held, node, id)
-    }
-}
-
 impl FencedAnswer for Removed {
     fn from_answer(s: &str) -> Option<Self> {
         let (set, stream) = match s {
@@ -331,15 +313,20 @@ impl FencedAnswer for Removed {
     }
 }
 
-/// `repair_key.lua`: replace the farm-wide `key` when it does not have the type `wanted` (TYPE's
-/// answer).
-///
-/// KEYS: leader, the key. ARGV: leader value, wanted type. Replies [`Repair`].
-#[derive(Debug, Clone)]
-pub struct RepairKey<'a> {
-    pub held: &'a str,
-    pub key: &'a str,
-    pub wanted: &'a str,
+call! {
+    /// `repair_key.lua`: replace the farm-wide `key` when it does not have the type `wanted`
+    /// (TYPE's answer).
+    ///
+    /// KEYS: leader, the key. ARGV: leader value, wanted type. Replies [`Repair`].
+    pub struct RepairKey<'a>: REPAIR_KEY -> Fenced<Repair> {
+        pub held: &'a str,
+        pub key: &'a str,
+        pub wanted: &'a str,
+    }
+
+    fn invocation(&self, k) {
+        invoke!(keys: k.leader(), self.key.to_string(); args: self.held, self.wanted)
+    }
 }
 
 /// What `repair_key.lua` answered.
@@ -349,14 +336,6 @@ pub enum Repair {
     Fine,
     /// The type found: the wrong-typed key was deleted; the farm rebuilds it.
     Deleted(String),
-}
-
-impl Call for RepairKey<'_> {
-    type Reply = Fenced<Repair>;
-    const FILE: &'static str = "repair_key.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        invoke!(REPAIR_KEY; keys: k.leader(), self.key.to_string(); args: self.held, self.wanted)
-    }
 }
 
 impl FencedAnswer for Repair {
@@ -369,23 +348,20 @@ impl FencedAnswer for Repair {
     }
 }
 
-/// `command.lua`: append `cmd` to `node`'s command stream, fenced by the leader lease.
-///
-/// KEYS: leader, cmd stream. ARGV: leader value, MAXLEN (~, [`CMD_MAXLEN`]), then the command's
-/// field, value pairs ([`Command::to_fields`]). Replies the entry id, or [`Fenced::NotLeader`]
-/// (nothing written).
-#[derive(Debug, Clone)]
-pub struct SendCommand<'a> {
-    pub held: &'a str,
-    pub node: &'a str,
-    pub cmd: &'a Command,
-}
+call! {
+    /// `command.lua`: append `cmd` to `node`'s command stream, fenced by the leader lease.
+    ///
+    /// KEYS: leader, cmd stream. ARGV: leader value, MAXLEN (~, [`CMD_MAXLEN`]), then the command's
+    /// field, value pairs ([`Command::to_fields`]). Replies the entry id, or [`Fenced::NotLeader`]
+    /// (nothing written).
+    pub struct SendCommand<'a>: COMMAND -> Fenced<String> {
+        pub held: &'a str,
+        pub node: &'a str,
+        pub cmd: &'a Command,
+    }
 
-impl Call for SendCommand<'_> {
-    type Reply = Fenced<String>;
-    const FILE: &'static str = "command.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        invoke!(COMMAND; keys: k.leader(), k.cmd(self.node); args: self.held, CMD_MAXLEN)
+    fn invocation(&self, k) {
+        invoke!(keys: k.leader(), k.cmd(self.node); args: self.held, CMD_MAXLEN)
             .pairs(self.cmd.to_fields())
     }
 }

@@ -44,6 +44,11 @@ macro_rules! scripts {
         )*
         /// The source of every script, for `SCRIPT LOAD` before a pipeline of EVALSHA calls.
         pub const ALL_SOURCES: &[&str] = &[$(include_str!(concat!("../../lua/", $file))),*];
+
+        /// Each script's file name in `proto/lua/` (what a [`ReplyError`] names).
+        mod file {
+            $(pub const $name: &str = $file;)*
+        }
     };
 }
 
@@ -222,11 +227,56 @@ impl<T: Tagged> FromReply for T {
     }
 }
 
-/// An [`Invocation`] of the script in static `$script`, with KEYS in the order of the script's
-/// header, then ARGV: `invoke!(PIN; keys: k.channel(id), k.pinned(); args: "1", id)`.
+/// A typed call of the script in static `$script`: the struct of its arguments and its [`Call`]
+/// (`Reply` = `$reply`, `FILE` = the script's file), whose `invocation` builds the KEYS and ARGV
+/// from `self` and the farm's [`Keys`] with [`invoke!`].
+///
+/// ```ignore
+/// call! {
+///     /// `pin.lua`: ...
+///     pub struct Pin<'a>: PIN -> bool {
+///         pub id: &'a str,
+///     }
+///
+///     fn invocation(&self, k) {
+///         invoke!(keys: k.channel(self.id), k.pinned(); args: "1", self.id)
+///     }
+/// }
+/// ```
+macro_rules! call {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident<$lt:lifetime>: $script:ident -> $reply:ty {
+            $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)*
+        }
+
+        fn invocation(&$this:ident, $k:ident) $body:block
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone)]
+        pub struct $name<$lt> {
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name<'_> {
+            /// The script it calls.
+            const SCRIPT: &'static std::sync::LazyLock<redis::Script> = &$crate::scripts::$script;
+        }
+
+        impl $crate::scripts::Call for $name<'_> {
+            type Reply = $reply;
+            const FILE: &'static str = $crate::scripts::file::$script;
+            fn invocation(&$this, $k: &$crate::keys::Keys) -> $crate::scripts::Invocation $body
+        }
+    };
+}
+use call;
+
+/// Inside [`call!`]: an [`Invocation`] of the call's script, with KEYS in the order of the
+/// script's header, then ARGV: `invoke!(keys: k.channel(id), k.pinned(); args: "1", id)`.
 macro_rules! invoke {
-    ($script:ident; keys: $($key:expr),+ $(; args: $($arg:expr),+)? $(,)?) => {
-        $crate::scripts::Invocation::new(&$crate::scripts::$script)
+    (keys: $($key:expr),+ $(; args: $($arg:expr),+)? $(,)?) => {
+        $crate::scripts::Invocation::new(Self::SCRIPT)
             $(.key($key))+
             $($(.arg($arg))+)?
     };

@@ -2,35 +2,29 @@
 //! (stream hash, timeline), its heartbeat and viewer access. KEYS and ARGV are documented in each
 //! script's header in `proto/lua/`; each call below names its replies.
 
-use super::{
-    decode, invoke, ms, owner_value, split_owner, Call, FromReply, Invocation, ReplyError, Tagged,
-};
-use crate::keys::Keys;
+use super::{call, decode, invoke, ms, owner_value, split_owner, FromReply, ReplyError, Tagged};
 use crate::records::{NodeRecord, StreamField};
 use redis::Value;
 use std::time::Duration;
 
-/// `claim.lua`: take a channel's lease for `node`.
-///
-/// KEYS: owner, gen, node streams, stream, access, provider, provider conns, node load, recovering,
-/// node alive. ARGV: node, lease ms, capacity (0 = unlimited), channel, provider ("" = none),
-/// weight. Replies: [`ClaimResult`].
-#[derive(Debug, Clone)]
-pub struct Claim<'a> {
-    pub id: &'a str,
-    pub node: &'a str,
-    pub lease: Duration,
-    pub capacity: u32,
-    pub provider: Option<&'a str>,
-    pub weight: u32,
-}
+call! {
+    /// `claim.lua`: take a channel's lease for `node`.
+    ///
+    /// KEYS: owner, gen, node streams, stream, access, provider, provider conns, node load,
+    /// recovering, node alive. ARGV: node, lease ms, capacity (0 = unlimited), channel, provider
+    /// ("" = none), weight. Replies: [`ClaimResult`].
+    pub struct Claim<'a>: CLAIM -> ClaimResult {
+        pub id: &'a str,
+        pub node: &'a str,
+        pub lease: Duration,
+        pub capacity: u32,
+        pub provider: Option<&'a str>,
+        pub weight: u32,
+    }
 
-impl Call for Claim<'_> {
-    type Reply = ClaimResult;
-    const FILE: &'static str = "claim.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
+    fn invocation(&self, k) {
         let (id, node, p) = (self.id, self.node, self.provider.unwrap_or(""));
-        invoke!(CLAIM;
+        invoke!(
             keys: k.owner(id), k.gen(id), k.node_streams(node), k.stream(id), k.access(),
                 k.provider(p), k.provider_conns(p), k.node_load(node), k.recovering(),
                 k.node_alive(node);
@@ -94,28 +88,26 @@ fn lease_owner(script: &str, v: &str) -> Result<(String, u64), String> {
         .ok_or_else(|| format!("{script}: bad owner {v:?}"))
 }
 
-/// `renew.lua`: extend a lease we hold, and with it the provider holding.
-///
-/// KEYS: owner, stream, provider conns (only with a provider). ARGV: owner value, lease ms,
-/// channel, expected Redis time ms ("" unknown), max lag ms. Replies `true` when renewed, `false`
-/// when the lease is gone or another's (the caller is fenced) or the renewal arrived too late.
-#[derive(Debug, Clone)]
-pub struct Renew<'a> {
-    pub id: &'a str,
-    /// `<node>:<gen>`.
-    pub owner: &'a str,
-    pub provider: Option<&'a str>,
-    pub lease: Duration,
-    pub expected_now_ms: Option<u64>,
-    pub max_lag: Duration,
-}
+call! {
+    /// `renew.lua`: extend a lease we hold, and with it the provider holding.
+    ///
+    /// KEYS: owner, stream, provider conns (only with a provider). ARGV: owner value, lease ms,
+    /// channel, expected Redis time ms ("" unknown), max lag ms. Replies `true` when renewed,
+    /// `false` when the lease is gone or another's (the caller is fenced) or the renewal arrived
+    /// too late.
+    pub struct Renew<'a>: RENEW -> bool {
+        pub id: &'a str,
+        /// `<node>:<gen>`.
+        pub owner: &'a str,
+        pub provider: Option<&'a str>,
+        pub lease: Duration,
+        pub expected_now_ms: Option<u64>,
+        pub max_lag: Duration,
+    }
 
-impl Call for Renew<'_> {
-    type Reply = bool;
-    const FILE: &'static str = "renew.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
+    fn invocation(&self, k) {
         let id = self.id;
-        invoke!(RENEW;
+        invoke!(
             keys: k.owner(id), k.stream(id);
             args: self.owner, ms(self.lease), id, or_empty(self.expected_now_ms), ms(self.max_lag))
         .key_if(self.provider.map(|p| k.provider_conns(p)))
@@ -127,29 +119,27 @@ fn or_empty(t: Option<u64>) -> String {
     t.map_or(String::new(), |t| t.to_string())
 }
 
-/// `release.lua`: give a lease up by compare.
-///
-/// KEYS: owner, node streams, stream, access, node load, timeline, provider conns (only with a
-/// provider). ARGV: owner value, channel, final state ("" deletes the stream hash), last error,
-/// ms to keep the final hash. Replies `true` when released, `false` when the lease was not ours.
-#[derive(Debug, Clone)]
-pub struct Release<'a> {
-    pub id: &'a str,
-    pub node: &'a str,
-    pub owner: &'a str,
-    pub provider: Option<&'a str>,
-    /// `(state, last_error)` kept in the stream hash for `keep`; `None` deletes it.
-    pub final_state: Option<(&'a str, &'a str)>,
-    pub keep: Duration,
-}
+call! {
+    /// `release.lua`: give a lease up by compare.
+    ///
+    /// KEYS: owner, node streams, stream, access, node load, timeline, provider conns (only with a
+    /// provider). ARGV: owner value, channel, final state ("" deletes the stream hash), last error,
+    /// ms to keep the final hash. Replies `true` when released, `false` when the lease was not
+    /// ours.
+    pub struct Release<'a>: RELEASE -> bool {
+        pub id: &'a str,
+        pub node: &'a str,
+        pub owner: &'a str,
+        pub provider: Option<&'a str>,
+        /// `(state, last_error)` kept in the stream hash for `keep`; `None` deletes it.
+        pub final_state: Option<(&'a str, &'a str)>,
+        pub keep: Duration,
+    }
 
-impl Call for Release<'_> {
-    type Reply = bool;
-    const FILE: &'static str = "release.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
+    fn invocation(&self, k) {
         let (id, node) = (self.id, self.node);
         let (state, reason) = self.final_state.unwrap_or(("", ""));
-        invoke!(RELEASE;
+        invoke!(
             keys: k.owner(id), k.node_streams(node), k.stream(id), k.access(), k.node_load(node),
                 k.timeline(id);
             args: self.owner, id, state, reason, ms(self.keep).max(1))
@@ -157,23 +147,20 @@ impl Call for Release<'_> {
     }
 }
 
-/// `stream_set.lua`: a gen-checked write of fields of `farm:stream:<id>` ([`StreamField`]; a value
-/// `$now` becomes Redis time in ms).
-///
-/// KEYS: owner, stream. ARGV: owner value, then the pairs. Replies `true` when written, `false`
-/// when the writer no longer owns the channel (nothing written).
-#[derive(Debug, Clone)]
-pub struct StreamSet<'a> {
-    pub id: &'a str,
-    pub owner: &'a str,
-    pub fields: &'a [StreamField],
-}
+call! {
+    /// `stream_set.lua`: a gen-checked write of fields of `farm:stream:<id>` ([`StreamField`]; a
+    /// value `$now` becomes Redis time in ms).
+    ///
+    /// KEYS: owner, stream. ARGV: owner value, then the pairs. Replies `true` when written, `false`
+    /// when the writer no longer owns the channel (nothing written).
+    pub struct StreamSet<'a>: STREAM_SET -> bool {
+        pub id: &'a str,
+        pub owner: &'a str,
+        pub fields: &'a [StreamField],
+    }
 
-impl Call for StreamSet<'_> {
-    type Reply = bool;
-    const FILE: &'static str = "stream_set.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        invoke!(STREAM_SET; keys: k.owner(self.id), k.stream(self.id); args: self.owner)
+    fn invocation(&self, k) {
+        invoke!(keys: k.owner(self.id), k.stream(self.id); args: self.owner)
             .pairs(StreamField::to_fields(self.fields))
     }
 }
@@ -181,20 +168,17 @@ impl Call for StreamSet<'_> {
 /// Channels one `touch.lua` call stamps at most (bounded work per script call).
 pub const TOUCH_BATCH: usize = 500;
 
-/// `touch.lua`: record viewer access of channels (at most [`TOUCH_BATCH`]) at Redis time.
-///
-/// KEYS: access, then the owner key of each channel. ARGV: the channel ids. Replies the Redis time
-/// used (ms), or `None` when `farm:access` has the wrong type (nothing stamped).
-#[derive(Debug, Clone)]
-pub struct Touch<'a> {
-    pub ids: &'a [String],
-}
+call! {
+    /// `touch.lua`: record viewer access of channels (at most [`TOUCH_BATCH`]) at Redis time.
+    ///
+    /// KEYS: access, then the owner key of each channel. ARGV: the channel ids. Replies the Redis
+    /// time used (ms), or `None` when `farm:access` has the wrong type (nothing stamped).
+    pub struct Touch<'a>: TOUCH -> Option<u64> {
+        pub ids: &'a [String],
+    }
 
-impl Call for Touch<'_> {
-    type Reply = Option<u64>;
-    const FILE: &'static str = "touch.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        let mut inv = invoke!(TOUCH; keys: k.access());
+    fn invocation(&self, k) {
+        let mut inv = invoke!(keys: k.access());
         for id in self.ids {
             inv = inv.key(k.owner(id)).arg(id);
         }
@@ -202,32 +186,30 @@ impl Call for Touch<'_> {
     }
 }
 
-/// `heartbeat.lua`: the node is alive; learns whether Redis lost its keys.
-///
-/// KEYS: node, node alive, nodes, recovering, since. ARGV: node, ttl ms, incarnation, "1" when it
-/// heartbeated before, "1" when it runs channels, lease ms, expected Redis time ms ("" before the
-/// first reply), max lag ms, then the node hash's field, value pairs ([`NodeRecord`]). Replies [`HeartbeatReply`].
-#[derive(Debug, Clone)]
-pub struct Heartbeat<'a> {
-    pub node: &'a str,
-    pub ttl: Duration,
-    pub incarnation: &'a str,
-    pub before: bool,
-    pub runs_channels: bool,
-    pub lease: Duration,
-    pub expected_now_ms: Option<u64>,
-    pub max_lag: Duration,
-    /// What the node says of itself: its hash's fields.
-    pub record: &'a NodeRecord,
-}
+call! {
+    /// `heartbeat.lua`: the node is alive; learns whether Redis lost its keys.
+    ///
+    /// KEYS: node, node alive, nodes, recovering, since. ARGV: node, ttl ms, incarnation, "1" when
+    /// it heartbeated before, "1" when it runs channels, lease ms, expected Redis time ms (""
+    /// before the first reply), max lag ms, then the node hash's field, value pairs
+    /// ([`NodeRecord`]). Replies [`HeartbeatReply`].
+    pub struct Heartbeat<'a>: HEARTBEAT -> HeartbeatReply {
+        pub node: &'a str,
+        pub ttl: Duration,
+        pub incarnation: &'a str,
+        pub before: bool,
+        pub runs_channels: bool,
+        pub lease: Duration,
+        pub expected_now_ms: Option<u64>,
+        pub max_lag: Duration,
+        /// What the node says of itself: its hash's fields.
+        pub record: &'a NodeRecord,
+    }
 
-impl Call for Heartbeat<'_> {
-    type Reply = HeartbeatReply;
-    const FILE: &'static str = "heartbeat.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
+    fn invocation(&self, k) {
         let one = |b: bool| if b { "1" } else { "0" };
         let node = self.node;
-        invoke!(HEARTBEAT;
+        invoke!(
             keys: k.node(node), k.node_alive(node), k.nodes(), k.recovering(), k.since();
             args: node, ms(self.ttl), self.incarnation, one(self.before), one(self.runs_channels),
                 ms(self.lease), or_empty(self.expected_now_ms), ms(self.max_lag))
@@ -260,48 +242,43 @@ impl FromReply for HeartbeatReply {
     }
 }
 
-/// `release_node.lua`: clear what an old incarnation of `node` left for one channel.
-///
-/// KEYS: owner, node streams, stream, node load, access. ARGV: node, channel. Replies `true` when
-/// a lease of that node was released.
-#[derive(Debug, Clone)]
-pub struct ReleaseNode<'a> {
-    pub node: &'a str,
-    pub id: &'a str,
-}
+call! {
+    /// `release_node.lua`: clear what an old incarnation of `node` left for one channel.
+    ///
+    /// KEYS: owner, node streams, stream, node load, access. ARGV: node, channel. Replies `true`
+    /// when a lease of that node was released.
+    pub struct ReleaseNode<'a>: RELEASE_NODE -> bool {
+        pub node: &'a str,
+        pub id: &'a str,
+    }
 
-impl Call for ReleaseNode<'_> {
-    type Reply = bool;
-    const FILE: &'static str = "release_node.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
+    fn invocation(&self, k) {
         let (id, node) = (self.id, self.node);
-        invoke!(RELEASE_NODE;
+        invoke!(
             keys: k.owner(id), k.node_streams(node), k.stream(id), k.node_load(node), k.access();
             args: node, id)
     }
 }
 
-/// `handover.lua`: move a lease from the draining `from` (holding `gen`) to `to`.
-///
-/// KEYS: owner, gen, from streams, to streams, stream, from load, to load. ARGV: `<from>:<gen>`,
-/// to, lease ms, channel, to's capacity (0 = unlimited), weight. Replies [`HandoverResult`].
-#[derive(Debug, Clone)]
-pub struct Handover<'a> {
-    pub id: &'a str,
-    pub from: &'a str,
-    pub gen: u64,
-    pub to: &'a str,
-    pub lease: Duration,
-    pub capacity: u32,
-    pub weight: u32,
-}
+call! {
+    /// `handover.lua`: move a lease from the draining `from` (holding `gen`) to `to`.
+    ///
+    /// KEYS: owner, gen, from streams, to streams, stream, from load, to load. ARGV:
+    /// `<from>:<gen>`, to, lease ms, channel, to's capacity (0 = unlimited), weight. Replies
+    /// [`HandoverResult`].
+    pub struct Handover<'a>: HANDOVER -> HandoverResult {
+        pub id: &'a str,
+        pub from: &'a str,
+        pub gen: u64,
+        pub to: &'a str,
+        pub lease: Duration,
+        pub capacity: u32,
+        pub weight: u32,
+    }
 
-impl Call for Handover<'_> {
-    type Reply = HandoverResult;
-    const FILE: &'static str = "handover.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
+    fn invocation(&self, k) {
         let (id, from, to) = (self.id, self.from, self.to);
-        invoke!(HANDOVER;
+        invoke!(
             keys: k.owner(id), k.gen(id), k.node_streams(from), k.node_streams(to), k.stream(id),
                 k.node_load(from), k.node_load(to);
             args: owner_value(from, self.gen), to, ms(self.lease), id, self.capacity, self.weight)
@@ -339,28 +316,25 @@ impl Tagged for HandoverResult {
     }
 }
 
-/// `timeline.lua`: record the channel's published HLS timeline, gen-checked.
-///
-/// KEYS: owner, timeline. ARGV: owner value, gen, target duration (s), last media sequence ("" for
-/// none), discontinuity number, playlist text, ms to keep the record. Replies `true` when recorded,
-/// `false` when the lease is not ours (nothing written).
-#[derive(Debug, Clone)]
-pub struct Timeline<'a> {
-    pub id: &'a str,
-    pub owner: &'a str,
-    pub gen: u64,
-    pub target: u64,
-    pub last: Option<u64>,
-    pub disc: u64,
-    pub playlist: &'a [u8],
-    pub keep: Duration,
-}
+call! {
+    /// `timeline.lua`: record the channel's published HLS timeline, gen-checked.
+    ///
+    /// KEYS: owner, timeline. ARGV: owner value, gen, target duration (s), last media sequence (""
+    /// for none), discontinuity number, playlist text, ms to keep the record. Replies `true` when
+    /// recorded, `false` when the lease is not ours (nothing written).
+    pub struct Timeline<'a>: TIMELINE -> bool {
+        pub id: &'a str,
+        pub owner: &'a str,
+        pub gen: u64,
+        pub target: u64,
+        pub last: Option<u64>,
+        pub disc: u64,
+        pub playlist: &'a [u8],
+        pub keep: Duration,
+    }
 
-impl Call for Timeline<'_> {
-    type Reply = bool;
-    const FILE: &'static str = "timeline.lua";
-    fn invocation(&self, k: &Keys) -> Invocation {
-        invoke!(TIMELINE;
+    fn invocation(&self, k) {
+        invoke!(
             keys: k.owner(self.id), k.timeline(self.id);
             args: self.owner, self.gen, self.target, or_empty(self.last), self.disc, self.playlist,
                 ms(self.keep).max(1))

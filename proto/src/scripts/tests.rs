@@ -19,23 +19,28 @@ fn text(v: &str) -> Value {
     Value::BulkString(v.as_bytes().to_vec())
 }
 
+/// Each `{tag, value}` answer parses as the reply given.
+#[track_caller]
+fn tagged_parse<T: Tagged + PartialEq + std::fmt::Debug>(cases: Vec<(&str, &str, T)>) {
+    for (tag, value, want) in cases {
+        assert_eq!(T::parse(&s(tag, value)), Ok(want), "{{{tag:?}, {value:?}}}");
+    }
+}
+
 #[test]
 fn claim_replies_parse() {
-    assert_eq!(
-        ClaimResult::parse(&s("ok", "7")),
-        Ok(ClaimResult::Claimed { gen: 7 })
-    );
-    assert_eq!(
-        ClaimResult::parse(&s("owned", "node-a:3")),
-        Ok(ClaimResult::Owned {
-            node: "node-a".into(),
-            gen: 3
-        })
-    );
-    assert_eq!(
-        ClaimResult::parse(&s("full", "4")),
-        Ok(ClaimResult::Full { running: 4 })
-    );
+    tagged_parse(vec![
+        ("ok", "7", ClaimResult::Claimed { gen: 7 }),
+        (
+            "owned",
+            "node-a:3",
+            ClaimResult::Owned {
+                node: "node-a".into(),
+                gen: 3,
+            },
+        ),
+        ("full", "4", ClaimResult::Full { running: 4 }),
+    ]);
     assert!(ClaimResult::parse(&s("what", "4")).is_err());
     assert_eq!(
         Claim::parse(bulk(&["recovering", "not_alive"])),
@@ -46,23 +51,20 @@ fn claim_replies_parse() {
 
 #[test]
 fn handover_replies_parse() {
-    assert_eq!(
-        HandoverResult::parse(&s("ok", "9")),
-        Ok(HandoverResult::Moved { gen: 9 })
-    );
+    tagged_parse(vec![
+        ("ok", "9", HandoverResult::Moved { gen: 9 }),
+        (
+            "stale",
+            "node-c:4",
+            HandoverResult::Stale {
+                owner: Some(("node-c".into(), 4)),
+            },
+        ),
+        ("full", "2", HandoverResult::Full { running: 2 }),
+    ]);
     assert_eq!(
         Handover::parse(bulk(&["stale", ""])),
         Ok(HandoverResult::Stale { owner: None })
-    );
-    assert_eq!(
-        HandoverResult::parse(&s("stale", "node-c:4")),
-        Ok(HandoverResult::Stale {
-            owner: Some(("node-c".into(), 4))
-        })
-    );
-    assert_eq!(
-        HandoverResult::parse(&s("full", "2")),
-        Ok(HandoverResult::Full { running: 2 })
     );
     assert!(HandoverResult::parse(&s("stale", "garbage")).is_err());
     assert!(HandoverResult::parse(&s("ok", "x")).is_err());
