@@ -121,13 +121,10 @@ async fn redis_server_ping_pause_resume_restart_and_stats() {
         .await
         .expect("PING");
     assert_eq!(pong, "PONG");
-    let policy: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(&mut conn)
-        .await
-        .expect("CONFIG GET");
-    assert_eq!(policy, vec!["maxmemory-policy", "noeviction"]);
+    assert_eq!(
+        farm_tests::redis::config_get(&mut conn, "maxmemory-policy").await,
+        vec!["maxmemory-policy", "noeviction"]
+    );
     let () = redis::cmd("SET")
         .arg("k")
         .arg("v")
