@@ -262,6 +262,14 @@ impl AccessEntry {
     }
 }
 
+/// How many of `entries` nginx sent `via` (`disk`, `node`, `owner`), and their bytes.
+pub fn sent_via<'a>(entries: impl IntoIterator<Item = &'a AccessEntry>, via: &str) -> (usize, u64) {
+    entries
+        .into_iter()
+        .filter(|e| e.via == via)
+        .fold((0, 0), |(n, bytes), e| (n + 1, bytes + e.bytes))
+}
+
 /// A running nginx owned by one test.
 pub struct NginxServer {
     child: Option<Child>,
