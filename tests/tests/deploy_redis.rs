@@ -119,6 +119,11 @@ fn farmctl_as(redis: &ConfRedis, user: &str, args: &[&str]) -> std::process::Out
     farmctl(&redis.url(user), args)
 }
 
+/// The node that owns `channel`, if any.
+async fn owner_node(admin: &mut MultiplexedConnection, channel: &str) -> Option<String> {
+    owner(admin, "farm", channel).await.map(|(node, _)| node)
+}
+
 /// Adds the fake-ffmpeg channel `id` (a segment every 500 ms) with farmctl as farm-admin; its URL.
 fn add_channel(redis: &ConfRedis, id: &str) -> String {
     let url = fake_source(id, 500);
@@ -297,13 +302,7 @@ async fn coordinator_farmctl_and_ops_work_as_their_acl_users() {
     assert_eq!(co.metric("farm_coordinator_is_leader"), 1.0);
 
     // A dead node is reaped by the coordinator's scripts (its pinned channel may move to n2).
-    assert_eq!(
-        owner(&mut admin, "farm", "kept")
-            .await
-            .map(|o| o.0)
-            .as_deref(),
-        Some("n1")
-    );
+    assert_eq!(owner_node(&mut admin, "kept").await.as_deref(), Some("n1"));
     n1.kill9();
     let began = Instant::now();
     eventually_with(
@@ -312,7 +311,7 @@ async fn coordinator_farmctl_and_ops_work_as_their_acl_users() {
         Duration::from_secs(20),
         |mut a| async move {
             let nodes: Vec<String> = a.zrange("farm:nodes", 0, -1).await.ok()?;
-            let kept = owner(&mut a, "farm", "kept").await.map(|o| o.0);
+            let kept = owner_node(&mut a, "kept").await;
             (nodes == ["n2"] && kept.as_deref() != Some("n1")).then_some(())
         },
     )
@@ -585,13 +584,7 @@ async fn the_sentinel_example_monitors_the_primary_as_its_acl_user() {
         .await
         .expect("GET");
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        owner(&mut admin, "farm", "c1")
-            .await
-            .map(|o| o.0)
-            .as_deref(),
-        Some("n1")
-    );
+    assert_eq!(owner_node(&mut admin, "c1").await.as_deref(), Some("n1"));
     let denials = acl_log(&mut admin).await;
     assert!(
         denials.is_empty(),
