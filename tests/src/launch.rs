@@ -16,6 +16,7 @@ use crate::ports::{free_port, free_port_run};
 use crate::procs;
 use crate::signal;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
@@ -181,15 +182,30 @@ impl Launched {
         let label = script
             .file_name()
             .map_or("launcher".into(), |n| n.to_string_lossy().into_owned());
-        let mut cmd = Command::new("bash");
+        // A test stopped on its timeout (SIGTERM to the test's process group, which the launcher's
+        // own group escapes) never runs `Drop`. So the launcher gets SIGTERM when the test's
+        // thread ends (setpriv's parent-death signal, on the shell and on a background launcher),
+        // and it writes through relays that ignore SIGPIPE and SIGINT and drain to /dev/null once
+        // the test is gone: it stops everything it started without dying on a closed pipe.
+        let term_with_parent: Vec<OsString> = setpriv()
+            .map(|p| vec![p.into(), "--pdeathsig".into(), "TERM".into(), "--".into()])
+            .unwrap_or_default();
+        let relays = r#"relay() { trap '' PIPE INT; cat || cat >/dev/null; }; exec > >(relay) 2> >(relay >&2); "#;
+        let then = match mode {
+            Mode::Background => {
+                r#""$@" & echo "launcher-pid $!" >&2; wait $!; echo "launcher-exit $?" >&2"#
+            }
+            Mode::Foreground => r#"exec "$@""#,
+        };
+        let mut argv = term_with_parent.clone();
+        argv.extend(["bash", "-c", &format!("{relays}{then}"), "bash"].map(OsString::from));
         if mode == Mode::Background {
-            cmd.arg("-c")
-                .arg(r#""$@" & echo "launcher-pid $!" >&2; wait $!; echo "launcher-exit $?" >&2"#)
-                .arg("bash")
-                .arg("bash");
+            argv.extend(term_with_parent);
         }
-        cmd.arg(script)
-            .args(args)
+        argv.extend([OsString::from("bash"), script.into()]);
+        argv.extend(args.iter().map(OsString::from));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .env("STATE_DIR", state)
             .env_remove("FARM_TOKEN_SECRET")
             .stdin(Stdio::null())
@@ -450,6 +466,16 @@ impl Drop for Launched {
         }
         signal::kill_group_and_reap(&mut shell);
     }
+}
+
+/// util-linux's `setpriv`, when installed: it sets a parent-death signal and execs the program
+/// (same pid). The signal fires when the *thread* that started the process ends: a [`Launched`]
+/// is started on the test's own thread.
+fn setpriv() -> Option<PathBuf> {
+    ["/usr/bin/setpriv", "/bin/setpriv"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
 }
 
 /// The launchers in `deploy/local/`: `run`, `cluster`.
