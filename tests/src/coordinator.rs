@@ -35,23 +35,9 @@ impl CoordinatorOpts {
             env: Vec::new(),
         }
     }
-
-    /// Appends extra command-line arguments.
-    pub fn args<I, S>(mut self, args: I) -> CoordinatorOpts
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.extra_args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    /// Adds an environment variable.
-    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> CoordinatorOpts {
-        self.env.push((key.into(), value.into()));
-        self
-    }
 }
+
+crate::daemon::args_and_env_builders!(CoordinatorOpts);
 
 /// A running `farm-coordinator`: a [`Daemon`] (signals, log, `/metrics`, exit; reached through
 /// `Deref`) with its options.
@@ -278,14 +264,10 @@ pub fn fake_source(name: &str, seg_ms: u64) -> String {
 
 /// Runs farmctl and panics with its stderr unless it succeeds; returns its stdout.
 pub fn farmctl_ok(redis_url: &str, args: &[&str]) -> String {
-    let out = crate::node::farmctl(redis_url, args);
-    assert!(
-        out.status.success(),
-        "farmctl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::node::output_ok(
+        &crate::node::farmctl(redis_url, args),
+        &format!("farmctl {args:?}"),
+    )
 }
 
 /// Live processes (FFmpegs) writing into `<hls_root>/<channel>/`.

@@ -40,6 +40,31 @@ macro_rules! deref_to_daemon {
 }
 pub(crate) use deref_to_daemon;
 
+/// The `args` and `env` builder methods of a daemon's options type (fields `extra_args` and
+/// `env`): a test passes arguments and environment to a node and a coordinator alike.
+macro_rules! args_and_env_builders {
+    ($t:ty) => {
+        impl $t {
+            /// Appends extra command-line arguments.
+            pub fn args<I, S>(mut self, args: I) -> Self
+            where
+                I: IntoIterator<Item = S>,
+                S: Into<String>,
+            {
+                self.extra_args.extend(args.into_iter().map(Into::into));
+                self
+            }
+
+            /// Adds an environment variable.
+            pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+                self.env.push((key.into(), value.into()));
+                self
+            }
+        }
+    };
+}
+pub(crate) use args_and_env_builders;
+
 /// How long [`Daemon::spawn`] waits for `/healthz`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -254,15 +279,16 @@ impl Drop for Daemon {
             let _ = signal::cont(self.pid());
         }
         self.kill9();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- {} {} log tail ({}) ---\n{}\n--- end ---",
+        crate::procs::print_tail_if_panicking(
+            format_args!(
+                "{} {} log tail ({})",
                 self.bin,
                 self.label,
-                self.log_path.display(),
-                tail(&self.log(), 60)
-            );
-        }
+                self.log_path.display()
+            ),
+            60,
+            || self.log(),
+        );
     }
 }
 

@@ -11,11 +11,11 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::node::http_status;
 use crate::ports::free_port;
-use crate::procs::tail;
+use crate::procs;
 use crate::signal;
 
 /// How long [`NginxServer::start`] waits for nginx to answer.
@@ -262,6 +262,14 @@ impl AccessEntry {
     }
 }
 
+/// How many of `entries` nginx sent `via` (`disk`, `node`, `owner`), and their bytes.
+pub fn sent_via<'a>(entries: impl IntoIterator<Item = &'a AccessEntry>, via: &str) -> (usize, u64) {
+    entries
+        .into_iter()
+        .filter(|e| e.via == via)
+        .fold((0, 0), |(n, bytes), e| (n + 1, bytes + e.bytes))
+}
+
 /// A running nginx owned by one test.
 pub struct NginxServer {
     child: Option<Child>,
@@ -355,14 +363,15 @@ impl std::fmt::Debug for NginxServer {
 impl Drop for NginxServer {
     fn drop(&mut self) {
         self.stop();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- nginx {} error log tail ({}) ---\n{}\n--- end ---",
+        procs::print_tail_if_panicking(
+            format_args!(
+                "nginx {} error log tail ({})",
                 self.addr,
-                self.run_dir().join("logs/error.log").display(),
-                tail(&self.error_log(), 40)
-            );
-        }
+                self.run_dir().join("logs/error.log").display()
+            ),
+            40,
+            || self.error_log(),
+        );
     }
 }
 
@@ -475,7 +484,7 @@ pub fn start_and_wait(
     addr: SocketAddr,
     ready_path: &str,
 ) -> Result<Child, String> {
-    let mut child = Command::new(nginx_bin())
+    let child = Command::new(nginx_bin())
         .arg("-p")
         .arg(dir)
         .arg("-e")
@@ -489,28 +498,14 @@ pub fn start_and_wait(
         .process_group(0)
         .spawn()
         .map_err(|e| format!("spawn nginx (is it installed?): {e}"))?;
-    let read_log = || tail(&std::fs::read_to_string(error_log).unwrap_or_default(), 30);
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if http_status(addr, ready_path).is_some() {
-            return Ok(child);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "nginx on {addr} exited with {status}; error log:\n{}",
-                read_log()
-            ));
-        }
-        if Instant::now() >= deadline {
-            signal::kill_group_and_reap(&mut child);
-            return Err(format!(
-                "nginx on {addr} did not answer within {START_TIMEOUT:?}; error log:\n{}",
-                read_log()
-            ));
-        }
-        // A start-up poll with a deadline: nginx says nothing when its workers are ready.
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    procs::wait_answering(
+        child,
+        &format!("nginx on {addr}"),
+        error_log,
+        START_TIMEOUT,
+        || http_status(addr, ready_path).is_some(),
+        signal::kill_group_and_reap,
+    )
 }
 
 #[cfg(test)]

@@ -63,23 +63,9 @@ impl NodeOpts {
         self.ffmpeg = crate::bins::fake_ffmpeg();
         self
     }
-
-    /// Appends extra command-line arguments.
-    pub fn args<I, S>(mut self, args: I) -> NodeOpts
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.extra_args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    /// Adds an environment variable.
-    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> NodeOpts {
-        self.env.push((key.into(), value.into()));
-        self
-    }
 }
+
+crate::daemon::args_and_env_builders!(NodeOpts);
 
 /// A running `farm-node`: a [`Daemon`] (signals, log, exit; reached through `Deref`) with its options.
 pub struct NodeProcess {
@@ -190,6 +176,17 @@ pub fn kill_processes_under(root: &Path) -> Vec<i32> {
         }
     }
     killed
+}
+
+/// The stdout of a command that must have succeeded; panics naming `what` with its stderr if not.
+pub fn output_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// How long [`farmctl`] may run before it is killed.

@@ -276,6 +276,54 @@ pub fn tail(text: &str, max_lines: usize) -> String {
     lines[start..].join("\n")
 }
 
+/// A fixture's `Drop` when the test failed: while the thread panics, prints the last `max_lines`
+/// lines of `log()` to stderr between `--- <title> ---` and `--- end ---`.
+pub fn print_tail_if_panicking(
+    title: std::fmt::Arguments<'_>,
+    max_lines: usize,
+    log: impl FnOnce() -> String,
+) {
+    if std::thread::panicking() {
+        eprintln!("--- {title} ---\n{}\n--- end ---", tail(&log(), max_lines));
+    }
+}
+
+/// Waits up to `timeout` for a server process just started as `child` to answer (`answers()`,
+/// polled every 20 ms; a server says nothing when it is ready). When it exits first or never
+/// answers, `stop` ends it and the error names `what` and carries the tail of its log.
+pub fn wait_answering(
+    mut child: std::process::Child,
+    what: &str,
+    log: &std::path::Path,
+    timeout: std::time::Duration,
+    mut answers: impl FnMut() -> bool,
+    stop: impl FnOnce(&mut std::process::Child),
+) -> Result<std::process::Child, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let read_log = || tail(&fs::read_to_string(log).unwrap_or_default(), 30);
+    loop {
+        if answers() {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "{what} exited with {status}; {}:\n{}",
+                log.display(),
+                read_log()
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            stop(&mut child);
+            return Err(format!(
+                "{what} did not answer within {timeout:?}; {}:\n{}",
+                log.display(),
+                read_log()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

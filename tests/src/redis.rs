@@ -15,7 +15,6 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 
 use crate::ports::free_port;
-use crate::procs::tail;
 use crate::signal;
 
 /// How long [`RedisServer::start`] and [`RedisServer::restart`] wait for PING to answer.
@@ -26,6 +25,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// A config file given before the harness's arguments ([`RedisServer::start_with_conf`]).
+    conf: Option<PathBuf>,
     extra_args: Vec<String>,
 }
 
@@ -38,23 +39,50 @@ impl RedisServer {
     /// Like [`RedisServer::start`], with extra command-line config appended, e.g.
     /// `&["--maxmemory-policy", "noeviction", "--notify-keyspace-events", "Ex"]`.
     pub fn start_with_args(extra_args: &[&str]) -> RedisServer {
+        Self::start_in(None, &[], extra_args)
+    }
+
+    /// `redis-server <conf>` (e.g. the shipped `deploy/redis/redis.conf`, its persistence and
+    /// limits kept), with only the port, bind address, folder and log file set by the harness.
+    /// `files` are `(flag, file)` pairs: each file is copied into the server's folder and passed as
+    /// `<flag> <copy>` (e.g. `--aclfile` and users.acl). Ready once PING answers, `+PONG` or (the
+    /// default user switched off) `-NOAUTH`.
+    pub fn start_with_conf(conf: &Path, files: &[(&str, &Path)]) -> RedisServer {
+        Self::start_in(Some(conf.to_path_buf()), files, &[])
+    }
+
+    fn start_in(
+        conf: Option<PathBuf>,
+        files: &[(&str, &Path)],
+        extra_args: &[&str],
+    ) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("farm-redis-")
             .tempdir()
             .expect("create temp dir for redis-server");
-        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = Vec::new();
+        for (flag, file) in files {
+            let copy = dir.path().join(file.file_name().expect("a file name"));
+            std::fs::copy(file, &copy)
+                .unwrap_or_else(|e| panic!("copy {} for redis-server: {e}", file.display()));
+            args.extend([flag.to_string(), copy.display().to_string()]);
+        }
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut server = RedisServer {
+            child: None,
+            port: 0,
+            dir,
+            conf,
+            extra_args: args,
+        };
         // free_port() is racy: if another process grabs the port first, redis exits; try another one.
         let mut last_err = String::new();
         for _ in 0..5 {
-            let port = free_port();
-            match spawn_and_wait(port, dir.path(), &extra_args) {
+            server.port = free_port();
+            match server.spawn_and_wait() {
                 Ok(child) => {
-                    return RedisServer {
-                        child: Some(child),
-                        port,
-                        dir,
-                        extra_args,
-                    }
+                    server.child = Some(child);
+                    return server;
                 }
                 Err(e) => last_err = e,
             }
@@ -140,7 +168,7 @@ impl RedisServer {
         // The port may briefly be unavailable (e.g. a client still connecting); retry for a while.
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn_and_wait(self.port, self.dir.path(), &self.extra_args) {
+            match self.spawn_and_wait() {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -156,13 +184,17 @@ impl RedisServer {
     /// `INFO commandstats` as command → number of calls, e.g. `"evalsha" → 12`, `"client|setname" → 1`.
     /// The `INFO` call itself is counted by Redis too.
     pub async fn command_calls(&self) -> HashMap<String, u64> {
+        parse_commandstats(&self.text_reply("INFO", "commandstats").await)
+    }
+
+    /// The text that `<command> <arg>` answers on a new connection; panics if it fails.
+    async fn text_reply(&self, command: &str, arg: &str) -> String {
         let mut conn = self.conn().await;
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
+        redis::cmd(command)
+            .arg(arg)
             .query_async(&mut conn)
             .await
-            .expect("INFO commandstats");
-        parse_commandstats(&info)
+            .unwrap_or_else(|e| panic!("{command} {arg}: {e}"))
     }
 
     /// Starts a `MONITOR` connection: every command Redis receives from now on, as it logs it.
@@ -172,23 +204,12 @@ impl RedisServer {
 
     /// `CLIENT LIST`: one map per connection (`id`, `addr`, `name`, `cmd`, ...).
     pub async fn client_list(&self) -> Vec<HashMap<String, String>> {
-        let mut conn = self.conn().await;
-        let text: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut conn)
-            .await
-            .expect("CLIENT LIST");
-        parse_client_list(&text)
+        parse_client_list(&self.text_reply("CLIENT", "LIST").await)
     }
 
     /// `connected_clients` from `INFO clients` (includes the connection used to ask).
     pub async fn connected_clients(&self) -> u64 {
-        let mut conn = self.conn().await;
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query_async(&mut conn)
-            .await
-            .expect("INFO clients");
+        let info = self.text_reply("INFO", "clients").await;
         info_field(&info, "connected_clients")
             .and_then(|v| v.parse().ok())
             .expect("connected_clients in INFO clients")
@@ -207,18 +228,16 @@ impl std::fmt::Debug for RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- redis-server :{} log tail ({}) ---\n{}\n--- end ---",
+        self.kill9();
+        crate::procs::print_tail_if_panicking(
+            format_args!(
+                "redis-server :{} log tail ({})",
                 self.port,
-                self.log_path().display(),
-                tail(&self.log(), 40)
-            );
-        }
+                self.log_path().display()
+            ),
+            40,
+            || self.log(),
+        );
     }
 }
 
@@ -233,6 +252,16 @@ pub fn parse_client_list(text: &str) -> Vec<HashMap<String, String>> {
                 .collect()
         })
         .collect()
+}
+
+/// `CONFIG GET <param>`: `[param, value]`.
+pub async fn config_get(conn: &mut MultiplexedConnection, param: &str) -> Vec<String> {
+    redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(param)
+        .query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("CONFIG GET {param}: {e}"))
 }
 
 /// One command as `MONITOR` shows it.
@@ -372,77 +401,73 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     })
 }
 
-/// Sends an inline PING over a fresh TCP connection; true if `+PONG` comes back within 500 ms.
-fn ping(port: u16) -> bool {
+/// Sends one inline command (`PING`) over a fresh TCP connection; the first reply line, trimmed,
+/// or `None` if nothing answers within 500 ms.
+pub fn inline_command(port: u16, command: &str) -> Option<String> {
     let addr = (Ipv4Addr::LOCALHOST, port).into();
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.set_write_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+    let mut buf = [0u8; 256];
     let mut got = Vec::new();
     while !got.ends_with(b"\r\n") {
         match s.read(&mut buf) {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return None,
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
-    got.starts_with(b"+PONG")
+    Some(String::from_utf8_lossy(&got).trim().to_string())
 }
 
 fn log_path(dir: &Path) -> PathBuf {
     dir.join("redis.log")
 }
 
-/// Spawns redis-server with the harness's fixed config and waits until it answers PING.
-fn spawn_and_wait(port: u16, dir: &Path, extra_args: &[String]) -> Result<Child, String> {
-    let log = log_path(dir);
-    let mut child = Command::new("redis-server")
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--bind")
-        .arg("127.0.0.1")
-        .arg("--dir")
-        .arg(dir)
-        .arg("--save")
-        .arg("")
-        .arg("--appendonly")
-        .arg("no")
-        .arg("--logfile")
-        .arg(&log)
-        .arg("--daemonize")
-        .arg("no")
-        .args(extra_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("spawn redis-server (is it installed?): {e}"))?;
-    let read_log = || tail(&std::fs::read_to_string(&log).unwrap_or_default(), 20);
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if ping(port) {
-            return Ok(child);
+impl RedisServer {
+    /// Spawns redis-server on `self.port` with the harness's fixed config (or `self.conf`) and
+    /// waits until it answers PING.
+    fn spawn_and_wait(&self) -> Result<Child, String> {
+        let log = self.log_path();
+        let mut cmd = Command::new("redis-server");
+        if let Some(conf) = &self.conf {
+            cmd.arg(conf);
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "redis-server on port {port} exited with {status}; log:\n{}",
-                read_log()
-            ));
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(self.dir.path());
+        if self.conf.is_none() {
+            cmd.args(["--save", "", "--appendonly", "no"]);
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "redis-server on port {port} did not answer PING within {START_TIMEOUT:?}; log:\n{}",
-                read_log()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        let child = cmd
+            .arg("--logfile")
+            .arg(&log)
+            .arg("--daemonize")
+            .arg("no")
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn redis-server (is it installed?): {e}"))?;
+        let port = self.port;
+        crate::procs::wait_answering(
+            child,
+            &format!("redis-server on port {port}"),
+            &log,
+            START_TIMEOUT,
+            || {
+                inline_command(port, "PING")
+                    .is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
+            },
+            |c| {
+                let _ = c.kill();
+                let _ = c.wait();
+            },
+        )
     }
 }
 

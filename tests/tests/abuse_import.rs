@@ -77,9 +77,7 @@ fn read_until(child: &mut Child, until: impl Fn(&str) -> bool) -> Vec<String> {
 /// The index size, the last channel of the first import, whether any channel of the second exists.
 async fn catalog(redis: &RedisServer) -> (usize, std::collections::HashMap<String, String>, bool) {
     let mut c = redis.conn().await;
-    let ids: Vec<String> = redis::cmd("SMEMBERS")
-        .arg("farm:channels")
-        .query_async(&mut c)
+    let ids: Vec<String> = redis::AsyncCommands::smembers(&mut c, "farm:channels")
         .await
         .expect("SMEMBERS");
     let h = hgetall(redis, "farm:channel:a1999").await;

@@ -6,128 +6,43 @@
 //! sends files from every node's folder); SIGTERM to it in the background stops everything in order.
 
 use farm_tests::hls::HlsClient;
-use farm_tests::nginx::AccessEntry;
-use farm_tests::ports::free_port;
+use farm_tests::launch::{script, uptime_ticks, wait_200, LaunchPorts, Launched, Mode, Tracked};
+use farm_tests::nginx::{sent_via, AccessEntry};
 use farm_tests::procs;
-use farm_tests::signal;
-use farm_tests::wait::eventually;
+use farm_tests::wait::{eventually, eventually_with};
+use redis::AsyncCommands;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The launcher's process group: on drop (a failed assertion included) it gets the Ctrl-C a
-/// terminal would send, then SIGKILL after a grace, and the launcher is reaped.
-struct Launched(Option<Child>, std::path::PathBuf);
-
-impl Launched {
-    fn pgid(&self) -> i32 {
-        self.0.as_ref().map_or(0, |c| c.id() as i32)
-    }
-
-    /// Sends SIGINT to the group and waits for the launcher to exit.
-    fn interrupt_and_wait(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.0.take()?;
-        let pgid = child.id() as i32;
-        let _ = signal::send_group(pgid, signal::Sig::INT);
-        let status = wait_child(&mut child, Duration::from_secs(30));
-        if status.is_none() {
-            let _ = signal::send_group(pgid, signal::Sig::KILL);
-            let _ = child.wait();
-            // Each process it started runs in a session (and process group) of its own.
-            let pids = std::fs::read_to_string(self.1.join("pids")).unwrap_or_default();
-            for pid in pids
-                .lines()
-                .filter_map(|l| l.split_once(' ')?.1.parse::<i32>().ok())
-            {
-                let _ = signal::send_group(pid, signal::Sig::KILL);
-            }
-        }
-        status
-    }
-}
-
-impl Drop for Launched {
-    fn drop(&mut self) {
-        self.interrupt_and_wait();
-    }
-}
-
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    farm_tests::wait::poll_until(timeout, || child.try_wait().ok().flatten())
-}
-
-/// A port such that it and the `n - 1` ports after it were free a moment ago.
-fn free_port_run(n: u16) -> u16 {
-    loop {
-        let p = free_port();
-        if p.checked_add(n).is_none() {
-            continue;
-        }
-        let all_free = (p..p + n).all(|q| TcpListener::bind((Ipv4Addr::LOCALHOST, q)).is_ok());
-        if all_free {
-            return p;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_launcher_serves_the_demo_through_nginx_from_three_nodes_and_ctrl_c_stops_all() {
     let state = tempfile::tempdir().expect("tempdir");
-    let script = farm_tests::nginx::repo_root().join("deploy/local/cluster");
-    let (port, redis_port, source_port) = (free_port(), free_port(), free_port());
-    let node_port = free_port_run(5); // 3 nodes + 2 coordinators
+    let ports = LaunchPorts::free();
     let began = Instant::now();
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .args(["--nodes", "3", "--port", &port.to_string()])
-        .args(["--redis-port", &redis_port.to_string()])
-        .env("FARM_BIN_DIR", farm_tests::bins::bin_dir())
-        .env("STATE_DIR", state.path())
-        .env("SOURCE_PORT", source_port.to_string())
-        .env("NODE_PORT", node_port.to_string())
-        .env_remove("FARM_TOKEN_SECRET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn()
-        .expect("run deploy/local/cluster");
-    let stdout = child.stdout.take().expect("stdout");
-    let launched = Launched(Some(child), state.path().to_path_buf());
-    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
-    // Keep reading to the end so the launcher never writes into a closed pipe; keep every line.
-    let reader = std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("cluster stdout: {line}");
-            if let Some(tx) = tx.take() {
-                let _ = tx.send(line.clone());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let ready = tokio::time::timeout(Duration::from_secs(120), rx)
-        .await
-        .expect("the launcher prints its ready line within 120 s")
-        .expect("a ready line");
+    let launched = Launched::start(
+        Mode::Foreground,
+        &script("cluster"),
+        &ports.cluster_args(),
+        &ports.env(&[]),
+        state.path(),
+    );
+    let (_, ready) = launched
+        .stdout()
+        .first(
+            "the launcher's first line",
+            Duration::from_secs(120),
+            |_| true,
+        )
+        .await;
     println!("ready after {:?}", began.elapsed());
-    let base = format!("http://127.0.0.1:{port}");
-    let redis_url = format!("redis://127.0.0.1:{redis_port}/");
-    assert_eq!(ready, format!("ready {base} {redis_url}"));
+    assert_eq!(ready, ports.ready_line());
 
     // All three nodes are up and registered; the coordinators elected a leader.
-    let client = redis::Client::open(redis_url.as_str()).expect("redis url");
-    let mut redis = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the cluster's redis");
+    let mut redis = ports.redis().await;
     let mut nodes: Vec<String> = redis::cmd("ZRANGE")
         .arg("farm:nodes")
         .arg(0)
@@ -158,16 +73,14 @@ async fn cluster_launcher_serves_the_demo_through_nginx_from_three_nodes_and_ctr
 
     // A player plays the demo channel through nginx (the first requests start it on a node; a
     // live UDP source needs a few seconds of probing).
-    let url = format!("{base}/live/demo/index.m3u8");
+    let url = ports.demo_url();
     let http = reqwest::Client::new();
     let started = Instant::now();
-    eventually(
+    wait_200(
+        &http,
         "the demo plays through nginx",
+        &url,
         Duration::from_secs(40),
-        || async {
-            let r = http.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        },
     )
     .await;
     println!("first playlist after {:?}", started.elapsed());
@@ -189,60 +102,42 @@ async fn cluster_launcher_serves_the_demo_through_nginx_from_three_nodes_and_ctr
         .filter_map(AccessEntry::parse)
         .filter(|e| e.path.starts_with("/live/demo/seg") && e.status == 200)
         .collect();
-    let from_disk: u64 = segs
-        .iter()
-        .filter(|e| e.via == "disk")
-        .map(|e| e.bytes)
-        .sum();
+    let (from_disk, disk_bytes) = sent_via(&segs, "disk");
     println!(
-        "demo runs on {owner}; nginx sent {} of {} segment requests ({from_disk} bytes) from disk",
-        segs.iter().filter(|e| e.via == "disk").count(),
+        "demo runs on {owner}; nginx sent {from_disk} of {} segment requests ({disk_bytes} bytes) from disk",
         segs.len()
     );
-    assert!(
-        !segs.is_empty() && segs.iter().all(|e| e.via == "disk"),
-        "{segs:?}"
-    );
+    assert!(!segs.is_empty() && from_disk == segs.len(), "{segs:?}");
 
     // Ctrl-C to the launcher's process group, as a terminal sends it.
-    let pgid = launched.pgid();
+    let pgid = launched.pid();
     let stopping = Instant::now();
-    let status = tokio::task::spawn_blocking(move || {
+    let (mut launched, status) = tokio::task::spawn_blocking(move || {
         let mut launched = launched;
-        launched.interrupt_and_wait()
+        let status = launched.interrupt(Duration::from_secs(30));
+        (launched, status)
     })
     .await
-    .expect("join")
-    .expect("the launcher exits within 30 s of Ctrl-C");
+    .expect("join");
+    let status = status.expect("the launcher exits within 30 s of Ctrl-C");
     println!(
         "launcher (group {pgid}) exited {status:?} after {:?}",
         stopping.elapsed()
     );
-    let lines = reader.join().expect("reader");
+    assert!(
+        launched.wait_stdout_closed(Duration::from_secs(15)),
+        "the launcher's stdout is closed after it exited"
+    );
+    let lines: Vec<String> = launched
+        .stdout()
+        .snapshot()
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
     assert_eq!(lines, [ready], "stdout carries exactly the ready line");
-    let needles = [
-        state.path().to_string_lossy().to_string(),
-        format!("udp://127.0.0.1:{source_port}"),
-        format!("127.0.0.1:{redis_port}"), // redis-server retitles itself "redis-server 127.0.0.1:<port>"
-    ];
-    eventually(
-        "no process of the launcher left",
-        Duration::from_secs(15),
-        || async {
-            let left: Vec<_> = needles
-                .iter()
-                .flat_map(|n| procs::processes_with_cmdline_containing(n))
-                .collect();
-            left.is_empty().then_some(())
-        },
-    )
-    .await;
-    for p in [port, redis_port, node_port, node_port + 1, node_port + 2] {
-        assert!(
-            TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok(),
-            "port {p} is still taken"
-        );
-    }
+    ports.wait_none_left(state.path()).await;
+    drop(launched);
+    ports.assert_released(3);
 }
 
 /// What a probe request through nginx got.
@@ -273,49 +168,18 @@ enum Probe {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigterm_stops_all_in_order(
 ) {
-    use farm_tests::launch::{assert_orderly_stop, uptime_ticks, Launched as Background, Tracked};
-
     let state = tempfile::tempdir().expect("tempdir");
-    let script = farm_tests::nginx::repo_root().join("deploy/local/cluster");
-    let (port, redis_port, source_port) = (free_port(), free_port(), free_port());
-    let node_port = free_port_run(5);
-    let args: Vec<String> = ["--nodes", "3", "--port", &port.to_string()]
-        .into_iter()
-        .chain(["--redis-port", &redis_port.to_string()])
-        .map(String::from)
-        .collect();
+    let ports = LaunchPorts::free();
+    // Read by the nodes and coordinators from the environment the launcher passes on.
     let env = [
-        (
-            "FARM_BIN_DIR",
-            farm_tests::bins::bin_dir().display().to_string(),
-        ),
-        ("SOURCE_PORT", source_port.to_string()),
-        ("NODE_PORT", node_port.to_string()),
-        ("RESTART_SEC", "1".to_string()),
-        // Read by the nodes and coordinators from the environment the launcher passes on.
         ("FARM_NODE_TTL", "3s".to_string()),
         ("FARM_LEASE_TTL", "3s".to_string()),
         ("FARM_TICK", "500ms".to_string()),
         ("FARM_HLS_TIME", "1s".to_string()),
     ];
-    let farm = Background::in_background(&script, &args, &env, state.path());
-    assert!(
-        farm.ignores_sigint(),
-        "started as `cluster &` from a script, the launcher has SIGINT ignored"
-    );
-    let (_, ready) = farm
-        .stdout_line("the ready line", Duration::from_secs(120), |l| {
-            l.starts_with("ready ")
-        })
-        .await;
-    let base = format!("http://127.0.0.1:{port}");
-    let redis_url = format!("redis://127.0.0.1:{redis_port}/");
-    assert_eq!(ready, format!("ready {base} {redis_url}"));
-    let redis = redis::Client::open(redis_url.as_str())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the cluster's redis");
+    let farm = Launched::cluster(&ports, &env, state.path()).await;
+    let (base, node_port) = (ports.base_url(), ports.node);
+    let redis = ports.redis().await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -323,14 +187,12 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
 
     // The demo runs on node1: its first request, sent to node1 itself, makes node1 claim it.
     let node1_url = format!("http://127.0.0.1:{node_port}");
-    eventually("node1 plays the demo", Duration::from_secs(60), || async {
-        let r = http
-            .get(format!("{node1_url}/live/demo/index.m3u8"))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
+    wait_200(
+        &http,
+        "node1 plays the demo",
+        &format!("{node1_url}/live/demo/index.m3u8"),
+        Duration::from_secs(60),
+    )
     .await;
     let hget = |key: String, field: &'static str| {
         let mut r = redis.clone();
@@ -451,7 +313,8 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
     let killed = Instant::now();
     farm_tests::signal::kill9(old_pid).expect("kill -9 node1");
     let (noticed, died) = farm
-        .stderr_line(
+        .stderr()
+        .first(
             "the launcher reports node1's death",
             Duration::from_secs(10),
             |l| l.contains(&format!("node1 pid {old_pid} died")),
@@ -470,7 +333,8 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
         "the process left in node1's channel folder was killed"
     );
     let (restarted, line) = farm
-        .stderr_line("node1 started again", Duration::from_secs(20), |l| {
+        .stderr()
+        .first("node1 started again", Duration::from_secs(20), |l| {
             l.contains("started node1 pid") && !l.ends_with(&format!(" pid {old_pid}"))
         })
         .await;
@@ -486,28 +350,22 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
         new_pid,
         "the pids file names the new node1"
     );
-    eventually(
+    wait_200(
+        &http,
         "node1 answers healthz again",
+        &format!("{node1_url}/healthz"),
         Duration::from_secs(20),
-        || async {
-            let r = http.get(format!("{node1_url}/healthz")).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        },
     )
     .await;
     let healthy = Instant::now();
-    eventually(
+    eventually_with(
+        &redis,
         "node1 heartbeats again in Redis",
         Duration::from_secs(20),
-        || {
-            let mut r = redis.clone();
+        |mut r| {
             let hget = hget("farm:node:node1".into(), "pid");
             async move {
-                let alive: bool = redis::cmd("EXISTS")
-                    .arg("farm:node:node1:alive")
-                    .query_async(&mut r)
-                    .await
-                    .ok()?;
+                let alive: bool = r.exists("farm:node:node1:alive").await.ok()?;
                 (alive && hget.await == Some(new_pid.to_string())).then_some(())
             }
         },
@@ -605,14 +463,12 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
     );
 
     // The farm serves the demo again (node1's restart released its leases).
-    let url = format!("{base}/live/demo/index.m3u8");
-    eventually(
+    let url = ports.demo_url();
+    wait_200(
+        &http,
         "the demo plays through nginx again",
+        &url,
         Duration::from_secs(60),
-        || async {
-            let r = http.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        },
     )
     .await;
     let report = HlsClient::new(&url)
@@ -629,20 +485,6 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
             .any(|t| t.name.starts_with("node") && t.name.ends_with("/ffmpeg")),
         "a channel's FFmpeg runs before the stop: {tracked:?}"
     );
-    let (farm, report) = tokio::task::spawn_blocking(move || {
-        let mut farm = farm;
-        let report = farm.sigterm_and_watch(Duration::from_secs(60));
-        (farm, report)
-    })
-    .await
-    .expect("join");
-    println!("launcher exit status {:?}", report.exit_status);
-    assert_orderly_stop(&report, state.path());
-    drop(farm);
-    for p in [port, redis_port, node_port, node_port + 1, node_port + 2] {
-        assert!(
-            TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok(),
-            "port {p} is still taken"
-        );
-    }
+    farm.stop_in_order().await;
+    ports.assert_released(3);
 }

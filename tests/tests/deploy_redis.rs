@@ -10,17 +10,18 @@
 //! - The Sentinel example monitors the primary, logging in as the `sentinel` user, and a node that
 //!   finds the primary through it (`redis+sentinel://`) works as `farm-node`.
 
-use farm_tests::coordinator::{owner, CoordinatorOpts, CoordinatorProcess};
+use farm_tests::coordinator::{
+    fake_source, owner, wait_unowned, CoordinatorOpts, CoordinatorProcess,
+};
 use farm_tests::farm::coordinator_args;
-use farm_tests::node::{farmctl, NodeOpts, NodeProcess};
+use farm_tests::node::{farmctl, output_ok, NodeOpts, NodeProcess};
 use farm_tests::ports::free_port;
-use farm_tests::procs::tail;
-use farm_tests::wait::eventually;
+use farm_tests::procs::print_tail_if_panicking;
+use farm_tests::redis::{config_get, inline_command, RedisServer};
+use farm_tests::wait::{eventually, eventually_with};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,77 +45,34 @@ fn password(user: &str) -> String {
         .to_string()
 }
 
-/// redis-server started from the shipped redis.conf and users.acl.
-struct ConfRedis {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
+/// redis-server started from the shipped redis.conf and users.acl (a copy, in its folder).
+struct ConfRedis(RedisServer);
 
 impl ConfRedis {
     fn start() -> ConfRedis {
-        let dir = tempfile::Builder::new()
-            .prefix("farm-redis-conf-")
-            .tempdir()
-            .expect("tempdir");
-        std::fs::copy(
-            repo().join("deploy/redis/users.acl"),
-            dir.path().join("users.acl"),
-        )
-        .expect("copy users.acl");
-        let mut last = String::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let mut child = Command::new("redis-server")
-                .arg(repo().join("deploy/redis/redis.conf"))
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .arg("--dir")
-                .arg(dir.path())
-                .arg("--aclfile")
-                .arg(dir.path().join("users.acl"))
-                .arg("--logfile")
-                .arg(dir.path().join("redis.log"))
-                .args(["--daemonize", "no"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                // The default user is off: a ready server answers PING with NOAUTH.
-                if let Some(reply) = inline_command(port, "PING") {
-                    if reply.starts_with("-NOAUTH") {
-                        return ConfRedis {
-                            child: Some(child),
-                            port,
-                            dir,
-                        };
-                    }
-                    panic!("PING without a user must be refused, got {reply:?}");
-                }
-                if let Ok(Some(status)) = child.try_wait() {
-                    last = format!("exited with {status}");
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last = "no answer within 10 s".into();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let log = std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default();
-        panic!(
-            "redis-server with redis.conf did not start ({last}):\n{}",
-            tail(&log, 30)
+        let server = RedisServer::start_with_conf(
+            &repo().join("deploy/redis/redis.conf"),
+            &[("--aclfile", &repo().join("deploy/redis/users.acl"))],
         );
+        // The default user is off.
+        let reply = inline_command(server.port(), "PING");
+        assert!(
+            reply.as_deref().is_some_and(|r| r.starts_with("-NOAUTH")),
+            "PING without a user must be refused, got {reply:?}"
+        );
+        ConfRedis(server)
+    }
+
+    fn port(&self) -> u16 {
+        self.0.port()
     }
 
     fn url(&self, user: &str) -> String {
-        format!("redis://{user}:{}@127.0.0.1:{}/", password(user), self.port)
+        format!(
+            "redis://{user}:{}@127.0.0.1:{}/",
+            password(user),
+            self.port()
+        )
     }
 
     async fn conn(&self, user: &str) -> MultiplexedConnection {
@@ -124,43 +82,6 @@ impl ConfRedis {
             .await
             .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for ConfRedis {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- redis-server (redis.conf) log ---\n{}\n--- end ---",
-                tail(&self.log(), 30)
-            );
-        }
-    }
-}
-
-/// Sends one inline command on a fresh connection; the first reply line, `None` if nobody answers.
-fn inline_command(port: u16, command: &str) -> Option<String> {
-    let addr = ([127, 0, 0, 1], port).into();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
-    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    s.write_all(format!("{command}\r\n").as_bytes()).ok()?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    while !got.ends_with(b"\r\n") {
-        let n = s.read(&mut buf).ok()?;
-        if n == 0 {
-            return None;
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    Some(String::from_utf8_lossy(&got).trim().to_string())
 }
 
 /// `ACL LOG` as `(username, reason, object)`, newest first.
@@ -198,14 +119,24 @@ fn farmctl_as(redis: &ConfRedis, user: &str, args: &[&str]) -> std::process::Out
     farmctl(&redis.url(user), args)
 }
 
-fn ok(out: &std::process::Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The node that owns `channel`, if any.
+async fn owner_node(admin: &mut MultiplexedConnection, channel: &str) -> Option<String> {
+    owner(admin, "farm", channel).await.map(|(node, _)| node)
+}
+
+/// Adds the fake-ffmpeg channel `id` (a segment every 500 ms) with farmctl as farm-admin; its URL.
+fn add_channel(redis: &ConfRedis, id: &str) -> String {
+    let url = fake_source(id, 500);
+    farmctl_ok_as(redis, "farm-admin", &["channel", "add", id, &url]);
+    url
+}
+
+/// farmctl as `user`; its stdout, or a panic with its stderr if it fails.
+fn farmctl_ok_as(redis: &ConfRedis, user: &str, args: &[&str]) -> String {
+    output_ok(
+        &farmctl_as(redis, user, args),
+        &format!("farmctl {args:?} as {user}"),
+    )
 }
 
 fn node_as_acl_user(redis: &ConfRedis, id: &str, root: &Path) -> NodeProcess {
@@ -220,34 +151,11 @@ fn node_as_acl_user(redis: &ConfRedis, id: &str, root: &Path) -> NodeProcess {
 async fn a_node_works_as_its_acl_user_while_flushall_and_config_are_refused() {
     let redis = ConfRedis::start();
     let mut admin = redis.conn("admin").await;
-    let cfg: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(&mut admin)
-        .await
-        .expect("CONFIG GET");
-    assert_eq!(cfg, ["maxmemory-policy", "noeviction"]);
-    let aof: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("appendonly")
-        .query_async(&mut admin)
-        .await
-        .expect("CONFIG GET");
-    assert_eq!(aof, ["appendonly", "yes"]);
+    for (param, shipped) in [("maxmemory-policy", "noeviction"), ("appendonly", "yes")] {
+        assert_eq!(config_get(&mut admin, param).await, [param, shipped]);
+    }
 
-    ok(
-        &farmctl_as(
-            &redis,
-            "farm-admin",
-            &[
-                "channel",
-                "add",
-                "c1",
-                "http://127.0.0.1:9/x.ts?mode=normal&seg_ms=500",
-            ],
-        ),
-        "farmctl channel add as farm-admin",
-    );
+    let c1_url = add_channel(&redis, "c1");
     let root = tempfile::tempdir().expect("tempdir");
     let mut node = node_as_acl_user(&redis, "n1", root.path());
     let http = reqwest::Client::new();
@@ -292,14 +200,13 @@ async fn a_node_works_as_its_acl_user_while_flushall_and_config_are_refused() {
     assert!(alive);
 
     // A stop command (farmctl as farm-admin): the node reads, acts, releases and acks as farm-node.
-    ok(
-        &farmctl_as(&redis, "farm-admin", &["stop", "c1"]),
-        "farmctl stop as farm-admin",
-    );
-    eventually("c1 stopped by command", Duration::from_secs(10), || {
-        let mut a = admin.clone();
-        async move { owner(&mut a, "farm", "c1").await.is_none().then_some(()) }
-    })
+    farmctl_ok_as(&redis, "farm-admin", &["stop", "c1"]);
+    wait_unowned(
+        &admin,
+        "c1",
+        "c1 stopped by command",
+        Duration::from_secs(10),
+    )
     .await;
     // And a graceful shutdown deregisters it.
     node.sigterm();
@@ -344,11 +251,7 @@ async fn a_node_works_as_its_acl_user_while_flushall_and_config_are_refused() {
         assert!(refused, "{args:?}: {e}");
     }
     let url: Option<String> = admin.hget("farm:channel:c1", "url").await.expect("HGET");
-    assert_eq!(
-        url.as_deref(),
-        Some("http://127.0.0.1:9/x.ts?mode=normal&seg_ms=500"),
-        "the catalog survived"
-    );
+    assert_eq!(url, Some(c1_url), "the catalog survived");
     let logged = acl_log(&mut admin).await;
     assert!(
         logged
@@ -363,16 +266,9 @@ async fn coordinator_farmctl_and_ops_work_as_their_acl_users() {
     let redis = ConfRedis::start();
     let mut admin = redis.conn("admin").await;
     for id in ["idle", "kept"] {
-        let url = format!("http://127.0.0.1:9/{id}.ts?mode=normal&seg_ms=500");
-        ok(
-            &farmctl_as(&redis, "farm-admin", &["channel", "add", id, &url]),
-            "channel add",
-        );
+        add_channel(&redis, id);
     }
-    ok(
-        &farmctl_as(&redis, "farm-admin", &["pin", "kept"]),
-        "farmctl pin",
-    );
+    farmctl_ok_as(&redis, "farm-admin", &["pin", "kept"]);
     let root = tempfile::tempdir().expect("tempdir");
     let mut n1 = node_as_acl_user(&redis, "n1", root.path());
     // A second node: a coordinator reaps nothing while most nodes look dead.
@@ -391,13 +287,11 @@ async fn coordinator_farmctl_and_ops_work_as_their_acl_users() {
     }
     // The coordinator leads and stops the unwatched channel, not the pinned one.
     let began = Instant::now();
-    eventually(
+    wait_unowned(
+        &admin,
+        "idle",
         "the idle channel to be stopped",
         Duration::from_secs(15),
-        || {
-            let mut a = admin.clone();
-            async move { owner(&mut a, "farm", "idle").await.is_none().then_some(()) }
-        },
     )
     .await;
     println!(
@@ -408,43 +302,26 @@ async fn coordinator_farmctl_and_ops_work_as_their_acl_users() {
     assert_eq!(co.metric("farm_coordinator_is_leader"), 1.0);
 
     // A dead node is reaped by the coordinator's scripts (its pinned channel may move to n2).
-    assert_eq!(
-        owner(&mut admin, "farm", "kept")
-            .await
-            .map(|o| o.0)
-            .as_deref(),
-        Some("n1")
-    );
+    assert_eq!(owner_node(&mut admin, "kept").await.as_deref(), Some("n1"));
     n1.kill9();
     let began = Instant::now();
-    eventually(
+    eventually_with(
+        &admin,
         "the dead node to be reaped",
         Duration::from_secs(20),
-        || {
-            let mut a = admin.clone();
-            async move {
-                let nodes: Vec<String> = a.zrange("farm:nodes", 0, -1).await.ok()?;
-                let kept = owner(&mut a, "farm", "kept").await.map(|o| o.0);
-                (nodes == ["n2"] && kept.as_deref() != Some("n1")).then_some(())
-            }
+        |mut a| async move {
+            let nodes: Vec<String> = a.zrange("farm:nodes", 0, -1).await.ok()?;
+            let kept = owner_node(&mut a, "kept").await;
+            (nodes == ["n2"] && kept.as_deref() != Some("n1")).then_some(())
         },
     )
     .await;
     println!("dead node reaped after {:?}", began.elapsed());
 
     // Ops read everything with farmctl and redis commands, and write nothing.
-    let status = ok(
-        &farmctl_as(&redis, "farm-ops", &["status"]),
-        "farmctl status as farm-ops",
-    );
-    let list = ok(
-        &farmctl_as(&redis, "farm-ops", &["channel", "list"]),
-        "farmctl channel list as farm-ops",
-    );
-    ok(
-        &farmctl_as(&redis, "farm-ops", &["events"]),
-        "farmctl events as farm-ops",
-    );
+    let status = farmctl_ok_as(&redis, "farm-ops", &["status"]);
+    let list = farmctl_ok_as(&redis, "farm-ops", &["channel", "list"]);
+    farmctl_ok_as(&redis, "farm-ops", &["events"]);
     println!("farmctl status as farm-ops:\n{status}\nchannel list:\n{list}");
     assert!(list.contains("idle") && list.contains("kept"));
     let refused = farmctl_as(
@@ -622,7 +499,7 @@ async fn the_sentinel_example_monitors_the_primary_as_its_acl_user() {
     let conf = conf
         .replace(
             monitor,
-            &format!("sentinel monitor farm 127.0.0.1 {} 1", redis.port),
+            &format!("sentinel monitor farm 127.0.0.1 {} 1", redis.port()),
         )
         .replace(
             "dir /var/lib/redis-sentinel",
@@ -647,10 +524,9 @@ async fn the_sentinel_example_monitors_the_primary_as_its_acl_user() {
         fn drop(&mut self) {
             let _ = self.0.kill();
             let _ = self.0.wait();
-            if std::thread::panicking() {
-                let log = std::fs::read_to_string(self.1.join("sentinel.log")).unwrap_or_default();
-                eprintln!("--- sentinel log ---\n{}\n--- end ---", tail(&log, 30));
-            }
+            print_tail_if_panicking(format_args!("sentinel log"), 30, || {
+                std::fs::read_to_string(self.1.join("sentinel.log")).unwrap_or_default()
+            });
         }
     }
     let _reap = Reap(&mut child, dir.path());
@@ -693,16 +569,7 @@ async fn the_sentinel_example_monitors_the_primary_as_its_acl_user() {
 
     // A node that finds the primary through this Sentinel works as its ACL user there.
     let mut admin = redis.conn("admin").await;
-    let add = farmctl(
-        &redis.url("farm-admin"),
-        &[
-            "channel",
-            "add",
-            "c1",
-            "http://127.0.0.1:9/c1.ts?mode=normal&seg_ms=500",
-        ],
-    );
-    ok(&add, "farmctl channel add");
+    add_channel(&redis, "c1");
     let root = tempfile::tempdir().expect("tempdir");
     let via_sentinel = format!(
         "redis+sentinel://farm-node:{}@127.0.0.1:{port}/farm",
@@ -717,13 +584,7 @@ async fn the_sentinel_example_monitors_the_primary_as_its_acl_user() {
         .await
         .expect("GET");
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        owner(&mut admin, "farm", "c1")
-            .await
-            .map(|o| o.0)
-            .as_deref(),
-        Some("n1")
-    );
+    assert_eq!(owner_node(&mut admin, "c1").await.as_deref(), Some("n1"));
     let denials = acl_log(&mut admin).await;
     assert!(
         denials.is_empty(),

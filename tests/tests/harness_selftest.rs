@@ -121,13 +121,10 @@ async fn redis_server_ping_pause_resume_restart_and_stats() {
         .await
         .expect("PING");
     assert_eq!(pong, "PONG");
-    let policy: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(&mut conn)
-        .await
-        .expect("CONFIG GET");
-    assert_eq!(policy, vec!["maxmemory-policy", "noeviction"]);
+    assert_eq!(
+        farm_tests::redis::config_get(&mut conn, "maxmemory-policy").await,
+        vec!["maxmemory-policy", "noeviction"]
+    );
     let () = redis::cmd("SET")
         .arg("k")
         .arg("v")
@@ -179,9 +176,7 @@ async fn redis_server_ping_pause_resume_restart_and_stats() {
     assert_eq!(redis.port(), port);
     assert_ne!(redis.pid(), old_pid);
     let mut conn = redis.conn().await;
-    let v: Option<String> = redis::cmd("GET")
-        .arg("k")
-        .query_async(&mut conn)
+    let v: Option<String> = redis::AsyncCommands::get(&mut conn, "k")
         .await
         .expect("GET after restart");
     assert_eq!(v, None);
@@ -317,15 +312,15 @@ async fn provider_drop_stall_and_cut_streams() {
     let provider = FakeProvider::start_with_speed(2.0).await;
     let one_second = media::source_info().bytes_per_second;
     let http = reqwest::Client::new();
+    // Each case: `path` switched to `mode`, then a GET of it.
+    let get_in_mode = |path: &'static str, mode: Mode| {
+        provider.set_path_mode(path, mode);
+        let request = http.get(provider.url(path)).send();
+        async move { request.await.unwrap_or_else(|e| panic!("GET {path}: {e}")) }
+    };
 
     // Drop: about one second of data, then an abrupt close (an error, not a clean end).
-    provider.set_path_mode("/drop.ts", Mode::Drop);
-    let mut body = http
-        .get(provider.url("/drop.ts"))
-        .send()
-        .await
-        .expect("GET drop")
-        .bytes_stream();
+    let mut body = get_in_mode("/drop.ts", Mode::Drop).await.bytes_stream();
     let mut got = 0usize;
     let mut ended_with_error = false;
     while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.next())
@@ -347,12 +342,7 @@ async fn provider_drop_stall_and_cut_streams() {
     );
 
     // Stall: headers, then silence until the mode changes.
-    provider.set_path_mode("/stall.ts", Mode::Stall);
-    let resp = http
-        .get(provider.url("/stall.ts"))
-        .send()
-        .await
-        .expect("GET stall");
+    let resp = get_in_mode("/stall.ts", Mode::Stall).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
     let silent = tokio::time::timeout(Duration::from_millis(500), body.next()).await;
@@ -367,12 +357,7 @@ async fn provider_drop_stall_and_cut_streams() {
     assert_eq!(chunk[0], ts::SYNC);
 
     // A client that goes away during a stall is noticed (the counter drops) without any data sent.
-    provider.set_path_mode("/stall2.ts", Mode::Stall);
-    let resp = http
-        .get(provider.url("/stall2.ts"))
-        .send()
-        .await
-        .expect("GET stall2");
+    let resp = get_in_mode("/stall2.ts", Mode::Stall).await;
     assert_eq!(provider.current_connections_for("/stall2.ts"), 1);
     drop(resp);
     eventually(

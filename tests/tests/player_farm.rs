@@ -9,10 +9,10 @@
 //! playlist checker finds nothing in any playlist the player loaded. Around the kill, a prober
 //! requests the playlist through nginx every 50 ms: no answer may be a 5xx.
 
-use farm_tests::launch::Launched;
+use farm_tests::launch::{LaunchPorts, Launched};
 use farm_tests::player::{BrowserPlayer, PlayerReport};
-use farm_tests::ports::{free_port, free_port_run};
 use farm_tests::wait::eventually;
+use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,28 +34,10 @@ struct Farm {
 impl Farm {
     async fn start() -> Farm {
         let state = tempfile::tempdir().expect("tempdir");
-        let script = farm_tests::nginx::repo_root().join("deploy/local/cluster");
-        let (port, redis_port, source_port) = (free_port(), free_port(), free_port());
-        let node_port = free_port_run(5);
-        let args: Vec<String> = [
-            "--nodes".to_string(),
-            "3".to_string(),
-            "--port".to_string(),
-            port.to_string(),
-            "--redis-port".to_string(),
-            redis_port.to_string(),
-        ]
-        .into();
+        let ports = LaunchPorts::free();
         let secs = |d: Duration| format!("{}ms", d.as_millis());
+        // Read by the nodes and coordinators from the environment the launcher passes on.
         let env = [
-            (
-                "FARM_BIN_DIR",
-                farm_tests::bins::bin_dir().display().to_string(),
-            ),
-            ("SOURCE_PORT", source_port.to_string()),
-            ("NODE_PORT", node_port.to_string()),
-            ("RESTART_SEC", "1".to_string()),
-            // Read by the nodes and coordinators from the environment the launcher passes on.
             ("FARM_NODE_TTL", secs(NODE_TTL)),
             ("FARM_LEASE_TTL", secs(NODE_TTL)),
             ("FARM_LEADER_TTL", secs(NODE_TTL)),
@@ -63,23 +45,24 @@ impl Farm {
             ("FARM_HLS_TIME", secs(HLS_TIME)),
             ("FARM_IDLE_TIMEOUT", secs(IDLE)),
         ];
-        let launched = Launched::in_background(&script, &args, &env, state.path());
-        launched
-            .stdout_line("the ready line", Duration::from_secs(120), |l| {
-                l.starts_with("ready ")
-            })
-            .await;
-        let redis = redis::Client::open(format!("redis://127.0.0.1:{redis_port}/"))
-            .expect("redis url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to the cluster's redis");
+        let launched = Launched::cluster(&ports, &env, state.path()).await;
         Farm {
             launched,
-            nginx: format!("http://127.0.0.1:{port}"),
-            redis,
+            nginx: ports.base_url(),
+            redis: ports.redis().await,
             _state: state,
         }
+    }
+
+    /// A farm with a player that has played `secs` s of the demo.
+    async fn watched_for(secs: u64) -> (Farm, BrowserPlayer) {
+        let farm = Farm::start().await;
+        let player = BrowserPlayer::start(&farm.demo()).await;
+        player.wait_first_frame(Duration::from_secs(30)).await;
+        player
+            .wait_played(Duration::from_secs(secs), Duration::from_secs(60))
+            .await;
+        (farm, player)
     }
 
     fn demo(&self) -> String {
@@ -108,6 +91,15 @@ impl Farm {
             .await
             .expect("node pid in redis");
         pid.parse().expect("pid")
+    }
+
+    /// Waits up to 30 s until the demo runs on a node other than `owner`, at a later generation
+    /// than `gen`.
+    async fn moved_from(&self, owner: &str, gen: u64) -> (String, u64) {
+        eventually("the demo moves", Duration::from_secs(30), || async {
+            self.owner().await.filter(|(n, g)| n != owner && *g > gen)
+        })
+        .await
     }
 
     async fn events(&self) -> Vec<BTreeMap<String, String>> {
@@ -188,14 +180,20 @@ impl Prober {
         Prober { stop, seen, task }
     }
 
-    async fn finish(self) -> BTreeMap<u16, u64> {
+    /// Stops probing; asserts that every playlist request through nginx `during` the disruption
+    /// got a 200.
+    async fn assert_all_200(self, during: &str) {
         self.stop.store(true, Ordering::Release);
         self.task.await.expect("prober");
-        let mut counts = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
         for (_, s) in self.seen.lock().expect("lock").iter() {
-            *counts.entry(*s).or_insert(0) += 1;
+            *statuses.entry(*s).or_insert(0) += 1;
         }
-        counts
+        println!("playlist statuses through nginx {during}: {statuses:?}");
+        assert!(
+            statuses.keys().all(|s| *s == 200),
+            "a playlist request through nginx got {statuses:?}"
+        );
     }
 }
 
@@ -268,12 +266,7 @@ async fn a_cold_start_plays_30_s_without_rebuffering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_owner_node_the_player_rides_through() {
-    let farm = Farm::start().await;
-    let player = BrowserPlayer::start(&farm.demo()).await;
-    player.wait_first_frame(Duration::from_secs(30)).await;
-    player
-        .wait_played(Duration::from_secs(20), Duration::from_secs(60))
-        .await;
+    let (farm, player) = Farm::watched_for(20).await;
     let (owner, gen) = farm.owner().await.expect("the demo runs");
     let pid = farm.node_pid(&owner).await;
     let prober = Prober::start(farm.demo());
@@ -285,12 +278,7 @@ async fn kill_9_of_the_owner_node_the_player_rides_through() {
     // Playback advances again: currentTime moves past where it was when the last fragment of the
     // dead owner ran out, within the promised bound.
     let bound = NODE_TTL + TICK + HLS_TIME * 2;
-    let moved = eventually(
-        "a new owner runs the demo",
-        Duration::from_secs(30),
-        || async { farm.owner().await.filter(|(n, g)| n != &owner && *g > gen) },
-    )
-    .await;
+    let moved = farm.moved_from(&owner, gen).await;
     println!(
         "the demo moved to {} (gen {}) after {:?}",
         moved.0,
@@ -315,12 +303,7 @@ async fn kill_9_of_the_owner_node_the_player_rides_through() {
         "failover: the picture froze {freeze:?} (bound node_ttl + tick + 2 x hls_time = {bound:?}); played {:.1} s before the kill",
         before
     );
-    let statuses = prober.finish().await;
-    println!("playlist statuses through nginx around the kill: {statuses:?}");
-    assert!(
-        statuses.keys().all(|s| *s == 200),
-        "a playlist request through nginx got {statuses:?}"
-    );
+    prober.assert_all_200("around the kill").await;
     assert_player(&r);
     assert!(freeze <= bound, "froze {freeze:?}, bound {bound:?}");
     farm.assert_running_but(&[pid]);
@@ -357,31 +340,21 @@ async fn kill_9_of_the_owner_node_the_player_rides_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_of_the_owner_node_the_player_rides_through() {
-    let farm = Farm::start().await;
-    let player = BrowserPlayer::start(&farm.demo()).await;
-    player.wait_first_frame(Duration::from_secs(30)).await;
-    player
-        .wait_played(Duration::from_secs(15), Duration::from_secs(60))
-        .await;
+    let (farm, player) = Farm::watched_for(15).await;
     let (owner, gen) = farm.owner().await.expect("the demo runs");
     let prober = Prober::start(farm.demo());
     let before = player.report().played;
     player.mark(format!("drain {owner}"));
     let mut r = farm.redis.clone();
-    let _: String = redis::cmd("XADD")
-        .arg(format!("farm:cmd:{owner}"))
-        .arg("*")
-        .arg("op")
-        .arg("drain")
-        .arg("by")
-        .arg("test")
-        .query_async(&mut r)
+    let _: String = r
+        .xadd(
+            format!("farm:cmd:{owner}"),
+            "*",
+            &[("op", "drain"), ("by", "test")],
+        )
         .await
         .expect("XADD drain");
-    let moved = eventually("the demo moves", Duration::from_secs(30), || async {
-        farm.owner().await.filter(|(n, g)| n != &owner && *g > gen)
-    })
-    .await;
+    let moved = farm.moved_from(&owner, gen).await;
     println!("drained: the demo moved to {} (gen {})", moved.0, moved.1);
     let r = player
         .wait_played(
@@ -390,12 +363,7 @@ async fn a_drain_of_the_owner_node_the_player_rides_through() {
         )
         .await;
     print("drain", &r);
-    let statuses = prober.finish().await;
-    println!("playlist statuses through nginx during the drain: {statuses:?}");
-    assert!(
-        statuses.keys().all(|s| *s == 200),
-        "a playlist request through nginx got {statuses:?}"
-    );
+    prober.assert_all_200("during the drain").await;
     assert_player(&r);
     // Break before make: the old FFmpeg stops before the new owner's starts; viewers play from
     // their buffer meanwhile. When the new owner's first segment comes later than a player's

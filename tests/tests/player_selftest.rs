@@ -11,12 +11,25 @@ use axum::Router;
 use farm_tests::farm::Farm;
 use farm_tests::fixtures::*;
 use farm_tests::hls::{HlsClient, MediaPlaylist};
-use farm_tests::player::BrowserPlayer;
+use farm_tests::player::{BrowserPlayer, PlayerReport};
 use farm_tests::procs;
 use farm_tests::provider::Mode;
 use farm_tests::redis::RedisServer;
 use farm_tests::wait::{eventually, eventually_blocking};
 use std::time::{Duration, Instant};
+
+/// A player of `url` once hls.js has given up on it (a fatal error, within 20 s), and its report,
+/// printed under `label`.
+async fn given_up_on(url: &str, label: &str) -> (BrowserPlayer, PlayerReport) {
+    let player = BrowserPlayer::start(url).await;
+    let r = player
+        .wait_until("a fatal error", Duration::from_secs(20), |r| {
+            !r.fatal_errors.is_empty()
+        })
+        .await;
+    println!("{label}:\n{r}");
+    (player, r)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hls_js_plays_a_live_channel_in_real_time_and_a_stopped_source_shows_as_a_freeze() {
@@ -123,13 +136,7 @@ async fn a_missing_stream_and_a_stream_without_cors_are_fatal_errors() {
 
     // An unknown channel: the node answers 404, and hls.js (no retry on 4xx) gives up.
     let missing = format!("{}/live/nosuch/index.m3u8", node.base_url());
-    let player = BrowserPlayer::start(&missing).await;
-    let r = player
-        .wait_until("a fatal error", Duration::from_secs(20), |r| {
-            !r.fatal_errors.is_empty()
-        })
-        .await;
-    println!("404:\n{r}");
+    let (player, r) = given_up_on(&missing, "404").await;
     let (_, err) = &r.fatal_errors[0];
     assert_eq!(err.code, Some(404), "{r}");
     assert_eq!(err.details.as_deref(), Some("manifestLoadError"), "{r}");
@@ -167,13 +174,7 @@ async fn a_missing_stream_and_a_stream_without_cors_are_fatal_errors() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let player = BrowserPlayer::start(&format!("http://{addr}/live/ch/index.m3u8")).await;
-    let r = player
-        .wait_until("a fatal error", Duration::from_secs(20), |r| {
-            !r.fatal_errors.is_empty()
-        })
-        .await;
-    println!("no CORS:\n{r}");
+    let (player, r) = given_up_on(&format!("http://{addr}/live/ch/index.m3u8"), "no CORS").await;
     let (_, err) = &r.fatal_errors[0];
     assert_eq!(err.details.as_deref(), Some("manifestLoadError"), "{r}");
     assert_eq!(err.code, Some(0), "a CORS failure has no HTTP status: {r}");

@@ -11,7 +11,7 @@
 use farm_tests::fixtures::*;
 use farm_tests::hls::{ffprobe_codecs, HlsClient, MediaPlaylist};
 use farm_tests::ports::free_port;
-use farm_tests::procs::tail;
+use farm_tests::procs::print_tail_if_panicking;
 use farm_tests::redis::RedisServer;
 use farm_tests::signal;
 use farm_tests::wait::eventually;
@@ -124,12 +124,9 @@ impl LiveHls {
 impl Drop for LiveHls {
     fn drop(&mut self) {
         signal::kill_group_and_reap(&mut self.child);
-        if std::thread::panicking() {
-            eprintln!(
-                "--- live HLS source ffmpeg log tail ---\n{}\n--- end ---",
-                tail(&self.log(), 30)
-            );
-        }
+        print_tail_if_panicking(format_args!("live HLS source ffmpeg log tail"), 30, || {
+            self.log()
+        });
     }
 }
 
@@ -270,13 +267,11 @@ http {{
 impl Drop for TlsNginx {
     fn drop(&mut self) {
         signal::kill_group_and_reap(&mut self.child);
-        if std::thread::panicking() {
-            eprintln!(
-                "--- nginx (TLS) {} error log tail ---\n{}\n--- end ---",
-                self.addr,
-                tail(&self.error_log(), 30)
-            );
-        }
+        print_tail_if_panicking(
+            format_args!("nginx (TLS) {} error log tail", self.addr),
+            30,
+            || self.error_log(),
+        );
     }
 }
 
