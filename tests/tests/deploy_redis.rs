@@ -1,8 +1,8 @@
 //! The shipped Redis files: `deploy/redis/redis.conf` + `users.acl` on a real redis-server (only the
 //! port, folder, log and ACL file path overridden), and `sentinel.conf` on a real Sentinel.
 //!
-//! - A real farm-node works as the `farm-node` user (start, segments, keepalive, access flush, a stop
-//!   command, graceful shutdown) without a single ACL denial, while FLUSHALL, CONFIG, KEYS, DEBUG,
+//! - A real farm-node works as the `farm-node` user (start, segments, keepalive, access flush, a drain
+//!   to a second node, a stop command, graceful shutdown) without a single ACL denial, while FLUSHALL, CONFIG, KEYS, DEBUG,
 //!   SHUTDOWN and catalog writes as that user are refused.
 //! - farm-coordinator, farmctl and ops work as their users; ops cannot write.
 //! - Every command the Lua scripts call is granted to the users that run them; no farm user gets a
@@ -14,6 +14,7 @@ use farm_tests::coordinator::{
     fake_source, owner, wait_unowned, CoordinatorOpts, CoordinatorProcess,
 };
 use farm_tests::farm::coordinator_args;
+use farm_tests::fixtures::send_command;
 use farm_tests::node::{farmctl, output_ok, NodeOpts, NodeProcess};
 use farm_tests::ports::free_port;
 use farm_tests::procs::print_tail_if_panicking;
@@ -199,6 +200,27 @@ async fn a_node_works_as_its_acl_user_while_flushall_and_config_are_refused() {
     let alive: bool = admin.exists("farm:node:n1:alive").await.expect("EXISTS");
     assert!(alive);
 
+    // A drain: n1 picks the live node with the most room (n2) and hands c1 over, all as farm-node.
+    let mut n2 = node_as_acl_user(&redis, "n2", root.path());
+    eventually("n2 registered", Duration::from_secs(10), || {
+        let mut a = admin.clone();
+        async move {
+            let score: Option<f64> = a.zscore("farm:nodes", "n2").await.ok()?;
+            score.map(|_| ())
+        }
+    })
+    .await;
+    send_command(&mut admin, "n1", &[("op", "drain"), ("by", "test")]).await;
+    eventually(
+        "c1 handed to n2 by the drain",
+        Duration::from_secs(30),
+        || {
+            let mut a = admin.clone();
+            async move { (owner_node(&mut a, "c1").await? == "n2").then_some(()) }
+        },
+    )
+    .await;
+
     // A stop command (farmctl as farm-admin): the node reads, acts, releases and acks as farm-node.
     farmctl_ok_as(&redis, "farm-admin", &["stop", "c1"]);
     wait_unowned(
@@ -208,10 +230,12 @@ async fn a_node_works_as_its_acl_user_while_flushall_and_config_are_refused() {
         Duration::from_secs(10),
     )
     .await;
-    // And a graceful shutdown deregisters it.
-    node.sigterm();
-    let status = node.wait_exit(Duration::from_secs(15)).expect("node exits");
-    assert!(status.success(), "{status}");
+    // And a graceful shutdown deregisters both.
+    for n in [&mut node, &mut n2] {
+        n.sigterm();
+        let status = n.wait_exit(Duration::from_secs(15)).expect("node exits");
+        assert!(status.success(), "{status}");
+    }
     let left: Vec<String> = redis::cmd("KEYS")
         .arg("farm:node:*")
         .query_async(&mut admin)
@@ -220,9 +244,11 @@ async fn a_node_works_as_its_acl_user_while_flushall_and_config_are_refused() {
     assert!(left.is_empty(), "node keys left: {left:?}");
 
     let denials = acl_log(&mut admin).await;
-    println!("ACL denials during the node's whole life: {denials:?}");
-    assert!(denials.is_empty(), "the node hit ACL denials: {denials:?}");
-    assert!(!node.log().contains("NOPERM"), "{}", node.log());
+    println!("ACL denials during the nodes' whole life: {denials:?}");
+    assert!(denials.is_empty(), "the nodes hit ACL denials: {denials:?}");
+    for n in [&node, &n2] {
+        assert!(!n.log().contains("NOPERM"), "{}", n.log());
+    }
 
     // The node's user cannot wipe, reconfigure, scan, stop the server or rewrite the catalog.
     let mut n = redis.conn("farm-node").await;
