@@ -14,7 +14,7 @@ use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,6 +139,9 @@ async fn cluster_launcher_serves_the_demo_through_nginx_from_three_nodes_and_ctr
     drop(launched);
     ports.assert_released(3);
 }
+
+/// How many probe answers the test collects before the kill and after the restart.
+const PROBES_AROUND: usize = 20;
 
 /// What a probe request through nginx got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,9 +286,10 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
             gone
         })
     };
+    let probes = Arc::new(AtomicUsize::new(0));
     let prober = {
         let (http, url, stop) = (http.clone(), probe_url.clone(), stop.clone());
-        let (stale, live) = (stale.clone(), live.clone());
+        let (stale, live, probes) = (stale.clone(), live.clone(), probes.clone());
         tokio::spawn(async move {
             let mut seen = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -302,13 +306,21 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
                     Err(_) => Probe::Failed,
                 };
                 seen.push((began, got));
+                probes.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             seen
         })
     };
     // Some requests before the kill.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let some_probes = |what: &'static str, after: usize| {
+        let probes = probes.clone();
+        eventually(what, Duration::from_secs(10), move || {
+            let n = probes.load(Ordering::Relaxed);
+            async move { (n >= after + PROBES_AROUND).then_some(n) }
+        })
+    };
+    some_probes("probes through nginx before the kill", 0).await;
 
     let killed = Instant::now();
     farm_tests::signal::kill9(old_pid).expect("kill -9 node1");
@@ -372,7 +384,8 @@ async fn a_node_killed_with_9_is_restarted_after_its_files_are_removed_and_sigte
     )
     .await;
     let heartbeat = Instant::now();
-    tokio::time::sleep(Duration::from_millis(200)).await; // a few probes after the restart
+    let answered = probes.load(Ordering::Relaxed);
+    some_probes("probes through nginx after the restart", answered).await;
     stop.store(true, Ordering::Relaxed);
     let seen = prober.await.expect("prober");
     let removed = disk.join().expect("disk watcher");
