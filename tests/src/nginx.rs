@@ -158,11 +158,17 @@ pub fn render_script() -> PathBuf {
     repo_root().join("deploy/nginx/render")
 }
 
-/// The repository's root folder.
+/// The repository's root folder: the parent of the running package's folder, which cargo (test,
+/// nextest, run) passes in `CARGO_MANIFEST_DIR`, else of this crate's folder when it was compiled.
+/// The running value comes first because a build can outlive its folder: the mutation check builds
+/// in a scratch worktree that it then removes, and a later run in the checkout can reuse that build.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
-        .expect("tests/ has a parent")
+        .expect("a package folder has a parent")
         .to_path_buf()
 }
 
