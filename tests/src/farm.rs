@@ -114,23 +114,15 @@ pub fn coordinator_args(values: &[(&str, &str)], left_out: &[&str]) -> Vec<Strin
     with_values(&kept, values)
 }
 
-/// The duration `flag` has in `args` (flag, value pairs; values like `3s` or `500ms`, as the
-/// profiles write them). Panics when the flag is missing or its value is written otherwise.
+/// The duration `flag` has in `args` (flag, value pairs), read as the daemons read it
+/// ([`farm_proto::duration::parse`]). Panics when the flag is missing or its value is not a duration.
 fn duration_of(args: &[String], flag: &str) -> Duration {
     let value = args
         .iter()
         .position(|a| a == flag)
         .and_then(|i| args.get(i + 1))
         .unwrap_or_else(|| panic!("{flag} is not in {args:?}"));
-    let number = |digits: &str| -> u64 {
-        digits
-            .parse()
-            .unwrap_or_else(|_| panic!("{flag} {value}: not a whole number of s or ms"))
-    };
-    match value.strip_suffix("ms") {
-        Some(ms) => Duration::from_millis(number(ms)),
-        None => Duration::from_secs(number(value.strip_suffix('s').unwrap_or(value))),
-    }
+    farm_proto::duration::parse(value).unwrap_or_else(|e| panic!("{flag}: {e}"))
 }
 
 /// Where a channel added by the builder reads from.
