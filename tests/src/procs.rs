@@ -299,28 +299,29 @@ pub fn wait_answering(
     mut answers: impl FnMut() -> bool,
     stop: impl FnOnce(&mut std::process::Child),
 ) -> Result<std::process::Child, String> {
-    let deadline = std::time::Instant::now() + timeout;
     let read_log = || tail(&fs::read_to_string(log).unwrap_or_default(), 30);
-    loop {
+    let interval = std::time::Duration::from_millis(20);
+    let ended = crate::wait::poll_every(interval, timeout, || {
         if answers() {
-            return Ok(child);
+            return Some(None);
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "{what} exited with {status}; {}:\n{}",
-                log.display(),
-                read_log()
-            ));
-        }
-        if std::time::Instant::now() >= deadline {
+        child.try_wait().ok().flatten().map(Some)
+    });
+    match ended {
+        Some(None) => Ok(child),
+        Some(Some(status)) => Err(format!(
+            "{what} exited with {status}; {}:\n{}",
+            log.display(),
+            read_log()
+        )),
+        None => {
             stop(&mut child);
-            return Err(format!(
+            Err(format!(
                 "{what} did not answer within {timeout:?}; {}:\n{}",
                 log.display(),
                 read_log()
-            ));
+            ))
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

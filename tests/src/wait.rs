@@ -53,7 +53,16 @@ where
 }
 
 /// Like [`eventually_blocking`] but returns `None` at the deadline instead of panicking.
-pub fn poll_until<F, T>(timeout: Duration, mut f: F) -> Option<T>
+pub fn poll_until<F, T>(timeout: Duration, f: F) -> Option<T>
+where
+    F: FnMut() -> Option<T>,
+{
+    poll_every(POLL_INTERVAL, timeout, f)
+}
+
+/// [`poll_until`], trying `f` every `interval` (e.g. a server's start-up, which every test waits
+/// for).
+pub fn poll_every<F, T>(interval: Duration, timeout: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Option<T>,
 {
@@ -66,7 +75,7 @@ where
         if now >= deadline {
             return None;
         }
-        std::thread::sleep(POLL_INTERVAL.min(deadline - now));
+        std::thread::sleep(interval.min(deadline - now));
     }
 }
 
