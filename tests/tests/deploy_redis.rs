@@ -11,7 +11,7 @@
 //!   finds the primary through it (`redis+sentinel://`) works as `farm-node`.
 
 use farm_tests::coordinator::{
-    fake_source, owner, wait_unowned, CoordinatorOpts, CoordinatorProcess,
+    fake_source, owner, wait_alive, wait_unowned, CoordinatorOpts, CoordinatorProcess,
 };
 use farm_tests::farm::coordinator_args;
 use farm_tests::fixtures::send_command;
@@ -202,14 +202,7 @@ async fn a_node_works_as_its_acl_user_while_flushall_and_config_are_refused() {
 
     // A drain: n1 picks the live node with the most room (n2) and hands c1 over, all as farm-node.
     let mut n2 = node_as_acl_user(&redis, "n2", root.path());
-    eventually("n2 registered", Duration::from_secs(10), || {
-        let mut a = admin.clone();
-        async move {
-            let score: Option<f64> = a.zscore("farm:nodes", "n2").await.ok()?;
-            score.map(|_| ())
-        }
-    })
-    .await;
+    wait_alive(&admin, "n2", "n2 heartbeats", Duration::from_secs(10)).await;
     send_command(&mut admin, "n1", &[("op", "drain"), ("by", "test")]).await;
     eventually(
         "c1 handed to n2 by the drain",
